@@ -1,0 +1,269 @@
+//! The serde-facing run configuration. Loading (file + `RETORT_*` env + `--set`) is the
+//! host's job; these types only say what a config may hold and what the defaults are.
+//!
+//! Every section is `deny_unknown_fields`: a typo is an error naming the key path and the
+//! accepted keys. Components are `{ kind = "...", ...params }`; a component's params are
+//! checked by the plugin that owns the kind.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::Params;
+
+/// A whole run: data, teacher, student, objective, training and evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Name, seed and device.
+    pub run: RunSection,
+    /// Data source component. Default: `{ kind = "synthetic" }`.
+    pub data: ComponentSpec,
+    /// Teacher component, and how to pretrain it when it has no checkpoint.
+    pub teacher: TeacherSpec,
+    /// Student component. Default: `{ kind = "transformer", n_layer = 2, n_embd = 64, n_head = 4 }`.
+    pub student: ComponentSpec,
+    /// Loss terms; `total = sum_i weight_i * term_i`.
+    /// Default: `[{ kind = "kl", weight = 0.5, temperature = 2.0 }, { kind = "ce", weight = 0.5 }]`.
+    pub loss: Vec<LossSpec>,
+    /// Router that weights the terms each step. Default: `{ kind = "static" }`.
+    pub router: ComponentSpec,
+    /// Optimisation of the student (and, by default, of a pretrained teacher).
+    pub train: TrainSection,
+    /// Evaluation and the scratch baseline.
+    pub eval: EvalSection,
+    /// Metric observers. Default: `[{ kind = "jsonl" }]` (writes `metrics.jsonl`).
+    pub observers: Vec<ComponentSpec>,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            run: RunSection::default(),
+            data: ComponentSpec::new("synthetic"),
+            teacher: TeacherSpec {
+                kind: "transformer".into(),
+                pretrain: None,
+                params: obj(&[("n_layer", 4.into()), ("n_embd", 128.into()), ("n_head", 4.into())]),
+            },
+            student: ComponentSpec {
+                kind: "transformer".into(),
+                params: obj(&[("n_layer", 2.into()), ("n_embd", 64.into()), ("n_head", 4.into())]),
+            },
+            loss: vec![
+                LossSpec {
+                    kind: "kl".into(),
+                    weight: 0.5,
+                    name: None,
+                    params: obj(&[("temperature", 2.0.into())]),
+                },
+                LossSpec {
+                    kind: "ce".into(),
+                    weight: 0.5,
+                    name: None,
+                    params: Map::new(),
+                },
+            ],
+            router: ComponentSpec::new("static"),
+            train: TrainSection::default(),
+            eval: EvalSection::default(),
+            observers: vec![ComponentSpec::new("jsonl")],
+        }
+    }
+}
+
+fn obj(pairs: &[(&str, Value)]) -> Map<String, Value> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+}
+
+/// `[run]`: identity of the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    /// Run name; the run directory defaults to `runs/<name>`. Default `"quickstart"`.
+    pub name: String,
+    /// Seed of every random choice (init, batches, synthetic data). Default 1234.
+    pub seed: u64,
+    /// Device: `"cpu"`, `"cuda"`, `"cuda:N"` or `"metal"`. Default `"cpu"`.
+    pub device: String,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        RunSection {
+            name: "quickstart".into(),
+            seed: 1234,
+            device: "cpu".into(),
+        }
+    }
+}
+
+/// A plugin component: `{ kind = "...", ...params }`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ComponentSpec {
+    /// Registered kind.
+    pub kind: String,
+    /// Everything else: the plugin's parameters.
+    #[serde(flatten)]
+    pub params: Map<String, Value>,
+}
+
+impl ComponentSpec {
+    /// A component of `kind` with no params.
+    pub fn new(kind: &str) -> Self {
+        ComponentSpec {
+            kind: kind.into(),
+            params: Map::new(),
+        }
+    }
+
+    /// Its params, located at key path `path`.
+    pub fn params_at(&self, path: &str) -> Params {
+        Params::new(path, self.params.clone())
+    }
+}
+
+/// `[teacher]`: a teacher component plus how to pretrain it when it has no checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TeacherSpec {
+    /// Registered teacher kind.
+    pub kind: String,
+    /// Budget for training the teacher first, for kinds that are also students, when the
+    /// params name no `checkpoint`. Default (absent): `train.steps * 2` steps at `train.lr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrain: Option<PretrainSection>,
+    /// The kind's parameters (e.g. `checkpoint = "runs/x/teacher"` or model sizes).
+    #[serde(flatten)]
+    pub params: Map<String, Value>,
+}
+
+/// `[teacher.pretrain]`: budget of the teacher's own training.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainSection {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Peak learning rate. Default: `train.lr`.
+    #[serde(default)]
+    pub lr: Option<f64>,
+}
+
+/// One loss term: `{ kind = "kl", weight = 0.5, temperature = 2.0 }`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LossSpec {
+    /// Registered loss kind.
+    pub kind: String,
+    /// Weight of the term in `total = sum_i weight_i * term_i`. Default 1.0.
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Name in metrics (default: the kind, suffixed with its index if repeated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The kind's parameters.
+    #[serde(flatten)]
+    pub params: Map<String, Value>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// `[train]`: optimisation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Optimizer steps of the student (and of the baseline). Default 300.
+    pub steps: usize,
+    /// Windows per batch. Default 16.
+    pub batch_size: usize,
+    /// Tokens per window; at most the context of teacher and student. Default 64.
+    pub seq_len: usize,
+    /// Peak learning rate of AdamW. Default 3e-3.
+    pub lr: f64,
+    /// Factor on `lr` over progress. Default `{ kind = "warmup_cosine", warmup = 0.05, min_ratio = 0.1 }`.
+    pub lr_schedule: ComponentSpec,
+    /// Decoupled weight decay on matrices (not on biases, norms or embeddings). Default 0.01.
+    pub weight_decay: f64,
+    /// AdamW beta1. Default 0.9.
+    pub beta1: f64,
+    /// AdamW beta2. Default 0.95.
+    pub beta2: f64,
+    /// AdamW epsilon. Default 1e-8.
+    pub eps: f64,
+    /// Clip gradients to this global L2 norm; 0 disables. Default 1.0.
+    pub grad_clip: f64,
+    /// Write a metrics record every this many steps. Default 10.
+    pub log_every: usize,
+    /// Evaluate on the validation split every this many steps; 0 = only at the end. Default 0.
+    pub eval_every: usize,
+    /// Write a checkpoint every this many steps; 0 = only at the end. Default 0.
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        let mut sched = ComponentSpec::new("warmup_cosine");
+        sched.params.insert("warmup".into(), 0.05.into());
+        sched.params.insert("min_ratio".into(), 0.1.into());
+        TrainSection {
+            steps: 300,
+            batch_size: 16,
+            seq_len: 64,
+            lr: 3e-3,
+            lr_schedule: sched,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            log_every: 10,
+            eval_every: 0,
+            checkpoint_every: 0,
+        }
+    }
+}
+
+/// `[eval]`: evaluation and the scratch baseline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Also train the student from scratch (hard labels only, same init, same batches, same
+    /// budget) and report it beside the distilled one. Default true.
+    pub baseline: bool,
+    /// Validation batches per evaluation (windows taken in order from the val split). Default 32.
+    pub batches: usize,
+    /// Windows per validation batch. Default 16.
+    pub batch_size: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            baseline: true,
+            batches: 32,
+            batch_size: 16,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_round_trips_through_json() {
+        let c = RunConfig::default();
+        let v = serde_json::to_value(&c).expect("to json");
+        let back: RunConfig = serde_json::from_value(v).expect("from json");
+        assert_eq!(back.loss, c.loss);
+        assert_eq!(back.teacher, c.teacher);
+    }
+
+    #[test]
+    fn unknown_train_key_is_rejected_with_accepted_keys() {
+        let v = serde_json::json!({"train": {"stpes": 3}});
+        let err = serde_path_to_error::deserialize::<_, RunConfig>(v).unwrap_err();
+        assert_eq!(err.path().to_string(), "train.stpes");
+        let msg = err.into_inner().to_string();
+        assert!(msg.contains("expected one of") && msg.contains("`steps`"), "{msg}");
+    }
+}

@@ -1,0 +1,136 @@
+//! The one error type of retort's libraries, and how each kind maps to an exit code.
+
+use std::path::{Path, PathBuf};
+
+/// Result with retort's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in retort's libraries.
+///
+/// User errors (bad config, bad input files, unknown kinds) map to exit code 2; runtime
+/// failures map to exit code 1. See [`Error::exit_code`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A config value is missing, of the wrong type or out of range.
+    #[error("config error at `{path}`: {message}")]
+    Config {
+        /// Key path, e.g. `loss[1].temperature`.
+        path: String,
+        /// What was expected and what was found.
+        message: String,
+    },
+    /// A component names a kind that no factory registered.
+    #[error("unknown {category} kind `{kind}` at `{path}`; known {category} kinds: {known}")]
+    UnknownKind {
+        /// Category of plugin (`loss`, `router`, ...).
+        category: &'static str,
+        /// The kind that was asked for.
+        kind: String,
+        /// Key path of the component.
+        path: String,
+        /// Comma-separated list of the registered kinds.
+        known: String,
+    },
+    /// Two factories claim the same kind in one category.
+    #[error("duplicate {category} kind `{kind}`: registered by {first} and by {second}")]
+    DuplicateKind {
+        /// Category of plugin.
+        category: &'static str,
+        /// The clashing kind.
+        kind: String,
+        /// Source of the first registration.
+        first: String,
+        /// Source of the second registration.
+        second: String,
+    },
+    /// An input the user pointed at (data file, checkpoint, run directory) is unusable.
+    #[error("{what}: {message}")]
+    Input {
+        /// The input, e.g. `data file ../x.txt`.
+        what: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Two components that must agree do not (vocabulary, context length, tokenizer).
+    #[error("incompatible components: {0}")]
+    Incompatible(String),
+    /// An I/O failure while doing work (not a bad user input).
+    #[error("{context} ({}): {source}", path.display())]
+    Io {
+        /// What retort was doing.
+        context: String,
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tensor operation failed.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Any other runtime failure (non-finite loss, corrupted checkpoint, ...).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl Error {
+    /// A config error at `path`.
+    pub fn config(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A bad user input.
+    pub fn input(what: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Input {
+            what: what.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An I/O failure with context.
+    pub fn io(context: impl Into<String>, path: &Path, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Whether this error was caused by the user's config or inputs.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Config { .. }
+                | Error::UnknownKind { .. }
+                | Error::DuplicateKind { .. }
+                | Error::Input { .. }
+                | Error::Incompatible(_)
+        )
+    }
+
+    /// Process exit code: 2 for user errors, 1 for runtime failures.
+    pub fn exit_code(&self) -> i32 {
+        if self.is_user_error() {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_errors_exit_2_runtime_errors_exit_1() {
+        assert_eq!(Error::config("loss[1].temperature", "must be > 0").exit_code(), 2);
+        assert_eq!(Error::input("data file x", "missing").exit_code(), 2);
+        assert_eq!(Error::Runtime("nan".into()).exit_code(), 1);
+        let msg = Error::config("loss[1].temperature", "expected a number > 0, got -1").to_string();
+        assert!(msg.contains("loss[1].temperature") && msg.contains("expected"), "{msg}");
+    }
+}

@@ -1,0 +1,42 @@
+//! retort-core: the contracts of retort, a knowledge-distillation framework on candle.
+//!
+//! Everything a plugin implements or consumes lives here: the plugin traits ([`Teacher`],
+//! [`Student`], [`LossTerm`], [`Schedule`], [`Router`], [`DataSource`], [`Tokenizer`],
+//! [`Observer`]), the tensors-in/tensors-out types ([`Batch`], [`Outputs`], [`StepContext`]),
+//! the [`Registry`] of factories collected with `inventory`, the serde-facing config types and
+//! the one [`Error`] enum.
+//!
+//! Arrows point one way: `plugins -> core`, `host -> plugins, core`, `sdk -> core`.
+
+pub mod batch;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod fsutil;
+pub mod loss;
+pub mod model;
+pub mod observer;
+pub mod params;
+pub mod progress;
+pub mod registry;
+pub mod router;
+pub mod schedule;
+pub mod taps;
+
+pub use batch::Batch;
+pub use data::{DataSource, Split, Tokenizer};
+pub use error::{Error, Result};
+pub use loss::{LossTerm, StepContext};
+pub use model::{FrozenTeacher, Model, Student, Teacher};
+pub use observer::Observer;
+pub use params::Params;
+pub use progress::Progress;
+pub use registry::{BuildContext, Category, Entry, Factory, Registry};
+pub use router::{Router, TermSignals};
+pub use schedule::Schedule;
+pub use taps::{Outputs, TapSet};
+
+/// Re-export of the candle version retort is built against, so plugins use the same one.
+pub use candle_core as candle;
+/// Re-export of `inventory`, used by `inventory::submit!` in statically linked plugins.
+pub use inventory;

@@ -1,0 +1,74 @@
+//! Models: the trainable [`Student`], the frozen [`Teacher`], and the adapter between them.
+
+use std::path::Path;
+
+use candle_core::Var;
+
+use crate::{Batch, Outputs, Result, TapSet};
+
+/// A language model that maps token windows to next-token logits (and taps).
+pub trait Model: Send + Sync {
+    /// Forward pass over `batch.input_ids`; computes the taps in `taps` besides the logits.
+    fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs>;
+    /// Size of the output vocabulary.
+    fn vocab_size(&self) -> usize;
+    /// Longest window the model accepts.
+    fn context_len(&self) -> usize;
+    /// Number of parameters (tied weights counted once).
+    fn num_params(&self) -> usize;
+    /// Taps this model can produce (for validating what terms ask for).
+    fn available_taps(&self) -> Vec<String>;
+    /// One-line human description (architecture and sizes).
+    fn describe(&self) -> String;
+}
+
+/// A trainable model.
+pub trait Student: Model {
+    /// Trainable parameters with their checkpoint names.
+    fn vars(&self) -> Vec<(String, Var)>;
+    /// Writes the model in Hugging Face layout (`config.json`, `model.safetensors`) into `dir`.
+    /// Implementations write atomically: a crash never leaves a half-written file.
+    fn save(&self, dir: &Path) -> Result<()>;
+    /// The model's config as JSON (written as `config.json`).
+    fn config_json(&self) -> serde_json::Value;
+}
+
+/// A frozen model that provides the targets of distillation.
+pub trait Teacher: Send + Sync {
+    /// Forward pass without gradient.
+    fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs>;
+    /// Size of the output vocabulary.
+    fn vocab_size(&self) -> usize;
+    /// Longest window the teacher accepts.
+    fn context_len(&self) -> usize;
+    /// Number of parameters.
+    fn num_params(&self) -> usize;
+    /// Taps this teacher can produce.
+    fn available_taps(&self) -> Vec<String>;
+    /// One-line human description.
+    fn describe(&self) -> String;
+}
+
+/// Any [`Model`] used as a frozen teacher: outputs are detached from the autograd graph.
+pub struct FrozenTeacher<M: ?Sized>(pub Box<M>);
+
+impl<M: Model + ?Sized> Teacher for FrozenTeacher<M> {
+    fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs> {
+        Ok(self.0.forward(batch, taps)?.detach())
+    }
+    fn vocab_size(&self) -> usize {
+        self.0.vocab_size()
+    }
+    fn context_len(&self) -> usize {
+        self.0.context_len()
+    }
+    fn num_params(&self) -> usize {
+        self.0.num_params()
+    }
+    fn available_taps(&self) -> Vec<String> {
+        self.0.available_taps()
+    }
+    fn describe(&self) -> String {
+        format!("frozen {}", self.0.describe())
+    }
+}

@@ -1,0 +1,287 @@
+//! Factories and the one registry.
+//!
+//! Built-ins register a [`Factory`] per kind with `inventory::submit!`; the host copies them,
+//! and factories registered by dynamically loaded plugins, into one [`Registry`]. An unknown kind
+//! is an error listing the known kinds; a duplicate kind is an error naming both sources.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::Device;
+
+use crate::{
+    DataSource, Error, LossTerm, Observer, Params, Result, Router, Schedule, Student, Teacher,
+    Tokenizer,
+};
+
+/// Builds one plugin of kind `kind` from its parameters.
+pub struct Factory<T: ?Sized + 'static> {
+    /// The kind name used in configs (`kind = "kl"`).
+    pub kind: &'static str,
+    /// One line saying what it does.
+    pub description: &'static str,
+    /// Constructor.
+    pub build: fn(&Params, &BuildContext) -> Result<Box<T>>,
+}
+
+inventory::collect!(Factory<dyn Teacher>);
+inventory::collect!(Factory<dyn Student>);
+inventory::collect!(Factory<dyn LossTerm>);
+inventory::collect!(Factory<dyn Schedule>);
+inventory::collect!(Factory<dyn Router>);
+inventory::collect!(Factory<dyn DataSource>);
+inventory::collect!(Factory<dyn Tokenizer>);
+inventory::collect!(Factory<dyn Observer>);
+
+/// What a factory may use besides its parameters.
+#[derive(Clone)]
+pub struct BuildContext<'a> {
+    /// Device the run computes on.
+    pub device: Device,
+    /// Seed of the run; plugins derive their own streams from it.
+    pub seed: u64,
+    /// Vocabulary size of the data's tokenizer, once known.
+    pub vocab_size: Option<usize>,
+    /// Run directory, when there is one (observers write here).
+    pub run_dir: Option<PathBuf>,
+    /// Text from which a tokenizer that learns its vocabulary builds it.
+    pub corpus: Option<&'a str>,
+    /// The registry, for components that build sub-components (a data source its tokenizer).
+    pub registry: &'a Registry,
+}
+
+impl<'a> BuildContext<'a> {
+    /// A context on `device` with `seed`, nothing else known yet.
+    pub fn new(registry: &'a Registry, device: Device, seed: u64) -> Self {
+        BuildContext {
+            device,
+            seed,
+            vocab_size: None,
+            run_dir: None,
+            corpus: None,
+            registry,
+        }
+    }
+
+    /// The vocabulary size, or an error for the component at `path` that needs it.
+    pub fn require_vocab(&self, path: &str) -> Result<usize> {
+        self.vocab_size.ok_or_else(|| {
+            Error::config(path, "this component needs the vocabulary size, which is not known yet")
+        })
+    }
+}
+
+/// One registered kind.
+pub struct Entry<T: ?Sized + 'static> {
+    /// Kind name.
+    pub kind: String,
+    /// One-line description.
+    pub description: String,
+    /// Where it came from: `built-in` or a library path.
+    pub source: String,
+    /// Constructor.
+    pub build: fn(&Params, &BuildContext) -> Result<Box<T>>,
+}
+
+/// All kinds of one category (`loss`, `router`, ...).
+pub struct Category<T: ?Sized + 'static> {
+    name: &'static str,
+    entries: BTreeMap<String, Entry<T>>,
+}
+
+impl<T: ?Sized + 'static> Category<T> {
+    fn new(name: &'static str) -> Self {
+        Category {
+            name,
+            entries: BTreeMap::new(),
+        }
+    }
+
+    /// Category name as used in messages and `retort plugins`.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Registers a factory; a kind registered twice is an error naming both sources.
+    pub fn register(&mut self, factory: &Factory<T>, source: &str) -> Result<()> {
+        if let Some(existing) = self.entries.get(factory.kind) {
+            return Err(Error::DuplicateKind {
+                category: self.name,
+                kind: factory.kind.to_string(),
+                first: existing.source.clone(),
+                second: source.to_string(),
+            });
+        }
+        self.entries.insert(
+            factory.kind.to_string(),
+            Entry {
+                kind: factory.kind.to_string(),
+                description: factory.description.to_string(),
+                source: source.to_string(),
+                build: factory.build,
+            },
+        );
+        Ok(())
+    }
+
+    /// The entry for `kind`, or an error (at key path `path`) listing the known kinds.
+    pub fn get(&self, kind: &str, path: &str) -> Result<&Entry<T>> {
+        self.entries.get(kind).ok_or_else(|| Error::UnknownKind {
+            category: self.name,
+            kind: kind.to_string(),
+            path: path.to_string(),
+            known: self.kinds().join(", "),
+        })
+    }
+
+    /// Builds `kind` with `params`.
+    pub fn build(&self, kind: &str, params: &Params, ctx: &BuildContext) -> Result<Box<T>> {
+        let entry = self.get(kind, &params.key_path("kind"))?;
+        (entry.build)(params, ctx)
+    }
+
+    /// Registered kind names, sorted.
+    pub fn kinds(&self) -> Vec<&str> {
+        self.entries.keys().map(String::as_str).collect()
+    }
+
+    /// Registered entries, sorted by kind.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry<T>> {
+        self.entries.values()
+    }
+}
+
+/// Every factory retort knows, by category.
+pub struct Registry {
+    /// Teacher providers.
+    pub teachers: Category<dyn Teacher>,
+    /// Trainable student models.
+    pub students: Category<dyn Student>,
+    /// Loss terms.
+    pub losses: Category<dyn LossTerm>,
+    /// Schedules.
+    pub schedules: Category<dyn Schedule>,
+    /// Routers.
+    pub routers: Category<dyn Router>,
+    /// Data sources.
+    pub data: Category<dyn DataSource>,
+    /// Tokenizers.
+    pub tokenizers: Category<dyn Tokenizer>,
+    /// Metric observers.
+    pub observers: Category<dyn Observer>,
+}
+
+/// Source label of factories linked into the binary.
+pub const BUILTIN_SOURCE: &str = "built-in";
+
+impl Registry {
+    /// An empty registry.
+    pub fn empty() -> Self {
+        Registry {
+            teachers: Category::new("teacher"),
+            students: Category::new("student"),
+            losses: Category::new("loss"),
+            schedules: Category::new("schedule"),
+            routers: Category::new("router"),
+            data: Category::new("data"),
+            tokenizers: Category::new("tokenizer"),
+            observers: Category::new("observer"),
+        }
+    }
+
+    /// A registry holding every factory submitted with `inventory` in the linked crates.
+    ///
+    /// The crates holding the submissions must be linked into the binary (the host calls
+    /// `retort_plugins::link()` for the built-ins).
+    pub fn from_inventory() -> Result<Self> {
+        let mut r = Registry::empty();
+        for f in inventory::iter::<Factory<dyn Teacher>> {
+            r.teachers.register(f, BUILTIN_SOURCE)?;
+        }
+        for f in inventory::iter::<Factory<dyn Student>> {
+            r.students.register(f, BUILTIN_SOURCE)?;
+        }
+        for f in inventory::iter::<Factory<dyn LossTerm>> {
+            r.losses.register(f, BUILTIN_SOURCE)?;
+        }
+        for f in inventory::iter::<Factory<dyn Schedule>> {
+            r.schedules.register(f, BUILTIN_SOURCE)?;
+        }
+        for f in inventory::iter::<Factory<dyn Router>> {
+            r.routers.register(f, BUILTIN_SOURCE)?;
+        }
+        for f in inventory::iter::<Factory<dyn DataSource>> {
+            r.data.register(f, BUILTIN_SOURCE)?;
+        }
+        for f in inventory::iter::<Factory<dyn Tokenizer>> {
+            r.tokenizers.register(f, BUILTIN_SOURCE)?;
+        }
+        for f in inventory::iter::<Factory<dyn Observer>> {
+            r.observers.register(f, BUILTIN_SOURCE)?;
+        }
+        Ok(r)
+    }
+
+    /// `(category, kind, description, source)` for every registered kind.
+    pub fn listing(&self) -> Vec<(&'static str, String, String, String)> {
+        let mut out = Vec::new();
+        macro_rules! list {
+            ($cat:expr) => {
+                for e in $cat.entries() {
+                    out.push(($cat.name(), e.kind.clone(), e.description.clone(), e.source.clone()));
+                }
+            };
+        }
+        list!(self.teachers);
+        list!(self.students);
+        list!(self.losses);
+        list!(self.schedules);
+        list!(self.routers);
+        list!(self.data);
+        list!(self.tokenizers);
+        list!(self.observers);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Progress, Schedule};
+
+    struct Half;
+    impl Schedule for Half {
+        fn value(&self, _p: Progress) -> f64 {
+            0.5
+        }
+    }
+    fn build_half(_: &Params, _: &BuildContext) -> Result<Box<dyn Schedule>> {
+        Ok(Box::new(Half))
+    }
+    static HALF: Factory<dyn Schedule> = Factory {
+        kind: "half",
+        description: "always 0.5",
+        build: build_half,
+    };
+
+    #[test]
+    fn duplicate_kind_names_both_sources() {
+        let mut r = Registry::empty();
+        r.schedules.register(&HALF, "built-in").expect("first");
+        let msg = r.schedules.register(&HALF, "/tmp/libx.so").unwrap_err().to_string();
+        assert!(msg.contains("built-in") && msg.contains("/tmp/libx.so") && msg.contains("half"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_kind_lists_known_kinds() {
+        let mut r = Registry::empty();
+        r.schedules.register(&HALF, "built-in").expect("register");
+        let err = r.schedules.get("halve", "train.lr_schedule.kind").err().expect("unknown");
+        let msg = err.to_string();
+        assert!(msg.contains("`halve`") && msg.contains("known schedule kinds: half"), "{msg}");
+        assert_eq!(err.exit_code(), 2);
+        let ctx = BuildContext::new(&r, Device::Cpu, 0);
+        let s = r.schedules.build("half", &Params::empty("x"), &ctx).expect("build");
+        assert_eq!(s.value(Progress::new(0, 1)), 0.5);
+    }
+}

@@ -1,0 +1,22 @@
+//! Routers: turn per-term signals into per-term weights each step.
+
+use crate::{Progress, Result};
+
+/// Per-term signals of one step, index-aligned with the configured loss terms.
+#[derive(Debug, Clone, Copy)]
+pub struct TermSignals<'a> {
+    /// Term names (`kl`, `ce`, or the configured `name`).
+    pub names: &'a [String],
+    /// Term values of this step (before weighting).
+    pub values: &'a [f64],
+    /// Configured weights.
+    pub base_weights: &'a [f64],
+    /// Training progress.
+    pub progress: Progress,
+}
+
+/// Decides the weight of each term. May keep state across steps, hence `&mut self`.
+pub trait Router: Send {
+    /// Weights for this step, one per term.
+    fn weights(&mut self, signals: &TermSignals) -> Result<Vec<f64>>;
+}

@@ -1,0 +1,101 @@
+//! Taps: the named intermediate outputs a loss term asks a model for.
+//!
+//! Names: `logits` (always computed), `hidden.{i}` (the residual stream after block `i`,
+//! `[batch, seq, width]`; `hidden.0` is the embedding output, so a model with `L` blocks has
+//! `hidden.0 ..= hidden.L`), `attn.{i}` (attention probabilities of block `i`,
+//! `[batch, heads, seq, seq]`). Models compute a tap only when the pipeline asked for it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use candle_core::Tensor;
+
+use crate::{Error, Result};
+
+/// The set of tap names a forward pass must produce (besides `logits`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TapSet(BTreeSet<String>);
+
+impl TapSet {
+    /// No taps: logits only.
+    pub fn none() -> Self {
+        TapSet::default()
+    }
+
+    /// Adds a tap name.
+    pub fn insert(&mut self, name: impl Into<String>) {
+        self.0.insert(name.into());
+    }
+
+    /// Whether `name` was asked for.
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+
+    /// Whether the hidden state after block `layer` was asked for.
+    pub fn wants_hidden(&self, layer: usize) -> bool {
+        self.0.contains(&format!("hidden.{layer}"))
+    }
+
+    /// Whether the attention probabilities of block `layer` were asked for.
+    pub fn wants_attention(&self, layer: usize) -> bool {
+        self.0.contains(&format!("attn.{layer}"))
+    }
+
+    /// Iterates over the names.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    /// Whether no tap besides logits is wanted.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<S: Into<String>> FromIterator<S> for TapSet {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Self {
+        TapSet(iter.into_iter().map(Into::into).collect())
+    }
+}
+
+/// What a forward pass returns: logits `[batch, seq, vocab]` and the taps asked for.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    /// Next-token logits, `[batch, seq, vocab]`.
+    pub logits: Tensor,
+    /// Named intermediate tensors.
+    pub taps: BTreeMap<String, Tensor>,
+}
+
+impl Outputs {
+    /// Outputs with logits only.
+    pub fn logits_only(logits: Tensor) -> Self {
+        Outputs {
+            logits,
+            taps: BTreeMap::new(),
+        }
+    }
+
+    /// The tap `name`, or an error saying which taps exist.
+    pub fn tap(&self, name: &str) -> Result<&Tensor> {
+        if name == "logits" {
+            return Ok(&self.logits);
+        }
+        self.taps.get(name).ok_or_else(|| {
+            let have: Vec<&str> = self.taps.keys().map(String::as_str).collect();
+            Error::Runtime(format!(
+                "tap `{name}` was not computed (computed: logits{}{})",
+                if have.is_empty() { "" } else { ", " },
+                have.join(", ")
+            ))
+        })
+    }
+
+    /// The same outputs cut off from the autograd graph (for frozen teachers).
+    pub fn detach(self) -> Self {
+        Outputs {
+            logits: self.logits.detach(),
+            taps: self.taps.into_iter().map(|(k, v)| (k, v.detach())).collect(),
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Built-in data sources.
+
+pub mod synthetic;
+pub mod text;

@@ -1,0 +1,131 @@
+//! Data kind `text`: a UTF-8 file, or every file of a directory (sorted by name, joined by a
+//! newline), tokenized once; the first `1 - val_fraction` of the tokens train, the rest validate.
+//!
+//! ```toml
+//! [data]
+//! kind = "text"
+//! path = "../shared/data/tinyshakespeare.txt"
+//! val_fraction = 0.1
+//! tokenizer = { kind = "char" }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use retort_core::config::ComponentSpec;
+use retort_core::registry::Factory;
+use retort_core::{BuildContext, DataSource, Error, Params, Result, Split, Tokenizer};
+
+/// Params of `text`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextParams {
+    /// A text file or a directory of text files. Required.
+    pub path: PathBuf,
+    /// Fraction of tokens held out for validation, in `(0, 0.5]`. Default 0.1.
+    #[serde(default = "default_val")]
+    pub val_fraction: f64,
+    /// Tokenizer. Default `{ kind = "char" }`.
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: ComponentSpec,
+}
+
+fn default_val() -> f64 {
+    0.1
+}
+fn default_tokenizer() -> ComponentSpec {
+    ComponentSpec::new("char")
+}
+
+/// A tokenized text corpus.
+pub struct TextSource {
+    tokenizer: Box<dyn Tokenizer>,
+    train: Vec<u32>,
+    val: Vec<u32>,
+    description: String,
+}
+
+fn read_corpus(path: &Path, key: &str) -> Result<String> {
+    let what = || format!("{key} = \"{}\"", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| Error::input(what(), format!("cannot read: {e}")))?;
+    let files: Vec<PathBuf> = if meta.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::input(what(), format!("cannot list directory: {e}")))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .collect();
+        v.sort();
+        if v.is_empty() {
+            return Err(Error::input(what(), "directory holds no files"));
+        }
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut parts = Vec::with_capacity(files.len());
+    for f in &files {
+        let bytes = std::fs::read(f).map_err(|e| Error::input(what(), format!("cannot read {}: {e}", f.display())))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| Error::input(what(), format!("{} is not UTF-8 text (byte {})", f.display(), e.utf8_error().valid_up_to())))?;
+        parts.push(text);
+    }
+    let corpus = parts.join("\n");
+    if corpus.trim().is_empty() {
+        return Err(Error::input(what(), "the corpus is empty"));
+    }
+    Ok(corpus)
+}
+
+impl DataSource for TextSource {
+    fn tokenizer(&self) -> &dyn Tokenizer {
+        self.tokenizer.as_ref()
+    }
+    fn tokens(&self, split: Split) -> &[u32] {
+        match split {
+            Split::Train => &self.train,
+            Split::Val => &self.val,
+        }
+    }
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}
+
+fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
+    let p: TextParams = params.parse()?;
+    if !(p.val_fraction > 0.0 && p.val_fraction <= 0.5) {
+        return Err(params.error("val_fraction", format!("expected a number in (0, 0.5], got {}", p.val_fraction)));
+    }
+    let corpus = read_corpus(&p.path, &params.key_path("path"))?;
+    let mut tctx = ctx.clone();
+    tctx.corpus = Some(&corpus);
+    let tok_path = params.key_path("tokenizer");
+    let tokenizer = ctx.registry.tokenizers.build(&p.tokenizer.kind, &p.tokenizer.params_at(&tok_path), &tctx)?;
+    let ids = tokenizer.encode(&corpus)?;
+    let n_val = ((ids.len() as f64) * p.val_fraction).round() as usize;
+    let split = ids.len() - n_val;
+    let description = format!(
+        "text {} ({} chars, {} tokens: {} train / {} val, vocab {})",
+        p.path.display(),
+        corpus.chars().count(),
+        ids.len(),
+        split,
+        n_val,
+        tokenizer.vocab_size()
+    );
+    Ok(Box::new(TextSource {
+        train: ids[..split].to_vec(),
+        val: ids[split..].to_vec(),
+        tokenizer,
+        description,
+    }))
+}
+
+inventory::submit! {
+    Factory::<dyn DataSource> {
+        kind: "text",
+        description: "a text file or directory, tokenized, with a deterministic train/val split",
+        build,
+    }
+}

@@ -1,0 +1,112 @@
+//! Differentiable building blocks.
+//!
+//! candle's fast `LayerNorm` (contiguous input with bias), `ops::softmax_last_dim` and
+//! `ops::rms_norm` have no backward: `backward()` succeeds and the parameters silently get no
+//! gradient. Everything here is composed of ops that candle differentiates.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// `softmax(x)` over the last dim: `exp(x - max) / sum(exp(x - max))`.
+/// The max is detached: softmax is shift-invariant, so its gradient path is pure overhead.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+/// `log_softmax(x)` over the last dim: `x - max - log(sum(exp(x - max)))`.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// LayerNorm over the last dim (Ba et al., 2016): `(x - mean) / sqrt(var + eps) * w + b`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// `x @ w + b` with `w` stored `[in, out]` (the GPT-2 `Conv1D` layout), for `x` of any rank.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (inp, out) = w.dims2()?;
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, inp))?.matmul(w)?.broadcast_add(b)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1 checked by reshape") = out;
+    y.reshape(out_dims)
+}
+
+/// Additive causal mask `[n, n]`: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (n, n), device)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn softmax_and_log_softmax_match_reference() {
+        // Reference: softmax([1, 2, 3]) = e^x / sum e^x = [0.09003057, 0.24472847, 0.66524096].
+        let x = Tensor::new(&[[1f64, 2., 3.]], &Device::Cpu).expect("t");
+        let p = softmax_last(&x).expect("sm").to_vec2::<f64>().expect("v");
+        let want = [0.09003057317038046, 0.24472847105479764, 0.6652409557748219];
+        for (a, b) in p[0].iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+        let lp = log_softmax_last(&x).expect("lsm").to_vec2::<f64>().expect("v");
+        for (a, b) in lp[0].iter().zip(want) {
+            assert!((a - b.ln()).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_reference_and_has_gradients() {
+        // Reference: x = [1, 2, 3, 6]: mean 3, var 3.5, y = (x - 3) / sqrt(3.5 + 1e-5).
+        let x = Tensor::new(&[[1f64, 2., 3., 6.]], &Device::Cpu).expect("t");
+        let w = Var::new(&[1f64, 1., 1., 1.], &Device::Cpu).expect("w");
+        let b = Var::new(&[0f64, 0., 0., 0.], &Device::Cpu).expect("b");
+        let y = layer_norm(&x, w.as_tensor(), b.as_tensor(), 1e-5).expect("ln");
+        let got = y.to_vec2::<f64>().expect("v");
+        for (i, xi) in [1f64, 2., 3., 6.].iter().enumerate() {
+            let want = (xi - 3.0) / (3.5f64 + 1e-5).sqrt();
+            assert!((got[0][i] - want).abs() < 1e-12);
+        }
+        // Unlike candle_nn::LayerNorm's fast path, gradients reach weight and bias.
+        let loss = (y * Tensor::new(&[[1f64, -2., 3., 0.5]], &Device::Cpu).expect("c")).expect("mul");
+        let grads = loss.sum_all().expect("sum").backward().expect("bwd");
+        assert!(grads.get(w.as_tensor()).is_some());
+        assert!(grads.get(b.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn linear_handles_rank_3() {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 12., &dev).expect("a").reshape((2, 2, 3)).expect("r");
+        let w = Tensor::ones((3, 4), DType::F32, &dev).expect("w");
+        let b = Tensor::zeros(4, DType::F32, &dev).expect("b");
+        let y = linear(&x, &w, &b).expect("lin");
+        assert_eq!(y.dims(), &[2, 2, 4]);
+        // Row [0, 1, 2] summed = 3.
+        assert_eq!(y.get(0).expect("g").get(0).expect("g").to_vec1::<f32>().expect("v"), vec![3.0; 4]);
+    }
+
+    #[test]
+    fn causal_mask_blocks_future() {
+        let m = causal_mask(3, DType::F32, &Device::Cpu).expect("m").to_vec2::<f32>().expect("v");
+        assert_eq!(m[0][0], 0.0);
+        assert!(m[0][1].is_infinite() && m[0][1] < 0.0);
+        assert_eq!(m[2][1], 0.0);
+    }
+}

@@ -1,0 +1,614 @@
+//! A decoder-only transformer in the GPT-2 architecture (Radford et al., 2019): learned token and
+//! position embeddings, pre-LayerNorm blocks of causal multi-head attention and a 4x MLP, a final
+//! LayerNorm and an output head tied to the token embedding.
+//!
+//! Weight names and layouts follow Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`,
+//! linear weights stored `[in, out]` as in its `Conv1D`), so a saved student is a Hugging Face
+//! model directory. Every op is differentiable (see `nn.rs`), and nothing assumes the CPU: the
+//! device comes from the build context.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+
+use retort_core::{fsutil, Batch, Error, Model, Outputs, Params, Result, Student, TapSet};
+
+use super::nn::{causal_mask, layer_norm, linear, softmax_last};
+
+/// Activation of the MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// GELU, tanh approximation (GPT-2's `gelu_new`).
+    Gelu,
+    /// ReLU.
+    Relu,
+}
+
+impl Activation {
+    fn hf_name(self) -> &'static str {
+        match self {
+            Activation::Gelu => "gelu_new",
+            Activation::Relu => "relu",
+        }
+    }
+    fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu" => Some(Activation::Gelu),
+            "relu" => Some(Activation::Relu),
+            _ => None,
+        }
+    }
+}
+
+/// Config-file parameters of the `transformer` kind. Architecture fields are optional: with a
+/// `checkpoint` they come from its `config.json` (and any given value must agree); without one,
+/// the defaults below apply.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformerParams {
+    /// Blocks. Default 2.
+    pub n_layer: Option<usize>,
+    /// Width of the residual stream. Default 64.
+    pub n_embd: Option<usize>,
+    /// Attention heads; must divide `n_embd`. Default 4.
+    pub n_head: Option<usize>,
+    /// Longest window (learned positions). Default 256.
+    pub context: Option<usize>,
+    /// Output vocabulary. Default: the data's tokenizer vocabulary.
+    pub vocab_size: Option<usize>,
+    /// `gelu` (default) or `relu`.
+    pub activation: Option<Activation>,
+    /// Parameter dtype: `f32` (default) or `f64`.
+    pub dtype: Option<String>,
+    /// Std of the normal init (residual projections scaled by `1/sqrt(2 n_layer)`). Default 0.02.
+    pub init_std: Option<f64>,
+    /// LayerNorm epsilon. Default 1e-5.
+    pub layer_norm_eps: Option<f64>,
+    /// A Hugging Face directory (`config.json`, `model.safetensors`) to load weights from.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// The resolved architecture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformerConfig {
+    /// Output vocabulary.
+    pub vocab_size: usize,
+    /// Longest window.
+    pub context: usize,
+    /// Blocks.
+    pub n_layer: usize,
+    /// Residual width.
+    pub n_embd: usize,
+    /// Attention heads.
+    pub n_head: usize,
+    /// MLP activation.
+    pub activation: Activation,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+    /// Init std.
+    pub init_std: f64,
+    /// Parameter dtype.
+    pub dtype: DType,
+}
+
+impl TransformerConfig {
+    /// Resolves params at `params.path()` against an optional checkpoint and the data vocab.
+    pub fn resolve(params: &Params, data_vocab: Option<usize>) -> Result<(Self, Option<PathBuf>)> {
+        let p: TransformerParams = params.parse()?;
+        let from_ckpt = match &p.checkpoint {
+            Some(dir) => Some(read_hf_config(dir, &params.key_path("checkpoint"))?),
+            None => None,
+        };
+        let pick = |key: &str, given: Option<usize>, ckpt: Option<usize>, default: usize| -> Result<usize> {
+            match (given, ckpt) {
+                (Some(g), Some(c)) if g != c => Err(params.error(
+                    key,
+                    format!("{g} disagrees with the checkpoint's {c}; drop the key or use a matching checkpoint"),
+                )),
+                (Some(g), _) => Ok(g),
+                (None, Some(c)) => Ok(c),
+                (None, None) => Ok(default),
+            }
+        };
+        let c = from_ckpt.as_ref();
+        let n_layer = pick("n_layer", p.n_layer, c.map(|c| c.n_layer), 2)?;
+        let n_embd = pick("n_embd", p.n_embd, c.map(|c| c.n_embd), 64)?;
+        let n_head = pick("n_head", p.n_head, c.map(|c| c.n_head), 4)?;
+        let context = pick("context", p.context, c.map(|c| c.context), 256)?;
+        let vocab_default = data_vocab.unwrap_or(0);
+        let vocab_size = pick("vocab_size", p.vocab_size, c.map(|c| c.vocab_size), vocab_default)?;
+        for (key, v) in [("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head), ("context", context)] {
+            if v == 0 {
+                return Err(params.error(key, "expected an integer >= 1, got 0"));
+            }
+        }
+        if vocab_size == 0 {
+            return Err(params.error("vocab_size", "unknown: set it, or build the model after the data"));
+        }
+        if n_embd % n_head != 0 {
+            return Err(params.error("n_head", format!("must divide n_embd = {n_embd}, got {n_head}")));
+        }
+        let activation = match (p.activation, c.map(|c| c.activation)) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(params.error("activation", "disagrees with the checkpoint"));
+            }
+            (a, b) => a.or(b).unwrap_or(Activation::Gelu),
+        };
+        let dtype = match p.dtype.as_deref().unwrap_or("f32") {
+            "f32" => DType::F32,
+            "f64" => DType::F64,
+            other => return Err(params.error("dtype", format!("expected \"f32\" or \"f64\", got \"{other}\""))),
+        };
+        let layer_norm_eps = p.layer_norm_eps.or(c.map(|c| c.layer_norm_eps)).unwrap_or(1e-5);
+        params.require_positive("layer_norm_eps", layer_norm_eps)?;
+        let init_std = p.init_std.or(c.map(|c| c.init_std)).unwrap_or(0.02);
+        params.require_positive("init_std", init_std)?;
+        let cfg = TransformerConfig {
+            vocab_size,
+            context,
+            n_layer,
+            n_embd,
+            n_head,
+            activation,
+            layer_norm_eps,
+            init_std,
+            dtype,
+        };
+        Ok((cfg, p.checkpoint))
+    }
+
+    /// Hugging Face `config.json` for `GPT2LMHeadModel`.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_positions": self.context,
+            "n_ctx": self.context,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": 4 * self.n_embd,
+            "activation_function": self.activation.hf_name(),
+            "layer_norm_epsilon": self.layer_norm_eps,
+            "initializer_range": self.init_std,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "tie_word_embeddings": true,
+            "torch_dtype": if self.dtype == DType::F64 { "float64" } else { "float32" },
+        })
+    }
+}
+
+fn read_hf_config(dir: &Path, key_path: &str) -> Result<TransformerConfig> {
+    let file = dir.join("config.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        Error::input(format!("{key_path} = {}", dir.display()), format!("cannot read {}: {e}", file.display()))
+    })?;
+    let bad = |m: String| Error::input(format!("checkpoint config {}", file.display()), m);
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let get = |k: &str| -> Result<usize> {
+        v.get(k)
+            .and_then(serde_json::Value::as_u64)
+            .map(|x| x as usize)
+            .ok_or_else(|| bad(format!("missing integer `{k}`")))
+    };
+    if v.get("model_type").and_then(|m| m.as_str()) != Some("gpt2") {
+        return Err(bad("expected \"model_type\": \"gpt2\"".into()));
+    }
+    let act = v.get("activation_function").and_then(|a| a.as_str()).unwrap_or("gelu_new");
+    let dtype = match v.get("torch_dtype").and_then(|d| d.as_str()) {
+        Some("float64") => DType::F64,
+        _ => DType::F32,
+    };
+    Ok(TransformerConfig {
+        vocab_size: get("vocab_size")?,
+        context: get("n_positions")?,
+        n_layer: get("n_layer")?,
+        n_embd: get("n_embd")?,
+        n_head: get("n_head")?,
+        activation: Activation::from_hf(act).ok_or_else(|| bad(format!("unsupported activation `{act}`")))?,
+        layer_norm_eps: v.get("layer_norm_epsilon").and_then(|e| e.as_f64()).unwrap_or(1e-5),
+        init_std: v.get("initializer_range").and_then(|e| e.as_f64()).unwrap_or(0.02),
+        dtype,
+    })
+}
+
+struct Block {
+    ln_1: (Tensor, Tensor),
+    c_attn: (Tensor, Tensor),
+    attn_proj: (Tensor, Tensor),
+    ln_2: (Tensor, Tensor),
+    c_fc: (Tensor, Tensor),
+    mlp_proj: (Tensor, Tensor),
+}
+
+/// The GPT-2-style transformer. Trainable ([`Student`]) or, through `FrozenTeacher`, a teacher.
+pub struct Transformer {
+    cfg: TransformerConfig,
+    vars: Vec<(String, Var)>,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: (Tensor, Tensor),
+    mask: Tensor,
+}
+
+/// `(name, shape, init std)` of every parameter, in checkpoint order; std 0 = zeros, NaN = ones.
+fn param_specs(c: &TransformerConfig) -> Vec<(String, Vec<usize>, f64)> {
+    let d = c.n_embd;
+    let std = c.init_std;
+    let proj_std = std / (2.0 * c.n_layer as f64).sqrt();
+    let mut v = vec![
+        ("transformer.wte.weight".to_string(), vec![c.vocab_size, d], std),
+        ("transformer.wpe.weight".to_string(), vec![c.context, d], std / 2.0),
+    ];
+    for i in 0..c.n_layer {
+        let p = |n: &str| format!("transformer.h.{i}.{n}");
+        v.push((p("ln_1.weight"), vec![d], f64::NAN));
+        v.push((p("ln_1.bias"), vec![d], 0.0));
+        v.push((p("attn.c_attn.weight"), vec![d, 3 * d], std));
+        v.push((p("attn.c_attn.bias"), vec![3 * d], 0.0));
+        v.push((p("attn.c_proj.weight"), vec![d, d], proj_std));
+        v.push((p("attn.c_proj.bias"), vec![d], 0.0));
+        v.push((p("ln_2.weight"), vec![d], f64::NAN));
+        v.push((p("ln_2.bias"), vec![d], 0.0));
+        v.push((p("mlp.c_fc.weight"), vec![d, 4 * d], std));
+        v.push((p("mlp.c_fc.bias"), vec![4 * d], 0.0));
+        v.push((p("mlp.c_proj.weight"), vec![4 * d, d], proj_std));
+        v.push((p("mlp.c_proj.bias"), vec![d], 0.0));
+    }
+    v.push(("transformer.ln_f.weight".into(), vec![d], f64::NAN));
+    v.push(("transformer.ln_f.bias".into(), vec![d], 0.0));
+    v
+}
+
+const SAFETENSORS: &str = "model.safetensors";
+
+impl Transformer {
+    /// A freshly initialised model; the init depends only on `seed` (it is drawn on the host and
+    /// copied to `device`, so CPU and GPU runs start from the same weights).
+    pub fn init(cfg: TransformerConfig, seed: u64, device: &Device) -> Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut tensors = HashMap::new();
+        for (name, shape, std) in param_specs(&cfg) {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if std.is_nan() {
+                vec![1.0; n]
+            } else if std == 0.0 {
+                vec![0.0; n]
+            } else {
+                let normal = Normal::new(0.0f32, std as f32).map_err(|e| Error::Runtime(e.to_string()))?;
+                (0..n).map(|_| normal.sample(&mut rng)).collect()
+            };
+            let t = Tensor::from_vec(data, shape, device)?.to_dtype(cfg.dtype)?;
+            tensors.insert(name, t);
+        }
+        Self::from_tensors(cfg, tensors, device)
+    }
+
+    /// Loads weights from a Hugging Face directory (`model.safetensors`), checking every name
+    /// and shape.
+    pub fn load(cfg: TransformerConfig, dir: &Path, device: &Device) -> Result<Self> {
+        let file = dir.join(SAFETENSORS);
+        if !file.is_file() {
+            return Err(Error::input(format!("checkpoint {}", dir.display()), format!("{} is missing", file.display())));
+        }
+        let loaded = candle_core::safetensors::load(&file, device)
+            .map_err(|e| Error::input(format!("checkpoint {}", file.display()), format!("unreadable safetensors: {e}")))?;
+        let mut tensors = HashMap::new();
+        for (name, shape, _) in param_specs(&cfg) {
+            let t = loaded.get(&name).ok_or_else(|| {
+                Error::input(format!("checkpoint {}", file.display()), format!("tensor `{name}` is missing"))
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::input(
+                    format!("checkpoint {}", file.display()),
+                    format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims()),
+                ));
+            }
+            tensors.insert(name, t.to_dtype(cfg.dtype)?);
+        }
+        Self::from_tensors(cfg, tensors, device)
+    }
+
+    fn from_tensors(cfg: TransformerConfig, mut tensors: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+        let mut vars = Vec::new();
+        for (name, _, _) in param_specs(&cfg) {
+            let t = tensors.remove(&name).ok_or_else(|| Error::Runtime(format!("missing tensor {name}")))?;
+            vars.push((name, Var::from_tensor(&t)?));
+        }
+        let by_name: HashMap<&str, Tensor> = vars.iter().map(|(n, v)| (n.as_str(), v.as_tensor().clone())).collect();
+        let get = |n: &str| -> Result<Tensor> {
+            by_name.get(n).cloned().ok_or_else(|| Error::Runtime(format!("missing tensor {n}")))
+        };
+        let pair = |p: &str| -> Result<(Tensor, Tensor)> { Ok((get(&format!("{p}.weight"))?, get(&format!("{p}.bias"))?)) };
+        let blocks = (0..cfg.n_layer)
+            .map(|i| {
+                let p = |n: &str| format!("transformer.h.{i}.{n}");
+                Ok(Block {
+                    ln_1: pair(&p("ln_1"))?,
+                    c_attn: pair(&p("attn.c_attn"))?,
+                    attn_proj: pair(&p("attn.c_proj"))?,
+                    ln_2: pair(&p("ln_2"))?,
+                    c_fc: pair(&p("mlp.c_fc"))?,
+                    mlp_proj: pair(&p("mlp.c_proj"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mask = causal_mask(cfg.context, cfg.dtype, device)?;
+        Ok(Transformer {
+            wte: get("transformer.wte.weight")?,
+            wpe: get("transformer.wpe.weight")?,
+            ln_f: pair("transformer.ln_f")?,
+            blocks,
+            vars,
+            mask,
+            cfg,
+        })
+    }
+
+    /// The resolved architecture.
+    pub fn config(&self) -> &TransformerConfig {
+        &self.cfg
+    }
+
+    fn block_forward(&self, blk: &Block, x: &Tensor, want_attn: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t, d) = x.dims3()?;
+        let nh = self.cfg.n_head;
+        let hd = d / nh;
+        let eps = self.cfg.layer_norm_eps;
+        let h = layer_norm(x, &blk.ln_1.0, &blk.ln_1.1, eps)?;
+        let qkv = linear(&h, &blk.c_attn.0, &blk.c_attn.1)?
+            .reshape((b, t, 3, nh, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)? * (1.0 / (hd as f64).sqrt()))?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
+        let probs = softmax_last(&scores)?;
+        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let x = (x + linear(&y, &blk.attn_proj.0, &blk.attn_proj.1)?)?;
+        let h = layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, eps)?;
+        let a = linear(&h, &blk.c_fc.0, &blk.c_fc.1)?;
+        let a = match self.cfg.activation {
+            Activation::Gelu => a.gelu()?,
+            Activation::Relu => a.relu()?,
+        };
+        let x = (x + linear(&a, &blk.mlp_proj.0, &blk.mlp_proj.1)?)?;
+        Ok((x, want_attn.then_some(probs)))
+    }
+}
+
+impl Model for Transformer {
+    fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs> {
+        let ids = &batch.input_ids;
+        let (b, t) = ids.dims2()?;
+        if t > self.cfg.context {
+            return Err(Error::Incompatible(format!(
+                "window of {t} tokens is longer than the model context {}",
+                self.cfg.context
+            )));
+        }
+        let d = self.cfg.n_embd;
+        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))?;
+        let mut x = tok.broadcast_add(&self.wpe.narrow(0, 0, t)?)?;
+        let mut out = std::collections::BTreeMap::new();
+        if taps.wants_hidden(0) {
+            out.insert("hidden.0".to_string(), x.clone());
+        }
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let (nx, attn) = self.block_forward(blk, &x, taps.wants_attention(i))?;
+            x = nx;
+            if let Some(a) = attn {
+                out.insert(format!("attn.{i}"), a);
+            }
+            if taps.wants_hidden(i + 1) {
+                out.insert(format!("hidden.{}", i + 1), x.clone());
+            }
+        }
+        let x = layer_norm(&x, &self.ln_f.0, &self.ln_f.1, self.cfg.layer_norm_eps)?;
+        let logits = x.reshape((b * t, d))?.matmul(&self.wte.t()?)?.reshape((b, t, self.cfg.vocab_size))?;
+        Ok(Outputs { logits, taps: out })
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn context_len(&self) -> usize {
+        self.cfg.context
+    }
+
+    fn num_params(&self) -> usize {
+        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    fn available_taps(&self) -> Vec<String> {
+        let mut v = vec!["logits".to_string()];
+        v.extend((0..=self.cfg.n_layer).map(|i| format!("hidden.{i}")));
+        v.extend((0..self.cfg.n_layer).map(|i| format!("attn.{i}")));
+        v
+    }
+
+    fn describe(&self) -> String {
+        let c = &self.cfg;
+        format!(
+            "transformer {}L/{}d/{}h ctx {} vocab {} ({} params)",
+            c.n_layer,
+            c.n_embd,
+            c.n_head,
+            c.context,
+            c.vocab_size,
+            self.num_params()
+        )
+    }
+}
+
+impl Student for Transformer {
+    fn vars(&self) -> Vec<(String, Var)> {
+        self.vars.clone()
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        self.cfg.to_hf_json()
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating model directory", dir, e))?;
+        let map: HashMap<String, Tensor> =
+            self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+        let file = dir.join(SAFETENSORS);
+        let temp = fsutil::temp_path(&file);
+        candle_core::safetensors::save(&map, &temp)?;
+        fsutil::commit_temp(&temp, &file)?;
+        let json = serde_json::to_vec_pretty(&self.config_json()).map_err(|e| Error::Runtime(e.to_string()))?;
+        fsutil::write_atomic(&dir.join("config.json"), &json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::losses::ce::cross_entropy;
+
+    fn tiny(dtype: &str, act: &str) -> Transformer {
+        let params = Params::new(
+            "student",
+            serde_json::json!({"n_layer": 2, "n_embd": 8, "n_head": 2, "context": 6, "vocab_size": 7,
+                               "dtype": dtype, "activation": act, "init_std": 0.3})
+            .as_object()
+            .expect("object")
+            .clone(),
+        );
+        let (cfg, _) = TransformerConfig::resolve(&params, None).expect("resolve");
+        Transformer::init(cfg, 7, &Device::Cpu).expect("init")
+    }
+
+    fn batch(t: usize) -> Batch {
+        let ids: Vec<u32> = (0..2 * t).map(|i| ((i * 5 + 3) % 7) as u32).collect();
+        let tg: Vec<u32> = (0..2 * t).map(|i| ((i * 3 + 1) % 7) as u32).collect();
+        Batch {
+            input_ids: Tensor::from_vec(ids, (2, t), &Device::Cpu).expect("ids"),
+            targets: Tensor::from_vec(tg, (2, t), &Device::Cpu).expect("tg"),
+            mask: None,
+        }
+    }
+
+    fn loss(m: &Transformer, b: &Batch) -> Tensor {
+        let out = m.forward(b, &TapSet::none()).expect("fwd");
+        cross_entropy(&out.logits, &b.targets, None, 0.0).expect("ce")
+    }
+
+    #[test]
+    fn every_parameter_gets_a_finite_nonzero_gradient() {
+        for act in ["gelu", "relu"] {
+            let m = tiny("f32", act);
+            let b = batch(6);
+            let grads = loss(&m, &b).backward().expect("bwd");
+            for (name, var) in m.vars() {
+                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{act}: no gradient for {name}"));
+                let v: Vec<f32> = g.flatten_all().expect("f").to_vec1().expect("v");
+                assert!(v.iter().all(|x| x.is_finite()), "{act}: non-finite gradient for {name}");
+                assert!(v.iter().any(|x| *x != 0.0), "{act}: all-zero gradient for {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let m = tiny("f64", "gelu");
+        let b = batch(5);
+        let grads = loss(&m, &b).backward().expect("bwd");
+        let h = 1e-5;
+        let mut checked = 0;
+        for (name, var) in m.vars() {
+            let g: Vec<f64> = grads.get(var.as_tensor()).expect("grad").flatten_all().expect("f").to_vec1().expect("v");
+            let w0: Vec<f64> = var.as_tensor().flatten_all().expect("f").to_vec1().expect("v");
+            // Probe three entries of every parameter tensor.
+            for &idx in &[0, w0.len() / 2, w0.len() - 1] {
+                let eval = |delta: f64| -> f64 {
+                    let mut w = w0.clone();
+                    w[idx] += delta;
+                    var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).expect("t")).expect("set");
+                    loss(&m, &b).to_scalar::<f64>().expect("s")
+                };
+                let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+                eval(0.0);
+                let analytic = g[idx];
+                let err = (numeric - analytic).abs() / (1e-6 + numeric.abs().max(analytic.abs()));
+                assert!(err < 1e-4, "{name}[{idx}]: analytic {analytic} vs numeric {numeric}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 3 * 28);
+    }
+
+    #[test]
+    fn taps_are_computed_only_when_asked() {
+        let m = tiny("f32", "gelu");
+        let b = batch(4);
+        let none = m.forward(&b, &TapSet::none()).expect("fwd");
+        assert!(none.taps.is_empty());
+        let taps: TapSet = ["hidden.2", "attn.1"].into_iter().collect();
+        let out = m.forward(&b, &taps).expect("fwd");
+        assert_eq!(out.tap("hidden.2").expect("h").dims(), &[2, 4, 8]);
+        let attn = out.tap("attn.1").expect("a");
+        assert_eq!(attn.dims(), &[2, 2, 4, 4]);
+        // Causal: row 0 attends only to position 0; rows sum to one.
+        let a: Vec<Vec<f32>> = attn.get(0).expect("g").get(0).expect("g").to_vec2().expect("v");
+        assert!((a[0][0] - 1.0).abs() < 1e-6 && a[0][1] == 0.0);
+        for row in &a {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+        assert!(out.tap("hidden.9").is_err());
+    }
+
+    #[test]
+    fn save_and_load_round_trip_in_hf_layout() {
+        let m = tiny("f32", "gelu");
+        let dir = tempfile::tempdir().expect("tmp");
+        m.save(dir.path()).expect("save");
+        let cfg_json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).expect("read")).expect("json");
+        assert_eq!(cfg_json["model_type"], "gpt2");
+        assert_eq!(cfg_json["n_layer"], 2);
+        let names = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).expect("load");
+        assert!(names.contains_key("transformer.h.1.attn.c_attn.weight"));
+        assert_eq!(names["transformer.h.0.mlp.c_fc.weight"].dims(), &[8, 32]);
+        let params = Params::new(
+            "teacher",
+            serde_json::json!({"checkpoint": dir.path()}).as_object().expect("o").clone(),
+        );
+        let (cfg, ckpt) = TransformerConfig::resolve(&params, None).expect("resolve");
+        assert_eq!(&cfg, m.config());
+        let back = Transformer::load(cfg, &ckpt.expect("ckpt"), &Device::Cpu).expect("load");
+        let b = batch(4);
+        let a = m.forward(&b, &TapSet::none()).expect("f").logits;
+        let c = back.forward(&b, &TapSet::none()).expect("f").logits;
+        let diff = (a - c).expect("d").abs().expect("a").max_all().expect("m").to_scalar::<f32>().expect("s");
+        assert_eq!(diff, 0.0);
+    }
+
+    #[test]
+    fn checkpoint_disagreement_is_a_config_error() {
+        let m = tiny("f32", "gelu");
+        let dir = tempfile::tempdir().expect("tmp");
+        m.save(dir.path()).expect("save");
+        let params = Params::new(
+            "teacher",
+            serde_json::json!({"checkpoint": dir.path(), "n_layer": 3}).as_object().expect("o").clone(),
+        );
+        let err = TransformerConfig::resolve(&params, None).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("teacher.n_layer"), "{err}");
+    }
+}

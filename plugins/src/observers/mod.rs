@@ -1,0 +1,3 @@
+//! Built-in metric observers.
+
+pub mod jsonl;

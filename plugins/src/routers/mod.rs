@@ -1,0 +1,3 @@
+//! Built-in routers.
+
+pub mod fixed;

@@ -1,0 +1,3 @@
+//! Built-in schedules: pure functions of progress.
+
+pub mod basic;

@@ -1,0 +1,3 @@
+//! Built-in trainable student models.
+
+pub mod transformer;

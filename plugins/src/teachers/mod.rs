@@ -1,0 +1,3 @@
+//! Built-in teacher providers.
+
+pub mod transformer;

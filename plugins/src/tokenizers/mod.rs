@@ -1,0 +1,3 @@
+//! Built-in tokenizers.
+
+pub mod char_level;
