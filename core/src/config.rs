@@ -167,6 +167,13 @@ fn one() -> f64 {
     1.0
 }
 
+impl LossSpec {
+    /// Its params, located at key path `path`.
+    pub fn params_at(&self, path: &str) -> Params {
+        Params::new(path, self.params.clone())
+    }
+}
+
 /// `[train]`: optimisation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -20,7 +20,7 @@ pub enum Error {
         message: String,
     },
     /// A component names a kind that no factory registered.
-    #[error("unknown {category} kind `{kind}` at `{path}`; known {category} kinds: {known}")]
+    #[error("unknown {category} kind `{kind}` at `{path}`{location}; known {category} kinds: {known}")]
     UnknownKind {
         /// Category of plugin (`loss`, `router`, ...).
         category: &'static str,
@@ -30,6 +30,8 @@ pub enum Error {
         path: String,
         /// Comma-separated list of the registered kinds.
         known: String,
+        /// Where the value came from, e.g. ` (config.toml:12)`; may be empty.
+        location: String,
     },
     /// Two factories claim the same kind in one category.
     #[error("duplicate {category} kind `{kind}`: registered by {first} and by {second}")]

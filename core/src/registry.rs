@@ -131,6 +131,7 @@ impl<T: ?Sized + 'static> Category<T> {
             kind: kind.to_string(),
             path: path.to_string(),
             known: self.kinds().join(", "),
+            location: String::new(),
         })
     }
 

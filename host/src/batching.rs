@@ -1,0 +1,105 @@
+//! Windows of the token stream as batches: seeded random windows for training, fixed
+//! consecutive windows for validation.
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use retort_core::{Batch, Error, Result};
+
+/// Samples training windows uniformly at random; the sequence depends only on the seed, so two
+/// trainings with the same seed see the same batches.
+pub struct TrainBatcher<'a> {
+    tokens: &'a [u32],
+    batch_size: usize,
+    seq_len: usize,
+    rng: ChaCha8Rng,
+    device: Device,
+}
+
+impl<'a> TrainBatcher<'a> {
+    /// A batcher over `tokens`; errors if the stream is shorter than one window plus its target.
+    pub fn new(tokens: &'a [u32], batch_size: usize, seq_len: usize, seed: u64, device: &Device) -> Result<Self> {
+        if tokens.len() <= seq_len {
+            return Err(Error::input(
+                "training split",
+                format!("has {} tokens, fewer than one window of train.seq_len = {seq_len} plus its target", tokens.len()),
+            ));
+        }
+        Ok(TrainBatcher {
+            tokens,
+            batch_size,
+            seq_len,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            device: device.clone(),
+        })
+    }
+
+    /// The next batch.
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        let max_start = self.tokens.len() - self.seq_len - 1;
+        let starts: Vec<usize> = (0..self.batch_size).map(|_| self.rng.random_range(0..=max_start)).collect();
+        windows_to_batch(self.tokens, &starts, self.seq_len, &self.device)
+    }
+}
+
+/// Consecutive non-overlapping validation windows, at most `batches * batch_size` of them.
+pub fn val_batches(tokens: &[u32], batches: usize, batch_size: usize, seq_len: usize, device: &Device) -> Result<Vec<Batch>> {
+    if tokens.len() <= seq_len {
+        return Err(Error::input(
+            "validation split",
+            format!("has {} tokens, fewer than one window of train.seq_len = {seq_len} plus its target", tokens.len()),
+        ));
+    }
+    let n_windows = ((tokens.len() - 1) / seq_len).min(batches * batch_size).max(1);
+    let starts: Vec<usize> = (0..n_windows).map(|i| i * seq_len).collect();
+    starts
+        .chunks(batch_size)
+        .map(|chunk| windows_to_batch(tokens, chunk, seq_len, device))
+        .collect()
+}
+
+fn windows_to_batch(tokens: &[u32], starts: &[usize], seq_len: usize, device: &Device) -> Result<Batch> {
+    let mut inp = Vec::with_capacity(starts.len() * seq_len);
+    let mut tgt = Vec::with_capacity(starts.len() * seq_len);
+    for &s in starts {
+        inp.extend_from_slice(&tokens[s..s + seq_len]);
+        tgt.extend_from_slice(&tokens[s + 1..s + seq_len + 1]);
+    }
+    let shape = (starts.len(), seq_len);
+    Ok(Batch {
+        input_ids: Tensor::from_vec(inp, shape, device)?,
+        targets: Tensor::from_vec(tgt, shape, device)?,
+        mask: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_inputs_shifted_by_one_and_seeded() {
+        let toks: Vec<u32> = (0..100).collect();
+        let mut a = TrainBatcher::new(&toks, 4, 8, 9, &Device::Cpu).expect("b");
+        let mut b = TrainBatcher::new(&toks, 4, 8, 9, &Device::Cpu).expect("b");
+        let x = a.next_batch().expect("x");
+        let y = b.next_batch().expect("y");
+        let xi: Vec<Vec<u32>> = x.input_ids.to_vec2().expect("v");
+        let xt: Vec<Vec<u32>> = x.targets.to_vec2().expect("v");
+        assert_eq!(xi, y.input_ids.to_vec2::<u32>().expect("v"));
+        for (i, t) in xi.iter().zip(&xt) {
+            assert!(i.iter().zip(t).all(|(a, b)| a + 1 == *b));
+        }
+    }
+
+    #[test]
+    fn val_windows_are_consecutive_and_bounded() {
+        let toks: Vec<u32> = (0..50).collect();
+        let v = val_batches(&toks, 10, 2, 8, &Device::Cpu).expect("v");
+        // (50 - 1) / 8 = 6 windows in batches of 2.
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[1].input_ids.to_vec2::<u32>().expect("v")[0][0], 16);
+        assert!(val_batches(&toks[..8], 1, 1, 8, &Device::Cpu).is_err());
+    }
+}

@@ -1,0 +1,164 @@
+//! The command line: `retort run`, `retort check`, `retort plugins`.
+//!
+//! Exit codes: 0 success; 2 bad config, input or usage (the message names the key path and
+//! where the value came from); 1 runtime failure. User errors never print a panic.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use retort_core::{Registry, Result};
+
+use crate::config_load::{self, ConfigOrigin};
+use crate::pipeline::{Pipeline, TeacherPlan};
+use crate::run::{run, RunOptions};
+
+/// retort: knowledge distillation of language models on candle.
+#[derive(Debug, Parser)]
+#[command(name = "retort", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Pretrain the teacher (if it has no checkpoint), distill the student, train a scratch
+    /// baseline, evaluate all three and write the run directory.
+    Run {
+        /// Config file (TOML, YAML or JSON). Without one: the built-in quickstart.
+        config: Option<PathBuf>,
+        /// Override a key: `--set train.steps=100`, `--set loss[0].temperature=3`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Run directory (default `runs/<run.name>`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace a run directory that holds another run.
+        #[arg(long)]
+        force: bool,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Validate a config and build every plugin it names; trains nothing.
+    Check {
+        /// Config file. Without one: the built-in quickstart.
+        config: Option<PathBuf>,
+        /// Override a key.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// List every registered plugin kind by category.
+    Plugins {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Entry point of the binary: parses `std::env::args_os()` and returns the exit code.
+pub fn main() -> i32 {
+    main_with(std::env::args_os())
+}
+
+/// Parses `args` (including the program name), runs, prints errors, returns the exit code.
+pub fn main_with<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    init_tracing();
+    match dispatch(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RETORT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+fn load_and_assemble<'r>(config: Option<&std::path::Path>, sets: &[String], registry: &'r Registry) -> Result<(Pipeline<'r>, ConfigOrigin)> {
+    let (cfg, origin) = config_load::load(config, sets)?;
+    let pipeline = Pipeline::assemble(cfg, registry).map_err(|e| origin.annotate(e))?;
+    Ok((pipeline, origin))
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    let registry = crate::builtin_registry()?;
+    match cli.command {
+        Command::Run { config, sets, out, force, quiet } => {
+            let (pipeline, origin) = load_and_assemble(config.as_deref(), &sets, &registry)?;
+            let opts = RunOptions { out, force, progress: !quiet && std::io::stderr().is_terminal() };
+            let outcome = run(pipeline, &origin, &opts).map_err(|e| origin.annotate(e))?;
+            println!("\n{}", outcome.report.table());
+            if let Some(gain) = outcome.report.distillation_gain {
+                println!(
+                    "distillation gain over the scratch baseline: {gain:+.4} nats/token (positive = distilled student is better)"
+                );
+            }
+            println!("run directory: {}", outcome.dir.display());
+            Ok(())
+        }
+        Command::Check { config, sets } => {
+            let (p, origin) = load_and_assemble(config.as_deref(), &sets, &registry)?;
+            println!("config OK ({})", origin.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "built-in quickstart".into()));
+            println!("  data:     {}", p.data.describe());
+            match (&p.teacher_plan, &p.teacher) {
+                (TeacherPlan::Load, Some(t)) => println!("  teacher:  {}", t.describe()),
+                (TeacherPlan::Pretrain { steps, lr }, _) => {
+                    println!("  teacher:  `{}` pretrained by the pipeline for {steps} steps at lr {lr}", p.config.teacher.kind)
+                }
+                (TeacherPlan::Load, None) => {}
+            }
+            println!("  student:  {}", p.student_description);
+            let terms: Vec<String> = p.terms.iter().map(|t| format!("{} x {}", t.weight, t.name)).collect();
+            println!("  loss:     {}", terms.join(" + "));
+            println!("  router:   {}", p.config.router.kind);
+            println!("  budget:   {} steps x {} windows x {} tokens", p.config.train.steps, p.config.train.batch_size, p.config.train.seq_len);
+            Ok(())
+        }
+        Command::Plugins { json } => {
+            let listing = registry.listing();
+            if json {
+                let v: Vec<_> = listing
+                    .iter()
+                    .map(|(c, k, d, s)| serde_json::json!({"category": c, "kind": k, "description": d, "source": s}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v).map_err(|e| retort_core::Error::Runtime(e.to_string()))?);
+            } else {
+                let mut last = "";
+                for (c, k, d, s) in &listing {
+                    if *c != last {
+                        println!("{c}:");
+                        last = c;
+                    }
+                    println!("  {k:<14} {d} [{s}]");
+                }
+            }
+            Ok(())
+        }
+    }
+}

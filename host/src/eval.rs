@@ -1,0 +1,94 @@
+//! Evaluation on the validation windows: loss in nats/token, and for a student its top-1
+//! agreement with the teacher and its mean KL(teacher || student) at temperature 1.
+
+use candle_core::{DType, Tensor, D};
+use serde::Serialize;
+
+use retort_core::{Batch, Result};
+use retort_plugins::losses::ce::cross_entropy;
+use retort_plugins::losses::kl::kl_per_token;
+
+/// What an evaluation measured.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EvalResult {
+    /// Mean cross-entropy with the next token, nats/token.
+    pub val_loss: f64,
+    /// `exp(min(val_loss, 50))`: never infinite.
+    pub perplexity: f64,
+    /// Tokens evaluated.
+    pub tokens: usize,
+    /// Fraction of tokens where the argmax agrees with the teacher's.
+    pub top1_agreement: Option<f64>,
+    /// Mean KL(teacher || model) per token, nats.
+    pub kl_to_teacher: Option<f64>,
+}
+
+/// Loss cap for perplexity, in nats, so that reports never show infinity.
+pub const PERPLEXITY_LOSS_CAP: f64 = 50.0;
+
+/// Perplexity from a (capped) loss.
+pub fn perplexity(loss: f64) -> f64 {
+    if loss.is_nan() {
+        return f64::NAN;
+    }
+    loss.min(PERPLEXITY_LOSS_CAP).exp()
+}
+
+/// Evaluates a model given by `logits_of` on `batches`; with `teacher_logits` (one tensor per
+/// batch) also agreement and KL.
+pub fn evaluate(
+    logits_of: &dyn Fn(&Batch) -> Result<Tensor>,
+    batches: &[Batch],
+    teacher_logits: Option<&[Tensor]>,
+) -> Result<EvalResult> {
+    let (mut nll, mut kl, mut agree, mut tokens) = (0.0f64, 0.0f64, 0.0f64, 0usize);
+    for (i, batch) in batches.iter().enumerate() {
+        let logits = logits_of(batch)?.detach();
+        let (b, t) = batch.dims()?;
+        let n = b * t;
+        let mean = cross_entropy(&logits, &batch.targets, None, 0.0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        nll += mean * n as f64;
+        if let Some(tl) = teacher_logits {
+            let tl = &tl[i];
+            kl += kl_per_token(&logits, tl, 1.0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            let same = logits.argmax(D::Minus1)?.eq(&tl.argmax(D::Minus1)?)?;
+            agree += same.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        }
+        tokens += n;
+    }
+    let denom = tokens.max(1) as f64;
+    let val_loss = nll / denom;
+    Ok(EvalResult {
+        val_loss,
+        perplexity: perplexity(val_loss),
+        tokens,
+        top1_agreement: teacher_logits.map(|_| agree / denom),
+        kl_to_teacher: teacher_logits.map(|_| kl / denom),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn perplexity_is_capped() {
+        assert!((perplexity(1.0) - std::f64::consts::E).abs() < 1e-12);
+        assert!(perplexity(f64::INFINITY).is_finite());
+    }
+
+    #[test]
+    fn uniform_logits_give_log_vocab_and_self_agreement() {
+        let dev = Device::Cpu;
+        let ids = Tensor::zeros((2, 3), DType::U32, &dev).expect("ids");
+        let batch = Batch { input_ids: ids.clone(), targets: ids, mask: None };
+        let zeros = Tensor::zeros((2, 3, 5), DType::F32, &dev).expect("z");
+        let peaked = Tensor::new(&[[[0f32, 0., 9., 0., 0.]; 3]; 2], &dev).expect("p");
+        let r = evaluate(&|_| Ok(peaked.clone()), std::slice::from_ref(&batch), Some(&[peaked.clone()])).expect("eval");
+        assert_eq!(r.top1_agreement, Some(1.0));
+        assert!(r.kl_to_teacher.expect("kl").abs() < 1e-6);
+        let u = evaluate(&|_| Ok(zeros.clone()), std::slice::from_ref(&batch), None).expect("eval");
+        assert!((u.val_loss - 5f64.ln()).abs() < 1e-6 && u.tokens == 6);
+    }
+}

@@ -1,0 +1,253 @@
+//! Assembling a pipeline from a config: every component is built (or, for a teacher that must
+//! be pretrained, resolved) and every cross-component constraint is checked before any
+//! training starts, so a bad config fails in seconds with exit code 2.
+
+use candle_core::Device;
+use serde_json::Value;
+
+use retort_core::config::RunConfig;
+use retort_core::{
+    BuildContext, DataSource, Error, Params, Registry, Result, Router, Schedule, Split, Student, Teacher,
+};
+
+use crate::device::parse_device;
+use crate::trainer::TermSlot;
+
+/// How the run obtains its teacher.
+pub enum TeacherPlan {
+    /// Load with the teacher factory (the params name a checkpoint).
+    Load,
+    /// Train a student of the same kind with these params first, then load it.
+    Pretrain {
+        /// Optimizer steps.
+        steps: usize,
+        /// Peak learning rate.
+        lr: f64,
+    },
+}
+
+/// A validated pipeline.
+pub struct Pipeline<'r> {
+    /// The resolved config.
+    pub config: RunConfig,
+    /// The registry everything was built from.
+    pub registry: &'r Registry,
+    /// Device of the run.
+    pub device: Device,
+    /// The data.
+    pub data: Box<dyn DataSource>,
+    /// Vocabulary size of the data's tokenizer.
+    pub vocab_size: usize,
+    /// How the teacher is obtained.
+    pub teacher_plan: TeacherPlan,
+    /// A teacher loaded during assembly (for [`TeacherPlan::Load`]).
+    pub teacher: Option<Box<dyn Teacher>>,
+    /// The loss terms.
+    pub terms: Vec<TermSlot>,
+    /// Description of the student architecture (built once to validate).
+    pub student_description: String,
+    /// Student parameter count.
+    pub student_params: usize,
+}
+
+/// Seeds derived from the run seed, one stream per purpose.
+pub mod seeds {
+    /// Init of the pretrained teacher.
+    pub fn teacher_init(seed: u64) -> u64 {
+        seed ^ 0x7eac_4e12_0000_0001
+    }
+    /// Batches of teacher pretraining.
+    pub fn teacher_batches(seed: u64) -> u64 {
+        seed ^ 0x7eac_4e12_0000_0002
+    }
+    /// Init of the student (and of the baseline: the same).
+    pub fn student_init(seed: u64) -> u64 {
+        seed ^ 0x5700_de17_0000_0003
+    }
+    /// Batches of the student (and of the baseline: the same).
+    pub fn student_batches(seed: u64) -> u64 {
+        seed ^ 0x5700_de17_0000_0004
+    }
+}
+
+impl<'r> Pipeline<'r> {
+    /// Builds and checks everything `config` names.
+    pub fn assemble(config: RunConfig, registry: &'r Registry) -> Result<Self> {
+        let device = parse_device(&config.run.device)?;
+        let t = &config.train;
+        for (key, v) in [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len)] {
+            if v == 0 {
+                return Err(Error::config(key, "expected an integer >= 1, got 0"));
+            }
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(Error::config("train.lr", format!("expected a finite number > 0, got {}", t.lr)));
+        }
+        for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::config(key, format!("expected a number in [0, 1), got {v}")));
+            }
+        }
+        for (key, v) in [("train.eps", t.eps), ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::config(key, format!("expected a finite number >= 0, got {v}")));
+            }
+        }
+        if config.eval.batches == 0 || config.eval.batch_size == 0 {
+            return Err(Error::config("eval.batches", "eval.batches and eval.batch_size must be >= 1"));
+        }
+        let ctx = BuildContext::new(registry, device.clone(), config.run.seed);
+        let data = registry.data.build(&config.data.kind, &config.data.params_at("data"), &ctx)?;
+        let vocab_size = data.tokenizer().vocab_size();
+        for split in [Split::Train, Split::Val] {
+            let n = data.tokens(split).len();
+            if n <= t.seq_len {
+                return Err(Error::input(
+                    format!("data ({})", data.describe()),
+                    format!(
+                        "the {} split has {n} tokens, fewer than one window of train.seq_len = {} plus its target; \
+                         use a longer corpus or a smaller train.seq_len",
+                        if split == Split::Train { "training" } else { "validation" },
+                        t.seq_len
+                    ),
+                ));
+            }
+        }
+        let mut ctx = ctx;
+        ctx.vocab_size = Some(vocab_size);
+
+        // Student: built once to validate params, context and taps.
+        let student = registry.students.build(&config.student.kind, &config.student.params_at("student"), &ctx)?;
+        check_model("student", student.vocab_size(), student.context_len(), vocab_size, t.seq_len)?;
+
+        // Loss terms.
+        if config.loss.is_empty() {
+            return Err(Error::config("loss", "at least one loss term is required"));
+        }
+        let mut terms = Vec::new();
+        for (i, spec) in config.loss.iter().enumerate() {
+            let path = format!("loss[{i}]");
+            if !spec.weight.is_finite() {
+                return Err(Error::config(format!("{path}.weight"), format!("expected a finite number, got {}", spec.weight)));
+            }
+            let term = registry.losses.build(&spec.kind, &spec.params_at(&path), &ctx)?;
+            let repeated = config.loss.iter().filter(|s| s.kind == spec.kind).count() > 1;
+            let name = spec.name.clone().unwrap_or_else(|| if repeated { format!("{}_{i}", spec.kind) } else { spec.kind.clone() });
+            let student_taps = student.available_taps();
+            for tap in term.student_taps() {
+                if !student_taps.contains(&tap) {
+                    return Err(Error::config(path.clone(), format!("asks for student tap `{tap}`, which the student does not have")));
+                }
+            }
+            terms.push(TermSlot { name, weight: spec.weight, term });
+        }
+        let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
+
+        // Router and schedule: build once to validate.
+        build_router(&config, registry, &ctx)?;
+        build_lr_schedule(&config, registry, &ctx)?;
+
+        // Teacher.
+        let teacher_params = Params::new("teacher", config.teacher.params.clone());
+        let has_checkpoint = config.teacher.params.get("checkpoint").is_some_and(|v| !v.is_null());
+        let (teacher_plan, teacher) = if has_checkpoint {
+            if config.teacher.pretrain.is_some() {
+                return Err(Error::config("teacher.pretrain", "a teacher with a checkpoint is not pretrained; drop one of the two"));
+            }
+            let teacher = registry.teachers.build(&config.teacher.kind, &teacher_params, &ctx)?;
+            (TeacherPlan::Load, Some(teacher))
+        } else {
+            registry.teachers.get(&config.teacher.kind, "teacher.kind")?;
+            if registry.students.get(&config.teacher.kind, "teacher.kind").is_err() {
+                return Err(Error::config(
+                    "teacher.checkpoint",
+                    format!("teacher kind `{}` cannot be trained by the pipeline; give a checkpoint", config.teacher.kind),
+                ));
+            }
+            let probe = registry.students.build(&config.teacher.kind, &teacher_params, &ctx)?;
+            check_model("teacher", probe.vocab_size(), probe.context_len(), vocab_size, t.seq_len)?;
+            let pre = config.teacher.pretrain.clone();
+            let steps = pre.as_ref().map(|p| p.steps).unwrap_or(2 * t.steps);
+            let lr = pre.as_ref().and_then(|p| p.lr).unwrap_or(t.lr);
+            if steps == 0 {
+                return Err(Error::config("teacher.pretrain.steps", "expected an integer >= 1, got 0"));
+            }
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(Error::config("teacher.pretrain.lr", format!("expected a finite number > 0, got {lr}")));
+            }
+            (TeacherPlan::Pretrain { steps, lr }, None)
+        };
+        if let Some(teacher) = &teacher {
+            check_model("teacher", teacher.vocab_size(), teacher.context_len(), vocab_size, t.seq_len)?;
+            for (i, term) in terms.iter().enumerate() {
+                for tap in term.term.teacher_taps() {
+                    if !teacher.available_taps().contains(&tap) {
+                        return Err(Error::config(format!("loss[{i}]"), format!("asks for teacher tap `{tap}`, which the teacher does not have")));
+                    }
+                }
+            }
+        }
+        if !needs_teacher {
+            tracing::warn!("no loss term reads the teacher: this run trains the student on hard labels only");
+        }
+        Ok(Pipeline {
+            student_description: student.describe(),
+            student_params: student.num_params(),
+            config,
+            registry,
+            device,
+            data,
+            vocab_size,
+            teacher_plan,
+            teacher,
+            terms,
+        })
+    }
+
+    /// A build context on the run's device with the data vocabulary and `seed`.
+    pub fn context(&self, seed: u64) -> BuildContext<'r> {
+        let mut ctx = BuildContext::new(self.registry, self.device.clone(), seed);
+        ctx.vocab_size = Some(self.vocab_size);
+        ctx
+    }
+
+    /// A fresh student with the given init seed.
+    pub fn build_student(&self, seed: u64) -> Result<Box<dyn Student>> {
+        self.registry
+            .students
+            .build(&self.config.student.kind, &self.config.student.params_at("student"), &self.context(seed))
+    }
+}
+
+/// A fresh router of the configured kind.
+pub fn build_router(config: &RunConfig, registry: &Registry, ctx: &BuildContext) -> Result<Box<dyn Router>> {
+    registry.routers.build(&config.router.kind, &config.router.params_at("router"), ctx)
+}
+
+/// A fresh learning-rate schedule of the configured kind.
+pub fn build_lr_schedule(config: &RunConfig, registry: &Registry, ctx: &BuildContext) -> Result<Box<dyn Schedule>> {
+    let s = &config.train.lr_schedule;
+    registry.schedules.build(&s.kind, &s.params_at("train.lr_schedule"), ctx)
+}
+
+fn check_model(who: &str, vocab: usize, context: usize, data_vocab: usize, seq_len: usize) -> Result<()> {
+    if vocab != data_vocab {
+        return Err(Error::Incompatible(format!(
+            "the {who} has a vocabulary of {vocab} tokens, the data's tokenizer has {data_vocab}"
+        )));
+    }
+    if context < seq_len {
+        return Err(Error::config(
+            format!("{who}.context"),
+            format!("the {who}'s context of {context} is shorter than train.seq_len = {seq_len}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The teacher params with `checkpoint` pointing at `dir` (after pretraining).
+pub fn teacher_params_with_checkpoint(config: &RunConfig, dir: &std::path::Path) -> Params {
+    let mut p = config.teacher.params.clone();
+    p.insert("checkpoint".into(), Value::String(dir.display().to_string()));
+    Params::new("teacher", p)
+}

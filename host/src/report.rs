@@ -1,0 +1,214 @@
+//! The run report: `report.json` (machine-readable), `report.md` and the table printed at the end.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use retort_core::{fsutil, Error, Result};
+
+use crate::eval::EvalResult;
+use crate::trainer::PhaseStats;
+
+/// Budget and speed of one training phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Training tokens.
+    pub tokens: usize,
+    /// Wall time, seconds.
+    pub wall_s: f64,
+    /// Tokens per second.
+    pub tokens_per_s: f64,
+    /// Mean total loss over the first 10% of steps.
+    pub loss_start: f64,
+    /// Mean total loss over the last 10% of steps.
+    pub loss_end: f64,
+}
+
+impl From<&PhaseStats> for TrainReport {
+    fn from(s: &PhaseStats) -> Self {
+        let k = (s.losses.len() / 10).max(1);
+        let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+        TrainReport {
+            steps: s.steps,
+            tokens: s.tokens,
+            wall_s: s.wall_s,
+            tokens_per_s: s.tokens_per_s,
+            loss_start: mean(&s.losses[..k.min(s.losses.len())]),
+            loss_end: mean(&s.losses[s.losses.len().saturating_sub(k)..]),
+        }
+    }
+}
+
+/// One evaluated model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelReport {
+    /// Architecture, one line.
+    pub description: String,
+    /// Parameter count.
+    pub params: usize,
+    /// Validation loss, nats/token.
+    pub val_loss: f64,
+    /// Perplexity (from a capped loss).
+    pub perplexity: f64,
+    /// Top-1 agreement with the teacher (students only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top1_agreement: Option<f64>,
+    /// Mean KL(teacher || model), nats/token (students only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl_to_teacher: Option<f64>,
+    /// `val_loss - teacher val_loss` (students only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gap_to_teacher: Option<f64>,
+    /// How it was trained in this run (`None` for a teacher loaded from a checkpoint).
+    pub train: Option<TrainReport>,
+}
+
+impl ModelReport {
+    /// From an evaluation.
+    pub fn new(description: String, params: usize, e: &EvalResult, teacher_loss: Option<f64>, train: Option<TrainReport>) -> Self {
+        ModelReport {
+            description,
+            params,
+            val_loss: e.val_loss,
+            perplexity: e.perplexity,
+            top1_agreement: e.top1_agreement,
+            kl_to_teacher: e.kl_to_teacher,
+            gap_to_teacher: teacher_loss.map(|t| e.val_loss - t),
+            train,
+        }
+    }
+}
+
+/// Identity of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    /// Run name.
+    pub name: String,
+    /// Seed.
+    pub seed: u64,
+    /// Device.
+    pub device: String,
+    /// Run directory.
+    pub dir: String,
+    /// Config file, or `built-in quickstart`.
+    pub config: String,
+}
+
+/// One term of the objective.
+#[derive(Debug, Clone, Serialize)]
+pub struct TermReport {
+    /// Metrics name.
+    pub name: String,
+    /// Kind.
+    pub kind: String,
+    /// Configured weight.
+    pub weight: f64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Run identity.
+    pub run: RunInfo,
+    /// Data description.
+    pub data: String,
+    /// Distillation objective.
+    pub objective: Vec<TermReport>,
+    /// The teacher.
+    pub teacher: ModelReport,
+    /// The distilled student.
+    pub student: ModelReport,
+    /// The same student trained from scratch on hard labels, same budget; `null` if disabled.
+    pub baseline: Option<ModelReport>,
+    /// The distillation phase (the contract's `train` block).
+    pub train: TrainReport,
+    /// `baseline.val_loss - student.val_loss`: what distillation gained (positive is better).
+    pub distillation_gain: Option<f64>,
+    /// Validation tokens per evaluation.
+    pub eval_tokens: usize,
+    /// Wall time of the whole run, seconds.
+    pub total_wall_s: f64,
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into())
+}
+
+impl Report {
+    /// The side-by-side table (Markdown, readable in a terminal).
+    pub fn table(&self) -> String {
+        let mut s = String::from(
+            "| model | params | val loss (nats/tok) | perplexity | gap to teacher | top-1 agree | KL(teacher‖·) | train steps | wall s | tok/s |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        let mut row = |name: &str, m: &ModelReport| {
+            let (steps, wall, tps) = match &m.train {
+                Some(t) => (t.steps.to_string(), format!("{:.1}", t.wall_s), format!("{:.0}", t.tokens_per_s)),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            s.push_str(&format!(
+                "| {name} | {} | {:.4} | {:.3} | {} | {} | {} | {steps} | {wall} | {tps} |\n",
+                m.params,
+                m.val_loss,
+                m.perplexity,
+                opt(m.gap_to_teacher, 4),
+                opt(m.top1_agreement, 3),
+                opt(m.kl_to_teacher, 4),
+            ));
+        };
+        row("teacher", &self.teacher);
+        row("student (distilled)", &self.student);
+        if let Some(b) = &self.baseline {
+            row("baseline (scratch)", b);
+        }
+        s
+    }
+
+    /// `report.md`.
+    pub fn markdown(&self) -> String {
+        let mut s = format!("# retort run `{}`\n\n", self.run.name);
+        s.push_str(&format!(
+            "- config: {}\n- device: {}, seed {}\n- data: {}\n- teacher: {}\n- student: {}\n- objective: {}\n\n",
+            self.run.config,
+            self.run.device,
+            self.run.seed,
+            self.data,
+            self.teacher.description,
+            self.student.description,
+            self.objective
+                .iter()
+                .map(|t| format!("{} x `{}`", t.weight, t.name))
+                .collect::<Vec<_>>()
+                .join(" + "),
+        ));
+        s.push_str(&self.table());
+        s.push('\n');
+        if let (Some(gain), Some(b)) = (self.distillation_gain, &self.baseline) {
+            let verdict = if gain > 0.0 { "better" } else { "worse" };
+            s.push_str(&format!(
+                "Distillation: the student's val loss is {:.4} nats/token {verdict} than the scratch baseline \
+                 ({:.4} vs {:.4}), on the same budget of {} steps ({} tokens) from the same init.\n",
+                gain.abs(),
+                self.student.val_loss,
+                b.val_loss,
+                self.train.steps,
+                self.train.tokens
+            ));
+        }
+        s.push_str(&format!(
+            "\nEvaluated on {} validation tokens. Loss is mean cross-entropy with the next token; perplexity = exp(min(loss, 50)). \
+             Total wall time {:.1} s.\n",
+            self.eval_tokens, self.total_wall_s
+        ));
+        s
+    }
+
+    /// Writes `report.json` and `report.md` into `dir` atomically.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Runtime(e.to_string()))?;
+        fsutil::write_atomic(&dir.join("report.json"), &json)?;
+        fsutil::write_atomic(&dir.join("report.md"), self.markdown().as_bytes())
+    }
+}

@@ -1,0 +1,188 @@
+//! `retort run`: pretrain the teacher if needed, distill the student, train the scratch
+//! baseline, evaluate all three, write the run directory.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use retort_core::{fsutil, Error, Observer, Params, Registry, Result, Split, Student, TapSet, Teacher};
+
+use crate::batching::val_batches;
+use crate::config_load::ConfigOrigin;
+use crate::eval::{evaluate, EvalResult};
+use crate::pipeline::{build_lr_schedule, build_router, seeds, teacher_params_with_checkpoint, Pipeline, TeacherPlan};
+use crate::report::{ModelReport, Report, RunInfo, TermReport, TrainReport};
+use crate::rundir;
+use crate::trainer::{train_phase, Phase, PhaseStats, TermSlot};
+
+/// Options of `retort run` besides the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Run directory; default `runs/<run.name>`.
+    pub out: Option<PathBuf>,
+    /// Replace a directory that holds another run.
+    pub force: bool,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+/// What a finished run produced.
+pub struct RunOutcome {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// The report written there.
+    pub report: Report,
+}
+
+fn ce_only(registry: &Registry, pipeline: &Pipeline) -> Result<Vec<TermSlot>> {
+    let term = registry.losses.build("ce", &Params::empty("baseline.loss[0]"), &pipeline.context(0))?;
+    Ok(vec![TermSlot { name: "ce".into(), weight: 1.0, term }])
+}
+
+/// Runs the whole pipeline.
+pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> Result<RunOutcome> {
+    let started = Instant::now();
+    let cfg = pipeline.config.clone();
+    let teacher_loaded = pipeline.teacher.take();
+    let registry = pipeline.registry;
+    let dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.run.name));
+    rundir::prepare(&dir, opts.force)?;
+    let resolved = toml::to_string_pretty(&cfg).map_err(|e| Error::Runtime(format!("serializing the resolved config: {e}")))?;
+    let header = format!(
+        "# Resolved config of this run (source: {}).\n",
+        origin.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "built-in quickstart".into())
+    );
+    fsutil::write_atomic(&dir.join("config.resolved.toml"), format!("{header}{resolved}").as_bytes())?;
+
+    let mut octx = pipeline.context(cfg.run.seed);
+    octx.run_dir = Some(dir.clone());
+    let mut observers: Vec<Box<dyn Observer>> = cfg
+        .observers
+        .iter()
+        .enumerate()
+        .map(|(i, o)| registry.observers.build(&o.kind, &o.params_at(&format!("observers[{i}]")), &octx))
+        .collect::<Result<_>>()?;
+
+    let data = pipeline.data.as_ref();
+    tracing::info!("data: {}", data.describe());
+    let val = val_batches(data.tokens(Split::Val), cfg.eval.batches, cfg.eval.batch_size, cfg.train.seq_len, &pipeline.device)?;
+
+    // 1. Teacher.
+    let (teacher, teacher_train): (Box<dyn Teacher>, Option<PhaseStats>) = match pipeline.teacher_plan {
+        TeacherPlan::Load => {
+            let t = teacher_loaded.ok_or_else(|| Error::Runtime("the assembled pipeline holds no teacher".into()))?;
+            (t, None)
+        }
+        TeacherPlan::Pretrain { steps, lr } => {
+            let ctx = pipeline.context(seeds::teacher_init(cfg.run.seed));
+            let model = registry.students.build(&cfg.teacher.kind, &Params::new("teacher", cfg.teacher.params.clone()), &ctx)?;
+            tracing::info!("pretraining teacher: {} for {steps} steps", model.describe());
+            let terms = ce_only(registry, &pipeline)?;
+            let stats = train_phase(
+                Phase {
+                    label: "teacher",
+                    student: model.as_ref(),
+                    teacher: None,
+                    terms: &terms,
+                    router: registry.routers.build("static", &Params::empty("router"), &ctx)?,
+                    lr_schedule: build_lr_schedule(&cfg, registry, &ctx)?,
+                    steps,
+                    lr,
+                    train: &cfg.train,
+                    batch_seed: seeds::teacher_batches(cfg.run.seed),
+                    val: &val,
+                    checkpoint_dir: Some(dir.join("teacher")),
+                    progress_bar: opts.progress,
+                },
+                data,
+                &mut observers,
+            )?;
+            let tdir = dir.join("teacher");
+            model.save(&tdir)?;
+            let t = registry
+                .teachers
+                .build(&cfg.teacher.kind, &teacher_params_with_checkpoint(&cfg, &tdir), &pipeline.context(cfg.run.seed))?;
+            (t, Some(stats))
+        }
+    };
+    let teacher_logits: Vec<Tensor> =
+        val.iter().map(|b| Ok(teacher.forward(b, &TapSet::none())?.logits)).collect::<Result<_>>()?;
+    let teacher_eval = evaluate(&|b| Ok(teacher.forward(b, &TapSet::none())?.logits), &val, None)?;
+    tracing::info!("teacher val loss {:.4}", teacher_eval.val_loss);
+
+    // 2. Distilled student, 3. scratch baseline: same init, same batches, same budget.
+    let mut train_student = |label: &'static str, terms: &[TermSlot], distill: bool| -> Result<(Box<dyn Student>, PhaseStats)> {
+        let ctx = pipeline.context(seeds::student_init(cfg.run.seed));
+        let student = pipeline.build_student(seeds::student_init(cfg.run.seed))?;
+        tracing::info!("training {label}: {} for {} steps", student.describe(), cfg.train.steps);
+        let router = if distill { build_router(&cfg, registry, &ctx)? } else { registry.routers.build("static", &Params::empty("router"), &ctx)? };
+        let stats = train_phase(
+            Phase {
+                label,
+                student: student.as_ref(),
+                teacher: Some(teacher.as_ref()),
+                terms,
+                router,
+                lr_schedule: build_lr_schedule(&cfg, registry, &ctx)?,
+                steps: cfg.train.steps,
+                lr: cfg.train.lr,
+                train: &cfg.train,
+                batch_seed: seeds::student_batches(cfg.run.seed),
+                val: &val,
+                checkpoint_dir: Some(dir.join(label)),
+                progress_bar: opts.progress,
+            },
+            data,
+            &mut observers,
+        )?;
+        student.save(&dir.join(label))?;
+        Ok((student, stats))
+    };
+    let (student, student_train) = train_student("student", &pipeline.terms, true)?;
+    let eval_student = |s: &dyn Student| -> Result<EvalResult> {
+        evaluate(&|b| Ok(s.forward(b, &TapSet::none())?.logits), &val, Some(&teacher_logits))
+    };
+    let student_eval = eval_student(student.as_ref())?;
+    let baseline = if cfg.eval.baseline {
+        let terms = ce_only(registry, &pipeline)?;
+        let (b, stats) = train_student("baseline", &terms, false)?;
+        Some((eval_student(b.as_ref())?, b.describe(), b.num_params(), stats))
+    } else {
+        None
+    };
+
+    let tl = Some(teacher_eval.val_loss);
+    let report = Report {
+        run: RunInfo {
+            name: cfg.run.name.clone(),
+            seed: cfg.run.seed,
+            device: cfg.run.device.clone(),
+            dir: dir.display().to_string(),
+            config: origin.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "built-in quickstart".into()),
+        },
+        data: data.describe(),
+        objective: cfg
+            .loss
+            .iter()
+            .zip(&pipeline.terms)
+            .map(|(spec, slot)| TermReport { name: slot.name.clone(), kind: spec.kind.clone(), weight: slot.weight })
+            .collect(),
+        teacher: ModelReport::new(teacher.describe(), teacher.num_params(), &teacher_eval, None, teacher_train.as_ref().map(TrainReport::from)),
+        student: ModelReport::new(student.describe(), student.num_params(), &student_eval, tl, Some(TrainReport::from(&student_train))),
+        baseline: baseline
+            .as_ref()
+            .map(|(e, d, p, s)| ModelReport::new(d.clone(), *p, e, tl, Some(TrainReport::from(s)))),
+        train: TrainReport::from(&student_train),
+        distillation_gain: baseline.as_ref().map(|(e, ..)| e.val_loss - student_eval.val_loss),
+        eval_tokens: student_eval.tokens,
+        total_wall_s: started.elapsed().as_secs_f64(),
+    };
+    report.write(&dir)?;
+    let summary = serde_json::json!({"event": "report", "report": &report});
+    for o in observers.iter_mut() {
+        o.record(&summary)?;
+        o.finish()?;
+    }
+    Ok(RunOutcome { dir, report })
+}

@@ -1,0 +1,169 @@
+//! The `retort` binary: exit codes and messages for bad input, and the quick commands.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn retort(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_retort"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RETORT_LOG")
+        .output()
+        .expect("spawn retort")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts exit code 2, no panic, and that stderr contains every needle.
+fn assert_user_error(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic: {err}");
+    for n in needles {
+        assert!(err.contains(n), "expected `{n}` in: {err}");
+    }
+}
+
+const TINY: &str = r#"
+[run]
+name = "cli"
+[data]
+kind = "text"
+path = "corpus.txt"
+[teacher]
+kind = "transformer"
+n_layer = 1
+n_embd = 16
+n_head = 2
+context = 8
+[teacher.pretrain]
+steps = 3
+[student]
+kind = "transformer"
+n_layer = 1
+n_embd = 8
+n_head = 2
+context = 8
+[[loss]]
+kind = "kl"
+weight = 0.5
+temperature = 2.0
+[[loss]]
+kind = "ce"
+weight = 0.5
+[train]
+steps = 3
+batch_size = 2
+seq_len = 8
+[eval]
+batches = 1
+batch_size = 2
+"#;
+
+fn setup(config: &str, corpus: Option<&str>) -> tempfile::TempDir {
+    let d = tempfile::tempdir().expect("tmp");
+    std::fs::write(d.path().join("c.toml"), config).expect("write config");
+    if let Some(text) = corpus {
+        std::fs::write(d.path().join("corpus.txt"), text).expect("write corpus");
+    }
+    d
+}
+
+fn corpus() -> String {
+    "To be, or not to be, that is the question.\n".repeat(20)
+}
+
+#[test]
+fn check_accepts_a_good_config_and_the_quickstart() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort(&["check", "c.toml"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("config OK"));
+    let o = retort(&["check"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+#[test]
+fn unknown_key_names_path_file_line_and_accepted_keys() {
+    let d = setup(&TINY.replace("steps = 3\nbatch_size = 2", "stpes = 3\nbatch_size = 2"), Some(&corpus()));
+    let o = retort(&["check", "c.toml"], d.path());
+    assert_user_error(&o, &["train.stpes", "c.toml:", "expected one of", "`steps`"]);
+}
+
+#[test]
+fn wrong_type_and_bad_values_are_config_errors() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort(&["check", "c.toml", "--set", "train.steps=lots"], d.path());
+    assert_user_error(&o, &["train.steps", "--set train.steps=lots"]);
+    let o = retort(&["check", "c.toml", "--set", "loss[0].temperature=-1"], d.path());
+    assert_user_error(&o, &["loss[0].temperature", "> 0"]);
+    let o = retort(&["check", "c.toml", "--set", "loss[0].temperature=0"], d.path());
+    assert_user_error(&o, &["loss[0].temperature"]);
+    let d2 = setup(&TINY.replace("temperature = 2.0", "temperature = \"warm\""), Some(&corpus()));
+    let o = retort(&["check", "c.toml"], d2.path());
+    assert_user_error(&o, &["loss[0].temperature", "c.toml:"]);
+}
+
+#[test]
+fn unknown_plugin_kind_lists_known_kinds() {
+    let d = setup(&TINY.replace("kind = \"kl\"", "kind = \"kld\""), Some(&corpus()));
+    let o = retort(&["check", "c.toml"], d.path());
+    assert_user_error(&o, &["unknown loss kind `kld`", "loss[0].kind", "known loss kinds: ce, kl"]);
+}
+
+#[test]
+fn bad_data_inputs_exit_2() {
+    let missing = setup(TINY, None);
+    assert_user_error(&retort(&["check", "c.toml"], missing.path()), &["data.path", "corpus.txt", "cannot read"]);
+    let empty = setup(TINY, Some("   \n"));
+    assert_user_error(&retort(&["check", "c.toml"], empty.path()), &["data.path", "empty"]);
+    let short = setup(TINY, Some("abcdefghijklmnop"));
+    assert_user_error(&retort(&["check", "c.toml"], short.path()), &["train.seq_len = 8"]);
+    let nofile = setup(TINY, Some(&corpus()));
+    assert_user_error(&retort(&["check", "nope.toml"], nofile.path()), &["nope.toml", "cannot read"]);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let d = tempfile::tempdir().expect("tmp");
+    assert_eq!(retort(&["frobnicate"], d.path()).status.code(), Some(2));
+    assert_user_error(&retort(&["check", "--set", "novalue"], d.path()), &["KEY=VALUE"]);
+}
+
+#[test]
+fn run_writes_the_run_dir_and_refuses_to_overwrite_it() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort(&["run", "c.toml", "--out", "out", "--quiet"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = d.path().join("out");
+    for f in ["report.json", "report.md", "metrics.jsonl", "config.resolved.toml", "student/model.safetensors"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("| student (distilled) |") && stdout.contains("| baseline (scratch) |"), "{stdout}");
+    let report_before = std::fs::read(out.join("report.json")).expect("report");
+    let metrics_before = std::fs::read(out.join("metrics.jsonl")).expect("metrics");
+
+    let o = retort(&["run", "c.toml", "--out", "out", "--quiet"], d.path());
+    assert_user_error(&o, &["holds another run", "--force"]);
+    assert_eq!(std::fs::read(out.join("report.json")).expect("report"), report_before);
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).expect("metrics"), metrics_before);
+
+    let o = retort(&["run", "c.toml", "--out", "out", "--quiet", "--force"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+#[test]
+fn plugins_json_lists_every_category() {
+    let d = tempfile::tempdir().expect("tmp");
+    let o = retort(&["plugins", "--json"], d.path());
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let cats: std::collections::BTreeSet<&str> =
+        v.as_array().expect("array").iter().map(|e| e["category"].as_str().expect("category")).collect();
+    for c in ["teacher", "student", "loss", "schedule", "router", "data", "tokenizer", "observer"] {
+        assert!(cats.contains(c), "{c} missing");
+    }
+}

@@ -1,0 +1,107 @@
+//! End to end through the public API: a pipeline built from a TOML string in a temp dir.
+
+use std::path::Path;
+
+use retort_host::config_load;
+use retort_host::pipeline::{Pipeline, TeacherPlan};
+use retort_host::run::{run, RunOptions};
+use retort_tests::{read_metrics, tiny_config};
+
+fn run_config(dir: &Path, toml: &str, sets: &[String]) -> retort_host::run::RunOutcome {
+    let cfg_path = dir.join("config.toml");
+    std::fs::write(&cfg_path, toml).expect("write config");
+    let registry = retort_host::builtin_registry().expect("registry");
+    let (cfg, origin) = config_load::load(Some(&cfg_path), sets).expect("config loads");
+    let pipeline = Pipeline::assemble(cfg, &registry).expect("pipeline assembles");
+    let opts = RunOptions { out: Some(dir.join("run")), force: false, progress: false };
+    run(pipeline, &origin, &opts).expect("run succeeds")
+}
+
+#[test]
+fn tiny_run_trains_distills_and_reports() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let outcome = run_config(tmp.path(), &tiny_config("e2e"), &[]);
+    let dir = outcome.dir;
+
+    // Contract: report.json keys.
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).expect("report.json")).expect("json");
+    for who in ["teacher", "student", "baseline"] {
+        for key in ["params", "val_loss", "perplexity"] {
+            assert!(report[who][key].is_number(), "{who}.{key} missing: {report}");
+        }
+    }
+    for key in ["top1_agreement", "kl_to_teacher", "gap_to_teacher"] {
+        assert!(report["student"][key].is_number(), "student.{key}");
+    }
+    for key in ["steps", "tokens", "wall_s", "tokens_per_s"] {
+        assert!(report["train"][key].is_number(), "train.{key}");
+    }
+    assert_eq!(report["train"]["steps"], 40);
+    assert_eq!(report["train"]["tokens"], 40 * 8 * 16);
+    let (tp, sp) = (report["teacher"]["params"].as_u64().expect("p"), report["student"]["params"].as_u64().expect("p"));
+    assert!(sp * 4 <= tp, "student {sp} vs teacher {tp}");
+    assert!(std::fs::read_to_string(dir.join("report.md")).expect("md").contains("| student (distilled) |"));
+
+    // The loss decreased in every training phase (metrics.jsonl, one record per 5 steps).
+    let metrics = read_metrics(&dir);
+    for phase in ["teacher", "student", "baseline"] {
+        let losses: Vec<f64> = metrics
+            .iter()
+            .filter(|m| m["event"] == "train" && m["phase"] == phase)
+            .map(|m| m["loss"].as_f64().expect("loss"))
+            .collect();
+        assert!(losses.len() >= 8, "{phase}: {} records", losses.len());
+        assert!(losses.last() < losses.first(), "{phase} loss did not decrease: {losses:?}");
+    }
+    assert!(metrics.iter().any(|m| m["event"] == "eval" && m["phase"] == "student"));
+    // The pretrained teacher beats the untrained level log(16) clearly.
+    assert!(report["teacher"]["val_loss"].as_f64().expect("t") < 16f64.ln() - 0.3);
+
+    // Student weights in Hugging Face layout.
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("student/config.json")).expect("config.json")).expect("json");
+    assert_eq!(cfg["model_type"], "gpt2");
+    assert!(dir.join("student/model.safetensors").is_file());
+
+    // The resolved config loads back to the same run.
+    let (again, _) = config_load::load(Some(&dir.join("config.resolved.toml")), &[]).expect("resolved config loads");
+    assert_eq!(again.train.steps, 40);
+    assert_eq!(again.loss, config_load::load(Some(&tmp.path().join("config.toml")), &[]).expect("c").0.loss);
+}
+
+#[test]
+fn teacher_checkpoint_from_a_previous_run_is_reused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let first = run_config(tmp.path(), &tiny_config("first"), &["eval.baseline=false".into()]);
+    let teacher_dir = first.dir.join("teacher");
+    let tmp2 = tempfile::tempdir().expect("tmp");
+    let toml = tiny_config("second").replace("[teacher.pretrain]\nsteps = 60\nlr = 1e-2\n", "");
+    let cfg_path = tmp2.path().join("config.toml");
+    std::fs::write(&cfg_path, &toml).expect("write");
+    let registry = retort_host::builtin_registry().expect("registry");
+    let sets = vec![
+        format!("teacher.checkpoint=\"{}\"", teacher_dir.display()),
+        "eval.baseline=false".to_string(),
+    ];
+    let (cfg, origin) = config_load::load(Some(&cfg_path), &sets).expect("load");
+    let pipeline = Pipeline::assemble(cfg, &registry).expect("assemble");
+    assert!(matches!(pipeline.teacher_plan, TeacherPlan::Load));
+    let opts = RunOptions { out: Some(tmp2.path().join("run")), force: false, progress: false };
+    let second = run(pipeline, &origin, &opts).expect("run");
+    // Same weights, same validation windows: the same teacher loss, bit for bit.
+    assert_eq!(first.report.teacher.val_loss, second.report.teacher.val_loss);
+    assert!(second.report.teacher.train.is_none());
+    assert!(second.report.baseline.is_none());
+}
+
+#[test]
+fn same_seed_same_result() {
+    let a = tempfile::tempdir().expect("tmp");
+    let b = tempfile::tempdir().expect("tmp");
+    let sets: Vec<String> = vec!["teacher.pretrain.steps=10".into(), "train.steps=10".into()];
+    let ra = run_config(a.path(), &tiny_config("det"), &sets);
+    let rb = run_config(b.path(), &tiny_config("det"), &sets);
+    assert_eq!(ra.report.student.val_loss, rb.report.student.val_loss);
+    assert_eq!(ra.report.baseline.as_ref().map(|m| m.val_loss), rb.report.baseline.as_ref().map(|m| m.val_loss));
+}
