@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn unknown_train_key_is_rejected_with_accepted_keys() {
         let v = serde_json::json!({"train": {"stpes": 3}});
-        let err = serde_path_to_error::deserialize::<_, RunConfig>(v).unwrap_err();
+        let err = serde_path_to_error::deserialize::<_, RunConfig>(v).expect_err("must fail");
         assert_eq!(err.path().to_string(), "train.stpes");
         let msg = err.into_inner().to_string();
         assert!(msg.contains("expected one of") && msg.contains("`steps`"), "{msg}");

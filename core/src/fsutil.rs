@@ -51,7 +51,10 @@ mod tests {
         write_atomic(&p, b"first").expect("write 1");
         write_atomic(&p, b"second").expect("write 2");
         assert_eq!(fs::read(&p).expect("read"), b"second");
-        let names: Vec<_> = fs::read_dir(&dir).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+        let names: Vec<_> = fs::read_dir(&dir)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
         fs::remove_dir_all(&dir).expect("cleanup");
     }

@@ -97,7 +97,7 @@ mod tests {
 
     #[test]
     fn wrong_type_names_full_key_path() {
-        let err = params(r#"{"temperature": "hot"}"#).parse::<P>().unwrap_err();
+        let err = params(r#"{"temperature": "hot"}"#).parse::<P>().expect_err("must fail");
         let msg = err.to_string();
         assert!(msg.contains("loss[1].temperature"), "{msg}");
         assert!(msg.contains("expected f64"), "{msg}");
@@ -105,7 +105,7 @@ mod tests {
 
     #[test]
     fn unknown_key_lists_accepted_keys() {
-        let err = params(r#"{"temprature": 2.0}"#).parse::<P>().unwrap_err();
+        let err = params(r#"{"temprature": 2.0}"#).parse::<P>().expect_err("must fail");
         let msg = err.to_string();
         assert!(msg.contains("temprature") && msg.contains("temperature"), "{msg}");
         assert!(msg.starts_with("config error at `loss[1]"), "{msg}");
@@ -115,7 +115,10 @@ mod tests {
     fn positive_check() {
         let p = params("{}");
         assert!(p.require_positive("temperature", 2.0).is_ok());
-        let msg = p.require_positive("temperature", -1.0).unwrap_err().to_string();
+        let msg = p
+            .require_positive("temperature", -1.0)
+            .expect_err("must fail")
+            .to_string();
         assert!(msg.contains("loss[1].temperature") && msg.contains("> 0"), "{msg}");
     }
 }

@@ -9,10 +9,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
-use crate::{
-    DataSource, Error, LossTerm, Observer, Params, Result, Router, Schedule, Student, Teacher,
-    Tokenizer,
-};
+use crate::{DataSource, Error, LossTerm, Observer, Params, Result, Router, Schedule, Student, Teacher, Tokenizer};
 
 /// Builds one plugin of kind `kind` from its parameters.
 pub struct Factory<T: ?Sized + 'static> {
@@ -65,9 +62,8 @@ impl<'a> BuildContext<'a> {
 
     /// The vocabulary size, or an error for the component at `path` that needs it.
     pub fn require_vocab(&self, path: &str) -> Result<usize> {
-        self.vocab_size.ok_or_else(|| {
-            Error::config(path, "this component needs the vocabulary size, which is not known yet")
-        })
+        self.vocab_size
+            .ok_or_else(|| Error::config(path, "this component needs the vocabulary size, which is not known yet"))
     }
 }
 
@@ -229,7 +225,12 @@ impl Registry {
         macro_rules! list {
             ($cat:expr) => {
                 for e in $cat.entries() {
-                    out.push(($cat.name(), e.kind.clone(), e.description.clone(), e.source.clone()));
+                    out.push((
+                        $cat.name(),
+                        e.kind.clone(),
+                        e.description.clone(),
+                        e.source.clone(),
+                    ));
                 }
             };
         }
@@ -269,17 +270,31 @@ mod tests {
     fn duplicate_kind_names_both_sources() {
         let mut r = Registry::empty();
         r.schedules.register(&HALF, "built-in").expect("first");
-        let msg = r.schedules.register(&HALF, "/tmp/libx.so").unwrap_err().to_string();
-        assert!(msg.contains("built-in") && msg.contains("/tmp/libx.so") && msg.contains("half"), "{msg}");
+        let msg = r
+            .schedules
+            .register(&HALF, "/tmp/libx.so")
+            .expect_err("must fail")
+            .to_string();
+        assert!(
+            msg.contains("built-in") && msg.contains("/tmp/libx.so") && msg.contains("half"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn unknown_kind_lists_known_kinds() {
         let mut r = Registry::empty();
         r.schedules.register(&HALF, "built-in").expect("register");
-        let err = r.schedules.get("halve", "train.lr_schedule.kind").err().expect("unknown");
+        let err = r
+            .schedules
+            .get("halve", "train.lr_schedule.kind")
+            .err()
+            .expect("unknown");
         let msg = err.to_string();
-        assert!(msg.contains("`halve`") && msg.contains("known schedule kinds: half"), "{msg}");
+        assert!(
+            msg.contains("`halve`") && msg.contains("known schedule kinds: half"),
+            "{msg}"
+        );
         assert_eq!(err.exit_code(), 2);
         let ctx = BuildContext::new(&r, Device::Cpu, 0);
         let s = r.schedules.build("half", &Params::empty("x"), &ctx).expect("build");

@@ -23,7 +23,10 @@ impl<'a> TrainBatcher<'a> {
         if tokens.len() <= seq_len {
             return Err(Error::input(
                 "training split",
-                format!("has {} tokens, fewer than one window of train.seq_len = {seq_len} plus its target", tokens.len()),
+                format!(
+                    "has {} tokens, fewer than one window of train.seq_len = {seq_len} plus its target",
+                    tokens.len()
+                ),
             ));
         }
         Ok(TrainBatcher {
@@ -38,17 +41,28 @@ impl<'a> TrainBatcher<'a> {
     /// The next batch.
     pub fn next_batch(&mut self) -> Result<Batch> {
         let max_start = self.tokens.len() - self.seq_len - 1;
-        let starts: Vec<usize> = (0..self.batch_size).map(|_| self.rng.random_range(0..=max_start)).collect();
+        let starts: Vec<usize> = (0..self.batch_size)
+            .map(|_| self.rng.random_range(0..=max_start))
+            .collect();
         windows_to_batch(self.tokens, &starts, self.seq_len, &self.device)
     }
 }
 
 /// Consecutive non-overlapping validation windows, at most `batches * batch_size` of them.
-pub fn val_batches(tokens: &[u32], batches: usize, batch_size: usize, seq_len: usize, device: &Device) -> Result<Vec<Batch>> {
+pub fn val_batches(
+    tokens: &[u32],
+    batches: usize,
+    batch_size: usize,
+    seq_len: usize,
+    device: &Device,
+) -> Result<Vec<Batch>> {
     if tokens.len() <= seq_len {
         return Err(Error::input(
             "validation split",
-            format!("has {} tokens, fewer than one window of train.seq_len = {seq_len} plus its target", tokens.len()),
+            format!(
+                "has {} tokens, fewer than one window of train.seq_len = {seq_len} plus its target",
+                tokens.len()
+            ),
         ));
     }
     let n_windows = ((tokens.len() - 1) / seq_len).min(batches * batch_size).max(1);

@@ -100,7 +100,11 @@ fn init_tracing() {
         .try_init();
 }
 
-fn load_and_assemble<'r>(config: Option<&std::path::Path>, sets: &[String], registry: &'r Registry) -> Result<(Pipeline<'r>, ConfigOrigin)> {
+fn load_and_assemble<'r>(
+    config: Option<&std::path::Path>,
+    sets: &[String],
+    registry: &'r Registry,
+) -> Result<(Pipeline<'r>, ConfigOrigin)> {
     let (cfg, origin) = config_load::load(config, sets)?;
     let pipeline = Pipeline::assemble(cfg, registry).map_err(|e| origin.annotate(e))?;
     Ok((pipeline, origin))
@@ -109,9 +113,19 @@ fn load_and_assemble<'r>(config: Option<&std::path::Path>, sets: &[String], regi
 fn dispatch(cli: Cli) -> Result<()> {
     let registry = crate::builtin_registry()?;
     match cli.command {
-        Command::Run { config, sets, out, force, quiet } => {
+        Command::Run {
+            config,
+            sets,
+            out,
+            force,
+            quiet,
+        } => {
             let (pipeline, origin) = load_and_assemble(config.as_deref(), &sets, &registry)?;
-            let opts = RunOptions { out, force, progress: !quiet && std::io::stderr().is_terminal() };
+            let opts = RunOptions {
+                out,
+                force,
+                progress: !quiet && std::io::stderr().is_terminal(),
+            };
             let outcome = run(pipeline, &origin, &opts).map_err(|e| origin.annotate(e))?;
             println!("\n{}", outcome.report.table());
             if let Some(gain) = outcome.report.distillation_gain {
@@ -124,12 +138,22 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Check { config, sets } => {
             let (p, origin) = load_and_assemble(config.as_deref(), &sets, &registry)?;
-            println!("config OK ({})", origin.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "built-in quickstart".into()));
+            println!(
+                "config OK ({})",
+                origin
+                    .file
+                    .as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_else(|| "built-in quickstart".into())
+            );
             println!("  data:     {}", p.data.describe());
             match (&p.teacher_plan, &p.teacher) {
                 (TeacherPlan::Load, Some(t)) => println!("  teacher:  {}", t.describe()),
                 (TeacherPlan::Pretrain { steps, lr }, _) => {
-                    println!("  teacher:  `{}` pretrained by the pipeline for {steps} steps at lr {lr}", p.config.teacher.kind)
+                    println!(
+                        "  teacher:  `{}` pretrained by the pipeline for {steps} steps at lr {lr}",
+                        p.config.teacher.kind
+                    )
                 }
                 (TeacherPlan::Load, None) => {}
             }
@@ -137,7 +161,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             let terms: Vec<String> = p.terms.iter().map(|t| format!("{} x {}", t.weight, t.name)).collect();
             println!("  loss:     {}", terms.join(" + "));
             println!("  router:   {}", p.config.router.kind);
-            println!("  budget:   {} steps x {} windows x {} tokens", p.config.train.steps, p.config.train.batch_size, p.config.train.seq_len);
+            println!(
+                "  budget:   {} steps x {} windows x {} tokens",
+                p.config.train.steps, p.config.train.batch_size, p.config.train.seq_len
+            );
             Ok(())
         }
         Command::Plugins { json } => {
@@ -147,7 +174,10 @@ fn dispatch(cli: Cli) -> Result<()> {
                     .iter()
                     .map(|(c, k, d, s)| serde_json::json!({"category": c, "kind": k, "description": d, "source": s}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v).map_err(|e| retort_core::Error::Runtime(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).map_err(|e| retort_core::Error::Runtime(e.to_string()))?
+                );
             } else {
                 let mut last = "";
                 for (c, k, d, s) in &listing {

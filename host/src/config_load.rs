@@ -39,11 +39,19 @@ impl ConfigOrigin {
         let norm = |s: &str| s.replace('[', ".").replace(']', "");
         let key = norm(path);
         let within = |p: &str| key == p || key.starts_with(&format!("{p}."));
-        if let Some(s) = self.sets.iter().rev().find(|s| s.split_once('=').is_some_and(|(k, _)| within(&norm(k.trim())))) {
+        if let Some(s) = self
+            .sets
+            .iter()
+            .rev()
+            .find(|s| s.split_once('=').is_some_and(|(k, _)| within(&norm(k.trim()))))
+        {
             return format!("set by --set {s}");
         }
         if let Some(k) = self.env_keys.iter().find(|k| within(k)) {
-            return format!("set by environment variable RETORT_{}", k.to_uppercase().replace('.', "__"));
+            return format!(
+                "set by environment variable RETORT_{}",
+                k.to_uppercase().replace('.', "__")
+            );
         }
         let name = match &self.file {
             Some(f) => f.display().to_string(),
@@ -60,11 +68,26 @@ impl ConfigOrigin {
         match err {
             Error::Config { path, message } => {
                 let loc = self.locate(&path);
-                Error::Config { message: format!("{message} ({loc})"), path }
+                Error::Config {
+                    message: format!("{message} ({loc})"),
+                    path,
+                }
             }
-            Error::UnknownKind { category, kind, path, known, .. } => {
+            Error::UnknownKind {
+                category,
+                kind,
+                path,
+                known,
+                ..
+            } => {
                 let location = format!(" ({})", self.locate(&path));
-                Error::UnknownKind { category, kind, path, known, location }
+                Error::UnknownKind {
+                    category,
+                    kind,
+                    path,
+                    known,
+                    location,
+                }
             }
             other => other,
         }
@@ -137,7 +160,8 @@ fn toml_line(text: &str, path: &str) -> Option<usize> {
                 span = t.span().or(span);
                 Node::Table(t)
             }
-            (Segment::Index(i), Node::Item(Item::Value(TV::Array(a)))) | (Segment::Index(i), Node::Value(TV::Array(a))) => {
+            (Segment::Index(i), Node::Item(Item::Value(TV::Array(a))))
+            | (Segment::Index(i), Node::Value(TV::Array(a))) => {
                 let v = a.get(i)?;
                 span = v.span().or(span);
                 Node::Value(v)
@@ -190,9 +214,11 @@ fn apply_set(root: &mut Value, set: &str) -> Result<()> {
                     .as_array_mut()
                     .ok_or_else(|| usage(format!("`{key}`: index [{idx}] applied to a value that is not a list")))?;
                 let len = arr.len();
-                let slot = arr
-                    .get_mut(*idx)
-                    .ok_or_else(|| usage(format!("`{key}`: index [{idx}] is out of range (the list has {len} entries)")))?;
+                let slot = arr.get_mut(*idx).ok_or_else(|| {
+                    usage(format!(
+                        "`{key}`: index [{idx}] is out of range (the list has {len} entries)"
+                    ))
+                })?;
                 if last {
                     *slot = value;
                     return Ok(());
@@ -212,7 +238,11 @@ pub fn load(file: Option<&Path>, sets: &[String]) -> Result<(RunConfig, ConfigOr
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| Error::input(format!("config file {}", path.display()), format!("cannot read: {e}")))?;
-            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("")
+                .to_ascii_lowercase();
             fig = match ext.as_str() {
                 "toml" => {
                     toml_text = Some(text.clone());
@@ -283,20 +313,31 @@ mod tests {
 
     #[test]
     fn sets_override_nested_and_indexed_keys() {
-        let (cfg, _) = load(None, &["train.steps=7".into(), "loss[0].temperature=3.5".into(), "eval.baseline=false".into()])
-            .expect("load");
+        let (cfg, _) = load(
+            None,
+            &[
+                "train.steps=7".into(),
+                "loss[0].temperature=3.5".into(),
+                "eval.baseline=false".into(),
+            ],
+        )
+        .expect("load");
         assert_eq!(cfg.train.steps, 7);
         assert_eq!(cfg.loss[0].params["temperature"], serde_json::json!(3.5));
         assert!(!cfg.eval.baseline);
-        let err = load(None, &["loss[9].weight=1".into()]).unwrap_err();
+        let err = load(None, &["loss[9].weight=1".into()]).expect_err("must fail");
         assert!(err.to_string().contains("out of range"), "{err}");
     }
 
     #[test]
     fn type_error_names_key_path_file_and_line() {
         let dir = tempfile::tempdir().expect("tmp");
-        let p = write(dir.path(), "c.toml", "[run]\nname = \"x\"\n\n[train]\nsteps = \"many\"\n");
-        let err = load(Some(&p), &[]).unwrap_err();
+        let p = write(
+            dir.path(),
+            "c.toml",
+            "[run]\nname = \"x\"\n\n[train]\nsteps = \"many\"\n",
+        );
+        let err = load(Some(&p), &[]).expect_err("must fail");
         let msg = err.to_string();
         assert_eq!(err.exit_code(), 2);
         assert!(msg.contains("`train.steps`") && msg.contains("c.toml:5"), "{msg}");
@@ -305,23 +346,39 @@ mod tests {
     #[test]
     fn unknown_key_in_array_of_tables_gets_its_line() {
         let dir = tempfile::tempdir().expect("tmp");
-        let p = write(dir.path(), "c.toml", "[[loss]]\nkind = \"kl\"\n\n[[loss]]\nkind = \"ce\"\nwieght = 2\n");
+        let p = write(
+            dir.path(),
+            "c.toml",
+            "[[loss]]\nkind = \"kl\"\n\n[[loss]]\nkind = \"ce\"\nwieght = 2\n",
+        );
         let (_, origin) = load(Some(&p), &[]).expect("loss params are checked by plugins");
-        assert!(origin.locate("loss[1].wieght").ends_with("c.toml:6"), "{}", origin.locate("loss[1].wieght"));
+        assert!(
+            origin.locate("loss[1].wieght").ends_with("c.toml:6"),
+            "{}",
+            origin.locate("loss[1].wieght")
+        );
     }
 
     #[test]
     fn set_errors_point_at_the_set() {
-        let err = load(None, &["train.steps=abc".into()]).unwrap_err().to_string();
-        assert!(err.contains("train.steps") && err.contains("--set train.steps=abc"), "{err}");
+        let err = load(None, &["train.steps=abc".into()])
+            .expect_err("must fail")
+            .to_string();
+        assert!(
+            err.contains("train.steps") && err.contains("--set train.steps=abc"),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_file_and_bad_extension_are_input_errors() {
-        let err = load(Some(Path::new("/nonexistent/x.toml")), &[]).unwrap_err();
+        let err = load(Some(Path::new("/nonexistent/x.toml")), &[]).expect_err("must fail");
         assert_eq!(err.exit_code(), 2);
         let dir = tempfile::tempdir().expect("tmp");
         let p = write(dir.path(), "c.ini", "");
-        assert!(load(Some(&p), &[]).unwrap_err().to_string().contains("unknown format"));
+        assert!(load(Some(&p), &[])
+            .expect_err("must fail")
+            .to_string()
+            .contains("unknown format"));
     }
 }

@@ -16,9 +16,9 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "metal" => Device::new_metal(0).map_err(unavailable),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal = match s.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse::<usize>()
-                    .map_err(|_| Error::config("run.device", format!("expected cuda:N with N an integer, got \"{s}\"")))?,
+                Some(n) => n.parse::<usize>().map_err(|_| {
+                    Error::config("run.device", format!("expected cuda:N with N an integer, got \"{s}\""))
+                })?,
                 None => 0,
             };
             Device::new_cuda(ordinal).map_err(unavailable)

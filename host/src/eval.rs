@@ -34,23 +34,28 @@ pub fn perplexity(loss: f64) -> f64 {
     loss.min(PERPLEXITY_LOSS_CAP).exp()
 }
 
-/// Evaluates a model given by `logits_of` on `batches`; with `teacher_logits` (one tensor per
+/// Evaluates a model given by `logits_of(index, batch)` on `batches`; with `teacher_logits` (one tensor per
 /// batch) also agreement and KL.
 pub fn evaluate(
-    logits_of: &dyn Fn(&Batch) -> Result<Tensor>,
+    logits_of: &dyn Fn(usize, &Batch) -> Result<Tensor>,
     batches: &[Batch],
     teacher_logits: Option<&[Tensor]>,
 ) -> Result<EvalResult> {
     let (mut nll, mut kl, mut agree, mut tokens) = (0.0f64, 0.0f64, 0.0f64, 0usize);
     for (i, batch) in batches.iter().enumerate() {
-        let logits = logits_of(batch)?.detach();
+        let logits = logits_of(i, batch)?.detach();
         let (b, t) = batch.dims()?;
         let n = b * t;
-        let mean = cross_entropy(&logits, &batch.targets, None, 0.0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mean = cross_entropy(&logits, &batch.targets, None, 0.0)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
         nll += mean * n as f64;
         if let Some(tl) = teacher_logits {
             let tl = &tl[i];
-            kl += kl_per_token(&logits, tl, 1.0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            kl += kl_per_token(&logits, tl, 1.0)?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
             let same = logits.argmax(D::Minus1)?.eq(&tl.argmax(D::Minus1)?)?;
             agree += same.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         }
@@ -82,13 +87,22 @@ mod tests {
     fn uniform_logits_give_log_vocab_and_self_agreement() {
         let dev = Device::Cpu;
         let ids = Tensor::zeros((2, 3), DType::U32, &dev).expect("ids");
-        let batch = Batch { input_ids: ids.clone(), targets: ids, mask: None };
+        let batch = Batch {
+            input_ids: ids.clone(),
+            targets: ids,
+            mask: None,
+        };
         let zeros = Tensor::zeros((2, 3, 5), DType::F32, &dev).expect("z");
         let peaked = Tensor::new(&[[[0f32, 0., 9., 0., 0.]; 3]; 2], &dev).expect("p");
-        let r = evaluate(&|_| Ok(peaked.clone()), std::slice::from_ref(&batch), Some(&[peaked.clone()])).expect("eval");
+        let r = evaluate(
+            &|_, _| Ok(peaked.clone()),
+            std::slice::from_ref(&batch),
+            Some(std::slice::from_ref(&peaked)),
+        )
+        .expect("eval");
         assert_eq!(r.top1_agreement, Some(1.0));
         assert!(r.kl_to_teacher.expect("kl").abs() < 1e-6);
-        let u = evaluate(&|_| Ok(zeros.clone()), std::slice::from_ref(&batch), None).expect("eval");
+        let u = evaluate(&|_, _| Ok(zeros.clone()), std::slice::from_ref(&batch), None).expect("eval");
         assert!((u.val_loss - 5f64.ln()).abs() < 1e-6 && u.tokens == 6);
     }
 }

@@ -76,7 +76,10 @@ impl AdamW {
         let mut gs = Vec::with_capacity(self.params.len());
         for p in &self.params {
             let g = grads.get(p.var.as_tensor()).ok_or_else(|| {
-                Error::Runtime(format!("parameter `{}` received no gradient (is a non-differentiable op on its path?)", p.name))
+                Error::Runtime(format!(
+                    "parameter `{}` received no gradient (is a non-differentiable op on its path?)",
+                    p.name
+                ))
             })?;
             // Detached: a gradient computed from tracked tensors carries the step's graph, and
             // the moments would keep every step's graph alive (a leak of ~60 MB a step).
@@ -128,13 +131,24 @@ mod tests {
         // lr * g / (|g| + eps) = lr * sign(g), plus decay w * lr * wd for matrices.
         let w = Var::new(&[[1.0f64, -2.0], [0.5, 0.0]], &Device::Cpu).expect("w");
         let b = Var::new(&[1.0f64, 1.0], &Device::Cpu).expect("b");
-        let loss = ((w.as_tensor().sum_all().expect("s") * 3.0).expect("m")
-            - b.as_tensor().sum_all().expect("s"))
-        .expect("sub");
+        let loss = ((w.as_tensor().sum_all().expect("s") * 3.0).expect("m") - b.as_tensor().sum_all().expect("s"))
+            .expect("sub");
         let grads = loss.backward().expect("bwd");
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-12, weight_decay: 0.1, grad_clip: 0.0 };
-        let mut opt = AdamW::new(vec![("h.0.mlp.c_fc.weight".into(), w.clone()), ("h.0.mlp.c_fc.bias".into(), b.clone())], cfg)
-            .expect("opt");
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-12,
+            weight_decay: 0.1,
+            grad_clip: 0.0,
+        };
+        let mut opt = AdamW::new(
+            vec![
+                ("h.0.mlp.c_fc.weight".into(), w.clone()),
+                ("h.0.mlp.c_fc.bias".into(), b.clone()),
+            ],
+            cfg,
+        )
+        .expect("opt");
         let stats = opt.step(&grads, 0.01).expect("step");
         // |g| = sqrt(4 * 9 + 2 * 1).
         assert!((stats.grad_norm - 38f64.sqrt()).abs() < 1e-12);
@@ -151,12 +165,25 @@ mod tests {
         // so check the reported norm and that a missing gradient is an error.
         let w = Var::new(&[3.0f64, 4.0], &Device::Cpu).expect("w");
         let other = Var::new(&[1.0f64], &Device::Cpu).expect("o");
-        let grads = w.as_tensor().sqr().expect("s").sum_all().expect("s").backward().expect("b");
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0, grad_clip: 1.0 };
+        let grads = w
+            .as_tensor()
+            .sqr()
+            .expect("s")
+            .sum_all()
+            .expect("s")
+            .backward()
+            .expect("b");
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+        };
         let mut opt = AdamW::new(vec![("w".into(), w.clone())], cfg).expect("opt");
         assert!((opt.step(&grads, 0.1).expect("step").grad_norm - 10.0).abs() < 1e-12);
         let mut opt2 = AdamW::new(vec![("w".into(), w), ("other".into(), other)], cfg).expect("opt");
-        let msg = opt2.step(&grads, 0.1).unwrap_err().to_string();
+        let msg = opt2.step(&grads, 0.1).expect_err("must fail").to_string();
         assert!(msg.contains("`other` received no gradient"), "{msg}");
     }
 }

@@ -75,29 +75,45 @@ impl<'r> Pipeline<'r> {
     pub fn assemble(config: RunConfig, registry: &'r Registry) -> Result<Self> {
         let device = parse_device(&config.run.device)?;
         let t = &config.train;
-        for (key, v) in [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len)] {
+        for (key, v) in [
+            ("train.steps", t.steps),
+            ("train.batch_size", t.batch_size),
+            ("train.seq_len", t.seq_len),
+        ] {
             if v == 0 {
                 return Err(Error::config(key, "expected an integer >= 1, got 0"));
             }
         }
         if !(t.lr.is_finite() && t.lr > 0.0) {
-            return Err(Error::config("train.lr", format!("expected a finite number > 0, got {}", t.lr)));
+            return Err(Error::config(
+                "train.lr",
+                format!("expected a finite number > 0, got {}", t.lr),
+            ));
         }
         for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
             if !(0.0..1.0).contains(&v) {
                 return Err(Error::config(key, format!("expected a number in [0, 1), got {v}")));
             }
         }
-        for (key, v) in [("train.eps", t.eps), ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip)] {
+        for (key, v) in [
+            ("train.eps", t.eps),
+            ("train.weight_decay", t.weight_decay),
+            ("train.grad_clip", t.grad_clip),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::config(key, format!("expected a finite number >= 0, got {v}")));
             }
         }
         if config.eval.batches == 0 || config.eval.batch_size == 0 {
-            return Err(Error::config("eval.batches", "eval.batches and eval.batch_size must be >= 1"));
+            return Err(Error::config(
+                "eval.batches",
+                "eval.batches and eval.batch_size must be >= 1",
+            ));
         }
         let ctx = BuildContext::new(registry, device.clone(), config.run.seed);
-        let data = registry.data.build(&config.data.kind, &config.data.params_at("data"), &ctx)?;
+        let data = registry
+            .data
+            .build(&config.data.kind, &config.data.params_at("data"), &ctx)?;
         let vocab_size = data.tokenizer().vocab_size();
         for split in [Split::Train, Split::Val] {
             let n = data.tokens(split).len();
@@ -107,7 +123,11 @@ impl<'r> Pipeline<'r> {
                     format!(
                         "the {} split has {n} tokens, fewer than one window of train.seq_len = {} plus its target; \
                          use a longer corpus or a smaller train.seq_len",
-                        if split == Split::Train { "training" } else { "validation" },
+                        if split == Split::Train {
+                            "training"
+                        } else {
+                            "validation"
+                        },
                         t.seq_len
                     ),
                 ));
@@ -117,8 +137,16 @@ impl<'r> Pipeline<'r> {
         ctx.vocab_size = Some(vocab_size);
 
         // Student: built once to validate params, context and taps.
-        let student = registry.students.build(&config.student.kind, &config.student.params_at("student"), &ctx)?;
-        check_model("student", student.vocab_size(), student.context_len(), vocab_size, t.seq_len)?;
+        let student = registry
+            .students
+            .build(&config.student.kind, &config.student.params_at("student"), &ctx)?;
+        check_model(
+            "student",
+            student.vocab_size(),
+            student.context_len(),
+            vocab_size,
+            t.seq_len,
+        )?;
 
         // Loss terms.
         if config.loss.is_empty() {
@@ -128,18 +156,34 @@ impl<'r> Pipeline<'r> {
         for (i, spec) in config.loss.iter().enumerate() {
             let path = format!("loss[{i}]");
             if !spec.weight.is_finite() {
-                return Err(Error::config(format!("{path}.weight"), format!("expected a finite number, got {}", spec.weight)));
+                return Err(Error::config(
+                    format!("{path}.weight"),
+                    format!("expected a finite number, got {}", spec.weight),
+                ));
             }
             let term = registry.losses.build(&spec.kind, &spec.params_at(&path), &ctx)?;
             let repeated = config.loss.iter().filter(|s| s.kind == spec.kind).count() > 1;
-            let name = spec.name.clone().unwrap_or_else(|| if repeated { format!("{}_{i}", spec.kind) } else { spec.kind.clone() });
+            let name = spec.name.clone().unwrap_or_else(|| {
+                if repeated {
+                    format!("{}_{i}", spec.kind)
+                } else {
+                    spec.kind.clone()
+                }
+            });
             let student_taps = student.available_taps();
             for tap in term.student_taps() {
                 if !student_taps.contains(&tap) {
-                    return Err(Error::config(path.clone(), format!("asks for student tap `{tap}`, which the student does not have")));
+                    return Err(Error::config(
+                        path.clone(),
+                        format!("asks for student tap `{tap}`, which the student does not have"),
+                    ));
                 }
             }
-            terms.push(TermSlot { name, weight: spec.weight, term });
+            terms.push(TermSlot {
+                name,
+                weight: spec.weight,
+                term,
+            });
         }
         let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
 
@@ -152,7 +196,10 @@ impl<'r> Pipeline<'r> {
         let has_checkpoint = config.teacher.params.get("checkpoint").is_some_and(|v| !v.is_null());
         let (teacher_plan, teacher) = if has_checkpoint {
             if config.teacher.pretrain.is_some() {
-                return Err(Error::config("teacher.pretrain", "a teacher with a checkpoint is not pretrained; drop one of the two"));
+                return Err(Error::config(
+                    "teacher.pretrain",
+                    "a teacher with a checkpoint is not pretrained; drop one of the two",
+                ));
             }
             let teacher = registry.teachers.build(&config.teacher.kind, &teacher_params, &ctx)?;
             (TeacherPlan::Load, Some(teacher))
@@ -161,28 +208,52 @@ impl<'r> Pipeline<'r> {
             if registry.students.get(&config.teacher.kind, "teacher.kind").is_err() {
                 return Err(Error::config(
                     "teacher.checkpoint",
-                    format!("teacher kind `{}` cannot be trained by the pipeline; give a checkpoint", config.teacher.kind),
+                    format!(
+                        "teacher kind `{}` cannot be trained by the pipeline; give a checkpoint",
+                        config.teacher.kind
+                    ),
                 ));
             }
             let probe = registry.students.build(&config.teacher.kind, &teacher_params, &ctx)?;
-            check_model("teacher", probe.vocab_size(), probe.context_len(), vocab_size, t.seq_len)?;
+            check_model(
+                "teacher",
+                probe.vocab_size(),
+                probe.context_len(),
+                vocab_size,
+                t.seq_len,
+            )?;
             let pre = config.teacher.pretrain.clone();
             let steps = pre.as_ref().map(|p| p.steps).unwrap_or(2 * t.steps);
             let lr = pre.as_ref().and_then(|p| p.lr).unwrap_or(t.lr);
             if steps == 0 {
-                return Err(Error::config("teacher.pretrain.steps", "expected an integer >= 1, got 0"));
+                return Err(Error::config(
+                    "teacher.pretrain.steps",
+                    "expected an integer >= 1, got 0",
+                ));
             }
             if !(lr.is_finite() && lr > 0.0) {
-                return Err(Error::config("teacher.pretrain.lr", format!("expected a finite number > 0, got {lr}")));
+                return Err(Error::config(
+                    "teacher.pretrain.lr",
+                    format!("expected a finite number > 0, got {lr}"),
+                ));
             }
             (TeacherPlan::Pretrain { steps, lr }, None)
         };
         if let Some(teacher) = &teacher {
-            check_model("teacher", teacher.vocab_size(), teacher.context_len(), vocab_size, t.seq_len)?;
+            check_model(
+                "teacher",
+                teacher.vocab_size(),
+                teacher.context_len(),
+                vocab_size,
+                t.seq_len,
+            )?;
             for (i, term) in terms.iter().enumerate() {
                 for tap in term.term.teacher_taps() {
                     if !teacher.available_taps().contains(&tap) {
-                        return Err(Error::config(format!("loss[{i}]"), format!("asks for teacher tap `{tap}`, which the teacher does not have")));
+                        return Err(Error::config(
+                            format!("loss[{i}]"),
+                            format!("asks for teacher tap `{tap}`, which the teacher does not have"),
+                        ));
                     }
                 }
             }
@@ -213,21 +284,27 @@ impl<'r> Pipeline<'r> {
 
     /// A fresh student with the given init seed.
     pub fn build_student(&self, seed: u64) -> Result<Box<dyn Student>> {
-        self.registry
-            .students
-            .build(&self.config.student.kind, &self.config.student.params_at("student"), &self.context(seed))
+        self.registry.students.build(
+            &self.config.student.kind,
+            &self.config.student.params_at("student"),
+            &self.context(seed),
+        )
     }
 }
 
 /// A fresh router of the configured kind.
 pub fn build_router(config: &RunConfig, registry: &Registry, ctx: &BuildContext) -> Result<Box<dyn Router>> {
-    registry.routers.build(&config.router.kind, &config.router.params_at("router"), ctx)
+    registry
+        .routers
+        .build(&config.router.kind, &config.router.params_at("router"), ctx)
 }
 
 /// A fresh learning-rate schedule of the configured kind.
 pub fn build_lr_schedule(config: &RunConfig, registry: &Registry, ctx: &BuildContext) -> Result<Box<dyn Schedule>> {
     let s = &config.train.lr_schedule;
-    registry.schedules.build(&s.kind, &s.params_at("train.lr_schedule"), ctx)
+    registry
+        .schedules
+        .build(&s.kind, &s.params_at("train.lr_schedule"), ctx)
 }
 
 fn check_model(who: &str, vocab: usize, context: usize, data_vocab: usize, seq_len: usize) -> Result<()> {

@@ -29,7 +29,13 @@ pub struct TrainReport {
 impl From<&PhaseStats> for TrainReport {
     fn from(s: &PhaseStats) -> Self {
         let k = (s.losses.len() / 10).max(1);
-        let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+        let mean = |v: &[f64]| {
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                v.iter().sum::<f64>() / v.len() as f64
+            }
+        };
         TrainReport {
             steps: s.steps,
             tokens: s.tokens,
@@ -67,7 +73,13 @@ pub struct ModelReport {
 
 impl ModelReport {
     /// From an evaluation.
-    pub fn new(description: String, params: usize, e: &EvalResult, teacher_loss: Option<f64>, train: Option<TrainReport>) -> Self {
+    pub fn new(
+        description: String,
+        params: usize,
+        e: &EvalResult,
+        teacher_loss: Option<f64>,
+        train: Option<TrainReport>,
+    ) -> Self {
         ModelReport {
             description,
             params,
@@ -145,7 +157,11 @@ impl Report {
         );
         let mut row = |name: &str, m: &ModelReport| {
             let (steps, wall, tps) = match &m.train {
-                Some(t) => (t.steps.to_string(), format!("{:.1}", t.wall_s), format!("{:.0}", t.tokens_per_s)),
+                Some(t) => (
+                    t.steps.to_string(),
+                    format!("{:.1}", t.wall_s),
+                    format!("{:.0}", t.tokens_per_s),
+                ),
                 None => ("-".into(), "-".into(), "-".into()),
             };
             s.push_str(&format!(

@@ -36,8 +36,14 @@ pub struct RunOutcome {
 }
 
 fn ce_only(registry: &Registry, pipeline: &Pipeline) -> Result<Vec<TermSlot>> {
-    let term = registry.losses.build("ce", &Params::empty("baseline.loss[0]"), &pipeline.context(0))?;
-    Ok(vec![TermSlot { name: "ce".into(), weight: 1.0, term }])
+    let term = registry
+        .losses
+        .build("ce", &Params::empty("baseline.loss[0]"), &pipeline.context(0))?;
+    Ok(vec![TermSlot {
+        name: "ce".into(),
+        weight: 1.0,
+        term,
+    }])
 }
 
 /// Runs the whole pipeline.
@@ -46,14 +52,25 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
     let cfg = pipeline.config.clone();
     let teacher_loaded = pipeline.teacher.take();
     let registry = pipeline.registry;
-    let dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.run.name));
+    let dir = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.run.name));
     rundir::prepare(&dir, opts.force)?;
-    let resolved = toml::to_string_pretty(&cfg).map_err(|e| Error::Runtime(format!("serializing the resolved config: {e}")))?;
+    let resolved =
+        toml::to_string_pretty(&cfg).map_err(|e| Error::Runtime(format!("serializing the resolved config: {e}")))?;
     let header = format!(
         "# Resolved config of this run (source: {}).\n",
-        origin.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "built-in quickstart".into())
+        origin
+            .file
+            .as_ref()
+            .map(|f| f.display().to_string())
+            .unwrap_or_else(|| "built-in quickstart".into())
     );
-    fsutil::write_atomic(&dir.join("config.resolved.toml"), format!("{header}{resolved}").as_bytes())?;
+    fsutil::write_atomic(
+        &dir.join("config.resolved.toml"),
+        format!("{header}{resolved}").as_bytes(),
+    )?;
 
     let mut octx = pipeline.context(cfg.run.seed);
     octx.run_dir = Some(dir.clone());
@@ -61,12 +78,22 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
         .observers
         .iter()
         .enumerate()
-        .map(|(i, o)| registry.observers.build(&o.kind, &o.params_at(&format!("observers[{i}]")), &octx))
+        .map(|(i, o)| {
+            registry
+                .observers
+                .build(&o.kind, &o.params_at(&format!("observers[{i}]")), &octx)
+        })
         .collect::<Result<_>>()?;
 
     let data = pipeline.data.as_ref();
     tracing::info!("data: {}", data.describe());
-    let val = val_batches(data.tokens(Split::Val), cfg.eval.batches, cfg.eval.batch_size, cfg.train.seq_len, &pipeline.device)?;
+    let val = val_batches(
+        data.tokens(Split::Val),
+        cfg.eval.batches,
+        cfg.eval.batch_size,
+        cfg.train.seq_len,
+        &pipeline.device,
+    )?;
 
     // 1. Teacher.
     let (teacher, teacher_train): (Box<dyn Teacher>, Option<PhaseStats>) = match pipeline.teacher_plan {
@@ -76,7 +103,11 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
         }
         TeacherPlan::Pretrain { steps, lr } => {
             let ctx = pipeline.context(seeds::teacher_init(cfg.run.seed));
-            let model = registry.students.build(&cfg.teacher.kind, &Params::new("teacher", cfg.teacher.params.clone()), &ctx)?;
+            let model = registry.students.build(
+                &cfg.teacher.kind,
+                &Params::new("teacher", cfg.teacher.params.clone()),
+                &ctx,
+            )?;
             tracing::info!("pretraining teacher: {} for {steps} steps", model.describe());
             let terms = ce_only(registry, &pipeline)?;
             let stats = train_phase(
@@ -100,48 +131,61 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
             )?;
             let tdir = dir.join("teacher");
             model.save(&tdir)?;
-            let t = registry
-                .teachers
-                .build(&cfg.teacher.kind, &teacher_params_with_checkpoint(&cfg, &tdir), &pipeline.context(cfg.run.seed))?;
+            let t = registry.teachers.build(
+                &cfg.teacher.kind,
+                &teacher_params_with_checkpoint(&cfg, &tdir),
+                &pipeline.context(cfg.run.seed),
+            )?;
             (t, Some(stats))
         }
     };
-    let teacher_logits: Vec<Tensor> =
-        val.iter().map(|b| Ok(teacher.forward(b, &TapSet::none())?.logits)).collect::<Result<_>>()?;
-    let teacher_eval = evaluate(&|b| Ok(teacher.forward(b, &TapSet::none())?.logits), &val, None)?;
+    let teacher_logits: Vec<Tensor> = val
+        .iter()
+        .map(|b| Ok(teacher.forward(b, &TapSet::none())?.logits))
+        .collect::<Result<_>>()?;
+    let teacher_eval = evaluate(&|i, _| Ok(teacher_logits[i].clone()), &val, None)?;
     tracing::info!("teacher val loss {:.4}", teacher_eval.val_loss);
 
     // 2. Distilled student, 3. scratch baseline: same init, same batches, same budget.
-    let mut train_student = |label: &'static str, terms: &[TermSlot], distill: bool| -> Result<(Box<dyn Student>, PhaseStats)> {
-        let ctx = pipeline.context(seeds::student_init(cfg.run.seed));
-        let student = pipeline.build_student(seeds::student_init(cfg.run.seed))?;
-        tracing::info!("training {label}: {} for {} steps", student.describe(), cfg.train.steps);
-        let router = if distill { build_router(&cfg, registry, &ctx)? } else { registry.routers.build("static", &Params::empty("router"), &ctx)? };
-        let stats = train_phase(
-            Phase {
-                label,
-                student: student.as_ref(),
-                teacher: Some(teacher.as_ref()),
-                terms,
-                router,
-                lr_schedule: build_lr_schedule(&cfg, registry, &ctx)?,
-                steps: cfg.train.steps,
-                lr: cfg.train.lr,
-                train: &cfg.train,
-                batch_seed: seeds::student_batches(cfg.run.seed),
-                val: &val,
-                checkpoint_dir: Some(dir.join(label)),
-                progress_bar: opts.progress,
-            },
-            data,
-            &mut observers,
-        )?;
-        student.save(&dir.join(label))?;
-        Ok((student, stats))
-    };
+    let mut train_student =
+        |label: &'static str, terms: &[TermSlot], distill: bool| -> Result<(Box<dyn Student>, PhaseStats)> {
+            let ctx = pipeline.context(seeds::student_init(cfg.run.seed));
+            let student = pipeline.build_student(seeds::student_init(cfg.run.seed))?;
+            tracing::info!("training {label}: {} for {} steps", student.describe(), cfg.train.steps);
+            let router = if distill {
+                build_router(&cfg, registry, &ctx)?
+            } else {
+                registry.routers.build("static", &Params::empty("router"), &ctx)?
+            };
+            let stats = train_phase(
+                Phase {
+                    label,
+                    student: student.as_ref(),
+                    teacher: Some(teacher.as_ref()),
+                    terms,
+                    router,
+                    lr_schedule: build_lr_schedule(&cfg, registry, &ctx)?,
+                    steps: cfg.train.steps,
+                    lr: cfg.train.lr,
+                    train: &cfg.train,
+                    batch_seed: seeds::student_batches(cfg.run.seed),
+                    val: &val,
+                    checkpoint_dir: Some(dir.join(label)),
+                    progress_bar: opts.progress,
+                },
+                data,
+                &mut observers,
+            )?;
+            student.save(&dir.join(label))?;
+            Ok((student, stats))
+        };
     let (student, student_train) = train_student("student", &pipeline.terms, true)?;
     let eval_student = |s: &dyn Student| -> Result<EvalResult> {
-        evaluate(&|b| Ok(s.forward(b, &TapSet::none())?.logits), &val, Some(&teacher_logits))
+        evaluate(
+            &|_, b| Ok(s.forward(b, &TapSet::none())?.logits),
+            &val,
+            Some(&teacher_logits),
+        )
     };
     let student_eval = eval_student(student.as_ref())?;
     let baseline = if cfg.eval.baseline {
@@ -159,17 +203,37 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
             seed: cfg.run.seed,
             device: cfg.run.device.clone(),
             dir: dir.display().to_string(),
-            config: origin.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "built-in quickstart".into()),
+            config: origin
+                .file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_else(|| "built-in quickstart".into()),
         },
         data: data.describe(),
         objective: cfg
             .loss
             .iter()
             .zip(&pipeline.terms)
-            .map(|(spec, slot)| TermReport { name: slot.name.clone(), kind: spec.kind.clone(), weight: slot.weight })
+            .map(|(spec, slot)| TermReport {
+                name: slot.name.clone(),
+                kind: spec.kind.clone(),
+                weight: slot.weight,
+            })
             .collect(),
-        teacher: ModelReport::new(teacher.describe(), teacher.num_params(), &teacher_eval, None, teacher_train.as_ref().map(TrainReport::from)),
-        student: ModelReport::new(student.describe(), student.num_params(), &student_eval, tl, Some(TrainReport::from(&student_train))),
+        teacher: ModelReport::new(
+            teacher.describe(),
+            teacher.num_params(),
+            &teacher_eval,
+            None,
+            teacher_train.as_ref().map(TrainReport::from),
+        ),
+        student: ModelReport::new(
+            student.describe(),
+            student.num_params(),
+            &student_eval,
+            tl,
+            Some(TrainReport::from(&student_train)),
+        ),
         baseline: baseline
             .as_ref()
             .map(|(e, d, p, s)| ModelReport::new(d.clone(), *p, e, tl, Some(TrainReport::from(s)))),

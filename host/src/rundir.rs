@@ -12,7 +12,10 @@ pub const RUN_MARKERS: &[&str] = &["config.resolved.toml", "metrics.jsonl", "rep
 pub fn prepare(dir: &Path, force: bool) -> Result<()> {
     if dir.exists() {
         if !dir.is_dir() {
-            return Err(Error::input(format!("out dir {}", dir.display()), "exists and is not a directory"));
+            return Err(Error::input(
+                format!("out dir {}", dir.display()),
+                "exists and is not a directory",
+            ));
         }
         let found: Vec<&str> = RUN_MARKERS.iter().copied().filter(|m| dir.join(m).exists()).collect();
         if !found.is_empty() {
@@ -44,7 +47,7 @@ mod tests {
         let run = d.path().join("r");
         prepare(&run, false).expect("fresh");
         std::fs::write(run.join("report.json"), "{}").expect("w");
-        let err = prepare(&run, false).unwrap_err();
+        let err = prepare(&run, false).expect_err("must fail");
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("--force"));
         assert_eq!(std::fs::read_to_string(run.join("report.json")).expect("r"), "{}");

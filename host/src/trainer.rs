@@ -98,7 +98,13 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         progress_bar,
     } = phase;
     let device = student_device(student)?;
-    let mut batcher = TrainBatcher::new(data.tokens(Split::Train), train.batch_size, train.seq_len, batch_seed, &device)?;
+    let mut batcher = TrainBatcher::new(
+        data.tokens(Split::Train),
+        train.batch_size,
+        train.seq_len,
+        batch_seed,
+        &device,
+    )?;
     let mut opt = AdamW::new(
         student.vars(),
         AdamWConfig {
@@ -113,12 +119,18 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
     let teacher_taps: TapSet = terms.iter().flat_map(|t| t.term.teacher_taps()).collect();
     let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
     if needs_teacher && teacher.is_none() {
-        return Err(Error::Runtime(format!("phase `{label}` has a term that needs a teacher, and none was given")));
+        return Err(Error::Runtime(format!(
+            "phase `{label}` has a term that needs a teacher, and none was given"
+        )));
     }
     let names: Vec<String> = terms.iter().map(|t| t.name.clone()).collect();
     let base_weights: Vec<f64> = terms.iter().map(|t| t.weight).collect();
 
-    let bar = if progress_bar { ProgressBar::new(steps as u64) } else { ProgressBar::hidden() };
+    let bar = if progress_bar {
+        ProgressBar::new(steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
             .map_err(|e| Error::Runtime(e.to_string()))?
@@ -158,7 +170,11 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
             progress,
         })?;
         if weights.len() != terms.len() {
-            return Err(Error::Runtime(format!("router returned {} weights for {} terms", weights.len(), terms.len())));
+            return Err(Error::Runtime(format!(
+                "router returned {} weights for {} terms",
+                weights.len(),
+                terms.len()
+            )));
         }
         let mut total: Option<Tensor> = None;
         for (v, w) in values.iter().zip(&weights) {
@@ -199,7 +215,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
             }
         }
         if train.eval_every > 0 && done % train.eval_every == 0 && done != steps {
-            let r = evaluate(&|b| Ok(student.forward(b, &TapSet::none())?.logits), val, None)?;
+            let r = evaluate(&|_, b| Ok(student.forward(b, &TapSet::none())?.logits), val, None)?;
             let rec = json!({"event": "eval", "phase": label, "step": done, "val_loss": r.val_loss, "perplexity": r.perplexity});
             for o in observers.iter_mut() {
                 o.record(&rec)?;

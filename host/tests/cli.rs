@@ -20,7 +20,10 @@ fn stderr(o: &Output) -> String {
 fn assert_user_error(o: &Output, needles: &[&str]) {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(2), "stderr: {err}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
     for n in needles {
         assert!(err.contains(n), "expected `{n}` in: {err}");
     }
@@ -87,7 +90,10 @@ fn check_accepts_a_good_config_and_the_quickstart() {
 
 #[test]
 fn unknown_key_names_path_file_line_and_accepted_keys() {
-    let d = setup(&TINY.replace("steps = 3\nbatch_size = 2", "stpes = 3\nbatch_size = 2"), Some(&corpus()));
+    let d = setup(
+        &TINY.replace("steps = 3\nbatch_size = 2", "stpes = 3\nbatch_size = 2"),
+        Some(&corpus()),
+    );
     let o = retort(&["check", "c.toml"], d.path());
     assert_user_error(&o, &["train.stpes", "c.toml:", "expected one of", "`steps`"]);
 }
@@ -101,7 +107,10 @@ fn wrong_type_and_bad_values_are_config_errors() {
     assert_user_error(&o, &["loss[0].temperature", "> 0"]);
     let o = retort(&["check", "c.toml", "--set", "loss[0].temperature=0"], d.path());
     assert_user_error(&o, &["loss[0].temperature"]);
-    let d2 = setup(&TINY.replace("temperature = 2.0", "temperature = \"warm\""), Some(&corpus()));
+    let d2 = setup(
+        &TINY.replace("temperature = 2.0", "temperature = \"warm\""),
+        Some(&corpus()),
+    );
     let o = retort(&["check", "c.toml"], d2.path());
     assert_user_error(&o, &["loss[0].temperature", "c.toml:"]);
 }
@@ -110,19 +119,28 @@ fn wrong_type_and_bad_values_are_config_errors() {
 fn unknown_plugin_kind_lists_known_kinds() {
     let d = setup(&TINY.replace("kind = \"kl\"", "kind = \"kld\""), Some(&corpus()));
     let o = retort(&["check", "c.toml"], d.path());
-    assert_user_error(&o, &["unknown loss kind `kld`", "loss[0].kind", "known loss kinds: ce, kl"]);
+    assert_user_error(
+        &o,
+        &["unknown loss kind `kld`", "loss[0].kind", "known loss kinds: ce, kl"],
+    );
 }
 
 #[test]
 fn bad_data_inputs_exit_2() {
     let missing = setup(TINY, None);
-    assert_user_error(&retort(&["check", "c.toml"], missing.path()), &["data.path", "corpus.txt", "cannot read"]);
+    assert_user_error(
+        &retort(&["check", "c.toml"], missing.path()),
+        &["data.path", "corpus.txt", "cannot read"],
+    );
     let empty = setup(TINY, Some("   \n"));
     assert_user_error(&retort(&["check", "c.toml"], empty.path()), &["data.path", "empty"]);
     let short = setup(TINY, Some("abcdefghijklmnop"));
     assert_user_error(&retort(&["check", "c.toml"], short.path()), &["train.seq_len = 8"]);
     let nofile = setup(TINY, Some(&corpus()));
-    assert_user_error(&retort(&["check", "nope.toml"], nofile.path()), &["nope.toml", "cannot read"]);
+    assert_user_error(
+        &retort(&["check", "nope.toml"], nofile.path()),
+        &["nope.toml", "cannot read"],
+    );
 }
 
 #[test]
@@ -138,18 +156,30 @@ fn run_writes_the_run_dir_and_refuses_to_overwrite_it() {
     let o = retort(&["run", "c.toml", "--out", "out", "--quiet"], d.path());
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = d.path().join("out");
-    for f in ["report.json", "report.md", "metrics.jsonl", "config.resolved.toml", "student/model.safetensors"] {
+    for f in [
+        "report.json",
+        "report.md",
+        "metrics.jsonl",
+        "config.resolved.toml",
+        "student/model.safetensors",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("| student (distilled) |") && stdout.contains("| baseline (scratch) |"), "{stdout}");
+    assert!(
+        stdout.contains("| student (distilled) |") && stdout.contains("| baseline (scratch) |"),
+        "{stdout}"
+    );
     let report_before = std::fs::read(out.join("report.json")).expect("report");
     let metrics_before = std::fs::read(out.join("metrics.jsonl")).expect("metrics");
 
     let o = retort(&["run", "c.toml", "--out", "out", "--quiet"], d.path());
     assert_user_error(&o, &["holds another run", "--force"]);
     assert_eq!(std::fs::read(out.join("report.json")).expect("report"), report_before);
-    assert_eq!(std::fs::read(out.join("metrics.jsonl")).expect("metrics"), metrics_before);
+    assert_eq!(
+        std::fs::read(out.join("metrics.jsonl")).expect("metrics"),
+        metrics_before
+    );
 
     let o = retort(&["run", "c.toml", "--out", "out", "--quiet", "--force"], d.path());
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -161,9 +191,22 @@ fn plugins_json_lists_every_category() {
     let o = retort(&["plugins", "--json"], d.path());
     assert_eq!(o.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    let cats: std::collections::BTreeSet<&str> =
-        v.as_array().expect("array").iter().map(|e| e["category"].as_str().expect("category")).collect();
-    for c in ["teacher", "student", "loss", "schedule", "router", "data", "tokenizer", "observer"] {
+    let cats: std::collections::BTreeSet<&str> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| e["category"].as_str().expect("category"))
+        .collect();
+    for c in [
+        "teacher",
+        "student",
+        "loss",
+        "schedule",
+        "router",
+        "data",
+        "tokenizer",
+        "observer",
+    ] {
         assert!(cats.contains(c), "{c} missing");
     }
 }

@@ -13,7 +13,11 @@ fn run_config(dir: &Path, toml: &str, sets: &[String]) -> retort_host::run::RunO
     let registry = retort_host::builtin_registry().expect("registry");
     let (cfg, origin) = config_load::load(Some(&cfg_path), sets).expect("config loads");
     let pipeline = Pipeline::assemble(cfg, &registry).expect("pipeline assembles");
-    let opts = RunOptions { out: Some(dir.join("run")), force: false, progress: false };
+    let opts = RunOptions {
+        out: Some(dir.join("run")),
+        force: false,
+        progress: false,
+    };
     run(pipeline, &origin, &opts).expect("run succeeds")
 }
 
@@ -39,9 +43,14 @@ fn tiny_run_trains_distills_and_reports() {
     }
     assert_eq!(report["train"]["steps"], 40);
     assert_eq!(report["train"]["tokens"], 40 * 8 * 16);
-    let (tp, sp) = (report["teacher"]["params"].as_u64().expect("p"), report["student"]["params"].as_u64().expect("p"));
+    let (tp, sp) = (
+        report["teacher"]["params"].as_u64().expect("p"),
+        report["student"]["params"].as_u64().expect("p"),
+    );
     assert!(sp * 4 <= tp, "student {sp} vs teacher {tp}");
-    assert!(std::fs::read_to_string(dir.join("report.md")).expect("md").contains("| student (distilled) |"));
+    assert!(std::fs::read_to_string(dir.join("report.md"))
+        .expect("md")
+        .contains("| student (distilled) |"));
 
     // The loss decreased in every training phase (metrics.jsonl, one record per 5 steps).
     let metrics = read_metrics(&dir);
@@ -52,7 +61,10 @@ fn tiny_run_trains_distills_and_reports() {
             .map(|m| m["loss"].as_f64().expect("loss"))
             .collect();
         assert!(losses.len() >= 8, "{phase}: {} records", losses.len());
-        assert!(losses.last() < losses.first(), "{phase} loss did not decrease: {losses:?}");
+        assert!(
+            losses.last() < losses.first(),
+            "{phase} loss did not decrease: {losses:?}"
+        );
     }
     assert!(metrics.iter().any(|m| m["event"] == "eval" && m["phase"] == "student"));
     // The pretrained teacher beats the untrained level log(16) clearly.
@@ -67,7 +79,13 @@ fn tiny_run_trains_distills_and_reports() {
     // The resolved config loads back to the same run.
     let (again, _) = config_load::load(Some(&dir.join("config.resolved.toml")), &[]).expect("resolved config loads");
     assert_eq!(again.train.steps, 40);
-    assert_eq!(again.loss, config_load::load(Some(&tmp.path().join("config.toml")), &[]).expect("c").0.loss);
+    assert_eq!(
+        again.loss,
+        config_load::load(Some(&tmp.path().join("config.toml")), &[])
+            .expect("c")
+            .0
+            .loss
+    );
 }
 
 #[test]
@@ -87,7 +105,11 @@ fn teacher_checkpoint_from_a_previous_run_is_reused() {
     let (cfg, origin) = config_load::load(Some(&cfg_path), &sets).expect("load");
     let pipeline = Pipeline::assemble(cfg, &registry).expect("assemble");
     assert!(matches!(pipeline.teacher_plan, TeacherPlan::Load));
-    let opts = RunOptions { out: Some(tmp2.path().join("run")), force: false, progress: false };
+    let opts = RunOptions {
+        out: Some(tmp2.path().join("run")),
+        force: false,
+        progress: false,
+    };
     let second = run(pipeline, &origin, &opts).expect("run");
     // Same weights, same validation windows: the same teacher loss, bit for bit.
     assert_eq!(first.report.teacher.val_loss, second.report.teacher.val_loss);
@@ -103,5 +125,8 @@ fn same_seed_same_result() {
     let ra = run_config(a.path(), &tiny_config("det"), &sets);
     let rb = run_config(b.path(), &tiny_config("det"), &sets);
     assert_eq!(ra.report.student.val_loss, rb.report.student.val_loss);
-    assert_eq!(ra.report.baseline.as_ref().map(|m| m.val_loss), rb.report.baseline.as_ref().map(|m| m.val_loss));
+    assert_eq!(
+        ra.report.baseline.as_ref().map(|m| m.val_loss),
+        rb.report.baseline.as_ref().map(|m| m.val_loss)
+    );
 }

@@ -10,7 +10,10 @@ fn builtins_are_registered() {
     assert_eq!(r.routers.kinds(), vec!["static"]);
     assert_eq!(r.tokenizers.kinds(), vec!["char"]);
     assert_eq!(r.observers.kinds(), vec!["jsonl"]);
-    assert_eq!(r.schedules.kinds(), vec!["constant", "cosine", "linear", "warmup_cosine"]);
+    assert_eq!(
+        r.schedules.kinds(),
+        vec!["constant", "cosine", "linear", "warmup_cosine"]
+    );
     for (_, kind, description, source) in r.listing() {
         assert!(!description.is_empty(), "{kind} has no description");
         assert_eq!(source, "built-in");

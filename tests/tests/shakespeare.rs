@@ -6,7 +6,9 @@ use retort_host::run::{run, RunOptions};
 
 #[test]
 fn char_level_distillation_on_tinyshakespeare() {
-    let Some(corpus) = retort_tests::tinyshakespeare() else { return };
+    let Some(corpus) = retort_tests::tinyshakespeare() else {
+        return;
+    };
     let tmp = tempfile::tempdir().expect("tmp");
     let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/configs/shakespeare_char.toml");
     let sets = vec![
@@ -20,8 +22,16 @@ fn char_level_distillation_on_tinyshakespeare() {
     let (cfg, origin) = config_load::load(Some(&config), &sets).expect("config");
     let pipeline = Pipeline::assemble(cfg, &registry).expect("assemble");
     assert_eq!(pipeline.vocab_size, 65, "Tiny Shakespeare has 65 distinct characters");
-    let out = run(pipeline, &origin, &RunOptions { out: Some(tmp.path().join("run")), force: false, progress: false })
-        .expect("run");
+    let out = run(
+        pipeline,
+        &origin,
+        &RunOptions {
+            out: Some(tmp.path().join("run")),
+            force: false,
+            progress: false,
+        },
+    )
+    .expect("run");
     let r = &out.report;
     assert!(r.student.params * 4 <= r.teacher.params);
     // 30 steps of a char model already beat the uniform level ln 65 = 4.17.

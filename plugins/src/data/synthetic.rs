@@ -90,7 +90,10 @@ impl Tokenizer for IdTokenizer {
         text.split_whitespace()
             .map(|w| match w.parse::<u32>() {
                 Ok(i) if (i as usize) < self.vocab => Ok(i),
-                _ => Err(Error::input("text", format!("`{w}` is not a token id below {}", self.vocab))),
+                _ => Err(Error::input(
+                    "text",
+                    format!("`{w}` is not a token id below {}", self.vocab),
+                )),
             })
             .collect()
     }
@@ -186,7 +189,10 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
         return Err(params.error("regimes", "expected an integer >= 1, got 0"));
     }
     if !(0.0..=1.0).contains(&p.switch_prob) {
-        return Err(params.error("switch_prob", format!("expected a probability in [0, 1], got {}", p.switch_prob)));
+        return Err(params.error(
+            "switch_prob",
+            format!("expected a probability in [0, 1], got {}", p.switch_prob),
+        ));
     }
     params.require_positive("sharpness", p.sharpness)?;
     if !(p.order2.is_finite() && p.order2 >= 0.0) {

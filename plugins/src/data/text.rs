@@ -66,8 +66,16 @@ fn read_corpus(path: &Path, key: &str) -> Result<String> {
     let mut parts = Vec::with_capacity(files.len());
     for f in &files {
         let bytes = std::fs::read(f).map_err(|e| Error::input(what(), format!("cannot read {}: {e}", f.display())))?;
-        let text = String::from_utf8(bytes)
-            .map_err(|e| Error::input(what(), format!("{} is not UTF-8 text (byte {})", f.display(), e.utf8_error().valid_up_to())))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            Error::input(
+                what(),
+                format!(
+                    "{} is not UTF-8 text (byte {})",
+                    f.display(),
+                    e.utf8_error().valid_up_to()
+                ),
+            )
+        })?;
         parts.push(text);
     }
     let corpus = parts.join("\n");
@@ -95,13 +103,19 @@ impl DataSource for TextSource {
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
     let p: TextParams = params.parse()?;
     if !(p.val_fraction > 0.0 && p.val_fraction <= 0.5) {
-        return Err(params.error("val_fraction", format!("expected a number in (0, 0.5], got {}", p.val_fraction)));
+        return Err(params.error(
+            "val_fraction",
+            format!("expected a number in (0, 0.5], got {}", p.val_fraction),
+        ));
     }
     let corpus = read_corpus(&p.path, &params.key_path("path"))?;
     let mut tctx = ctx.clone();
     tctx.corpus = Some(&corpus);
     let tok_path = params.key_path("tokenizer");
-    let tokenizer = ctx.registry.tokenizers.build(&p.tokenizer.kind, &p.tokenizer.params_at(&tok_path), &tctx)?;
+    let tokenizer = ctx
+        .registry
+        .tokenizers
+        .build(&p.tokenizer.kind, &p.tokenizer.params_at(&tok_path), &tctx)?;
     let ids = tokenizer.encode(&corpus)?;
     let n_val = ((ids.len() as f64) * p.val_fraction).round() as usize;
     let split = ids.len() - n_val;
@@ -127,5 +141,55 @@ inventory::submit! {
         kind: "text",
         description: "a text file or directory, tokenized, with a deterministic train/val split",
         build,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use retort_core::Registry;
+
+    fn build_at(path: &Path, val_fraction: f64) -> Result<Box<dyn DataSource>> {
+        let mut reg = Registry::empty();
+        for f in inventory::iter::<Factory<dyn Tokenizer>> {
+            reg.tokenizers.register(f, "built-in")?;
+        }
+        let ctx = BuildContext::new(&reg, Device::Cpu, 0);
+        let params = Params::new(
+            "data",
+            serde_json::json!({"path": path, "val_fraction": val_fraction})
+                .as_object()
+                .expect("o")
+                .clone(),
+        );
+        build(&params, &ctx)
+    }
+
+    #[test]
+    fn directory_files_are_joined_in_name_order_and_split_at_the_end() {
+        let d = tempfile::tempdir().expect("tmp");
+        std::fs::write(d.path().join("b.txt"), "bbbb").expect("w");
+        std::fs::write(d.path().join("a.txt"), "aaaa").expect("w");
+        std::fs::write(d.path().join(".hidden"), "zzzz").expect("w");
+        let src = build_at(d.path(), 0.2).expect("build");
+        let tok = src.tokenizer();
+        // "aaaa\nbbbb": 9 tokens, 2 held out.
+        assert_eq!(tok.decode(src.tokens(Split::Train)).expect("dec"), "aaaa\nbb");
+        assert_eq!(tok.decode(src.tokens(Split::Val)).expect("dec"), "bb");
+        assert_eq!(tok.vocab_size(), 3);
+    }
+
+    #[test]
+    fn bad_inputs_name_the_key_path() {
+        let d = tempfile::tempdir().expect("tmp");
+        let err = build_at(&d.path().join("missing.txt"), 0.1).err().expect("missing");
+        assert!(err.to_string().contains("data.path") && err.exit_code() == 2, "{err}");
+        std::fs::write(d.path().join("bin"), [0xffu8, 0xfe, 0x00]).expect("w");
+        let err = build_at(&d.path().join("bin"), 0.1).err().expect("binary");
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
+        std::fs::write(d.path().join("t.txt"), "hello").expect("w");
+        let err = build_at(&d.path().join("t.txt"), 0.9).err().expect("fraction");
+        assert!(err.to_string().contains("data.val_fraction"), "{err}");
     }
 }

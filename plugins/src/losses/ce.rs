@@ -50,7 +50,12 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>, l
 
 impl LossTerm for CrossEntropy {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
-        cross_entropy(&ctx.student.logits, &ctx.batch.targets, ctx.batch.mask.as_ref(), self.label_smoothing)
+        cross_entropy(
+            &ctx.student.logits,
+            &ctx.batch.targets,
+            ctx.batch.mask.as_ref(),
+            self.label_smoothing,
+        )
     }
     fn needs_teacher(&self) -> bool {
         false
@@ -60,7 +65,10 @@ impl LossTerm for CrossEntropy {
 fn build(params: &Params, _ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
     let p: CeParams = params.parse()?;
     if !(0.0..1.0).contains(&p.label_smoothing) {
-        return Err(params.error("label_smoothing", format!("expected a number in [0, 1), got {}", p.label_smoothing)));
+        return Err(params.error(
+            "label_smoothing",
+            format!("expected a number in [0, 1), got {}", p.label_smoothing),
+        ));
     }
     Ok(Box::new(CrossEntropy {
         label_smoothing: p.label_smoothing,
@@ -92,11 +100,17 @@ mod tests {
         let lse = |r: &[f64; 3]| r.iter().map(|x| x.exp()).sum::<f64>().ln();
         let want = (0..2).map(|i| lse(&rows[i]) - rows[i][ys[i]]).sum::<f64>() / 2.0;
         let y = Tensor::new(&[[1u32, 0]], &Device::Cpu).expect("y");
-        let got = cross_entropy(&logits(), &y, None, 0.0).expect("ce").to_scalar::<f64>().expect("s");
+        let got = cross_entropy(&logits(), &y, None, 0.0)
+            .expect("ce")
+            .to_scalar::<f64>()
+            .expect("s");
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
         // With the second token masked out, only the first counts.
         let m = Tensor::new(&[[1f64, 0.0]], &Device::Cpu).expect("m");
-        let got = cross_entropy(&logits(), &y, Some(&m), 0.0).expect("ce").to_scalar::<f64>().expect("s");
+        let got = cross_entropy(&logits(), &y, Some(&m), 0.0)
+            .expect("ce")
+            .to_scalar::<f64>()
+            .expect("s");
         assert!((got - (lse(&rows[0]) - rows[0][1])).abs() < 1e-12);
         // Label smoothing eps: (1-eps) nll + eps * mean_v(lse - z_v).
         let eps = 0.1;
@@ -108,7 +122,10 @@ mod tests {
             })
             .sum::<f64>()
             / 2.0;
-        let got = cross_entropy(&logits(), &y, None, eps).expect("ce").to_scalar::<f64>().expect("s");
+        let got = cross_entropy(&logits(), &y, None, eps)
+            .expect("ce")
+            .to_scalar::<f64>()
+            .expect("s");
         assert!((got - want_ls).abs() < 1e-12);
     }
 
@@ -117,15 +134,27 @@ mod tests {
         let z0 = logits();
         let y = Tensor::new(&[[2u32, 1]], &Device::Cpu).expect("y");
         let z = Var::from_tensor(&z0).expect("v");
-        let g = cross_entropy(z.as_tensor(), &y, None, 0.1).expect("ce").backward().expect("b");
-        let g: Vec<f64> = g.get(z.as_tensor()).expect("g").flatten_all().expect("f").to_vec1().expect("v");
+        let g = cross_entropy(z.as_tensor(), &y, None, 0.1)
+            .expect("ce")
+            .backward()
+            .expect("b");
+        let g: Vec<f64> = g
+            .get(z.as_tensor())
+            .expect("g")
+            .flatten_all()
+            .expect("f")
+            .to_vec1()
+            .expect("v");
         let base: Vec<f64> = z0.flatten_all().expect("f").to_vec1().expect("v");
         for i in 0..base.len() {
             let f = |d: f64| {
                 let mut w = base.clone();
                 w[i] += d;
                 let t = Tensor::from_vec(w, (1, 2, 3), &Device::Cpu).expect("t");
-                cross_entropy(&t, &y, None, 0.1).expect("ce").to_scalar::<f64>().expect("s")
+                cross_entropy(&t, &y, None, 0.1)
+                    .expect("ce")
+                    .to_scalar::<f64>()
+                    .expect("s")
             };
             let num = (f(1e-6) - f(-1e-6)) / 2e-6;
             assert!((num - g[i]).abs() < 1e-7, "{i}: {num} vs {}", g[i]);
@@ -134,7 +163,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_smoothing() {
-        let p = Params::new("loss[1]", serde_json::json!({"label_smoothing": 1.5}).as_object().expect("o").clone());
+        let p = Params::new(
+            "loss[1]",
+            serde_json::json!({"label_smoothing": 1.5})
+                .as_object()
+                .expect("o")
+                .clone(),
+        );
         let r = retort_core::Registry::empty();
         let ctx = BuildContext::new(&r, Device::Cpu, 0);
         let msg = build(&p, &ctx).err().expect("err").to_string();

@@ -56,10 +56,16 @@ pub fn kl_per_token(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor
 
 impl LossTerm for ForwardKl {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
-        let teacher = ctx.teacher.ok_or_else(|| Error::Runtime("kl needs teacher outputs".into()))?;
+        let teacher = ctx
+            .teacher
+            .ok_or_else(|| Error::Runtime("kl needs teacher outputs".into()))?;
         let per_token = kl_per_token(&ctx.student.logits, &teacher.logits, self.temperature)?;
         let mean = masked_mean(&per_token, ctx.batch.mask.as_ref())?;
-        let scale = if self.scale_by_t2 { self.temperature * self.temperature } else { 1.0 };
+        let scale = if self.scale_by_t2 {
+            self.temperature * self.temperature
+        } else {
+            1.0
+        };
         Ok((mean * scale)?)
     }
     fn needs_teacher(&self) -> bool {
@@ -110,10 +116,24 @@ mod tests {
     fn ctx_value(zs: &Tensor, t: f64) -> Tensor {
         let zt = Tensor::new(&[ZT], &Device::Cpu).expect("zt");
         let ids = Tensor::zeros((1, 2), candle_core::DType::U32, &Device::Cpu).expect("ids");
-        let batch = Batch { input_ids: ids.clone(), targets: ids, mask: None };
+        let batch = Batch {
+            input_ids: ids.clone(),
+            targets: ids,
+            mask: None,
+        };
         let (s, te) = (Outputs::logits_only(zs.clone()), Outputs::logits_only(zt));
-        let ctx = StepContext { batch: &batch, student: &s, teacher: Some(&te), progress: Progress::new(0, 1) };
-        ForwardKl { temperature: t, scale_by_t2: true }.compute(&ctx).expect("kl")
+        let ctx = StepContext {
+            batch: &batch,
+            student: &s,
+            teacher: Some(&te),
+            progress: Progress::new(0, 1),
+        };
+        ForwardKl {
+            temperature: t,
+            scale_by_t2: true,
+        }
+        .compute(&ctx)
+        .expect("kl")
     }
 
     #[test]
@@ -125,7 +145,12 @@ mod tests {
         }
         // KL of a distribution with itself is zero.
         let zt = Tensor::new(&[ZT], &Device::Cpu).expect("zt");
-        let same = kl_per_token(&zt, &zt, 2.0).expect("kl").abs().expect("a").max_all().expect("m");
+        let same = kl_per_token(&zt, &zt, 2.0)
+            .expect("kl")
+            .abs()
+            .expect("a")
+            .max_all()
+            .expect("m");
         assert!(same.to_scalar::<f64>().expect("s") < 1e-15);
     }
 
@@ -133,7 +158,13 @@ mod tests {
     fn gradient_matches_finite_difference() {
         let zs = Var::new(&[ZS], &Device::Cpu).expect("v");
         let g = ctx_value(zs.as_tensor(), 2.0).backward().expect("b");
-        let g: Vec<f64> = g.get(zs.as_tensor()).expect("g").flatten_all().expect("f").to_vec1().expect("v");
+        let g: Vec<f64> = g
+            .get(zs.as_tensor())
+            .expect("g")
+            .flatten_all()
+            .expect("f")
+            .to_vec1()
+            .expect("v");
         let base: Vec<f64> = ZS.iter().flatten().copied().collect();
         for i in 0..base.len() {
             let f = |d: f64| {
@@ -152,7 +183,10 @@ mod tests {
         let r = retort_core::Registry::empty();
         let ctx = BuildContext::new(&r, Device::Cpu, 0);
         for t in [0.0, -1.0] {
-            let p = Params::new("loss[0]", serde_json::json!({"temperature": t}).as_object().expect("o").clone());
+            let p = Params::new(
+                "loss[0]",
+                serde_json::json!({"temperature": t}).as_object().expect("o").clone(),
+            );
             let err = build(&p, &ctx).err().expect("err");
             assert_eq!(err.exit_code(), 2);
             assert!(err.to_string().contains("loss[0].temperature"), "{err}");

@@ -93,18 +93,27 @@ mod tests {
     #[test]
     fn linear_handles_rank_3() {
         let dev = Device::Cpu;
-        let x = Tensor::arange(0f32, 12., &dev).expect("a").reshape((2, 2, 3)).expect("r");
+        let x = Tensor::arange(0f32, 12., &dev)
+            .expect("a")
+            .reshape((2, 2, 3))
+            .expect("r");
         let w = Tensor::ones((3, 4), DType::F32, &dev).expect("w");
         let b = Tensor::zeros(4, DType::F32, &dev).expect("b");
         let y = linear(&x, &w, &b).expect("lin");
         assert_eq!(y.dims(), &[2, 2, 4]);
         // Row [0, 1, 2] summed = 3.
-        assert_eq!(y.get(0).expect("g").get(0).expect("g").to_vec1::<f32>().expect("v"), vec![3.0; 4]);
+        assert_eq!(
+            y.get(0).expect("g").get(0).expect("g").to_vec1::<f32>().expect("v"),
+            vec![3.0; 4]
+        );
     }
 
     #[test]
     fn causal_mask_blocks_future() {
-        let m = causal_mask(3, DType::F32, &Device::Cpu).expect("m").to_vec2::<f32>().expect("v");
+        let m = causal_mask(3, DType::F32, &Device::Cpu)
+            .expect("m")
+            .to_vec2::<f32>()
+            .expect("v");
         assert_eq!(m[0][0], 0.0);
         assert!(m[0][1].is_infinite() && m[0][1] < 0.0);
         assert_eq!(m[2][1], 0.0);

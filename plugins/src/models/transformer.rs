@@ -123,7 +123,12 @@ impl TransformerConfig {
         let context = pick("context", p.context, c.map(|c| c.context), 256)?;
         let vocab_default = data_vocab.unwrap_or(0);
         let vocab_size = pick("vocab_size", p.vocab_size, c.map(|c| c.vocab_size), vocab_default)?;
-        for (key, v) in [("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head), ("context", context)] {
+        for (key, v) in [
+            ("n_layer", n_layer),
+            ("n_embd", n_embd),
+            ("n_head", n_head),
+            ("context", context),
+        ] {
             if v == 0 {
                 return Err(params.error(key, "expected an integer >= 1, got 0"));
             }
@@ -190,7 +195,10 @@ impl TransformerConfig {
 fn read_hf_config(dir: &Path, key_path: &str) -> Result<TransformerConfig> {
     let file = dir.join("config.json");
     let text = std::fs::read_to_string(&file).map_err(|e| {
-        Error::input(format!("{key_path} = {}", dir.display()), format!("cannot read {}: {e}", file.display()))
+        Error::input(
+            format!("{key_path} = {}", dir.display()),
+            format!("cannot read {}: {e}", file.display()),
+        )
     })?;
     let bad = |m: String| Error::input(format!("checkpoint config {}", file.display()), m);
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
@@ -203,7 +211,10 @@ fn read_hf_config(dir: &Path, key_path: &str) -> Result<TransformerConfig> {
     if v.get("model_type").and_then(|m| m.as_str()) != Some("gpt2") {
         return Err(bad("expected \"model_type\": \"gpt2\"".into()));
     }
-    let act = v.get("activation_function").and_then(|a| a.as_str()).unwrap_or("gelu_new");
+    let act = v
+        .get("activation_function")
+        .and_then(|a| a.as_str())
+        .unwrap_or("gelu_new");
     let dtype = match v.get("torch_dtype").and_then(|d| d.as_str()) {
         Some("float64") => DType::F64,
         _ => DType::F32,
@@ -299,14 +310,24 @@ impl Transformer {
     pub fn load(cfg: TransformerConfig, dir: &Path, device: &Device) -> Result<Self> {
         let file = dir.join(SAFETENSORS);
         if !file.is_file() {
-            return Err(Error::input(format!("checkpoint {}", dir.display()), format!("{} is missing", file.display())));
+            return Err(Error::input(
+                format!("checkpoint {}", dir.display()),
+                format!("{} is missing", file.display()),
+            ));
         }
-        let loaded = candle_core::safetensors::load(&file, device)
-            .map_err(|e| Error::input(format!("checkpoint {}", file.display()), format!("unreadable safetensors: {e}")))?;
+        let loaded = candle_core::safetensors::load(&file, device).map_err(|e| {
+            Error::input(
+                format!("checkpoint {}", file.display()),
+                format!("unreadable safetensors: {e}"),
+            )
+        })?;
         let mut tensors = HashMap::new();
         for (name, shape, _) in param_specs(&cfg) {
             let t = loaded.get(&name).ok_or_else(|| {
-                Error::input(format!("checkpoint {}", file.display()), format!("tensor `{name}` is missing"))
+                Error::input(
+                    format!("checkpoint {}", file.display()),
+                    format!("tensor `{name}` is missing"),
+                )
             })?;
             if t.dims() != shape.as_slice() {
                 return Err(Error::input(
@@ -322,14 +343,20 @@ impl Transformer {
     fn from_tensors(cfg: TransformerConfig, mut tensors: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
         let mut vars = Vec::new();
         for (name, _, _) in param_specs(&cfg) {
-            let t = tensors.remove(&name).ok_or_else(|| Error::Runtime(format!("missing tensor {name}")))?;
+            let t = tensors
+                .remove(&name)
+                .ok_or_else(|| Error::Runtime(format!("missing tensor {name}")))?;
             vars.push((name, Var::from_tensor(&t)?));
         }
         let by_name: HashMap<&str, Tensor> = vars.iter().map(|(n, v)| (n.as_str(), v.as_tensor().clone())).collect();
         let get = |n: &str| -> Result<Tensor> {
-            by_name.get(n).cloned().ok_or_else(|| Error::Runtime(format!("missing tensor {n}")))
+            by_name
+                .get(n)
+                .cloned()
+                .ok_or_else(|| Error::Runtime(format!("missing tensor {n}")))
         };
-        let pair = |p: &str| -> Result<(Tensor, Tensor)> { Ok((get(&format!("{p}.weight"))?, get(&format!("{p}.bias"))?)) };
+        let pair =
+            |p: &str| -> Result<(Tensor, Tensor)> { Ok((get(&format!("{p}.weight"))?, get(&format!("{p}.bias"))?)) };
         let blocks = (0..cfg.n_layer)
             .map(|i| {
                 let p = |n: &str| format!("transformer.h.{i}.{n}");
@@ -416,7 +443,10 @@ impl Model for Transformer {
             }
         }
         let x = layer_norm(&x, &self.ln_f.0, &self.ln_f.1, self.cfg.layer_norm_eps)?;
-        let logits = x.reshape((b * t, d))?.matmul(&self.wte.t()?)?.reshape((b, t, self.cfg.vocab_size))?;
+        let logits = x
+            .reshape((b * t, d))?
+            .matmul(&self.wte.t()?)?
+            .reshape((b, t, self.cfg.vocab_size))?;
         Ok(Outputs { logits, taps: out })
     }
 
@@ -464,8 +494,11 @@ impl Student for Transformer {
 
     fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating model directory", dir, e))?;
-        let map: HashMap<String, Tensor> =
-            self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+        let map: HashMap<String, Tensor> = self
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
         let file = dir.join(SAFETENSORS);
         let temp = fsutil::temp_path(&file);
         candle_core::safetensors::save(&map, &temp)?;
@@ -515,7 +548,9 @@ mod tests {
             let b = batch(6);
             let grads = loss(&m, &b).backward().expect("bwd");
             for (name, var) in m.vars() {
-                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{act}: no gradient for {name}"));
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{act}: no gradient for {name}"));
                 let v: Vec<f32> = g.flatten_all().expect("f").to_vec1().expect("v");
                 assert!(v.iter().all(|x| x.is_finite()), "{act}: non-finite gradient for {name}");
                 assert!(v.iter().any(|x| *x != 0.0), "{act}: all-zero gradient for {name}");
@@ -531,14 +566,21 @@ mod tests {
         let h = 1e-5;
         let mut checked = 0;
         for (name, var) in m.vars() {
-            let g: Vec<f64> = grads.get(var.as_tensor()).expect("grad").flatten_all().expect("f").to_vec1().expect("v");
+            let g: Vec<f64> = grads
+                .get(var.as_tensor())
+                .expect("grad")
+                .flatten_all()
+                .expect("f")
+                .to_vec1()
+                .expect("v");
             let w0: Vec<f64> = var.as_tensor().flatten_all().expect("f").to_vec1().expect("v");
             // Probe three entries of every parameter tensor.
             for &idx in &[0, w0.len() / 2, w0.len() - 1] {
                 let eval = |delta: f64| -> f64 {
                     let mut w = w0.clone();
                     w[idx] += delta;
-                    var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).expect("t")).expect("set");
+                    var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).expect("t"))
+                        .expect("set");
                     loss(&m, &b).to_scalar::<f64>().expect("s")
                 };
                 let numeric = (eval(h) - eval(-h)) / (2.0 * h);
@@ -586,7 +628,10 @@ mod tests {
         assert_eq!(names["transformer.h.0.mlp.c_fc.weight"].dims(), &[8, 32]);
         let params = Params::new(
             "teacher",
-            serde_json::json!({"checkpoint": dir.path()}).as_object().expect("o").clone(),
+            serde_json::json!({"checkpoint": dir.path()})
+                .as_object()
+                .expect("o")
+                .clone(),
         );
         let (cfg, ckpt) = TransformerConfig::resolve(&params, None).expect("resolve");
         assert_eq!(&cfg, m.config());
@@ -594,7 +639,14 @@ mod tests {
         let b = batch(4);
         let a = m.forward(&b, &TapSet::none()).expect("f").logits;
         let c = back.forward(&b, &TapSet::none()).expect("f").logits;
-        let diff = (a - c).expect("d").abs().expect("a").max_all().expect("m").to_scalar::<f32>().expect("s");
+        let diff = (a - c)
+            .expect("d")
+            .abs()
+            .expect("a")
+            .max_all()
+            .expect("m")
+            .to_scalar::<f32>()
+            .expect("s");
         assert_eq!(diff, 0.0);
     }
 
@@ -605,9 +657,12 @@ mod tests {
         m.save(dir.path()).expect("save");
         let params = Params::new(
             "teacher",
-            serde_json::json!({"checkpoint": dir.path(), "n_layer": 3}).as_object().expect("o").clone(),
+            serde_json::json!({"checkpoint": dir.path(), "n_layer": 3})
+                .as_object()
+                .expect("o")
+                .clone(),
         );
-        let err = TransformerConfig::resolve(&params, None).unwrap_err();
+        let err = TransformerConfig::resolve(&params, None).expect_err("must fail");
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("teacher.n_layer"), "{err}");
     }

@@ -40,20 +40,28 @@ impl Observer for JsonlObserver {
             .map_err(|e| Error::io("writing metrics", &self.path, e))
     }
     fn finish(&mut self) -> Result<()> {
-        self.out.flush().map_err(|e| Error::io("writing metrics", &self.path, e))
+        self.out
+            .flush()
+            .map_err(|e| Error::io("writing metrics", &self.path, e))
     }
 }
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Observer>> {
     let p: JsonlParams = params.parse()?;
-    let dir = ctx.run_dir.as_ref().ok_or_else(|| params.error("kind", "jsonl needs a run directory"))?;
+    let dir = ctx
+        .run_dir
+        .as_ref()
+        .ok_or_else(|| params.error("kind", "jsonl needs a run directory"))?;
     let path = dir.join(&p.file);
     let f = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
         .map_err(|e| Error::io("opening metrics file", &path, e))?;
-    Ok(Box::new(JsonlObserver { path, out: BufWriter::new(f) }))
+    Ok(Box::new(JsonlObserver {
+        path,
+        out: BufWriter::new(f),
+    }))
 }
 
 inventory::submit! {

@@ -136,7 +136,10 @@ mod tests {
 
     #[test]
     fn warmup_cosine_reference_points() {
-        let s = WarmupCosine { warmup: 0.1, min_ratio: 0.1 };
+        let s = WarmupCosine {
+            warmup: 0.1,
+            min_ratio: 0.1,
+        };
         // 100 steps: warm = 10; step 0 -> 1/10; step 9 -> 1; step 10 -> cos start = 1.
         assert!((s.value(Progress::new(0, 100)) - 0.1).abs() < 1e-12);
         assert!((s.value(Progress::new(9, 100)) - 1.0).abs() < 1e-12);

@@ -44,20 +44,24 @@ impl Tokenizer for CharTokenizer {
         text.chars()
             .enumerate()
             .map(|(i, c)| {
-                self.ids
-                    .get(&c)
-                    .copied()
-                    .ok_or_else(|| Error::input("text", format!("character {c:?} at offset {i} is not in the vocabulary")))
+                self.ids.get(&c).copied().ok_or_else(|| {
+                    Error::input(
+                        "text",
+                        format!("character {c:?} at offset {i} is not in the vocabulary"),
+                    )
+                })
             })
             .collect()
     }
     fn decode(&self, ids: &[u32]) -> Result<String> {
         ids.iter()
             .map(|&i| {
-                self.chars
-                    .get(i as usize)
-                    .copied()
-                    .ok_or_else(|| Error::Runtime(format!("token id {i} is outside the vocabulary of {}", self.chars.len())))
+                self.chars.get(i as usize).copied().ok_or_else(|| {
+                    Error::Runtime(format!(
+                        "token id {i} is outside the vocabulary of {}",
+                        self.chars.len()
+                    ))
+                })
             })
             .collect()
     }
@@ -72,9 +76,12 @@ struct NoParams {}
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Tokenizer>> {
     params.parse::<NoParams>()?;
-    let corpus = ctx
-        .corpus
-        .ok_or_else(|| params.error("kind", "the char tokenizer learns its vocabulary from a corpus; none was given"))?;
+    let corpus = ctx.corpus.ok_or_else(|| {
+        params.error(
+            "kind",
+            "the char tokenizer learns its vocabulary from a corpus; none was given",
+        )
+    })?;
     Ok(Box::new(CharTokenizer::from_corpus(corpus)))
 }
 
