@@ -20,15 +20,7 @@ pub struct TrainBatcher<'a> {
 impl<'a> TrainBatcher<'a> {
     /// A batcher over `tokens`; errors if the stream is shorter than one window plus its target.
     pub fn new(tokens: &'a [u32], batch_size: usize, seq_len: usize, seed: u64, device: &Device) -> Result<Self> {
-        if tokens.len() <= seq_len {
-            return Err(Error::input(
-                "training split",
-                format!(
-                    "has {} tokens, fewer than one window of train.seq_len = {seq_len} plus its target",
-                    tokens.len()
-                ),
-            ));
-        }
+        check_len(tokens, seq_len, "training split")?;
         Ok(TrainBatcher {
             tokens,
             batch_size,
@@ -56,21 +48,26 @@ pub fn val_batches(
     seq_len: usize,
     device: &Device,
 ) -> Result<Vec<Batch>> {
-    if tokens.len() <= seq_len {
-        return Err(Error::input(
-            "validation split",
-            format!(
-                "has {} tokens, fewer than one window of train.seq_len = {seq_len} plus its target",
-                tokens.len()
-            ),
-        ));
-    }
+    check_len(tokens, seq_len, "validation split")?;
     let n_windows = ((tokens.len() - 1) / seq_len).min(batches * batch_size).max(1);
     let starts: Vec<usize> = (0..n_windows).map(|i| i * seq_len).collect();
     starts
         .chunks(batch_size)
         .map(|chunk| windows_to_batch(tokens, chunk, seq_len, device))
         .collect()
+}
+
+fn check_len(tokens: &[u32], seq_len: usize, what: &str) -> Result<()> {
+    if tokens.len() <= seq_len {
+        return Err(Error::input(
+            what,
+            format!(
+                "has {} tokens, fewer than one window of train.seq_len = {seq_len} plus its target",
+                tokens.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn windows_to_batch(tokens: &[u32], starts: &[usize], seq_len: usize, device: &Device) -> Result<Batch> {

@@ -138,14 +138,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Check { config, sets } => {
             let (p, origin) = load_and_assemble(config.as_deref(), &sets, &registry)?;
-            println!(
-                "config OK ({})",
-                origin
-                    .file
-                    .as_ref()
-                    .map(|f| f.display().to_string())
-                    .unwrap_or_else(|| "built-in quickstart".into())
-            );
+            println!("config OK ({})", origin.label());
             println!("  data:     {}", p.data.describe());
             match (&p.teacher_plan, &p.teacher) {
                 (TeacherPlan::Load, Some(t)) => println!("  teacher:  {}", t.describe()),

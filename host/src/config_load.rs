@@ -34,6 +34,14 @@ pub struct ConfigOrigin {
 }
 
 impl ConfigOrigin {
+    /// The config file's path, or `built-in quickstart config`.
+    pub fn label(&self) -> String {
+        match &self.file {
+            Some(f) => f.display().to_string(),
+            None => "built-in quickstart config".to_string(),
+        }
+    }
+
     /// A human location of key path `path`: `--set ...`, `env RETORT_...`, or `file:line`.
     pub fn locate(&self, path: &str) -> String {
         let norm = |s: &str| s.replace('[', ".").replace(']', "");
@@ -53,10 +61,7 @@ impl ConfigOrigin {
                 k.to_uppercase().replace('.', "__")
             );
         }
-        let name = match &self.file {
-            Some(f) => f.display().to_string(),
-            None => "built-in quickstart config".to_string(),
-        };
+        let name = self.label();
         match self.toml_text.as_deref().and_then(|t| toml_line(t, path)) {
             Some(line) => format!("{name}:{line}"),
             None => name,

@@ -59,14 +59,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
     rundir::prepare(&dir, opts.force)?;
     let resolved =
         toml::to_string_pretty(&cfg).map_err(|e| Error::Runtime(format!("serializing the resolved config: {e}")))?;
-    let header = format!(
-        "# Resolved config of this run (source: {}).\n",
-        origin
-            .file
-            .as_ref()
-            .map(|f| f.display().to_string())
-            .unwrap_or_else(|| "built-in quickstart".into())
-    );
+    let header = format!("# Resolved config of this run (source: {}).\n", origin.label());
     fsutil::write_atomic(
         &dir.join("config.resolved.toml"),
         format!("{header}{resolved}").as_bytes(),
@@ -203,11 +196,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
             seed: cfg.run.seed,
             device: cfg.run.device.clone(),
             dir: dir.display().to_string(),
-            config: origin
-                .file
-                .as_ref()
-                .map(|f| f.display().to_string())
-                .unwrap_or_else(|| "built-in quickstart".into()),
+            config: origin.label(),
         },
         data: data.describe(),
         objective: cfg
