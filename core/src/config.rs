@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::Params;
+use crate::{Params, ScalarSpec};
 
 /// A whole run: data, teacher, student, objective, training and evaluation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,13 +52,13 @@ impl Default for RunConfig {
             loss: vec![
                 LossSpec {
                     kind: "kl".into(),
-                    weight: 0.5,
+                    weight: 0.5.into(),
                     name: None,
                     params: obj(&[("temperature", 2.0.into())]),
                 },
                 LossSpec {
                     kind: "ce".into(),
-                    weight: 0.5,
+                    weight: 0.5.into(),
                     name: None,
                     params: Map::new(),
                 },
@@ -152,9 +152,10 @@ pub struct PretrainSection {
 pub struct LossSpec {
     /// Registered loss kind.
     pub kind: String,
-    /// Weight of the term in `total = sum_i weight_i * term_i`. Default 1.0.
+    /// Weight of the term in `total = sum_i weight_i * term_i`: a number or a schedule.
+    /// Default 1.0.
     #[serde(default = "one")]
-    pub weight: f64,
+    pub weight: ScalarSpec,
     /// Name in metrics (default: the kind, suffixed with its index if repeated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -163,8 +164,8 @@ pub struct LossSpec {
     pub params: Map<String, Value>,
 }
 
-fn one() -> f64 {
-    1.0
+fn one() -> ScalarSpec {
+    ScalarSpec::Number(1.0)
 }
 
 impl LossSpec {

@@ -20,6 +20,7 @@ pub mod params;
 pub mod progress;
 pub mod registry;
 pub mod router;
+pub mod scalar;
 pub mod schedule;
 pub mod taps;
 
@@ -27,12 +28,13 @@ pub use batch::Batch;
 pub use data::{DataSource, Split, Tokenizer};
 pub use error::{Error, Result};
 pub use loss::{LossTerm, StepContext};
-pub use model::{FrozenTeacher, Model, Student, Teacher};
+pub use model::{FrozenTeacher, Model, ModelInfo, Student, Teacher};
 pub use observer::Observer;
 pub use params::Params;
 pub use progress::Progress;
 pub use registry::{BuildContext, Category, Entry, Factory, Registry};
 pub use router::{Router, TermSignals};
+pub use scalar::{Scalar, ScalarSpec};
 pub use schedule::Schedule;
 pub use taps::{Outputs, TapSet};
 

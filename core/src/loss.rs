@@ -6,7 +6,7 @@
 //! terms at temperature `T` include the `T^2` factor themselves (Hinton et al., 2015), so the
 //! classic `alpha * CE + (1 - alpha) * T^2 * KL` is written as weights `alpha` and `1 - alpha`.
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 use crate::{Batch, Outputs, Progress, Result};
 
@@ -34,6 +34,16 @@ pub trait LossTerm: Send + Sync {
     }
     /// Teacher taps the term reads (besides logits).
     fn teacher_taps(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Trainable parameters the term owns (e.g. projections between widths). They are
+    /// optimised with the student and are not part of the exported student.
+    fn vars(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+    /// Effective values of the term's scheduled parameters at `progress` (e.g.
+    /// `("temperature", 2.4)`), logged in the metrics every logged step.
+    fn scalars(&self, _progress: Progress) -> Vec<(String, f64)> {
         Vec::new()
     }
 }

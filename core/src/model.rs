@@ -6,6 +6,22 @@ use candle_core::Var;
 
 use crate::{Batch, Outputs, Result, TapSet};
 
+/// Shape facts about a model that other components size themselves by (a projection between a
+/// student and a teacher width, a head mapping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// Blocks (so hidden taps are `hidden.0 ..= hidden.{layers}`).
+    pub layers: usize,
+    /// Width of the hidden states.
+    pub hidden: usize,
+    /// Attention heads per block.
+    pub heads: usize,
+    /// Output vocabulary.
+    pub vocab: usize,
+    /// Longest window.
+    pub context: usize,
+}
+
 /// A language model that maps token windows to next-token logits (and taps).
 pub trait Model: Send + Sync {
     /// Forward pass over `batch.input_ids`; computes the taps in `taps` besides the logits.
@@ -20,6 +36,8 @@ pub trait Model: Send + Sync {
     fn available_taps(&self) -> Vec<String>;
     /// One-line human description (architecture and sizes).
     fn describe(&self) -> String;
+    /// Shape facts.
+    fn info(&self) -> ModelInfo;
 }
 
 /// A trainable model.
@@ -47,6 +65,8 @@ pub trait Teacher: Send + Sync {
     fn available_taps(&self) -> Vec<String>;
     /// One-line human description.
     fn describe(&self) -> String;
+    /// Shape facts.
+    fn info(&self) -> ModelInfo;
 }
 
 /// Any [`Model`] used as a frozen teacher: outputs are detached from the autograd graph.
@@ -70,5 +90,8 @@ impl<M: Model + ?Sized> Teacher for FrozenTeacher<M> {
     }
     fn describe(&self) -> String {
         format!("frozen {}", self.0.describe())
+    }
+    fn info(&self) -> ModelInfo {
+        self.0.info()
     }
 }

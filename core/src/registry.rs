@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
-use crate::{DataSource, Error, LossTerm, Observer, Params, Result, Router, Schedule, Student, Teacher, Tokenizer};
+use crate::{
+    DataSource, Error, LossTerm, ModelInfo, Observer, Params, Result, Router, Schedule, Student, Teacher, Tokenizer,
+};
 
 /// Builds one plugin of kind `kind` from its parameters.
 pub struct Factory<T: ?Sized + 'static> {
@@ -43,8 +45,13 @@ pub struct BuildContext<'a> {
     pub run_dir: Option<PathBuf>,
     /// Text from which a tokenizer that learns its vocabulary builds it.
     pub corpus: Option<&'a str>,
-    /// The registry, for components that build sub-components (a data source its tokenizer).
+    /// The registry, for components that build sub-components (a data source its tokenizer,
+    /// a term its schedules).
     pub registry: &'a Registry,
+    /// The student's shape, once known (loss terms size projections by it).
+    pub student: Option<ModelInfo>,
+    /// The teacher's shape, once known.
+    pub teacher: Option<ModelInfo>,
 }
 
 impl<'a> BuildContext<'a> {
@@ -57,6 +64,19 @@ impl<'a> BuildContext<'a> {
             run_dir: None,
             corpus: None,
             registry,
+            student: None,
+            teacher: None,
+        }
+    }
+
+    /// Student and teacher shapes, or an error for the component at `path` that needs them.
+    pub fn require_models(&self, path: &str) -> Result<(ModelInfo, ModelInfo)> {
+        match (self.student, self.teacher) {
+            (Some(s), Some(t)) => Ok((s, t)),
+            _ => Err(Error::config(
+                path,
+                "this component needs the student and teacher shapes, not known here",
+            )),
         }
     }
 

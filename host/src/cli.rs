@@ -151,7 +151,13 @@ fn dispatch(cli: Cli) -> Result<()> {
                 (TeacherPlan::Load, None) => {}
             }
             println!("  student:  {}", p.student_description);
-            let terms: Vec<String> = p.terms.iter().map(|t| format!("{} x {}", t.weight, t.name)).collect();
+            let terms: Vec<String> = p
+                .config
+                .loss
+                .iter()
+                .zip(&p.terms)
+                .map(|(spec, t)| format!("{} x {}", crate::report::scalar_text(&spec.weight), t.name))
+                .collect();
             println!("  loss:     {}", terms.join(" + "));
             println!("  router:   {}", p.config.router.kind);
             println!(

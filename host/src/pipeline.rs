@@ -148,52 +148,10 @@ impl<'r> Pipeline<'r> {
             t.seq_len,
         )?;
 
-        // Loss terms.
-        if config.loss.is_empty() {
-            return Err(Error::config("loss", "at least one loss term is required"));
-        }
-        let mut terms = Vec::new();
-        for (i, spec) in config.loss.iter().enumerate() {
-            let path = format!("loss[{i}]");
-            if !spec.weight.is_finite() {
-                return Err(Error::config(
-                    format!("{path}.weight"),
-                    format!("expected a finite number, got {}", spec.weight),
-                ));
-            }
-            let term = registry.losses.build(&spec.kind, &spec.params_at(&path), &ctx)?;
-            let repeated = config.loss.iter().filter(|s| s.kind == spec.kind).count() > 1;
-            let name = spec.name.clone().unwrap_or_else(|| {
-                if repeated {
-                    format!("{}_{i}", spec.kind)
-                } else {
-                    spec.kind.clone()
-                }
-            });
-            let student_taps = student.available_taps();
-            for tap in term.student_taps() {
-                if !student_taps.contains(&tap) {
-                    return Err(Error::config(
-                        path.clone(),
-                        format!("asks for student tap `{tap}`, which the student does not have"),
-                    ));
-                }
-            }
-            terms.push(TermSlot {
-                name,
-                weight: spec.weight,
-                term,
-            });
-        }
-        let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
-
-        // Router and schedule: build once to validate.
-        build_router(&config, registry, &ctx)?;
-        build_lr_schedule(&config, registry, &ctx)?;
-
         // Teacher.
         let teacher_params = Params::new("teacher", config.teacher.params.clone());
         let has_checkpoint = config.teacher.params.get("checkpoint").is_some_and(|v| !v.is_null());
+        let teacher_info;
         let (teacher_plan, teacher) = if has_checkpoint {
             if config.teacher.pretrain.is_some() {
                 return Err(Error::config(
@@ -202,6 +160,7 @@ impl<'r> Pipeline<'r> {
                 ));
             }
             let teacher = registry.teachers.build(&config.teacher.kind, &teacher_params, &ctx)?;
+            teacher_info = teacher.info();
             (TeacherPlan::Load, Some(teacher))
         } else {
             registry.teachers.get(&config.teacher.kind, "teacher.kind")?;
@@ -222,6 +181,7 @@ impl<'r> Pipeline<'r> {
                 vocab_size,
                 t.seq_len,
             )?;
+            teacher_info = probe.info();
             let pre = config.teacher.pretrain.clone();
             let steps = pre.as_ref().map(|p| p.steps).unwrap_or(2 * t.steps);
             let lr = pre.as_ref().and_then(|p| p.lr).unwrap_or(t.lr);
@@ -239,6 +199,44 @@ impl<'r> Pipeline<'r> {
             }
             (TeacherPlan::Pretrain { steps, lr }, None)
         };
+        ctx.student = Some(student.info());
+        ctx.teacher = Some(teacher_info);
+        // Loss terms.
+        if config.loss.is_empty() {
+            return Err(Error::config("loss", "at least one loss term is required"));
+        }
+        let mut terms = Vec::new();
+        for (i, spec) in config.loss.iter().enumerate() {
+            let path = format!("loss[{i}]");
+            let weight_path = format!("{path}.weight");
+            let weight = spec.weight.build(&weight_path, &ctx)?;
+            weight.check(&weight_path, f64::is_finite, "a finite number")?;
+            let term = registry.losses.build(&spec.kind, &spec.params_at(&path), &ctx)?;
+            let repeated = config.loss.iter().filter(|s| s.kind == spec.kind).count() > 1;
+            let name = spec.name.clone().unwrap_or_else(|| {
+                if repeated {
+                    format!("{}_{i}", spec.kind)
+                } else {
+                    spec.kind.clone()
+                }
+            });
+            let student_taps = student.available_taps();
+            for tap in term.student_taps() {
+                if !student_taps.contains(&tap) {
+                    return Err(Error::config(
+                        path.clone(),
+                        format!("asks for student tap `{tap}`, which the student does not have"),
+                    ));
+                }
+            }
+            terms.push(TermSlot { name, weight, term });
+        }
+        let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
+
+        // Router and schedule: build once to validate.
+        build_router(&config, registry, &ctx)?;
+        build_lr_schedule(&config, registry, &ctx)?;
+
         if let Some(teacher) = &teacher {
             check_model(
                 "teacher",

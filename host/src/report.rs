@@ -115,8 +115,8 @@ pub struct TermReport {
     pub name: String,
     /// Kind.
     pub kind: String,
-    /// Configured weight.
-    pub weight: f64,
+    /// Configured weight: a number or a schedule.
+    pub weight: retort_core::ScalarSpec,
 }
 
 /// The whole report.
@@ -142,6 +142,17 @@ pub struct Report {
     pub eval_tokens: usize,
     /// Wall time of the whole run, seconds.
     pub total_wall_s: f64,
+}
+
+/// `0.5`, or `linear(start=1, end=0)` for a schedule.
+pub fn scalar_text(s: &retort_core::ScalarSpec) -> String {
+    match s {
+        retort_core::ScalarSpec::Number(v) => v.to_string(),
+        retort_core::ScalarSpec::Schedule(c) => {
+            let args: Vec<String> = c.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{}({})", c.kind, args.join(", "))
+        }
+    }
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -195,7 +206,7 @@ impl Report {
             self.student.description,
             self.objective
                 .iter()
-                .map(|t| format!("{} x `{}`", t.weight, t.name))
+                .map(|t| format!("{} x `{}`", scalar_text(&t.weight), t.name))
                 .collect::<Vec<_>>()
                 .join(" + "),
         ));

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use retort_core::{fsutil, Error, Observer, Params, Registry, Result, Split, Student, TapSet, Teacher};
+use retort_core::{fsutil, Error, Observer, Params, Registry, Result, Scalar, Split, Student, TapSet, Teacher};
 
 use crate::batching::val_batches;
 use crate::config_load::ConfigOrigin;
@@ -41,7 +41,7 @@ fn ce_only(registry: &Registry, pipeline: &Pipeline) -> Result<Vec<TermSlot>> {
         .build("ce", &Params::empty("baseline.loss[0]"), &pipeline.context(0))?;
     Ok(vec![TermSlot {
         name: "ce".into(),
-        weight: 1.0,
+        weight: Scalar::Const(1.0),
         term,
     }])
 }
@@ -206,7 +206,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
             .map(|(spec, slot)| TermReport {
                 name: slot.name.clone(),
                 kind: spec.kind.clone(),
-                weight: slot.weight,
+                weight: spec.weight.clone(),
             })
             .collect(),
         teacher: ModelReport::new(

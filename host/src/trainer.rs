@@ -13,8 +13,8 @@ use serde_json::json;
 
 use retort_core::config::TrainSection;
 use retort_core::{
-    Batch, DataSource, Error, LossTerm, Observer, Progress, Result, Router, Schedule, Split, StepContext, Student,
-    TapSet, Teacher, TermSignals,
+    Batch, DataSource, Error, LossTerm, Observer, Progress, Result, Router, Scalar, Schedule, Split, StepContext,
+    Student, TapSet, Teacher, TermSignals,
 };
 
 use crate::batching::TrainBatcher;
@@ -25,8 +25,8 @@ use crate::optim::{AdamW, AdamWConfig};
 pub struct TermSlot {
     /// Name in metrics.
     pub name: String,
-    /// Configured weight.
-    pub weight: f64,
+    /// Configured weight (a number or a schedule).
+    pub weight: Scalar,
     /// The term.
     pub term: Box<dyn LossTerm>,
 }
@@ -105,8 +105,18 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         batch_seed,
         &device,
     )?;
+    // The student's parameters and those the terms own (projections), optimised together.
+    let mut vars = student.vars();
+    for slot in terms {
+        vars.extend(
+            slot.term
+                .vars()
+                .into_iter()
+                .map(|(n, v)| (format!("loss.{}.{n}", slot.name), v)),
+        );
+    }
     let mut opt = AdamW::new(
-        student.vars(),
+        vars,
         AdamWConfig {
             beta1: train.beta1,
             beta2: train.beta2,
@@ -124,7 +134,6 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         )));
     }
     let names: Vec<String> = terms.iter().map(|t| t.name.clone()).collect();
-    let base_weights: Vec<f64> = terms.iter().map(|t| t.weight).collect();
 
     let bar = if progress_bar {
         ProgressBar::new(steps as u64)
@@ -163,6 +172,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                 names[i], scalars[i]
             )));
         }
+        let base_weights: Vec<f64> = terms.iter().map(|t| t.weight.at(progress)).collect();
         let weights = router.weights(&TermSignals {
             names: &names,
             values: &scalars,
@@ -204,9 +214,18 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                 names.iter().zip(&scalars).map(|(n, v)| (n.clone(), json!(v))).collect();
             let term_weights: serde_json::Map<String, serde_json::Value> =
                 names.iter().zip(&weights).map(|(n, w)| (n.clone(), json!(w))).collect();
+            let term_scalars: serde_json::Map<String, serde_json::Value> = terms
+                .iter()
+                .flat_map(|t| {
+                    t.term
+                        .scalars(progress)
+                        .into_iter()
+                        .map(move |(k, v)| (format!("{}.{k}", t.name), json!(v)))
+                })
+                .collect();
             let rec = json!({
                 "event": "train", "phase": label, "step": done, "loss": total_value,
-                "terms": term_values, "weights": term_weights, "lr": step_lr,
+                "terms": term_values, "weights": term_weights, "scalars": term_scalars, "lr": step_lr,
                 "grad_norm": stats.grad_norm, "tokens": done * tokens_per_step,
                 "tokens_per_s": tok_s, "elapsed_s": elapsed,
             });

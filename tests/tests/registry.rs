@@ -3,7 +3,7 @@
 #[test]
 fn builtins_are_registered() {
     let r = retort_host::builtin_registry().expect("registry");
-    assert_eq!(r.losses.kinds(), vec!["ce", "kl"]);
+    assert_eq!(r.losses.kinds(), vec!["ce", "jsd", "kl", "reverse_kl", "skew_kl", "tvd"]);
     assert_eq!(r.students.kinds(), vec!["transformer"]);
     assert_eq!(r.teachers.kinds(), vec!["transformer"]);
     assert_eq!(r.data.kinds(), vec!["synthetic", "text"]);

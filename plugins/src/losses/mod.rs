@@ -2,7 +2,12 @@
 //! `retort_core::loss`); logit KD terms include their own `T^2` factor.
 
 pub mod ce;
+pub mod jsd;
 pub mod kl;
+pub mod logit;
+pub mod reverse_kl;
+pub mod skew_kl;
+pub mod tvd;
 
 use candle_core::{DType, Tensor};
 use retort_core::{Error, Result};

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use retort_core::{fsutil, Batch, Error, Model, Outputs, Params, Result, Student, TapSet};
+use retort_core::{fsutil, Batch, Error, Model, ModelInfo, Outputs, Params, Result, Student, TapSet};
 
 use super::nn::{causal_mask, layer_norm, linear, softmax_last};
 
@@ -480,6 +480,42 @@ impl Model for Transformer {
             c.vocab_size,
             self.num_params()
         )
+    }
+
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            layers: self.cfg.n_layer,
+            hidden: self.cfg.n_embd,
+            heads: self.cfg.n_head,
+            vocab: self.cfg.vocab_size,
+            context: self.cfg.context,
+        }
+    }
+}
+
+impl Transformer {
+    /// The same model with its weights cut off from autograd (for a frozen teacher: its
+    /// forward pass then builds no graph).
+    pub fn frozen(mut self) -> Self {
+        let d = |t: &mut Tensor| *t = t.detach();
+        d(&mut self.wte);
+        d(&mut self.wpe);
+        d(&mut self.ln_f.0);
+        d(&mut self.ln_f.1);
+        for b in &mut self.blocks {
+            for (w, bias) in [
+                &mut b.ln_1,
+                &mut b.c_attn,
+                &mut b.attn_proj,
+                &mut b.ln_2,
+                &mut b.c_fc,
+                &mut b.mlp_proj,
+            ] {
+                d(w);
+                d(bias);
+            }
+        }
+        self
     }
 }
 

@@ -23,7 +23,7 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Teacher>> {
             "a transformer teacher needs a checkpoint directory (or let the pipeline pretrain it)",
         )
     })?;
-    let model = Transformer::load(cfg, &dir, &ctx.device)?;
+    let model = Transformer::load(cfg, &dir, &ctx.device)?.frozen();
     Ok(Box::new(FrozenTeacher(Box::new(model))))
 }
 

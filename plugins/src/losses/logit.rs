@@ -1,0 +1,179 @@
+//! What the logit-distillation terms share: temperature handling (a number or a schedule),
+//! the optional `T^2` factor, and tempered log-probabilities of student and teacher.
+
+use candle_core::Tensor;
+use serde::Deserialize;
+
+use retort_core::{BuildContext, Error, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
+
+use super::{as_float, check_same_shape, masked_mean};
+use crate::models::nn::log_softmax_last;
+
+/// Temperature and `T^2` scaling of one logit term.
+pub struct Tempered {
+    temperature: Scalar,
+    scale_by_t2: bool,
+}
+
+impl Tempered {
+    /// Builds from a term's `temperature` and `scale_by_t2` params.
+    pub fn new(params: &Params, ctx: &BuildContext, temperature: &ScalarSpec, scale_by_t2: bool) -> Result<Self> {
+        Ok(Tempered {
+            temperature: temperature.build_positive(&params.key_path("temperature"), ctx)?,
+            scale_by_t2,
+        })
+    }
+
+    /// `T` at `progress`.
+    pub fn temperature(&self, progress: Progress) -> f64 {
+        self.temperature.at(progress)
+    }
+
+    /// Student and teacher log-probabilities at the step's temperature, `[b, s, v]` each.
+    pub fn log_probs(&self, ctx: &StepContext) -> Result<(Tensor, Tensor, f64)> {
+        let teacher = ctx
+            .teacher
+            .ok_or_else(|| Error::Runtime("a logit distillation term needs teacher outputs".into()))?;
+        let t = self.temperature(ctx.progress);
+        let (ls, lt) = tempered_log_probs(&ctx.student.logits, &teacher.logits, t)?;
+        Ok((ls, lt, t))
+    }
+
+    /// Mean of `per_token` over the counted tokens, times `T^2` when scaling is on.
+    pub fn reduce(&self, per_token: &Tensor, ctx: &StepContext, t: f64) -> Result<Tensor> {
+        let mean = masked_mean(per_token, ctx.batch.mask.as_ref())?;
+        Ok(if self.scale_by_t2 { (mean * (t * t))? } else { mean })
+    }
+
+    /// `[("temperature", T)]` for the metrics.
+    pub fn scalars(&self, progress: Progress) -> Vec<(String, f64)> {
+        vec![("temperature".into(), self.temperature(progress))]
+    }
+}
+
+/// `(log softmax(z_s / t), log softmax(z_t / t))`.
+pub fn tempered_log_probs(student: &Tensor, teacher: &Tensor, t: f64) -> Result<(Tensor, Tensor)> {
+    check_same_shape(student, teacher)?;
+    let ls = log_softmax_last(&(as_float(student)? / t)?)?;
+    let lt = log_softmax_last(&(as_float(teacher)?.to_dtype(ls.dtype())? / t)?)?;
+    Ok((ls, lt))
+}
+
+/// `log(w_a * exp(a) + (1 - w_a) * exp(b))` elementwise, stable for log-probabilities.
+pub fn log_mix(a: &Tensor, b: &Tensor, w_a: f64) -> Result<Tensor> {
+    let a = (a + w_a.ln())?;
+    let b = (b + (1.0 - w_a).ln())?;
+    // Any shift is exact; detaching it keeps the gradient path simple.
+    let m = a.maximum(&b)?.detach();
+    Ok((m.clone() + ((a - &m)?.exp()? + (b - &m)?.exp()?)?.log()?)?)
+}
+
+/// `temperature` and `scale_by_t2` as most logit terms take them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemperatureParams {
+    /// Softmax temperature `T > 0`: a number or a schedule. Default 1.0.
+    #[serde(default = "one")]
+    pub temperature: ScalarSpec,
+    /// Multiply by `T^2`; the default depends on the term.
+    pub scale_by_t2: Option<bool>,
+}
+
+/// Default temperature.
+pub fn one() -> ScalarSpec {
+    ScalarSpec::Number(1.0)
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Fixed inputs, plain-f64 references and a finite-difference check shared by the tests of
+    //! the logit terms.
+    use candle_core::{DType, Device, Tensor, Var};
+    use retort_core::{Batch, BuildContext, LossTerm, Outputs, Params, Progress, Registry, Result, StepContext};
+
+    /// Student logits, 2 tokens x 4 classes.
+    pub const ZS: [[f64; 4]; 2] = [[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, -2.0, 0.3]];
+    /// Teacher logits.
+    pub const ZT: [[f64; 4]; 2] = [[1.5, 0.0, 1.0, -1.0], [0.0, 2.0, -1.0, 0.0]];
+
+    /// Reference `log softmax(z / t)` in plain f64.
+    pub fn logsm(z: &[f64; 4], t: f64) -> [f64; 4] {
+        let lse = z.iter().map(|x| (x / t).exp()).sum::<f64>().ln();
+        [z[0] / t - lse, z[1] / t - lse, z[2] / t - lse, z[3] / t - lse]
+    }
+
+    /// Mean over the two rows of `f(log p_s, log p_t)` in plain f64.
+    pub fn reference(t: f64, f: impl Fn(&[f64; 4], &[f64; 4]) -> f64) -> f64 {
+        (0..2).map(|r| f(&logsm(&ZS[r], t), &logsm(&ZT[r], t))).sum::<f64>() / 2.0
+    }
+
+    /// A term built from JSON params with the built-in schedules registered.
+    pub fn build_term(
+        factory: fn(&Params, &BuildContext) -> Result<Box<dyn LossTerm>>,
+        params: serde_json::Value,
+    ) -> Result<Box<dyn LossTerm>> {
+        let mut reg = Registry::empty();
+        for f in inventory::iter::<retort_core::registry::Factory<dyn retort_core::Schedule>> {
+            reg.schedules.register(f, "built-in")?;
+        }
+        let ctx = BuildContext::new(&reg, Device::Cpu, 0);
+        factory(
+            &Params::new("loss[0]", params.as_object().expect("object").clone()),
+            &ctx,
+        )
+    }
+
+    /// The term's value on student logits `zs` against [`ZT`].
+    pub fn value(term: &dyn LossTerm, zs: &Tensor, progress: Progress) -> Tensor {
+        let zt = Tensor::new(&[ZT], &Device::Cpu).expect("zt");
+        let ids = Tensor::zeros((1, 2), DType::U32, &Device::Cpu).expect("ids");
+        let batch = Batch {
+            input_ids: ids.clone(),
+            targets: ids,
+            mask: None,
+        };
+        let (s, te) = (Outputs::logits_only(zs.clone()), Outputs::logits_only(zt));
+        let ctx = StepContext {
+            batch: &batch,
+            student: &s,
+            teacher: Some(&te),
+            progress,
+        };
+        term.compute(&ctx).expect("compute")
+    }
+
+    /// Asserts the analytic gradient w.r.t. the student logits matches central differences.
+    pub fn check_gradient(term: &dyn LossTerm) {
+        let p = Progress::new(0, 1);
+        let zs = Var::new(&[ZS], &Device::Cpu).expect("var");
+        let grads = value(term, zs.as_tensor(), p).backward().expect("backward");
+        let g: Vec<f64> = grads
+            .get(zs.as_tensor())
+            .expect("grad")
+            .flatten_all()
+            .expect("f")
+            .to_vec1()
+            .expect("v");
+        let base: Vec<f64> = ZS.iter().flatten().copied().collect();
+        for i in 0..base.len() {
+            let f = |d: f64| {
+                let mut w = base.clone();
+                w[i] += d;
+                let t = Tensor::from_vec(w, (1, 2, 4), &Device::Cpu).expect("t");
+                value(term, &t, p).to_scalar::<f64>().expect("s")
+            };
+            let num = (f(1e-6) - f(-1e-6)) / 2e-6;
+            assert!(
+                (num - g[i]).abs() < 1e-6,
+                "d/dz[{i}]: numeric {num} vs analytic {}",
+                g[i]
+            );
+        }
+    }
+
+    /// The term's value on [`ZS`].
+    pub fn value_at(term: &dyn LossTerm, progress: Progress) -> f64 {
+        let zs = Tensor::new(&[ZS], &Device::Cpu).expect("zs");
+        value(term, &zs, progress).to_scalar::<f64>().expect("scalar")
+    }
+}

@@ -1,0 +1,171 @@
+//! `skew_kl`: skew KL divergence (DistiLLM: Ko, Kim, Chen & Yun, 2024, "DistiLLM: Towards
+//! Streamlined Distillation for Large Language Models").
+//!
+//! Forward skew KL: `KL(p_t || alpha * p_t + (1 - alpha) * p_s)`; reverse skew KL:
+//! `KL(p_s || alpha * p_s + (1 - alpha) * p_t)`. Mixing a little of the target distribution
+//! into the second argument bounds the divergence and stabilises its gradient; `alpha = 0` is
+//! plain (forward or reverse) KL. `L = s * mean_tokens`, `s = T^2` only if `scale_by_t2`
+//! (default false: DistiLLM uses no temperature).
+//!
+//! ```toml
+//! [[loss]]
+//! kind = "skew_kl"
+//! direction = "forward"   # or "reverse"
+//! alpha = 0.1
+//! ```
+
+use candle_core::{Tensor, D};
+use serde::Deserialize;
+
+use retort_core::registry::Factory;
+use retort_core::{BuildContext, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
+
+use super::logit::{log_mix, one, Tempered};
+
+/// Which argument is skewed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// `KL(p_t || alpha p_t + (1 - alpha) p_s)`.
+    Forward,
+    /// `KL(p_s || alpha p_s + (1 - alpha) p_t)`.
+    Reverse,
+}
+
+/// Params of `skew_kl`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkewParams {
+    /// `forward` (default) or `reverse`.
+    #[serde(default = "forward")]
+    pub direction: Direction,
+    /// Skew in `[0, 1)`. Default 0.1.
+    #[serde(default = "tenth")]
+    pub alpha: ScalarSpec,
+    /// Temperature `T > 0`. Default 1.0.
+    #[serde(default = "one")]
+    pub temperature: ScalarSpec,
+    /// Multiply by `T^2`. Default false.
+    #[serde(default)]
+    pub scale_by_t2: bool,
+}
+
+fn forward() -> Direction {
+    Direction::Forward
+}
+fn tenth() -> ScalarSpec {
+    ScalarSpec::Number(0.1)
+}
+
+/// Skew KL.
+pub struct SkewKl {
+    direction: Direction,
+    alpha: Scalar,
+    tempered: Tempered,
+}
+
+impl LossTerm for SkewKl {
+    fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
+        let (ls, lt, t) = self.tempered.log_probs(ctx)?;
+        let alpha = self.alpha.at(ctx.progress);
+        let (lp, lq) = match self.direction {
+            Direction::Forward => (&lt, &ls),
+            Direction::Reverse => (&ls, &lt),
+        };
+        let lm = if alpha > 0.0 {
+            log_mix(lp, lq, alpha)?
+        } else {
+            lq.clone()
+        };
+        let per_token = (lp.exp()? * (lp - lm)?)?.sum(D::Minus1)?;
+        self.tempered.reduce(&per_token, ctx, t)
+    }
+    fn needs_teacher(&self) -> bool {
+        true
+    }
+    fn scalars(&self, progress: Progress) -> Vec<(String, f64)> {
+        let mut v = self.tempered.scalars(progress);
+        v.push(("alpha".into(), self.alpha.at(progress)));
+        v
+    }
+}
+
+fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
+    let p: SkewParams = params.parse()?;
+    let alpha = p.alpha.build(&params.key_path("alpha"), ctx)?;
+    alpha.check(
+        &params.key_path("alpha"),
+        |a| (0.0..1.0).contains(&a),
+        "a number in [0, 1)",
+    )?;
+    Ok(Box::new(SkewKl {
+        direction: p.direction,
+        alpha,
+        tempered: Tempered::new(params, ctx, &p.temperature, p.scale_by_t2)?,
+    }))
+}
+
+inventory::submit! {
+    Factory::<dyn LossTerm> {
+        kind: "skew_kl",
+        description: "forward or reverse skew KL with skew alpha (DistiLLM, Ko et al. 2024)",
+        build,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::logit::testutil::*;
+    use super::*;
+
+    /// Reference in f64: KL(p || alpha p + (1 - alpha) q).
+    fn skew(p: &[f64], q: &[f64], alpha: f64) -> f64 {
+        (0..4)
+            .map(|v| p[v] * (p[v] / (alpha * p[v] + (1.0 - alpha) * q[v])).ln())
+            .sum()
+    }
+
+    #[test]
+    fn matches_reference_values() {
+        for (dir, alpha) in [("forward", 0.1), ("reverse", 0.1), ("forward", 0.0), ("reverse", 0.5)] {
+            let term = build_term(super::build, serde_json::json!({"direction": dir, "alpha": alpha})).expect("build");
+            let got = value_at(term.as_ref(), Progress::new(0, 1));
+            let want = reference(1.0, |ls, lt| {
+                let (ps, pt): (Vec<f64>, Vec<f64>) = (
+                    ls.iter().map(|x| x.exp()).collect(),
+                    lt.iter().map(|x| x.exp()).collect(),
+                );
+                if dir == "forward" {
+                    skew(&pt, &ps, alpha)
+                } else {
+                    skew(&ps, &pt, alpha)
+                }
+            });
+            assert!((got - want).abs() < 1e-12, "{dir} alpha={alpha}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn gradient_matches_finite_difference() {
+        for dir in ["forward", "reverse"] {
+            let term = build_term(
+                super::build,
+                serde_json::json!({"direction": dir, "alpha": 0.2, "temperature": 2.0}),
+            )
+            .expect("build");
+            check_gradient(term.as_ref());
+        }
+    }
+
+    #[test]
+    fn rejects_bad_alpha_and_direction() {
+        let err = build_term(super::build, serde_json::json!({"alpha": 1.0}))
+            .err()
+            .expect("must fail");
+        assert!(err.to_string().contains("loss[0].alpha"), "{err}");
+        let err = build_term(super::build, serde_json::json!({"direction": "sideways"}))
+            .err()
+            .expect("must fail");
+        assert!(err.to_string().contains("loss[0].direction"), "{err}");
+    }
+}

@@ -1,0 +1,78 @@
+//! `tvd`: total variation distance between teacher and student distributions
+//! (as a distillation objective e.g. in Wen et al., 2023, "f-Divergence Minimization for
+//! Sequence-Level Knowledge Distillation").
+//!
+//! `L = s * mean_tokens 0.5 * sum_v |p_t(v) - p_s(v)|`, `p = softmax(z / T)`, `s = T^2` only if
+//! `scale_by_t2` (default false). Bounded in `[0, 1]` per token.
+//!
+//! ```toml
+//! [[loss]]
+//! kind = "tvd"
+//! temperature = 1.0
+//! ```
+
+use candle_core::{Tensor, D};
+
+use retort_core::registry::Factory;
+use retort_core::{BuildContext, LossTerm, Params, Progress, Result, StepContext};
+
+use super::logit::{TemperatureParams, Tempered};
+
+/// Total variation distance.
+pub struct Tvd {
+    tempered: Tempered,
+}
+
+impl LossTerm for Tvd {
+    fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
+        let (ls, lt, t) = self.tempered.log_probs(ctx)?;
+        let per_token = ((lt.exp()? - ls.exp()?)?.abs()?.sum(D::Minus1)? * 0.5)?;
+        self.tempered.reduce(&per_token, ctx, t)
+    }
+    fn needs_teacher(&self) -> bool {
+        true
+    }
+    fn scalars(&self, progress: Progress) -> Vec<(String, f64)> {
+        self.tempered.scalars(progress)
+    }
+}
+
+fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
+    let p: TemperatureParams = params.parse()?;
+    Ok(Box::new(Tvd {
+        tempered: Tempered::new(params, ctx, &p.temperature, p.scale_by_t2.unwrap_or(false))?,
+    }))
+}
+
+inventory::submit! {
+    Factory::<dyn LossTerm> {
+        kind: "tvd",
+        description: "total variation distance 0.5 * sum |p_t - p_s| between teacher and student",
+        build,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::logit::testutil::*;
+    use super::*;
+
+    #[test]
+    fn matches_reference_values() {
+        // Reference: mean_rows 0.5 * sum_v |p_t - p_s|.
+        for t in [1.0, 3.0] {
+            let want = reference(t, |ls, lt| {
+                0.5 * (0..4).map(|v| (lt[v].exp() - ls[v].exp()).abs()).sum::<f64>()
+            });
+            let term = build_term(super::build, serde_json::json!({ "temperature": t })).expect("build");
+            let got = value_at(term.as_ref(), Progress::new(0, 1));
+            assert!((got - want).abs() < 1e-12, "T={t}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn gradient_matches_finite_difference() {
+        let term = build_term(super::build, serde_json::json!({})).expect("build");
+        check_gradient(term.as_ref());
+    }
+}
