@@ -20,6 +20,8 @@ pub struct ModelInfo {
     pub vocab: usize,
     /// Longest window.
     pub context: usize,
+    /// Dtype of the parameters and hidden states.
+    pub dtype: candle_core::DType,
 }
 
 /// A language model that maps token windows to next-token logits (and taps).

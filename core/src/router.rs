@@ -19,4 +19,13 @@ pub struct TermSignals<'a> {
 pub trait Router: Send {
     /// Weights for this step, one per term.
     fn weights(&mut self, signals: &TermSignals) -> Result<Vec<f64>>;
+    /// Called once at assembly with the term names; a router that refers to terms by name
+    /// rejects unknown names here (as a config error under `router`).
+    fn check_terms(&self, _names: &[String]) -> Result<()> {
+        Ok(())
+    }
+    /// Internal quantities to log with every metrics record (e.g. running magnitudes).
+    fn scalars(&self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }

@@ -234,7 +234,8 @@ impl<'r> Pipeline<'r> {
         let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
 
         // Router and schedule: build once to validate.
-        build_router(&config, registry, &ctx)?;
+        let names: Vec<String> = terms.iter().map(|t| t.name.clone()).collect();
+        build_router(&config, registry, &ctx)?.check_terms(&names)?;
         build_lr_schedule(&config, registry, &ctx)?;
 
         if let Some(teacher) = &teacher {

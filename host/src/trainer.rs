@@ -223,9 +223,11 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                         .map(move |(k, v)| (format!("{}.{k}", t.name), json!(v)))
                 })
                 .collect();
+            let router_scalars: serde_json::Map<String, serde_json::Value> =
+                router.scalars().into_iter().map(|(k, v)| (k, json!(v))).collect();
             let rec = json!({
                 "event": "train", "phase": label, "step": done, "loss": total_value,
-                "terms": term_values, "weights": term_weights, "scalars": term_scalars, "lr": step_lr,
+                "terms": term_values, "weights": term_weights, "scalars": term_scalars, "router": router_scalars, "lr": step_lr,
                 "grad_norm": stats.grad_norm, "tokens": done * tokens_per_step,
                 "tokens_per_s": tok_s, "elapsed_s": elapsed,
             });

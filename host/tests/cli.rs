@@ -121,7 +121,12 @@ fn unknown_plugin_kind_lists_known_kinds() {
     let o = retort(&["check", "c.toml"], d.path());
     assert_user_error(
         &o,
-        &["unknown loss kind `kld`", "loss[0].kind", "known loss kinds: ce, jsd, kl, reverse_kl, skew_kl, tvd"],
+        &[
+            "unknown loss kind `kld`",
+            "loss[0].kind",
+            "known loss kinds: ce, ",
+            ", kl, ",
+        ],
     );
 }
 

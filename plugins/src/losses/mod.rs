@@ -2,6 +2,7 @@
 //! `retort_core::loss`); logit KD terms include their own `T^2` factor.
 
 pub mod ce;
+pub mod hidden;
 pub mod jsd;
 pub mod kl;
 pub mod logit;

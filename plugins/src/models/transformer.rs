@@ -489,6 +489,7 @@ impl Model for Transformer {
             heads: self.cfg.n_head,
             vocab: self.cfg.vocab_size,
             context: self.cfg.context,
+            dtype: self.cfg.dtype,
         }
     }
 }

@@ -1,3 +1,5 @@
 //! Built-in routers.
 
+pub mod curriculum;
 pub mod fixed;
+pub mod magnitude;

@@ -1,3 +1,4 @@
 //! Built-in schedules: pure functions of progress.
 
 pub mod basic;
+pub mod shaped;
