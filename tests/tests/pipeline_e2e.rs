@@ -130,3 +130,71 @@ fn same_seed_same_result() {
         rb.report.baseline.as_ref().map(|m| m.val_loss)
     );
 }
+
+#[test]
+fn feature_terms_schedules_and_routers_compose() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let toml = tiny_config("compose").replace(
+        "[[loss]]\nkind = \"kl\"\nweight = 0.5\ntemperature = 2.0\n",
+        r#"[[loss]]
+kind = "kl"
+weight = 0.5
+temperature = { kind = "linear", start = 3.0, end = 1.0 }
+
+[[loss]]
+kind = "hidden_mse"
+weight = 0.2
+map = "uniform"
+
+[[loss]]
+kind = "jsd"
+weight = { kind = "piecewise", points = [[0.0, 0.0], [0.5, 0.3]] }
+beta = 0.5
+
+[router]
+kind = "magnitude"
+decay = 0.8
+"#,
+    );
+    let out = run_config(tmp.path(), &toml, &["eval.baseline=false".into()]);
+    let metrics = read_metrics(&out.dir);
+    let student: Vec<&serde_json::Value> = metrics
+        .iter()
+        .filter(|m| m["event"] == "train" && m["phase"] == "student")
+        .collect();
+    let first = student.first().expect("records");
+    let last = student.last().expect("records");
+    // Every term and its effective weight is logged; the scheduled temperature moved 3 -> 1.
+    for name in ["kl", "hidden_mse", "jsd", "ce"] {
+        assert!(
+            first["terms"][name].is_number() && first["weights"][name].is_number(),
+            "{name}: {first}"
+        );
+        assert!(last["router"][format!("magnitude.{name}")].is_number(), "{last}");
+    }
+    let t0 = first["scalars"]["kl.temperature"].as_f64().expect("T");
+    let t1 = last["scalars"]["kl.temperature"].as_f64().expect("T");
+    assert!(t0 > 2.7 && t1 < 1.1, "temperature {t0} -> {t1}");
+    // magnitude router: weight x running magnitude is in proportion to the configured shares;
+    // the jsd share follows its piecewise schedule (0.3 * 0.1 / 0.5 = 0.06 at the first log,
+    // progress 4/40, against kl's 0.5).
+    let share = |rec: &serde_json::Value, n: &str| {
+        rec["weights"][n].as_f64().expect("w") * rec["router"][format!("magnitude.{n}")].as_f64().expect("m")
+    };
+    let ratio = share(first, "jsd") / share(first, "kl");
+    assert!((ratio - 0.06 / 0.5).abs() < 1e-6, "jsd/kl share {ratio}: {first}");
+    let ratio = share(last, "hidden_mse") / share(last, "kl");
+    assert!((ratio - 0.2 / 0.5).abs() < 1e-6, "hidden/kl share {ratio}");
+    // hidden_mse on mismatched widths (32 vs 16) trained its projection and decreased.
+    let h0 = first["terms"]["hidden_mse"].as_f64().expect("h");
+    let h1 = last["terms"]["hidden_mse"].as_f64().expect("h");
+    assert!(h1 < h0, "hidden_mse {h0} -> {h1}");
+    // The projection is not part of the exported student.
+    let names = candle_core::safetensors::load(out.dir.join("student/model.safetensors"), &candle_core::Device::Cpu)
+        .expect("exported student");
+    assert!(
+        names.keys().all(|k| k.starts_with("transformer.")),
+        "{:?}",
+        names.keys()
+    );
+}
