@@ -124,7 +124,7 @@ fn unknown_plugin_kind_lists_known_kinds() {
         &[
             "unknown loss kind `kld`",
             "loss[0].kind",
-            "known loss kinds: ce, ",
+            "known loss kinds: attention, ce, ",
             ", kl, ",
         ],
     );

@@ -6,11 +6,14 @@ fn builtins_are_registered() {
     assert_eq!(
         r.losses.kinds(),
         vec![
+            "attention",
             "ce",
+            "contrastive",
             "hidden_cosine",
             "hidden_mse",
             "jsd",
             "kl",
+            "layerwise",
             "reverse_kl",
             "skew_kl",
             "tvd"

@@ -73,7 +73,12 @@ pub fn uniform_pairs(student_layers: usize, teacher_layers: usize) -> Vec<[usize
         .collect()
 }
 
-fn resolve_pairs(params: &Params, p: &HiddenParams, s: &ModelInfo, t: &ModelInfo) -> Result<Vec<[usize; 2]>> {
+pub(crate) fn resolve_pairs(
+    params: &Params,
+    p: &HiddenParams,
+    s: &ModelInfo,
+    t: &ModelInfo,
+) -> Result<Vec<[usize; 2]>> {
     let pairs = match (&p.layers, p.map.as_deref()) {
         (Some(_), Some(_)) => return Err(params.error("map", "give either `layers` or `map`, not both")),
         (Some(l), None) => l.clone(),
@@ -107,12 +112,7 @@ impl HiddenMatch {
             .into_iter()
             .map(|[a, b]| {
                 let projection = if s.hidden != t.hidden {
-                    let std = (1.0 / s.hidden as f64).sqrt() as f32;
-                    let normal = Normal::new(0.0f32, std).map_err(|e| Error::Runtime(e.to_string()))?;
-                    let w: Vec<f32> = (0..s.hidden * t.hidden).map(|_| normal.sample(&mut rng)).collect();
-                    let w = Tensor::from_vec(w, (s.hidden, t.hidden), &ctx.device)?.to_dtype(s.dtype)?;
-                    let b = Tensor::zeros(t.hidden, s.dtype, &ctx.device)?;
-                    Some((Var::from_tensor(&w)?, Var::from_tensor(&b)?))
+                    Some(projection(s.hidden, t.hidden, s.dtype, &mut rng, ctx)?)
                 } else {
                     None
                 };
@@ -125,6 +125,22 @@ impl HiddenMatch {
             .collect::<Result<Vec<_>>>()?;
         Ok(HiddenMatch { distance, pairs })
     }
+}
+
+/// A trainable linear map `[d_in, d_out]` (+ bias), weights `N(0, 1/d_in)`, bias 0.
+pub(crate) fn projection(
+    d_in: usize,
+    d_out: usize,
+    dtype: candle_core::DType,
+    rng: &mut ChaCha8Rng,
+    ctx: &BuildContext,
+) -> Result<(Var, Var)> {
+    let std = (1.0 / d_in as f64).sqrt() as f32;
+    let normal = Normal::new(0.0f32, std).map_err(|e| Error::Runtime(e.to_string()))?;
+    let w: Vec<f32> = (0..d_in * d_out).map(|_| normal.sample(rng)).collect();
+    let w = Tensor::from_vec(w, (d_in, d_out), &ctx.device)?.to_dtype(dtype)?;
+    let b = Tensor::zeros(d_out, dtype, &ctx.device)?;
+    Ok((Var::from_tensor(&w)?, Var::from_tensor(&b)?))
 }
 
 /// Per-token distance between `hs` and `ht`, `[b, s, d] -> [b, s]`.
@@ -141,27 +157,42 @@ pub fn per_token(distance: Distance, hs: &Tensor, ht: &Tensor) -> Result<Tensor>
     })
 }
 
-impl LossTerm for HiddenMatch {
-    fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
+impl HiddenMatch {
+    /// Builds the term from params (shared with `layerwise`).
+    pub fn from_params(distance: Distance, params: &Params, ctx: &BuildContext) -> Result<Self> {
+        Self::build(distance, params, ctx)
+    }
+
+    /// Number of layer pairs.
+    pub fn num_pairs(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// The distance of every pair, each a scalar averaged over counted tokens.
+    pub fn pair_distances(&self, ctx: &StepContext) -> Result<Vec<Tensor>> {
         let teacher = ctx
             .teacher
             .ok_or_else(|| Error::Runtime("hidden-state terms need teacher outputs".into()))?;
-        let mut total: Option<Tensor> = None;
-        for pair in &self.pairs {
-            let hs = ctx.student.tap(&format!("hidden.{}", pair.student))?;
-            let ht = teacher.tap(&format!("hidden.{}", pair.teacher))?.to_dtype(hs.dtype())?;
-            let hs = match &pair.projection {
-                Some((w, b)) => crate::models::nn::linear(hs, w.as_tensor(), b.as_tensor())?,
-                None => hs.clone(),
-            };
-            let v = masked_mean(&per_token(self.distance, &hs, &ht)?, ctx.batch.mask.as_ref())?;
-            total = Some(match total {
-                Some(t) => (t + v)?,
-                None => v,
-            });
-        }
-        let total = total.ok_or_else(|| Error::Runtime("no layer pairs".into()))?;
-        Ok((total / self.pairs.len() as f64)?)
+        self.pairs
+            .iter()
+            .map(|pair| {
+                let hs = ctx.student.tap(&format!("hidden.{}", pair.student))?;
+                let ht = teacher.tap(&format!("hidden.{}", pair.teacher))?.to_dtype(hs.dtype())?;
+                let hs = match &pair.projection {
+                    Some((w, b)) => crate::models::nn::linear(hs, w.as_tensor(), b.as_tensor())?,
+                    None => hs.clone(),
+                };
+                masked_mean(&per_token(self.distance, &hs, &ht)?, ctx.batch.mask.as_ref())
+            })
+            .collect()
+    }
+}
+
+impl LossTerm for HiddenMatch {
+    fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
+        let d = self.pair_distances(ctx)?;
+        let n = d.len() as f64;
+        Ok((Tensor::stack(&d, 0)?.sum_all()? / n)?)
     }
     fn needs_teacher(&self) -> bool {
         true

@@ -106,10 +106,12 @@ mod tests {
             );
             let m: Vec<f64> = (0..4).map(|v| beta * pt[v] + (1.0 - beta) * ps[v]).collect();
             let kl = |p: &[f64], q: &[f64]| (0..4).map(|v| p[v] * (p[v] / q[v]).ln()).sum::<f64>();
-            match beta {
-                b if b == 0.0 => kl(&pt, &ps),
-                b if b == 1.0 => kl(&ps, &pt),
-                _ => beta * kl(&pt, &m) + (1.0 - beta) * kl(&ps, &m),
+            if beta == 0.0 {
+                kl(&pt, &ps)
+            } else if beta == 1.0 {
+                kl(&ps, &pt)
+            } else {
+                beta * kl(&pt, &m) + (1.0 - beta) * kl(&ps, &m)
             }
         })
     }

@@ -1,10 +1,13 @@
 //! Built-in loss terms. Weight convention: `total = sum_i weight_i * term_i` (see
 //! `retort_core::loss`); logit KD terms include their own `T^2` factor.
 
+pub mod attention;
 pub mod ce;
+pub mod contrastive;
 pub mod hidden;
 pub mod jsd;
 pub mod kl;
+pub mod layerwise;
 pub mod logit;
 pub mod reverse_kl;
 pub mod skew_kl;
