@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use candle_core::Var;
+use candle_core::{DType, Tensor, Var, D};
 
 use crate::{Batch, Outputs, Result, TapSet};
 
@@ -63,20 +63,53 @@ pub trait Teacher: Send + Sync {
     fn context_len(&self) -> usize;
     /// Number of parameters.
     fn num_params(&self) -> usize;
-    /// Taps this teacher can produce.
+    /// Taps this teacher can produce (besides patterns such as `topk.{k}`).
     fn available_taps(&self) -> Vec<String>;
+    /// Whether the teacher can produce tap `name`.
+    fn supports_tap(&self, name: &str) -> bool {
+        self.available_taps().iter().any(|t| t == name)
+    }
     /// One-line human description.
     fn describe(&self) -> String;
     /// Shape facts.
     fn info(&self) -> ModelInfo;
 }
 
+/// The top-`k` ids and log-probabilities (temperature 1, descending) of dense `logits`
+/// `[.., vocab]`.
+pub fn dense_topk(logits: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let logprobs = shifted.broadcast_sub(&lse)?;
+    let ids = logprobs
+        .arg_sort_last_dim(false)?
+        .narrow(D::Minus1, 0, k)?
+        .contiguous()?;
+    let top = logprobs.contiguous()?.gather(&ids, D::Minus1)?;
+    Ok((ids, top))
+}
+
 /// Any [`Model`] used as a frozen teacher: outputs are detached from the autograd graph.
 pub struct FrozenTeacher<M: ?Sized>(pub Box<M>);
 
 impl<M: Model + ?Sized> Teacher for FrozenTeacher<M> {
+    /// The model's outputs, detached; `topk.{k}` taps are computed from the dense logits.
     fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs> {
-        Ok(self.0.forward(batch, taps)?.detach())
+        let mut out = self.0.forward(batch, taps)?.detach();
+        for k in taps.iter().filter_map(crate::taps::parse_topk_tap) {
+            let (ids, logprobs) = dense_topk(&out.logits, k)?;
+            out.taps.insert(format!("topk.{k}.ids"), ids);
+            out.taps.insert(format!("topk.{k}.logprobs"), logprobs);
+        }
+        Ok(out)
+    }
+    fn supports_tap(&self, name: &str) -> bool {
+        match crate::taps::parse_topk_tap(name) {
+            Some(k) => k >= 1 && k <= self.0.vocab_size(),
+            None => self.0.available_taps().iter().any(|t| t == name),
+        }
     }
     fn vocab_size(&self) -> usize {
         self.0.vocab_size()

@@ -3,13 +3,26 @@
 //! Names: `logits` (always computed), `hidden.{i}` (the residual stream after block `i`,
 //! `[batch, seq, width]`; `hidden.0` is the embedding output, so a model with `L` blocks has
 //! `hidden.0 ..= hidden.L`), `attn.{i}` (attention probabilities of block `i`,
-//! `[batch, heads, seq, seq]`). Models compute a tap only when the pipeline asked for it.
+//! `[batch, heads, seq, seq]`), `topk.{k}` (a teacher's top-`k` next-token distribution in
+//! sparse form: the request `topk.{k}` yields the tensors `topk.{k}.ids` `[batch, seq, k]` u32
+//! and `topk.{k}.logprobs` `[batch, seq, k]`, log-probabilities at temperature 1, descending).
+//! Models compute a tap only when the pipeline asked for it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::Tensor;
 
 use crate::{Error, Result};
+
+/// The tap name requesting a teacher's top-`k` distribution.
+pub fn topk_tap(k: usize) -> String {
+    format!("topk.{k}")
+}
+
+/// `Some(k)` for a tap name `topk.{k}`.
+pub fn parse_topk_tap(name: &str) -> Option<usize> {
+    name.strip_prefix("topk.")?.parse().ok()
+}
 
 /// The set of tap names a forward pass must produce (besides `logits`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use retort_core::config::RunConfig;
 use retort_core::{
-    BuildContext, DataSource, Error, Params, Registry, Result, Router, Schedule, Split, Student, Teacher,
+    BuildContext, DataSource, Error, FrozenTeacher, Params, Registry, Result, Router, Schedule, Split, Student, Teacher,
 };
 
 use crate::device::parse_device;
@@ -152,12 +152,10 @@ impl<'r> Pipeline<'r> {
         let teacher_params = Params::new("teacher", config.teacher.params.clone());
         let has_checkpoint = config.teacher.params.get("checkpoint").is_some_and(|v| !v.is_null());
         let teacher_info;
+        let mut probe_teacher: Option<Box<dyn Teacher>> = None;
         let (teacher_plan, teacher) = if has_checkpoint {
             if config.teacher.pretrain.is_some() {
-                return Err(Error::config(
-                    "teacher.pretrain",
-                    "a teacher with a checkpoint is not pretrained; drop one of the two",
-                ));
+                tracing::warn!("teacher.checkpoint is set: [teacher.pretrain] is ignored");
             }
             let teacher = registry.teachers.build(&config.teacher.kind, &teacher_params, &ctx)?;
             teacher_info = teacher.info();
@@ -197,6 +195,7 @@ impl<'r> Pipeline<'r> {
                     format!("expected a finite number > 0, got {lr}"),
                 ));
             }
+            probe_teacher = Some(Box::new(FrozenTeacher(probe)));
             (TeacherPlan::Pretrain { steps, lr }, None)
         };
         ctx.student = Some(student.info());
@@ -246,9 +245,11 @@ impl<'r> Pipeline<'r> {
                 vocab_size,
                 t.seq_len,
             )?;
+        }
+        if let Some(teacher) = teacher.as_ref().or(probe_teacher.as_ref()) {
             for (i, term) in terms.iter().enumerate() {
                 for tap in term.term.teacher_taps() {
-                    if !teacher.available_taps().contains(&tap) {
+                    if !teacher.supports_tap(&tap) {
                         return Err(Error::config(
                             format!("loss[{i}]"),
                             format!("asks for teacher tap `{tap}`, which the teacher does not have"),

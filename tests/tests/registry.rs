@@ -3,39 +3,20 @@
 #[test]
 fn builtins_are_registered() {
     let r = retort_host::builtin_registry().expect("registry");
+    let kinds = |k: Vec<&str>| k.join(" ");
     assert_eq!(
-        r.losses.kinds(),
-        vec![
-            "attention",
-            "ce",
-            "contrastive",
-            "hidden_cosine",
-            "hidden_mse",
-            "jsd",
-            "kl",
-            "layerwise",
-            "reverse_kl",
-            "skew_kl",
-            "tvd"
-        ]
+        kinds(r.losses.kinds()),
+        "attention ce contrastive hidden_cosine hidden_mse jsd kl layerwise reverse_kl skew_kl topk_kl tvd"
     );
-    assert_eq!(r.students.kinds(), vec!["transformer"]);
-    assert_eq!(r.teachers.kinds(), vec!["transformer"]);
-    assert_eq!(r.data.kinds(), vec!["synthetic", "text"]);
-    assert_eq!(r.routers.kinds(), vec!["curriculum", "magnitude", "static"]);
-    assert_eq!(r.tokenizers.kinds(), vec!["char"]);
-    assert_eq!(r.observers.kinds(), vec!["jsonl"]);
+    assert_eq!(kinds(r.students.kinds()), "transformer");
+    assert_eq!(kinds(r.teachers.kinds()), "transformer");
+    assert_eq!(kinds(r.data.kinds()), "synthetic text");
+    assert_eq!(kinds(r.routers.kinds()), "curriculum magnitude static");
+    assert_eq!(kinds(r.tokenizers.kinds()), "char");
+    assert_eq!(kinds(r.observers.kinds()), "jsonl");
     assert_eq!(
-        r.schedules.kinds(),
-        vec![
-            "constant",
-            "cosine",
-            "exponential",
-            "linear",
-            "piecewise",
-            "step",
-            "warmup_cosine"
-        ]
+        kinds(r.schedules.kinds()),
+        "constant cosine exponential linear piecewise step warmup_cosine"
     );
     for (_, kind, description, source) in r.listing() {
         assert!(!description.is_empty(), "{kind} has no description");

@@ -11,6 +11,7 @@ pub mod layerwise;
 pub mod logit;
 pub mod reverse_kl;
 pub mod skew_kl;
+pub mod topk_kl;
 pub mod tvd;
 
 use candle_core::{DType, Tensor};

@@ -1,0 +1,299 @@
+//! `topk_kl`: KL on the teacher's top-`k` tokens (sparse / subset distillation; the form used
+//! with stored top-k teacher logits, e.g. by DistillKit and in Raman et al. 2023).
+//!
+//! The teacher provides the sparse tap `topk.{k}`: ids `S` and log-probs `log p_t(v)`, `v in S`,
+//! at temperature 1 (a dense teacher computes it from its logits; a cached teacher reads it).
+//! The student's log-probs `log p_s = log_softmax(z_s / T)` are gathered at `S`. Tail handling:
+//!
+//! - `tail = "bucket"` (default): the mass outside `S` is one more outcome,
+//!   `L = sum_{v in S} p_t (log p_t - log p_s) + m_t (log m_t - log m_s)`, with
+//!   `m = 1 - sum_{v in S} p` (clamped at 1e-12). Exact when `S` is the whole vocabulary.
+//!   Needs `T = 1` (a tempered teacher tail cannot be recovered from the top-k).
+//! - `tail = "renormalize"`: drop the tail and renormalise both sides over `S`,
+//!   `L = KL(softmax_S(log p_t / T) || softmax_S(log p_s))`.
+//!
+//! Then the mean over counted tokens, times `T^2` if `scale_by_t2` (default true). The term's own
+//! tensors are `[tokens, k]`: besides the student's dense logits (inherent), it never builds a
+//! dense `[tokens, vocab]` teacher tensor.
+//!
+//! ```toml
+//! [[loss]]
+//! kind = "topk_kl"
+//! k = 64
+//! tail = "bucket"
+//! ```
+
+use candle_core::{Tensor, D};
+use serde::Deserialize;
+
+use retort_core::registry::Factory;
+use retort_core::taps::topk_tap;
+use retort_core::{BuildContext, Error, LossTerm, Params, Progress, Result, ScalarSpec, StepContext};
+
+use super::as_float;
+use super::logit::{one, Tempered};
+use crate::models::nn::log_softmax_last;
+
+/// Params of `topk_kl`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopkParams {
+    /// Teacher tokens kept per position. Default 64.
+    #[serde(default = "d_k")]
+    pub k: usize,
+    /// `"bucket"` (default) or `"renormalize"`.
+    #[serde(default = "d_tail")]
+    pub tail: String,
+    /// Temperature `T > 0` (must be 1 with `tail = "bucket"`). Default 1.0.
+    #[serde(default = "one")]
+    pub temperature: ScalarSpec,
+    /// Multiply by `T^2`. Default true.
+    #[serde(default = "yes")]
+    pub scale_by_t2: bool,
+}
+
+fn d_k() -> usize {
+    64
+}
+fn d_tail() -> String {
+    "bucket".into()
+}
+fn yes() -> bool {
+    true
+}
+
+/// Tail treatment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tail {
+    /// The tail is one extra outcome.
+    Bucket,
+    /// The tail is dropped, both sides renormalised over the top-k.
+    Renormalize,
+}
+
+/// Top-k KL.
+pub struct TopkKl {
+    k: usize,
+    tail: Tail,
+    tempered: Tempered,
+}
+
+const EPS: f64 = 1e-12;
+
+/// Per-token top-k KL from the student's full log-probs `ls_full` `[.., V]` (already tempered)
+/// and the teacher's sparse `ids`, `lpt` `[.., k]`.
+pub fn topk_per_token(ls_full: &Tensor, ids: &Tensor, lpt: &Tensor, tail: Tail, t: f64) -> Result<Tensor> {
+    let ls = ls_full.contiguous()?.gather(&ids.contiguous()?, D::Minus1)?;
+    let lpt = lpt.to_dtype(ls.dtype())?;
+    Ok(match tail {
+        Tail::Renormalize => {
+            let lt = log_softmax_last(&(lpt / t)?)?;
+            let ls_hat = log_softmax_last(&ls)?;
+            (lt.exp()? * (&lt - ls_hat)?)?.sum(D::Minus1)?
+        }
+        Tail::Bucket => {
+            let pt = lpt.exp()?;
+            let head = (&pt * (&lpt - &ls)?)?.sum(D::Minus1)?;
+            let mt = pt.sum(D::Minus1)?.affine(-1.0, 1.0)?.maximum(EPS)?;
+            let ms = ls.exp()?.sum(D::Minus1)?.affine(-1.0, 1.0)?.maximum(EPS)?;
+            (head + (&mt * (mt.log()? - ms.log()?)?)?)?
+        }
+    })
+}
+
+impl LossTerm for TopkKl {
+    fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
+        let teacher = ctx
+            .teacher
+            .ok_or_else(|| Error::Runtime("topk_kl needs teacher outputs".into()))?;
+        let ids = teacher.tap(&format!("topk.{}.ids", self.k))?;
+        let lpt = teacher.tap(&format!("topk.{}.logprobs", self.k))?;
+        let t = self.tempered.temperature(ctx.progress);
+        let ls_full = log_softmax_last(&(as_float(&ctx.student.logits)? / t)?)?;
+        let per_token = topk_per_token(&ls_full, ids, lpt, self.tail, t)?;
+        self.tempered.reduce(&per_token, ctx, t)
+    }
+    fn needs_teacher(&self) -> bool {
+        true
+    }
+    fn teacher_taps(&self) -> Vec<String> {
+        vec![topk_tap(self.k)]
+    }
+    fn scalars(&self, progress: Progress) -> Vec<(String, f64)> {
+        self.tempered.scalars(progress)
+    }
+}
+
+fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
+    let p: TopkParams = params.parse()?;
+    if p.k == 0 {
+        return Err(params.error("k", "expected an integer >= 1, got 0"));
+    }
+    if let Some(v) = ctx.vocab_size.filter(|v| p.k > *v) {
+        return Err(params.error("k", format!("k = {} exceeds the vocabulary of {v}", p.k)));
+    }
+    let tail = match p.tail.as_str() {
+        "bucket" => Tail::Bucket,
+        "renormalize" => Tail::Renormalize,
+        other => {
+            return Err(params.error(
+                "tail",
+                format!("expected \"bucket\" or \"renormalize\", got \"{other}\""),
+            ))
+        }
+    };
+    let tempered = Tempered::new(params, ctx, &p.temperature, p.scale_by_t2)?;
+    if tail == Tail::Bucket {
+        let t = p.temperature.build(&params.key_path("temperature"), ctx)?;
+        t.check(
+            &params.key_path("temperature"),
+            |v| v == 1.0,
+            "1.0 with tail = \"bucket\" (use \"renormalize\" to temper)",
+        )?;
+    }
+    Ok(Box::new(TopkKl { k: p.k, tail, tempered }))
+}
+
+inventory::submit! {
+    Factory::<dyn LossTerm> {
+        kind: "topk_kl",
+        description: "KL on the teacher's top-k tokens, tail as one bucket or renormalised; cost scales with k",
+        build,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::logit::testutil::*;
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use retort_core::model::dense_topk;
+    use retort_core::{Batch, Outputs};
+
+    fn term_value(term: &dyn LossTerm, zs: &Tensor, k: usize) -> Tensor {
+        let zt = Tensor::new(&[ZT], &Device::Cpu).expect("zt");
+        let (ids, lp) = dense_topk(&zt, k).expect("topk");
+        let mut t = Outputs::logits_only(zt);
+        t.taps.insert(format!("topk.{k}.ids"), ids);
+        t.taps
+            .insert(format!("topk.{k}.logprobs"), lp.to_dtype(DType::F64).expect("f64"));
+        let ids = Tensor::zeros((1, 2), DType::U32, &Device::Cpu).expect("ids");
+        let batch = Batch {
+            input_ids: ids.clone(),
+            targets: ids,
+            mask: None,
+        };
+        let s = Outputs::logits_only(zs.clone());
+        term.compute(&StepContext {
+            batch: &batch,
+            student: &s,
+            teacher: Some(&t),
+            progress: Progress::new(0, 1),
+        })
+        .expect("compute")
+    }
+
+    /// Reference in f64 for rows of ZS/ZT: top-k set of the teacher, then bucket or renormalised KL.
+    fn reference_topk(k: usize, tail: Tail, t: f64) -> f64 {
+        let mut total = 0.0;
+        for r in 0..2 {
+            let lt1 = logsm(&ZT[r], 1.0);
+            let ls = logsm(&ZS[r], t);
+            let mut order: Vec<usize> = (0..4).collect();
+            order.sort_by(|a, b| lt1[*b].total_cmp(&lt1[*a]));
+            let s = &order[..k];
+            total += match tail {
+                Tail::Bucket => {
+                    let head: f64 = s.iter().map(|&v| lt1[v].exp() * (lt1[v] - ls[v])).sum();
+                    let mt = 1.0 - s.iter().map(|&v| lt1[v].exp()).sum::<f64>();
+                    let ms = 1.0 - s.iter().map(|&v| ls[v].exp()).sum::<f64>();
+                    head + if mt > 0.0 { mt * (mt / ms).ln() } else { 0.0 }
+                }
+                Tail::Renormalize => {
+                    let zt: f64 = s.iter().map(|&v| (lt1[v] / t).exp()).sum();
+                    let zs: f64 = s.iter().map(|&v| ls[v].exp()).sum();
+                    s.iter()
+                        .map(|&v| {
+                            let pt = (lt1[v] / t).exp() / zt;
+                            let ps = ls[v].exp() / zs;
+                            pt * (pt / ps).ln()
+                        })
+                        .sum()
+                }
+            };
+        }
+        t * t * total / 2.0
+    }
+
+    #[test]
+    fn matches_reference_values() {
+        let zs = Tensor::new(&[ZS], &Device::Cpu).expect("zs");
+        for (k, tail, t) in [
+            (2, "bucket", 1.0),
+            (3, "bucket", 1.0),
+            (2, "renormalize", 2.0),
+            (4, "renormalize", 1.0),
+        ] {
+            let term = build_term(
+                super::build,
+                serde_json::json!({"k": k, "tail": tail, "temperature": t}),
+            )
+            .expect("build");
+            let got = term_value(term.as_ref(), &zs, k).to_scalar::<f64>().expect("s");
+            let tl = if tail == "bucket" {
+                Tail::Bucket
+            } else {
+                Tail::Renormalize
+            };
+            let want = reference_topk(k, tl, t);
+            assert!((got - want).abs() < 1e-6, "k={k} {tail} T={t}: {got} vs {want}");
+        }
+        // With k = V the bucket form is the full forward KL.
+        let term = build_term(super::build, serde_json::json!({"k": 4})).expect("build");
+        let full = reference(1.0, |ls, lt| (0..4).map(|v| lt[v].exp() * (lt[v] - ls[v])).sum());
+        assert!((term_value(term.as_ref(), &zs, 4).to_scalar::<f64>().expect("s") - full).abs() < 1e-6);
+    }
+
+    #[test]
+    fn gradient_matches_finite_difference() {
+        for (tail, t) in [("bucket", 1.0), ("renormalize", 1.5)] {
+            let term = build_term(
+                super::build,
+                serde_json::json!({"k": 2, "tail": tail, "temperature": t}),
+            )
+            .expect("b");
+            let zs = Var::new(&[ZS], &Device::Cpu).expect("var");
+            let g = term_value(term.as_ref(), zs.as_tensor(), 2).backward().expect("bwd");
+            let g: Vec<f64> = g
+                .get(zs.as_tensor())
+                .expect("g")
+                .flatten_all()
+                .expect("f")
+                .to_vec1()
+                .expect("v");
+            let base: Vec<f64> = ZS.iter().flatten().copied().collect();
+            for i in 0..base.len() {
+                let f = |d: f64| {
+                    let mut w = base.clone();
+                    w[i] += d;
+                    let x = Tensor::from_vec(w, (1, 2, 4), &Device::Cpu).expect("t");
+                    term_value(term.as_ref(), &x, 2).to_scalar::<f64>().expect("s")
+                };
+                let num = (f(1e-6) - f(-1e-6)) / 2e-6;
+                assert!((num - g[i]).abs() < 1e-6, "{tail}[{i}]: {num} vs {}", g[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn bucket_needs_unit_temperature() {
+        let err = build_term(super::build, serde_json::json!({"k": 2, "temperature": 2.0}))
+            .err()
+            .expect("must fail");
+        assert!(
+            err.to_string().contains("loss[0].temperature") && err.to_string().contains("renormalize"),
+            "{err}"
+        );
+        assert!(build_term(super::build, serde_json::json!({"k": 0})).is_err());
+    }
+}
