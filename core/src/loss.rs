@@ -20,6 +20,9 @@ pub struct StepContext<'a> {
     pub teacher: Option<&'a Outputs>,
     /// Training progress.
     pub progress: Progress,
+    /// Per-token weights `[batch, seq]` from the router (mean 1 over counted tokens), applied by
+    /// the logit distillation terms on top of the mask; `None` means uniform.
+    pub token_weights: Option<&'a Tensor>,
 }
 
 /// One term of the training objective.

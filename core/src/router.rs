@@ -1,6 +1,8 @@
 //! Routers: turn per-term signals into per-term weights each step.
 
-use crate::{Progress, Result};
+use candle_core::Tensor;
+
+use crate::{Progress, Result, StepContext};
 
 /// Per-term signals of one step, index-aligned with the configured loss terms.
 #[derive(Debug, Clone, Copy)]
@@ -9,14 +11,22 @@ pub struct TermSignals<'a> {
     pub names: &'a [String],
     /// Term values of this step (before weighting).
     pub values: &'a [f64],
-    /// Configured weights.
+    /// Configured weights (schedules evaluated at this step).
     pub base_weights: &'a [f64],
+    /// Whether each term reads intermediate features (hidden states, attention) rather than
+    /// only logits.
+    pub reads_features: &'a [bool],
     /// Training progress.
     pub progress: Progress,
 }
 
 /// Decides the weight of each term. May keep state across steps, hence `&mut self`.
 pub trait Router: Send {
+    /// Called after the forward passes and before the terms: may return per-token weights
+    /// `[batch, seq]` for the logit distillation terms (see `StepContext::token_weights`).
+    fn prepare(&mut self, _ctx: &StepContext) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// Weights for this step, one per term.
     fn weights(&mut self, signals: &TermSignals) -> Result<Vec<f64>>;
     /// Called once at assembly with the term names; a router that refers to terms by name

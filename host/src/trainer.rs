@@ -134,6 +134,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         )));
     }
     let names: Vec<String> = terms.iter().map(|t| t.name.clone()).collect();
+    let reads_features: Vec<bool> = terms.iter().map(|t| !t.term.student_taps().is_empty()).collect();
 
     let bar = if progress_bar {
         ProgressBar::new(steps as u64)
@@ -158,12 +159,15 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
             _ => None,
         };
         let s_out = student.forward(&batch, &student_taps)?;
-        let ctx = StepContext {
+        let mut ctx = StepContext {
             batch: &batch,
             student: &s_out,
             teacher: t_out.as_ref(),
             progress,
+            token_weights: None,
         };
+        let token_weights = router.prepare(&ctx)?.map(|w| w.detach());
+        ctx.token_weights = token_weights.as_ref();
         let values: Vec<Tensor> = terms.iter().map(|t| t.term.compute(&ctx)).collect::<Result<_>>()?;
         let scalars: Vec<f64> = values.iter().map(scalar).collect::<Result<_>>()?;
         if let Some(i) = scalars.iter().position(|v| !v.is_finite()) {
@@ -177,6 +181,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
             names: &names,
             values: &scalars,
             base_weights: &base_weights,
+            reads_features: &reads_features,
             progress,
         })?;
         if weights.len() != terms.len() {

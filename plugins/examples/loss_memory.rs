@@ -47,27 +47,46 @@ fn main() -> Result<()> {
         "topk_kl" => serde_json::json!({ "k": k }),
         _ => bail!("expected kl or topk_kl"),
     };
-    let term = (factory.build)(&Params::new("loss[0]", params.as_object().context("object")?.clone()), &ctx)?;
+    let term = (factory.build)(
+        &Params::new("loss[0]", params.as_object().context("object")?.clone()),
+        &ctx,
+    )?;
     let teacher = if kind == "kl" {
         let t: Vec<f32> = (0..n * v).map(|_| rng.random_range(-3.0..3.0)).collect();
         Outputs::logits_only(Tensor::from_vec(t, (1, n, v), &dev)?)
     } else {
         // A sparse teacher as a cache stores it: k distinct ids and descending log-probs per token.
-        let ids: Vec<u32> = (0..n).flat_map(|i| (0..k).map(move |j| ((i * 7919 + j * 104_729) % v) as u32)).collect();
+        let ids: Vec<u32> = (0..n)
+            .flat_map(|i| (0..k).map(move |j| ((i * 7919 + j * 104_729) % v) as u32))
+            .collect();
         // Log-probs of a proper distribution: 90% of the mass on the k ids (descending), 10% tail.
         let z: f32 = (0..k).map(|j| (-0.1 * j as f32).exp()).sum();
-        let lp: Vec<f32> = (0..n).flat_map(|_| (0..k).map(move |j| (0.9 * (-0.1 * j as f32).exp() / z).ln())).collect();
+        let lp: Vec<f32> = (0..n)
+            .flat_map(|_| (0..k).map(move |j| (0.9 * (-0.1 * j as f32).exp() / z).ln()))
+            .collect();
         let mut o = Outputs::logits_only(Tensor::zeros((1, 1, 1), DType::F32, &dev)?);
-        o.taps.insert(format!("topk.{k}.ids"), Tensor::from_vec(ids, (1, n, k), &dev)?);
-        o.taps.insert(format!("topk.{k}.logprobs"), Tensor::from_vec(lp, (1, n, k), &dev)?);
+        o.taps
+            .insert(format!("topk.{k}.ids"), Tensor::from_vec(ids, (1, n, k), &dev)?);
+        o.taps
+            .insert(format!("topk.{k}.logprobs"), Tensor::from_vec(lp, (1, n, k), &dev)?);
         o
     };
     let ids = Tensor::zeros((1, n), DType::U32, &dev)?;
-    let batch = Batch { input_ids: ids.clone(), targets: ids, mask: None };
+    let batch = Batch {
+        input_ids: ids.clone(),
+        targets: ids,
+        mask: None,
+    };
     let before = peak_rss_mib();
     let start = Instant::now();
     let s = Outputs::logits_only(student.as_tensor().clone());
-    let ctx = StepContext { batch: &batch, student: &s, teacher: Some(&teacher), progress: Progress::new(0, 1) };
+    let ctx = StepContext {
+        batch: &batch,
+        student: &s,
+        teacher: Some(&teacher),
+        progress: Progress::new(0, 1),
+        token_weights: None,
+    };
     let loss = term.compute(&ctx)?;
     let grads = loss.backward()?;
     let g = grads.get(student.as_tensor()).context("student gradient")?;

@@ -198,3 +198,41 @@ decay = 0.8
         names.keys()
     );
 }
+
+#[test]
+fn student_aware_router_logs_its_quantities_and_paces_feature_terms() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let toml = tiny_config("aware").replace(
+        "[[loss]]\nkind = \"ce\"\nweight = 0.5\n",
+        "[[loss]]\nkind = \"ce\"\nweight = 0.5\n\n[[loss]]\nkind = \"hidden_cosine\"\nweight = 0.3\n\n[router]\nkind = \"student_aware\"\n",
+    );
+    let out = run_config(tmp.path(), &toml, &["eval.baseline=false".into()]);
+    let metrics = read_metrics(&out.dir);
+    let recs: Vec<&serde_json::Value> = metrics
+        .iter()
+        .filter(|m| m["event"] == "train" && m["phase"] == "student")
+        .collect();
+    for rec in &recs {
+        let r = &rec["router"];
+        for key in [
+            "gap_mean",
+            "token_weight_min",
+            "token_weight_max",
+            "confidence_student",
+            "readiness",
+            "trend",
+            "pace",
+        ] {
+            assert!(r[key].is_number(), "router.{key} missing: {rec}");
+        }
+        let pace = r["pace"].as_f64().expect("pace");
+        assert!((0.0..=1.0).contains(&pace));
+        // Feature term paced, logit terms untouched.
+        assert!(
+            (rec["weights"]["hidden_cosine"].as_f64().expect("w") - 0.3 * pace).abs() < 1e-9,
+            "{rec}"
+        );
+        assert_eq!(rec["weights"]["kl"], 0.5);
+        assert!(r["token_weight_max"].as_f64().expect("w") >= 1.0 && r["token_weight_min"].as_f64().expect("w") <= 1.0);
+    }
+}

@@ -11,7 +11,7 @@ fn builtins_are_registered() {
     assert_eq!(kinds(r.students.kinds()), "transformer");
     assert_eq!(kinds(r.teachers.kinds()), "transformer");
     assert_eq!(kinds(r.data.kinds()), "synthetic text");
-    assert_eq!(kinds(r.routers.kinds()), "curriculum magnitude static");
+    assert_eq!(kinds(r.routers.kinds()), "curriculum magnitude static student_aware");
     assert_eq!(kinds(r.tokenizers.kinds()), "char");
     assert_eq!(kinds(r.observers.kinds()), "jsonl");
     assert_eq!(

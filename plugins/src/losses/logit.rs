@@ -40,8 +40,14 @@ impl Tempered {
     }
 
     /// Mean of `per_token` over the counted tokens, times `T^2` when scaling is on.
+    /// Router token weights, when given, multiply the mask.
     pub fn reduce(&self, per_token: &Tensor, ctx: &StepContext, t: f64) -> Result<Tensor> {
-        let mean = masked_mean(per_token, ctx.batch.mask.as_ref())?;
+        let weights = match (ctx.token_weights, ctx.batch.mask.as_ref()) {
+            (Some(w), Some(m)) => Some((w.to_dtype(per_token.dtype())? * m.to_dtype(per_token.dtype())?)?),
+            (Some(w), None) => Some(w.clone()),
+            (None, m) => m.cloned(),
+        };
+        let mean = masked_mean(per_token, weights.as_ref())?;
         Ok(if self.scale_by_t2 { (mean * (t * t))? } else { mean })
     }
 
@@ -138,6 +144,7 @@ pub(crate) mod testutil {
             student: &s,
             teacher: Some(&te),
             progress,
+            token_weights: None,
         };
         term.compute(&ctx).expect("compute")
     }

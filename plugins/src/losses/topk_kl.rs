@@ -189,6 +189,7 @@ mod tests {
             student: &s,
             teacher: Some(&t),
             progress: Progress::new(0, 1),
+            token_weights: None,
         })
         .expect("compute")
     }

@@ -202,6 +202,7 @@ mod tests {
                 names: &names,
                 values: &[1.0; 3],
                 base_weights: &[1.0, 2.0, 0.5],
+                reads_features: &[false; 3],
                 progress: Progress::new(step, 100),
             })
             .expect("w")

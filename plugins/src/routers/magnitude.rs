@@ -144,6 +144,7 @@ mod tests {
                     names: &names,
                     values: &values,
                     base_weights: &base,
+                    reads_features: &[false; 3],
                     progress: Progress::new(step, 20),
                 })
                 .expect("weights");

@@ -3,3 +3,4 @@
 pub mod curriculum;
 pub mod fixed;
 pub mod magnitude;
+pub mod student_aware;
