@@ -12,6 +12,10 @@
 //! - `tail = "renormalize"`: drop the tail and renormalise both sides over `S`,
 //!   `L = KL(softmax_S(log p_t / T) || softmax_S(log p_s))`.
 //!
+//! With `union_student = true` the set is `S` joined with the student's own top-`k` (duplicates
+//! counted once; the teacher's log-probs there come from its dense logits), so the student is
+//! also corrected where it puts mass the teacher's top-k does not cover.
+//!
 //! Then the mean over counted tokens, times `T^2` if `scale_by_t2` (default true). The term's own
 //! tensors are `[tokens, k]`: besides the student's dense logits (inherent), it never builds a
 //! dense `[tokens, vocab]` teacher tensor.
@@ -23,9 +27,10 @@
 //! tail = "bucket"
 //! ```
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use serde::Deserialize;
 
+use retort_core::model::dense_topk;
 use retort_core::registry::Factory;
 use retort_core::taps::topk_tap;
 use retort_core::{BuildContext, Error, LossTerm, Params, Progress, Result, ScalarSpec, StepContext};
@@ -50,6 +55,9 @@ pub struct TopkParams {
     /// Multiply by `T^2`. Default true.
     #[serde(default = "yes")]
     pub scale_by_t2: bool,
+    /// Also keep the student's own top-k tokens (needs a teacher with dense logits). Default false.
+    #[serde(default)]
+    pub union_student: bool,
 }
 
 fn d_k() -> usize {
@@ -74,6 +82,7 @@ pub enum Tail {
 /// Top-k KL.
 pub struct TopkKl {
     k: usize,
+    union_student: bool,
     tail: Tail,
     tempered: Tempered,
 }
@@ -81,24 +90,78 @@ pub struct TopkKl {
 const EPS: f64 = 1e-12;
 
 /// Per-token top-k KL from the student's full log-probs `ls_full` `[.., V]` (already tempered)
-/// and the teacher's sparse `ids`, `lpt` `[.., k]`.
-pub fn topk_per_token(ls_full: &Tensor, ids: &Tensor, lpt: &Tensor, tail: Tail, t: f64) -> Result<Tensor> {
+/// and the teacher's sparse `ids`, `lpt` `[.., n]`; `valid` (1/0, `[.., n]`) drops entries
+/// (duplicates in a union of id sets).
+pub fn topk_per_token(
+    ls_full: &Tensor,
+    ids: &Tensor,
+    lpt: &Tensor,
+    valid: Option<&Tensor>,
+    tail: Tail,
+    t: f64,
+) -> Result<Tensor> {
     let ls = ls_full.contiguous()?.gather(&ids.contiguous()?, D::Minus1)?;
     let lpt = lpt.to_dtype(ls.dtype())?;
+    let m = valid.map(|v| v.to_dtype(ls.dtype())).transpose()?;
+    let keep = |x: Tensor| -> Result<Tensor> {
+        Ok(match &m {
+            Some(m) => (x * m)?,
+            None => x,
+        })
+    };
+    // Invalid entries pushed to a finite -1e9 (not -inf, which would give 0 * inf = NaN).
+    let drop = |x: Tensor| -> Result<Tensor> {
+        Ok(match &m {
+            Some(m) => (x + (m.affine(1.0, -1.0)? * 1e9)?)?,
+            None => x,
+        })
+    };
     Ok(match tail {
         Tail::Renormalize => {
-            let lt = log_softmax_last(&(lpt / t)?)?;
-            let ls_hat = log_softmax_last(&ls)?;
-            (lt.exp()? * (&lt - ls_hat)?)?.sum(D::Minus1)?
+            let lt = log_softmax_last(&drop((lpt / t)?)?)?;
+            let ls_hat = log_softmax_last(&drop(ls)?)?;
+            keep((lt.exp()? * (&lt - ls_hat)?)?)?.sum(D::Minus1)?
         }
         Tail::Bucket => {
-            let pt = lpt.exp()?;
+            let pt = keep(lpt.exp()?)?;
             let head = (&pt * (&lpt - &ls)?)?.sum(D::Minus1)?;
             let mt = pt.sum(D::Minus1)?.affine(-1.0, 1.0)?.maximum(EPS)?;
-            let ms = ls.exp()?.sum(D::Minus1)?.affine(-1.0, 1.0)?.maximum(EPS)?;
+            let ms = keep(ls.exp()?)?.sum(D::Minus1)?.affine(-1.0, 1.0)?.maximum(EPS)?;
             (head + (&mt * (mt.log()? - ms.log()?)?)?)?
         }
     })
+}
+
+/// The union of the teacher's top-k ids with the student's top-k: ids, teacher log-probs and a
+/// validity mask (student ids already among the teacher's are dropped). Needs dense teacher
+/// logits for the teacher's log-probs at the student's ids.
+pub fn union_with_student(
+    student_logits: &Tensor,
+    teacher_logits: &Tensor,
+    ids: &Tensor,
+    lpt: &Tensor,
+    k: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if student_logits.dims() != teacher_logits.dims() {
+        return Err(Error::Runtime(format!(
+            "topk_kl with union_student needs the teacher's dense logits (student {:?}, teacher {:?})",
+            student_logits.dims(),
+            teacher_logits.dims()
+        )));
+    }
+    let (sids, _) = dense_topk(&student_logits.detach(), k)?;
+    let lt_full = log_softmax_last(&as_float(teacher_logits)?)?;
+    let lpt_s = lt_full.contiguous()?.gather(&sids, D::Minus1)?.to_dtype(lpt.dtype())?;
+    let dup = sids
+        .unsqueeze(D::Minus1)?
+        .broadcast_eq(&ids.unsqueeze(D::Minus2)?)?
+        .to_dtype(DType::F32)?
+        .sum(D::Minus1)?;
+    let valid_s = dup.minimum(1.0)?.affine(-1.0, 1.0)?;
+    let ids_u = Tensor::cat(&[ids, &sids], D::Minus1)?;
+    let lpt_u = Tensor::cat(&[lpt, &lpt_s], D::Minus1)?;
+    let valid = Tensor::cat(&[&valid_s.ones_like()?, &valid_s], D::Minus1)?;
+    Ok((ids_u, lpt_u, valid))
 }
 
 impl LossTerm for TopkKl {
@@ -110,7 +173,12 @@ impl LossTerm for TopkKl {
         let lpt = teacher.tap(&format!("topk.{}.logprobs", self.k))?;
         let t = self.tempered.temperature(ctx.progress);
         let ls_full = log_softmax_last(&(as_float(&ctx.student.logits)? / t)?)?;
-        let per_token = topk_per_token(&ls_full, ids, lpt, self.tail, t)?;
+        let per_token = if self.union_student {
+            let (ids, lpt, valid) = union_with_student(&ctx.student.logits, &teacher.logits, ids, lpt, self.k)?;
+            topk_per_token(&ls_full, &ids, &lpt, Some(&valid), self.tail, t)?
+        } else {
+            topk_per_token(&ls_full, ids, lpt, None, self.tail, t)?
+        };
         self.tempered.reduce(&per_token, ctx, t)
     }
     fn needs_teacher(&self) -> bool {
@@ -151,7 +219,12 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
             "1.0 with tail = \"bucket\" (use \"renormalize\" to temper)",
         )?;
     }
-    Ok(Box::new(TopkKl { k: p.k, tail, tempered }))
+    Ok(Box::new(TopkKl {
+        k: p.k,
+        union_student: p.union_student,
+        tail,
+        tempered,
+    }))
 }
 
 inventory::submit! {
@@ -167,7 +240,6 @@ mod tests {
     use super::super::logit::testutil::*;
     use super::*;
     use candle_core::{DType, Device, Var};
-    use retort_core::model::dense_topk;
     use retort_core::{Batch, Outputs};
 
     fn term_value(term: &dyn LossTerm, zs: &Tensor, k: usize) -> Tensor {
@@ -283,6 +355,68 @@ mod tests {
                 let num = (f(1e-6) - f(-1e-6)) / 2e-6;
                 assert!((num - g[i]).abs() < 1e-6, "{tail}[{i}]: {num} vs {}", g[i]);
             }
+        }
+    }
+
+    #[test]
+    fn union_with_student_counts_each_id_once() {
+        let dev = Device::Cpu;
+        let zs_v = [0.2f64, 1.5, -0.3, 0.8];
+        let zt_v = [1.0f64, -0.5, 2.0, 0.1];
+        let zs = Var::new(&[[zs_v]], &dev).expect("zs");
+        let zt = Tensor::new(&[[zt_v]], &dev).expect("zt");
+        let logsm1 = |z: &[f64; 4]| {
+            let lse = z.iter().map(|x| x.exp()).sum::<f64>().ln();
+            z.map(|x| x - lse)
+        };
+        let (ls, lt) = (logsm1(&zs_v), logsm1(&zt_v));
+        // k = 1: teacher's top id 2, student's top id 1 -> union {2, 1}.
+        // Reference (bucket): sum_{v in {1,2}} p_t (log p_t - log p_s) + m_t ln(m_t / m_s).
+        let set = [2usize, 1];
+        let head: f64 = set.iter().map(|&v| lt[v].exp() * (lt[v] - ls[v])).sum();
+        let mt = 1.0 - set.iter().map(|&v| lt[v].exp()).sum::<f64>();
+        let ms = 1.0 - set.iter().map(|&v| ls[v].exp()).sum::<f64>();
+        let want = head + mt * (mt / ms).ln();
+        let f = |x: &Tensor| {
+            let (ids, lp) = dense_topk(&zt, 1).expect("topk");
+            let lp = lp.to_dtype(DType::F64).expect("f64");
+            let (ids, lp, valid) = union_with_student(x, &zt, &ids, &lp, 1).expect("union");
+            let ls_full = log_softmax_last(x).expect("lsm");
+            topk_per_token(&ls_full, &ids, &lp, Some(&valid), Tail::Bucket, 1.0)
+                .expect("kl")
+                .sum_all()
+                .expect("s")
+        };
+        let got = f(zs.as_tensor());
+        assert!(
+            (got.to_scalar::<f64>().expect("s") - want).abs() < 1e-6,
+            "{got} vs {want}"
+        );
+        // When the student's top-1 is the teacher's (here: the student is the teacher), the
+        // duplicate id is dropped.
+        let (ids, lp) = dense_topk(&zt, 1).expect("topk");
+        let (_, _, valid) = union_with_student(&zt, &zt, &ids, &lp, 1).expect("union");
+        assert_eq!(
+            valid.flatten_all().expect("f").to_vec1::<f32>().expect("v"),
+            vec![1.0, 0.0]
+        );
+        // Gradient through the union path.
+        let g = got.backward().expect("bwd");
+        let g: Vec<f64> = g
+            .get(zs.as_tensor())
+            .expect("g")
+            .flatten_all()
+            .expect("f")
+            .to_vec1()
+            .expect("v");
+        for i in 0..4 {
+            let val = |d: f64| {
+                let mut w = zs_v;
+                w[i] += d;
+                f(&Tensor::new(&[[w]], &dev).expect("t")).to_scalar::<f64>().expect("s")
+            };
+            let num = (val(1e-6) - val(-1e-6)) / 2e-6;
+            assert!((num - g[i]).abs() < 1e-5, "[{i}]: {num} vs {}", g[i]);
         }
     }
 
