@@ -142,9 +142,9 @@ pub struct TeacherSpec {
 pub struct PretrainSection {
     /// Optimizer steps.
     pub steps: usize,
-    /// Peak learning rate. Default: `train.lr`.
+    /// Peak learning rate (a number or a schedule). Default: `train.lr`.
     #[serde(default)]
-    pub lr: Option<f64>,
+    pub lr: Option<ScalarSpec>,
 }
 
 /// One loss term: `{ kind = "kl", weight = 0.5, temperature = 2.0 }`.
@@ -185,8 +185,8 @@ pub struct TrainSection {
     pub batch_size: usize,
     /// Tokens per window; at most the context of teacher and student. Default 64.
     pub seq_len: usize,
-    /// Peak learning rate of AdamW. Default 3e-3.
-    pub lr: f64,
+    /// Peak learning rate of AdamW: a number or a schedule. Default 3e-3.
+    pub lr: ScalarSpec,
     /// Factor on `lr` over progress. Default `{ kind = "warmup_cosine", warmup = 0.05, min_ratio = 0.1 }`.
     pub lr_schedule: ComponentSpec,
     /// Decoupled weight decay on matrices (not on biases, norms or embeddings). Default 0.01.
@@ -216,7 +216,7 @@ impl Default for TrainSection {
             steps: 300,
             batch_size: 16,
             seq_len: 64,
-            lr: 3e-3,
+            lr: 3e-3.into(),
             lr_schedule: sched,
             weight_decay: 0.01,
             beta1: 0.9,

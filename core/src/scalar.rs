@@ -20,6 +20,19 @@ pub enum ScalarSpec {
     Schedule(ComponentSpec),
 }
 
+/// `0.5`, or `linear(end=1.0, start=3.0)` for a schedule.
+impl std::fmt::Display for ScalarSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScalarSpec::Number(v) => write!(f, "{v}"),
+            ScalarSpec::Schedule(c) => {
+                let args: Vec<String> = c.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                write!(f, "{}({})", c.kind, args.join(", "))
+            }
+        }
+    }
+}
+
 impl From<f64> for ScalarSpec {
     fn from(v: f64) -> Self {
         ScalarSpec::Number(v)

@@ -156,7 +156,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 .loss
                 .iter()
                 .zip(&p.terms)
-                .map(|(spec, t)| format!("{} x {}", crate::report::scalar_text(&spec.weight), t.name))
+                .map(|(spec, t)| format!("{} x {}", spec.weight, t.name))
                 .collect();
             println!("  loss:     {}", terms.join(" + "));
             println!("  router:   {}", p.config.router.kind);

@@ -7,7 +7,8 @@ use serde_json::Value;
 
 use retort_core::config::RunConfig;
 use retort_core::{
-    BuildContext, DataSource, Error, FrozenTeacher, Params, Registry, Result, Router, Schedule, Split, Student, Teacher,
+    BuildContext, DataSource, Error, FrozenTeacher, Params, Registry, Result, Router, ScalarSpec, Schedule, Split,
+    Student, Teacher,
 };
 
 use crate::device::parse_device;
@@ -22,7 +23,7 @@ pub enum TeacherPlan {
         /// Optimizer steps.
         steps: usize,
         /// Peak learning rate.
-        lr: f64,
+        lr: ScalarSpec,
     },
 }
 
@@ -84,12 +85,6 @@ impl<'r> Pipeline<'r> {
                 return Err(Error::config(key, "expected an integer >= 1, got 0"));
             }
         }
-        if !(t.lr.is_finite() && t.lr > 0.0) {
-            return Err(Error::config(
-                "train.lr",
-                format!("expected a finite number > 0, got {}", t.lr),
-            ));
-        }
         for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
             if !(0.0..1.0).contains(&v) {
                 return Err(Error::config(key, format!("expected a number in [0, 1), got {v}")));
@@ -111,6 +106,7 @@ impl<'r> Pipeline<'r> {
             ));
         }
         let ctx = BuildContext::new(registry, device.clone(), config.run.seed);
+        t.lr.build_positive("train.lr", &ctx)?;
         let data = registry
             .data
             .build(&config.data.kind, &config.data.params_at("data"), &ctx)?;
@@ -182,19 +178,14 @@ impl<'r> Pipeline<'r> {
             teacher_info = probe.info();
             let pre = config.teacher.pretrain.clone();
             let steps = pre.as_ref().map(|p| p.steps).unwrap_or(2 * t.steps);
-            let lr = pre.as_ref().and_then(|p| p.lr).unwrap_or(t.lr);
+            let lr = pre.as_ref().and_then(|p| p.lr.clone()).unwrap_or_else(|| t.lr.clone());
             if steps == 0 {
                 return Err(Error::config(
                     "teacher.pretrain.steps",
                     "expected an integer >= 1, got 0",
                 ));
             }
-            if !(lr.is_finite() && lr > 0.0) {
-                return Err(Error::config(
-                    "teacher.pretrain.lr",
-                    format!("expected a finite number > 0, got {lr}"),
-                ));
-            }
+            lr.build_positive("teacher.pretrain.lr", &ctx)?;
             probe_teacher = Some(Box::new(FrozenTeacher(probe)));
             (TeacherPlan::Pretrain { steps, lr }, None)
         };

@@ -144,17 +144,6 @@ pub struct Report {
     pub total_wall_s: f64,
 }
 
-/// `0.5`, or `linear(start=1, end=0)` for a schedule.
-pub fn scalar_text(s: &retort_core::ScalarSpec) -> String {
-    match s {
-        retort_core::ScalarSpec::Number(v) => v.to_string(),
-        retort_core::ScalarSpec::Schedule(c) => {
-            let args: Vec<String> = c.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("{}({})", c.kind, args.join(", "))
-        }
-    }
-}
-
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into())
 }
@@ -206,7 +195,7 @@ impl Report {
             self.student.description,
             self.objective
                 .iter()
-                .map(|t| format!("{} x `{}`", scalar_text(&t.weight), t.name))
+                .map(|t| format!("{} x `{}`", t.weight, t.name))
                 .collect::<Vec<_>>()
                 .join(" + "),
         ));

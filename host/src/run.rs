@@ -89,7 +89,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
     )?;
 
     // 1. Teacher.
-    let (teacher, teacher_train): (Box<dyn Teacher>, Option<PhaseStats>) = match pipeline.teacher_plan {
+    let (teacher, teacher_train): (Box<dyn Teacher>, Option<PhaseStats>) = match &pipeline.teacher_plan {
         TeacherPlan::Load => {
             let t = teacher_loaded.ok_or_else(|| Error::Runtime("the assembled pipeline holds no teacher".into()))?;
             (t, None)
@@ -111,8 +111,8 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
                     terms: &terms,
                     router: registry.routers.build("static", &Params::empty("router"), &ctx)?,
                     lr_schedule: build_lr_schedule(&cfg, registry, &ctx)?,
-                    steps,
-                    lr,
+                    steps: *steps,
+                    lr: lr.build("teacher.pretrain.lr", &ctx)?,
                     train: &cfg.train,
                     batch_seed: seeds::teacher_batches(cfg.run.seed),
                     val: &val,
@@ -159,7 +159,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
                     router,
                     lr_schedule: build_lr_schedule(&cfg, registry, &ctx)?,
                     steps: cfg.train.steps,
-                    lr: cfg.train.lr,
+                    lr: cfg.train.lr.build("train.lr", &ctx)?,
                     train: &cfg.train,
                     batch_seed: seeds::student_batches(cfg.run.seed),
                     val: &val,

@@ -47,8 +47,8 @@ pub struct Phase<'a> {
     pub lr_schedule: Box<dyn Schedule>,
     /// Optimizer steps.
     pub steps: usize,
-    /// Peak learning rate.
-    pub lr: f64,
+    /// Peak learning rate (a number or a schedule), times `lr_schedule`.
+    pub lr: Scalar,
     /// Batch size, window, optimizer and logging settings.
     pub train: &'a TrainSection,
     /// Seed of the batch sequence.
@@ -205,7 +205,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         let total = total.ok_or_else(|| Error::Runtime(format!("phase `{label}`: every term has weight 0")))?;
         let total_value: f64 = scalars.iter().zip(&weights).map(|(v, w)| v * w).sum();
         let grads = total.backward()?;
-        let step_lr = lr * lr_schedule.value(progress);
+        let step_lr = lr.at(progress) * lr_schedule.value(progress);
         let stats = opt.step(&grads, step_lr)?;
         losses.push(total_value);
 

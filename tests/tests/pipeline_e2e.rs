@@ -156,7 +156,11 @@ kind = "magnitude"
 decay = 0.8
 "#,
     );
-    let out = run_config(tmp.path(), &toml, &["eval.baseline=false".into()]);
+    let sets = vec![
+        "eval.baseline=false".to_string(),
+        "train.lr={ kind = \"exponential\", start = 0.01, end = 0.001 }".to_string(),
+    ];
+    let out = run_config(tmp.path(), &toml, &sets);
     let metrics = read_metrics(&out.dir);
     let student: Vec<&serde_json::Value> = metrics
         .iter()
@@ -172,6 +176,9 @@ decay = 0.8
         );
         assert!(last["router"][format!("magnitude.{name}")].is_number(), "{last}");
     }
+    // The learning rate is a schedule too (times the warmup_cosine factor, 0.1 at the end).
+    let lr_end = last["lr"].as_f64().expect("lr");
+    assert!((lr_end - 0.001 * 0.1).abs() < 1e-5, "lr {lr_end}");
     let t0 = first["scalars"]["kl.temperature"].as_f64().expect("T");
     let t1 = last["scalars"]["kl.temperature"].as_f64().expect("T");
     assert!(t0 > 2.7 && t1 < 1.1, "temperature {t0} -> {t1}");
