@@ -33,6 +33,16 @@ pub struct RunConfig {
     pub eval: EvalSection,
     /// Metric observers. Default: `[{ kind = "jsonl" }]` (writes `metrics.jsonl`).
     pub observers: Vec<ComponentSpec>,
+    /// Plugin libraries to load before anything is built.
+    pub plugins: PluginsSection,
+}
+
+/// `[plugins]`: dynamic plugin libraries.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsSection {
+    /// Library files built with `retort_sdk::export_plugin!` (relative to the working directory).
+    pub paths: Vec<std::path::PathBuf>,
 }
 
 impl Default for RunConfig {
@@ -67,6 +77,7 @@ impl Default for RunConfig {
             train: TrainSection::default(),
             eval: EvalSection::default(),
             observers: vec![ComponentSpec::new("jsonl")],
+            plugins: PluginsSection::default(),
         }
     }
 }

@@ -23,6 +23,13 @@ pub struct Factory<T: ?Sized + 'static> {
     pub build: fn(&Params, &BuildContext) -> Result<Box<T>>,
 }
 
+impl<T: ?Sized + 'static> Clone for Factory<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T: ?Sized + 'static> Copy for Factory<T> {}
+
 inventory::collect!(Factory<dyn Teacher>);
 inventory::collect!(Factory<dyn Student>);
 inventory::collect!(Factory<dyn LossTerm>);
@@ -239,6 +246,38 @@ impl Registry {
         Ok(r)
     }
 
+    /// Registers everything a plugin library hands to `register`, with `source` (the library
+    /// path); a kind already registered is an error naming both sources.
+    pub fn register_plugin(&mut self, source: &str, register: crate::plugin::RegisterFn) -> Result<()> {
+        let mut collected = Collected::default();
+        register(&mut collected);
+        for f in &collected.teachers {
+            self.teachers.register(f, source)?;
+        }
+        for f in &collected.students {
+            self.students.register(f, source)?;
+        }
+        for f in &collected.losses {
+            self.losses.register(f, source)?;
+        }
+        for f in &collected.schedules {
+            self.schedules.register(f, source)?;
+        }
+        for f in &collected.routers {
+            self.routers.register(f, source)?;
+        }
+        for f in &collected.data {
+            self.data.register(f, source)?;
+        }
+        for f in &collected.tokenizers {
+            self.tokenizers.register(f, source)?;
+        }
+        for f in &collected.observers {
+            self.observers.register(f, source)?;
+        }
+        Ok(())
+    }
+
     /// `(category, kind, description, source)` for every registered kind.
     pub fn listing(&self) -> Vec<(&'static str, String, String, String)> {
         let mut out = Vec::new();
@@ -263,6 +302,46 @@ impl Registry {
         list!(self.tokenizers);
         list!(self.observers);
         out
+    }
+}
+
+/// Factories handed over by one plugin library.
+#[derive(Default)]
+struct Collected {
+    teachers: Vec<Factory<dyn Teacher>>,
+    students: Vec<Factory<dyn Student>>,
+    losses: Vec<Factory<dyn LossTerm>>,
+    schedules: Vec<Factory<dyn Schedule>>,
+    routers: Vec<Factory<dyn Router>>,
+    data: Vec<Factory<dyn DataSource>>,
+    tokenizers: Vec<Factory<dyn Tokenizer>>,
+    observers: Vec<Factory<dyn Observer>>,
+}
+
+impl crate::plugin::Registrar for Collected {
+    fn teacher(&mut self, f: Factory<dyn Teacher>) {
+        self.teachers.push(f);
+    }
+    fn student(&mut self, f: Factory<dyn Student>) {
+        self.students.push(f);
+    }
+    fn loss(&mut self, f: Factory<dyn LossTerm>) {
+        self.losses.push(f);
+    }
+    fn schedule(&mut self, f: Factory<dyn Schedule>) {
+        self.schedules.push(f);
+    }
+    fn router(&mut self, f: Factory<dyn Router>) {
+        self.routers.push(f);
+    }
+    fn data(&mut self, f: Factory<dyn DataSource>) {
+        self.data.push(f);
+    }
+    fn tokenizer(&mut self, f: Factory<dyn Tokenizer>) {
+        self.tokenizers.push(f);
+    }
+    fn observer(&mut self, f: Factory<dyn Observer>) {
+        self.observers.push(f);
     }
 }
 

@@ -53,8 +53,11 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
-    /// List every registered plugin kind by category.
+    /// List every registered plugin kind by category (built-ins, `RETORT_PLUGIN_PATH`, and the
+    /// `[plugins]` of CONFIG if given).
     Plugins {
+        /// Config whose `[plugins] paths` to load as well.
+        config: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -100,18 +103,18 @@ fn init_tracing() {
         .try_init();
 }
 
-fn load_and_assemble<'r>(
+/// Loads the config, and the registry with every plugin it and the environment name.
+fn load_config_and_registry(
     config: Option<&std::path::Path>,
     sets: &[String],
-    registry: &'r Registry,
-) -> Result<(Pipeline<'r>, ConfigOrigin)> {
+) -> Result<(retort_core::config::RunConfig, ConfigOrigin, Registry)> {
     let (cfg, origin) = config_load::load(config, sets)?;
-    let pipeline = Pipeline::assemble(cfg, registry).map_err(|e| origin.annotate(e))?;
-    Ok((pipeline, origin))
+    let mut registry = crate::builtin_registry()?;
+    crate::plugin_loader::load_all(&mut registry, &cfg.plugins.paths).map_err(|e| origin.annotate(e))?;
+    Ok((cfg, origin, registry))
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
-    let registry = crate::builtin_registry()?;
     match cli.command {
         Command::Run {
             config,
@@ -120,7 +123,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             force,
             quiet,
         } => {
-            let (pipeline, origin) = load_and_assemble(config.as_deref(), &sets, &registry)?;
+            let (cfg, origin, registry) = load_config_and_registry(config.as_deref(), &sets)?;
+            let pipeline = Pipeline::assemble(cfg, &registry).map_err(|e| origin.annotate(e))?;
             let opts = RunOptions {
                 out,
                 force,
@@ -137,7 +141,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check { config, sets } => {
-            let (p, origin) = load_and_assemble(config.as_deref(), &sets, &registry)?;
+            let (cfg, origin, registry) = load_config_and_registry(config.as_deref(), &sets)?;
+            let p = Pipeline::assemble(cfg, &registry).map_err(|e| origin.annotate(e))?;
             println!("config OK ({})", origin.label());
             println!("  data:     {}", p.data.describe());
             match (&p.teacher_plan, &p.teacher) {
@@ -166,7 +171,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Plugins { json } => {
+        Command::Plugins { config, json } => {
+            let registry = match config {
+                Some(c) => load_config_and_registry(Some(&c), &[])?.2,
+                None => {
+                    let mut r = crate::builtin_registry()?;
+                    crate::plugin_loader::load_all(&mut r, &[])?;
+                    r
+                }
+            };
             let listing = registry.listing();
             if json {
                 let v: Vec<_> = listing

@@ -10,6 +10,7 @@ pub mod device;
 pub mod eval;
 pub mod optim;
 pub mod pipeline;
+pub mod plugin_loader;
 pub mod report;
 pub mod run;
 pub mod rundir;
