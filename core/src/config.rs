@@ -109,7 +109,7 @@ impl Default for RunSection {
 }
 
 /// A plugin component: `{ kind = "...", ...params }`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ComponentSpec {
     /// Registered kind.
     pub kind: String,

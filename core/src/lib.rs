@@ -44,3 +44,5 @@ pub use taps::{Outputs, TapSet};
 pub use candle_core as candle;
 /// Re-export of `inventory`, used by `inventory::submit!` in statically linked plugins.
 pub use inventory;
+/// Re-export of `schemars`, to derive the parameter schemas plugins declare.
+pub use schemars;

@@ -21,6 +21,19 @@ pub struct Factory<T: ?Sized + 'static> {
     pub description: &'static str,
     /// Constructor.
     pub build: fn(&Params, &BuildContext) -> Result<Box<T>>,
+    /// JSON Schema of the parameters (types, defaults, descriptions): [`params_schema`] of the
+    /// kind's params struct, or [`no_params`].
+    pub params: fn() -> serde_json::Value,
+}
+
+/// The JSON Schema of a params struct `T` (derive `schemars::JsonSchema` on it).
+pub fn params_schema<T: schemars::JsonSchema>() -> serde_json::Value {
+    schemars::schema_for!(T).to_value()
+}
+
+/// The schema of a kind without parameters.
+pub fn no_params() -> serde_json::Value {
+    serde_json::json!({"type": "object", "properties": {}, "additionalProperties": false})
 }
 
 impl<T: ?Sized + 'static> Clone for Factory<T> {
@@ -104,6 +117,8 @@ pub struct Entry<T: ?Sized + 'static> {
     pub source: String,
     /// Constructor.
     pub build: fn(&Params, &BuildContext) -> Result<Box<T>>,
+    /// JSON Schema of the parameters.
+    pub params: fn() -> serde_json::Value,
 }
 
 /// All kinds of one category (`loss`, `router`, ...).
@@ -142,6 +157,7 @@ impl<T: ?Sized + 'static> Category<T> {
                 description: factory.description.to_string(),
                 source: source.to_string(),
                 build: factory.build,
+                params: factory.params,
             },
         );
         Ok(())
@@ -278,18 +294,19 @@ impl Registry {
         Ok(())
     }
 
-    /// `(category, kind, description, source)` for every registered kind.
-    pub fn listing(&self) -> Vec<(&'static str, String, String, String)> {
+    /// Every registered kind, by category then kind.
+    pub fn listing(&self) -> Vec<KindInfo> {
         let mut out = Vec::new();
         macro_rules! list {
             ($cat:expr) => {
                 for e in $cat.entries() {
-                    out.push((
-                        $cat.name(),
-                        e.kind.clone(),
-                        e.description.clone(),
-                        e.source.clone(),
-                    ));
+                    out.push(KindInfo {
+                        category: $cat.name(),
+                        kind: e.kind.clone(),
+                        description: e.description.clone(),
+                        source: e.source.clone(),
+                        params: e.params,
+                    });
                 }
             };
         }
@@ -303,6 +320,21 @@ impl Registry {
         list!(self.observers);
         out
     }
+}
+
+/// One registered kind, as `retort plugins` shows it.
+#[derive(Debug, Clone)]
+pub struct KindInfo {
+    /// Category (`loss`, `router`, ...).
+    pub category: &'static str,
+    /// Kind name.
+    pub kind: String,
+    /// One-line description.
+    pub description: String,
+    /// `built-in` or the library path.
+    pub source: String,
+    /// JSON Schema of its parameters.
+    pub params: fn() -> serde_json::Value,
 }
 
 /// Factories handed over by one plugin library.
@@ -363,6 +395,7 @@ mod tests {
         kind: "half",
         description: "always 0.5",
         build: build_half,
+        params: no_params,
     };
 
     #[test]

@@ -11,7 +11,7 @@ use crate::config::ComponentSpec;
 use crate::{BuildContext, Error, Progress, Result, Schedule};
 
 /// Config form: a number or a schedule component.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum ScalarSpec {
     /// A constant.

@@ -184,20 +184,21 @@ fn dispatch(cli: Cli) -> Result<()> {
             if json {
                 let v: Vec<_> = listing
                     .iter()
-                    .map(|(c, k, d, s)| serde_json::json!({"category": c, "kind": k, "description": d, "source": s}))
+                    .map(|k| {
+                        serde_json::json!({"category": k.category, "kind": k.kind, "description": k.description,
+                                           "source": k.source, "params": (k.params)()})
+                    })
                     .collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&v).map_err(|e| retort_core::Error::Runtime(e.to_string()))?
-                );
+                let text = serde_json::to_string_pretty(&v).map_err(|e| retort_core::Error::Runtime(e.to_string()))?;
+                println!("{text}");
             } else {
                 let mut last = "";
-                for (c, k, d, s) in &listing {
-                    if *c != last {
-                        println!("{c}:");
-                        last = c;
+                for k in &listing {
+                    if k.category != last {
+                        println!("{}:", k.category);
+                        last = k.category;
                     }
-                    println!("  {k:<14} {d} [{s}]");
+                    println!("  {:<14} {} [{}]", k.kind, k.description, k.source);
                 }
             }
             Ok(())

@@ -214,4 +214,19 @@ fn plugins_json_lists_every_category() {
     ] {
         assert!(cats.contains(c), "{c} missing");
     }
+    // Every kind declares its parameters: types, defaults, descriptions.
+    let all = v.as_array().expect("array");
+    let kl = all.iter().find(|e| e["kind"] == "kl").expect("kl");
+    let t = &kl["params"]["properties"]["temperature"];
+    assert_eq!(t["default"], 1.0, "{t}");
+    assert!(
+        t["description"].as_str().expect("description").contains("temperature"),
+        "{t}"
+    );
+    let warm = all
+        .iter()
+        .find(|e| e["kind"] == "warmup_cosine")
+        .expect("warmup_cosine");
+    assert_eq!(warm["params"]["properties"]["min_ratio"]["type"], "number");
+    assert_eq!(warm["params"]["additionalProperties"], false);
 }

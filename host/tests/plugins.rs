@@ -164,6 +164,7 @@ fn example_loss_and_router_load_from_config_and_drive_the_run() {
         .expect("dwa listed");
     assert_eq!(dwa["category"], "router");
     assert_eq!(dwa["source"], router.display().to_string());
+    assert_eq!(dwa["params"]["properties"]["temperature"]["default"], 2.0, "{dwa}");
 }
 
 #[test]

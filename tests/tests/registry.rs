@@ -18,8 +18,10 @@ fn builtins_are_registered() {
         kinds(r.schedules.kinds()),
         "constant cosine exponential linear piecewise step warmup_cosine"
     );
-    for (_, kind, description, source) in r.listing() {
-        assert!(!description.is_empty(), "{kind} has no description");
-        assert_eq!(source, "built-in");
+    for k in r.listing() {
+        assert!(!k.description.is_empty(), "{} has no description", k.kind);
+        assert_eq!(k.source, "built-in");
+        let schema = (k.params)();
+        assert_eq!(schema["type"], "object", "{} {}: {schema}", k.category, k.kind);
     }
 }

@@ -20,7 +20,7 @@ use retort_sdk::prelude::*;
 use serde::Deserialize;
 
 /// Params of `confidence_kl`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ConfidenceKlParams {
     /// Temperature `T > 0`. Default 1.0.
@@ -82,6 +82,7 @@ pub fn register(r: &mut dyn Registrar) {
         kind: "confidence_kl",
         description: "forward KL weighted per token by the teacher's confidence 1 - H(p_t)/ln V (plugin)",
         build,
+        params: retort_sdk::registry::params_schema::<ConfidenceKlParams>,
     });
 }
 

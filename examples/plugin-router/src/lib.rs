@@ -21,7 +21,7 @@ use retort_sdk::prelude::*;
 use serde::Deserialize;
 
 /// Params of `dwa`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct DwaParams {
     /// Softness `T > 0`: large T -> equal weights. Default 2.0.
@@ -117,6 +117,7 @@ pub fn register(r: &mut dyn Registrar) {
         kind: "dwa",
         description: "Dynamic Weight Average: more weight to terms whose loss falls slowest (plugin)",
         build,
+        params: retort_sdk::registry::params_schema::<DwaParams>,
     });
 }
 

@@ -27,7 +27,7 @@ use retort_core::registry::Factory;
 use retort_core::{BuildContext, DataSource, Error, Params, Result, Split, Tokenizer};
 
 /// Params of `synthetic`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyntheticParams {
     /// Vocabulary size (2..=4096). Default 64.
@@ -231,8 +231,7 @@ inventory::submit! {
     Factory::<dyn DataSource> {
         kind: "synthetic",
         description: "seeded hidden-regime Markov token stream built into the binary (no files needed)",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<SyntheticParams> }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use retort_core::registry::Factory;
 use retort_core::{BuildContext, DataSource, Error, Params, Result, Split, Tokenizer};
 
 /// Params of `text`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TextParams {
     /// A text file or a directory of text files. Required.
@@ -140,8 +140,7 @@ inventory::submit! {
     Factory::<dyn DataSource> {
         kind: "text",
         description: "a text file or directory, tokenized, with a deterministic train/val split",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<TextParams> }
 }
 
 #[cfg(test)]

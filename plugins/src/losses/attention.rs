@@ -32,7 +32,7 @@ use retort_core::{BuildContext, Error, LossTerm, Params, Result, StepContext};
 use super::masked_mean;
 
 /// Params of `attention`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttentionParams {
     /// Explicit `[student block, teacher block]` pairs.
@@ -191,8 +191,7 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "attention",
         description: "attention-map transfer, KL or MSE per query row, heads averaged or matched (MiniLM/TinyBERT)",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<AttentionParams> }
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use super::masked_mean;
 use crate::models::nn::log_softmax_last;
 
 /// Params of `ce`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CeParams {
     /// Label smoothing in `[0, 1)`. Default 0.
@@ -79,8 +79,7 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "ce",
         description: "cross-entropy with the hard next-token labels (optional label smoothing)",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<CeParams> }
 }
 
 #[cfg(test)]

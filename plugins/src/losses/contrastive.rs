@@ -29,7 +29,7 @@ use super::hidden::projection;
 use crate::models::nn::{linear, log_softmax_last};
 
 /// Params of `contrastive`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContrastiveParams {
     /// Student hidden tap index. Default: the last (`hidden.{L_s}`).
@@ -184,8 +184,7 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "contrastive",
         description: "InfoNCE between pooled student and teacher representations across the batch (CRD)",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<ContrastiveParams> }
 }
 
 #[cfg(test)]

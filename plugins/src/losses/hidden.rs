@@ -31,7 +31,7 @@ use retort_core::{BuildContext, Error, LossTerm, ModelInfo, Params, Result, Step
 use super::masked_mean;
 
 /// Params of the hidden-state terms.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HiddenParams {
     /// Explicit `[student, teacher]` hidden-tap index pairs.
@@ -228,15 +228,13 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "hidden_mse",
         description: "MSE between (projected) student and teacher hidden states per layer pair (FitNets/TinyBERT)",
-        build: build_mse,
-    }
+        build: build_mse, params: retort_core::registry::params_schema::<HiddenParams> }
 }
 inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "hidden_cosine",
         description: "1 - cosine between (projected) student and teacher hidden states per layer pair (DistilBERT)",
-        build: build_cosine,
-    }
+        build: build_cosine, params: retort_core::registry::params_schema::<HiddenParams> }
 }
 
 #[cfg(test)]

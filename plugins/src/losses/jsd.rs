@@ -23,7 +23,7 @@ use retort_core::{BuildContext, LossTerm, Params, Progress, Result, Scalar, Scal
 use super::logit::{log_mix, one, Tempered};
 
 /// Params of `jsd`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsdParams {
     /// Interpolation in `[0, 1]`: 0 is forward KL, 1 reverse KL. Default 0.5.
@@ -88,8 +88,7 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "jsd",
         description: "generalized Jensen-Shannon divergence, beta interpolates forward/reverse KL (GKD, Agarwal et al. 2024)",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<JsdParams> }
 }
 
 #[cfg(test)]

@@ -55,8 +55,7 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "kl",
         description: "forward KL(teacher || student) at temperature T, scaled by T^2 (Hinton et al. 2015)",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<TemperatureParams> }
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use retort_core::{BuildContext, LossTerm, Params, Progress, Result, Scalar, Scal
 use super::hidden::{Distance, HiddenMatch};
 
 /// Params of `layerwise` besides the pair params of `hidden_mse` (`layers`, `map`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LayerwiseParams {
     #[serde(default = "d_distance")]
@@ -143,8 +143,7 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "layerwise",
         description: "progressive hidden-state matching: layer pairs switch on as a frontier schedule advances",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<LayerwiseParams> }
 }
 
 #[cfg(test)]

@@ -75,7 +75,7 @@ pub fn log_mix(a: &Tensor, b: &Tensor, w_a: f64) -> Result<Tensor> {
 }
 
 /// `temperature` and `scale_by_t2` as most logit terms take them.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemperatureParams {
     /// Softmax temperature `T > 0`: a number or a schedule. Default 1.0.

@@ -49,8 +49,7 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "reverse_kl",
         description: "reverse KL(student || teacher), mode-seeking (MiniLLM, Gu et al. 2024)",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<TemperatureParams> }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use retort_core::{BuildContext, LossTerm, Params, Progress, Result, Scalar, Scal
 use super::logit::{log_mix, one, Tempered};
 
 /// Which argument is skewed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// `KL(p_t || alpha p_t + (1 - alpha) p_s)`.
@@ -33,7 +33,7 @@ pub enum Direction {
 }
 
 /// Params of `skew_kl`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SkewParams {
     /// `forward` (default) or `reverse`.
@@ -109,8 +109,7 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "skew_kl",
         description: "forward or reverse skew KL with skew alpha (DistiLLM, Ko et al. 2024)",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<SkewParams> }
 }
 
 #[cfg(test)]

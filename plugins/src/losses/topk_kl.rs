@@ -40,7 +40,7 @@ use super::logit::{one, Tempered};
 use crate::models::nn::log_softmax_last;
 
 /// Params of `topk_kl`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TopkParams {
     /// Teacher tokens kept per position. Default 64.
@@ -231,8 +231,7 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "topk_kl",
         description: "KL on the teacher's top-k tokens, tail as one bucket or renormalised; cost scales with k",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<TopkParams> }
 }
 
 #[cfg(test)]

@@ -48,8 +48,7 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "tvd",
         description: "total variation distance 0.5 * sum |p_t - p_s| between teacher and student",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<TemperatureParams> }
 }
 
 #[cfg(test)]

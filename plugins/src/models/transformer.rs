@@ -21,7 +21,7 @@ use retort_core::{fsutil, Batch, Error, Model, ModelInfo, Outputs, Params, Resul
 use super::nn::{causal_mask, layer_norm, linear, softmax_last};
 
 /// Activation of the MLP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Activation {
     /// GELU, tanh approximation (GPT-2's `gelu_new`).
@@ -49,7 +49,7 @@ impl Activation {
 /// Config-file parameters of the `transformer` kind. Architecture fields are optional: with a
 /// `checkpoint` they come from its `config.json` (and any given value must agree); without one,
 /// the defaults below apply.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransformerParams {
     /// Blocks. Default 2.

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, Error, Observer, Params, Result};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct JsonlParams {
     /// File name inside the run directory. Default `metrics.jsonl`.
@@ -65,5 +65,5 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Observer>> {
 }
 
 inventory::submit! {
-    Factory::<dyn Observer> { kind: "jsonl", description: "one JSON object per record in <run dir>/metrics.jsonl", build }
+    Factory::<dyn Observer> { kind: "jsonl", description: "one JSON object per record in <run dir>/metrics.jsonl", build, params: retort_core::registry::params_schema::<JsonlParams> }
 }

@@ -24,7 +24,7 @@ use retort_core::registry::Factory;
 use retort_core::{BuildContext, Error, Params, Result, Router, TermSignals};
 
 /// Terms of a phase.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum PhaseTerms {
     /// `"all"`.
@@ -34,7 +34,7 @@ pub enum PhaseTerms {
 }
 
 /// One phase.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Phase {
     /// End of the phase as a fraction of the run, in `(0, 1]`.
@@ -44,7 +44,7 @@ pub struct Phase {
 }
 
 /// Params of `curriculum`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CurriculumParams {
     /// Phases in order; the last must end at 1.0.
@@ -168,8 +168,7 @@ inventory::submit! {
     Factory::<dyn Router> {
         kind: "curriculum",
         description: "switches terms on in phases over progress, with linear ramps",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<CurriculumParams> }
 }
 
 #[cfg(test)]

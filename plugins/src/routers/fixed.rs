@@ -13,7 +13,7 @@ use retort_core::{BuildContext, Params, Result, Router, TermSignals};
 /// The configured weights, unchanged.
 pub struct StaticRouter;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct NoParams {}
 
@@ -29,5 +29,5 @@ fn build(params: &Params, _: &BuildContext) -> Result<Box<dyn Router>> {
 }
 
 inventory::submit! {
-    Factory::<dyn Router> { kind: "static", description: "the configured per-term weights, unchanged", build }
+    Factory::<dyn Router> { kind: "static", description: "the configured per-term weights, unchanged", build, params: retort_core::registry::no_params }
 }

@@ -22,7 +22,7 @@ use retort_core::registry::Factory;
 use retort_core::{BuildContext, Params, Result, Router, TermSignals};
 
 /// Params of `magnitude`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MagnitudeParams {
     /// EMA decay in `[0, 1)`. Default 0.9.
@@ -115,8 +115,7 @@ inventory::submit! {
     Factory::<dyn Router> {
         kind: "magnitude",
         description: "normalises each term by its running magnitude so the configured weights hold as shares",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<MagnitudeParams> }
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ use retort_core::{BuildContext, Params, Result, Router, StepContext, TermSignals
 use crate::models::nn::log_softmax_last;
 
 /// Params of `student_aware`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StudentAwareParams {
     /// Exponent of the gap ratio. Default 1.0 (0 turns token weighting off).
@@ -237,8 +237,7 @@ inventory::submit! {
     Factory::<dyn Router> {
         kind: "student_aware",
         description: "weights KD tokens by the teacher-student gap; paces feature terms by student readiness",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<StudentAwareParams> }
 }
 
 #[cfg(test)]

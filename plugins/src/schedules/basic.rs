@@ -18,7 +18,7 @@ use retort_core::registry::Factory;
 use retort_core::{BuildContext, Params, Progress, Result, Schedule};
 
 /// `constant`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Constant {
     /// The value. Default 1.0.
@@ -37,7 +37,7 @@ impl Schedule for Constant {
 }
 
 /// `linear` from `start` to `end`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Linear {
     /// Value at progress 0.
@@ -53,7 +53,7 @@ impl Schedule for Linear {
 }
 
 /// `cosine` from `start` to `end`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Cosine {
     /// Value at progress 0.
@@ -69,7 +69,7 @@ impl Schedule for Cosine {
 }
 
 /// `warmup_cosine`: linear warmup to 1, then cosine to `min_ratio`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WarmupCosine {
     /// Fraction of the steps spent warming up, in `[0, 1)`. Default 0.05.
@@ -119,15 +119,14 @@ fn build_warmup_cosine(params: &Params, _: &BuildContext) -> Result<Box<dyn Sche
     Ok(Box::new(s))
 }
 
-inventory::submit! { Factory::<dyn Schedule> { kind: "constant", description: "a constant value", build: build_constant } }
-inventory::submit! { Factory::<dyn Schedule> { kind: "linear", description: "linear from start to end over the run", build: build_linear } }
-inventory::submit! { Factory::<dyn Schedule> { kind: "cosine", description: "cosine from start to end over the run", build: build_cosine } }
+inventory::submit! { Factory::<dyn Schedule> { kind: "constant", description: "a constant value", build: build_constant, params: retort_core::registry::params_schema::<Constant> } }
+inventory::submit! { Factory::<dyn Schedule> { kind: "linear", description: "linear from start to end over the run", build: build_linear, params: retort_core::registry::params_schema::<Linear> } }
+inventory::submit! { Factory::<dyn Schedule> { kind: "cosine", description: "cosine from start to end over the run", build: build_cosine, params: retort_core::registry::params_schema::<Cosine> } }
 inventory::submit! {
     Factory::<dyn Schedule> {
         kind: "warmup_cosine",
         description: "learning-rate factor: linear warmup to 1, then cosine decay to min_ratio",
-        build: build_warmup_cosine,
-    }
+        build: build_warmup_cosine, params: retort_core::registry::params_schema::<WarmupCosine> }
 }
 
 #[cfg(test)]

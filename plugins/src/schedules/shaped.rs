@@ -17,7 +17,7 @@ use retort_core::registry::Factory;
 use retort_core::{BuildContext, Params, Progress, Result, Schedule};
 
 /// `step`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
     /// Value at progress 0.
@@ -36,7 +36,7 @@ impl Schedule for Step {
 }
 
 /// `exponential`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Exponential {
     /// Value at progress 0 (> 0).
@@ -52,7 +52,7 @@ impl Schedule for Exponential {
 }
 
 /// `piecewise`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Piecewise {
     /// `[progress, value]` pairs.
@@ -113,9 +113,9 @@ fn build_piecewise(params: &Params, _: &BuildContext) -> Result<Box<dyn Schedule
     Ok(Box::new(s))
 }
 
-inventory::submit! { Factory::<dyn Schedule> { kind: "step", description: "start * factor^floor(progress / every)", build: build_step } }
-inventory::submit! { Factory::<dyn Schedule> { kind: "exponential", description: "geometric from start to end over the run", build: build_exponential } }
-inventory::submit! { Factory::<dyn Schedule> { kind: "piecewise", description: "linear between [progress, value] points", build: build_piecewise } }
+inventory::submit! { Factory::<dyn Schedule> { kind: "step", description: "start * factor^floor(progress / every)", build: build_step, params: retort_core::registry::params_schema::<Step> } }
+inventory::submit! { Factory::<dyn Schedule> { kind: "exponential", description: "geometric from start to end over the run", build: build_exponential, params: retort_core::registry::params_schema::<Exponential> } }
+inventory::submit! { Factory::<dyn Schedule> { kind: "piecewise", description: "linear between [progress, value] points", build: build_piecewise, params: retort_core::registry::params_schema::<Piecewise> } }
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, Params, Result, Student};
 
-use crate::models::transformer::{Transformer, TransformerConfig};
+use crate::models::transformer::{Transformer, TransformerConfig, TransformerParams};
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Student>> {
     let (cfg, checkpoint) = TransformerConfig::resolve(params, ctx.vocab_size)?;
@@ -27,6 +27,5 @@ inventory::submit! {
     Factory::<dyn Student> {
         kind: "transformer",
         description: "GPT-2-style decoder (Hugging Face GPT2LMHeadModel layout), fresh or from a checkpoint",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<TransformerParams> }
 }

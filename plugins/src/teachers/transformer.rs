@@ -13,7 +13,7 @@
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, FrozenTeacher, Params, Result, Teacher};
 
-use crate::models::transformer::{Transformer, TransformerConfig};
+use crate::models::transformer::{Transformer, TransformerConfig, TransformerParams};
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Teacher>> {
     let (cfg, checkpoint) = TransformerConfig::resolve(params, ctx.vocab_size)?;
@@ -31,6 +31,5 @@ inventory::submit! {
     Factory::<dyn Teacher> {
         kind: "transformer",
         description: "frozen GPT-2-style decoder from a Hugging Face checkpoint (pretrained by the pipeline if none)",
-        build,
-    }
+        build, params: retort_core::registry::params_schema::<TransformerParams> }
 }

@@ -70,7 +70,7 @@ impl Tokenizer for CharTokenizer {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct NoParams {}
 
@@ -86,7 +86,7 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Tokenizer>> {
 }
 
 inventory::submit! {
-    Factory::<dyn Tokenizer> { kind: "char", description: "one id per distinct character of the corpus", build }
+    Factory::<dyn Tokenizer> { kind: "char", description: "one id per distinct character of the corpus", build, params: retort_core::registry::no_params }
 }
 
 #[cfg(test)]
