@@ -53,6 +53,18 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Scaffold a plugin crate (cdylib against this retort's retort-sdk) that builds and loads
+    /// without edits.
+    NewPlugin {
+        /// Crate name; the kind is the name with '-' replaced by '_'.
+        name: String,
+        /// What the plugin provides.
+        #[arg(long, value_enum)]
+        kind: crate::scaffold::PluginKind,
+        /// Parent directory (default: the current directory).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// List every registered plugin kind by category (built-ins, `RETORT_PLUGIN_PATH`, and the
     /// `[plugins]` of CONFIG if given).
     Plugins {
@@ -168,6 +180,16 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!(
                 "  budget:   {} steps x {} windows x {} tokens",
                 p.config.train.steps, p.config.train.batch_size, p.config.train.seq_len
+            );
+            Ok(())
+        }
+        Command::NewPlugin { name, kind, dir } => {
+            let root = crate::scaffold::new_plugin(&name, kind, &dir)?;
+            println!("created {}", root.display());
+            println!("build:   cd {} && cargo build --release", root.display());
+            println!(
+                "then add its library to `[plugins] paths` (see {}/README.md)",
+                root.display()
             );
             Ok(())
         }

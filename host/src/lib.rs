@@ -14,6 +14,7 @@ pub mod plugin_loader;
 pub mod report;
 pub mod run;
 pub mod rundir;
+pub mod scaffold;
 pub mod trainer;
 
 /// The registry of every built-in plugin.

@@ -236,3 +236,57 @@ fn loading_errors_exit_2_and_name_the_library() {
         ],
     );
 }
+
+#[test]
+fn scaffolded_plugins_build_and_load_without_edits() {
+    let exe = Path::new(env!("CARGO_BIN_EXE_retort"));
+    let target = exe.parent().and_then(Path::parent).expect("target dir");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut libs = Vec::new();
+    for (name, kind) in [("scaffold-loss", "loss"), ("scaffold-router", "router")] {
+        let o = retort(&["new-plugin", name, "--kind", kind, "--dir", "."], tmp.path(), None);
+        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        let dir = tmp.path().join(name);
+        for f in ["Cargo.toml", "src/lib.rs", "README.md"] {
+            assert!(dir.join(f).is_file(), "{name}/{f} missing");
+        }
+        // Offline and quick: the workspace's lock file and target directory (shared dependencies).
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock"),
+            dir.join("Cargo.lock"),
+        )
+        .expect("lock");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--offline", "--target-dir"])
+            .arg(target)
+            .current_dir(&dir)
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "the scaffolded {name} does not build");
+        libs.push(lib(&target.join("debug"), &name.replace('-', "_")));
+    }
+    // A second scaffold into the same place is refused and leaves the first untouched.
+    let before = std::fs::read(tmp.path().join("scaffold-loss/src/lib.rs")).expect("lib.rs");
+    let o = retort(&["new-plugin", "scaffold-loss", "--kind", "loss"], tmp.path(), None);
+    assert_user_error(&o, &["already exists"]);
+    assert_eq!(
+        std::fs::read(tmp.path().join("scaffold-loss/src/lib.rs")).expect("lib.rs"),
+        before
+    );
+    // Both load and run.
+    let objective = "[[loss]]\nkind = \"scaffold_loss\"\nweight = 0.5\ntemperature = 2.0\n\n[[loss]]\nkind = \"ce\"\nweight = 0.5\n\n[router]\nkind = \"scaffold_router\"\nscale = 0.5\n";
+    let libs: Vec<&Path> = libs.iter().map(PathBuf::as_path).collect();
+    std::fs::write(tmp.path().join("c.toml"), config(&libs, objective)).expect("write");
+    let o = retort(&["run", "c.toml", "--out", "out", "--quiet"], tmp.path(), None);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let last: serde_json::Value = std::fs::read_to_string(tmp.path().join("out/metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .filter(|l| l.contains("\"phase\":\"student\"") && l.contains("\"event\":\"train\""))
+        .last()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .expect("a student record");
+    assert!(last["terms"]["scaffold_loss"].is_number(), "{last}");
+    assert_eq!(last["weights"]["ce"], 0.25, "{last}");
+    assert_eq!(last["router"]["steps"], 30.0);
+}
