@@ -282,8 +282,7 @@ fn scaffolded_plugins_build_and_load_without_edits() {
     let last: serde_json::Value = std::fs::read_to_string(tmp.path().join("out/metrics.jsonl"))
         .expect("metrics")
         .lines()
-        .filter(|l| l.contains("\"phase\":\"student\"") && l.contains("\"event\":\"train\""))
-        .last()
+        .rfind(|l| l.contains("\"phase\":\"student\"") && l.contains("\"event\":\"train\""))
         .map(|l| serde_json::from_str(l).expect("json"))
         .expect("a student record");
     assert!(last["terms"]["scaffold_loss"].is_number(), "{last}");
