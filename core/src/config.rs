@@ -216,6 +216,35 @@ pub struct TrainSection {
     pub eval_every: usize,
     /// Write a checkpoint every this many steps; 0 = only at the end. Default 0.
     pub checkpoint_every: usize,
+    /// Micro-batches per optimizer step (effective batch = `batch_size * grad_accum`). Default 1.
+    pub grad_accum: usize,
+    /// Parameter groups by regex over parameter names (full match, first match wins).
+    /// Parameters no group matches use `lr_mult = 1` and the default decay rule (matrices decay;
+    /// biases, norms and embeddings do not). Default: none.
+    pub param_groups: Vec<ParamGroupSpec>,
+    /// Stop after this many consecutive steps skipped for a non-finite loss or gradient.
+    /// Default 10.
+    pub max_consecutive_skips: usize,
+}
+
+/// One parameter group: `{ pattern = ".*wte.*", lr_mult = 0.1, weight_decay = 0.0 }`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParamGroupSpec {
+    /// Regex that must match a parameter's whole name (e.g. `transformer\\.h\\.0\\..*`).
+    pub pattern: String,
+    /// Factor on the learning rate; 0 freezes (no optimizer state, weights bit-identical).
+    /// Default 1.
+    #[serde(default = "one_f64")]
+    pub lr_mult: f64,
+    /// Weight decay for the group's parameters. Default: `train.weight_decay` on matrices that
+    /// are not embeddings, 0 elsewhere.
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
+}
+
+fn one_f64() -> f64 {
+    1.0
 }
 
 impl Default for TrainSection {
@@ -237,6 +266,9 @@ impl Default for TrainSection {
             log_every: 10,
             eval_every: 0,
             checkpoint_every: 0,
+            grad_accum: 1,
+            param_groups: Vec::new(),
+            max_consecutive_skips: 10,
         }
     }
 }

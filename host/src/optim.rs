@@ -1,12 +1,15 @@
-//! AdamW (Loshchilov & Hutter, 2019) with global-norm gradient clipping.
+//! AdamW (Loshchilov & Hutter, 2019) over parameter groups, with global-norm gradient clipping.
 //!
-//! For each parameter `w` with gradient `g` at step `t`:
-//! `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
-//! `w = w (1 - lr wd) - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`.
-//! Weight decay applies to matrices only: not to biases, norms or embeddings.
+//! For each parameter `w` with gradient `g` at step `t`, in a group with learning-rate factor
+//! `m` and weight decay `wd`:
+//! `mom = b1 mom + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
+//! `w = w (1 - lr m wd) - lr m (mom / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`.
+//! A group with `m = 0` is frozen: its parameters get no optimizer state and are never written.
 
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use regex::Regex;
 
+use retort_core::config::ParamGroupSpec;
 use retort_core::{Error, Result};
 
 /// Hyper-parameters of AdamW.
@@ -18,83 +21,208 @@ pub struct AdamWConfig {
     pub beta2: f64,
     /// epsilon.
     pub eps: f64,
-    /// Decoupled weight decay.
+    /// Decoupled weight decay for parameters of the default rule.
     pub weight_decay: f64,
     /// Global-norm clip; 0 disables.
     pub grad_clip: f64,
 }
 
-struct ParamState {
-    name: String,
-    var: Var,
-    m: Tensor,
-    v: Tensor,
-    decay: bool,
-}
-
-/// AdamW over named parameters.
-pub struct AdamW {
-    cfg: AdamWConfig,
-    params: Vec<ParamState>,
-    t: i32,
-}
-
-/// Whether a parameter gets weight decay: matrices that are not embeddings.
+/// Whether the default rule decays a parameter: matrices that are not embeddings (so not
+/// biases, norms or embeddings).
 pub fn decays(name: &str, rank: usize) -> bool {
     rank >= 2 && !(name.contains("wte") || name.contains("wpe") || name.contains("embed"))
 }
 
-/// What one step did.
-#[derive(Debug, Clone, Copy)]
-pub struct StepStats {
-    /// Global L2 norm of the gradient before clipping.
-    pub grad_norm: f64,
+/// One parameter with its group settings.
+pub struct GroupedParam {
+    /// Checkpoint name.
+    pub name: String,
+    /// The parameter.
+    pub var: Var,
+    /// Index into the group summaries.
+    pub group: usize,
+    /// Learning-rate factor (0 = frozen).
+    pub lr_mult: f64,
+    /// Effective weight decay.
+    pub weight_decay: f64,
+}
+
+/// What `retort` prints and logs about a group at the start of a phase.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GroupSummary {
+    /// The pattern, or `default`.
+    pub pattern: String,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Number of scalar parameters.
+    pub parameters: usize,
+    /// Learning-rate factor.
+    pub lr_mult: f64,
+    /// Weight decay, or `default rule`.
+    pub weight_decay: String,
+}
+
+/// Assigns every parameter to the first group whose pattern matches its whole name.
+/// An invalid regex, or a pattern that matches nothing, is a config error naming the pattern.
+pub fn assign_groups(
+    vars: Vec<(String, Var)>,
+    specs: &[ParamGroupSpec],
+    default_wd: f64,
+) -> Result<(Vec<GroupedParam>, Vec<GroupSummary>)> {
+    let mut regexes = Vec::with_capacity(specs.len());
+    for (i, s) in specs.iter().enumerate() {
+        let path = format!("train.param_groups[{i}].pattern");
+        let re = Regex::new(&format!("^(?:{})$", s.pattern))
+            .map_err(|e| Error::config(path.clone(), format!("invalid regex `{}`: {e}", s.pattern)))?;
+        if !(s.lr_mult.is_finite() && s.lr_mult >= 0.0) {
+            return Err(Error::config(
+                format!("train.param_groups[{i}].lr_mult"),
+                format!("expected a number >= 0, got {}", s.lr_mult),
+            ));
+        }
+        if let Some(wd) = s.weight_decay.filter(|w| !(w.is_finite() && *w >= 0.0)) {
+            return Err(Error::config(
+                format!("train.param_groups[{i}].weight_decay"),
+                format!("expected a number >= 0, got {wd}"),
+            ));
+        }
+        regexes.push(re);
+    }
+    let mut summaries: Vec<GroupSummary> = specs
+        .iter()
+        .map(|s| GroupSummary {
+            pattern: s.pattern.clone(),
+            tensors: 0,
+            parameters: 0,
+            lr_mult: s.lr_mult,
+            weight_decay: s
+                .weight_decay
+                .map(|w| w.to_string())
+                .unwrap_or_else(|| "default rule".into()),
+        })
+        .collect();
+    summaries.push(GroupSummary {
+        pattern: "default".into(),
+        tensors: 0,
+        parameters: 0,
+        lr_mult: 1.0,
+        weight_decay: "default rule".into(),
+    });
+    let example = vars.first().map(|(n, _)| n.clone()).unwrap_or_default();
+    let mut out = Vec::with_capacity(vars.len());
+    for (name, var) in vars {
+        let group = regexes.iter().position(|r| r.is_match(&name)).unwrap_or(specs.len());
+        let (lr_mult, wd) = match specs.get(group) {
+            Some(s) => (s.lr_mult, s.weight_decay),
+            None => (1.0, None),
+        };
+        let weight_decay = wd.unwrap_or(if decays(&name, var.rank()) { default_wd } else { 0.0 });
+        summaries[group].tensors += 1;
+        summaries[group].parameters += var.elem_count();
+        out.push(GroupedParam {
+            name,
+            var,
+            group,
+            lr_mult,
+            weight_decay,
+        });
+    }
+    for (i, s) in summaries.iter().enumerate().take(specs.len()) {
+        if s.tensors == 0 {
+            return Err(Error::config(
+                format!("train.param_groups[{i}].pattern"),
+                format!(
+                    "`{}` matches no parameter (it must match whole names such as `{example}`)",
+                    s.pattern
+                ),
+            ));
+        }
+    }
+    Ok((out, summaries))
+}
+
+struct ParamState {
+    p: GroupedParam,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// AdamW over the trainable (non-frozen) parameters.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    params: Vec<ParamState>,
+    groups: usize,
+    t: i32,
+}
+
+/// Gradient norms of one step.
+#[derive(Debug, Clone)]
+pub struct GradNorms {
+    /// Global L2 norm over every trainable parameter (before clipping).
+    pub total: f64,
+    /// L2 norm per group (frozen groups: 0).
+    pub per_group: Vec<f64>,
 }
 
 impl AdamW {
-    /// An optimizer over `vars` with zeroed moments.
-    pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
-        let params = vars
+    /// An optimizer with zeroed moments for every parameter whose `lr_mult > 0`.
+    pub fn new(params: Vec<GroupedParam>, groups: usize, cfg: AdamWConfig) -> Result<Self> {
+        let params = params
             .into_iter()
-            .map(|(name, var)| {
-                let z = var.as_tensor().zeros_like()?;
-                Ok(ParamState {
-                    decay: decays(&name, var.rank()),
-                    m: z.clone(),
-                    v: z,
-                    name,
-                    var,
-                })
+            .filter(|p| p.lr_mult > 0.0)
+            .map(|p| {
+                let z = p.var.as_tensor().zeros_like()?;
+                Ok(ParamState { m: z.clone(), v: z, p })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { cfg, params, t: 0 })
+        Ok(AdamW {
+            cfg,
+            params,
+            groups,
+            t: 0,
+        })
     }
 
-    /// One update at learning rate `lr`. A parameter without a gradient is an error: it means
-    /// the graph does not reach it (a non-differentiable op on the path).
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepStats> {
-        let mut gs = Vec::with_capacity(self.params.len());
-        for p in &self.params {
-            let g = grads.get(p.var.as_tensor()).ok_or_else(|| {
-                Error::Runtime(format!(
-                    "parameter `{}` received no gradient (is a non-differentiable op on its path?)",
-                    p.name
-                ))
-            })?;
-            // Detached: a gradient computed from tracked tensors carries the step's graph, and
-            // the moments would keep every step's graph alive (a leak of ~60 MB a step).
-            gs.push(g.detach());
-        }
-        let sq: Vec<Tensor> = gs
+    /// Names of the trainable parameters, in gradient order.
+    pub fn names(&self) -> Vec<&str> {
+        self.params.iter().map(|s| s.p.name.as_str()).collect()
+    }
+
+    /// The gradients of the trainable parameters from `store`, detached (a gradient computed
+    /// from tracked tensors carries the step's graph; keeping it would keep every step's graph
+    /// alive). A parameter without a gradient is an error: the graph does not reach it.
+    pub fn collect_grads(&self, store: &GradStore) -> Result<Vec<Tensor>> {
+        self.params
             .iter()
-            .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all())
-            .collect::<candle_core::Result<_>>()?;
-        let grad_norm = Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
-        if !grad_norm.is_finite() {
-            return Err(Error::Runtime(format!("non-finite gradient norm {grad_norm}")));
+            .map(|s| {
+                store.get(s.p.var.as_tensor()).map(Tensor::detach).ok_or_else(|| {
+                    Error::Runtime(format!(
+                        "parameter `{}` received no gradient (is a non-differentiable op on its path?)",
+                        s.p.name
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Global and per-group L2 norms of `grads`.
+    pub fn norms(&self, grads: &[Tensor]) -> Result<GradNorms> {
+        let mut per_group = vec![0.0f64; self.groups];
+        for (s, g) in self.params.iter().zip(grads) {
+            per_group[s.p.group] += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
         }
-        let scale = if self.cfg.grad_clip > 0.0 && grad_norm > self.cfg.grad_clip {
-            self.cfg.grad_clip / grad_norm
+        let total = per_group.iter().sum::<f64>().sqrt();
+        Ok(GradNorms {
+            total,
+            per_group: per_group.into_iter().map(f64::sqrt).collect(),
+        })
+    }
+
+    /// One update at base learning rate `lr`, clipping `grads` to the configured global norm
+    /// (`total_norm` from [`AdamW::norms`]).
+    pub fn step(&mut self, grads: Vec<Tensor>, lr: f64, total_norm: f64) -> Result<()> {
+        let scale = if self.cfg.grad_clip > 0.0 && total_norm > self.cfg.grad_clip {
+            self.cfg.grad_clip / total_norm
         } else {
             1.0
         };
@@ -102,21 +230,22 @@ impl AdamW {
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let bc1 = 1.0 - b1.powi(self.t);
         let bc2 = 1.0 - b2.powi(self.t);
-        for (p, g) in self.params.iter_mut().zip(gs) {
+        for (s, g) in self.params.iter_mut().zip(grads) {
             let g = if scale != 1.0 { (g * scale)? } else { g };
-            p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
-            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let denom = ((&p.v / bc2)?.sqrt()? + self.cfg.eps)?;
-            let update = ((&p.m / bc1)? / denom)?;
-            let w = p.var.as_tensor();
-            let decayed = if p.decay && self.cfg.weight_decay > 0.0 {
-                (w * (1.0 - lr * self.cfg.weight_decay))?
+            s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
+            s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((&s.v / bc2)?.sqrt()? + self.cfg.eps)?;
+            let update = ((&s.m / bc1)? / denom)?;
+            let plr = lr * s.p.lr_mult;
+            let w = s.p.var.as_tensor();
+            let decayed = if s.p.weight_decay > 0.0 {
+                (w * (1.0 - plr * s.p.weight_decay))?
             } else {
                 w.clone()
             };
-            p.var.set(&(decayed - (update * lr)?)?)?;
+            s.p.var.set(&(decayed - (update * plr)?)?)?;
         }
-        Ok(StepStats { grad_norm })
+        Ok(())
     }
 }
 
@@ -124,6 +253,16 @@ impl AdamW {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    fn cfg(wd: f64, clip: f64) -> AdamWConfig {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-12,
+            weight_decay: wd,
+            grad_clip: clip,
+        }
+    }
 
     #[test]
     fn first_step_matches_reference_update() {
@@ -133,25 +272,18 @@ mod tests {
         let b = Var::new(&[1.0f64, 1.0], &Device::Cpu).expect("b");
         let loss = ((w.as_tensor().sum_all().expect("s") * 3.0).expect("m") - b.as_tensor().sum_all().expect("s"))
             .expect("sub");
-        let grads = loss.backward().expect("bwd");
-        let cfg = AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-12,
-            weight_decay: 0.1,
-            grad_clip: 0.0,
-        };
-        let mut opt = AdamW::new(
-            vec![
-                ("h.0.mlp.c_fc.weight".into(), w.clone()),
-                ("h.0.mlp.c_fc.bias".into(), b.clone()),
-            ],
-            cfg,
-        )
-        .expect("opt");
-        let stats = opt.step(&grads, 0.01).expect("step");
+        let store = loss.backward().expect("bwd");
+        let vars = vec![
+            ("h.0.mlp.c_fc.weight".to_string(), w.clone()),
+            ("h.0.mlp.c_fc.bias".to_string(), b.clone()),
+        ];
+        let (params, groups) = assign_groups(vars, &[], 0.1).expect("groups");
+        let mut opt = AdamW::new(params, groups.len(), cfg(0.1, 0.0)).expect("opt");
+        let grads = opt.collect_grads(&store).expect("grads");
+        let norms = opt.norms(&grads).expect("norms");
         // |g| = sqrt(4 * 9 + 2 * 1).
-        assert!((stats.grad_norm - 38f64.sqrt()).abs() < 1e-12);
+        assert!((norms.total - 38f64.sqrt()).abs() < 1e-12);
+        opt.step(grads, 0.01, norms.total).expect("step");
         let wv: Vec<Vec<f64>> = w.as_tensor().to_vec2().expect("v");
         let want = |w0: f64| w0 * (1.0 - 0.01 * 0.1) - 0.01;
         assert!((wv[0][0] - want(1.0)).abs() < 1e-12 && (wv[0][1] - want(-2.0)).abs() < 1e-12);
@@ -160,12 +292,81 @@ mod tests {
     }
 
     #[test]
-    fn clipping_scales_the_gradient() {
-        // With clip, m after step 1 = (1 - b1) g * scale; the Adam update itself is scale-free,
-        // so check the reported norm and that a missing gradient is an error.
+    fn groups_scale_lr_freeze_and_report() {
+        let dev = Device::Cpu;
+        let emb = Var::new(&[[1.0f64, 2.0]], &dev).expect("e");
+        let w = Var::new(&[[1.0f64, 1.0]], &dev).expect("w");
+        let frozen = Var::new(&[3.0f64, 4.0], &dev).expect("f");
+        let loss = (emb.as_tensor().sum_all().expect("s")
+            + w.as_tensor().sum_all().expect("s")
+            + frozen.as_tensor().sum_all().expect("s"))
+        .expect("add");
+        let store = loss.backward().expect("bwd");
+        let specs = vec![
+            ParamGroupSpec {
+                pattern: r".*wte.*".into(),
+                lr_mult: 0.1,
+                weight_decay: None,
+            },
+            ParamGroupSpec {
+                pattern: r"ln_f\..*".into(),
+                lr_mult: 0.0,
+                weight_decay: None,
+            },
+        ];
+        let vars = vec![
+            ("transformer.wte.weight".to_string(), emb.clone()),
+            ("h.0.w".to_string(), w.clone()),
+            ("ln_f.bias".to_string(), frozen.clone()),
+        ];
+        let (params, groups) = assign_groups(vars, &specs, 0.0).expect("groups");
+        assert_eq!(groups.iter().map(|g| g.tensors).collect::<Vec<_>>(), vec![1, 1, 1]);
+        assert_eq!(groups[0].parameters, 2);
+        let mut opt = AdamW::new(params, groups.len(), cfg(0.0, 0.0)).expect("opt");
+        assert_eq!(
+            opt.names(),
+            vec!["transformer.wte.weight", "h.0.w"],
+            "frozen has no optimizer state"
+        );
+        let grads = opt.collect_grads(&store).expect("grads");
+        let n = opt.norms(&grads).expect("norms");
+        assert_eq!(n.per_group.len(), 3);
+        opt.step(grads, 0.1, n.total).expect("step");
+        // First Adam step moves by lr * lr_mult * sign(g).
+        assert!((emb.as_tensor().to_vec2::<f64>().expect("v")[0][0] - (1.0 - 0.01)).abs() < 1e-9);
+        assert!((w.as_tensor().to_vec2::<f64>().expect("v")[0][0] - (1.0 - 0.1)).abs() < 1e-9);
+        assert_eq!(frozen.as_tensor().to_vec1::<f64>().expect("v"), vec![3.0, 4.0]);
+    }
+
+    #[test]
+    fn bad_patterns_are_config_errors() {
+        let v = Var::new(&[1.0f64], &Device::Cpu).expect("v");
+        let bad = vec![ParamGroupSpec {
+            pattern: "(".into(),
+            lr_mult: 1.0,
+            weight_decay: None,
+        }];
+        let err = assign_groups(vec![("a".into(), v.clone())], &bad, 0.0)
+            .err()
+            .expect("invalid regex");
+        assert!(err.to_string().contains("train.param_groups[0].pattern") && err.to_string().contains("invalid regex"));
+        let none = vec![ParamGroupSpec {
+            pattern: "zzz".into(),
+            lr_mult: 1.0,
+            weight_decay: None,
+        }];
+        let err = assign_groups(vec![("a".into(), v)], &none, 0.0)
+            .err()
+            .expect("no match");
+        assert!(err.to_string().contains("matches no parameter"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn missing_gradient_is_an_error() {
         let w = Var::new(&[3.0f64, 4.0], &Device::Cpu).expect("w");
         let other = Var::new(&[1.0f64], &Device::Cpu).expect("o");
-        let grads = w
+        let store = w
             .as_tensor()
             .sqr()
             .expect("s")
@@ -173,17 +374,9 @@ mod tests {
             .expect("s")
             .backward()
             .expect("b");
-        let cfg = AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            grad_clip: 1.0,
-        };
-        let mut opt = AdamW::new(vec![("w".into(), w.clone())], cfg).expect("opt");
-        assert!((opt.step(&grads, 0.1).expect("step").grad_norm - 10.0).abs() < 1e-12);
-        let mut opt2 = AdamW::new(vec![("w".into(), w), ("other".into(), other)], cfg).expect("opt");
-        let msg = opt2.step(&grads, 0.1).expect_err("must fail").to_string();
+        let (params, groups) = assign_groups(vec![("w".into(), w), ("other".into(), other)], &[], 0.0).expect("g");
+        let opt = AdamW::new(params, groups.len(), cfg(0.0, 1.0)).expect("opt");
+        let msg = opt.collect_grads(&store).expect_err("must fail").to_string();
         assert!(msg.contains("`other` received no gradient"), "{msg}");
     }
 }

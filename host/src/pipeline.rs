@@ -80,6 +80,7 @@ impl<'r> Pipeline<'r> {
             ("train.steps", t.steps),
             ("train.batch_size", t.batch_size),
             ("train.seq_len", t.seq_len),
+            ("train.grad_accum", t.grad_accum),
         ] {
             if v == 0 {
                 return Err(Error::config(key, "expected an integer >= 1, got 0"));
@@ -222,6 +223,18 @@ impl<'r> Pipeline<'r> {
             terms.push(TermSlot { name, weight, term });
         }
         let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
+
+        // Parameter groups: every pattern valid and matching (student and term parameters).
+        let mut vars = student.vars();
+        for slot in &terms {
+            vars.extend(
+                slot.term
+                    .vars()
+                    .into_iter()
+                    .map(|(n, v)| (format!("loss.{}.{n}", slot.name), v)),
+            );
+        }
+        crate::optim::assign_groups(vars, &t.param_groups, t.weight_decay)?;
 
         // Router and schedule: build once to validate.
         let names: Vec<String> = terms.iter().map(|t| t.name.clone()).collect();

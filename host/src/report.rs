@@ -12,8 +12,10 @@ use crate::trainer::PhaseStats;
 /// Budget and speed of one training phase.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainReport {
-    /// Optimizer steps.
+    /// Steps (skipped ones included).
     pub steps: usize,
+    /// Steps skipped for a non-finite loss or gradient.
+    pub skipped_steps: usize,
     /// Training tokens.
     pub tokens: usize,
     /// Wall time, seconds.
@@ -38,6 +40,7 @@ impl From<&PhaseStats> for TrainReport {
         };
         TrainReport {
             steps: s.steps,
+            skipped_steps: s.skipped,
             tokens: s.tokens,
             wall_s: s.wall_s,
             tokens_per_s: s.tokens_per_s,

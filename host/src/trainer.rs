@@ -19,7 +19,7 @@ use retort_core::{
 
 use crate::batching::TrainBatcher;
 use crate::eval::evaluate;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{assign_groups, AdamW, AdamWConfig};
 
 /// A loss term with its metrics name and configured weight.
 pub struct TermSlot {
@@ -64,8 +64,10 @@ pub struct Phase<'a> {
 /// What a phase did.
 #[derive(Debug, Clone)]
 pub struct PhaseStats {
-    /// Optimizer steps taken.
+    /// Steps of the phase (skipped ones included).
     pub steps: usize,
+    /// Steps skipped for a non-finite loss or gradient (no update).
+    pub skipped: usize,
     /// Training tokens seen.
     pub tokens: usize,
     /// Wall time in seconds.
@@ -115,8 +117,10 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                 .map(|(n, v)| (format!("loss.{}.{n}", slot.name), v)),
         );
     }
+    let (grouped, groups) = assign_groups(vars, &train.param_groups, train.weight_decay)?;
     let mut opt = AdamW::new(
-        vars,
+        grouped,
+        groups.len(),
         AdamWConfig {
             beta1: train.beta1,
             beta2: train.beta2,
@@ -125,6 +129,20 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
             grad_clip: train.grad_clip,
         },
     )?;
+    for g in &groups {
+        tracing::info!(
+            "{label} param group {:<28} tensors {:>3} parameters {:>9} lr x{} weight decay {}",
+            g.pattern,
+            g.tensors,
+            g.parameters,
+            g.lr_mult,
+            g.weight_decay
+        );
+    }
+    let rec = json!({"event": "param_groups", "phase": label, "groups": &groups});
+    for o in observers.iter_mut() {
+        o.record(&rec)?;
+    }
     let student_taps: TapSet = terms.iter().flat_map(|t| t.term.student_taps()).collect();
     let teacher_taps: TapSet = terms.iter().flat_map(|t| t.term.teacher_taps()).collect();
     let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
@@ -148,75 +166,141 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
     );
     bar.set_prefix(label);
 
-    let tokens_per_step = train.batch_size * train.seq_len;
+    let accum = train.grad_accum.max(1);
+    let tokens_per_step = train.batch_size * train.seq_len * accum;
     let start = Instant::now();
     let mut losses = Vec::with_capacity(steps);
+    let (mut skipped, mut consecutive_skips) = (0usize, 0usize);
     for step in 0..steps {
         let progress = Progress::new(step, steps);
-        let batch = batcher.next_batch()?;
-        let t_out = match (needs_teacher, teacher) {
-            (true, Some(t)) => Some(t.forward(&batch, &teacher_taps)?),
-            _ => None,
-        };
-        let s_out = student.forward(&batch, &student_taps)?;
-        let mut ctx = StepContext {
-            batch: &batch,
-            student: &s_out,
-            teacher: t_out.as_ref(),
-            progress,
-            token_weights: None,
-        };
-        let token_weights = router.prepare(&ctx)?.map(|w| w.detach());
-        ctx.token_weights = token_weights.as_ref();
-        let values: Vec<Tensor> = terms.iter().map(|t| t.term.compute(&ctx)).collect::<Result<_>>()?;
-        let scalars: Vec<f64> = values.iter().map(scalar).collect::<Result<_>>()?;
-        if let Some(i) = scalars.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Runtime(format!(
-                "phase `{label}` step {step}: loss term `{}` is {} (lower train.lr or check the data)",
-                names[i], scalars[i]
-            )));
-        }
+        let done = step + 1;
         let base_weights: Vec<f64> = terms.iter().map(|t| t.weight.at(progress)).collect();
-        let weights = router.weights(&TermSignals {
-            names: &names,
-            values: &scalars,
-            base_weights: &base_weights,
-            reads_features: &reads_features,
-            progress,
-        })?;
-        if weights.len() != terms.len() {
-            return Err(Error::Runtime(format!(
-                "router returned {} weights for {} terms",
-                weights.len(),
-                terms.len()
-            )));
-        }
-        let mut total: Option<Tensor> = None;
-        for (v, w) in values.iter().zip(&weights) {
-            if *w == 0.0 {
+        let mut weights: Option<Vec<f64>> = None;
+        let mut mean_values = vec![0.0f64; terms.len()];
+        let mut acc: Option<Vec<Tensor>> = None;
+        // The first non-finite quantity of the step: (what, value).
+        let mut bad: Option<(String, f64)> = None;
+        for _micro in 0..accum {
+            let batch = batcher.next_batch()?;
+            if bad.is_some() {
+                continue; // keep the batch stream aligned; nothing of this step is applied
+            }
+            let t_out = match (needs_teacher, teacher) {
+                (true, Some(t)) => Some(t.forward(&batch, &teacher_taps)?),
+                _ => None,
+            };
+            let s_out = student.forward(&batch, &student_taps)?;
+            let mut ctx = StepContext {
+                batch: &batch,
+                student: &s_out,
+                teacher: t_out.as_ref(),
+                progress,
+                token_weights: None,
+            };
+            let token_weights = router.prepare(&ctx)?.map(|w| w.detach());
+            ctx.token_weights = token_weights.as_ref();
+            let values: Vec<Tensor> = terms.iter().map(|t| t.term.compute(&ctx)).collect::<Result<_>>()?;
+            let scalars: Vec<f64> = values.iter().map(scalar).collect::<Result<_>>()?;
+            if let Some(i) = scalars.iter().position(|v| !v.is_finite()) {
+                bad = Some((format!("loss term `{}`", names[i]), scalars[i]));
                 continue;
             }
-            let wv = (v * *w)?;
-            total = Some(match total {
-                Some(t) => (t + wv)?,
-                None => wv,
+            // Routers weigh once per optimizer step, on the first micro-batch's signals.
+            if weights.is_none() {
+                let w = router.weights(&TermSignals {
+                    names: &names,
+                    values: &scalars,
+                    base_weights: &base_weights,
+                    reads_features: &reads_features,
+                    progress,
+                })?;
+                if w.len() != terms.len() {
+                    return Err(Error::Runtime(format!(
+                        "router returned {} weights for {} terms",
+                        w.len(),
+                        terms.len()
+                    )));
+                }
+                weights = Some(w);
+            }
+            let w = weights.as_deref().unwrap_or(&base_weights);
+            let mut total: Option<Tensor> = None;
+            for (v, wi) in values.iter().zip(w) {
+                if *wi == 0.0 {
+                    continue;
+                }
+                // Divided by the number of micro-batches: the summed gradients are those of
+                // the mean over the whole effective batch.
+                let wv = (v * (*wi / accum as f64))?;
+                total = Some(match total {
+                    Some(t) => (t + wv)?,
+                    None => wv,
+                });
+            }
+            let total = total.ok_or_else(|| Error::Runtime(format!("phase `{label}`: every term has weight 0")))?;
+            let grads = opt.collect_grads(&total.backward()?)?;
+            acc = Some(match acc {
+                None => grads,
+                Some(a) => a
+                    .iter()
+                    .zip(&grads)
+                    .map(|(x, y)| x + y)
+                    .collect::<candle_core::Result<_>>()?,
             });
+            for (m, v) in mean_values.iter_mut().zip(&scalars) {
+                *m += v / accum as f64;
+            }
         }
-        let total = total.ok_or_else(|| Error::Runtime(format!("phase `{label}`: every term has weight 0")))?;
-        let total_value: f64 = scalars.iter().zip(&weights).map(|(v, w)| v * w).sum();
-        let grads = total.backward()?;
         let step_lr = lr.at(progress) * lr_schedule.value(progress);
-        let stats = opt.step(&grads, step_lr)?;
+        let mut norms = None;
+        if bad.is_none() {
+            let grads = acc
+                .as_ref()
+                .ok_or_else(|| Error::Runtime("no gradients accumulated".into()))?;
+            let n = opt.norms(grads)?;
+            if !n.total.is_finite() {
+                bad = Some(("the gradient norm".into(), n.total));
+            }
+            norms = Some(n);
+        }
+        if let Some((what, value)) = bad {
+            skipped += 1;
+            consecutive_skips += 1;
+            tracing::warn!("phase `{label}` step {done}: {what} is {value}; step skipped (no update)");
+            let rec = json!({"event": "skip", "phase": label, "step": done, "cause": what, "value": value.to_string(),
+                             "skipped_total": skipped});
+            for o in observers.iter_mut() {
+                o.record(&rec)?;
+            }
+            if consecutive_skips > train.max_consecutive_skips {
+                return Err(Error::Runtime(format!(
+                    "phase `{label}`: {consecutive_skips} consecutive steps skipped for non-finite values (last: {what} \
+                     is {value} at step {done}); stopping (train.max_consecutive_skips = {}). The last checkpoint \
+                     written is intact; lower train.lr or check the data",
+                    train.max_consecutive_skips
+                )));
+            }
+            bar.set_position(done as u64);
+            continue;
+        }
+        consecutive_skips = 0;
+        let norms = norms.ok_or_else(|| Error::Runtime("gradient norms missing".into()))?;
+        let grads = acc.ok_or_else(|| Error::Runtime("no gradients accumulated".into()))?;
+        opt.step(grads, step_lr, norms.total)?;
+        let weights = weights.unwrap_or(base_weights);
+        let total_value: f64 = mean_values.iter().zip(&weights).map(|(v, w)| v * w).sum();
         losses.push(total_value);
 
-        let done = step + 1;
         let elapsed = start.elapsed().as_secs_f64();
         let tok_s = (done * tokens_per_step) as f64 / elapsed.max(1e-9);
         bar.set_position(done as u64);
         bar.set_message(format!("loss {total_value:.4} | {tok_s:.0} tok/s"));
         if train.log_every > 0 && (done % train.log_every == 0 || done == steps) {
-            let term_values: serde_json::Map<String, serde_json::Value> =
-                names.iter().zip(&scalars).map(|(n, v)| (n.clone(), json!(v))).collect();
+            let term_values: serde_json::Map<String, serde_json::Value> = names
+                .iter()
+                .zip(&mean_values)
+                .map(|(n, v)| (n.clone(), json!(v)))
+                .collect();
             let term_weights: serde_json::Map<String, serde_json::Value> =
                 names.iter().zip(&weights).map(|(n, w)| (n.clone(), json!(w))).collect();
             let term_scalars: serde_json::Map<String, serde_json::Value> = terms
@@ -230,11 +314,16 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                 .collect();
             let router_scalars: serde_json::Map<String, serde_json::Value> =
                 router.scalars().into_iter().map(|(k, v)| (k, json!(v))).collect();
+            let group_norms: serde_json::Map<String, serde_json::Value> = groups
+                .iter()
+                .zip(&norms.per_group)
+                .map(|(g, n)| (g.pattern.clone(), json!(n)))
+                .collect();
             let rec = json!({
                 "event": "train", "phase": label, "step": done, "loss": total_value,
-                "terms": term_values, "weights": term_weights, "scalars": term_scalars, "router": router_scalars, "lr": step_lr,
-                "grad_norm": stats.grad_norm, "tokens": done * tokens_per_step,
-                "tokens_per_s": tok_s, "elapsed_s": elapsed,
+                "terms": term_values, "weights": term_weights, "scalars": term_scalars, "router": router_scalars,
+                "lr": step_lr, "grad_norm": norms.total, "grad_norm_groups": group_norms,
+                "tokens": done * tokens_per_step, "tokens_per_s": tok_s, "elapsed_s": elapsed, "skipped_total": skipped,
             });
             for o in observers.iter_mut() {
                 o.record(&rec)?;
@@ -258,6 +347,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
     let tokens = steps * tokens_per_step;
     Ok(PhaseStats {
         steps,
+        skipped,
         tokens,
         wall_s,
         tokens_per_s: tokens as f64 / wall_s.max(1e-9),

@@ -1,0 +1,230 @@
+//! The training engine: parameter groups (freezing), gradient accumulation, non-finite guard.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use retort_core::registry::{no_params, Factory};
+use retort_core::{BuildContext, Error, LossTerm, Params, Registry, Result, StepContext};
+use retort_host::config_load;
+use retort_host::pipeline::{seeds, Pipeline};
+use retort_host::run::{run, RunOptions, RunOutcome};
+use retort_plugins::losses::ce::cross_entropy;
+use retort_tests::{read_metrics, tiny_config};
+
+fn run_with(registry: &Registry, dir: &Path, toml: &str, sets: &[&str]) -> Result<RunOutcome> {
+    let cfg_path = dir.join("config.toml");
+    std::fs::write(&cfg_path, toml).expect("write config");
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let (cfg, origin) = config_load::load(Some(&cfg_path), &sets)?;
+    let pipeline = Pipeline::assemble(cfg, registry)?;
+    run(
+        pipeline,
+        &origin,
+        &RunOptions {
+            out: Some(dir.join("run")),
+            force: false,
+            progress: false,
+        },
+    )
+}
+
+fn weights(dir: &Path) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("run/student/model.safetensors"), &Device::Cpu).expect("student weights")
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .max_all()
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("scalar")
+}
+
+#[test]
+fn gradient_accumulation_matches_the_large_batch() {
+    let registry = retort_host::builtin_registry().expect("registry");
+    let (a, b) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let common = ["train.steps=12", "teacher.pretrain.steps=12", "eval.baseline=false"];
+    let large: Vec<&str> = common
+        .iter()
+        .copied()
+        .chain(["train.batch_size=8", "train.grad_accum=1"])
+        .collect();
+    let micro: Vec<&str> = common
+        .iter()
+        .copied()
+        .chain(["train.batch_size=4", "train.grad_accum=2"])
+        .collect();
+    let ra = run_with(&registry, a.path(), &tiny_config("accum"), &large).expect("large batch");
+    let rb = run_with(&registry, b.path(), &tiny_config("accum"), &micro).expect("micro batches");
+    assert_eq!(ra.report.train.tokens, rb.report.train.tokens);
+    let (wa, wb) = (weights(a.path()), weights(b.path()));
+    let mut worst = 0f32;
+    for (name, t) in &wa {
+        worst = worst.max(max_abs_diff(t, &wb[name]));
+    }
+    // Same windows, gradients summed in another order: equal up to float error.
+    assert!(worst < 1e-4, "max weight difference {worst}");
+    assert!((ra.report.student.val_loss - rb.report.student.val_loss).abs() < 1e-4);
+}
+
+#[test]
+fn a_frozen_group_stays_bit_identical() {
+    let registry = retort_host::builtin_registry().expect("registry");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let toml = tiny_config("frozen").replace(
+        "[train]\n",
+        "[train]\nparam_groups = [{ pattern = 'transformer\\.wte\\.weight', lr_mult = 0.0 }, { pattern = 'transformer\\.h\\.0\\..*', lr_mult = 0.5 }]\n",
+    );
+    let out = run_with(&registry, tmp.path(), &toml, &["eval.baseline=false"]).expect("run");
+    let trained = weights(tmp.path());
+    // The same init, rebuilt from the seed.
+    let (cfg, _) = config_load::load(
+        Some(&tmp.path().join("config.toml")),
+        &["eval.baseline=false".to_string()],
+    )
+    .expect("cfg");
+    let seed = cfg.run.seed;
+    let pipeline = Pipeline::assemble(cfg, &registry).expect("assemble");
+    let init = pipeline.build_student(seeds::student_init(seed)).expect("student");
+    for (name, var) in init.vars() {
+        let diff = max_abs_diff(var.as_tensor(), &trained[&name]);
+        if name == "transformer.wte.weight" {
+            assert_eq!(diff, 0.0, "frozen {name} changed");
+        } else if name.ends_with(".weight") && name.contains("c_attn") {
+            assert!(diff > 0.0, "{name} did not train");
+        }
+    }
+    // The groups are logged with their sizes.
+    let metrics = read_metrics(&out.dir);
+    let table = metrics
+        .iter()
+        .find(|m| m["event"] == "param_groups" && m["phase"] == "student")
+        .expect("group table");
+    let groups = table["groups"].as_array().expect("groups");
+    assert_eq!(groups[0]["tensors"], 1);
+    assert_eq!(groups[0]["lr_mult"], 0.0);
+    assert_eq!(groups[1]["tensors"], 12, "one block has 12 tensors");
+    let rec = metrics
+        .iter()
+        .find(|m| m["event"] == "train" && m["phase"] == "student")
+        .expect("train record");
+    assert_eq!(rec["grad_norm_groups"]["transformer\\.wte\\.weight"], 0.0);
+    assert!(rec["grad_norm_groups"]["default"].as_f64().expect("norm") > 0.0);
+}
+
+/// A loss that is `ce` except at the steps listed, where it is NaN.
+struct NanAt {
+    steps: Vec<usize>,
+}
+
+impl LossTerm for NanAt {
+    fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
+        let ce = cross_entropy(&ctx.student.logits, &ctx.batch.targets, None, 0.0)?;
+        Ok(
+            if self.steps.contains(&ctx.progress.step) || self.steps.contains(&usize::MAX) {
+                (ce * f64::NAN)?
+            } else {
+                ce
+            },
+        )
+    }
+    fn needs_teacher(&self) -> bool {
+        false
+    }
+}
+
+fn build_nan_once(_: &Params, _: &BuildContext) -> Result<Box<dyn LossTerm>> {
+    Ok(Box::new(NanAt { steps: vec![3] }))
+}
+fn build_nan_always(_: &Params, _: &BuildContext) -> Result<Box<dyn LossTerm>> {
+    Ok(Box::new(NanAt {
+        steps: vec![usize::MAX],
+    }))
+}
+
+fn nan_registry() -> Registry {
+    let mut r = retort_host::builtin_registry().expect("registry");
+    r.losses
+        .register(
+            &Factory {
+                kind: "nan_once",
+                description: "NaN at step 3",
+                build: build_nan_once,
+                params: no_params,
+            },
+            "test",
+        )
+        .expect("register");
+    r.losses
+        .register(
+            &Factory {
+                kind: "nan_always",
+                description: "always NaN",
+                build: build_nan_always,
+                params: no_params,
+            },
+            "test",
+        )
+        .expect("register");
+    r
+}
+
+fn nan_config(kind: &str) -> String {
+    tiny_config("nan").replace(
+        "[[loss]]\nkind = \"kl\"\nweight = 0.5\ntemperature = 2.0\n\n[[loss]]\nkind = \"ce\"\nweight = 0.5\n",
+        &format!("[[loss]]\nkind = \"{kind}\"\n"),
+    ) + "\n"
+}
+
+#[test]
+fn a_non_finite_step_is_skipped_without_touching_the_weights() {
+    let registry = nan_registry();
+    let (a, b) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let sets = |steps: &'static str| {
+        vec![
+            steps,
+            "eval.baseline=false",
+            "train.lr_schedule={ kind = \"constant\" }",
+        ]
+    };
+    // Three clean steps, against four steps whose fourth (index 3) is NaN and must change nothing
+    // (the optimizer is not called for a skipped step, so its state is untouched as well).
+    run_with(&registry, a.path(), &nan_config("nan_once"), &sets("train.steps=3")).expect("3 steps");
+    let rb = run_with(&registry, b.path(), &nan_config("nan_once"), &sets("train.steps=4")).expect("4 steps");
+    let (wa, wb) = (weights(a.path()), weights(b.path()));
+    for (name, t) in &wa {
+        assert_eq!(max_abs_diff(t, &wb[name]), 0.0, "{name} changed in a skipped step");
+    }
+    assert_eq!(rb.report.train.skipped_steps, 1);
+    let skip = read_metrics(&rb.dir)
+        .into_iter()
+        .find(|m| m["event"] == "skip")
+        .expect("skip record");
+    assert_eq!(skip["step"], 4);
+    assert!(skip["cause"].as_str().expect("cause").contains("nan_once"), "{skip}");
+}
+
+#[test]
+fn too_many_consecutive_skips_stop_the_run_with_a_runtime_error() {
+    let registry = nan_registry();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let err = run_with(
+        &registry,
+        tmp.path(),
+        &nan_config("nan_always"),
+        &["eval.baseline=false", "train.max_consecutive_skips=2"],
+    )
+    .err()
+    .expect("must stop");
+    assert!(matches!(err, Error::Runtime(_)), "{err}");
+    assert_eq!(err.exit_code(), 1);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("3 consecutive steps skipped") && msg.contains("nan_always"),
+        "{msg}"
+    );
+}
