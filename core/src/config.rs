@@ -214,8 +214,11 @@ pub struct TrainSection {
     pub log_every: usize,
     /// Evaluate on the validation split every this many steps; 0 = only at the end. Default 0.
     pub eval_every: usize,
-    /// Write a checkpoint every this many steps; 0 = only at the end. Default 0.
+    /// Write a resumable checkpoint (`checkpoints/<phase>/step-N/`) every this many steps;
+    /// 0 turns them off. Default 100.
     pub checkpoint_every: usize,
+    /// Resumable checkpoints kept per phase (the newest). Default 2.
+    pub keep_checkpoints: usize,
     /// Micro-batches per optimizer step (effective batch = `batch_size * grad_accum`). Default 1.
     pub grad_accum: usize,
     /// Parameter groups by regex over parameter names (full match, first match wins).
@@ -265,7 +268,8 @@ impl Default for TrainSection {
             grad_clip: 1.0,
             log_every: 10,
             eval_every: 0,
-            checkpoint_every: 0,
+            checkpoint_every: 100,
+            keep_checkpoints: 2,
             grad_accum: 1,
             param_groups: Vec::new(),
             max_consecutive_skips: 10,

@@ -46,3 +46,5 @@ pub use candle_core as candle;
 pub use inventory;
 /// Re-export of `schemars`, to derive the parameter schemas plugins declare.
 pub use schemars;
+/// Re-export of `serde_json` (router state, parameter schemas).
+pub use serde_json;

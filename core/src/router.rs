@@ -38,4 +38,12 @@ pub trait Router: Send {
     fn scalars(&self) -> Vec<(String, f64)> {
         Vec::new()
     }
+    /// The router's state across steps, saved in checkpoints (stateless routers: null).
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Restores a state from [`Router::state`] when a run resumes.
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
 }

@@ -30,6 +30,16 @@ impl<'a> TrainBatcher<'a> {
         })
     }
 
+    /// Position in the random stream (saved in checkpoints).
+    pub fn stream_pos(&self) -> u128 {
+        self.rng.get_word_pos()
+    }
+
+    /// Continues the stream from a saved position.
+    pub fn set_stream_pos(&mut self, pos: u128) {
+        self.rng.set_word_pos(pos);
+    }
+
     /// The next batch.
     pub fn next_batch(&mut self) -> Result<Batch> {
         let max_start = self.tokens.len() - self.seq_len - 1;

@@ -44,6 +44,12 @@ pub enum Command {
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
+        /// Continue the run in RUN_DIR from its last checkpoint (its own resolved config).
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "sets", "out", "force"])]
+        resume: Option<PathBuf>,
+        /// With --resume: if the newest checkpoint is corrupted, use the previous good one.
+        #[arg(long, requires = "resume")]
+        resume_from_last_good: bool,
     },
     /// Validate a config and build every plugin it names; trains nothing.
     Check {
@@ -134,13 +140,31 @@ fn dispatch(cli: Cli) -> Result<()> {
             out,
             force,
             quiet,
+            resume,
+            resume_from_last_good,
         } => {
+            // A resumed run uses the configuration it was started with, as resolved then.
+            let config = match &resume {
+                Some(run_dir) => Some(run_dir.join("config.resolved.toml")),
+                None => config,
+            };
+            if let Some(c) = config.as_ref().filter(|c| resume.is_some() && !c.is_file()) {
+                return Err(retort_core::Error::input(
+                    format!(
+                        "--resume {}",
+                        c.parent().map(|p| p.display().to_string()).unwrap_or_default()
+                    ),
+                    "is not a retort run directory (no config.resolved.toml)",
+                ));
+            }
             let (cfg, origin, registry) = load_config_and_registry(config.as_deref(), &sets)?;
             let pipeline = Pipeline::assemble(cfg, &registry).map_err(|e| origin.annotate(e))?;
             let opts = RunOptions {
-                out,
+                out: resume.clone().or(out),
                 force,
                 progress: !quiet && std::io::stderr().is_terminal(),
+                resume: resume.is_some(),
+                resume_from_last_good,
             };
             let outcome = run(pipeline, &origin, &opts).map_err(|e| origin.annotate(e))?;
             println!("\n{}", outcome.report.table());

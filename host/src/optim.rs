@@ -183,6 +183,33 @@ impl AdamW {
         })
     }
 
+    /// The moments (`m.<name>`, `v.<name>`) and the step count, for a checkpoint.
+    pub fn export_state(&self) -> (std::collections::HashMap<String, Tensor>, i32) {
+        let mut out = std::collections::HashMap::new();
+        for s in &self.params {
+            out.insert(format!("m.{}", s.p.name), s.m.clone());
+            out.insert(format!("v.{}", s.p.name), s.v.clone());
+        }
+        (out, self.t)
+    }
+
+    /// Restores moments and step count from [`AdamW::export_state`]'s output.
+    pub fn import_state(&mut self, tensors: &std::collections::HashMap<String, Tensor>, t: i32) -> Result<()> {
+        for s in &mut self.params {
+            let (dtype, device) = (s.m.dtype(), s.m.device().clone());
+            let get = |k: String| -> Result<Tensor> {
+                let x = tensors
+                    .get(&k)
+                    .ok_or_else(|| Error::Runtime(format!("optimizer state lacks `{k}`")))?;
+                Ok(x.to_dtype(dtype)?.to_device(&device)?)
+            };
+            s.m = get(format!("m.{}", s.p.name))?;
+            s.v = get(format!("v.{}", s.p.name))?;
+        }
+        self.t = t;
+        Ok(())
+    }
+
     /// Names of the trainable parameters, in gradient order.
     pub fn names(&self) -> Vec<&str> {
         self.params.iter().map(|s| s.p.name.as_str()).collect()

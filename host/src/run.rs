@@ -1,7 +1,7 @@
 //! `retort run`: pretrain the teacher if needed, distill the student, train the scratch
 //! baseline, evaluate all three, write the run directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -9,12 +9,13 @@ use candle_core::Tensor;
 use retort_core::{fsutil, Error, Observer, Params, Registry, Result, Scalar, Split, Student, TapSet, Teacher};
 
 use crate::batching::val_batches;
+use crate::checkpoint;
 use crate::config_load::ConfigOrigin;
 use crate::eval::{evaluate, EvalResult};
 use crate::pipeline::{build_lr_schedule, build_router, seeds, teacher_params_with_checkpoint, Pipeline, TeacherPlan};
 use crate::report::{ModelReport, Report, RunInfo, TermReport, TrainReport};
 use crate::rundir;
-use crate::trainer::{train_phase, Phase, PhaseStats, TermSlot};
+use crate::trainer::{train_phase, CheckpointPolicy, Phase, PhaseStats, TermSlot};
 
 /// Options of `retort run` besides the config.
 #[derive(Debug, Clone, Default)]
@@ -25,6 +26,59 @@ pub struct RunOptions {
     pub force: bool,
     /// Show progress bars.
     pub progress: bool,
+    /// Continue the run in `out` from its last checkpoint instead of starting one.
+    pub resume: bool,
+    /// On resume, skip a corrupted newest checkpoint and use the previous good one.
+    pub resume_from_last_good: bool,
+}
+
+/// `progress.json`: the phases a run has finished, with their statistics.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct RunProgress {
+    completed: std::collections::BTreeMap<String, CompletedPhase>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct CompletedPhase {
+    stats: PhaseStats,
+    metrics_len: u64,
+}
+
+impl RunProgress {
+    fn load(dir: &Path) -> Result<Self> {
+        let p = dir.join("progress.json");
+        if !p.is_file() {
+            return Ok(RunProgress::default());
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io("reading run progress", &p, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::input(format!("run progress {}", p.display()), format!("corrupted: {e}")))
+    }
+
+    fn complete(&mut self, dir: &Path, label: &str, stats: &PhaseStats) -> Result<()> {
+        let metrics_len = std::fs::metadata(dir.join("metrics.jsonl"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        self.completed.insert(
+            label.to_string(),
+            CompletedPhase {
+                stats: stats.clone(),
+                metrics_len,
+            },
+        );
+        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Runtime(e.to_string()))?;
+        fsutil::write_atomic(&dir.join("progress.json"), &json)
+    }
+}
+
+fn truncate_metrics(dir: &Path, len: u64) -> Result<()> {
+    let p = dir.join("metrics.jsonl");
+    if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&p) {
+        f.set_len(len)
+            .map_err(|e| Error::io("truncating metrics to the checkpoint", &p, e))?;
+        f.sync_all().map_err(|e| Error::io("syncing metrics", &p, e))?;
+    }
+    Ok(())
 }
 
 /// What a finished run produced.
@@ -56,14 +110,60 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.run.name));
-    rundir::prepare(&dir, opts.force)?;
-    let resolved =
-        toml::to_string_pretty(&cfg).map_err(|e| Error::Runtime(format!("serializing the resolved config: {e}")))?;
-    let header = format!("# Resolved config of this run (source: {}).\n", origin.label());
-    fsutil::write_atomic(
-        &dir.join("config.resolved.toml"),
-        format!("{header}{resolved}").as_bytes(),
-    )?;
+    if opts.resume {
+        if !dir.join("config.resolved.toml").is_file() {
+            return Err(Error::input(
+                format!("resume {}", dir.display()),
+                "is not a retort run directory (no config.resolved.toml)",
+            ));
+        }
+    } else {
+        rundir::prepare(&dir, opts.force)?;
+        let resolved = toml::to_string_pretty(&cfg)
+            .map_err(|e| Error::Runtime(format!("serializing the resolved config: {e}")))?;
+        let header = format!("# Resolved config of this run (source: {}).\n", origin.label());
+        fsutil::write_atomic(
+            &dir.join("config.resolved.toml"),
+            format!("{header}{resolved}").as_bytes(),
+        )?;
+    }
+    let mut progress = if opts.resume {
+        RunProgress::load(&dir)?
+    } else {
+        RunProgress::default()
+    };
+    let mut phases: Vec<&str> = Vec::new();
+    if matches!(pipeline.teacher_plan, TeacherPlan::Pretrain { .. }) {
+        phases.push("teacher");
+    }
+    phases.push("student");
+    if cfg.eval.baseline {
+        phases.push("baseline");
+    }
+    let mut resume_ck = None;
+    if opts.resume {
+        if let Some(next) = phases.iter().find(|p| !progress.completed.contains_key(**p)) {
+            resume_ck = checkpoint::latest(
+                &dir.join("checkpoints").join(next),
+                &pipeline.device,
+                opts.resume_from_last_good,
+            )?;
+            let len = match &resume_ck {
+                Some(c) => c.state.metrics_len,
+                None => progress.completed.values().map(|c| c.metrics_len).max().unwrap_or(0),
+            };
+            truncate_metrics(&dir, len)?;
+        }
+    }
+    let mut take_resume = |label: &str| resume_ck.take_if(|c| c.state.phase == label);
+    let policy = |label: &str| {
+        Some(CheckpointPolicy {
+            root: dir.join("checkpoints").join(label),
+            every: cfg.train.checkpoint_every,
+            keep: cfg.train.keep_checkpoints,
+            metrics: Some(dir.join("metrics.jsonl")),
+        })
+    };
 
     let mut octx = pipeline.context(cfg.run.seed);
     octx.run_dir = Some(dir.clone());
@@ -94,6 +194,14 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
             let t = teacher_loaded.ok_or_else(|| Error::Runtime("the assembled pipeline holds no teacher".into()))?;
             (t, None)
         }
+        TeacherPlan::Pretrain { .. } if progress.completed.contains_key("teacher") => {
+            let t = registry.teachers.build(
+                &cfg.teacher.kind,
+                &teacher_params_with_checkpoint(&cfg, &dir.join("teacher")),
+                &pipeline.context(cfg.run.seed),
+            )?;
+            (t, Some(progress.completed["teacher"].stats.clone()))
+        }
         TeacherPlan::Pretrain { steps, lr } => {
             let ctx = pipeline.context(seeds::teacher_init(cfg.run.seed));
             let model = registry.students.build(
@@ -116,7 +224,8 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
                     train: &cfg.train,
                     batch_seed: seeds::teacher_batches(cfg.run.seed),
                     val: &val,
-                    checkpoint_dir: Some(dir.join("teacher")),
+                    checkpoints: policy("teacher"),
+                    resume: take_resume("teacher"),
                     progress_bar: opts.progress,
                 },
                 data,
@@ -124,6 +233,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
             )?;
             let tdir = dir.join("teacher");
             model.save(&tdir)?;
+            progress.complete(&dir, "teacher", &stats)?;
             let t = registry.teachers.build(
                 &cfg.teacher.kind,
                 &teacher_params_with_checkpoint(&cfg, &tdir),
@@ -142,6 +252,19 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
     // 2. Distilled student, 3. scratch baseline: same init, same batches, same budget.
     let mut train_student =
         |label: &'static str, terms: &[TermSlot], distill: bool| -> Result<(Box<dyn Student>, PhaseStats)> {
+            if let Some(done) = progress.completed.get(label) {
+                let mut params = cfg.student.params.clone();
+                params.insert(
+                    "checkpoint".into(),
+                    serde_json::Value::String(dir.join(label).display().to_string()),
+                );
+                let s = registry.students.build(
+                    &cfg.student.kind,
+                    &Params::new("student", params),
+                    &pipeline.context(cfg.run.seed),
+                )?;
+                return Ok((s, done.stats.clone()));
+            }
             let ctx = pipeline.context(seeds::student_init(cfg.run.seed));
             let student = pipeline.build_student(seeds::student_init(cfg.run.seed))?;
             tracing::info!("training {label}: {} for {} steps", student.describe(), cfg.train.steps);
@@ -163,13 +286,15 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
                     train: &cfg.train,
                     batch_seed: seeds::student_batches(cfg.run.seed),
                     val: &val,
-                    checkpoint_dir: Some(dir.join(label)),
+                    checkpoints: policy(label),
+                    resume: take_resume(label),
                     progress_bar: opts.progress,
                 },
                 data,
                 &mut observers,
             )?;
             student.save(&dir.join(label))?;
+            progress.complete(&dir, label, &stats)?;
             Ok((student, stats))
         };
     let (student, student_train) = train_student("student", &pipeline.terms, true)?;

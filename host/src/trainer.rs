@@ -4,6 +4,7 @@
 //! (with the taps the terms asked for) -> each term -> router weights ->
 //! `total = sum_i w_i * term_i` -> backward -> AdamW (clipped) -> metrics.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -18,6 +19,7 @@ use retort_core::{
 };
 
 use crate::batching::TrainBatcher;
+use crate::checkpoint::{self, LoadedCheckpoint, PhaseState};
 use crate::eval::evaluate;
 use crate::optim::{assign_groups, AdamW, AdamWConfig};
 
@@ -55,14 +57,29 @@ pub struct Phase<'a> {
     pub batch_seed: u64,
     /// Validation batches for periodic evaluation.
     pub val: &'a [Batch],
-    /// Where periodic checkpoints go (overwritten atomically), if anywhere.
-    pub checkpoint_dir: Option<PathBuf>,
+    /// Periodic resumable checkpoints, if any.
+    pub checkpoints: Option<CheckpointPolicy>,
+    /// A checkpoint of this phase to continue from.
+    pub resume: Option<LoadedCheckpoint>,
     /// Show a progress bar.
     pub progress_bar: bool,
 }
 
-/// What a phase did.
+/// Where and how often a phase writes resumable checkpoints.
 #[derive(Debug, Clone)]
+pub struct CheckpointPolicy {
+    /// `checkpoints/<phase>` of the run.
+    pub root: PathBuf,
+    /// Every this many steps.
+    pub every: usize,
+    /// Keep the newest this many.
+    pub keep: usize,
+    /// The metrics file whose length each checkpoint records (truncated to it on resume).
+    pub metrics: Option<PathBuf>,
+}
+
+/// What a phase did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PhaseStats {
     /// Steps of the phase (skipped ones included).
     pub steps: usize,
@@ -70,7 +87,7 @@ pub struct PhaseStats {
     pub skipped: usize,
     /// Training tokens seen.
     pub tokens: usize,
-    /// Wall time in seconds.
+    /// Wall time in seconds (of the last process, for a resumed phase).
     pub wall_s: f64,
     /// Tokens per second.
     pub tokens_per_s: f64,
@@ -96,7 +113,8 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         train,
         batch_seed,
         val,
-        checkpoint_dir,
+        checkpoints,
+        resume,
         progress_bar,
     } = phase;
     let device = student_device(student)?;
@@ -117,6 +135,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                 .map(|(n, v)| (format!("loss.{}.{n}", slot.name), v)),
         );
     }
+    let all_vars = vars.clone();
     let (grouped, groups) = assign_groups(vars, &train.param_groups, train.weight_decay)?;
     let mut opt = AdamW::new(
         grouped,
@@ -139,9 +158,12 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
             g.weight_decay
         );
     }
-    let rec = json!({"event": "param_groups", "phase": label, "groups": &groups});
-    for o in observers.iter_mut() {
-        o.record(&rec)?;
+    if resume.is_none() {
+        // (A resumed phase logged its groups before the checkpoint it continues from.)
+        let rec = json!({"event": "param_groups", "phase": label, "groups": &groups});
+        for o in observers.iter_mut() {
+            o.record(&rec)?;
+        }
     }
     let student_taps: TapSet = terms.iter().flat_map(|t| t.term.student_taps()).collect();
     let teacher_taps: TapSet = terms.iter().flat_map(|t| t.term.teacher_taps()).collect();
@@ -171,7 +193,32 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
     let start = Instant::now();
     let mut losses = Vec::with_capacity(steps);
     let (mut skipped, mut consecutive_skips) = (0usize, 0usize);
-    for step in 0..steps {
+    let mut first_step = 0;
+    if let Some(ck) = resume {
+        for (name, var) in &all_vars {
+            let t = ck.model.get(name).ok_or_else(|| {
+                Error::input(
+                    format!("checkpoint {}", ck.dir.display()),
+                    format!("tensor `{name}` is missing"),
+                )
+            })?;
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        opt.import_state(&ck.optimizer, ck.state.adam_t)?;
+        let pos: u128 = ck.state.batch_stream_pos.parse().map_err(|_| {
+            Error::input(
+                format!("checkpoint {}", ck.dir.display()),
+                "state.json: bad batch_stream_pos",
+            )
+        })?;
+        batcher.set_stream_pos(pos);
+        router.restore(&ck.state.router)?;
+        losses = ck.state.losses.clone();
+        (skipped, consecutive_skips, first_step) = (ck.state.skipped, ck.state.consecutive_skips, ck.state.step);
+        tracing::info!("{label}: resumed at step {first_step} from {}", ck.dir.display());
+        bar.set_position(first_step as u64);
+    }
+    for step in first_step..steps {
         let progress = Progress::new(step, steps);
         let done = step + 1;
         let base_weights: Vec<f64> = terms.iter().map(|t| t.weight.at(progress)).collect();
@@ -292,7 +339,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         losses.push(total_value);
 
         let elapsed = start.elapsed().as_secs_f64();
-        let tok_s = (done * tokens_per_step) as f64 / elapsed.max(1e-9);
+        let tok_s = ((done - first_step) * tokens_per_step) as f64 / elapsed.max(1e-9);
         bar.set_position(done as u64);
         bar.set_message(format!("loss {total_value:.4} | {tok_s:.0} tok/s"));
         if train.log_every > 0 && (done % train.log_every == 0 || done == steps) {
@@ -336,10 +383,32 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                 o.record(&rec)?;
             }
         }
-        if let Some(dir) = &checkpoint_dir {
-            if train.checkpoint_every > 0 && done % train.checkpoint_every == 0 {
-                student.save(dir)?;
-            }
+        if let Some(policy) = checkpoints
+            .as_ref()
+            .filter(|p| p.every > 0 && done % p.every == 0 && done != steps)
+        {
+            let model: HashMap<String, Tensor> = all_vars
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+                .collect();
+            let (optimizer, adam_t) = opt.export_state();
+            let metrics_len = match &policy.metrics {
+                Some(m) => std::fs::metadata(m).map(|md| md.len()).unwrap_or(0),
+                None => 0,
+            };
+            let state = PhaseState {
+                phase: label.to_string(),
+                step: done,
+                adam_t,
+                batch_stream_pos: batcher.stream_pos().to_string(),
+                router: router.state(),
+                skipped,
+                consecutive_skips,
+                losses: losses.clone(),
+                metrics_len,
+                files: Default::default(),
+            };
+            checkpoint::write(&policy.root, state, &model, &optimizer, policy.keep)?;
         }
     }
     bar.finish_and_clear();

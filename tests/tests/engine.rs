@@ -24,6 +24,7 @@ fn run_with(registry: &Registry, dir: &Path, toml: &str, sets: &[&str]) -> Resul
             out: Some(dir.join("run")),
             force: false,
             progress: false,
+            ..Default::default()
         },
     )
 }

@@ -17,6 +17,7 @@ fn run_config(dir: &Path, toml: &str, sets: &[String]) -> retort_host::run::RunO
         out: Some(dir.join("run")),
         force: false,
         progress: false,
+        ..Default::default()
     };
     run(pipeline, &origin, &opts).expect("run succeeds")
 }
@@ -109,6 +110,7 @@ fn teacher_checkpoint_from_a_previous_run_is_reused() {
         out: Some(tmp2.path().join("run")),
         force: false,
         progress: false,
+        ..Default::default()
     };
     let second = run(pipeline, &origin, &opts).expect("run");
     // Same weights, same validation windows: the same teacher loss, bit for bit.

@@ -29,6 +29,7 @@ fn char_level_distillation_on_tinyshakespeare() {
             out: Some(tmp.path().join("run")),
             force: false,
             progress: false,
+            ..Default::default()
         },
     )
     .expect("run");

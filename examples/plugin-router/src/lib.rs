@@ -93,6 +93,24 @@ impl Router for Dwa {
             .map(|(n, r)| (format!("rate.{n}"), *r))
             .collect()
     }
+
+    fn state(&self) -> retort_sdk::serde_json::Value {
+        retort_sdk::serde_json::json!({"ema": self.ema, "history": self.history, "names": self.names, "rates": self.rates})
+    }
+
+    fn restore(&mut self, state: &retort_sdk::serde_json::Value) -> Result<()> {
+        #[derive(Deserialize)]
+        struct S {
+            ema: Vec<f64>,
+            history: Vec<Vec<f64>>,
+            names: Vec<String>,
+            rates: Vec<f64>,
+        }
+        let s: S =
+            retort_sdk::serde_json::from_value(state.clone()).map_err(|e| Error::Runtime(format!("dwa state: {e}")))?;
+        (self.ema, self.history, self.names, self.rates) = (s.ema, s.history, s.names, s.rates);
+        Ok(())
+    }
 }
 
 fn build(params: &Params, _: &BuildContext) -> Result<Box<dyn Router>> {

@@ -94,6 +94,23 @@ impl Router for MagnitudeRouter {
             .map(|(n, m)| (format!("magnitude.{n}"), m))
             .collect()
     }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!({"ema": self.ema, "steps": self.steps, "names": self.names})
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        #[derive(Deserialize)]
+        struct S {
+            ema: Vec<f64>,
+            steps: i32,
+            names: Vec<String>,
+        }
+        let s: S = serde_json::from_value(state.clone())
+            .map_err(|e| retort_core::Error::Runtime(format!("magnitude router state: {e}")))?;
+        (self.ema, self.steps, self.names) = (s.ema, s.steps, s.names);
+        Ok(())
+    }
 }
 
 fn build(params: &Params, _: &BuildContext) -> Result<Box<dyn Router>> {

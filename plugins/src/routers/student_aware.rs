@@ -91,7 +91,7 @@ fn d_plateau() -> f64 {
 }
 
 /// A bias-corrected exponential moving average.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, Deserialize)]
 struct Ema {
     decay: f64,
     value: f64,
@@ -199,6 +199,24 @@ impl Router for StudentAware {
 
     fn scalars(&self) -> Vec<(String, f64)> {
         self.logged.clone()
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!({"readiness": self.readiness, "fast": self.fast, "slow": self.slow, "step_stats": self.step_stats})
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        #[derive(Deserialize)]
+        struct S {
+            readiness: Ema,
+            fast: Ema,
+            slow: Ema,
+            step_stats: Vec<(String, f64)>,
+        }
+        let s: S = serde_json::from_value(state.clone())
+            .map_err(|e| retort_core::Error::Runtime(format!("student_aware router state: {e}")))?;
+        (self.readiness, self.fast, self.slow, self.step_stats) = (s.readiness, s.fast, s.slow, s.step_stats);
+        Ok(())
     }
 }
 
