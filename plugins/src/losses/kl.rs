@@ -15,40 +15,28 @@
 use candle_core::{Tensor, D};
 
 use retort_core::registry::Factory;
-use retort_core::{BuildContext, LossTerm, Params, Progress, Result, StepContext};
+use retort_core::{BuildContext, LossTerm, Params, Result};
 
-use super::logit::{tempered_log_probs, TemperatureParams, Tempered};
-
-/// Forward KL(teacher || student) at temperature `T`.
-pub struct ForwardKl {
-    tempered: Tempered,
-}
+use super::logit::{tempered_log_probs, DivergenceTerm, TemperatureParams};
 
 /// Per-token `sum_v p_t (log p_t - log p_s)` at temperature `t`, shape `[b, s]`.
 pub fn kl_per_token(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
     let (ls, lt) = tempered_log_probs(student, teacher, t)?;
+    forward_kl_from_log_probs(&ls, &lt)
+}
+
+/// Per-token `sum_v p_t (log p_t - log p_s)` from tempered log-probabilities.
+pub fn forward_kl_from_log_probs(ls: &Tensor, lt: &Tensor) -> Result<Tensor> {
     Ok((lt.exp()? * (lt - ls)?)?.sum(D::Minus1)?)
 }
 
-impl LossTerm for ForwardKl {
-    fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
-        let (ls, lt, t) = self.tempered.log_probs(ctx)?;
-        let per_token = (lt.exp()? * (lt - ls)?)?.sum(D::Minus1)?;
-        self.tempered.reduce(&per_token, ctx, t)
-    }
-    fn needs_teacher(&self) -> bool {
-        true
-    }
-    fn scalars(&self, progress: Progress) -> Vec<(String, f64)> {
-        self.tempered.scalars(progress)
-    }
-}
-
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
-    let p: TemperatureParams = params.parse()?;
-    Ok(Box::new(ForwardKl {
-        tempered: Tempered::new(params, ctx, &p.temperature, p.scale_by_t2.unwrap_or(true))?,
-    }))
+    Ok(Box::new(DivergenceTerm::build(
+        params,
+        ctx,
+        forward_kl_from_log_probs,
+        true,
+    )?))
 }
 
 inventory::submit! {
@@ -63,6 +51,7 @@ mod tests {
     use super::super::logit::testutil::*;
     use super::*;
     use candle_core::Device;
+    use retort_core::Progress;
 
     /// Reference: T^2 * mean_rows sum_v p_t (log p_t - log p_s).
     fn reference_kl(t: f64) -> f64 {

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use retort_core::{BuildContext, Error, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
+use retort_core::{BuildContext, Error, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
 
 use super::{as_float, check_same_shape, masked_mean};
 use crate::models::nn::log_softmax_last;
@@ -54,6 +54,41 @@ impl Tempered {
     /// `[("temperature", T)]` for the metrics.
     pub fn scalars(&self, progress: Progress) -> Vec<(String, f64)> {
         vec![("temperature".into(), self.temperature(progress))]
+    }
+}
+
+/// Per-token divergence from tempered log-probabilities `(log p_s, log p_t)`, `[.., v] -> [..]`.
+pub type Divergence = fn(&Tensor, &Tensor) -> Result<Tensor>;
+
+/// A logit term that is a per-token divergence of the tempered distributions, reduced by
+/// [`Tempered::reduce`] (the shape of `kl`, `reverse_kl` and `tvd`).
+pub struct DivergenceTerm {
+    tempered: Tempered,
+    divergence: Divergence,
+}
+
+impl DivergenceTerm {
+    /// Builds from `temperature` / `scale_by_t2` params with the term's default for the latter.
+    pub fn build(params: &Params, ctx: &BuildContext, divergence: Divergence, t2_default: bool) -> Result<Self> {
+        let p: TemperatureParams = params.parse()?;
+        Ok(DivergenceTerm {
+            tempered: Tempered::new(params, ctx, &p.temperature, p.scale_by_t2.unwrap_or(t2_default))?,
+            divergence,
+        })
+    }
+}
+
+impl LossTerm for DivergenceTerm {
+    fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
+        let (ls, lt, t) = self.tempered.log_probs(ctx)?;
+        let per_token = (self.divergence)(&ls, &lt)?;
+        self.tempered.reduce(&per_token, ctx, t)
+    }
+    fn needs_teacher(&self) -> bool {
+        true
+    }
+    fn scalars(&self, progress: Progress) -> Vec<(String, f64)> {
+        self.tempered.scalars(progress)
     }
 }
 

@@ -15,34 +15,22 @@
 use candle_core::{Tensor, D};
 
 use retort_core::registry::Factory;
-use retort_core::{BuildContext, LossTerm, Params, Progress, Result, StepContext};
+use retort_core::{BuildContext, LossTerm, Params, Result};
 
-use super::logit::{TemperatureParams, Tempered};
+use super::logit::{DivergenceTerm, TemperatureParams};
 
-/// Reverse KL(student || teacher).
-pub struct ReverseKl {
-    tempered: Tempered,
-}
-
-impl LossTerm for ReverseKl {
-    fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
-        let (ls, lt, t) = self.tempered.log_probs(ctx)?;
-        let per_token = (ls.exp()? * (&ls - lt)?)?.sum(D::Minus1)?;
-        self.tempered.reduce(&per_token, ctx, t)
-    }
-    fn needs_teacher(&self) -> bool {
-        true
-    }
-    fn scalars(&self, progress: Progress) -> Vec<(String, f64)> {
-        self.tempered.scalars(progress)
-    }
+/// Per-token `sum_v p_s (log p_s - log p_t)`.
+pub fn reverse_kl_per_token(ls: &Tensor, lt: &Tensor) -> Result<Tensor> {
+    Ok((ls.exp()? * (ls - lt)?)?.sum(D::Minus1)?)
 }
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
-    let p: TemperatureParams = params.parse()?;
-    Ok(Box::new(ReverseKl {
-        tempered: Tempered::new(params, ctx, &p.temperature, p.scale_by_t2.unwrap_or(true))?,
-    }))
+    Ok(Box::new(DivergenceTerm::build(
+        params,
+        ctx,
+        reverse_kl_per_token,
+        true,
+    )?))
 }
 
 inventory::submit! {
@@ -55,7 +43,7 @@ inventory::submit! {
 #[cfg(test)]
 mod tests {
     use super::super::logit::testutil::*;
-    use super::*;
+    use retort_core::Progress;
 
     #[test]
     fn matches_reference_values() {

@@ -14,34 +14,17 @@
 use candle_core::{Tensor, D};
 
 use retort_core::registry::Factory;
-use retort_core::{BuildContext, LossTerm, Params, Progress, Result, StepContext};
+use retort_core::{BuildContext, LossTerm, Params, Result};
 
-use super::logit::{TemperatureParams, Tempered};
+use super::logit::{DivergenceTerm, TemperatureParams};
 
-/// Total variation distance.
-pub struct Tvd {
-    tempered: Tempered,
-}
-
-impl LossTerm for Tvd {
-    fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
-        let (ls, lt, t) = self.tempered.log_probs(ctx)?;
-        let per_token = ((lt.exp()? - ls.exp()?)?.abs()?.sum(D::Minus1)? * 0.5)?;
-        self.tempered.reduce(&per_token, ctx, t)
-    }
-    fn needs_teacher(&self) -> bool {
-        true
-    }
-    fn scalars(&self, progress: Progress) -> Vec<(String, f64)> {
-        self.tempered.scalars(progress)
-    }
+/// Per-token `0.5 * sum_v |p_t - p_s|`.
+pub fn tvd_per_token(ls: &Tensor, lt: &Tensor) -> Result<Tensor> {
+    Ok(((lt.exp()? - ls.exp()?)?.abs()?.sum(D::Minus1)? * 0.5)?)
 }
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
-    let p: TemperatureParams = params.parse()?;
-    Ok(Box::new(Tvd {
-        tempered: Tempered::new(params, ctx, &p.temperature, p.scale_by_t2.unwrap_or(false))?,
-    }))
+    Ok(Box::new(DivergenceTerm::build(params, ctx, tvd_per_token, false)?))
 }
 
 inventory::submit! {
@@ -54,7 +37,7 @@ inventory::submit! {
 #[cfg(test)]
 mod tests {
     use super::super::logit::testutil::*;
-    use super::*;
+    use retort_core::Progress;
 
     #[test]
     fn matches_reference_values() {
