@@ -228,6 +228,10 @@ pub struct TrainSection {
     /// Stop after this many consecutive steps skipped for a non-finite loss or gradient.
     /// Default 10.
     pub max_consecutive_skips: usize,
+    /// Keep an exponential moving average of the trained model's weights with this decay in
+    /// `[0, 1)` (`ema = d * ema + (1 - d) * w` after every applied step); the phase then ends
+    /// with the EMA weights, which are evaluated and exported. Default: off.
+    pub ema_decay: Option<f64>,
 }
 
 /// One parameter group: `{ pattern = ".*wte.*", lr_mult = 0.1, weight_decay = 0.0 }`.
@@ -273,6 +277,7 @@ impl Default for TrainSection {
             grad_accum: 1,
             param_groups: Vec::new(),
             max_consecutive_skips: 10,
+            ema_decay: None,
         }
     }
 }

@@ -100,6 +100,12 @@ impl<'r> Pipeline<'r> {
                 return Err(Error::config(key, format!("expected a finite number >= 0, got {v}")));
             }
         }
+        if let Some(d) = t.ema_decay.filter(|d| !(0.0..1.0).contains(d)) {
+            return Err(Error::config(
+                "train.ema_decay",
+                format!("expected a number in [0, 1), got {d}"),
+            ));
+        }
         if config.eval.batches == 0 || config.eval.batch_size == 0 {
             return Err(Error::config(
                 "eval.batches",

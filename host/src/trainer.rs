@@ -136,6 +136,17 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         );
     }
     let all_vars = vars.clone();
+    // EMA of the model's own weights (not of the terms' projections).
+    let model_vars = student.vars();
+    let mut ema: Option<Vec<Tensor>> = match train.ema_decay {
+        Some(_) => Some(
+            model_vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().detach().copy())
+                .collect::<candle_core::Result<_>>()?,
+        ),
+        None => None,
+    };
     let (grouped, groups) = assign_groups(vars, &train.param_groups, train.weight_decay)?;
     let mut opt = AdamW::new(
         grouped,
@@ -205,6 +216,16 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
             var.set(&t.to_dtype(var.dtype())?)?;
         }
         opt.import_state(&ck.optimizer, ck.state.adam_t)?;
+        if let Some(e) = ema.as_mut() {
+            for ((name, _), slot) in model_vars.iter().zip(e.iter_mut()) {
+                *slot = ck.model.get(&format!("ema.{name}")).cloned().ok_or_else(|| {
+                    Error::input(
+                        format!("checkpoint {}", ck.dir.display()),
+                        format!("EMA tensor `ema.{name}` is missing"),
+                    )
+                })?;
+            }
+        }
         let pos: u128 = ck.state.batch_stream_pos.parse().map_err(|_| {
             Error::input(
                 format!("checkpoint {}", ck.dir.display()),
@@ -334,6 +355,11 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         let norms = norms.ok_or_else(|| Error::Runtime("gradient norms missing".into()))?;
         let grads = acc.ok_or_else(|| Error::Runtime("no gradients accumulated".into()))?;
         opt.step(grads, step_lr, norms.total)?;
+        if let (Some(e), Some(d)) = (ema.as_mut(), train.ema_decay) {
+            for ((_, var), avg) in model_vars.iter().zip(e.iter_mut()) {
+                *avg = ((&*avg * d)? + (var.as_tensor().detach() * (1.0 - d))?)?;
+            }
+        }
         let weights = weights.unwrap_or(base_weights);
         let total_value: f64 = mean_values.iter().zip(&weights).map(|(v, w)| v * w).sum();
         losses.push(total_value);
@@ -391,6 +417,12 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                 .iter()
                 .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
                 .collect();
+            let mut model = model;
+            if let Some(e) = &ema {
+                for ((name, _), t) in model_vars.iter().zip(e) {
+                    model.insert(format!("ema.{name}"), t.clone());
+                }
+            }
             let (optimizer, adam_t) = opt.export_state();
             let metrics_len = match &policy.metrics {
                 Some(m) => std::fs::metadata(m).map(|md| md.len()).unwrap_or(0),
@@ -412,6 +444,12 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         }
     }
     bar.finish_and_clear();
+    if let Some(e) = &ema {
+        // The phase ends with the averaged weights: they are what is evaluated and exported.
+        for ((_, var), t) in model_vars.iter().zip(e) {
+            var.set(t)?;
+        }
+    }
     let wall_s = start.elapsed().as_secs_f64();
     let tokens = steps * tokens_per_step;
     Ok(PhaseStats {

@@ -55,6 +55,7 @@ log_every = 1
 eval_every = 50
 checkpoint_every = 7
 keep_checkpoints = 3
+ema_decay = 0.9
 
 [eval]
 baseline = true

@@ -229,3 +229,41 @@ fn too_many_consecutive_skips_stop_the_run_with_a_runtime_error() {
         "{msg}"
     );
 }
+
+#[test]
+fn ema_weights_are_exported_and_decay_zero_is_the_raw_weights() {
+    let registry = retort_host::builtin_registry().expect("registry");
+    let (off, zero, avg) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    let base = ["eval.baseline=false", "train.steps=20", "teacher.pretrain.steps=20"];
+    let with = |extra: &'static str| -> Vec<&str> { base.iter().copied().chain([extra]).collect() };
+    let r_off = run_with(&registry, off.path(), &tiny_config("ema"), &base).expect("off");
+    run_with(
+        &registry,
+        zero.path(),
+        &tiny_config("ema"),
+        &with("train.ema_decay=0.0"),
+    )
+    .expect("decay 0");
+    let r_avg = run_with(&registry, avg.path(), &tiny_config("ema"), &with("train.ema_decay=0.9")).expect("decay 0.9");
+    // Decay 0: the average is the last weights, bit for bit.
+    let (w_off, w_zero, w_avg) = (weights(off.path()), weights(zero.path()), weights(avg.path()));
+    for (name, t) in &w_off {
+        assert_eq!(max_abs_diff(t, &w_zero[name]), 0.0, "{name}");
+    }
+    // Decay 0.9: different exported weights, and the report evaluates them.
+    let moved: f32 = w_off
+        .iter()
+        .map(|(n, t)| max_abs_diff(t, &w_avg[n]))
+        .fold(0.0, f32::max);
+    assert!(moved > 0.0);
+    assert_ne!(r_off.report.student.val_loss, r_avg.report.student.val_loss);
+    assert!(r_avg.report.student.val_loss.is_finite());
+    let err = run_with(&registry, off.path(), &tiny_config("ema"), &with("train.ema_decay=1.0"))
+        .err()
+        .expect("bad decay");
+    assert!(err.to_string().contains("train.ema_decay"), "{err}");
+}
