@@ -35,6 +35,116 @@ pub struct RunConfig {
     pub observers: Vec<ComponentSpec>,
     /// Plugin libraries to load before anything is built.
     pub plugins: PluginsSection,
+    /// Stages of the student's training, run in order; each overrides parts of `[train]` and
+    /// the loss weights. Default: none (one stage of `train.steps` with `[train]` as it is).
+    pub stages: Vec<StageSpec>,
+}
+
+/// One `[[stages]]` entry: a stretch of the student's training with its own budget,
+/// parameter groups, learning rate and loss weights. The optimizer and every schedule are
+/// rebuilt at the start of a stage (schedules see progress 0 -> 1 within the stage); the
+/// model, the loss terms' own parameters (projections), the router and the EMA carry over.
+///
+/// ```toml
+/// [[stages]]
+/// name = "projections"
+/// steps = 100
+/// param_groups = [{ pattern = "loss\\..*", lr_mult = 1.0 }, { pattern = ".*", lr_mult = 0.0 }]
+/// loss_weights = { ce = 0.0 }
+///
+/// [[stages]]
+/// name = "all"
+/// steps = 300
+/// lr = 1e-3
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    /// Name in metrics and reports. Default `stage<N>` (1-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Optimizer steps of the stage (>= 1).
+    pub steps: usize,
+    /// Peak learning rate (number or schedule). Default: `train.lr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<ScalarSpec>,
+    /// Factor on `lr` over the stage. Default: `train.lr_schedule`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_schedule: Option<ComponentSpec>,
+    /// Parameter groups of the stage (replace `train.param_groups`). Default: `train.param_groups`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param_groups: Option<Vec<ParamGroupSpec>>,
+    /// Default: `train.weight_decay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    /// Default: `train.grad_clip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_clip: Option<f64>,
+    /// Default: `train.grad_accum`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_accum: Option<usize>,
+    /// Loss weights by term name (number or schedule); terms not named keep their `weight`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub loss_weights: std::collections::BTreeMap<String, ScalarSpec>,
+}
+
+impl StageSpec {
+    /// The stage's name, `stage<index+1>` by default.
+    pub fn name_or_default(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| format!("stage{}", index + 1))
+    }
+}
+
+/// `train.early_stopping`: stop a phase when the chosen evaluation metric has not improved by
+/// more than `min_delta` for `patience` evaluations in a row (evaluations happen every
+/// `train.eval_every` steps, which must then be > 0). The best weights are kept in
+/// `checkpoints/<phase>/best/` and are the ones exported. Applies to the student and the
+/// baseline, not to teacher pretraining.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStoppingSpec {
+    /// Metric to watch. Default `val_loss`.
+    #[serde(default)]
+    pub metric: EarlyStoppingMetric,
+    /// Evaluations without improvement before stopping (>= 1). Default 3.
+    #[serde(default = "three")]
+    pub patience: usize,
+    /// Smallest change that counts as an improvement (>= 0). Default 0.
+    #[serde(default)]
+    pub min_delta: f64,
+}
+
+fn three() -> usize {
+    3
+}
+
+/// What early stopping watches.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EarlyStoppingMetric {
+    /// Validation cross-entropy (lower is better).
+    #[default]
+    ValLoss,
+    /// Mean KL(teacher || model) on the validation windows (lower is better).
+    KlToTeacher,
+    /// Top-1 agreement with the teacher (higher is better).
+    Top1Agreement,
+}
+
+impl EarlyStoppingMetric {
+    /// Metric name as in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            EarlyStoppingMetric::ValLoss => "val_loss",
+            EarlyStoppingMetric::KlToTeacher => "kl_to_teacher",
+            EarlyStoppingMetric::Top1Agreement => "top1_agreement",
+        }
+    }
+
+    /// Whether larger values are better.
+    pub fn higher_is_better(self) -> bool {
+        matches!(self, EarlyStoppingMetric::Top1Agreement)
+    }
 }
 
 /// `[plugins]`: dynamic plugin libraries.
@@ -78,6 +188,7 @@ impl Default for RunConfig {
             eval: EvalSection::default(),
             observers: vec![ComponentSpec::new("jsonl")],
             plugins: PluginsSection::default(),
+            stages: Vec::new(),
         }
     }
 }
@@ -232,6 +343,8 @@ pub struct TrainSection {
     /// `[0, 1)` (`ema = d * ema + (1 - d) * w` after every applied step); the phase then ends
     /// with the EMA weights, which are evaluated and exported. Default: off.
     pub ema_decay: Option<f64>,
+    /// Early stopping of the student and baseline on an evaluation metric. Default: off.
+    pub early_stopping: Option<EarlyStoppingSpec>,
 }
 
 /// One parameter group: `{ pattern = ".*wte.*", lr_mult = 0.1, weight_decay = 0.0 }`.
@@ -278,6 +391,7 @@ impl Default for TrainSection {
             param_groups: Vec::new(),
             max_consecutive_skips: 10,
             ema_decay: None,
+            early_stopping: None,
         }
     }
 }

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use retort_core::{fsutil, Error, Result};
 
 /// Everything besides tensors that a phase needs to continue.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PhaseState {
     /// Phase label.
     pub phase: String,
@@ -41,6 +41,25 @@ pub struct PhaseState {
     pub metrics_len: u64,
     /// SHA-256 of each tensor file.
     pub files: BTreeMap<String, String>,
+    /// Early stopping's record so far, when it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early: Option<EarlyState>,
+    /// The stages of the phase begun so far.
+    #[serde(default)]
+    pub stages: Vec<crate::trainer::StageStats>,
+}
+
+/// Early stopping's record: the best evaluation so far and how many evaluations since.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EarlyState {
+    /// Metric name.
+    pub metric: String,
+    /// Best value seen (none before the first evaluation).
+    pub best: Option<f64>,
+    /// Step (of the phase) of the best value.
+    pub best_step: usize,
+    /// Evaluations since the best one.
+    pub bad_evals: usize,
 }
 
 /// A checkpoint read back and verified.
@@ -69,17 +88,51 @@ fn step_dir_name(step: usize) -> String {
 }
 
 /// Writes a checkpoint of `state` under `root` (e.g. `checkpoints/student`) atomically and
-/// keeps the newest `keep`.
+/// keeps the newest `keep` (the `best/` checkpoint is not counted and never pruned).
 pub fn write(
     root: &Path,
-    mut state: PhaseState,
+    state: PhaseState,
     model: &HashMap<String, Tensor>,
     optimizer: &HashMap<String, Tensor>,
     keep: usize,
 ) -> Result<PathBuf> {
+    let name = step_dir_name(state.step);
+    let final_dir = write_dir(root, &name, state, model, optimizer)?;
+    let mut all = list(root)?;
+    while all.len() > keep.max(1) {
+        let old = all.remove(0);
+        fs::remove_dir_all(&old).map_err(|e| Error::io("pruning old checkpoint", &old, e))?;
+    }
+    Ok(final_dir)
+}
+
+/// Writes (or replaces) `root/best`: the weights of the best evaluation so far, with no
+/// optimizer state. Atomic like [`write`].
+pub fn write_best(root: &Path, state: PhaseState, model: &HashMap<String, Tensor>) -> Result<PathBuf> {
+    write_dir(root, BEST, state, model, &HashMap::new())
+}
+
+/// The `best/` checkpoint under `root`, verified, if there is one.
+pub fn load_best(root: &Path, device: &Device) -> Result<Option<LoadedCheckpoint>> {
+    let dir = root.join(BEST);
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    load(&dir, device).map(Some)
+}
+
+const BEST: &str = "best";
+
+fn write_dir(
+    root: &Path,
+    name: &str,
+    mut state: PhaseState,
+    model: &HashMap<String, Tensor>,
+    optimizer: &HashMap<String, Tensor>,
+) -> Result<PathBuf> {
     fs::create_dir_all(root).map_err(|e| Error::io("creating checkpoint directory", root, e))?;
-    let final_dir = root.join(step_dir_name(state.step));
-    let tmp = root.join(format!(".{}.tmp-{}", step_dir_name(state.step), std::process::id()));
+    let final_dir = root.join(name);
+    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| Error::io("removing stale temp checkpoint", &tmp, e))?;
     }
@@ -95,16 +148,16 @@ pub fn write(
     let json = serde_json::to_vec_pretty(&state).map_err(|e| Error::Runtime(e.to_string()))?;
     fsutil::write_atomic(&tmp.join(STATE), &json)?;
     if final_dir.exists() {
-        fs::remove_dir_all(&final_dir).map_err(|e| Error::io("replacing checkpoint", &final_dir, e))?;
+        // Move the old one aside first so that a kill leaves either the old or the new one.
+        let old = root.join(format!(".{name}.old-{}", std::process::id()));
+        fs::rename(&final_dir, &old).map_err(|e| Error::io("replacing checkpoint", &final_dir, e))?;
+        fs::rename(&tmp, &final_dir).map_err(|e| Error::io("renaming checkpoint into place", &final_dir, e))?;
+        fs::remove_dir_all(&old).map_err(|e| Error::io("removing replaced checkpoint", &old, e))?;
+    } else {
+        fs::rename(&tmp, &final_dir).map_err(|e| Error::io("renaming checkpoint into place", &final_dir, e))?;
     }
-    fs::rename(&tmp, &final_dir).map_err(|e| Error::io("renaming checkpoint into place", &final_dir, e))?;
     if let Ok(d) = fs::File::open(root) {
         let _ = d.sync_all();
-    }
-    let mut all = list(root)?;
-    while all.len() > keep.max(1) {
-        let old = all.remove(0);
-        fs::remove_dir_all(&old).map_err(|e| Error::io("pruning old checkpoint", &old, e))?;
     }
     Ok(final_dir)
 }
@@ -191,6 +244,8 @@ mod tests {
             losses: vec![2.0, 1.5],
             metrics_len: 99,
             files: BTreeMap::new(),
+            early: None,
+            stages: Vec::new(),
         }
     }
 

@@ -68,21 +68,22 @@ pub fn assign_groups(
     vars: Vec<(String, Var)>,
     specs: &[ParamGroupSpec],
     default_wd: f64,
+    key: &str,
 ) -> Result<(Vec<GroupedParam>, Vec<GroupSummary>)> {
     let mut regexes = Vec::with_capacity(specs.len());
     for (i, s) in specs.iter().enumerate() {
-        let path = format!("train.param_groups[{i}].pattern");
+        let path = format!("{key}[{i}].pattern");
         let re = Regex::new(&format!("^(?:{})$", s.pattern))
             .map_err(|e| Error::config(path.clone(), format!("invalid regex `{}`: {e}", s.pattern)))?;
         if !(s.lr_mult.is_finite() && s.lr_mult >= 0.0) {
             return Err(Error::config(
-                format!("train.param_groups[{i}].lr_mult"),
+                format!("{key}[{i}].lr_mult"),
                 format!("expected a number >= 0, got {}", s.lr_mult),
             ));
         }
         if let Some(wd) = s.weight_decay.filter(|w| !(w.is_finite() && *w >= 0.0)) {
             return Err(Error::config(
-                format!("train.param_groups[{i}].weight_decay"),
+                format!("{key}[{i}].weight_decay"),
                 format!("expected a number >= 0, got {wd}"),
             ));
         }
@@ -130,7 +131,7 @@ pub fn assign_groups(
     for (i, s) in summaries.iter().enumerate().take(specs.len()) {
         if s.tensors == 0 {
             return Err(Error::config(
-                format!("train.param_groups[{i}].pattern"),
+                format!("{key}[{i}].pattern"),
                 format!(
                     "`{}` matches no parameter (it must match whole names such as `{example}`)",
                     s.pattern
@@ -304,7 +305,7 @@ mod tests {
             ("h.0.mlp.c_fc.weight".to_string(), w.clone()),
             ("h.0.mlp.c_fc.bias".to_string(), b.clone()),
         ];
-        let (params, groups) = assign_groups(vars, &[], 0.1).expect("groups");
+        let (params, groups) = assign_groups(vars, &[], 0.1, "train.param_groups").expect("groups");
         let mut opt = AdamW::new(params, groups.len(), cfg(0.1, 0.0)).expect("opt");
         let grads = opt.collect_grads(&store).expect("grads");
         let norms = opt.norms(&grads).expect("norms");
@@ -346,7 +347,7 @@ mod tests {
             ("h.0.w".to_string(), w.clone()),
             ("ln_f.bias".to_string(), frozen.clone()),
         ];
-        let (params, groups) = assign_groups(vars, &specs, 0.0).expect("groups");
+        let (params, groups) = assign_groups(vars, &specs, 0.0, "train.param_groups").expect("groups");
         assert_eq!(groups.iter().map(|g| g.tensors).collect::<Vec<_>>(), vec![1, 1, 1]);
         assert_eq!(groups[0].parameters, 2);
         let mut opt = AdamW::new(params, groups.len(), cfg(0.0, 0.0)).expect("opt");
@@ -373,7 +374,7 @@ mod tests {
             lr_mult: 1.0,
             weight_decay: None,
         }];
-        let err = assign_groups(vec![("a".into(), v.clone())], &bad, 0.0)
+        let err = assign_groups(vec![("a".into(), v.clone())], &bad, 0.0, "train.param_groups")
             .err()
             .expect("invalid regex");
         assert!(err.to_string().contains("train.param_groups[0].pattern") && err.to_string().contains("invalid regex"));
@@ -382,7 +383,7 @@ mod tests {
             lr_mult: 1.0,
             weight_decay: None,
         }];
-        let err = assign_groups(vec![("a".into(), v)], &none, 0.0)
+        let err = assign_groups(vec![("a".into(), v)], &none, 0.0, "train.param_groups")
             .err()
             .expect("no match");
         assert!(err.to_string().contains("matches no parameter"), "{err}");
@@ -401,7 +402,13 @@ mod tests {
             .expect("s")
             .backward()
             .expect("b");
-        let (params, groups) = assign_groups(vec![("w".into(), w), ("other".into(), other)], &[], 0.0).expect("g");
+        let (params, groups) = assign_groups(
+            vec![("w".into(), w), ("other".into(), other)],
+            &[],
+            0.0,
+            "train.param_groups",
+        )
+        .expect("g");
         let opt = AdamW::new(params, groups.len(), cfg(0.0, 1.0)).expect("opt");
         let msg = opt.collect_grads(&store).expect_err("must fail").to_string();
         assert!(msg.contains("`other` received no gradient"), "{msg}");

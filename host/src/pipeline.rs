@@ -12,7 +12,7 @@ use retort_core::{
 };
 
 use crate::device::parse_device;
-use crate::trainer::TermSlot;
+use crate::trainer::{Stage, TermSlot};
 
 /// How the run obtains its teacher.
 pub enum TeacherPlan {
@@ -240,12 +240,78 @@ impl<'r> Pipeline<'r> {
                     .map(|(n, v)| (format!("loss.{}.{n}", slot.name), v)),
             );
         }
-        crate::optim::assign_groups(vars, &t.param_groups, t.weight_decay)?;
+        crate::optim::assign_groups(vars.clone(), &t.param_groups, t.weight_decay, "train.param_groups")?;
+
+        // Stages: every override valid; loss weights name existing terms.
+        let names: Vec<String> = terms.iter().map(|t| t.name.clone()).collect();
+        let mut stage_names = std::collections::HashSet::new();
+        for (i, st) in config.stages.iter().enumerate() {
+            let key = format!("stages[{i}]");
+            if st.steps == 0 {
+                return Err(Error::config(format!("{key}.steps"), "expected an integer >= 1, got 0"));
+            }
+            if st.grad_accum == Some(0) {
+                return Err(Error::config(
+                    format!("{key}.grad_accum"),
+                    "expected an integer >= 1, got 0",
+                ));
+            }
+            if !stage_names.insert(st.name_or_default(i)) {
+                return Err(Error::config(
+                    format!("{key}.name"),
+                    format!("stage name `{}` is used twice", st.name_or_default(i)),
+                ));
+            }
+            for (k, v) in [("weight_decay", st.weight_decay), ("grad_clip", st.grad_clip)] {
+                if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+                    return Err(Error::config(
+                        format!("{key}.{k}"),
+                        format!("expected a finite number >= 0, got {v}"),
+                    ));
+                }
+            }
+            for term in st.loss_weights.keys() {
+                if !names.contains(term) {
+                    return Err(Error::config(
+                        format!("{key}.loss_weights.{term}"),
+                        format!("no loss term is named `{term}`; the terms are: {}", names.join(", ")),
+                    ));
+                }
+            }
+            if let Some(groups) = &st.param_groups {
+                crate::optim::assign_groups(
+                    vars.clone(),
+                    groups,
+                    st.weight_decay.unwrap_or(t.weight_decay),
+                    &format!("{key}.param_groups"),
+                )?;
+            }
+        }
+        if let Some(es) = &t.early_stopping {
+            if t.eval_every == 0 {
+                return Err(Error::config(
+                    "train.early_stopping",
+                    "early stopping evaluates every train.eval_every steps; set train.eval_every > 0",
+                ));
+            }
+            if es.patience == 0 {
+                return Err(Error::config(
+                    "train.early_stopping.patience",
+                    "expected an integer >= 1, got 0",
+                ));
+            }
+            if !(es.min_delta.is_finite() && es.min_delta >= 0.0) {
+                return Err(Error::config(
+                    "train.early_stopping.min_delta",
+                    format!("expected a finite number >= 0, got {}", es.min_delta),
+                ));
+            }
+        }
 
         // Router and schedule: build once to validate.
-        let names: Vec<String> = terms.iter().map(|t| t.name.clone()).collect();
         build_router(&config, registry, &ctx)?.check_terms(&names)?;
         build_lr_schedule(&config, registry, &ctx)?;
+        student_stages_for(&config, registry, &ctx, &terms)?;
 
         if let Some(teacher) = &teacher {
             check_model(
@@ -292,6 +358,16 @@ impl<'r> Pipeline<'r> {
         ctx
     }
 
+    /// Optimizer steps of the student (the sum of the stages' steps, or `train.steps`).
+    pub fn student_steps(&self) -> usize {
+        student_steps(&self.config)
+    }
+
+    /// The student phase's stages, built fresh (schedules hold no state across phases).
+    pub fn student_stages(&self, ctx: &BuildContext) -> Result<Vec<Stage>> {
+        student_stages_for(&self.config, self.registry, ctx, &self.terms)
+    }
+
     /// A fresh student with the given init seed.
     pub fn build_student(&self, seed: u64) -> Result<Box<dyn Student>> {
         self.registry.students.build(
@@ -300,6 +376,83 @@ impl<'r> Pipeline<'r> {
             &self.context(seed),
         )
     }
+}
+
+/// Optimizer steps of the student phase.
+pub fn student_steps(config: &RunConfig) -> usize {
+    if config.stages.is_empty() {
+        config.train.steps
+    } else {
+        config.stages.iter().map(|s| s.steps).sum()
+    }
+}
+
+fn student_stages_for(
+    config: &RunConfig,
+    registry: &Registry,
+    ctx: &BuildContext,
+    terms: &[TermSlot],
+) -> Result<Vec<Stage>> {
+    let t = &config.train;
+    if config.stages.is_empty() {
+        return Ok(vec![Stage::whole(
+            t.steps,
+            t.lr.build("train.lr", ctx)?,
+            build_lr_schedule(config, registry, ctx)?,
+            t,
+        )]);
+    }
+    config
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, st)| {
+            let key = format!("stages[{i}]");
+            let lr = match &st.lr {
+                Some(lr) => lr.build_positive(&format!("{key}.lr"), ctx)?,
+                None => t.lr.build("train.lr", ctx)?,
+            };
+            let lr_schedule = match &st.lr_schedule {
+                Some(s) => registry
+                    .schedules
+                    .build(&s.kind, &s.params_at(&format!("{key}.lr_schedule")), ctx)?,
+                None => build_lr_schedule(config, registry, ctx)?,
+            };
+            let weights = if st.loss_weights.is_empty() {
+                None
+            } else {
+                let mut w = Vec::with_capacity(terms.len());
+                for (j, slot) in terms.iter().enumerate() {
+                    w.push(match st.loss_weights.get(&slot.name) {
+                        Some(spec) => {
+                            let path = format!("{key}.loss_weights.{}", slot.name);
+                            let s = spec.build(&path, ctx)?;
+                            s.check(&path, f64::is_finite, "a finite number")?;
+                            s
+                        }
+                        None => config.loss[j].weight.build(&format!("loss[{j}].weight"), ctx)?,
+                    });
+                }
+                Some(w)
+            };
+            Ok(Stage {
+                name: st.name_or_default(i),
+                steps: st.steps,
+                lr,
+                lr_schedule,
+                param_groups: st.param_groups.clone().unwrap_or_else(|| t.param_groups.clone()),
+                groups_key: if st.param_groups.is_some() {
+                    format!("{key}.param_groups")
+                } else {
+                    "train.param_groups".into()
+                },
+                weight_decay: st.weight_decay.unwrap_or(t.weight_decay),
+                grad_clip: st.grad_clip.unwrap_or(t.grad_clip),
+                grad_accum: st.grad_accum.unwrap_or(t.grad_accum).max(1),
+                weights,
+            })
+        })
+        .collect()
 }
 
 /// A fresh router of the configured kind.

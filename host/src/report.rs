@@ -7,7 +7,7 @@ use serde::Serialize;
 use retort_core::{fsutil, Error, Result};
 
 use crate::eval::EvalResult;
-use crate::trainer::PhaseStats;
+use crate::trainer::{BestEval, PhaseStats, StageStats};
 
 /// Budget and speed of one training phase.
 #[derive(Debug, Clone, Serialize)]
@@ -26,6 +26,14 @@ pub struct TrainReport {
     pub loss_start: f64,
     /// Mean total loss over the last 10% of steps.
     pub loss_end: f64,
+    /// The stages (one, `main`, unless `[[stages]]` were configured).
+    pub stages: Vec<StageStats>,
+    /// The best evaluation, kept and exported, when early stopping is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestEval>,
+    /// Step at which early stopping ended the phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_early_at: Option<usize>,
 }
 
 impl From<&PhaseStats> for TrainReport {
@@ -46,6 +54,9 @@ impl From<&PhaseStats> for TrainReport {
             tokens_per_s: s.tokens_per_s,
             loss_start: mean(&s.losses[..k.min(s.losses.len())]),
             loss_end: mean(&s.losses[s.losses.len().saturating_sub(k)..]),
+            stages: s.stages.clone(),
+            best: s.best.clone(),
+            stopped_early_at: s.stopped_early_at,
         }
     }
 }
@@ -215,6 +226,37 @@ impl Report {
                 self.train.steps,
                 self.train.tokens
             ));
+        }
+        if self.train.stages.len() > 1 {
+            s.push_str("\n## Stages of the distilled student\n\n| stage | steps | first step | peak lr | trainable params | train loss (end) | val loss (end) |\n|---|---:|---:|---:|---:|---:|---:|\n");
+            for st in &self.train.stages {
+                s.push_str(&format!(
+                    "| {} | {} | {} | {:.2e} | {} | {} | {} |\n",
+                    st.name,
+                    st.steps,
+                    st.first_step,
+                    st.lr,
+                    st.trainable_params,
+                    opt(st.final_loss, 4),
+                    opt(st.val_loss, 4)
+                ));
+            }
+        }
+        let early = [("student", Some(&self.student)), ("baseline", self.baseline.as_ref())];
+        for (who, m) in early {
+            if let Some(t) = m.and_then(|m| m.train.as_ref()) {
+                if let Some(b) = &t.best {
+                    let stop = match t.stopped_early_at {
+                        Some(at) => format!("stopped early at step {at}"),
+                        None => "ran its whole budget".into(),
+                    };
+                    s.push_str(&format!(
+                        "\nEarly stopping ({who}): {stop}; best {} = {:.4} at step {}, and those weights are the ones \
+                         evaluated and exported.\n",
+                        b.metric, b.value, b.step
+                    ));
+                }
+            }
         }
         s.push_str(&format!(
             "\nEvaluated on {} validation tokens. Loss is mean cross-entropy with the next token; perplexity = exp(min(loss, 50)). \

@@ -15,7 +15,7 @@ use crate::eval::{evaluate, EvalResult};
 use crate::pipeline::{build_lr_schedule, build_router, seeds, teacher_params_with_checkpoint, Pipeline, TeacherPlan};
 use crate::report::{ModelReport, Report, RunInfo, TermReport, TrainReport};
 use crate::rundir;
-use crate::trainer::{train_phase, CheckpointPolicy, Phase, PhaseStats, TermSlot};
+use crate::trainer::{train_phase, CheckpointPolicy, Phase, PhaseStats, Stage, TermSlot};
 
 /// Options of `retort run` besides the config.
 #[derive(Debug, Clone, Default)]
@@ -218,12 +218,17 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
                     teacher: None,
                     terms: &terms,
                     router: registry.routers.build("static", &Params::empty("router"), &ctx)?,
-                    lr_schedule: build_lr_schedule(&cfg, registry, &ctx)?,
-                    steps: *steps,
-                    lr: lr.build("teacher.pretrain.lr", &ctx)?,
+                    stages: vec![Stage::whole(
+                        *steps,
+                        lr.build("teacher.pretrain.lr", &ctx)?,
+                        build_lr_schedule(&cfg, registry, &ctx)?,
+                        &cfg.train,
+                    )],
                     train: &cfg.train,
                     batch_seed: seeds::teacher_batches(cfg.run.seed),
                     val: &val,
+                    val_teacher: None,
+                    early_stopping: None,
                     checkpoints: policy("teacher"),
                     resume: take_resume("teacher"),
                     progress_bar: opts.progress,
@@ -267,11 +272,25 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
             }
             let ctx = pipeline.context(seeds::student_init(cfg.run.seed));
             let student = pipeline.build_student(seeds::student_init(cfg.run.seed))?;
-            tracing::info!("training {label}: {} for {} steps", student.describe(), cfg.train.steps);
-            let router = if distill {
-                build_router(&cfg, registry, &ctx)?
+            tracing::info!(
+                "training {label}: {} for {} steps",
+                student.describe(),
+                pipeline.student_steps()
+            );
+            let (router, stages) = if distill {
+                (build_router(&cfg, registry, &ctx)?, pipeline.student_stages(&ctx)?)
             } else {
-                registry.routers.build("static", &Params::empty("router"), &ctx)?
+                // The baseline: the same budget in one stage of `[train]` (a stage that trains
+                // only the distillation projections has no meaning without a teacher).
+                (
+                    registry.routers.build("static", &Params::empty("router"), &ctx)?,
+                    vec![Stage::whole(
+                        pipeline.student_steps(),
+                        cfg.train.lr.build("train.lr", &ctx)?,
+                        build_lr_schedule(&cfg, registry, &ctx)?,
+                        &cfg.train,
+                    )],
+                )
             };
             let stats = train_phase(
                 Phase {
@@ -280,12 +299,12 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
                     teacher: Some(teacher.as_ref()),
                     terms,
                     router,
-                    lr_schedule: build_lr_schedule(&cfg, registry, &ctx)?,
-                    steps: cfg.train.steps,
-                    lr: cfg.train.lr.build("train.lr", &ctx)?,
+                    stages,
                     train: &cfg.train,
                     batch_seed: seeds::student_batches(cfg.run.seed),
                     val: &val,
+                    val_teacher: Some(&teacher_logits),
+                    early_stopping: cfg.train.early_stopping.as_ref(),
                     checkpoints: policy(label),
                     resume: take_resume(label),
                     progress_bar: opts.progress,

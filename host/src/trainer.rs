@@ -8,19 +8,19 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use retort_core::config::TrainSection;
+use retort_core::config::{EarlyStoppingMetric, EarlyStoppingSpec, ParamGroupSpec, TrainSection};
 use retort_core::{
     Batch, DataSource, Error, LossTerm, Observer, Progress, Result, Router, Scalar, Schedule, Split, StepContext,
     Student, TapSet, Teacher, TermSignals,
 };
 
 use crate::batching::TrainBatcher;
-use crate::checkpoint::{self, LoadedCheckpoint, PhaseState};
-use crate::eval::evaluate;
+use crate::checkpoint::{self, EarlyState, LoadedCheckpoint, PhaseState};
+use crate::eval::{evaluate, EvalResult};
 use crate::optim::{assign_groups, AdamW, AdamWConfig};
 
 /// A loss term with its metrics name and configured weight.
@@ -31,6 +31,53 @@ pub struct TermSlot {
     pub weight: Scalar,
     /// The term.
     pub term: Box<dyn LossTerm>,
+}
+
+/// One stretch of a phase with its own optimizer, learning rate and loss weights
+/// (`[[stages]]`; a phase without stages is one stage built by [`Stage::whole`]).
+pub struct Stage {
+    /// Name in metrics and reports.
+    pub name: String,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Peak learning rate (number or schedule over the stage), times `lr_schedule`.
+    pub lr: Scalar,
+    /// Factor on the learning rate over the stage.
+    pub lr_schedule: Box<dyn Schedule>,
+    /// Parameter groups of the stage.
+    pub param_groups: Vec<ParamGroupSpec>,
+    /// Key path of `param_groups` in the config, for errors.
+    pub groups_key: String,
+    /// Default decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global-norm clip (0: off).
+    pub grad_clip: f64,
+    /// Micro-batches per step.
+    pub grad_accum: usize,
+    /// Weights of the terms for this stage (`None`: each term's configured weight).
+    pub weights: Option<Vec<Scalar>>,
+}
+
+impl Stage {
+    /// The single stage of a phase that `[train]` describes as it is.
+    pub fn whole(steps: usize, lr: Scalar, lr_schedule: Box<dyn Schedule>, train: &TrainSection) -> Stage {
+        Stage {
+            name: "main".into(),
+            steps,
+            lr,
+            lr_schedule,
+            param_groups: train.param_groups.clone(),
+            groups_key: "train.param_groups".into(),
+            weight_decay: train.weight_decay,
+            grad_clip: train.grad_clip,
+            grad_accum: train.grad_accum.max(1),
+            weights: None,
+        }
+    }
+
+    fn tokens_per_step(&self, train: &TrainSection) -> usize {
+        train.batch_size * train.seq_len * self.grad_accum.max(1)
+    }
 }
 
 /// One training phase (`teacher`, `student` or `baseline`).
@@ -45,18 +92,18 @@ pub struct Phase<'a> {
     pub terms: &'a [TermSlot],
     /// Weighs the terms each step.
     pub router: Box<dyn Router>,
-    /// Factor on the learning rate.
-    pub lr_schedule: Box<dyn Schedule>,
-    /// Optimizer steps.
-    pub steps: usize,
-    /// Peak learning rate (a number or a schedule), times `lr_schedule`.
-    pub lr: Scalar,
-    /// Batch size, window, optimizer and logging settings.
+    /// The stages, run in order (at least one).
+    pub stages: Vec<Stage>,
+    /// Batch size, window, EMA and logging settings.
     pub train: &'a TrainSection,
     /// Seed of the batch sequence.
     pub batch_seed: u64,
     /// Validation batches for periodic evaluation.
     pub val: &'a [Batch],
+    /// The teacher's logits on `val` (one tensor per batch), for agreement and KL in evaluations.
+    pub val_teacher: Option<&'a [Tensor]>,
+    /// Early stopping, if on for this phase.
+    pub early_stopping: Option<&'a EarlyStoppingSpec>,
     /// Periodic resumable checkpoints, if any.
     pub checkpoints: Option<CheckpointPolicy>,
     /// A checkpoint of this phase to continue from.
@@ -78,10 +125,40 @@ pub struct CheckpointPolicy {
     pub metrics: Option<PathBuf>,
 }
 
+/// What one stage did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StageStats {
+    /// Stage name.
+    pub name: String,
+    /// Steps run (fewer than planned if early stopping ended the phase).
+    pub steps: usize,
+    /// First step of the stage within the phase (0-based).
+    pub first_step: usize,
+    /// Peak learning rate at the stage's start (before the schedule factor).
+    pub lr: f64,
+    /// Parameters the optimizer updated in this stage (the rest were frozen).
+    pub trainable_params: usize,
+    /// Mean total loss over the stage's last (up to) 10 applied steps.
+    pub final_loss: Option<f64>,
+    /// Validation loss at the end of the stage (multi-stage phases only).
+    pub val_loss: Option<f64>,
+}
+
+/// The best evaluation of a phase under early stopping.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BestEval {
+    /// Metric name.
+    pub metric: String,
+    /// Its value.
+    pub value: f64,
+    /// Step (of the phase) at which it was measured.
+    pub step: usize,
+}
+
 /// What a phase did.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PhaseStats {
-    /// Steps of the phase (skipped ones included).
+    /// Steps of the phase run (skipped ones included).
     pub steps: usize,
     /// Steps skipped for a non-finite loss or gradient (no update).
     pub skipped: usize,
@@ -93,10 +170,75 @@ pub struct PhaseStats {
     pub tokens_per_s: f64,
     /// Total loss of every step.
     pub losses: Vec<f64>,
+    /// Per stage.
+    #[serde(default)]
+    pub stages: Vec<StageStats>,
+    /// The best evaluation kept and exported (early stopping on).
+    #[serde(default)]
+    pub best: Option<BestEval>,
+    /// Step at which early stopping ended the phase, if it did.
+    #[serde(default)]
+    pub stopped_early_at: Option<usize>,
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+fn record(observers: &mut [Box<dyn Observer>], rec: &serde_json::Value) -> Result<()> {
+    for o in observers.iter_mut() {
+        o.record(rec)?;
+    }
+    Ok(())
+}
+
+/// Runs `f` with `vars` temporarily holding `weights`, then puts the old values back.
+fn with_weights<T>(vars: &[(String, Var)], weights: &[Tensor], f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let saved: Vec<Tensor> = vars
+        .iter()
+        .map(|(_, v)| v.as_tensor().detach().copy())
+        .collect::<candle_core::Result<_>>()?;
+    for ((_, v), w) in vars.iter().zip(weights) {
+        v.set(w)?;
+    }
+    let out = f();
+    for ((_, v), w) in vars.iter().zip(&saved) {
+        v.set(w)?;
+    }
+    out
+}
+
+fn metric_of(r: &EvalResult, m: EarlyStoppingMetric) -> Result<f64> {
+    let v = match m {
+        EarlyStoppingMetric::ValLoss => Some(r.val_loss),
+        EarlyStoppingMetric::KlToTeacher => r.kl_to_teacher,
+        EarlyStoppingMetric::Top1Agreement => r.top1_agreement,
+    };
+    v.ok_or_else(|| {
+        Error::Runtime(format!(
+            "early stopping watches `{}`, which this phase cannot measure (no teacher logits)",
+            m.name()
+        ))
+    })
+}
+
+/// Early stopping's bookkeeping.
+struct Early<'a> {
+    spec: &'a EarlyStoppingSpec,
+    state: EarlyState,
+    /// The best evaluated weights, in `model_vars` order.
+    weights: Option<Vec<Tensor>>,
+}
+
+impl Early<'_> {
+    /// Whether `value` improves on the best by more than `min_delta`.
+    fn improves(&self, value: f64) -> bool {
+        match self.state.best {
+            None => value.is_finite(),
+            Some(best) if self.spec.metric.higher_is_better() => value > best + self.spec.min_delta,
+            Some(best) => value < best - self.spec.min_delta,
+        }
+    }
 }
 
 /// Runs `phase` over the training split of `data`, sending records to `observers`.
@@ -107,16 +249,19 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         teacher,
         terms,
         mut router,
-        lr_schedule,
-        steps,
-        lr,
+        stages,
         train,
         batch_seed,
         val,
+        val_teacher,
+        early_stopping,
         checkpoints,
         resume,
         progress_bar,
     } = phase;
+    if stages.is_empty() {
+        return Err(Error::Runtime(format!("phase `{label}` has no stages")));
+    }
     let device = student_device(student)?;
     let mut batcher = TrainBatcher::new(
         data.tokens(Split::Train),
@@ -135,7 +280,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                 .map(|(n, v)| (format!("loss.{}.{n}", slot.name), v)),
         );
     }
-    let all_vars = vars.clone();
+    let all_vars = vars;
     // EMA of the model's own weights (not of the terms' projections).
     let model_vars = student.vars();
     let mut ema: Option<Vec<Tensor>> = match train.ema_decay {
@@ -147,35 +292,16 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         ),
         None => None,
     };
-    let (grouped, groups) = assign_groups(vars, &train.param_groups, train.weight_decay)?;
-    let mut opt = AdamW::new(
-        grouped,
-        groups.len(),
-        AdamWConfig {
-            beta1: train.beta1,
-            beta2: train.beta2,
-            eps: train.eps,
-            weight_decay: train.weight_decay,
-            grad_clip: train.grad_clip,
+    let mut early = early_stopping.map(|spec| Early {
+        spec,
+        state: EarlyState {
+            metric: spec.metric.name().into(),
+            best: None,
+            best_step: 0,
+            bad_evals: 0,
         },
-    )?;
-    for g in &groups {
-        tracing::info!(
-            "{label} param group {:<28} tensors {:>3} parameters {:>9} lr x{} weight decay {}",
-            g.pattern,
-            g.tensors,
-            g.parameters,
-            g.lr_mult,
-            g.weight_decay
-        );
-    }
-    if resume.is_none() {
-        // (A resumed phase logged its groups before the checkpoint it continues from.)
-        let rec = json!({"event": "param_groups", "phase": label, "groups": &groups});
-        for o in observers.iter_mut() {
-            o.record(&rec)?;
-        }
-    }
+        weights: None,
+    });
     let student_taps: TapSet = terms.iter().flat_map(|t| t.term.student_taps()).collect();
     let teacher_taps: TapSet = terms.iter().flat_map(|t| t.term.teacher_taps()).collect();
     let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
@@ -187,8 +313,26 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
     let names: Vec<String> = terms.iter().map(|t| t.name.clone()).collect();
     let reads_features: Vec<bool> = terms.iter().map(|t| !t.term.student_taps().is_empty()).collect();
 
+    let total_steps: usize = stages.iter().map(|s| s.steps).sum();
+    let stage_starts: Vec<usize> = stages
+        .iter()
+        .scan(0usize, |acc, s| {
+            let start = *acc;
+            *acc += s.steps;
+            Some(start)
+        })
+        .collect();
+    let tokens_at = |step: usize| -> usize {
+        stages
+            .iter()
+            .zip(&stage_starts)
+            .map(|(s, &start)| step.saturating_sub(start).min(s.steps) * s.tokens_per_step(train))
+            .sum()
+    };
+    let multi_stage = stages.len() > 1;
+
     let bar = if progress_bar {
-        ProgressBar::new(steps as u64)
+        ProgressBar::new(total_steps as u64)
     } else {
         ProgressBar::hidden()
     };
@@ -199,12 +343,12 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
     );
     bar.set_prefix(label);
 
-    let accum = train.grad_accum.max(1);
-    let tokens_per_step = train.batch_size * train.seq_len * accum;
     let start = Instant::now();
-    let mut losses = Vec::with_capacity(steps);
+    let mut losses = Vec::with_capacity(total_steps);
     let (mut skipped, mut consecutive_skips) = (0usize, 0usize);
     let mut first_step = 0;
+    let mut stage_stats: Vec<StageStats> = Vec::new();
+    let mut resume_optimizer: Option<(HashMap<String, Tensor>, i32)> = None;
     if let Some(ck) = resume {
         for (name, var) in &all_vars {
             let t = ck.model.get(name).ok_or_else(|| {
@@ -215,7 +359,6 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
             })?;
             var.set(&t.to_dtype(var.dtype())?)?;
         }
-        opt.import_state(&ck.optimizer, ck.state.adam_t)?;
         if let Some(e) = ema.as_mut() {
             for ((name, _), slot) in model_vars.iter().zip(e.iter_mut()) {
                 *slot = ck.model.get(&format!("ema.{name}")).cloned().ok_or_else(|| {
@@ -235,231 +378,477 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         batcher.set_stream_pos(pos);
         router.restore(&ck.state.router)?;
         losses = ck.state.losses.clone();
+        stage_stats = ck.state.stages.clone();
         (skipped, consecutive_skips, first_step) = (ck.state.skipped, ck.state.consecutive_skips, ck.state.step);
+        if let (Some(e), Some(state)) = (early.as_mut(), ck.state.early.clone()) {
+            e.state = state;
+            if let Some(policy) = &checkpoints {
+                // The best weights on disk belong to this record only if written at its step
+                // (a later best, written after this checkpoint, is found again on the way).
+                if let Some(best) = checkpoint::load_best(&policy.root, &device)? {
+                    if best.state.step == e.state.best_step {
+                        e.weights = Some(
+                            model_vars
+                                .iter()
+                                .map(|(n, _)| {
+                                    best.model.get(n).cloned().ok_or_else(|| {
+                                        Error::input(
+                                            format!("checkpoint {}", best.dir.display()),
+                                            format!("tensor `{n}` is missing"),
+                                        )
+                                    })
+                                })
+                                .collect::<Result<_>>()?,
+                        );
+                    }
+                }
+            }
+        }
+        resume_optimizer = Some((ck.optimizer, ck.state.adam_t));
         tracing::info!("{label}: resumed at step {first_step} from {}", ck.dir.display());
         bar.set_position(first_step as u64);
     }
-    for step in first_step..steps {
-        let progress = Progress::new(step, steps);
-        let done = step + 1;
-        let base_weights: Vec<f64> = terms.iter().map(|t| t.weight.at(progress)).collect();
-        let mut weights: Option<Vec<f64>> = None;
-        let mut mean_values = vec![0.0f64; terms.len()];
-        let mut acc: Option<Vec<Tensor>> = None;
-        // The first non-finite quantity of the step: (what, value).
-        let mut bad: Option<(String, f64)> = None;
-        for _micro in 0..accum {
-            let batch = batcher.next_batch()?;
-            if bad.is_some() {
-                continue; // keep the batch stream aligned; nothing of this step is applied
-            }
-            let t_out = match (needs_teacher, teacher) {
-                (true, Some(t)) => Some(t.forward(&batch, &teacher_taps)?),
-                _ => None,
-            };
-            let s_out = student.forward(&batch, &student_taps)?;
-            let mut ctx = StepContext {
-                batch: &batch,
-                student: &s_out,
-                teacher: t_out.as_ref(),
-                progress,
-                token_weights: None,
-            };
-            let token_weights = router.prepare(&ctx)?.map(|w| w.detach());
-            ctx.token_weights = token_weights.as_ref();
-            let values: Vec<Tensor> = terms.iter().map(|t| t.term.compute(&ctx)).collect::<Result<_>>()?;
-            let scalars: Vec<f64> = values.iter().map(scalar).collect::<Result<_>>()?;
-            if let Some(i) = scalars.iter().position(|v| !v.is_finite()) {
-                bad = Some((format!("loss term `{}`", names[i]), scalars[i]));
-                continue;
-            }
-            // Routers weigh once per optimizer step, on the first micro-batch's signals.
-            if weights.is_none() {
-                let w = router.weights(&TermSignals {
-                    names: &names,
-                    values: &scalars,
-                    base_weights: &base_weights,
-                    reads_features: &reads_features,
-                    progress,
-                })?;
-                if w.len() != terms.len() {
-                    return Err(Error::Runtime(format!(
-                        "router returned {} weights for {} terms",
-                        w.len(),
-                        terms.len()
-                    )));
-                }
-                weights = Some(w);
-            }
-            let w = weights.as_deref().unwrap_or(&base_weights);
-            let mut total: Option<Tensor> = None;
-            for (v, wi) in values.iter().zip(w) {
-                if *wi == 0.0 {
-                    continue;
-                }
-                // Divided by the number of micro-batches: the summed gradients are those of
-                // the mean over the whole effective batch.
-                let wv = (v * (*wi / accum as f64))?;
-                total = Some(match total {
-                    Some(t) => (t + wv)?,
-                    None => wv,
-                });
-            }
-            let total = total.ok_or_else(|| Error::Runtime(format!("phase `{label}`: every term has weight 0")))?;
-            let grads = opt.collect_grads(&total.backward()?)?;
-            acc = Some(match acc {
-                None => grads,
-                Some(a) => a
-                    .iter()
-                    .zip(&grads)
-                    .map(|(x, y)| x + y)
-                    .collect::<candle_core::Result<_>>()?,
-            });
-            for (m, v) in mean_values.iter_mut().zip(&scalars) {
-                *m += v / accum as f64;
-            }
-        }
-        let step_lr = lr.at(progress) * lr_schedule.value(progress);
-        let mut norms = None;
-        if bad.is_none() {
-            let grads = acc
-                .as_ref()
-                .ok_or_else(|| Error::Runtime("no gradients accumulated".into()))?;
-            let n = opt.norms(grads)?;
-            if !n.total.is_finite() {
-                bad = Some(("the gradient norm".into(), n.total));
-            }
-            norms = Some(n);
-        }
-        if let Some((what, value)) = bad {
-            skipped += 1;
-            consecutive_skips += 1;
-            tracing::warn!("phase `{label}` step {done}: {what} is {value}; step skipped (no update)");
-            let rec = json!({"event": "skip", "phase": label, "step": done, "cause": what, "value": value.to_string(),
-                             "skipped_total": skipped});
-            for o in observers.iter_mut() {
-                o.record(&rec)?;
-            }
-            if consecutive_skips > train.max_consecutive_skips {
-                return Err(Error::Runtime(format!(
-                    "phase `{label}`: {consecutive_skips} consecutive steps skipped for non-finite values (last: {what} \
-                     is {value} at step {done}); stopping (train.max_consecutive_skips = {}). The last checkpoint \
-                     written is intact; lower train.lr or check the data",
-                    train.max_consecutive_skips
-                )));
-            }
-            bar.set_position(done as u64);
+
+    let mut stopped_early_at = None;
+    'stages: for (si, stage) in stages.iter().enumerate() {
+        let stage_start = stage_starts[si];
+        let stage_end = stage_start + stage.steps;
+        if first_step >= stage_end {
             continue;
         }
-        consecutive_skips = 0;
-        let norms = norms.ok_or_else(|| Error::Runtime("gradient norms missing".into()))?;
-        let grads = acc.ok_or_else(|| Error::Runtime("no gradients accumulated".into()))?;
-        opt.step(grads, step_lr, norms.total)?;
-        if let (Some(e), Some(d)) = (ema.as_mut(), train.ema_decay) {
-            for ((_, var), avg) in model_vars.iter().zip(e.iter_mut()) {
-                *avg = ((&*avg * d)? + (var.as_tensor().detach() * (1.0 - d))?)?;
+        let offset = first_step.saturating_sub(stage_start);
+        let (grouped, groups) = assign_groups(
+            all_vars.clone(),
+            &stage.param_groups,
+            stage.weight_decay,
+            &stage.groups_key,
+        )?;
+        let trainable_params: usize = groups.iter().filter(|g| g.lr_mult > 0.0).map(|g| g.parameters).sum();
+        let mut opt = AdamW::new(
+            grouped,
+            groups.len(),
+            AdamWConfig {
+                beta1: train.beta1,
+                beta2: train.beta2,
+                eps: train.eps,
+                weight_decay: stage.weight_decay,
+                grad_clip: stage.grad_clip,
+            },
+        )?;
+        if offset > 0 {
+            // Continuing inside this stage: its optimizer state is in the checkpoint. (At a
+            // stage's first step the optimizer starts fresh, as in an uninterrupted run.)
+            if let Some((state, t)) = resume_optimizer.take() {
+                opt.import_state(&state, t)?;
             }
-        }
-        let weights = weights.unwrap_or(base_weights);
-        let total_value: f64 = mean_values.iter().zip(&weights).map(|(v, w)| v * w).sum();
-        losses.push(total_value);
-
-        let elapsed = start.elapsed().as_secs_f64();
-        let tok_s = ((done - first_step) * tokens_per_step) as f64 / elapsed.max(1e-9);
-        bar.set_position(done as u64);
-        bar.set_message(format!("loss {total_value:.4} | {tok_s:.0} tok/s"));
-        if train.log_every > 0 && (done % train.log_every == 0 || done == steps) {
-            let term_values: serde_json::Map<String, serde_json::Value> = names
-                .iter()
-                .zip(&mean_values)
-                .map(|(n, v)| (n.clone(), json!(v)))
-                .collect();
-            let term_weights: serde_json::Map<String, serde_json::Value> =
-                names.iter().zip(&weights).map(|(n, w)| (n.clone(), json!(w))).collect();
-            let term_scalars: serde_json::Map<String, serde_json::Value> = terms
-                .iter()
-                .flat_map(|t| {
-                    t.term
-                        .scalars(progress)
-                        .into_iter()
-                        .map(move |(k, v)| (format!("{}.{k}", t.name), json!(v)))
-                })
-                .collect();
-            let router_scalars: serde_json::Map<String, serde_json::Value> =
-                router.scalars().into_iter().map(|(k, v)| (k, json!(v))).collect();
-            let group_norms: serde_json::Map<String, serde_json::Value> = groups
-                .iter()
-                .zip(&norms.per_group)
-                .map(|(g, n)| (g.pattern.clone(), json!(n)))
-                .collect();
-            let rec = json!({
-                "event": "train", "phase": label, "step": done, "loss": total_value,
-                "terms": term_values, "weights": term_weights, "scalars": term_scalars, "router": router_scalars,
-                "lr": step_lr, "grad_norm": norms.total, "grad_norm_groups": group_norms,
-                "tokens": done * tokens_per_step, "tokens_per_s": tok_s, "elapsed_s": elapsed, "skipped_total": skipped,
+        } else {
+            let stage_lr = stage.lr.at(Progress::new(0, stage.steps));
+            for g in &groups {
+                tracing::info!(
+                    "{label} stage {} param group {:<28} tensors {:>3} parameters {:>9} lr x{} weight decay {}",
+                    stage.name,
+                    g.pattern,
+                    g.tensors,
+                    g.parameters,
+                    g.lr_mult,
+                    g.weight_decay
+                );
+            }
+            // (A phase resumed mid-stage logged its groups before the checkpoint.)
+            record(
+                observers,
+                &json!({"event": "param_groups", "phase": label, "stage": stage.name, "step": stage_start,
+                        "steps": stage.steps, "lr": stage_lr, "groups": &groups}),
+            )?;
+            stage_stats.push(StageStats {
+                name: stage.name.clone(),
+                steps: 0,
+                first_step: stage_start,
+                lr: stage_lr,
+                trainable_params,
+                final_loss: None,
+                val_loss: None,
             });
-            for o in observers.iter_mut() {
-                o.record(&rec)?;
-            }
         }
-        if train.eval_every > 0 && done % train.eval_every == 0 && done != steps {
-            let r = evaluate(&|_, b| Ok(student.forward(b, &TapSet::none())?.logits), val, None)?;
-            let rec = json!({"event": "eval", "phase": label, "step": done, "val_loss": r.val_loss, "perplexity": r.perplexity});
-            for o in observers.iter_mut() {
-                o.record(&rec)?;
-            }
-        }
-        if let Some(policy) = checkpoints
-            .as_ref()
-            .filter(|p| p.every > 0 && done % p.every == 0 && done != steps)
-        {
-            let model: HashMap<String, Tensor> = all_vars
-                .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-                .collect();
-            let mut model = model;
-            if let Some(e) = &ema {
-                for ((name, _), t) in model_vars.iter().zip(e) {
-                    model.insert(format!("ema.{name}"), t.clone());
+        let accum = stage.grad_accum.max(1);
+        for k in offset..stage.steps {
+            let step = stage_start + k;
+            let progress = Progress::new(k, stage.steps);
+            let done = step + 1;
+            let base_weights: Vec<f64> = match &stage.weights {
+                Some(w) => w.iter().map(|w| w.at(progress)).collect(),
+                None => terms.iter().map(|t| t.weight.at(progress)).collect(),
+            };
+            let mut weights: Option<Vec<f64>> = None;
+            let mut mean_values = vec![0.0f64; terms.len()];
+            let mut acc: Option<Vec<Tensor>> = None;
+            // The first non-finite quantity of the step: (what, value).
+            let mut bad: Option<(String, f64)> = None;
+            for _micro in 0..accum {
+                let batch = batcher.next_batch()?;
+                if bad.is_some() {
+                    continue; // keep the batch stream aligned; nothing of this step is applied
+                }
+                let t_out = match (needs_teacher, teacher) {
+                    (true, Some(t)) => Some(t.forward(&batch, &teacher_taps)?),
+                    _ => None,
+                };
+                let s_out = student.forward(&batch, &student_taps)?;
+                let mut ctx = StepContext {
+                    batch: &batch,
+                    student: &s_out,
+                    teacher: t_out.as_ref(),
+                    progress,
+                    token_weights: None,
+                };
+                let token_weights = router.prepare(&ctx)?.map(|w| w.detach());
+                ctx.token_weights = token_weights.as_ref();
+                let values: Vec<Tensor> = terms.iter().map(|t| t.term.compute(&ctx)).collect::<Result<_>>()?;
+                let scalars: Vec<f64> = values.iter().map(scalar).collect::<Result<_>>()?;
+                if let Some(i) = scalars.iter().position(|v| !v.is_finite()) {
+                    bad = Some((format!("loss term `{}`", names[i]), scalars[i]));
+                    continue;
+                }
+                // Routers weigh once per optimizer step, on the first micro-batch's signals.
+                if weights.is_none() {
+                    let w = router.weights(&TermSignals {
+                        names: &names,
+                        values: &scalars,
+                        base_weights: &base_weights,
+                        reads_features: &reads_features,
+                        progress,
+                    })?;
+                    if w.len() != terms.len() {
+                        return Err(Error::Runtime(format!(
+                            "router returned {} weights for {} terms",
+                            w.len(),
+                            terms.len()
+                        )));
+                    }
+                    weights = Some(w);
+                }
+                let w = weights.as_deref().unwrap_or(&base_weights);
+                let mut total: Option<Tensor> = None;
+                for (v, wi) in values.iter().zip(w) {
+                    if *wi == 0.0 {
+                        continue;
+                    }
+                    // Divided by the number of micro-batches: the summed gradients are those of
+                    // the mean over the whole effective batch.
+                    let wv = (v * (*wi / accum as f64))?;
+                    total = Some(match total {
+                        Some(t) => (t + wv)?,
+                        None => wv,
+                    });
+                }
+                let total = total.ok_or_else(|| {
+                    Error::Runtime(format!(
+                        "phase `{label}` stage `{}`: every term has weight 0",
+                        stage.name
+                    ))
+                })?;
+                let grads = opt.collect_grads(&total.backward()?)?;
+                acc = Some(match acc {
+                    None => grads,
+                    Some(a) => a
+                        .iter()
+                        .zip(&grads)
+                        .map(|(x, y)| x + y)
+                        .collect::<candle_core::Result<_>>()?,
+                });
+                for (m, v) in mean_values.iter_mut().zip(&scalars) {
+                    *m += v / accum as f64;
                 }
             }
-            let (optimizer, adam_t) = opt.export_state();
-            let metrics_len = match &policy.metrics {
-                Some(m) => std::fs::metadata(m).map(|md| md.len()).unwrap_or(0),
-                None => 0,
+            let step_lr = stage.lr.at(progress) * stage.lr_schedule.value(progress);
+            let mut norms = None;
+            if bad.is_none() {
+                let grads = acc
+                    .as_ref()
+                    .ok_or_else(|| Error::Runtime("no gradients accumulated".into()))?;
+                let n = opt.norms(grads)?;
+                if !n.total.is_finite() {
+                    bad = Some(("the gradient norm".into(), n.total));
+                }
+                norms = Some(n);
+            }
+            if let Some(s) = stage_stats.last_mut() {
+                s.steps = done - stage_start;
+            }
+            if let Some((what, value)) = bad {
+                skipped += 1;
+                consecutive_skips += 1;
+                tracing::warn!("phase `{label}` step {done}: {what} is {value}; step skipped (no update)");
+                record(
+                    observers,
+                    &json!({"event": "skip", "phase": label, "stage": stage.name, "step": done, "cause": what,
+                            "value": value.to_string(), "skipped_total": skipped}),
+                )?;
+                if consecutive_skips > train.max_consecutive_skips {
+                    return Err(Error::Runtime(format!(
+                        "phase `{label}`: {consecutive_skips} consecutive steps skipped for non-finite values (last: \
+                         {what} is {value} at step {done}); stopping (train.max_consecutive_skips = {}). The last \
+                         checkpoint written is intact; lower train.lr or check the data",
+                        train.max_consecutive_skips
+                    )));
+                }
+                bar.set_position(done as u64);
+                continue;
+            }
+            consecutive_skips = 0;
+            let norms = norms.ok_or_else(|| Error::Runtime("gradient norms missing".into()))?;
+            let grads = acc.ok_or_else(|| Error::Runtime("no gradients accumulated".into()))?;
+            opt.step(grads, step_lr, norms.total)?;
+            if let (Some(e), Some(d)) = (ema.as_mut(), train.ema_decay) {
+                for ((_, var), avg) in model_vars.iter().zip(e.iter_mut()) {
+                    *avg = ((&*avg * d)? + (var.as_tensor().detach() * (1.0 - d))?)?;
+                }
+            }
+            let weights = weights.unwrap_or(base_weights);
+            let total_value: f64 = mean_values.iter().zip(&weights).map(|(v, w)| v * w).sum();
+            losses.push(total_value);
+
+            let elapsed = start.elapsed().as_secs_f64();
+            let tok_s = (tokens_at(done) - tokens_at(first_step)) as f64 / elapsed.max(1e-9);
+            bar.set_position(done as u64);
+            bar.set_message(format!("loss {total_value:.4} | {tok_s:.0} tok/s"));
+            if train.log_every > 0 && (done % train.log_every == 0 || done == total_steps || done == stage_end) {
+                let term_values: serde_json::Map<String, serde_json::Value> = names
+                    .iter()
+                    .zip(&mean_values)
+                    .map(|(n, v)| (n.clone(), json!(v)))
+                    .collect();
+                let term_weights: serde_json::Map<String, serde_json::Value> =
+                    names.iter().zip(&weights).map(|(n, w)| (n.clone(), json!(w))).collect();
+                let term_scalars: serde_json::Map<String, serde_json::Value> = terms
+                    .iter()
+                    .flat_map(|t| {
+                        t.term
+                            .scalars(progress)
+                            .into_iter()
+                            .map(move |(k, v)| (format!("{}.{k}", t.name), json!(v)))
+                    })
+                    .collect();
+                let router_scalars: serde_json::Map<String, serde_json::Value> =
+                    router.scalars().into_iter().map(|(k, v)| (k, json!(v))).collect();
+                let group_norms: serde_json::Map<String, serde_json::Value> = groups
+                    .iter()
+                    .zip(&norms.per_group)
+                    .map(|(g, n)| (g.pattern.clone(), json!(n)))
+                    .collect();
+                record(
+                    observers,
+                    &json!({
+                        "event": "train", "phase": label, "stage": stage.name, "step": done, "loss": total_value,
+                        "terms": term_values, "weights": term_weights, "scalars": term_scalars,
+                        "router": router_scalars, "lr": step_lr, "grad_norm": norms.total,
+                        "grad_norm_groups": group_norms, "tokens": tokens_at(done), "tokens_per_s": tok_s,
+                        "elapsed_s": elapsed, "skipped_total": skipped,
+                    }),
+                )?;
+            }
+            let eval_due = train.eval_every > 0 && done % train.eval_every == 0 && done != total_steps;
+            if eval_due {
+                let r = match &ema {
+                    Some(e) => with_weights(&model_vars, e, || eval_model(student, val, val_teacher))?,
+                    None => eval_model(student, val, val_teacher)?,
+                };
+                record(observers, &eval_record(label, &stage.name, done, &r))?;
+                if let Some(e) = early.as_mut() {
+                    let value = metric_of(&r, e.spec.metric)?;
+                    if e.improves(value) {
+                        e.state.best = Some(value);
+                        e.state.best_step = done;
+                        e.state.bad_evals = 0;
+                        let w: Vec<Tensor> = match &ema {
+                            Some(avg) => avg.clone(),
+                            None => model_vars
+                                .iter()
+                                .map(|(_, v)| v.as_tensor().detach().copy())
+                                .collect::<candle_core::Result<_>>()?,
+                        };
+                        if let Some(policy) = &checkpoints {
+                            let map: HashMap<String, Tensor> = model_vars
+                                .iter()
+                                .map(|(n, _)| n.clone())
+                                .zip(w.iter().cloned())
+                                .collect();
+                            checkpoint::write_best(
+                                &policy.root,
+                                PhaseState {
+                                    phase: label.to_string(),
+                                    step: done,
+                                    early: Some(e.state.clone()),
+                                    ..PhaseState::default()
+                                },
+                                &map,
+                            )?;
+                        }
+                        e.weights = Some(w);
+                    } else {
+                        e.state.bad_evals += 1;
+                        if e.state.bad_evals >= e.spec.patience {
+                            stopped_early_at = Some(done);
+                        }
+                    }
+                }
+            }
+            if let Some(at) = stopped_early_at {
+                let e = early.as_ref().map(|e| e.state.clone());
+                tracing::info!("{label}: early stopping at step {at} ({e:?})");
+                record(
+                    observers,
+                    &json!({"event": "early_stop", "phase": label, "stage": stage.name, "step": at,
+                                          "record": e}),
+                )?;
+                break 'stages;
+            }
+            let checkpoint_due = match &checkpoints {
+                Some(p) => {
+                    (p.every > 0 && done % p.every == 0 && done != total_steps)
+                        || (done == stage_end && si + 1 < stages.len())
+                }
+                None => false,
             };
-            let state = PhaseState {
-                phase: label.to_string(),
-                step: done,
-                adam_t,
-                batch_stream_pos: batcher.stream_pos().to_string(),
-                router: router.state(),
-                skipped,
-                consecutive_skips,
-                losses: losses.clone(),
-                metrics_len,
-                files: Default::default(),
-            };
-            checkpoint::write(&policy.root, state, &model, &optimizer, policy.keep)?;
+            if done == stage_end && multi_stage {
+                let r = match &ema {
+                    Some(e) => with_weights(&model_vars, e, || eval_model(student, val, val_teacher))?,
+                    None => eval_model(student, val, val_teacher)?,
+                };
+                let tail = &losses[losses.len().saturating_sub(10.min(stage.steps))..];
+                if let Some(s) = stage_stats.last_mut() {
+                    s.final_loss = (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64);
+                    s.val_loss = Some(r.val_loss);
+                }
+                let mut rec = eval_record(label, &stage.name, done, &r);
+                rec["event"] = json!("stage_end");
+                rec["final_loss"] = json!(stage_stats.last().and_then(|s| s.final_loss));
+                record(observers, &rec)?;
+            }
+            if let (true, Some(policy)) = (checkpoint_due, &checkpoints) {
+                let mut model: HashMap<String, Tensor> = all_vars
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+                    .collect();
+                if let Some(e) = &ema {
+                    for ((name, _), t) in model_vars.iter().zip(e) {
+                        model.insert(format!("ema.{name}"), t.clone());
+                    }
+                }
+                let (optimizer, adam_t) = opt.export_state();
+                let metrics_len = match &policy.metrics {
+                    Some(m) => std::fs::metadata(m).map(|md| md.len()).unwrap_or(0),
+                    None => 0,
+                };
+                let state = PhaseState {
+                    phase: label.to_string(),
+                    step: done,
+                    adam_t,
+                    batch_stream_pos: batcher.stream_pos().to_string(),
+                    router: router.state(),
+                    skipped,
+                    consecutive_skips,
+                    losses: losses.clone(),
+                    metrics_len,
+                    files: Default::default(),
+                    early: early.as_ref().map(|e| e.state.clone()),
+                    stages: stage_stats.clone(),
+                };
+                checkpoint::write(&policy.root, state, &model, &optimizer, policy.keep)?;
+            }
+        }
+        if !multi_stage {
+            if let Some(s) = stage_stats.last_mut() {
+                let tail = &losses[losses.len().saturating_sub(10)..];
+                s.final_loss = (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64);
+            }
         }
     }
     bar.finish_and_clear();
-    if let Some(e) = &ema {
+    if let Some(e) = ema.take() {
         // The phase ends with the averaged weights: they are what is evaluated and exported.
-        for ((_, var), t) in model_vars.iter().zip(e) {
+        for ((_, var), t) in model_vars.iter().zip(&e) {
             var.set(t)?;
         }
     }
+    let steps_run = stopped_early_at.unwrap_or(total_steps);
+    let mut best = None;
+    if let Some(e) = early.as_mut() {
+        // The final weights are a candidate too (unless the last evaluation just saw them).
+        let evaluated_last = train.eval_every > 0 && steps_run % train.eval_every == 0 && steps_run != total_steps;
+        if !evaluated_last {
+            let r = eval_model(student, val, val_teacher)?;
+            let value = metric_of(&r, e.spec.metric)?;
+            if e.improves(value) {
+                e.state.best = Some(value);
+                e.state.best_step = steps_run;
+                e.weights = None; // the current weights are the best
+            }
+        }
+        if e.state.best_step != steps_run {
+            let w = match e.weights.take() {
+                Some(w) => w,
+                None => {
+                    let root = checkpoints
+                        .as_ref()
+                        .map(|p| p.root.clone())
+                        .ok_or_else(|| Error::Runtime(format!("phase `{label}`: the best weights were not kept")))?;
+                    let ck = checkpoint::load_best(&root, &device)?
+                        .ok_or_else(|| Error::Runtime(format!("{}: no best checkpoint", root.display())))?;
+                    model_vars
+                        .iter()
+                        .map(|(n, _)| {
+                            ck.model
+                                .get(n)
+                                .cloned()
+                                .ok_or_else(|| Error::Runtime(format!("best checkpoint lacks `{n}`")))
+                        })
+                        .collect::<Result<_>>()?
+                }
+            };
+            for ((_, var), t) in model_vars.iter().zip(&w) {
+                var.set(t)?;
+            }
+        }
+        if let Some(value) = e.state.best {
+            best = Some(BestEval {
+                metric: e.state.metric.clone(),
+                value,
+                step: e.state.best_step,
+            });
+            record(
+                observers,
+                &json!({"event": "best", "phase": label, "metric": e.state.metric, "value": value,
+                        "step": e.state.best_step}),
+            )?;
+        }
+    }
     let wall_s = start.elapsed().as_secs_f64();
-    let tokens = steps * tokens_per_step;
+    let tokens = tokens_at(steps_run);
     Ok(PhaseStats {
-        steps,
+        steps: steps_run,
         skipped,
         tokens,
         wall_s,
-        tokens_per_s: tokens as f64 / wall_s.max(1e-9),
+        tokens_per_s: (tokens - tokens_at(first_step.min(steps_run))) as f64 / wall_s.max(1e-9),
         losses,
+        stages: stage_stats,
+        best,
+        stopped_early_at,
     })
+}
+
+fn eval_model(student: &dyn Student, val: &[Batch], val_teacher: Option<&[Tensor]>) -> Result<EvalResult> {
+    evaluate(
+        &|_, b| Ok(student.forward(b, &TapSet::none())?.logits),
+        val,
+        val_teacher,
+    )
+}
+
+fn eval_record(label: &str, stage: &str, step: usize, r: &EvalResult) -> serde_json::Value {
+    json!({"event": "eval", "phase": label, "stage": stage, "step": step, "val_loss": r.val_loss,
+           "perplexity": r.perplexity, "kl_to_teacher": r.kl_to_teacher, "top1_agreement": r.top1_agreement})
 }
 
 fn student_device(student: &dyn Student) -> Result<candle_core::Device> {
