@@ -71,6 +71,12 @@ pub enum Command {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// Draw a run's charts (loss per term, learning rate, weights and schedules, evaluation
+    /// curves) from its metrics into RUN_DIR/plots/ and embed them in its report.md.
+    Plot {
+        /// A run directory (holding metrics.jsonl).
+        run_dir: PathBuf,
+    },
     /// List every registered plugin kind by category (built-ins, `RETORT_PLUGIN_PATH`, and the
     /// `[plugins]` of CONFIG if given).
     Plugins {
@@ -203,8 +209,29 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!("  router:   {}", p.config.router.kind);
             println!(
                 "  budget:   {} steps x {} windows x {} tokens",
-                p.config.train.steps, p.config.train.batch_size, p.config.train.seq_len
+                p.student_steps(),
+                p.config.train.batch_size,
+                p.config.train.seq_len
             );
+            for (i, st) in p.config.stages.iter().enumerate() {
+                println!("  stage {}: {} ({} steps)", i + 1, st.name_or_default(i), st.steps);
+            }
+            Ok(())
+        }
+        Command::Plot { run_dir } => {
+            if !run_dir.join("metrics.jsonl").is_file() {
+                return Err(retort_core::Error::input(
+                    format!("run directory {}", run_dir.display()),
+                    "has no metrics.jsonl (is it a retort run directory?)",
+                ));
+            }
+            let plots = crate::plot::plot_and_embed(&run_dir)?;
+            for (title, path) in &plots {
+                println!("{}  ({title})", run_dir.join(path).display());
+            }
+            if plots.is_empty() {
+                println!("nothing to plot yet: no training records in {}", run_dir.join("metrics.jsonl").display());
+            }
             Ok(())
         }
         Command::NewPlugin { name, kind, dir } => {

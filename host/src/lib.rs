@@ -11,6 +11,7 @@ pub mod device;
 pub mod eval;
 pub mod optim;
 pub mod pipeline;
+pub mod plot;
 pub mod plugin_loader;
 pub mod report;
 pub mod run;
