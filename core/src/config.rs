@@ -163,6 +163,7 @@ impl Default for RunConfig {
             teacher: TeacherSpec {
                 kind: "transformer".into(),
                 pretrain: None,
+                precision: None,
                 params: obj(&[("n_layer", 4.into()), ("n_embd", 128.into()), ("n_head", 4.into())]),
             },
             student: ComponentSpec {
@@ -253,9 +254,37 @@ pub struct TeacherSpec {
     /// params name no `checkpoint`. Default (absent): `train.steps * 2` steps at `train.lr`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pretrain: Option<PretrainSection>,
+    /// Precision the frozen teacher computes in: `f32`, `bf16` or `f16` (passed to the kind
+    /// as its `dtype` param when the teacher is loaded; pretraining always uses f32). Default
+    /// (absent): the kind's own default, f32 for the built-ins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
     /// The kind's parameters (e.g. `checkpoint = "runs/x/teacher"` or model sizes).
     #[serde(flatten)]
     pub params: Map<String, Value>,
+}
+
+/// Compute precision of a frozen teacher.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit float.
+    F32,
+    /// bfloat16: f32's range, 8 bits of mantissa.
+    Bf16,
+    /// IEEE half: 11 bits of mantissa, range up to 65504.
+    F16,
+}
+
+impl Precision {
+    /// The name the kinds' `dtype` param takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
 }
 
 /// `[teacher.pretrain]`: budget of the teacher's own training.

@@ -98,6 +98,15 @@ impl<M: Model + ?Sized> Teacher for FrozenTeacher<M> {
     /// The model's outputs, detached; `topk.{k}` taps are computed from the dense logits.
     fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs> {
         let mut out = self.0.forward(batch, taps)?.detach();
+        // A teacher computing in a half type hands f32 to the losses (the student's type).
+        if matches!(out.logits.dtype(), DType::BF16 | DType::F16) {
+            out.logits = out.logits.to_dtype(DType::F32)?;
+            for t in out.taps.values_mut() {
+                if matches!(t.dtype(), DType::BF16 | DType::F16) {
+                    *t = t.to_dtype(DType::F32)?;
+                }
+            }
+        }
         for k in taps.iter().filter_map(crate::taps::parse_topk_tap) {
             let (ids, logprobs) = dense_topk(&out.logits, k)?;
             out.taps.insert(format!("topk.{k}.ids"), ids);

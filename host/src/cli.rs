@@ -230,7 +230,10 @@ fn dispatch(cli: Cli) -> Result<()> {
                 println!("{}  ({title})", run_dir.join(path).display());
             }
             if plots.is_empty() {
-                println!("nothing to plot yet: no training records in {}", run_dir.join("metrics.jsonl").display());
+                println!(
+                    "nothing to plot yet: no training records in {}",
+                    run_dir.join("metrics.jsonl").display()
+                );
             }
             Ok(())
         }

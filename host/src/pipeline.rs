@@ -153,6 +153,12 @@ impl<'r> Pipeline<'r> {
 
         // Teacher.
         let teacher_params = Params::new("teacher", config.teacher.params.clone());
+        if config.teacher.precision.is_some() && config.teacher.params.contains_key("dtype") {
+            return Err(Error::config(
+                "teacher.precision",
+                "set either teacher.precision or teacher.dtype, not both",
+            ));
+        }
         let has_checkpoint = config.teacher.params.get("checkpoint").is_some_and(|v| !v.is_null());
         let teacher_info;
         let mut probe_teacher: Option<Box<dyn Teacher>> = None;
@@ -160,7 +166,9 @@ impl<'r> Pipeline<'r> {
             if config.teacher.pretrain.is_some() {
                 tracing::warn!("teacher.checkpoint is set: [teacher.pretrain] is ignored");
             }
-            let teacher = registry.teachers.build(&config.teacher.kind, &teacher_params, &ctx)?;
+            let teacher = registry
+                .teachers
+                .build(&config.teacher.kind, &teacher_load_params(&config, None), &ctx)?;
             teacher_info = teacher.info();
             (TeacherPlan::Load, Some(teacher))
         } else {
@@ -487,7 +495,18 @@ fn check_model(who: &str, vocab: usize, context: usize, data_vocab: usize, seq_l
 
 /// The teacher params with `checkpoint` pointing at `dir` (after pretraining).
 pub fn teacher_params_with_checkpoint(config: &RunConfig, dir: &std::path::Path) -> Params {
+    teacher_load_params(config, Some(dir))
+}
+
+/// The params the teacher kind is loaded with: the configured ones, `checkpoint = dir` if
+/// given, and `dtype` from `teacher.precision`.
+fn teacher_load_params(config: &RunConfig, dir: Option<&std::path::Path>) -> Params {
     let mut p = config.teacher.params.clone();
-    p.insert("checkpoint".into(), Value::String(dir.display().to_string()));
+    if let Some(dir) = dir {
+        p.insert("checkpoint".into(), Value::String(dir.display().to_string()));
+    }
+    if let Some(precision) = config.teacher.precision {
+        p.insert("dtype".into(), Value::String(precision.name().into()));
+    }
     Params::new("teacher", p)
 }

@@ -117,7 +117,10 @@ pub fn charts_of(records: &[Value], report: Option<&Value>) -> Vec<Chart> {
             .map(|k| {
                 let kk = k.clone();
                 let f = field.to_string();
-                line(&format!("{prefix}{k}"), points("student", &move |r| r[&f][&kk].as_f64()))
+                line(
+                    &format!("{prefix}{k}"),
+                    points("student", &move |r| r[&f][&kk].as_f64()),
+                )
             })
             .filter(|s| !s.points.is_empty())
             .collect()
@@ -230,7 +233,11 @@ fn bounds(chart: &Chart) -> Option<((f64, f64), (f64, f64))> {
         return None;
     }
     let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
-    let pad = if y1 > y0 { (y1 - y0) * 0.05 } else { y0.abs().max(1e-3) * 0.1 };
+    let pad = if y1 > y0 {
+        (y1 - y0) * 0.05
+    } else {
+        y0.abs().max(1e-3) * 0.1
+    };
     Some(((x0.min(0.0), x1), (y0 - pad, y1 + pad)))
 }
 
@@ -242,7 +249,10 @@ pub fn draw(chart: &Chart, path: &Path) -> Result<()> {
     };
     let err = |e: String| Error::Runtime(format!("drawing {}: {e}", path.display()));
     // The encoder picks the format from the extension: the temporary file ends in `.png` too.
-    let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".tmp-{}-{file}", std::process::id()));
     {
         let root = BitMapBackend::new(&tmp, (960, 540)).into_drawing_area();
@@ -377,9 +387,11 @@ mod tests {
         for step in (5..=40).step_by(5) {
             let s = step as f64;
             v.push(json!({"event": "train", "phase": "teacher", "step": step, "loss": 4.0 - s / 20.0, "lr": 1e-2}));
-            v.push(json!({"event": "train", "phase": "student", "step": step, "loss": 3.0 - s / 40.0,
+            v.push(
+                json!({"event": "train", "phase": "student", "step": step, "loss": 3.0 - s / 40.0,
                           "terms": {"kl": 1.0 / s, "ce": 2.0}, "weights": {"kl": 0.5, "ce": 0.5},
-                          "scalars": {"kl.temperature": 2.0 - s / 40.0}, "lr": 3e-3}));
+                          "scalars": {"kl.temperature": 2.0 - s / 40.0}, "lr": 3e-3}),
+            );
         }
         v.push(json!({"event": "eval", "phase": "student", "step": 20, "val_loss": 2.6}));
         v
@@ -392,7 +404,13 @@ mod tests {
         let files: Vec<&str> = charts.iter().map(|c| c.file.as_str()).collect();
         assert_eq!(
             files,
-            ["train_loss.png", "student_terms.png", "learning_rate.png", "weights_and_schedules.png", "eval.png"]
+            [
+                "train_loss.png",
+                "student_terms.png",
+                "learning_rate.png",
+                "weights_and_schedules.png",
+                "eval.png"
+            ]
         );
         let loss = &charts[0];
         assert_eq!(loss.series.len(), 2);

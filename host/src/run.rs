@@ -378,7 +378,10 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
     report.write(&dir)?;
     // Charts are a convenience: a failure to draw is reported, never fatal to a finished run.
     if let Err(e) = crate::plot::plot_and_embed(&dir) {
-        tracing::warn!("the run's charts could not be drawn: {e} (retry with `retort plot {}`)", dir.display());
+        tracing::warn!(
+            "the run's charts could not be drawn: {e} (retry with `retort plot {}`)",
+            dir.display()
+        );
     }
     let summary = serde_json::json!({"event": "report", "report": &report});
     for o in observers.iter_mut() {

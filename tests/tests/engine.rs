@@ -267,3 +267,40 @@ fn ema_weights_are_exported_and_decay_zero_is_the_raw_weights() {
         .expect("bad decay");
     assert!(err.to_string().contains("train.ema_decay"), "{err}");
 }
+
+#[test]
+fn a_half_precision_teacher_distills_and_a_half_precision_student_is_refused() {
+    let registry = retort_host::builtin_registry().expect("registry");
+    let (full, half) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let base = ["eval.baseline=false", "train.steps=10", "teacher.pretrain.steps=30"];
+    let r32 = run_with(&registry, full.path(), &tiny_config("p32"), &base).expect("f32 teacher");
+    for precision in ["bf16", "f16"] {
+        let set = format!("teacher.precision=\"{precision}\"");
+        let sets: Vec<&str> = base.iter().copied().chain([set.as_str()]).collect();
+        let dir = half.path().join(precision);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let r = run_with(&registry, &dir, &tiny_config("half"), &sets).expect("half teacher");
+        // The same pretrained weights (pretraining is f32), evaluated in half precision.
+        let (a, b) = (r32.report.teacher.val_loss, r.report.teacher.val_loss);
+        assert!(
+            (a - b).abs() < 2e-2 && a != b,
+            "{precision}: teacher val loss {b} vs f32 {a}"
+        );
+        assert!(r.report.student.val_loss.is_finite());
+        assert!(r.report.teacher.description.contains("transformer"));
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let err = run_with(
+        &registry,
+        tmp.path(),
+        &tiny_config("bad"),
+        &["student.dtype=\"bf16\"", "eval.baseline=false"],
+    )
+    .err()
+    .expect("refused");
+    assert_eq!(err.exit_code(), 2);
+    assert!(
+        err.to_string().contains("student.dtype") && err.to_string().contains("master weights"),
+        "{err}"
+    );
+}

@@ -209,13 +209,18 @@ fn resuming_at_and_after_a_stage_boundary_ends_with_the_same_weights() {
         copy_dir(&a.dir, &copy.path().join("run"));
         rewind_to(&copy.path().join("run"), step);
         // Mark the checkpoint (its first recorded loss) to prove the run continued from it.
-        let state_path = copy.path().join(format!("run/checkpoints/student/step-{step:08}/state.json"));
+        let state_path = copy
+            .path()
+            .join(format!("run/checkpoints/student/step-{step:08}/state.json"));
         let mut state: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&state_path).expect("state")).expect("json");
         state["losses"][0] = serde_json::json!(1.0e6);
         std::fs::write(&state_path, serde_json::to_vec(&state).expect("json")).expect("write");
         let b = run_in(&registry, copy.path(), &two_stage_config(), &sets, true).expect("resumed");
-        assert!(b.report.train.loss_start > 1e5, "resumed at {step}: did not continue from the checkpoint");
+        assert!(
+            b.report.train.loss_start > 1e5,
+            "resumed at {step}: did not continue from the checkpoint"
+        );
         let got = load(&b.dir.join("student/model.safetensors"));
         for (name, t) in &want {
             assert_eq!(max_abs_diff(t, &got[name]), 0.0, "resumed at {step}: {name} differs");

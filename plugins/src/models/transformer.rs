@@ -64,7 +64,9 @@ pub struct TransformerParams {
     pub vocab_size: Option<usize>,
     /// `gelu` (default) or `relu`.
     pub activation: Option<Activation>,
-    /// Parameter dtype: `f32` (default) or `f64`.
+    /// Parameter dtype: `f32` (default) or `f64`; a frozen teacher may also run in `bf16` or
+    /// `f16` (matmuls in that type; LayerNorm and softmax computed in f32; outputs returned as
+    /// f32). Set it for a teacher with `teacher.precision`.
     pub dtype: Option<String>,
     /// Std of the normal init (residual projections scaled by `1/sqrt(2 n_layer)`). Default 0.02.
     pub init_std: Option<f64>,
@@ -148,7 +150,14 @@ impl TransformerConfig {
         let dtype = match p.dtype.as_deref().unwrap_or("f32") {
             "f32" => DType::F32,
             "f64" => DType::F64,
-            other => return Err(params.error("dtype", format!("expected \"f32\" or \"f64\", got \"{other}\""))),
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => {
+                return Err(params.error(
+                    "dtype",
+                    format!("expected \"f32\", \"f64\", \"bf16\" or \"f16\", got \"{other}\""),
+                ))
+            }
         };
         let layer_norm_eps = p.layer_norm_eps.or(c.map(|c| c.layer_norm_eps)).unwrap_or(1e-5);
         params.require_positive("layer_norm_eps", layer_norm_eps)?;
@@ -387,12 +396,37 @@ impl Transformer {
         &self.cfg
     }
 
+    /// Whether the model computes in a half type (bf16/f16): reductions then run in f32.
+    fn is_half(&self) -> bool {
+        matches!(self.cfg.dtype, DType::BF16 | DType::F16)
+    }
+
+    /// `f(x)`, computed in f32 when the model runs in a half type.
+    fn in_f32(&self, x: &Tensor, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Tensor> {
+        Ok(if self.is_half() {
+            f(&x.to_dtype(DType::F32)?)?.to_dtype(self.cfg.dtype)?
+        } else {
+            f(x)?
+        })
+    }
+
+    /// LayerNorm with `(weight, bias)`; in f32 for a half-precision model (a variance summed
+    /// in bf16 loses most of its digits).
+    fn norm(&self, x: &Tensor, wb: &(Tensor, Tensor), eps: f64) -> Result<Tensor> {
+        if self.is_half() {
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            Ok(layer_norm(&f(x)?, &f(&wb.0)?, &f(&wb.1)?, eps)?.to_dtype(self.cfg.dtype)?)
+        } else {
+            Ok(layer_norm(x, &wb.0, &wb.1, eps)?)
+        }
+    }
+
     fn block_forward(&self, blk: &Block, x: &Tensor, want_attn: bool) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, d) = x.dims3()?;
         let nh = self.cfg.n_head;
         let hd = d / nh;
         let eps = self.cfg.layer_norm_eps;
-        let h = layer_norm(x, &blk.ln_1.0, &blk.ln_1.1, eps)?;
+        let h = self.norm(x, &blk.ln_1, eps)?;
         let qkv = linear(&h, &blk.c_attn.0, &blk.c_attn.1)?
             .reshape((b, t, 3, nh, hd))?
             .permute((2, 0, 3, 1, 4))?;
@@ -401,10 +435,10 @@ impl Transformer {
         let v = qkv.get(2)?.contiguous()?;
         let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
-        let probs = softmax_last(&scores)?;
+        let probs = self.in_f32(&scores, softmax_last)?;
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         let x = (x + linear(&y, &blk.attn_proj.0, &blk.attn_proj.1)?)?;
-        let h = layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, eps)?;
+        let h = self.norm(&x, &blk.ln_2, eps)?;
         let a = linear(&h, &blk.c_fc.0, &blk.c_fc.1)?;
         let a = match self.cfg.activation {
             Activation::Gelu => a.gelu()?,
@@ -442,7 +476,7 @@ impl Model for Transformer {
                 out.insert(format!("hidden.{}", i + 1), x.clone());
             }
         }
-        let x = layer_norm(&x, &self.ln_f.0, &self.ln_f.1, self.cfg.layer_norm_eps)?;
+        let x = self.norm(&x, &self.ln_f, self.cfg.layer_norm_eps)?;
         let logits = x
             .reshape((b * t, d))?
             .matmul(&self.wte.t()?)?

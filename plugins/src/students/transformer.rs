@@ -17,6 +17,12 @@ use crate::models::transformer::{Transformer, TransformerConfig, TransformerPara
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Student>> {
     let (cfg, checkpoint) = TransformerConfig::resolve(params, ctx.vocab_size)?;
+    if matches!(cfg.dtype, candle_core::DType::BF16 | candle_core::DType::F16) {
+        return Err(params.error(
+            "dtype",
+            "a student trains f32 (or f64) master weights; bf16/f16 is for frozen teachers (`teacher.precision`)",
+        ));
+    }
     Ok(Box::new(match checkpoint {
         Some(dir) => Transformer::load(cfg, &dir, &ctx.device)?,
         None => Transformer::init(cfg, ctx.seed, &ctx.device)?,
