@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Soak check of resume: one run killed with SIGKILL KILLS times at random moments and resumed
 # each time must end with the same weights (byte for byte) and metrics (timing fields aside)
-# as an uninterrupted run. Usage: scripts/soak_resume.sh [KILLS] [WORK_DIR]
+# as an uninterrupted run. The run has two stages, EMA and early stopping (with patience enough
+# to run to the end), so their state crosses the kills too. Usage: scripts/soak_resume.sh [KILLS] [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kills="${1:-20}"
@@ -53,6 +54,18 @@ seq_len = 32
 log_every = 5
 eval_every = 100
 checkpoint_every = 10
+ema_decay = 0.98
+[train.early_stopping]
+metric = "val_loss"
+patience = 100
+[[stages]]
+name = "frozen_blocks"
+steps = 300
+param_groups = [{ pattern = 'transformer\.h\..*', lr_mult = 0.0 }]
+[[stages]]
+name = "all"
+steps = 1200
+lr = 2e-3
 [eval]
 batches = 4
 TOML

@@ -230,3 +230,28 @@ fn plugins_json_lists_every_category() {
     assert_eq!(warm["params"]["properties"]["min_ratio"]["type"], "number");
     assert_eq!(warm["params"]["additionalProperties"], false);
 }
+
+#[test]
+fn plot_redraws_a_runs_charts_and_embeds_them_once() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort(&["run", "c.toml", "--out", "out", "--quiet"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = d.path().join("out");
+    let charts = ["train_loss.png", "student_terms.png", "learning_rate.png", "eval.png"];
+    for c in charts {
+        assert!(out.join("plots").join(c).is_file(), "{c} not drawn by the run");
+    }
+    std::fs::remove_dir_all(out.join("plots")).expect("rm plots");
+    let o = retort(&["plot", "out"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for c in charts {
+        let png = std::fs::read(out.join("plots").join(c)).expect("png");
+        assert_eq!(&png[..4], b"\x89PNG", "{c}");
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).expect("md");
+    assert_eq!(md.matches("## Plots").count(), 1, "{md}");
+    assert!(md.contains("![Learning rate](plots/learning_rate.png)"), "{md}");
+
+    let o = retort(&["plot", "nowhere"], d.path());
+    assert_user_error(&o, &["nowhere", "metrics.jsonl"]);
+}
