@@ -1,4 +1,5 @@
 //! Model architectures shared by the student and teacher factories.
 
+pub mod llama;
 pub mod nn;
 pub mod transformer;

@@ -1,0 +1,421 @@
+//! GGUF files (llama.cpp): a frozen llama-family model with quantized weights.
+//!
+//! Names map from llama.cpp's to Hugging Face's (`token_embd` -> `model.embed_tokens`,
+//! `blk.N.attn_q` -> `model.layers.N.self_attn.q_proj`, `blk.N.ffn_gate` -> `mlp.gate_proj`,
+//! `output_norm` -> `model.norm`, `output` -> `lm_head`; no `output` means a tied head).
+//! llama.cpp's converter permutes the rows of llama's q/k weights so that its interleaved
+//! RoPE reproduces Hugging Face's `rotate_half`; the quantized rows are kept as they are and
+//! the model runs the interleaved variant (`rope_interleaved`), exactly as candle-transformers'
+//! `quantized_llama` does. Qwen2 GGUF files are not permuted (NEOX RoPE).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device};
+
+use retort_core::{Error, Result};
+
+use super::config::LlamaConfig;
+use super::model::{Llama, Part};
+
+/// The Hugging Face name of a llama.cpp tensor name, if it is one the model uses.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let top = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (base, kind) = rest.rsplit_once('.')?;
+    let mapped = match base {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{mapped}.{kind}"))
+}
+
+/// The llama.cpp name of a Hugging Face tensor name (the inverse of [`hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (base, kind) = rest.rsplit_once('.')?;
+    let mapped = match base {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}.{kind}"))
+}
+
+/// An opened GGUF file: its metadata and tensor directory.
+pub struct GgufFile {
+    /// Header: metadata and tensor infos.
+    pub content: Content,
+    file: File,
+    path: std::path::PathBuf,
+}
+
+impl GgufFile {
+    /// Opens and parses the header of `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let what = || format!("GGUF file {}", path.display());
+        let mut file = File::open(path).map_err(|e| Error::input(what(), format!("cannot open: {e}")))?;
+        let content =
+            Content::read(&mut file).map_err(|e| Error::input(what(), format!("not a readable GGUF file: {e}")))?;
+        Ok(GgufFile {
+            content,
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn error(&self, msg: impl Into<String>) -> Error {
+        Error::input(format!("GGUF file {}", self.path.display()), msg)
+    }
+
+    /// Metadata value `key`.
+    pub fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn meta_u(&self, key: &str) -> Result<usize> {
+        let v = self
+            .meta(key)
+            .ok_or_else(|| self.error(format!("metadata `{key}` is missing")))?;
+        value_usize(v).ok_or_else(|| self.error(format!("metadata `{key}` is not an integer")))
+    }
+
+    fn meta_f(&self, key: &str) -> Option<f64> {
+        match self.meta(key)? {
+            Value::F32(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            v => value_usize(v).map(|u| u as f64),
+        }
+    }
+
+    /// The architecture in the metadata (`general.architecture`).
+    pub fn architecture(&self) -> Result<String> {
+        match self.meta("general.architecture") {
+            Some(Value::String(s)) => Ok(s.clone()),
+            _ => Err(self.error("metadata `general.architecture` is missing")),
+        }
+    }
+
+    /// The model's architecture from the metadata (`llama` or `qwen2`).
+    pub fn config(&self) -> Result<LlamaConfig> {
+        let arch = self.architecture()?;
+        if !matches!(arch.as_str(), "llama" | "qwen2") {
+            return Err(self.error(format!("architecture `{arch}` is not supported (llama, qwen2)")));
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        if self.meta(&k("expert_count")).and_then(value_usize).unwrap_or(0) > 0 {
+            return Err(self.error("mixture-of-experts GGUF files are not supported yet"));
+        }
+        let n_embd = self.meta_u(&k("embedding_length"))?;
+        let n_head = self.meta_u(&k("attention.head_count"))?;
+        let head_dim = n_embd / n_head.max(1);
+        if let Some(rd) = self.meta(&k("rope.dimension_count")).and_then(value_usize) {
+            if rd != head_dim {
+                return Err(self.error(format!("partial RoPE ({rd} of {head_dim} dims) is not supported")));
+            }
+        }
+        let embd = self
+            .content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| self.error("tensor `token_embd.weight` is missing"))?;
+        let vocab_size = embd.shape.dims()[0];
+        let qwen = arch == "qwen2";
+        Ok(LlamaConfig {
+            vocab_size,
+            context: self.meta_u(&k("context_length")).unwrap_or(2048),
+            n_layer: self.meta_u(&k("block_count"))?,
+            n_embd,
+            n_head,
+            n_kv_head: self.meta_u(&k("attention.head_count_kv")).unwrap_or(n_head),
+            intermediate: self.meta_u(&k("feed_forward_length"))?,
+            rope_theta: self.meta_f(&k("rope.freq_base")).unwrap_or(10_000.0),
+            rope_interleaved: !qwen,
+            rms_norm_eps: self.meta_f(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            tie_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+            qkv_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            o_bias: self.content.tensor_infos.contains_key("blk.0.attn_output.bias"),
+            n_experts: 0,
+            n_experts_used: 2,
+            init_std: 0.02,
+            dtype: DType::F32,
+        })
+    }
+
+    /// Reads tensor `name` (llama.cpp name).
+    pub fn tensor(&mut self, name: &str, device: &Device) -> Result<candle_core::quantized::QTensor> {
+        self.content
+            .tensor(&mut self.file, name, device)
+            .map_err(|e| self.error(format!("tensor `{name}`: {e}")))
+    }
+
+    /// Loads the frozen model. `cfg` is [`GgufFile::config`], possibly with a shorter context.
+    pub fn load(&mut self, cfg: LlamaConfig, device: &Device) -> Result<Llama> {
+        let mut parts = HashMap::new();
+        let names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        for name in names {
+            let Some(hf) = hf_name(&name) else {
+                tracing::debug!("GGUF tensor `{name}` is not used");
+                continue;
+            };
+            let q = self
+                .content
+                .tensor(&mut self.file, &name, device)
+                .map_err(|e| self.error(format!("tensor `{name}`: {e}")))?;
+            parts.insert(hf, Part::Quantized(Arc::new(q)));
+        }
+        let src = format!("GGUF {}", self.path.display());
+        Llama::from_parts(cfg, parts, false, device, &src)
+    }
+}
+
+/// Writes a trainable `model` as a GGUF file in llama.cpp's layout (`general.architecture =
+/// "llama"`, q/k rows permuted for the interleaved RoPE), matmul weights as `quant` (norms stay
+/// f32), plus `extra` metadata (a tokenizer's `tokenizer.ggml.*`). The inverse of
+/// [`GgufFile::load`].
+pub fn save_gguf(model: &Llama, path: &Path, quant: GgmlDType, extra: &[(String, Value)]) -> Result<()> {
+    let c = model.config();
+    if c.n_experts > 0 {
+        return Err(Error::Runtime(
+            "writing mixture-of-experts models as GGUF is not supported".into(),
+        ));
+    }
+    let u = |v: usize| Value::U32(v as u32);
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("llama.block_count".into(), u(c.n_layer)),
+        ("llama.context_length".into(), u(c.context)),
+        ("llama.embedding_length".into(), u(c.n_embd)),
+        ("llama.feed_forward_length".into(), u(c.intermediate)),
+        ("llama.attention.head_count".into(), u(c.n_head)),
+        ("llama.attention.head_count_kv".into(), u(c.n_kv_head)),
+        ("llama.rope.dimension_count".into(), u(c.head_dim())),
+        ("llama.rope.freq_base".into(), Value::F32(c.rope_theta as f32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+    ];
+    meta.extend(extra.iter().cloned());
+    let mut tensors = Vec::new();
+    for (name, var) in model.vars() {
+        let gname = gguf_name(name).ok_or_else(|| Error::Runtime(format!("no GGUF name for `{name}`")))?;
+        let mut t = var.as_tensor().detach().to_dtype(DType::F32)?;
+        if !c.rope_interleaved && name.contains("self_attn.q_proj") {
+            t = super::rope::permute_rows(&t, c.n_head)?;
+        } else if !c.rope_interleaved && name.contains("self_attn.k_proj") {
+            t = super::rope::permute_rows(&t, c.n_kv_head)?;
+        }
+        let dtype = if t.rank() == 2 { quant } else { GgmlDType::F32 };
+        tensors.push((gname, QTensor::quantize(&t, dtype)?));
+    }
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let temp = retort_core::fsutil::temp_path(path);
+    let mut f = File::create(&temp).map_err(|e| Error::io("creating GGUF file", &temp, e))?;
+    candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
+    drop(f);
+    retort_core::fsutil::commit_temp(&temp, path)
+}
+
+/// An integer metadata value.
+pub fn value_usize(v: &Value) -> Option<usize> {
+    Some(match v {
+        Value::U8(x) => *x as usize,
+        Value::I8(x) => usize::try_from(*x).ok()?,
+        Value::U16(x) => *x as usize,
+        Value::I16(x) => usize::try_from(*x).ok()?,
+        Value::U32(x) => *x as usize,
+        Value::I32(x) => usize::try_from(*x).ok()?,
+        Value::U64(x) => *x as usize,
+        Value::I64(x) => usize::try_from(*x).ok()?,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::models::llama::model::tests::{batch, tiny, tiny_cfg};
+    use crate::tokenizers::hf::HfTokenizer;
+    use retort_core::{Model, TapSet, Tokenizer};
+
+    /// `tokenizer.ggml.*` metadata of a tiny byte-level BPE: 3 control tokens, the 256 byte
+    /// symbols, and the merges `Ġ t`, `h e`, `Ġt he` (262 tokens).
+    pub(crate) fn tiny_bpe_meta() -> Vec<(String, Value)> {
+        let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+            .into_iter()
+            .collect();
+        alphabet.sort();
+        let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        tokens.extend(alphabet.iter().map(|c| c.to_string()));
+        tokens.extend(["Ġt", "he", "Ġthe"].iter().map(|s| s.to_string()));
+        let types: Vec<Value> = (0..tokens.len())
+            .map(|i| Value::I32(if i < 3 { 3 } else { 1 }))
+            .collect();
+        let s = |x: &str| Value::String(x.into());
+        vec![
+            ("tokenizer.ggml.model".into(), s("gpt2")),
+            ("tokenizer.ggml.pre".into(), s("smollm")),
+            (
+                "tokenizer.ggml.tokens".into(),
+                Value::Array(tokens.into_iter().map(Value::String).collect()),
+            ),
+            ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+            (
+                "tokenizer.ggml.merges".into(),
+                Value::Array(["Ġ t", "h e", "Ġt he"].iter().map(|m| s(m)).collect()),
+            ),
+            ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+            ("tokenizer.ggml.padding_token_id".into(), Value::U32(2)),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+        ]
+    }
+
+    fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+        (a - b)
+            .expect("d")
+            .abs()
+            .expect("a")
+            .max_all()
+            .expect("m")
+            .to_scalar::<f32>()
+            .expect("s")
+    }
+
+    #[test]
+    fn f32_gguf_round_trip_gives_the_same_logits_with_interleaved_rope() {
+        let m = tiny(serde_json::json!({"vocab_size": 262, "qkv_bias": true, "tie_embeddings": false}));
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("tiny.gguf");
+        save_gguf(&m, &path, GgmlDType::F32, &tiny_bpe_meta()).expect("save");
+        let mut g = GgufFile::open(&path).expect("open");
+        let cfg = g.config().expect("cfg");
+        assert!(cfg.rope_interleaved && cfg.qkv_bias && !cfg.tie_embeddings);
+        let back = g.load(cfg, &Device::Cpu).expect("load");
+        let b = batch(6);
+        let taps: TapSet = ["attn.1", "hidden.2"].into_iter().collect();
+        let (x, y) = (m.forward(&b, &taps).expect("f"), back.forward(&b, &taps).expect("f"));
+        let d = max_diff(&x.logits, &y.logits);
+        assert!(d < 1e-5, "logits differ by {d}");
+        // Attention probabilities are the same: the permutation pairs q and k dims alike.
+        assert!(max_diff(x.tap("attn.1").expect("a"), y.tap("attn.1").expect("a")) < 1e-5);
+        // And dequantizing + un-permuting gives back the Hugging Face weights.
+        let (dcfg, w) = crate::models::llama::checkpoint::Source::Gguf(path.clone())
+            .dense_weights(&Device::Cpu)
+            .expect("dense");
+        assert!(!dcfg.rope_interleaved);
+        for (name, var) in m.vars() {
+            assert!(max_diff(var.as_tensor(), &w[name]) == 0.0, "{name}");
+        }
+    }
+
+    #[test]
+    fn q8_gguf_teacher_is_close_to_the_dense_model() {
+        let cfg = tiny_cfg(serde_json::json!({"vocab_size": 262, "n_embd": 64, "intermediate": 96, "init_std": 0.1}));
+        let m = Llama::init(cfg, 3, &Device::Cpu).expect("init");
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("q8.gguf");
+        save_gguf(&m, &path, GgmlDType::Q8_0, &tiny_bpe_meta()).expect("save");
+        let mut g = GgufFile::open(&path).expect("open");
+        let cfg = g.config().expect("cfg");
+        assert!(cfg.tie_embeddings);
+        let back = g.load(cfg, &Device::Cpu).expect("load");
+        let b = batch(6);
+        let d = max_diff(
+            &m.forward(&b, &TapSet::none()).expect("f").logits,
+            &back.forward(&b, &TapSet::none()).expect("f").logits,
+        );
+        // Q8_0 weights and (in QMatMul) Q8 activations: close, not equal.
+        assert!(d > 0.0 && d < 0.2, "Q8_0 logits differ by {d}");
+        assert_eq!(back.num_params(), m.num_params());
+    }
+
+    #[test]
+    fn tokenizer_from_gguf_metadata_is_byte_level_bpe_with_specials() {
+        let m = tiny(serde_json::json!({"vocab_size": 262}));
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("tok.gguf");
+        save_gguf(&m, &path, GgmlDType::F32, &tiny_bpe_meta()).expect("save");
+        let t = HfTokenizer::from_path(&path).expect("tokenizer");
+        assert_eq!(t.vocab_size(), 262);
+        assert_eq!(
+            (t.bos_id(), t.eos_id(), t.pad_id(), t.add_bos()),
+            (Some(1), Some(2), Some(2), false)
+        );
+        let ids = t.encode("<|im_start|> the 42").expect("enc");
+        assert_eq!(ids[0], 1);
+        assert!(ids.contains(&261), "`Ġthe` is one token: {ids:?}");
+        // SmolLM's pre-tokenizer splits every digit: "4" and "2" are separate byte tokens.
+        assert_eq!(t.decode(&ids).expect("dec"), "<|im_start|> the 42");
+        assert_eq!(
+            t.decode(&t.encode("hello there").expect("e")).expect("d"),
+            "hello there"
+        );
+        // Written as tokenizer.json and read back, the identity is the same.
+        let json = dir.path().join("tokenizer.json");
+        std::fs::write(&json, t.hf_json().expect("json")).expect("write");
+        let back = HfTokenizer::from_path(&json).expect("back");
+        assert_eq!(back.identity(), t.identity());
+        assert_eq!(back.encode("the 42").expect("e"), t.encode("the 42").expect("e"));
+    }
+
+    #[test]
+    fn names_map_both_ways() {
+        for (g, h) in [
+            ("token_embd.weight", "model.embed_tokens.weight"),
+            ("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight"),
+            ("blk.0.attn_k.bias", "model.layers.0.self_attn.k_proj.bias"),
+            ("blk.12.ffn_down.weight", "model.layers.12.mlp.down_proj.weight"),
+            (
+                "blk.1.ffn_norm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+            ),
+            ("output.weight", "lm_head.weight"),
+        ] {
+            assert_eq!(hf_name(g).as_deref(), Some(h));
+            assert_eq!(gguf_name(h).as_deref(), Some(g));
+        }
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+}
