@@ -191,6 +191,8 @@ pub struct Llama {
     n_params: usize,
     source: String,
     tokenizer_id: Option<String>,
+    /// Frozen: use candle's fused RMSNorm/softmax/RoPE kernels (no backward, not needed).
+    fused: bool,
 }
 
 impl Llama {
@@ -351,6 +353,7 @@ impl Llama {
             n_params,
             source: source.to_string(),
             tokenizer_id: None,
+            fused: false,
             cfg,
         })
     }
@@ -373,8 +376,13 @@ impl Llama {
 
     /// The same model with its weights cut off from autograd and no `Var`s: a frozen
     /// teacher's forward pass builds no graph.
+    ///
+    /// A frozen model also switches to candle's fused RMSNorm, softmax and RoPE kernels: they
+    /// have no backward, which a teacher never needs, and they match candle-transformers'
+    /// inference code operation for operation.
     pub fn frozen(mut self) -> Self {
         self.vars.clear();
+        self.fused = true;
         self.embed = self.embed.detach();
         self.norm = self.norm.detach();
         self.head = self.head.detached();
@@ -403,11 +411,19 @@ impl Llama {
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-        let q = self.rope.apply(&q)?;
-        let k = repeat_kv(&self.rope.apply(&k)?, nh / nkv)?;
+        let (q, k) = if self.fused {
+            (self.rope.apply_fused(&q)?, self.rope.apply_fused(&k)?)
+        } else {
+            (self.rope.apply(&q)?, self.rope.apply(&k)?)
+        };
+        let k = repeat_kv(&k, nh / nkv)?;
         let v = repeat_kv(&v, nh / nkv)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?;
-        let probs = softmax_last(&scores)?;
+        let probs = if self.fused {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            softmax_last(&scores)?
+        };
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         Ok((l.o.forward(&y)?, want_probs.then_some(probs)))
     }
@@ -430,11 +446,18 @@ impl Llama {
         }
         let mask = causal_mask(t, x.dtype(), x.device())?;
         let eps = self.cfg.rms_norm_eps;
+        let rms_norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+            if self.fused {
+                Ok(candle_nn::ops::rms_norm(x, w, eps as f32)?)
+            } else {
+                Ok(rms_norm(x, w, eps)?)
+            }
+        };
         for (i, l) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &l.input_norm, eps)?;
+            let h = rms_norm(&x, &l.input_norm)?;
             let (a, probs) = self.attention(l, &h, &mask, taps.wants_attention(i))?;
             x = (x + a)?;
-            let h = rms_norm(&x, &l.post_norm, eps)?;
+            let h = rms_norm(&x, &l.post_norm)?;
             let (m, router) = l.mlp.forward(&h)?;
             x = (x + m)?;
             if let Some(p) = probs {
@@ -447,7 +470,7 @@ impl Llama {
                 out.insert(format!("hidden.{}", i + 1), x.clone());
             }
         }
-        let x = rms_norm(&x, &self.norm, eps)?;
+        let x = rms_norm(&x, &self.norm)?;
         let logits = self.head.forward(&x)?;
         Ok(Outputs { logits, taps: out })
     }

@@ -67,7 +67,21 @@ impl Rope {
         }
     }
 
-    /// Extends nothing: the longest sequence the tables cover.
+    /// The same rotation with candle's fused kernels (`rope` / `rope_i`): no backward, for
+    /// frozen models.
+    pub fn apply_fused(&self, x: &Tensor) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, 0, t)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, 0, t)?.to_dtype(x.dtype())?;
+        let x = x.contiguous()?;
+        if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)
+        }
+    }
+
+    /// The longest sequence the tables cover.
     pub fn context(&self) -> usize {
         self.cos.dims()[0]
     }
@@ -134,6 +148,19 @@ mod tests {
         let inter = Rope::new(4, 100.0, 8, true, DType::F64, &dev).expect("rope");
         let a = half.apply(&q_hf.contiguous().expect("c")).expect("a");
         let b = inter.apply(&q_gg.contiguous().expect("c")).expect("b");
+        let bf = inter.apply_fused(&q_gg.contiguous().expect("c")).expect("b");
+        let af = half.apply_fused(&q_hf.contiguous().expect("c")).expect("a");
+        let close = |x: &Tensor, y: &Tensor| {
+            (x - y)
+                .expect("d")
+                .abs()
+                .expect("a")
+                .max_all()
+                .expect("m")
+                .to_scalar::<f64>()
+                .expect("s")
+        };
+        assert!(close(&b, &bf) < 1e-12 && close(&a, &af) < 1e-12);
         // Un-permute b's last dim per head: [.., 2i + s] -> [.., s*2 + i].
         let b = b
             .reshape((1, 2, 3, 2, 2))
