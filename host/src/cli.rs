@@ -51,6 +51,34 @@ pub enum Command {
         #[arg(long, requires = "resume")]
         resume_from_last_good: bool,
     },
+    /// Continue a prompt with a model: a GGUF file, a Hugging Face directory or a retort export
+    /// (greedy at temperature 0).
+    Generate {
+        /// GGUF file or model directory (with its tokenizer: GGUF metadata or tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt text.
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Softmax temperature; 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Nucleus sampling: keep the most likely tokens summing to P.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Seed of the sampling stream.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Device: cpu, cuda, cuda:N, metal.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Longest window fed to the model (default: its context, at most 2048 for llama models).
+        #[arg(long)]
+        context: Option<usize>,
+    },
     /// Validate a config and build every plugin it names; trains nothing.
     Check {
         /// Config file. Without one: the built-in quickstart.
@@ -204,6 +232,47 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!(
                 "  budget:   {} steps x {} windows x {} tokens",
                 p.config.train.steps, p.config.train.batch_size, p.config.train.seq_len
+            );
+            Ok(())
+        }
+        Command::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            device,
+            context,
+        } => {
+            if !(temperature.is_finite() && temperature >= 0.0) {
+                return Err(retort_core::Error::input(
+                    "--temperature",
+                    format!("expected a number >= 0, got {temperature}"),
+                ));
+            }
+            let registry = crate::builtin_registry()?;
+            let opts = crate::generate::GenerateOptions {
+                model,
+                prompt: prompt.clone(),
+                sampling: retort_plugins::models::generate::Sampling {
+                    max_tokens,
+                    temperature,
+                    top_p,
+                    seed,
+                },
+                device,
+                context,
+            };
+            let g = crate::generate::run_generate(&registry, &opts)?;
+            println!("{prompt}{}", g.text);
+            eprintln!(
+                "{}: {} prompt tokens, {} generated in {:.2}s ({:.1} tokens/s)",
+                g.model,
+                g.prompt_tokens,
+                g.tokens,
+                g.seconds,
+                g.tokens as f64 / g.seconds.max(1e-9)
             );
             Ok(())
         }

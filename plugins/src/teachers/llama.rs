@@ -10,6 +10,7 @@
 //! kind = "llama"
 //! checkpoint = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 //! context = 512     # optional: shorter RoPE tables than the checkpoint's 8192
+//! dequantize = true # optional: f32 weights (faster matmuls on CPU, 4x the memory)
 //! ```
 
 use retort_core::registry::Factory;
@@ -30,11 +31,14 @@ pub fn load_frozen(params: &Params, ctx: &BuildContext) -> Result<Llama> {
     })?;
     let key = params.key_path("checkpoint");
     let src = Source::of(&path, &key)?;
+    if p.dequantize.is_some() && !matches!(src, Source::Gguf(_)) {
+        return Err(params.error("dequantize", "applies to GGUF checkpoints only"));
+    }
     let ck = src.config(&key)?;
     let cfg = LlamaConfig::resolve(&p, params, Some(&ck), ctx.vocab_size)?;
     let model = match &src {
         Source::HfDir(dir) => load_hf(cfg, dir, false, &ctx.device)?,
-        Source::Gguf(f) => GgufFile::open(f)?.load(cfg, &ctx.device)?,
+        Source::Gguf(f) => GgufFile::open(f)?.load_with(cfg, p.dequantize.unwrap_or(false), &ctx.device)?,
     };
     Ok(model
         .frozen()

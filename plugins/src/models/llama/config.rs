@@ -52,6 +52,9 @@ pub struct LlamaParams {
     /// A Hugging Face directory (`config.json`, `model.safetensors` or sharded with
     /// `model.safetensors.index.json`), or, for a teacher, a `.gguf` file.
     pub checkpoint: Option<PathBuf>,
+    /// Teacher from a GGUF file only: dequantize every weight to f32 at load (about 4x the
+    /// memory; plain f32 matmuls, often faster on CPUs than quantized ones). Default false.
+    pub dequantize: Option<bool>,
     /// Student only: copy weights from a teacher checkpoint. `{ from_teacher = true, layers = [0, 29] }`
     /// takes the embedding, final norm and head and the listed teacher blocks (in order); widths
     /// must agree.

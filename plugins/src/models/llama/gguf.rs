@@ -187,6 +187,11 @@ impl GgufFile {
 
     /// Loads the frozen model. `cfg` is [`GgufFile::config`], possibly with a shorter context.
     pub fn load(&mut self, cfg: LlamaConfig, device: &Device) -> Result<Llama> {
+        self.load_with(cfg, false, device)
+    }
+
+    /// Loads the frozen model; `dequantize` turns every weight into a dense f32 tensor.
+    pub fn load_with(&mut self, cfg: LlamaConfig, dequantize: bool, device: &Device) -> Result<Llama> {
         let mut parts = HashMap::new();
         let names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
         for name in names {
@@ -198,7 +203,12 @@ impl GgufFile {
                 .content
                 .tensor(&mut self.file, &name, device)
                 .map_err(|e| self.error(format!("tensor `{name}`: {e}")))?;
-            parts.insert(hf, Part::Quantized(Arc::new(q)));
+            let part = if dequantize {
+                Part::Dense(q.dequantize(device)?)
+            } else {
+                Part::Quantized(Arc::new(q))
+            };
+            parts.insert(hf, part);
         }
         let src = format!("GGUF {}", self.path.display());
         Llama::from_parts(cfg, parts, false, device, &src)
@@ -276,41 +286,7 @@ pub(crate) mod tests {
     use crate::tokenizers::hf::HfTokenizer;
     use retort_core::{Model, TapSet, Tokenizer};
 
-    /// `tokenizer.ggml.*` metadata of a tiny byte-level BPE: 3 control tokens, the 256 byte
-    /// symbols, and the merges `Ġ t`, `h e`, `Ġt he` (262 tokens).
-    pub(crate) fn tiny_bpe_meta() -> Vec<(String, Value)> {
-        let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
-            .into_iter()
-            .collect();
-        alphabet.sort();
-        let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        tokens.extend(alphabet.iter().map(|c| c.to_string()));
-        tokens.extend(["Ġt", "he", "Ġthe"].iter().map(|s| s.to_string()));
-        let types: Vec<Value> = (0..tokens.len())
-            .map(|i| Value::I32(if i < 3 { 3 } else { 1 }))
-            .collect();
-        let s = |x: &str| Value::String(x.into());
-        vec![
-            ("tokenizer.ggml.model".into(), s("gpt2")),
-            ("tokenizer.ggml.pre".into(), s("smollm")),
-            (
-                "tokenizer.ggml.tokens".into(),
-                Value::Array(tokens.into_iter().map(Value::String).collect()),
-            ),
-            ("tokenizer.ggml.token_type".into(), Value::Array(types)),
-            (
-                "tokenizer.ggml.merges".into(),
-                Value::Array(["Ġ t", "h e", "Ġt he"].iter().map(|m| s(m)).collect()),
-            ),
-            ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
-            ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
-            ("tokenizer.ggml.padding_token_id".into(), Value::U32(2)),
-            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
-        ]
-    }
+    use crate::testing::tiny_bpe_metadata as tiny_bpe_meta;
 
     fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         (a - b)
