@@ -230,3 +230,56 @@ fn plugins_json_lists_every_category() {
     assert_eq!(warm["params"]["properties"]["min_ratio"]["type"], "number");
     assert_eq!(warm["params"]["additionalProperties"], false);
 }
+
+#[test]
+fn generate_continues_a_prompt_from_a_gguf_file_deterministically() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let gguf = tmp.path().join("tiny.gguf");
+    retort_plugins::testing::write_tiny_gguf(&gguf, 262, candle_core::quantized::GgmlDType::Q8_0, 1).expect("gguf");
+    let g = gguf.to_str().expect("utf8");
+    let args = [
+        "generate",
+        "--model",
+        g,
+        "--prompt",
+        "the theme",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    ];
+    let a = retort(&args, tmp.path());
+    assert_eq!(a.status.code(), Some(0), "{}", stderr(&a));
+    let out = String::from_utf8_lossy(&a.stdout).into_owned();
+    assert!(out.starts_with("the theme"), "{out}");
+    assert!(stderr(&a).contains("generated in"), "{}", stderr(&a));
+    let b = retort(&args, tmp.path());
+    assert_eq!(String::from_utf8_lossy(&b.stdout), out, "same seed, same text");
+    let greedy = retort(
+        &["generate", "--model", g, "--prompt", "the", "--max-tokens", "3"],
+        tmp.path(),
+    );
+    assert_eq!(greedy.status.code(), Some(0), "{}", stderr(&greedy));
+}
+
+#[test]
+fn generate_refuses_what_is_not_a_model() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let o = retort(&["generate", "--model", "missing.gguf", "--prompt", "x"], tmp.path());
+    assert_user_error(
+        &o,
+        &["--model missing.gguf", "neither a GGUF file nor a model directory"],
+    );
+    std::fs::write(tmp.path().join("config.json"), r#"{"model_type": "bert"}"#).expect("w");
+    let o = retort(&["generate", "--model", ".", "--prompt", "x"], tmp.path());
+    assert_user_error(&o, &["unsupported model_type"]);
+    let o = retort(
+        &["generate", "--model", ".", "--prompt", "x", "--temperature=-1"],
+        tmp.path(),
+    );
+    assert_user_error(&o, &["--temperature"]);
+}
