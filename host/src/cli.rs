@@ -79,6 +79,31 @@ pub enum Command {
         #[arg(long)]
         context: Option<usize>,
     },
+    /// Loss and perplexity of a model (GGUF file, Hugging Face directory or retort export) on a
+    /// text file tokenized with the model's own tokenizer.
+    Eval {
+        /// GGUF file or model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// UTF-8 text file.
+        #[arg(long)]
+        data: PathBuf,
+        /// Evaluate the last fraction of the tokens (a run's validation split is 0.1); 1 = all.
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 64)]
+        seq_len: usize,
+        /// Windows per batch.
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Batches at most.
+        #[arg(long, default_value_t = 8)]
+        batches: usize,
+        /// Device.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Validate a config and build every plugin it names; trains nothing.
     Check {
         /// Config file. Without one: the built-in quickstart.
@@ -274,6 +299,33 @@ fn dispatch(cli: Cli) -> Result<()> {
                 g.seconds,
                 g.tokens as f64 / g.seconds.max(1e-9)
             );
+            Ok(())
+        }
+        Command::Eval {
+            model,
+            data,
+            val_fraction,
+            seq_len,
+            batch_size,
+            batches,
+            device,
+        } => {
+            let registry = crate::builtin_registry()?;
+            let opts = crate::eval_cmd::EvalOptions {
+                model,
+                data,
+                val_fraction,
+                seq_len,
+                batch_size,
+                batches,
+                device,
+            };
+            let (r, desc, secs) = crate::eval_cmd::run_eval(&registry, &opts)?;
+            println!("model:      {desc}");
+            println!("tokens:     {}", r.tokens);
+            println!("loss:       {:.4} nats/token", r.val_loss);
+            println!("perplexity: {:.2}", r.perplexity);
+            eprintln!("evaluated in {secs:.2}s");
             Ok(())
         }
         Command::NewPlugin { name, kind, dir } => {

@@ -62,31 +62,42 @@ fn kind_of(path: &Path) -> Result<&'static str> {
     }
 }
 
-/// Loads the model and its tokenizer and samples a continuation of the prompt.
-pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Generated> {
-    let device = crate::device::parse_device(&opts.device)?;
-    let kind = kind_of(&opts.model)?;
+/// A model file or directory with the tokenizer that comes with it, loaded as a frozen model.
+pub fn load_model_file(
+    registry: &Registry,
+    path: &Path,
+    device: &candle_core::Device,
+    context: Option<usize>,
+) -> Result<(Box<dyn retort_core::Teacher>, Box<dyn retort_core::Tokenizer>)> {
+    let kind = kind_of(path)?;
     let tok_params = Params::new(
         "tokenizer",
-        serde_json::json!({"path": opts.model})
+        serde_json::json!({"path": path})
             .as_object()
             .cloned()
             .unwrap_or_default(),
     );
-    let ctx = retort_core::BuildContext::new(registry, device.clone(), opts.sampling.seed);
+    let ctx = retort_core::BuildContext::new(registry, device.clone(), 0);
     let tokenizer = registry.tokenizers.build("hf", &tok_params, &ctx).map_err(|e| {
         Error::input(
-            format!("--model {}", opts.model.display()),
+            format!("--model {}", path.display()),
             format!("no usable tokenizer with the model (GGUF metadata or tokenizer.json): {e}"),
         )
     })?;
     let mut mp = serde_json::Map::new();
-    mp.insert("checkpoint".into(), opts.model.display().to_string().into());
+    mp.insert("checkpoint".into(), path.display().to_string().into());
     if kind == "llama" {
         // RoPE tables only as long as needed.
-        mp.insert("context".into(), opts.context.unwrap_or(2048).into());
+        mp.insert("context".into(), context.unwrap_or(2048).into());
     }
     let model = registry.teachers.build(kind, &Params::new("model", mp), &ctx)?;
+    Ok((model, tokenizer))
+}
+
+/// Loads the model and its tokenizer and samples a continuation of the prompt.
+pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Generated> {
+    let device = crate::device::parse_device(&opts.device)?;
+    let (model, tokenizer) = load_model_file(registry, &opts.model, &device, opts.context)?;
     let mut prompt = Vec::new();
     if tokenizer.add_bos() {
         prompt.extend(tokenizer.bos_id());

@@ -283,3 +283,41 @@ fn generate_refuses_what_is_not_a_model() {
     );
     assert_user_error(&o, &["--temperature"]);
 }
+
+#[test]
+fn eval_reports_the_loss_of_a_model_file_on_text() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let gguf = tmp.path().join("tiny.gguf");
+    retort_plugins::testing::write_tiny_gguf(&gguf, 262, candle_core::quantized::GgmlDType::F32, 1).expect("gguf");
+    std::fs::write(tmp.path().join("t.txt"), "the theme of the thing. ".repeat(40)).expect("w");
+    let g = gguf.to_str().expect("utf8");
+    let o = retort(
+        &[
+            "eval",
+            "--model",
+            g,
+            "--data",
+            "t.txt",
+            "--seq-len",
+            "8",
+            "--batches",
+            "2",
+            "--val-fraction",
+            "1",
+        ],
+        tmp.path(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    // 2 batches x 4 windows x 8 tokens; an untrained model is near log(262) = 5.57 nats.
+    assert!(out.contains("tokens:     64"), "{out}");
+    let loss: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("loss:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|x| x.parse().ok())
+        .expect("loss line");
+    assert!(loss > 4.0 && loss < 7.0, "{loss}");
+    let o = retort(&["eval", "--model", g, "--data", "missing.txt"], tmp.path());
+    assert_user_error(&o, &["--data missing.txt"]);
+}
