@@ -237,3 +237,72 @@ fn student_initialised_from_teacher_blocks_copies_their_weights() {
     assert_eq!(s.info().layers, 1);
     assert_eq!(s.info().hidden, 32);
 }
+
+#[test]
+fn llama_teacher_without_checkpoint_is_pretrained_saved_and_reloaded() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let toml = r#"
+[run]
+name = "llama-pretrain"
+seed = 5
+
+[data]
+kind = "synthetic"
+vocab = 16
+train_tokens = 4000
+val_tokens = 600
+
+[teacher]
+kind = "llama"
+n_layer = 2
+n_embd = 16
+n_head = 2
+context = 16
+
+[teacher.pretrain]
+steps = 8
+
+[student]
+kind = "llama"
+n_layer = 1
+n_embd = 8
+n_head = 2
+n_experts = 2
+n_experts_used = 1
+context = 16
+
+[[loss]]
+kind = "kl"
+
+[train]
+steps = 6
+batch_size = 4
+seq_len = 8
+checkpoint_every = 0
+
+[eval]
+baseline = false
+batches = 2
+batch_size = 4
+"#;
+    let (cfg, origin) = assemble(tmp.path(), toml).expect("config");
+    let registry = retort_host::builtin_registry().expect("registry");
+    let pipeline = Pipeline::assemble(cfg, &registry).expect("assembles");
+    let opts = RunOptions {
+        out: Some(tmp.path().join("run")),
+        ..Default::default()
+    };
+    let outcome = run(pipeline, &origin, &opts).expect("run");
+    let teacher_cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(outcome.dir.join("teacher/config.json")).expect("teacher config"))
+            .expect("json");
+    assert_eq!(teacher_cfg["architectures"][0], "LlamaForCausalLM");
+    let student_cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(outcome.dir.join("student/config.json")).expect("config")).expect("json");
+    assert_eq!(student_cfg["architectures"][0], "MixtralForCausalLM");
+    assert!(
+        outcome.report.teacher.description.contains("llama 2L/16d"),
+        "{}",
+        outcome.report.teacher.description
+    );
+}
