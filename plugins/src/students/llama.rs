@@ -90,7 +90,10 @@ fn from_teacher(p: &LlamaParams, params: &Params, ctx: &BuildContext) -> Result<
 pub fn build_llama(params: &Params, ctx: &BuildContext) -> Result<Llama> {
     let p: LlamaParams = params.parse()?;
     if p.dequantize.is_some() {
-        return Err(params.error("dequantize", "applies to GGUF teachers only (a student is always dense)"));
+        return Err(params.error(
+            "dequantize",
+            "applies to GGUF teachers only (a student is always dense)",
+        ));
     }
     if p.init.as_ref().is_some_and(|i| i.from_teacher) {
         if p.checkpoint.is_some() {
