@@ -129,6 +129,16 @@ impl Source {
                 let names: Vec<String> = g.content.tensor_infos.keys().cloned().collect();
                 let mut out = HashMap::new();
                 for name in names {
+                    if let Some((layer, w)) = super::gguf::stacked_experts(&name) {
+                        let t = g.tensor(&name, device)?.dequantize(device)?;
+                        for e in 0..t.dim(0)? {
+                            out.insert(
+                                format!("model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"),
+                                t.get(e)?,
+                            );
+                        }
+                        continue;
+                    }
                     let Some(hf) = super::gguf::hf_name(&name) else {
                         continue;
                     };

@@ -6,7 +6,10 @@
 //! llama.cpp's converter permutes the rows of llama's q/k weights so that its interleaved
 //! RoPE reproduces Hugging Face's `rotate_half`; the quantized rows are kept as they are and
 //! the model runs the interleaved variant (`rope_interleaved`), exactly as candle-transformers'
-//! `quantized_llama` does. Qwen2 GGUF files are not permuted (NEOX RoPE).
+//! `quantized_llama` does. Qwen2 GGUF files are not permuted (NEOX RoPE). Mixture-of-experts
+//! files (`llama.expert_count`) map `ffn_gate_inp` to Mixtral's router and the experts, stacked
+//! (`ffn_gate_exps` `[experts, rows, cols]`) or one tensor each (`ffn_gate.E`), to
+//! `block_sparse_moe.experts.E.{w1,w2,w3}`.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device};
 
 use retort_core::{Error, Result};
@@ -37,7 +40,16 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (base, kind) = rest.rsplit_once('.')?;
+    // Older MoE files: one tensor per expert, `blk.N.ffn_gate.E.weight`.
+    if let Some((w, e)) = base.split_once('.') {
+        let e: usize = e.parse().ok()?;
+        return Some(format!(
+            "model.layers.{layer}.block_sparse_moe.experts.{e}.{}.{kind}",
+            expert_w(w)?
+        ));
+    }
     let mapped = match base {
+        "ffn_gate_inp" => "block_sparse_moe.gate",
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         "attn_q" => "self_attn.q_proj",
@@ -50,6 +62,25 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{mapped}.{kind}"))
+}
+
+/// Mixtral's expert matrix name for llama.cpp's `ffn_gate`/`ffn_down`/`ffn_up`.
+fn expert_w(ffn: &str) -> Option<&'static str> {
+    match ffn {
+        "ffn_gate" => Some("w1"),
+        "ffn_down" => Some("w2"),
+        "ffn_up" => Some("w3"),
+        _ => None,
+    }
+}
+
+/// `(layer, w1|w2|w3)` of a stacked expert tensor `blk.N.ffn_{gate,down,up}_exps.weight`
+/// (`[experts, rows, cols]`, the current llama.cpp layout of MoE weights).
+pub fn stacked_experts(gguf: &str) -> Option<(usize, &'static str)> {
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let base = rest.strip_suffix("_exps.weight")?;
+    Some((layer.parse().ok()?, expert_w(base)?))
 }
 
 /// The llama.cpp name of a Hugging Face tensor name (the inverse of [`hf_name`]).
@@ -73,6 +104,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        "block_sparse_moe.gate" => "ffn_gate_inp",
         _ => return None,
     };
     Some(format!("blk.{layer}.{mapped}.{kind}"))
@@ -139,8 +171,10 @@ impl GgufFile {
             return Err(self.error(format!("architecture `{arch}` is not supported (llama, qwen2)")));
         }
         let k = |s: &str| format!("{arch}.{s}");
-        if self.meta(&k("expert_count")).and_then(value_usize).unwrap_or(0) > 0 {
-            return Err(self.error("mixture-of-experts GGUF files are not supported yet"));
+        let n_experts = self.meta(&k("expert_count")).and_then(value_usize).unwrap_or(0);
+        let n_experts_used = self.meta(&k("expert_used_count")).and_then(value_usize).unwrap_or(2);
+        if n_experts > 0 && !(1..=n_experts).contains(&n_experts_used) {
+            return Err(self.error(format!("expert_used_count {n_experts_used} of {n_experts} experts")));
         }
         let n_embd = self.meta_u(&k("embedding_length"))?;
         let n_head = self.meta_u(&k("attention.head_count"))?;
@@ -171,8 +205,8 @@ impl GgufFile {
             tie_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             qkv_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
             o_bias: self.content.tensor_infos.contains_key("blk.0.attn_output.bias"),
-            n_experts: 0,
-            n_experts_used: 2,
+            n_experts,
+            n_experts_used,
             init_std: 0.02,
             dtype: DType::F32,
         })
@@ -195,6 +229,16 @@ impl GgufFile {
         let mut parts = HashMap::new();
         let names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
         for name in names {
+            if let Some((layer, w)) = stacked_experts(&name) {
+                let q = self.tensor(&name, device)?;
+                for (e, part) in split_experts(&q, dequantize, device)?.into_iter().enumerate() {
+                    parts.insert(
+                        format!("model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"),
+                        part,
+                    );
+                }
+                continue;
+            }
             let Some(hf) = hf_name(&name) else {
                 tracing::debug!("GGUF tensor `{name}` is not used");
                 continue;
@@ -215,17 +259,39 @@ impl GgufFile {
     }
 }
 
+/// Splits a stacked expert tensor `[experts, rows, cols]` into one part per expert; quantized
+/// experts stay quantized (each expert's blocks are a contiguous run of the bytes).
+fn split_experts(q: &QTensor, dequantize: bool, device: &Device) -> Result<Vec<Part>> {
+    let dims = q.shape().dims().to_vec();
+    let [n, rows, cols] = dims[..] else {
+        return Err(Error::Runtime(format!(
+            "stacked experts of shape {dims:?}, expected 3 dims"
+        )));
+    };
+    if dequantize || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+        let t = q.dequantize(device)?;
+        return (0..n).map(|e| Ok(Part::Dense(t.get(e)?))).collect();
+    }
+    let bytes = q.data()?;
+    let per = bytes.len() / n;
+    (0..n)
+        .map(|e| {
+            let storage = QStorage::from_data(
+                std::borrow::Cow::Borrowed(&bytes[e * per..(e + 1) * per]),
+                device,
+                q.dtype(),
+            )?;
+            Ok(Part::Quantized(Arc::new(QTensor::new(storage, (rows, cols))?)))
+        })
+        .collect()
+}
+
 /// Writes a trainable `model` as a GGUF file in llama.cpp's layout (`general.architecture =
 /// "llama"`, q/k rows permuted for the interleaved RoPE), matmul weights as `quant` (norms stay
 /// f32), plus `extra` metadata (a tokenizer's `tokenizer.ggml.*`). The inverse of
 /// [`GgufFile::load`].
 pub fn save_gguf(model: &Llama, path: &Path, quant: GgmlDType, extra: &[(String, Value)]) -> Result<()> {
     let c = model.config();
-    if c.n_experts > 0 {
-        return Err(Error::Runtime(
-            "writing mixture-of-experts models as GGUF is not supported".into(),
-        ));
-    }
     let u = |v: usize| Value::U32(v as u32);
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String("llama".into())),
@@ -242,9 +308,27 @@ pub fn save_gguf(model: &Llama, path: &Path, quant: GgmlDType, extra: &[(String,
             Value::F32(c.rms_norm_eps as f32),
         ),
     ];
+    if c.n_experts > 0 {
+        meta.push(("llama.expert_count".into(), u(c.n_experts)));
+        meta.push(("llama.expert_used_count".into(), u(c.n_experts_used)));
+    }
     meta.extend(extra.iter().cloned());
     let mut tensors = Vec::new();
+    // Experts are written stacked, `blk.N.ffn_{gate,down,up}_exps.weight` `[experts, rows, cols]`.
+    let mut experts: std::collections::BTreeMap<(usize, &str), Vec<candle_core::Tensor>> = Default::default();
     for (name, var) in model.vars() {
+        if let Some(rest) = name.strip_prefix("model.layers.").filter(|n| n.contains(".experts.")) {
+            let layer: usize = rest.split('.').next().and_then(|l| l.parse().ok()).unwrap_or(0);
+            let ffn = ["ffn_gate", "ffn_down", "ffn_up"]
+                .into_iter()
+                .find(|f| expert_w(f).is_some_and(|w| name.ends_with(&format!(".{w}.weight"))))
+                .ok_or_else(|| Error::Runtime(format!("unexpected expert tensor `{name}`")))?;
+            experts
+                .entry((layer, ffn))
+                .or_default()
+                .push(var.as_tensor().detach().to_dtype(DType::F32)?);
+            continue;
+        }
         let gname = gguf_name(name).ok_or_else(|| Error::Runtime(format!("no GGUF name for `{name}`")))?;
         let mut t = var.as_tensor().detach().to_dtype(DType::F32)?;
         if !c.rope_interleaved && name.contains("self_attn.q_proj") {
@@ -252,8 +336,20 @@ pub fn save_gguf(model: &Llama, path: &Path, quant: GgmlDType, extra: &[(String,
         } else if !c.rope_interleaved && name.contains("self_attn.k_proj") {
             t = super::rope::permute_rows(&t, c.n_kv_head)?;
         }
-        let dtype = if t.rank() == 2 { quant } else { GgmlDType::F32 };
+        // The router stays f32 (as llama.cpp writes it); other matrices are quantized.
+        let dtype = if t.rank() == 2 && !name.contains("block_sparse_moe.gate") {
+            quant
+        } else {
+            GgmlDType::F32
+        };
         tensors.push((gname, QTensor::quantize(&t, dtype)?));
+    }
+    for ((layer, ffn), ts) in experts {
+        let stacked = candle_core::Tensor::stack(&ts, 0)?;
+        tensors.push((
+            format!("blk.{layer}.{ffn}_exps.weight"),
+            QTensor::quantize(&stacked, quant)?,
+        ));
     }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -348,6 +444,40 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn moe_gguf_round_trip_with_stacked_experts() {
+        for quant in [GgmlDType::F32, GgmlDType::Q8_0] {
+            let cfg = tiny_cfg(
+                serde_json::json!({"vocab_size": 262, "n_embd": 32, "intermediate": 64, "init_std": 0.1,
+                                                  "n_experts": 3, "n_experts_used": 2}),
+            );
+            let m = Llama::init(cfg, 5, &Device::Cpu).expect("init");
+            let dir = tempfile::tempdir().expect("tmp");
+            let path = dir.path().join("moe.gguf");
+            save_gguf(&m, &path, quant, &tiny_bpe_meta()).expect("save");
+            let mut g = GgufFile::open(&path).expect("open");
+            assert!(g.content.tensor_infos.contains_key("blk.1.ffn_down_exps.weight"));
+            let cfg = g.config().expect("cfg");
+            assert_eq!((cfg.n_experts, cfg.n_experts_used), (3, 2));
+            let back = g.load(cfg, &Device::Cpu).expect("load").frozen();
+            let b = batch(6);
+            let taps: TapSet = ["router_logits.1"].into_iter().collect();
+            let (x, y) = (m.forward(&b, &taps).expect("f"), back.forward(&b, &taps).expect("f"));
+            let d = max_diff(&x.logits, &y.logits);
+            let tol = if quant == GgmlDType::F32 { 1e-5 } else { 0.2 };
+            assert!(d < tol, "{quant:?}: logits differ by {d}");
+            assert_eq!(y.tap("router_logits.1").expect("r").dims(), &[2, 6, 3]);
+            // Dequantized for a student: every expert back in Mixtral's names.
+            let (_, w) = crate::models::llama::checkpoint::Source::Gguf(path.clone())
+                .dense_weights(&Device::Cpu)
+                .expect("dense");
+            assert_eq!(
+                w["model.layers.1.block_sparse_moe.experts.2.w2.weight"].dims(),
+                &[32, 64]
+            );
+        }
+    }
+
+    #[test]
     fn tokenizer_from_gguf_metadata_is_byte_level_bpe_with_specials() {
         let m = tiny(serde_json::json!({"vocab_size": 262}));
         let dir = tempfile::tempdir().expect("tmp");
@@ -388,10 +518,19 @@ pub(crate) mod tests {
                 "model.layers.1.post_attention_layernorm.weight",
             ),
             ("output.weight", "lm_head.weight"),
+            (
+                "blk.2.ffn_gate_inp.weight",
+                "model.layers.2.block_sparse_moe.gate.weight",
+            ),
         ] {
             assert_eq!(hf_name(g).as_deref(), Some(h));
             assert_eq!(gguf_name(h).as_deref(), Some(g));
         }
         assert_eq!(hf_name("rope_freqs.weight"), None);
+        assert_eq!(
+            hf_name("blk.1.ffn_down.4.weight").as_deref(),
+            Some("model.layers.1.block_sparse_moe.experts.4.w2.weight")
+        );
+        assert_eq!(stacked_experts("blk.7.ffn_up_exps.weight"), Some((7, "w3")));
     }
 }

@@ -709,7 +709,13 @@ pub(crate) mod tests {
         let m = tiny(serde_json::json!({"dtype": "bf16"}));
         let out = m.forward(&batch(4), &TapSet::none()).expect("fwd");
         assert_eq!(out.logits.dtype(), DType::BF16);
-        let l = cross_entropy(&out.logits.to_dtype(DType::F32).expect("f32"), &batch(4).targets, None, 0.0).expect("ce");
+        let l = cross_entropy(
+            &out.logits.to_dtype(DType::F32).expect("f32"),
+            &batch(4).targets,
+            None,
+            0.0,
+        )
+        .expect("ce");
         let grads = l.backward().expect("bwd");
         assert!(m.vars.iter().all(|(_, v)| grads.get(v.as_tensor()).is_some()));
     }
