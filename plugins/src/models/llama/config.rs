@@ -389,3 +389,86 @@ fn dtype_name(d: DType) -> &'static str {
         _ => "float32",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hf(v: serde_json::Value) -> Result<LlamaConfig> {
+        LlamaConfig::from_hf_json(&v, Path::new("x/config.json"))
+    }
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({"model_type": "llama", "vocab_size": 100, "hidden_size": 16, "intermediate_size": 32,
+                           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                           "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 128,
+                           "torch_dtype": "bfloat16"})
+    }
+
+    #[test]
+    fn reads_llama_and_qwen2_configs_and_writes_them_back() {
+        let c = hf(base()).expect("llama");
+        assert_eq!(
+            (c.n_kv_head, c.rope_theta, c.tie_embeddings, c.qkv_bias),
+            (2, 500000.0, false, false)
+        );
+        assert_eq!(
+            LlamaConfig::from_hf_json(&c.to_hf_json(), Path::new("y")).expect("again"),
+            c
+        );
+        let mut q = base();
+        q["model_type"] = "qwen2".into();
+        q["tie_word_embeddings"] = true.into();
+        let c = hf(q).expect("qwen2");
+        assert!(c.qkv_bias && !c.o_bias && c.tie_embeddings);
+        let out = c.to_hf_json();
+        assert_eq!(out["architectures"][0], "Qwen2ForCausalLM");
+        assert_eq!(LlamaConfig::from_hf_json(&out, Path::new("y")).expect("again"), c);
+    }
+
+    #[test]
+    fn unsupported_configs_are_input_errors_that_say_why() {
+        for (key, value, needle) in [
+            (
+                "rope_scaling",
+                serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
+                "rope_scaling",
+            ),
+            ("hidden_act", serde_json::json!("gelu"), "hidden_act"),
+            ("model_type", serde_json::json!("gpt2"), "llama-family"),
+            ("mlp_bias", serde_json::json!(true), "mlp_bias"),
+        ] {
+            let mut v = base();
+            v[key] = value;
+            let err = hf(v).expect_err(key);
+            assert_eq!(err.exit_code(), 2);
+            assert!(
+                err.to_string().contains(needle) && err.to_string().contains("x/config.json"),
+                "{err}"
+            );
+        }
+        let mut v = base();
+        v.as_object_mut().expect("o").remove("hidden_size");
+        assert!(hf(v).expect_err("missing").to_string().contains("hidden_size"));
+    }
+
+    #[test]
+    fn params_are_checked_against_each_other_and_the_checkpoint() {
+        let ck = hf(base()).expect("ck");
+        let check = |json: serde_json::Value, ckpt: Option<&LlamaConfig>| -> Result<LlamaConfig> {
+            let params = Params::new("student", json.as_object().expect("o").clone());
+            let p: LlamaParams = params.parse()?;
+            LlamaConfig::resolve(&p, &params, ckpt, Some(50))
+        };
+        assert_eq!(check(serde_json::json!({}), None).expect("defaults").vocab_size, 50);
+        let err = check(serde_json::json!({"n_head": 3}), None).expect_err("divides");
+        assert!(err.to_string().contains("student.n_head"), "{err}");
+        let err = check(serde_json::json!({"n_kv_head": 3}), None).expect_err("gqa");
+        assert!(err.to_string().contains("student.n_kv_head"), "{err}");
+        let err = check(serde_json::json!({"n_layer": 5}), Some(&ck)).expect_err("disagrees");
+        assert!(err.to_string().contains("disagrees with the checkpoint's 2"), "{err}");
+        // A checkpoint's context is a default, not a constraint; bf16 checkpoints compute in f32.
+        let c = check(serde_json::json!({"context": 64}), Some(&ck)).expect("ok");
+        assert_eq!((c.context, c.vocab_size, c.dtype), (64, 100, DType::F32));
+    }
+}
