@@ -306,3 +306,37 @@ batch_size = 4
         outcome.report.teacher.description
     );
 }
+
+#[test]
+fn student_checkpoint_with_another_tokenizer_is_refused_naming_both() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let gguf = tmp.path().join("teacher.gguf");
+    write_tiny_gguf(&gguf, TINY_BPE_TOKENS, GgmlDType::F32, 1).expect("gguf");
+    // A student checkpoint (Hugging Face directory) that carries the BPE's tokenizer.json.
+    let student = retort_plugins::testing::llama(
+        serde_json::json!({"n_layer": 1, "n_embd": 8, "n_head": 2, "context": 32, "vocab_size": TINY_BPE_TOKENS}),
+        0,
+    )
+    .expect("student");
+    let sdir = tmp.path().join("student");
+    retort_core::Student::save(&student, &sdir).expect("save");
+    let tok = retort_plugins::tokenizers::hf::HfTokenizer::from_path(&gguf).expect("tok");
+    std::fs::write(
+        sdir.join("tokenizer.json"),
+        retort_core::Tokenizer::hf_json(&tok).expect("json"),
+    )
+    .expect("w");
+    let toml = config(tmp.path(), &gguf, r#"{ kind = "char" }"#, "").replace(
+        "n_layer = 1\nn_embd = 16\nn_head = 2\ncontext = 32\n",
+        &format!("checkpoint = \"{}\"\n", sdir.display()),
+    );
+    let (cfg, _) = assemble(tmp.path(), &toml).expect("config");
+    let registry = retort_host::builtin_registry().expect("registry");
+    let err = Pipeline::assemble(cfg, &registry).err().expect("must fail");
+    let msg = err.to_string();
+    assert_eq!(err.exit_code(), 2);
+    assert!(
+        msg.contains("student's tokenizer `bpe:262:") && msg.contains("data's tokenizer `char:"),
+        "{msg}"
+    );
+}
