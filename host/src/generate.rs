@@ -70,20 +70,8 @@ pub fn load_model_file(
     context: Option<usize>,
 ) -> Result<(Box<dyn retort_core::Teacher>, Box<dyn retort_core::Tokenizer>)> {
     let kind = kind_of(path)?;
-    let tok_params = Params::new(
-        "tokenizer",
-        serde_json::json!({"path": path})
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
-    );
     let ctx = retort_core::BuildContext::new(registry, device.clone(), 0);
-    let tokenizer = registry.tokenizers.build("hf", &tok_params, &ctx).map_err(|e| {
-        Error::input(
-            format!("--model {}", path.display()),
-            format!("no usable tokenizer with the model (GGUF metadata or tokenizer.json): {e}"),
-        )
-    })?;
+    let tokenizer = load_tokenizer(registry, path, &ctx)?;
     let mut mp = serde_json::Map::new();
     mp.insert("checkpoint".into(), path.display().to_string().into());
     if kind == "llama" {
@@ -94,15 +82,64 @@ pub fn load_model_file(
     Ok((model, tokenizer))
 }
 
-/// Loads the model and its tokenizer and samples a continuation of the prompt.
-pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Generated> {
-    let device = crate::device::parse_device(&opts.device)?;
-    let (model, tokenizer) = load_model_file(registry, &opts.model, &device, opts.context)?;
+/// Llama models decode incrementally with a key/value cache.
+fn generate_llama(registry: &Registry, opts: &GenerateOptions, device: &candle_core::Device) -> Result<Generated> {
+    let ctx = retort_core::BuildContext::new(registry, device.clone(), 0);
+    let tokenizer = load_tokenizer(registry, &opts.model, &ctx)?;
+    let mut mp = serde_json::Map::new();
+    mp.insert("checkpoint".into(), opts.model.display().to_string().into());
+    mp.insert("context".into(), opts.context.unwrap_or(2048).into());
+    let model = retort_plugins::teachers::llama::load_frozen(&Params::new("model", mp), &ctx)?;
+    let prompt = prompt_ids(tokenizer.as_ref(), &opts.prompt)?;
+    let t0 = Instant::now();
+    let out =
+        retort_plugins::models::generate::generate_cached(&model, &prompt, tokenizer.eos_id(), &opts.sampling, device)?;
+    Ok(Generated {
+        text: tokenizer.decode(&out)?,
+        prompt_tokens: prompt.len(),
+        tokens: out.len(),
+        seconds: t0.elapsed().as_secs_f64(),
+        model: format!("{} (KV cache)", retort_core::Model::describe(&model)),
+    })
+}
+
+fn prompt_ids(tokenizer: &dyn retort_core::Tokenizer, text: &str) -> Result<Vec<u32>> {
     let mut prompt = Vec::new();
     if tokenizer.add_bos() {
         prompt.extend(tokenizer.bos_id());
     }
-    prompt.extend(tokenizer.encode(&opts.prompt)?);
+    prompt.extend(tokenizer.encode(text)?);
+    Ok(prompt)
+}
+
+fn load_tokenizer(
+    registry: &Registry,
+    path: &Path,
+    ctx: &retort_core::BuildContext,
+) -> Result<Box<dyn retort_core::Tokenizer>> {
+    let tok_params = Params::new(
+        "tokenizer",
+        serde_json::json!({"path": path})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+    );
+    registry.tokenizers.build("hf", &tok_params, ctx).map_err(|e| {
+        Error::input(
+            format!("--model {}", path.display()),
+            format!("no usable tokenizer with the model (GGUF metadata or tokenizer.json): {e}"),
+        )
+    })
+}
+
+/// Loads the model and its tokenizer and samples a continuation of the prompt.
+pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Generated> {
+    let device = crate::device::parse_device(&opts.device)?;
+    if kind_of(&opts.model)? == "llama" {
+        return generate_llama(registry, opts, &device);
+    }
+    let (model, tokenizer) = load_model_file(registry, &opts.model, &device, opts.context)?;
+    let prompt = prompt_ids(tokenizer.as_ref(), &opts.prompt)?;
     let context = opts.context.unwrap_or(model.context_len()).min(model.context_len());
     let forward = |ids: &Tensor| -> Result<Tensor> {
         let batch = Batch {

@@ -397,7 +397,15 @@ impl Llama {
         self
     }
 
-    fn attention(&self, l: &Layer, h: &Tensor, mask: &Tensor, want_probs: bool) -> Result<(Tensor, Option<Tensor>)> {
+    fn attention(
+        &self,
+        l: &Layer,
+        h: &Tensor,
+        mask: Option<&Tensor>,
+        want_probs: bool,
+        offset: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, d) = h.dims3()?;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim());
         let q = l.q.forward(h)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
@@ -412,29 +420,65 @@ impl Llama {
                 .transpose(1, 2)?
                 .contiguous()?;
         let (q, k) = if self.fused {
-            (self.rope.apply_fused(&q)?, self.rope.apply_fused(&k)?)
+            (self.rope.apply_fused(&q, offset)?, self.rope.apply_fused(&k, offset)?)
         } else {
-            (self.rope.apply(&q)?, self.rope.apply(&k)?)
+            (self.rope.apply_at(&q, offset)?, self.rope.apply_at(&k, offset)?)
+        };
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
         };
         let k = repeat_kv(&k, nh / nkv)?;
         let v = repeat_kv(&v, nh / nkv)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?;
+        let scores = (q.matmul(&k.contiguous()?.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
         let probs = if self.fused {
             candle_nn::ops::softmax_last_dim(&scores)?
         } else {
             softmax_last(&scores)?
         };
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let y = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, t, d))?;
         Ok((l.o.forward(&y)?, want_probs.then_some(probs)))
     }
 
     /// Forward pass over token ids `[batch, seq]`: logits `[batch, seq, vocab]` and the taps
     /// asked for (`hidden.{i}`, `attn.{i}`, `router_logits.{i}`).
     pub fn forward_ids(&self, ids: &Tensor, taps: &TapSet) -> Result<Outputs> {
+        self.forward_inner(ids, taps, None)
+    }
+
+    /// An empty key/value cache for [`Llama::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.cfg.n_layer],
+            pos: 0,
+        }
+    }
+
+    /// Incremental decoding: logits `[batch, seq, vocab]` of `ids` `[batch, seq]` at positions
+    /// `cache.pos()..`, attending to every cached position; the new keys and values are
+    /// appended to `cache`. No taps, no gradient needed (use on frozen models).
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.forward_inner(ids, &TapSet::none(), Some(cache))?.logits)
+    }
+
+    fn forward_inner(&self, ids: &Tensor, taps: &TapSet, mut cache: Option<&mut KvCache>) -> Result<Outputs> {
         let (b, t) = ids.dims2()?;
-        if t > self.rope.context() {
+        let offset = cache.as_ref().map_or(0, |c| c.pos);
+        if offset + t > self.rope.context() {
             return Err(Error::Incompatible(format!(
-                "window of {t} tokens is longer than the model context {}",
+                "window of {} tokens is longer than the model context {}",
+                offset + t,
                 self.rope.context()
             )));
         }
@@ -444,7 +488,11 @@ impl Llama {
         if taps.wants_hidden(0) {
             out.insert("hidden.0".to_string(), x.clone());
         }
-        let mask = causal_mask(t, x.dtype(), x.device())?;
+        let mask = match t {
+            1 => None,
+            _ if offset == 0 => Some(causal_mask(t, x.dtype(), x.device())?),
+            _ => Some(causal_mask(offset + t, x.dtype(), x.device())?.narrow(0, offset, t)?),
+        };
         let eps = self.cfg.rms_norm_eps;
         let rms_norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
             if self.fused {
@@ -455,7 +503,8 @@ impl Llama {
         };
         for (i, l) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &l.input_norm)?;
-            let (a, probs) = self.attention(l, &h, &mask, taps.wants_attention(i))?;
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let (a, probs) = self.attention(l, &h, mask.as_ref(), taps.wants_attention(i), offset, slot)?;
             x = (x + a)?;
             let h = rms_norm(&x, &l.post_norm)?;
             let (m, router) = l.mlp.forward(&h)?;
@@ -472,7 +521,24 @@ impl Llama {
         }
         let x = rms_norm(&x, &self.norm)?;
         let logits = self.head.forward(&x)?;
+        if let Some(c) = cache {
+            c.pos += t;
+        }
         Ok(Outputs { logits, taps: out })
+    }
+}
+
+/// Keys and values of every position decoded so far, per layer (`[batch, kv_heads, pos, head_dim]`).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    pos: usize,
+}
+
+impl KvCache {
+    /// Positions cached.
+    pub fn pos(&self) -> usize {
+        self.pos
     }
 }
 
@@ -718,6 +784,37 @@ pub(crate) mod tests {
         .expect("ce");
         let grads = l.backward().expect("bwd");
         assert!(m.vars.iter().all(|(_, v)| grads.get(v.as_tensor()).is_some()));
+    }
+
+    #[test]
+    fn cached_decoding_matches_full_forward() {
+        for frozen in [false, true] {
+            let m = tiny(serde_json::json!({"n_kv_head": 1}));
+            let m = if frozen { m.frozen() } else { m };
+            let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6]], &Device::Cpu).expect("ids");
+            let full = m.forward_ids(&ids, &TapSet::none()).expect("f").logits;
+            let mut cache = m.new_cache();
+            let a = m
+                .forward_cached(&ids.narrow(1, 0, 3).expect("n"), &mut cache)
+                .expect("prefill");
+            let b = m
+                .forward_cached(&ids.narrow(1, 3, 1).expect("n"), &mut cache)
+                .expect("step");
+            let c = m
+                .forward_cached(&ids.narrow(1, 4, 2).expect("n"), &mut cache)
+                .expect("step");
+            assert_eq!(cache.pos(), 6);
+            let inc = Tensor::cat(&[a, b, c], 1).expect("cat");
+            let d = (full - inc)
+                .expect("d")
+                .abs()
+                .expect("a")
+                .max_all()
+                .expect("m")
+                .to_scalar::<f32>()
+                .expect("s");
+            assert!(d < 1e-5, "frozen {frozen}: {d}");
+        }
     }
 
     #[test]

@@ -47,10 +47,15 @@ impl Rope {
 
     /// Rotates `x` `[batch, heads, seq, head_dim]` for positions `0..seq`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply_at(x, 0)
+    }
+
+    /// Rotates `x` `[batch, heads, seq, head_dim]` for positions `offset..offset + seq`.
+    pub fn apply_at(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (b, h, t, d) = x.dims4()?;
         let half = d / 2;
-        let cos = self.cos.narrow(0, 0, t)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, 0, t)?.to_dtype(x.dtype())?;
+        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
         if self.interleaved {
             let pairs = x.reshape((b, h, t, half, 2))?;
             let x0 = pairs.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
@@ -69,10 +74,10 @@ impl Rope {
 
     /// The same rotation with candle's fused kernels (`rope` / `rope_i`): no backward, for
     /// frozen models.
-    pub fn apply_fused(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn apply_fused(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, 0, t)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, 0, t)?.to_dtype(x.dtype())?;
+        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
         let x = x.contiguous()?;
         if self.interleaved {
             candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
@@ -148,8 +153,8 @@ mod tests {
         let inter = Rope::new(4, 100.0, 8, true, DType::F64, &dev).expect("rope");
         let a = half.apply(&q_hf.contiguous().expect("c")).expect("a");
         let b = inter.apply(&q_gg.contiguous().expect("c")).expect("b");
-        let bf = inter.apply_fused(&q_gg.contiguous().expect("c")).expect("b");
-        let af = half.apply_fused(&q_hf.contiguous().expect("c")).expect("a");
+        let bf = inter.apply_fused(&q_gg.contiguous().expect("c"), 0).expect("b");
+        let af = half.apply_fused(&q_hf.contiguous().expect("c"), 0).expect("a");
         let close = |x: &Tensor, y: &Tensor| {
             (x - y)
                 .expect("d")
