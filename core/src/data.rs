@@ -21,6 +21,27 @@ pub trait Tokenizer: Send + Sync {
     fn decode(&self, ids: &[u32]) -> Result<String>;
     /// A stable identity (kind and a hash of the vocabulary) for compatibility checks.
     fn identity(&self) -> String;
+    /// Id of the beginning-of-sequence token, if the vocabulary has one.
+    fn bos_id(&self) -> Option<u32> {
+        None
+    }
+    /// Id of the end-of-sequence token, if the vocabulary has one.
+    fn eos_id(&self) -> Option<u32> {
+        None
+    }
+    /// Id of the padding token, if the vocabulary has one.
+    fn pad_id(&self) -> Option<u32> {
+        None
+    }
+    /// Whether a prompt starts with the beginning-of-sequence token.
+    fn add_bos(&self) -> bool {
+        false
+    }
+    /// The tokenizer as a Hugging Face `tokenizer.json`, when it can be written as one (saved
+    /// beside an exported model).
+    fn hf_json(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A tokenized corpus split deterministically into train and validation token streams.

@@ -40,6 +40,11 @@ pub trait Model: Send + Sync {
     fn describe(&self) -> String;
     /// Shape facts.
     fn info(&self) -> ModelInfo;
+    /// Identity of the tokenizer the model was trained with, when its checkpoint carries one
+    /// (see [`crate::Tokenizer::identity`]); checked against the data's at assembly.
+    fn tokenizer_identity(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A trainable model.
@@ -73,6 +78,10 @@ pub trait Teacher: Send + Sync {
     fn describe(&self) -> String;
     /// Shape facts.
     fn info(&self) -> ModelInfo;
+    /// Identity of the teacher's tokenizer, when its checkpoint carries one.
+    fn tokenizer_identity(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The top-`k` ids and log-probabilities (temperature 1, descending) of dense `logits`
@@ -137,5 +146,8 @@ impl<M: Model + ?Sized> Teacher for FrozenTeacher<M> {
     }
     fn info(&self) -> ModelInfo {
         self.0.info()
+    }
+    fn tokenizer_identity(&self) -> Option<String> {
+        self.0.tokenizer_identity()
     }
 }

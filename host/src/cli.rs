@@ -51,6 +51,59 @@ pub enum Command {
         #[arg(long, requires = "resume")]
         resume_from_last_good: bool,
     },
+    /// Continue a prompt with a model: a GGUF file, a Hugging Face directory or a retort export
+    /// (greedy at temperature 0).
+    Generate {
+        /// GGUF file or model directory (with its tokenizer: GGUF metadata or tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt text.
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Softmax temperature; 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Nucleus sampling: keep the most likely tokens summing to P.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Seed of the sampling stream.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Device: cpu, cuda, cuda:N, metal.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Longest window fed to the model (default: its context, at most 2048 for llama models).
+        #[arg(long)]
+        context: Option<usize>,
+    },
+    /// Loss and perplexity of a model (GGUF file, Hugging Face directory or retort export) on a
+    /// text file tokenized with the model's own tokenizer.
+    Eval {
+        /// GGUF file or model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// UTF-8 text file.
+        #[arg(long)]
+        data: PathBuf,
+        /// Evaluate the last fraction of the tokens (a run's validation split is 0.1); 1 = all.
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 64)]
+        seq_len: usize,
+        /// Windows per batch.
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Batches at most.
+        #[arg(long, default_value_t = 8)]
+        batches: usize,
+        /// Device.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Validate a config and build every plugin it names; trains nothing.
     Check {
         /// Config file. Without one: the built-in quickstart.
@@ -235,6 +288,74 @@ fn dispatch(cli: Cli) -> Result<()> {
                     run_dir.join("metrics.jsonl").display()
                 );
             }
+            Ok(())
+        }
+        Command::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            device,
+            context,
+        } => {
+            if !(temperature.is_finite() && temperature >= 0.0) {
+                return Err(retort_core::Error::input(
+                    "--temperature",
+                    format!("expected a number >= 0, got {temperature}"),
+                ));
+            }
+            let registry = crate::builtin_registry()?;
+            let opts = crate::generate::GenerateOptions {
+                model,
+                prompt: prompt.clone(),
+                sampling: retort_plugins::models::generate::Sampling {
+                    max_tokens,
+                    temperature,
+                    top_p,
+                    seed,
+                },
+                device,
+                context,
+            };
+            let g = crate::generate::run_generate(&registry, &opts)?;
+            println!("{prompt}{}", g.text);
+            eprintln!(
+                "{}: {} prompt tokens, {} generated in {:.2}s ({:.1} tokens/s)",
+                g.model,
+                g.prompt_tokens,
+                g.tokens,
+                g.seconds,
+                g.tokens as f64 / g.seconds.max(1e-9)
+            );
+            Ok(())
+        }
+        Command::Eval {
+            model,
+            data,
+            val_fraction,
+            seq_len,
+            batch_size,
+            batches,
+            device,
+        } => {
+            let registry = crate::builtin_registry()?;
+            let opts = crate::eval_cmd::EvalOptions {
+                model,
+                data,
+                val_fraction,
+                seq_len,
+                batch_size,
+                batches,
+                device,
+            };
+            let (r, desc, secs) = crate::eval_cmd::run_eval(&registry, &opts)?;
+            println!("model:      {desc}");
+            println!("tokens:     {}", r.tokens);
+            println!("loss:       {:.4} nats/token", r.val_loss);
+            println!("perplexity: {:.2}", r.perplexity);
+            eprintln!("evaluated in {secs:.2}s");
             Ok(())
         }
         Command::NewPlugin { name, kind, dir } => {

@@ -9,6 +9,8 @@ pub mod cli;
 pub mod config_load;
 pub mod device;
 pub mod eval;
+pub mod eval_cmd;
+pub mod generate;
 pub mod optim;
 pub mod pipeline;
 pub mod plot;
@@ -18,6 +20,7 @@ pub mod run;
 pub mod rundir;
 pub mod scaffold;
 pub mod trainer;
+pub mod vocab;
 
 /// The registry of every built-in plugin.
 pub fn builtin_registry() -> retort_core::Result<retort_core::Registry> {

@@ -73,7 +73,8 @@ pub mod seeds {
 
 impl<'r> Pipeline<'r> {
     /// Builds and checks everything `config` names.
-    pub fn assemble(config: RunConfig, registry: &'r Registry) -> Result<Self> {
+    pub fn assemble(mut config: RunConfig, registry: &'r Registry) -> Result<Self> {
+        fill_init_from_teacher(&mut config);
         let device = parse_device(&config.run.device)?;
         let t = &config.train;
         for (key, v) in [
@@ -143,6 +144,8 @@ impl<'r> Pipeline<'r> {
         let student = registry
             .students
             .build(&config.student.kind, &config.student.params_at("student"), &ctx)?;
+        crate::vocab::check_tokenizer("student", student.tokenizer_identity(), data.tokenizer())?;
+        let student = crate::vocab::fit_student(student, vocab_size)?;
         check_model(
             "student",
             student.vocab_size(),
@@ -169,6 +172,8 @@ impl<'r> Pipeline<'r> {
             let teacher = registry
                 .teachers
                 .build(&config.teacher.kind, &teacher_load_params(&config, None), &ctx)?;
+            crate::vocab::check_tokenizer("teacher", teacher.tokenizer_identity(), data.tokenizer())?;
+            let teacher = crate::vocab::fit_teacher(teacher, vocab_size)?;
             teacher_info = teacher.info();
             (TeacherPlan::Load, Some(teacher))
         } else {
@@ -376,13 +381,24 @@ impl<'r> Pipeline<'r> {
         student_stages_for(&self.config, self.registry, ctx, &self.terms)
     }
 
-    /// A fresh student with the given init seed.
+    /// A fresh student with the given init seed (logits narrowed to the data's vocabulary if
+    /// padded).
     pub fn build_student(&self, seed: u64) -> Result<Box<dyn Student>> {
-        self.registry.students.build(
+        let s = self.registry.students.build(
             &self.config.student.kind,
             &self.config.student.params_at("student"),
             &self.context(seed),
-        )
+        )?;
+        crate::vocab::fit_student(s, self.vocab_size)
+    }
+
+    /// The teacher loaded from `params` (logits narrowed to the data's vocabulary if padded).
+    pub fn build_teacher(&self, params: &Params) -> Result<Box<dyn Teacher>> {
+        let t = self
+            .registry
+            .teachers
+            .build(&self.config.teacher.kind, params, &self.context(self.config.run.seed))?;
+        crate::vocab::fit_teacher(t, self.vocab_size)
     }
 }
 
@@ -491,6 +507,25 @@ fn check_model(who: &str, vocab: usize, context: usize, data_vocab: usize, seq_l
         ));
     }
     Ok(())
+}
+
+/// `student.init = { from_teacher = true }` without its own `checkpoint` copies from the
+/// teacher's: fill it in from `teacher.checkpoint`.
+fn fill_init_from_teacher(config: &mut RunConfig) {
+    let Some(ckpt) = config
+        .teacher
+        .params
+        .get("checkpoint")
+        .filter(|v| !v.is_null())
+        .cloned()
+    else {
+        return;
+    };
+    if let Some(Value::Object(init)) = config.student.params.get_mut("init") {
+        if init.get("from_teacher") == Some(&Value::Bool(true)) && !init.contains_key("checkpoint") {
+            init.insert("checkpoint".into(), ckpt);
+        }
+    }
 }
 
 /// The teacher params with `checkpoint` pointing at `dir` (after pretraining).

@@ -195,11 +195,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
             (t, None)
         }
         TeacherPlan::Pretrain { .. } if progress.completed.contains_key("teacher") => {
-            let t = registry.teachers.build(
-                &cfg.teacher.kind,
-                &teacher_params_with_checkpoint(&cfg, &dir.join("teacher")),
-                &pipeline.context(cfg.run.seed),
-            )?;
+            let t = pipeline.build_teacher(&teacher_params_with_checkpoint(&cfg, &dir.join("teacher")))?;
             (t, Some(progress.completed["teacher"].stats.clone()))
         }
         TeacherPlan::Pretrain { steps, lr } => {
@@ -237,13 +233,9 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
                 &mut observers,
             )?;
             let tdir = dir.join("teacher");
-            model.save(&tdir)?;
+            crate::vocab::save_with_tokenizer(model.as_ref(), &tdir, data.tokenizer())?;
             progress.complete(&dir, "teacher", &stats)?;
-            let t = registry.teachers.build(
-                &cfg.teacher.kind,
-                &teacher_params_with_checkpoint(&cfg, &tdir),
-                &pipeline.context(cfg.run.seed),
-            )?;
+            let t = pipeline.build_teacher(&teacher_params_with_checkpoint(&cfg, &tdir))?;
             (t, Some(stats))
         }
     };
@@ -259,6 +251,8 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
         |label: &'static str, terms: &[TermSlot], distill: bool| -> Result<(Box<dyn Student>, PhaseStats)> {
             if let Some(done) = progress.completed.get(label) {
                 let mut params = cfg.student.params.clone();
+                // The saved weights replace any initialisation recipe.
+                params.remove("init");
                 params.insert(
                     "checkpoint".into(),
                     serde_json::Value::String(dir.join(label).display().to_string()),
@@ -268,6 +262,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
                     &Params::new("student", params),
                     &pipeline.context(cfg.run.seed),
                 )?;
+                let s = crate::vocab::fit_student(s, pipeline.vocab_size)?;
                 return Ok((s, done.stats.clone()));
             }
             let ctx = pipeline.context(seeds::student_init(cfg.run.seed));
@@ -312,7 +307,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
                 data,
                 &mut observers,
             )?;
-            student.save(&dir.join(label))?;
+            crate::vocab::save_with_tokenizer(student.as_ref(), &dir.join(label), data.tokenizer())?;
             progress.complete(&dir, label, &stats)?;
             Ok((student, stats))
         };

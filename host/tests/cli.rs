@@ -255,3 +255,94 @@ fn plot_redraws_a_runs_charts_and_embeds_them_once() {
     let o = retort(&["plot", "nowhere"], d.path());
     assert_user_error(&o, &["nowhere", "metrics.jsonl"]);
 }
+
+#[test]
+fn generate_continues_a_prompt_from_a_gguf_file_deterministically() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let gguf = tmp.path().join("tiny.gguf");
+    retort_plugins::testing::write_tiny_gguf(&gguf, 262, candle_core::quantized::GgmlDType::Q8_0, 1).expect("gguf");
+    let g = gguf.to_str().expect("utf8");
+    let args = [
+        "generate",
+        "--model",
+        g,
+        "--prompt",
+        "the theme",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    ];
+    let a = retort(&args, tmp.path());
+    assert_eq!(a.status.code(), Some(0), "{}", stderr(&a));
+    let out = String::from_utf8_lossy(&a.stdout).into_owned();
+    assert!(out.starts_with("the theme"), "{out}");
+    assert!(stderr(&a).contains("generated in"), "{}", stderr(&a));
+    let b = retort(&args, tmp.path());
+    assert_eq!(String::from_utf8_lossy(&b.stdout), out, "same seed, same text");
+    let greedy = retort(
+        &["generate", "--model", g, "--prompt", "the", "--max-tokens", "3"],
+        tmp.path(),
+    );
+    assert_eq!(greedy.status.code(), Some(0), "{}", stderr(&greedy));
+}
+
+#[test]
+fn generate_refuses_what_is_not_a_model() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let o = retort(&["generate", "--model", "missing.gguf", "--prompt", "x"], tmp.path());
+    assert_user_error(
+        &o,
+        &["--model missing.gguf", "neither a GGUF file nor a model directory"],
+    );
+    std::fs::write(tmp.path().join("config.json"), r#"{"model_type": "bert"}"#).expect("w");
+    let o = retort(&["generate", "--model", ".", "--prompt", "x"], tmp.path());
+    assert_user_error(&o, &["unsupported model_type"]);
+    let o = retort(
+        &["generate", "--model", ".", "--prompt", "x", "--temperature=-1"],
+        tmp.path(),
+    );
+    assert_user_error(&o, &["--temperature"]);
+}
+
+#[test]
+fn eval_reports_the_loss_of_a_model_file_on_text() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let gguf = tmp.path().join("tiny.gguf");
+    retort_plugins::testing::write_tiny_gguf(&gguf, 262, candle_core::quantized::GgmlDType::F32, 1).expect("gguf");
+    std::fs::write(tmp.path().join("t.txt"), "the theme of the thing. ".repeat(40)).expect("w");
+    let g = gguf.to_str().expect("utf8");
+    let o = retort(
+        &[
+            "eval",
+            "--model",
+            g,
+            "--data",
+            "t.txt",
+            "--seq-len",
+            "8",
+            "--batches",
+            "2",
+            "--val-fraction",
+            "1",
+        ],
+        tmp.path(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    // 2 batches x 4 windows x 8 tokens; an untrained model is near log(262) = 5.57 nats.
+    assert!(out.contains("tokens:     64"), "{out}");
+    let loss: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("loss:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|x| x.parse().ok())
+        .expect("loss line");
+    assert!(loss > 4.0 && loss < 7.0, "{loss}");
+    let o = retort(&["eval", "--model", g, "--data", "missing.txt"], tmp.path());
+    assert_user_error(&o, &["--data missing.txt"]);
+}

@@ -9,6 +9,8 @@ pub mod routers;
 pub mod schedules;
 pub mod students;
 pub mod teachers;
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenizers;
 
 /// Forces this crate into the final binary so its `inventory` submissions are collected.

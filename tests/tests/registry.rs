@@ -8,11 +8,11 @@ fn builtins_are_registered() {
         kinds(r.losses.kinds()),
         "attention ce contrastive hidden_cosine hidden_mse jsd kl layerwise reverse_kl skew_kl topk_kl tvd"
     );
-    assert_eq!(kinds(r.students.kinds()), "transformer");
-    assert_eq!(kinds(r.teachers.kinds()), "transformer");
+    assert_eq!(kinds(r.students.kinds()), "llama transformer");
+    assert_eq!(kinds(r.teachers.kinds()), "llama transformer");
     assert_eq!(kinds(r.data.kinds()), "synthetic text");
     assert_eq!(kinds(r.routers.kinds()), "curriculum magnitude static student_aware");
-    assert_eq!(kinds(r.tokenizers.kinds()), "char");
+    assert_eq!(kinds(r.tokenizers.kinds()), "char hf");
     assert_eq!(kinds(r.observers.kinds()), "jsonl");
     assert_eq!(
         kinds(r.schedules.kinds()),

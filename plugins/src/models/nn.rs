@@ -32,6 +32,13 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
+/// RMSNorm over the last dim (Zhang & Sennrich, 2019): `x / sqrt(mean(x^2) + eps) * w`.
+/// Composed of differentiable ops (candle's `ops::rms_norm` has no backward).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
+}
+
 /// `x @ w + b` with `w` stored `[in, out]` (the GPT-2 `Conv1D` layout), for `x` of any rank.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
@@ -88,6 +95,21 @@ mod tests {
         let grads = loss.sum_all().expect("sum").backward().expect("bwd");
         assert!(grads.get(w.as_tensor()).is_some());
         assert!(grads.get(b.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn rms_norm_matches_reference_and_has_gradients() {
+        // Reference: x = [1, 2, 3, 6]: mean(x^2) = 50 / 4 = 12.5, y = x / sqrt(12.5 + 1e-6) * w.
+        let x = Tensor::new(&[[1f64, 2., 3., 6.]], &Device::Cpu).expect("t");
+        let w = Var::new(&[1f64, 2., 1., 0.5], &Device::Cpu).expect("w");
+        let y = rms_norm(&x, w.as_tensor(), 1e-6).expect("rms");
+        let got = y.to_vec2::<f64>().expect("v");
+        for (i, (xi, wi)) in [1f64, 2., 3., 6.].iter().zip([1f64, 2., 1., 0.5]).enumerate() {
+            let want = xi / (12.5f64 + 1e-6).sqrt() * wi;
+            assert!((got[0][i] - want).abs() < 1e-12);
+        }
+        let grads = y.sum_all().expect("sum").backward().expect("bwd");
+        assert!(grads.get(w.as_tensor()).is_some());
     }
 
     #[test]

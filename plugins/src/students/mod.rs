@@ -1,3 +1,4 @@
 //! Built-in trainable student models.
 
+pub mod llama;
 pub mod transformer;

@@ -1,3 +1,4 @@
 //! Built-in teacher providers.
 
+pub mod llama;
 pub mod transformer;

@@ -1,3 +1,4 @@
 //! Built-in tokenizers.
 
 pub mod char_level;
+pub mod hf;

@@ -1,0 +1,57 @@
+//! `retort eval`: the loss of a model file or directory (GGUF, Hugging Face, retort export) on
+//! a text file tokenized with the model's own tokenizer: non-overlapping windows from the
+//! start of the file (or of its last `--val-fraction`), as the run's evaluation does.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use retort_core::{Error, Registry, Result, TapSet};
+
+use crate::batching::val_batches;
+use crate::eval::{evaluate, EvalResult};
+
+/// Options of `retort eval`.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// GGUF file or model directory.
+    pub model: PathBuf,
+    /// UTF-8 text file.
+    pub data: PathBuf,
+    /// Evaluate only the last fraction of the tokens (the run's validation split); 1 = all.
+    pub val_fraction: f64,
+    /// Tokens per window.
+    pub seq_len: usize,
+    /// Windows per batch.
+    pub batch_size: usize,
+    /// Batches at most.
+    pub batches: usize,
+    /// Device.
+    pub device: String,
+}
+
+/// Evaluates the model; returns the result, its description and the seconds taken.
+pub fn run_eval(registry: &Registry, opts: &EvalOptions) -> Result<(EvalResult, String, f64)> {
+    if !(opts.val_fraction > 0.0 && opts.val_fraction <= 1.0) {
+        return Err(Error::input(
+            "--val-fraction",
+            format!("expected a number in (0, 1], got {}", opts.val_fraction),
+        ));
+    }
+    if opts.seq_len == 0 || opts.batch_size == 0 || opts.batches == 0 {
+        return Err(Error::input("--seq-len/--batch-size/--batches", "must be >= 1"));
+    }
+    let device = crate::device::parse_device(&opts.device)?;
+    let (model, tokenizer) = crate::generate::load_model_file(registry, &opts.model, &device, Some(opts.seq_len))?;
+    let text = std::fs::read_to_string(&opts.data).map_err(|e| {
+        Error::input(
+            format!("--data {}", opts.data.display()),
+            format!("cannot read as UTF-8 text: {e}"),
+        )
+    })?;
+    let ids = tokenizer.encode(&text)?;
+    let start = ((ids.len() as f64) * (1.0 - opts.val_fraction)).round() as usize;
+    let batches = val_batches(&ids[start..], opts.batches, opts.batch_size, opts.seq_len, &device)?;
+    let t0 = Instant::now();
+    let r = evaluate(&|_, b| Ok(model.forward(b, &TapSet::none())?.logits), &batches, None)?;
+    Ok((r, model.describe(), t0.elapsed().as_secs_f64()))
+}

@@ -1,0 +1,200 @@
+//! Vocabulary agreement between the data's tokenizer, the teacher and the student.
+//!
+//! - A checkpoint that carries its tokenizer (a GGUF file, a Hugging Face directory with
+//!   `tokenizer.json`) must have been trained with the data's tokenizer: same identity (kind,
+//!   size and a hash of the vocabulary), or assembly fails naming both sides.
+//! - A model may have *more* output rows than the tokenizer has tokens (vocabularies padded to
+//!   a multiple of 64 or 128 for fast kernels). Those rows are never a target and never an
+//!   input, so the pipeline narrows the logits to the tokenizer's vocabulary explicitly, with a
+//!   log line, before any loss sees them: softmaxes then run over real tokens only. Fewer rows
+//!   than tokens is an error.
+
+use std::path::Path;
+
+use candle_core::{Var, D};
+
+use retort_core::model::dense_topk;
+use retort_core::taps::parse_topk_tap;
+use retort_core::{Batch, Error, Model, ModelInfo, Outputs, Result, Student, TapSet, Teacher, Tokenizer};
+
+/// Checks that `who`'s tokenizer (if its checkpoint names one) is the data's.
+pub fn check_tokenizer(who: &str, model_tokenizer: Option<String>, data: &dyn Tokenizer) -> Result<()> {
+    match model_tokenizer {
+        Some(id) if id != data.identity() => Err(Error::Incompatible(format!(
+            "the {who}'s tokenizer `{id}` (from its checkpoint) differs from the data's tokenizer `{}` \
+             ({} tokens); tokenize the data with the {who}'s tokenizer, e.g. \
+             data.tokenizer = {{ kind = \"hf\", path = \"<the {who} checkpoint>\" }}",
+            data.identity(),
+            data.vocab_size()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn rows_check(who: &str, rows: usize, data_vocab: usize) -> Result<bool> {
+    if rows < data_vocab {
+        return Err(Error::Incompatible(format!(
+            "the {who} has a vocabulary of {rows} tokens, the data's tokenizer has {data_vocab}"
+        )));
+    }
+    if rows > data_vocab {
+        tracing::info!(
+            "the {who} has {rows} output rows for a tokenizer of {data_vocab} tokens (padded vocabulary): \
+             its logits are narrowed to the first {data_vocab}"
+        );
+    }
+    Ok(rows > data_vocab)
+}
+
+/// The teacher as the pipeline uses it: logits narrowed to `data_vocab` if padded.
+pub fn fit_teacher(t: Box<dyn Teacher>, data_vocab: usize) -> Result<Box<dyn Teacher>> {
+    Ok(if rows_check("teacher", t.vocab_size(), data_vocab)? {
+        Box::new(NarrowedTeacher {
+            inner: t,
+            vocab: data_vocab,
+        })
+    } else {
+        t
+    })
+}
+
+/// The student as the pipeline uses it: logits narrowed to `data_vocab` if padded.
+pub fn fit_student(s: Box<dyn Student>, data_vocab: usize) -> Result<Box<dyn Student>> {
+    Ok(if rows_check("student", s.vocab_size(), data_vocab)? {
+        Box::new(NarrowedStudent {
+            inner: s,
+            vocab: data_vocab,
+        })
+    } else {
+        s
+    })
+}
+
+/// A teacher with a padded vocabulary, narrowed to the first `vocab` logits (top-k taps are
+/// computed after narrowing).
+pub struct NarrowedTeacher {
+    inner: Box<dyn Teacher>,
+    vocab: usize,
+}
+
+impl Teacher for NarrowedTeacher {
+    fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs> {
+        let inner_taps: TapSet = taps.iter().filter(|t| parse_topk_tap(t).is_none()).collect();
+        let mut out = self.inner.forward(batch, &inner_taps)?;
+        out.logits = out.logits.narrow(D::Minus1, 0, self.vocab)?;
+        for k in taps.iter().filter_map(parse_topk_tap) {
+            let (ids, logprobs) = dense_topk(&out.logits, k)?;
+            out.taps.insert(format!("topk.{k}.ids"), ids);
+            out.taps.insert(format!("topk.{k}.logprobs"), logprobs);
+        }
+        Ok(out)
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn context_len(&self) -> usize {
+        self.inner.context_len()
+    }
+    fn num_params(&self) -> usize {
+        self.inner.num_params()
+    }
+    fn available_taps(&self) -> Vec<String> {
+        self.inner.available_taps()
+    }
+    fn supports_tap(&self, name: &str) -> bool {
+        match parse_topk_tap(name) {
+            Some(k) => k >= 1 && k <= self.vocab,
+            None => self.inner.supports_tap(name),
+        }
+    }
+    fn describe(&self) -> String {
+        format!("{} (logits narrowed to {})", self.inner.describe(), self.vocab)
+    }
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            vocab: self.vocab,
+            ..self.inner.info()
+        }
+    }
+    fn tokenizer_identity(&self) -> Option<String> {
+        self.inner.tokenizer_identity()
+    }
+}
+
+/// A student with a padded vocabulary, narrowed to the first `vocab` logits (the padded rows
+/// get no gradient from the logits; they are still saved).
+pub struct NarrowedStudent {
+    inner: Box<dyn Student>,
+    vocab: usize,
+}
+
+impl Model for NarrowedStudent {
+    fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs> {
+        let mut out = self.inner.forward(batch, taps)?;
+        out.logits = out.logits.narrow(D::Minus1, 0, self.vocab)?;
+        Ok(out)
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn context_len(&self) -> usize {
+        self.inner.context_len()
+    }
+    fn num_params(&self) -> usize {
+        self.inner.num_params()
+    }
+    fn available_taps(&self) -> Vec<String> {
+        self.inner.available_taps()
+    }
+    fn describe(&self) -> String {
+        format!("{} (logits narrowed to {})", self.inner.describe(), self.vocab)
+    }
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            vocab: self.vocab,
+            ..self.inner.info()
+        }
+    }
+    fn tokenizer_identity(&self) -> Option<String> {
+        self.inner.tokenizer_identity()
+    }
+}
+
+impl Student for NarrowedStudent {
+    fn vars(&self) -> Vec<(String, Var)> {
+        self.inner.vars()
+    }
+    fn save(&self, dir: &Path) -> Result<()> {
+        self.inner.save(dir)
+    }
+    fn config_json(&self) -> serde_json::Value {
+        self.inner.config_json()
+    }
+}
+
+/// Saves `model` into `dir` and, when the data's tokenizer can be written as a Hugging Face
+/// `tokenizer.json`, writes it beside the weights (and its special ids into
+/// `generation_config.json` if the model wrote one).
+pub fn save_with_tokenizer(model: &dyn Student, dir: &Path, tokenizer: &dyn Tokenizer) -> Result<()> {
+    model.save(dir)?;
+    if let Some(json) = tokenizer.hf_json() {
+        retort_core::fsutil::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        let gen = dir.join("generation_config.json");
+        if let Ok(text) = std::fs::read_to_string(&gen) {
+            if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
+                for (k, id) in [
+                    ("bos_token_id", tokenizer.bos_id()),
+                    ("eos_token_id", tokenizer.eos_id()),
+                    ("pad_token_id", tokenizer.pad_id()),
+                ] {
+                    if let Some(id) = id {
+                        v[k] = id.into();
+                    }
+                }
+                let bytes = serde_json::to_vec_pretty(&v).map_err(|e| Error::Runtime(e.to_string()))?;
+                retort_core::fsutil::write_atomic(&gen, &bytes)?;
+            }
+        }
+    }
+    Ok(())
+}

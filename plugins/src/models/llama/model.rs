@@ -1,0 +1,847 @@
+//! The llama decoder (Touvron et al., 2023): token embedding, pre-RMSNorm blocks of causal
+//! grouped-query attention with rotary positions and a SwiGLU MLP (or a sparse mixture of
+//! SwiGLU experts, Jiang et al., 2024 "Mixtral"), a final RMSNorm and an output head, tied to
+//! the embedding or not.
+//!
+//! Parameter names follow Hugging Face's `LlamaForCausalLM` (`model.embed_tokens.weight`,
+//! `model.layers.0.self_attn.q_proj.weight`, ..., `model.norm.weight`, `lm_head.weight`), so a
+//! saved student is a Hugging Face directory. Every op on the training path is differentiable
+//! (see `nn.rs`); weights may instead be quantized GGUF tensors for a frozen teacher.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use retort_core::{Batch, Error, Model, ModelInfo, Outputs, Result, TapSet};
+
+use super::config::LlamaConfig;
+use super::linear::{Linear, Weight};
+use super::rope::Rope;
+use crate::models::nn::{causal_mask, rms_norm, softmax_last};
+
+/// How a parameter is initialised.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// Normal with this std.
+    Normal(f64),
+    /// All zeros (biases).
+    Zeros,
+    /// All ones (norm weights).
+    Ones,
+}
+
+/// `(name, shape, init)` of every parameter, in checkpoint order (Hugging Face names).
+pub fn param_specs(c: &LlamaConfig) -> Vec<(String, Vec<usize>, Init)> {
+    let (d, hd, i) = (c.n_embd, c.head_dim(), c.intermediate);
+    let kv = c.n_kv_head * hd;
+    let std = Init::Normal(c.init_std);
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, d], std)];
+    for l in 0..c.n_layer {
+        let p = |n: &str| format!("model.layers.{l}.{n}");
+        v.push((p("input_layernorm.weight"), vec![d], Init::Ones));
+        for (name, rows) in [("q_proj", d), ("k_proj", kv), ("v_proj", kv)] {
+            v.push((p(&format!("self_attn.{name}.weight")), vec![rows, d], std));
+            if c.qkv_bias {
+                v.push((p(&format!("self_attn.{name}.bias")), vec![rows], Init::Zeros));
+            }
+        }
+        v.push((p("self_attn.o_proj.weight"), vec![d, d], std));
+        if c.o_bias {
+            v.push((p("self_attn.o_proj.bias"), vec![d], Init::Zeros));
+        }
+        v.push((p("post_attention_layernorm.weight"), vec![d], Init::Ones));
+        if c.n_experts == 0 {
+            v.push((p("mlp.gate_proj.weight"), vec![i, d], std));
+            v.push((p("mlp.up_proj.weight"), vec![i, d], std));
+            v.push((p("mlp.down_proj.weight"), vec![d, i], std));
+        } else {
+            v.push((p("block_sparse_moe.gate.weight"), vec![c.n_experts, d], std));
+            for e in 0..c.n_experts {
+                v.push((p(&format!("block_sparse_moe.experts.{e}.w1.weight")), vec![i, d], std));
+                v.push((p(&format!("block_sparse_moe.experts.{e}.w2.weight")), vec![d, i], std));
+                v.push((p(&format!("block_sparse_moe.experts.{e}.w3.weight")), vec![i, d], std));
+            }
+        }
+    }
+    v.push(("model.norm.weight".to_string(), vec![d], Init::Ones));
+    if !c.tie_embeddings {
+        v.push(("lm_head.weight".to_string(), vec![c.vocab_size, d], std));
+    }
+    v
+}
+
+/// A weight as loaded from a checkpoint: dense, or a quantized GGUF tensor.
+#[derive(Debug, Clone)]
+pub enum Part {
+    /// Dense tensor.
+    Dense(Tensor),
+    /// Quantized tensor (matmuls run through `QMatMul`; norms and embeddings are dequantized).
+    Quantized(Arc<QTensor>),
+}
+
+impl Part {
+    fn dims(&self) -> Vec<usize> {
+        match self {
+            Part::Dense(t) => t.dims().to_vec(),
+            Part::Quantized(q) => q.shape().dims().to_vec(),
+        }
+    }
+    fn dense(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+        Ok(match self {
+            Part::Dense(t) => t.to_dtype(dtype)?,
+            Part::Quantized(q) => q.dequantize(device)?.to_dtype(dtype)?,
+        })
+    }
+}
+
+/// The SwiGLU MLP `down(silu(gate(x)) * up(x))`, or a sparse mixture of such experts.
+enum Mlp {
+    Dense {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    Moe {
+        router: Linear,
+        /// `(w1 = gate, w2 = down, w3 = up)` per expert, Mixtral's names.
+        experts: Vec<(Linear, Linear, Linear)>,
+        top_k: usize,
+    },
+}
+
+fn swiglu(x: &Tensor, gate: &Linear, up: &Linear, down: &Linear) -> Result<Tensor> {
+    let h = (gate.forward(x)?.silu()? * up.forward(x)?)?;
+    Ok(down.forward(&h)?)
+}
+
+impl Mlp {
+    /// The MLP's output and, for a mixture, the router logits `[batch, seq, experts]`.
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        match self {
+            Mlp::Dense { gate, up, down } => Ok((swiglu(x, gate, up, down)?, None)),
+            Mlp::Moe { router, experts, top_k } => {
+                // Mixtral routing: softmax over experts, keep the top-k, renormalise. Every expert
+                // runs on every token (dense compute, differentiable through the kept weights);
+                // ties at the k-th probability may keep more than k experts.
+                let logits = router.forward(x)?;
+                let probs = softmax_last(&logits)?;
+                let sorted = probs.detach().contiguous()?.arg_sort_last_dim(false)?;
+                let kth_idx = sorted.narrow(D::Minus1, top_k - 1, 1)?.contiguous()?;
+                let kth = probs.detach().contiguous()?.gather(&kth_idx, D::Minus1)?;
+                let keep = probs.detach().broadcast_ge(&kth)?.to_dtype(probs.dtype())?;
+                let w = (probs * keep)?;
+                let w = w.broadcast_div(&w.sum_keepdim(D::Minus1)?)?;
+                let mut out: Option<Tensor> = None;
+                for (e, (w1, w2, w3)) in experts.iter().enumerate() {
+                    let y = swiglu(x, w1, w3, w2)?.broadcast_mul(&w.narrow(D::Minus1, e, 1)?)?;
+                    out = Some(match out {
+                        Some(o) => (o + y)?,
+                        None => y,
+                    });
+                }
+                let out = out.ok_or_else(|| Error::Runtime("mixture with no experts".into()))?;
+                Ok((out, Some(logits)))
+            }
+        }
+    }
+
+    fn detached(&self) -> Self {
+        match self {
+            Mlp::Dense { gate, up, down } => Mlp::Dense {
+                gate: gate.detached(),
+                up: up.detached(),
+                down: down.detached(),
+            },
+            Mlp::Moe { router, experts, top_k } => Mlp::Moe {
+                router: router.detached(),
+                experts: experts
+                    .iter()
+                    .map(|(a, b, c)| (a.detached(), b.detached(), c.detached()))
+                    .collect(),
+                top_k: *top_k,
+            },
+        }
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// A llama-family decoder: trainable (dense `Var`s) or frozen (possibly quantized).
+pub struct Llama {
+    cfg: LlamaConfig,
+    vars: Vec<(String, Var)>,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    head: Linear,
+    rope: Rope,
+    n_params: usize,
+    source: String,
+    tokenizer_id: Option<String>,
+    /// Frozen: use candle's fused RMSNorm/softmax/RoPE kernels (no backward, not needed).
+    fused: bool,
+}
+
+impl Llama {
+    /// A freshly initialised model; the init depends only on `seed` (drawn on the host in f32
+    /// and copied to `device`, so CPU and GPU runs start from the same weights).
+    pub fn init(cfg: LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut parts = HashMap::new();
+        for (name, shape, init) in param_specs(&cfg) {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = match init {
+                Init::Ones => vec![1.0; n],
+                Init::Zeros => vec![0.0; n],
+                Init::Normal(std) => {
+                    let normal = Normal::new(0.0f32, std as f32).map_err(|e| Error::Runtime(e.to_string()))?;
+                    (0..n).map(|_| normal.sample(&mut rng)).collect()
+                }
+            };
+            parts.insert(name, Part::Dense(Tensor::from_vec(data, shape, device)?));
+        }
+        Self::from_parts(cfg, parts, true, device, "fresh")
+    }
+
+    /// Builds the model from named parts (checked against [`param_specs`]). `trainable` wraps
+    /// every weight in a `Var` (all parts must be dense); otherwise quantized parts stay
+    /// quantized. `source` describes where the weights came from.
+    pub fn from_parts(
+        cfg: LlamaConfig,
+        mut parts: HashMap<String, Part>,
+        trainable: bool,
+        device: &Device,
+        source: &str,
+    ) -> Result<Self> {
+        let mut vars = Vec::new();
+        let mut n_params = 0;
+        let mut dense: HashMap<String, Tensor> = HashMap::new();
+        let mut quant: HashMap<String, Arc<QTensor>> = HashMap::new();
+        let tied_quant_head = match parts.get("model.embed_tokens.weight") {
+            Some(Part::Quantized(q)) if cfg.tie_embeddings => Some(q.clone()),
+            _ => None,
+        };
+        for (name, shape, _) in param_specs(&cfg) {
+            let part = parts
+                .remove(&name)
+                .ok_or_else(|| Error::input(format!("checkpoint ({source})"), format!("tensor `{name}` is missing")))?;
+            if part.dims() != shape {
+                return Err(Error::input(
+                    format!("checkpoint ({source})"),
+                    format!("tensor `{name}` has shape {:?}, expected {shape:?}", part.dims()),
+                ));
+            }
+            n_params += shape.iter().product::<usize>();
+            let is_matmul =
+                name.ends_with("proj.weight") || name.contains("block_sparse_moe") || name == "lm_head.weight";
+            match part {
+                Part::Quantized(q) if !trainable && is_matmul => {
+                    quant.insert(name, q);
+                }
+                part => {
+                    let t = part.dense(device, cfg.dtype)?;
+                    if trainable {
+                        let var = Var::from_tensor(&t)?;
+                        dense.insert(name.clone(), var.as_tensor().clone());
+                        vars.push((name, var));
+                    } else {
+                        dense.insert(name, t);
+                    }
+                }
+            }
+        }
+        let lin = |w: &str, b: Option<String>| -> Result<Linear> {
+            let bias = match b {
+                Some(b) => Some(
+                    dense
+                        .get(&b)
+                        .cloned()
+                        .ok_or_else(|| Error::Runtime(format!("missing tensor {b}")))?,
+                ),
+                None => None,
+            };
+            let weight = match (dense.get(w), quant.get(w)) {
+                (Some(t), _) => Weight::Dense(t.clone()),
+                (None, Some(q)) => Weight::Quantized(QMatMul::from_arc(q.clone())?),
+                (None, None) => return Err(Error::Runtime(format!("missing tensor {w}"))),
+            };
+            Ok(Linear { weight, bias })
+        };
+        let get = |n: &str| -> Result<Tensor> {
+            dense
+                .get(n)
+                .cloned()
+                .ok_or_else(|| Error::Runtime(format!("missing tensor {n}")))
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for l in 0..cfg.n_layer {
+            let p = |n: &str| format!("model.layers.{l}.{n}");
+            let proj = |n: &str, bias: bool| {
+                lin(
+                    &p(&format!("self_attn.{n}.weight")),
+                    bias.then(|| p(&format!("self_attn.{n}.bias"))),
+                )
+            };
+            let mlp = if cfg.n_experts == 0 {
+                Mlp::Dense {
+                    gate: lin(&p("mlp.gate_proj.weight"), None)?,
+                    up: lin(&p("mlp.up_proj.weight"), None)?,
+                    down: lin(&p("mlp.down_proj.weight"), None)?,
+                }
+            } else {
+                let e = |e: usize, w: &str| lin(&p(&format!("block_sparse_moe.experts.{e}.{w}.weight")), None);
+                Mlp::Moe {
+                    router: lin(&p("block_sparse_moe.gate.weight"), None)?,
+                    experts: (0..cfg.n_experts)
+                        .map(|i| Ok((e(i, "w1")?, e(i, "w2")?, e(i, "w3")?)))
+                        .collect::<Result<_>>()?,
+                    top_k: cfg.n_experts_used,
+                }
+            };
+            layers.push(Layer {
+                input_norm: get(&p("input_layernorm.weight"))?,
+                q: proj("q_proj", cfg.qkv_bias)?,
+                k: proj("k_proj", cfg.qkv_bias)?,
+                v: proj("v_proj", cfg.qkv_bias)?,
+                o: proj("o_proj", cfg.o_bias)?,
+                post_norm: get(&p("post_attention_layernorm.weight"))?,
+                mlp,
+            });
+        }
+        let embed = get("model.embed_tokens.weight")?;
+        let head = if cfg.tie_embeddings {
+            match tied_quant_head {
+                // As llama.cpp and candle-transformers do: the tied head multiplies by the
+                // quantized embedding, the lookup uses its dequantized copy.
+                Some(q) => Linear {
+                    weight: Weight::Quantized(QMatMul::from_arc(q)?),
+                    bias: None,
+                },
+                None => Linear::dense(embed.clone(), None),
+            }
+        } else {
+            lin("lm_head.weight", None)?
+        };
+        let rope = Rope::new(
+            cfg.head_dim(),
+            cfg.rope_theta,
+            cfg.context,
+            cfg.rope_interleaved,
+            DType::F32,
+            device,
+        )?;
+        Ok(Llama {
+            norm: get("model.norm.weight")?,
+            embed,
+            layers,
+            head,
+            rope,
+            vars,
+            n_params,
+            source: source.to_string(),
+            tokenizer_id: None,
+            fused: false,
+            cfg,
+        })
+    }
+
+    /// The resolved architecture.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Records the identity of the tokenizer the weights were trained with.
+    pub fn with_tokenizer_identity(mut self, id: Option<String>) -> Self {
+        self.tokenizer_id = id;
+        self
+    }
+
+    /// Trainable parameters (empty for a frozen model).
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// The same model with its weights cut off from autograd and no `Var`s: a frozen
+    /// teacher's forward pass builds no graph.
+    ///
+    /// A frozen model also switches to candle's fused RMSNorm, softmax and RoPE kernels: they
+    /// have no backward, which a teacher never needs, and they match candle-transformers'
+    /// inference code operation for operation.
+    pub fn frozen(mut self) -> Self {
+        self.vars.clear();
+        self.fused = true;
+        self.embed = self.embed.detach();
+        self.norm = self.norm.detach();
+        self.head = self.head.detached();
+        for l in &mut self.layers {
+            l.input_norm = l.input_norm.detach();
+            l.post_norm = l.post_norm.detach();
+            for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
+                *lin = lin.detached();
+            }
+            l.mlp = l.mlp.detached();
+        }
+        self
+    }
+
+    fn attention(
+        &self,
+        l: &Layer,
+        h: &Tensor,
+        mask: Option<&Tensor>,
+        want_probs: bool,
+        offset: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t, d) = h.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim());
+        let q = l.q.forward(h)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k =
+            l.k.forward(h)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+        let v =
+            l.v.forward(h)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+        let (q, k) = if self.fused {
+            (self.rope.apply_fused(&q, offset)?, self.rope.apply_fused(&k, offset)?)
+        } else {
+            (self.rope.apply_at(&q, offset)?, self.rope.apply_at(&k, offset)?)
+        };
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let k = repeat_kv(&k, nh / nkv)?;
+        let v = repeat_kv(&v, nh / nkv)?;
+        let scores = (q.matmul(&k.contiguous()?.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = if self.fused {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            softmax_last(&scores)?
+        };
+        let y = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, t, d))?;
+        Ok((l.o.forward(&y)?, want_probs.then_some(probs)))
+    }
+
+    /// Forward pass over token ids `[batch, seq]`: logits `[batch, seq, vocab]` and the taps
+    /// asked for (`hidden.{i}`, `attn.{i}`, `router_logits.{i}`).
+    pub fn forward_ids(&self, ids: &Tensor, taps: &TapSet) -> Result<Outputs> {
+        self.forward_inner(ids, taps, None)
+    }
+
+    /// An empty key/value cache for [`Llama::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.cfg.n_layer],
+            pos: 0,
+        }
+    }
+
+    /// Incremental decoding: logits `[batch, seq, vocab]` of `ids` `[batch, seq]` at positions
+    /// `cache.pos()..`, attending to every cached position; the new keys and values are
+    /// appended to `cache`. No taps, no gradient needed (use on frozen models).
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.forward_inner(ids, &TapSet::none(), Some(cache))?.logits)
+    }
+
+    fn forward_inner(&self, ids: &Tensor, taps: &TapSet, mut cache: Option<&mut KvCache>) -> Result<Outputs> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.pos);
+        if offset + t > self.rope.context() {
+            return Err(Error::Incompatible(format!(
+                "window of {} tokens is longer than the model context {}",
+                offset + t,
+                self.rope.context()
+            )));
+        }
+        let d = self.cfg.n_embd;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))?;
+        let mut out = BTreeMap::new();
+        if taps.wants_hidden(0) {
+            out.insert("hidden.0".to_string(), x.clone());
+        }
+        let mask = match t {
+            1 => None,
+            _ if offset == 0 => Some(causal_mask(t, x.dtype(), x.device())?),
+            _ => Some(causal_mask(offset + t, x.dtype(), x.device())?.narrow(0, offset, t)?),
+        };
+        let eps = self.cfg.rms_norm_eps;
+        let rms_norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+            if self.fused {
+                Ok(candle_nn::ops::rms_norm(x, w, eps as f32)?)
+            } else {
+                Ok(rms_norm(x, w, eps)?)
+            }
+        };
+        for (i, l) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &l.input_norm)?;
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let (a, probs) = self.attention(l, &h, mask.as_ref(), taps.wants_attention(i), offset, slot)?;
+            x = (x + a)?;
+            let h = rms_norm(&x, &l.post_norm)?;
+            let (m, router) = l.mlp.forward(&h)?;
+            x = (x + m)?;
+            if let Some(p) = probs {
+                out.insert(format!("attn.{i}"), p);
+            }
+            if let Some(r) = router.filter(|_| taps.contains(&format!("router_logits.{i}"))) {
+                out.insert(format!("router_logits.{i}"), r);
+            }
+            if taps.wants_hidden(i + 1) {
+                out.insert(format!("hidden.{}", i + 1), x.clone());
+            }
+        }
+        let x = rms_norm(&x, &self.norm)?;
+        let logits = self.head.forward(&x)?;
+        if let Some(c) = cache {
+            c.pos += t;
+        }
+        Ok(Outputs { logits, taps: out })
+    }
+}
+
+/// Keys and values of every position decoded so far, per layer (`[batch, kv_heads, pos, head_dim]`).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    pos: usize,
+}
+
+impl KvCache {
+    /// Positions cached.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+}
+
+/// Repeats each of the `kv` heads of `x` `[b, kv, t, d]` `n` times: `[b, kv * n, t, d]`
+/// (query head `j` reads key/value head `j / n`).
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, t, d))?
+        .reshape((b, kv * n, t, d))?)
+}
+
+impl Model for Llama {
+    fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs> {
+        self.forward_ids(&batch.input_ids, taps)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn context_len(&self) -> usize {
+        self.cfg.context
+    }
+
+    fn num_params(&self) -> usize {
+        self.n_params
+    }
+
+    fn available_taps(&self) -> Vec<String> {
+        let mut v = vec!["logits".to_string()];
+        v.extend((0..=self.cfg.n_layer).map(|i| format!("hidden.{i}")));
+        v.extend((0..self.cfg.n_layer).map(|i| format!("attn.{i}")));
+        if self.cfg.n_experts > 0 {
+            v.extend((0..self.cfg.n_layer).map(|i| format!("router_logits.{i}")));
+        }
+        v
+    }
+
+    fn describe(&self) -> String {
+        let c = &self.cfg;
+        let moe = if c.n_experts > 0 {
+            format!(" moe {}x top-{}", c.n_experts, c.n_experts_used)
+        } else {
+            String::new()
+        };
+        format!(
+            "llama {}L/{}d/{}h/{}kv mlp {}{moe} ctx {} vocab {} ({} params, {})",
+            c.n_layer,
+            c.n_embd,
+            c.n_head,
+            c.n_kv_head,
+            c.intermediate,
+            c.context,
+            c.vocab_size,
+            self.n_params,
+            self.source
+        )
+    }
+
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            layers: self.cfg.n_layer,
+            hidden: self.cfg.n_embd,
+            heads: self.cfg.n_head,
+            vocab: self.cfg.vocab_size,
+            context: self.cfg.context,
+            dtype: self.embed.dtype(),
+        }
+    }
+
+    fn tokenizer_identity(&self) -> Option<String> {
+        self.tokenizer_id.clone()
+    }
+}
+
+impl retort_core::Student for Llama {
+    fn vars(&self) -> Vec<(String, Var)> {
+        self.vars.clone()
+    }
+
+    fn save(&self, dir: &std::path::Path) -> Result<()> {
+        super::checkpoint::save_hf(self, dir)
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        self.cfg.to_hf_json()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::losses::ce::cross_entropy;
+    use retort_core::Params;
+
+    /// A tiny config from JSON params (vocab 11).
+    pub(crate) fn tiny_cfg(extra: serde_json::Value) -> LlamaConfig {
+        let mut v = serde_json::json!({"n_layer": 2, "n_embd": 8, "n_head": 4, "n_kv_head": 2, "intermediate": 12,
+                                       "context": 16, "vocab_size": 11, "init_std": 0.3, "rope_theta": 100.0});
+        for (k, x) in extra.as_object().expect("object") {
+            v[k] = x.clone();
+        }
+        let params = Params::new("student", v.as_object().expect("object").clone());
+        let p: super::super::LlamaParams = params.parse().expect("parse");
+        LlamaConfig::resolve(&p, &params, None, None).expect("resolve")
+    }
+
+    pub(crate) fn tiny(extra: serde_json::Value) -> Llama {
+        let mut m = Llama::init(tiny_cfg(extra), 7, &Device::Cpu).expect("init");
+        // Norm weights and biases start at 1 and 0; perturb them so every gradient path is generic.
+        for (n, v) in &m.vars {
+            if !n.ends_with("proj.weight") && !n.contains("embed") && !n.contains("lm_head") && !n.contains("moe") {
+                let noise = (v.as_tensor().randn_like(0.0, 0.2).expect("r") + v.as_tensor()).expect("a");
+                v.set(&noise).expect("set");
+            }
+        }
+        m.source = "test".into();
+        m
+    }
+
+    pub(crate) fn batch(t: usize) -> Batch {
+        let ids: Vec<u32> = (0..2 * t).map(|i| ((i * 5 + 3) % 11) as u32).collect();
+        let tg: Vec<u32> = (0..2 * t).map(|i| ((i * 3 + 1) % 11) as u32).collect();
+        Batch {
+            input_ids: Tensor::from_vec(ids, (2, t), &Device::Cpu).expect("ids"),
+            targets: Tensor::from_vec(tg, (2, t), &Device::Cpu).expect("tg"),
+            mask: None,
+        }
+    }
+
+    fn loss(m: &Llama, b: &Batch) -> Tensor {
+        let out = m.forward(b, &TapSet::none()).expect("fwd");
+        cross_entropy(&out.logits, &b.targets, None, 0.0).expect("ce")
+    }
+
+    #[test]
+    fn every_parameter_gets_a_finite_nonzero_gradient() {
+        for extra in [
+            serde_json::json!({}),
+            serde_json::json!({"tie_embeddings": false, "qkv_bias": true, "n_kv_head": 1}),
+            serde_json::json!({"n_experts": 4, "n_experts_used": 2}),
+        ] {
+            let m = tiny(extra.clone());
+            let grads = loss(&m, &batch(8)).backward().expect("bwd");
+            assert!(!m.vars.is_empty());
+            for (name, var) in &m.vars {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{extra}: no gradient for {name}"));
+                let v: Vec<f32> = g.flatten_all().expect("f").to_vec1().expect("v");
+                assert!(
+                    v.iter().all(|x| x.is_finite()),
+                    "{extra}: non-finite gradient for {name}"
+                );
+                assert!(v.iter().any(|x| *x != 0.0), "{extra}: all-zero gradient for {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for extra in [
+            serde_json::json!({"dtype": "f64", "tie_embeddings": false, "qkv_bias": true}),
+            serde_json::json!({"dtype": "f64", "n_experts": 3, "n_experts_used": 2, "n_layer": 1}),
+        ] {
+            let m = tiny(extra.clone());
+            let b = batch(5);
+            let grads = loss(&m, &b).backward().expect("bwd");
+            let h = 1e-5;
+            for (name, var) in &m.vars {
+                let g: Vec<f64> = grads
+                    .get(var.as_tensor())
+                    .expect("grad")
+                    .flatten_all()
+                    .expect("f")
+                    .to_vec1()
+                    .expect("v");
+                let w0: Vec<f64> = var.as_tensor().flatten_all().expect("f").to_vec1().expect("v");
+                for &idx in &[0, w0.len() / 2, w0.len() - 1] {
+                    let eval = |delta: f64| -> f64 {
+                        let mut w = w0.clone();
+                        w[idx] += delta;
+                        var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).expect("t"))
+                            .expect("set");
+                        loss(&m, &b).to_scalar::<f64>().expect("s")
+                    };
+                    let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+                    eval(0.0);
+                    let analytic = g[idx];
+                    let err = (numeric - analytic).abs() / (1e-6 + numeric.abs().max(analytic.abs()));
+                    assert!(
+                        err < 1e-4,
+                        "{extra} {name}[{idx}]: analytic {analytic} vs numeric {numeric}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn taps_have_the_transformer_names_and_shapes() {
+        let m = tiny(serde_json::json!({"n_experts": 2, "n_experts_used": 1}));
+        let b = batch(4);
+        assert!(m.forward(&b, &TapSet::none()).expect("fwd").taps.is_empty());
+        let taps: TapSet = ["hidden.0", "hidden.2", "attn.1", "router_logits.0"]
+            .into_iter()
+            .collect();
+        let out = m.forward(&b, &taps).expect("fwd");
+        assert_eq!(out.logits.dims(), &[2, 4, 11]);
+        assert_eq!(out.tap("hidden.2").expect("h").dims(), &[2, 4, 8]);
+        assert_eq!(out.tap("router_logits.0").expect("r").dims(), &[2, 4, 2]);
+        let a: Vec<Vec<f32>> = out
+            .tap("attn.1")
+            .expect("a")
+            .get(0)
+            .expect("g")
+            .get(3)
+            .expect("g")
+            .to_vec2()
+            .expect("v");
+        assert!((a[0][0] - 1.0).abs() < 1e-6 && a[0][1] == 0.0);
+        for row in &a {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+        assert!(m.available_taps().contains(&"router_logits.1".to_string()));
+    }
+
+    #[test]
+    fn bf16_parameters_train() {
+        let m = tiny(serde_json::json!({"dtype": "bf16"}));
+        let out = m.forward(&batch(4), &TapSet::none()).expect("fwd");
+        assert_eq!(out.logits.dtype(), DType::BF16);
+        let l = cross_entropy(
+            &out.logits.to_dtype(DType::F32).expect("f32"),
+            &batch(4).targets,
+            None,
+            0.0,
+        )
+        .expect("ce");
+        let grads = l.backward().expect("bwd");
+        assert!(m.vars.iter().all(|(_, v)| grads.get(v.as_tensor()).is_some()));
+    }
+
+    #[test]
+    fn cached_decoding_matches_full_forward() {
+        for frozen in [false, true] {
+            let m = tiny(serde_json::json!({"n_kv_head": 1}));
+            let m = if frozen { m.frozen() } else { m };
+            let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6]], &Device::Cpu).expect("ids");
+            let full = m.forward_ids(&ids, &TapSet::none()).expect("f").logits;
+            let mut cache = m.new_cache();
+            let a = m
+                .forward_cached(&ids.narrow(1, 0, 3).expect("n"), &mut cache)
+                .expect("prefill");
+            let b = m
+                .forward_cached(&ids.narrow(1, 3, 1).expect("n"), &mut cache)
+                .expect("step");
+            let c = m
+                .forward_cached(&ids.narrow(1, 4, 2).expect("n"), &mut cache)
+                .expect("step");
+            assert_eq!(cache.pos(), 6);
+            let inc = Tensor::cat(&[a, b, c], 1).expect("cat");
+            let d = (full - inc)
+                .expect("d")
+                .abs()
+                .expect("a")
+                .max_all()
+                .expect("m")
+                .to_scalar::<f32>()
+                .expect("s");
+            assert!(d < 1e-5, "frozen {frozen}: {d}");
+        }
+    }
+
+    #[test]
+    fn causal_logits_do_not_depend_on_later_tokens() {
+        let m = tiny(serde_json::json!({}));
+        let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).expect("ids");
+        let ids2 = Tensor::new(&[[1u32, 2, 3, 9]], &Device::Cpu).expect("ids");
+        let a = m
+            .forward_ids(&ids, &TapSet::none())
+            .expect("f")
+            .logits
+            .narrow(1, 0, 3)
+            .expect("n");
+        let b = m
+            .forward_ids(&ids2, &TapSet::none())
+            .expect("f")
+            .logits
+            .narrow(1, 0, 3)
+            .expect("n");
+        let d = (a - b)
+            .expect("d")
+            .abs()
+            .expect("a")
+            .max_all()
+            .expect("m")
+            .to_scalar::<f32>()
+            .expect("s");
+        assert!(d < 1e-6, "{d}");
+    }
+}

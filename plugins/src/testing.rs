@@ -1,0 +1,75 @@
+//! Fixtures for tests (here and in the end-to-end suites): tiny GGUF llama models with a real
+//! byte-level BPE tokenizer in their metadata, written with candle's GGUF writer, so no test
+//! depends on a download.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+
+use retort_core::{Params, Result};
+
+use crate::models::llama::gguf::save_gguf;
+use crate::models::llama::{Llama, LlamaConfig, LlamaParams};
+
+/// Tokens of [`tiny_bpe_metadata`]: 3 control tokens, 256 byte symbols, 3 merges.
+pub const TINY_BPE_TOKENS: usize = 262;
+
+/// `tokenizer.ggml.*` metadata of a tiny byte-level BPE (SmolLM's pre-tokenizer): the control
+/// tokens `<|endoftext|>` (0), `<|im_start|>` (1, bos), `<|im_end|>` (2, eos and pad), the 256
+/// byte symbols, and the merges `Ġ t`, `h e`, `Ġt he`. With `pad_to` rows, the model may have
+/// more rows than the tokenizer has tokens (a padded vocabulary).
+pub fn tiny_bpe_metadata() -> Vec<(String, Value)> {
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+        .into_iter()
+        .collect();
+    alphabet.sort();
+    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    tokens.extend(alphabet.iter().map(|c| c.to_string()));
+    tokens.extend(["Ġt", "he", "Ġthe"].iter().map(|s| s.to_string()));
+    let types: Vec<Value> = (0..tokens.len())
+        .map(|i| Value::I32(if i < 3 { 3 } else { 1 }))
+        .collect();
+    let s = |x: &str| Value::String(x.into());
+    vec![
+        ("tokenizer.ggml.model".into(), s("gpt2")),
+        ("tokenizer.ggml.pre".into(), s("smollm")),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(["Ġ t", "h e", "Ġt he"].iter().map(|m| s(m)).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.padding_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+    ]
+}
+
+/// A fresh llama from JSON params (see [`LlamaParams`]).
+pub fn llama(params: serde_json::Value, seed: u64) -> Result<Llama> {
+    let params = Params::new("model", params.as_object().cloned().unwrap_or_default());
+    let p: LlamaParams = params.parse()?;
+    let cfg = LlamaConfig::resolve(&p, &params, None, None)?;
+    Llama::init(cfg, seed, &Device::Cpu)
+}
+
+/// Writes a tiny GGUF llama teacher (`rows` output rows, at least [`TINY_BPE_TOKENS`]; width
+/// 32, 2 blocks, GQA 4/2 heads) with the tiny BPE in its metadata; weights as `quant`.
+pub fn write_tiny_gguf(path: &Path, rows: usize, quant: GgmlDType, seed: u64) -> Result<Llama> {
+    let m = llama(
+        serde_json::json!({"n_layer": 2, "n_embd": 32, "n_head": 4, "n_kv_head": 2, "intermediate": 64,
+                           "context": 64, "vocab_size": rows, "init_std": 0.2}),
+        seed,
+    )?;
+    save_gguf(&m, path, quant, &tiny_bpe_metadata())?;
+    Ok(m)
+}
