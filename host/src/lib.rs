@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config_load;
 pub mod device;
 pub mod eval;
+pub mod kdbench;
 pub mod optim;
 pub mod pipeline;
 pub mod plugin_loader;
