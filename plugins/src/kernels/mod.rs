@@ -1,4 +1,6 @@
-//! Fused CPU kernels as candle `CustomOp`s with a real backward.
+//! Fused CPU kernels as candle `CustomOp`s with a real backward: the logit-distillation losses
+//! (`divergence`, `topk`, `cross_entropy`) and the transformer's `softmax`, `layer_norm` and
+//! `gelu`.
 //!
 //! candle composes a KD loss out of a dozen full-size `[tokens, vocab]` temporaries; the kernels
 //! here make one or two passes over each row instead (max / log-sum-exp / divergence, then the
@@ -12,7 +14,10 @@
 pub mod cross_entropy;
 pub mod divergence;
 pub mod fastmath;
+pub mod gelu;
+pub mod layer_norm;
 pub mod rows;
+pub mod softmax;
 pub mod topk;
 
 use candle_core::{DType, Tensor};

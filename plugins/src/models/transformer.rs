@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use retort_core::{fsutil, Batch, Error, Model, ModelInfo, Outputs, Params, Result, Student, TapSet};
 
-use super::nn::{causal_mask, layer_norm, linear, softmax_last};
+use super::nn::{causal_mask, causal_softmax, gelu, layer_norm, linear};
 
 /// Activation of the MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -400,14 +400,13 @@ impl Transformer {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
-        let probs = softmax_last(&scores)?;
+        let probs = causal_softmax(&q.matmul(&k.t()?)?, &mask)?;
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         let x = (x + linear(&y, &blk.attn_proj.0, &blk.attn_proj.1)?)?;
         let h = layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, eps)?;
         let a = linear(&h, &blk.c_fc.0, &blk.c_fc.1)?;
         let a = match self.cfg.activation {
-            Activation::Gelu => a.gelu()?,
+            Activation::Gelu => gelu(&a)?,
             Activation::Relu => a.relu()?,
         };
         let x = (x + linear(&a, &blk.mlp_proj.0, &blk.mlp_proj.1)?)?;
