@@ -158,6 +158,43 @@ impl KdStep {
         Ok(total.to_dtype(DType::F64)?.to_scalar::<f64>()?)
     }
 
+    /// One step like [`KdStep::step`], returning the seconds spent in teacher forward, student
+    /// forward, loss, backward and AdamW.
+    pub fn phases(&mut self) -> Result<(f64, f64, f64, f64, f64)> {
+        let batch = self.batch()?;
+        let none = TapSet::none();
+        let t0 = Instant::now();
+        let t_out = self.teacher.forward(&batch, &none)?;
+        let t1 = Instant::now();
+        let s_out = self.student.forward(&batch, &none)?;
+        let t2 = Instant::now();
+        let ctx = StepContext {
+            batch: &batch,
+            student: &s_out,
+            teacher: Some(&t_out),
+            progress: Progress::new(0, 1),
+            token_weights: None,
+        };
+        let mut total: Option<Tensor> = None;
+        for (w, term) in &self.terms {
+            let v = (term.compute(&ctx)? * *w)?;
+            total = Some(match total {
+                Some(t) => (t + v)?,
+                None => v,
+            });
+        }
+        let total = total.ok_or_else(|| retort_core::Error::Runtime("no loss terms".into()))?;
+        let t3 = Instant::now();
+        let store = total.backward()?;
+        let t4 = Instant::now();
+        let grads = self.opt.collect_grads(&store)?;
+        self.opt.step(grads, 3e-4, 0.0)?;
+        total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let t5 = Instant::now();
+        let s = |a: Instant, b: Instant| (b - a).as_secs_f64();
+        Ok((s(t0, t1), s(t1, t2), s(t2, t3), s(t3, t4), s(t4, t5)))
+    }
+
     /// The AdamW update alone (the gradients of one step, reused), for the optimizer bench.
     pub fn adamw_only(&mut self) -> Result<impl FnMut() -> Result<()> + '_> {
         let batch = self.batch()?;
