@@ -8,6 +8,7 @@
 #   PYTHON=/path/to/python   an interpreter with torch (default: python3)
 #   TORCH_REF=...            the PyTorch script (default ../shared/bench/torch_kd_reference.py)
 #   CANDLE_NUM_THREADS=N     candle's thread count (default: all cores, like torch's 2 threads)
+#   RETORT_KD_STEP=PATH      another build of the kd_step example (e.g. of an older commit)
 #   TORCH_THREADS=N          override the reference script's torch.set_num_threads(2)
 # Each round runs retort then torch (20 steps after 3 warm-up steps each); the script prints
 # every round's median ms/step, the median over rounds, and torch/retort throughput ratio
@@ -19,8 +20,8 @@ rounds="${1:-5}"
 steps="${2:-20}"
 py="${PYTHON:-python3}"
 ref="${TORCH_REF:-../shared/bench/torch_kd_reference.py}"
-cargo build --release -q -p retort-host --example kd_step
-bin=target/release/examples/kd_step
+[ -n "${RETORT_KD_STEP:-}" ] || cargo build --release -q -p retort-host --example kd_step
+bin="${RETORT_KD_STEP:-target/release/examples/kd_step}"
 have_torch=1
 if ! "$py" -c "import torch" >/dev/null 2>&1; then
   echo "note: '$py' cannot import torch; timing retort only (see docs/performance.md)" >&2
@@ -29,8 +30,10 @@ fi
 [ -f "$ref" ] || { echo "no PyTorch reference script at $ref" >&2; have_torch=0; }
 r_ms=(); t_ms=()
 for i in $(seq 1 "$rounds"); do
-  line=$("$bin" "$steps" | head -1)
+  out=$("$bin" "$steps")
+  line=$(head -1 <<<"$out")
   echo "round $i retort: $line"
+  echo "round $i retort: $(tail -1 <<<"$out")"
   r_ms+=("$(sed -E 's/.*median ([0-9.]+) ms\/step.*/\1/' <<<"$line")")
   if [ "$have_torch" = 1 ]; then
     if [ -n "${TORCH_THREADS:-}" ]; then

@@ -72,12 +72,18 @@ pub fn layer_norm_composite(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
-/// `x @ w + b` with `w` stored `[in, out]` (the GPT-2 `Conv1D` layout), for `x` of any rank.
+/// `x @ w + b` with `w` stored `[in, out]` (the GPT-2 `Conv1D` layout), for `x` of any rank;
+/// the bias add is the fused kernel on CPU f32/f64.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (inp, out) = w.dims2()?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, inp))?.matmul(w)?.broadcast_add(b)?;
+    let y = x.reshape((rows, inp))?.matmul(w)?;
+    let y = if kernels::fusable(&y) && b.dtype() == y.dtype() {
+        kernels::bias::add_bias(&y, b)?
+    } else {
+        y.broadcast_add(b)?
+    };
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank >= 1 checked by reshape") = out;
     y.reshape(out_dims)
