@@ -240,7 +240,7 @@ pub fn row_max<T: Real>(x: &[T]) -> T {
 
 /// Elements per block of the lane-wise reductions: each lane sums `BLOCK / LANES` values in the
 /// element type before the block total is added in f64 (so f32 rounding stays at ~1e-7).
-const BLOCK: usize = 32 * LANES;
+pub const BLOCK: usize = 32 * LANES;
 
 /// `sum_v f(x_v, y_v)` for `K` quantities at once, over two equally long rows: lane-wise in the
 /// element type within blocks, f64 across blocks. `f` must be branch-free (selects only) for
