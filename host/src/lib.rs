@@ -11,6 +11,7 @@ pub mod device;
 pub mod eval;
 pub mod eval_cmd;
 pub mod generate;
+pub mod kdbench;
 pub mod optim;
 pub mod pipeline;
 pub mod plot;

@@ -1,9 +1,11 @@
-//! Peak memory and time of one KD loss forward+backward at LLM scale, dense `kl` against
-//! `topk_kl` fed a sparse teacher (as from a logit cache).
+//! Peak memory and time of one KD loss forward+backward at LLM scale: the dense logit terms
+//! (`kl`, `reverse_kl`, `jsd`, `ce`) and `topk_kl` fed a sparse teacher (as from a logit cache),
+//! each by its fused kernel (default) or composed of candle ops (`--composite`).
 //!
-//! `cargo run --release -p retort-plugins --example loss_memory -- kl|topk_kl [N] [V] [K]`
-//! (defaults N = 2048 tokens, V = 50257, K = 64). Prints the peak resident set (VmHWM from
-//! /proc/self/status, Linux) so the two can be compared run against run.
+//! `cargo run --release -p retort-plugins --example loss_memory -- KIND [N] [V] [K] [--composite] [--reps R]`
+//! (defaults N = 2048 tokens, V = 50257, K = 64, R = 1). Prints each repetition's time, the
+//! median, and the peak resident set (VmHWM from /proc/self/status, Linux) so runs can be
+//! compared; run one configuration per process, since the peak is per process.
 
 use std::time::Instant;
 
@@ -23,7 +25,26 @@ fn peak_rss_mib() -> Option<f64> {
 
 fn main() -> Result<()> {
     retort_plugins::link();
-    let args: Vec<String> = std::env::args().collect();
+    let all: Vec<String> = std::env::args().collect();
+    let composite = all.iter().any(|a| a == "--composite");
+    let reps: usize = all
+        .iter()
+        .position(|a| a == "--reps")
+        .and_then(|i| all.get(i + 1))
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1);
+    let mut args: Vec<String> = Vec::new();
+    let mut skip = false;
+    for a in &all {
+        if skip {
+            skip = false;
+        } else if a == "--reps" {
+            skip = true;
+        } else if !a.starts_with("--") {
+            args.push(a.clone());
+        }
+    }
     let kind = args.get(1).map(String::as_str).unwrap_or("kl");
     let n: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(2048);
     let v: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(50257);
@@ -42,16 +63,19 @@ fn main() -> Result<()> {
         .into_iter()
         .find(|f| f.kind == kind)
         .with_context(|| format!("no loss kind {kind}"))?;
-    let params = match kind {
-        "kl" => serde_json::json!({"temperature": 1.0}),
+    let mut params = match kind {
+        "kl" | "reverse_kl" => serde_json::json!({"temperature": 2.0}),
+        "jsd" => serde_json::json!({"beta": 0.5}),
+        "ce" => serde_json::json!({"label_smoothing": 0.1}),
         "topk_kl" => serde_json::json!({ "k": k }),
-        _ => bail!("expected kl or topk_kl"),
+        _ => bail!("expected kl, reverse_kl, jsd, ce or topk_kl"),
     };
+    params["fused"] = (!composite).into();
     let term = (factory.build)(
         &Params::new("loss[0]", params.as_object().context("object")?.clone()),
         &ctx,
     )?;
-    let teacher = if kind == "kl" {
+    let teacher = if kind != "topk_kl" {
         let t: Vec<f32> = (0..n * v).map(|_| rng.random_range(-3.0..3.0)).collect();
         Outputs::logits_only(Tensor::from_vec(t, (1, n, v), &dev)?)
     } else {
@@ -71,14 +95,14 @@ fn main() -> Result<()> {
             .insert(format!("topk.{k}.logprobs"), Tensor::from_vec(lp, (1, n, k), &dev)?);
         o
     };
-    let ids = Tensor::zeros((1, n), DType::U32, &dev)?;
+    let ids: Vec<u32> = (0..n).map(|i| ((i * 31) % v) as u32).collect();
+    let ids = Tensor::from_vec(ids, (1, n), &dev)?;
     let batch = Batch {
         input_ids: ids.clone(),
         targets: ids,
         mask: None,
     };
     let before = peak_rss_mib();
-    let start = Instant::now();
     let s = Outputs::logits_only(student.as_tensor().clone());
     let ctx = StepContext {
         batch: &batch,
@@ -87,15 +111,28 @@ fn main() -> Result<()> {
         progress: Progress::new(0, 1),
         token_weights: None,
     };
-    let loss = term.compute(&ctx)?;
-    let grads = loss.backward()?;
-    let g = grads.get(student.as_tensor()).context("student gradient")?;
-    let gsum = g.abs()?.sum_all()?.to_scalar::<f32>()?;
-    let elapsed = start.elapsed().as_secs_f64();
+    let (mut times, mut fwd_times) = (Vec::new(), Vec::new());
+    let (mut lv, mut gsum) = (0f32, 0f32);
+    for _ in 0..reps {
+        let start = Instant::now();
+        let loss = term.compute(&ctx)?;
+        lv = loss.to_scalar::<f32>()?;
+        let fwd = start.elapsed().as_secs_f64();
+        let grads = loss.backward()?;
+        let g = grads.get(student.as_tensor()).context("student gradient")?;
+        times.push(start.elapsed().as_secs_f64());
+        fwd_times.push(fwd);
+        gsum = g.abs()?.sum_all()?.to_scalar::<f32>()?;
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    fwd_times.sort_by(f64::total_cmp);
+    let fwd_median = fwd_times[fwd_times.len() / 2];
     println!(
-        "{kind}: N={n} V={v} K={k} loss={:.5} |grad|_1={gsum:.3} time={:.3}s peak_rss_before_loss={:.0}MiB peak_rss={:.0}MiB",
-        loss.to_scalar::<f32>()?,
-        elapsed,
+        "{kind} ({}): N={n} V={v} K={k} loss={lv:.5} |grad|_1={gsum:.3} times={:?} median={median:.3}s (forward {fwd_median:.3}s) peak_rss_before_loss={:.0}MiB peak_rss={:.0}MiB",
+        if composite { "composite" } else { "fused" },
+        times.iter().map(|t| (t * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
         before.unwrap_or(f64::NAN),
         peak_rss_mib().unwrap_or(f64::NAN)
     );

@@ -2,6 +2,7 @@
 //! with `inventory::submit!` exactly as a statically linked third-party plugin would.
 
 pub mod data;
+pub mod kernels;
 pub mod losses;
 pub mod models;
 pub mod observers;

@@ -17,7 +17,9 @@ use serde::Deserialize;
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, LossTerm, Params, Result, StepContext};
 
+use super::logit::yes;
 use super::masked_mean;
+use crate::kernels;
 use crate::models::nn::log_softmax_last;
 
 /// Params of `ce`.
@@ -27,15 +29,34 @@ pub struct CeParams {
     /// Label smoothing in `[0, 1)`. Default 0.
     #[serde(default)]
     pub label_smoothing: f64,
+    /// Use the fused single-pass CPU kernel (default true); `false` composes candle ops.
+    #[serde(default = "yes")]
+    pub fused: bool,
 }
 
 /// Cross-entropy with hard labels.
 pub struct CrossEntropy {
     label_smoothing: f64,
+    fused: bool,
 }
 
-/// Mean cross-entropy of `logits [b, t, v]` against `targets [b, t]` over the masked tokens.
+/// Mean cross-entropy of `logits [b, t, v]` against `targets [b, t]` over the masked tokens:
+/// the fused kernel for CPU f32/f64 logits, [`composite_cross_entropy`] otherwise.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>, label_smoothing: f64) -> Result<Tensor> {
+    if kernels::fusable(logits) {
+        let per_token = kernels::cross_entropy::per_token(logits, targets, label_smoothing)?;
+        return masked_mean(&per_token, mask);
+    }
+    composite_cross_entropy(logits, targets, mask, label_smoothing)
+}
+
+/// [`cross_entropy`] composed of candle ops (the reference, and the path off the CPU).
+pub fn composite_cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: Option<&Tensor>,
+    label_smoothing: f64,
+) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let logp = log_softmax_last(&logits.reshape((b * t, v))?)?;
     let nll = logp.gather(&targets.reshape((b * t, 1))?, 1)?.neg()?;
@@ -50,7 +71,12 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>, l
 
 impl LossTerm for CrossEntropy {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
-        cross_entropy(
+        let f = if self.fused {
+            cross_entropy
+        } else {
+            composite_cross_entropy
+        };
+        f(
             &ctx.student.logits,
             &ctx.batch.targets,
             ctx.batch.mask.as_ref(),
@@ -72,6 +98,7 @@ fn build(params: &Params, _ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
     }
     Ok(Box::new(CrossEntropy {
         label_smoothing: p.label_smoothing,
+        fused: p.fused,
     }))
 }
 
@@ -157,6 +184,16 @@ mod tests {
             };
             let num = (f(1e-6) - f(-1e-6)) / 2e-6;
             assert!((num - g[i]).abs() < 1e-7, "{i}: {num} vs {}", g[i]);
+        }
+    }
+
+    #[test]
+    fn fused_matches_composite_with_weights_mask_and_smoothing() {
+        for eps in [0.0, 0.1] {
+            super::super::logit::testutil::check_fused_matches_composite(
+                super::build,
+                serde_json::json!({ "label_smoothing": eps }),
+            );
         }
     }
 

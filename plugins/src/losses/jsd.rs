@@ -20,7 +20,8 @@ use serde::Deserialize;
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
 
-use super::logit::{log_mix, one, Tempered};
+use super::logit::{log_mix, one, yes, Tempered};
+use crate::kernels::divergence::Divergence as FusedKind;
 
 /// Params of `jsd`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -35,6 +36,9 @@ pub struct JsdParams {
     /// Multiply by `T^2`. Default false.
     #[serde(default)]
     pub scale_by_t2: bool,
+    /// Use the fused single-pass CPU kernel (default true); `false` composes candle ops.
+    #[serde(default = "yes")]
+    pub fused: bool,
 }
 
 fn half() -> ScalarSpec {
@@ -45,6 +49,7 @@ fn half() -> ScalarSpec {
 pub struct Jsd {
     beta: Scalar,
     tempered: Tempered,
+    fused: bool,
 }
 
 /// Per-token `JSD_beta(p_t, p_s)` from log-probabilities `ls`, `lt`, shape `[.., v] -> [..]`.
@@ -62,8 +67,14 @@ pub fn jsd_per_token(ls: &Tensor, lt: &Tensor, beta: f64) -> Result<Tensor> {
 
 impl LossTerm for Jsd {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
+        let beta = self.beta.at(ctx.progress);
+        if self.fused {
+            if let Some((per_token, t)) = self.tempered.fused(ctx, FusedKind::Jsd(beta))? {
+                return self.tempered.reduce(&per_token, ctx, t);
+            }
+        }
         let (ls, lt, t) = self.tempered.log_probs(ctx)?;
-        let per_token = jsd_per_token(&ls, &lt, self.beta.at(ctx.progress))?;
+        let per_token = jsd_per_token(&ls, &lt, beta)?;
         self.tempered.reduce(&per_token, ctx, t)
     }
     fn needs_teacher(&self) -> bool {
@@ -81,6 +92,7 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
     Ok(Box::new(Jsd {
         beta: p.beta.build_in(&params.key_path("beta"), ctx, 0.0, 1.0)?,
         tempered: Tempered::new(params, ctx, &p.temperature, p.scale_by_t2)?,
+        fused: p.fused,
     }))
 }
 
@@ -132,6 +144,16 @@ mod tests {
         for beta in [0.3, 1.0] {
             let term = build_term(super::build, serde_json::json!({ "beta": beta })).expect("build");
             check_gradient(term.as_ref());
+        }
+    }
+
+    #[test]
+    fn fused_matches_composite_with_weights_mask_and_temperature() {
+        for (beta, t) in [(0.5, 1.0), (0.1, 2.0), (0.0, 1.5), (1.0, 1.0)] {
+            check_fused_matches_composite(
+                super::build,
+                serde_json::json!({"beta": beta, "temperature": t, "scale_by_t2": true}),
+            );
         }
     }
 

@@ -17,10 +17,20 @@ use candle_core::{Tensor, D};
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, LossTerm, Params, Result};
 
-use super::logit::{tempered_log_probs, DivergenceTerm, TemperatureParams};
+use crate::kernels::{self, divergence::Divergence as FusedKind};
 
-/// Per-token `sum_v p_t (log p_t - log p_s)` at temperature `t`, shape `[b, s]`.
+use super::{as_float, check_same_shape};
+
+use super::logit::{tempered_log_probs, DivergenceTerm, FusableParams};
+
+/// Per-token `sum_v p_t (log p_t - log p_s)` at temperature `t`, shape `[b, s]`: the fused
+/// kernel for CPU f32/f64 logits, composed candle ops otherwise.
 pub fn kl_per_token(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
+    let (zs, zt) = (as_float(student)?, as_float(teacher)?);
+    if kernels::fusable(&zs) {
+        check_same_shape(&zs, &zt)?;
+        return Ok(kernels::divergence::per_token(&zs, &zt, t, FusedKind::Forward)?);
+    }
     let (ls, lt) = tempered_log_probs(student, teacher, t)?;
     forward_kl_from_log_probs(&ls, &lt)
 }
@@ -31,10 +41,11 @@ pub fn forward_kl_from_log_probs(ls: &Tensor, lt: &Tensor) -> Result<Tensor> {
 }
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
-    Ok(Box::new(DivergenceTerm::build(
+    Ok(Box::new(DivergenceTerm::build_fusable(
         params,
         ctx,
         forward_kl_from_log_probs,
+        FusedKind::Forward,
         true,
     )?))
 }
@@ -43,7 +54,7 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "kl",
         description: "forward KL(teacher || student) at temperature T, scaled by T^2 (Hinton et al. 2015)",
-        build, params: retort_core::registry::params_schema::<TemperatureParams> }
+        build, params: retort_core::registry::params_schema::<FusableParams> }
 }
 
 #[cfg(test)]
@@ -105,6 +116,17 @@ mod tests {
     fn gradient_matches_finite_difference() {
         let term = build_term(super::build, serde_json::json!({"temperature": 2.0})).expect("build");
         check_gradient(term.as_ref());
+    }
+
+    #[test]
+    fn fused_matches_composite_with_weights_mask_and_temperature() {
+        for t in [1.0, 2.5] {
+            check_fused_matches_composite(super::build, serde_json::json!({ "temperature": t }));
+        }
+        check_fused_matches_composite(
+            super::build,
+            serde_json::json!({"temperature": 0.7, "scale_by_t2": false}),
+        );
     }
 
     #[test]

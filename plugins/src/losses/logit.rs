@@ -7,6 +7,7 @@ use serde::Deserialize;
 use retort_core::{BuildContext, Error, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
 
 use super::{as_float, check_same_shape, masked_mean};
+use crate::kernels::{self, divergence::Divergence as FusedKind};
 use crate::models::nn::log_softmax_last;
 
 /// Temperature and `T^2` scaling of one logit term.
@@ -27,6 +28,27 @@ impl Tempered {
     /// `T` at `progress`.
     pub fn temperature(&self, progress: Progress) -> f64 {
         self.temperature.at(progress)
+    }
+
+    /// The teacher's logits, or an error if the step has no teacher outputs.
+    pub fn teacher_logits<'a>(&self, ctx: &'a StepContext) -> Result<&'a Tensor> {
+        Ok(&ctx
+            .teacher
+            .ok_or_else(|| Error::Runtime("a logit distillation term needs teacher outputs".into()))?
+            .logits)
+    }
+
+    /// Per-token divergence `[b, s]` by the fused kernel at the step's temperature, when the
+    /// student's logits can take the fused path ([`kernels::fusable`]); `None` otherwise.
+    pub fn fused(&self, ctx: &StepContext, kind: FusedKind) -> Result<Option<(Tensor, f64)>> {
+        let zs = as_float(&ctx.student.logits)?;
+        if !kernels::fusable(&zs) {
+            return Ok(None);
+        }
+        let zt = as_float(self.teacher_logits(ctx)?)?;
+        check_same_shape(&zs, &zt)?;
+        let t = self.temperature(ctx.progress);
+        Ok(Some((kernels::divergence::per_token(&zs, &zt, t, kind)?, t)))
     }
 
     /// Student and teacher log-probabilities at the step's temperature, `[b, s, v]` each.
@@ -65,21 +87,47 @@ pub type Divergence = fn(&Tensor, &Tensor) -> Result<Tensor>;
 pub struct DivergenceTerm {
     tempered: Tempered,
     divergence: Divergence,
+    /// The fused kernel computing the same divergence, if there is one and it is enabled.
+    fused: Option<FusedKind>,
 }
 
 impl DivergenceTerm {
-    /// Builds from `temperature` / `scale_by_t2` params with the term's default for the latter.
+    /// Builds from `temperature` / `scale_by_t2` params with the term's default for the latter
+    /// (a term without a fused kernel).
     pub fn build(params: &Params, ctx: &BuildContext, divergence: Divergence, t2_default: bool) -> Result<Self> {
         let p: TemperatureParams = params.parse()?;
         Ok(DivergenceTerm {
             tempered: Tempered::new(params, ctx, &p.temperature, p.scale_by_t2.unwrap_or(t2_default))?,
             divergence,
+            fused: None,
+        })
+    }
+
+    /// Builds from [`FusableParams`]: the fused kernel `kind` computes the step unless
+    /// `fused = false`; `divergence` is the composite reference (and the path off the CPU).
+    pub fn build_fusable(
+        params: &Params,
+        ctx: &BuildContext,
+        divergence: Divergence,
+        kind: FusedKind,
+        t2_default: bool,
+    ) -> Result<Self> {
+        let p: FusableParams = params.parse()?;
+        Ok(DivergenceTerm {
+            tempered: Tempered::new(params, ctx, &p.temperature, p.scale_by_t2.unwrap_or(t2_default))?,
+            divergence,
+            fused: p.fused.then_some(kind),
         })
     }
 }
 
 impl LossTerm for DivergenceTerm {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
+        if let Some(kind) = self.fused {
+            if let Some((per_token, t)) = self.tempered.fused(ctx, kind)? {
+                return self.tempered.reduce(&per_token, ctx, t);
+            }
+        }
         let (ls, lt, t) = self.tempered.log_probs(ctx)?;
         let per_token = (self.divergence)(&ls, &lt)?;
         self.tempered.reduce(&per_token, ctx, t)
@@ -118,6 +166,26 @@ pub struct TemperatureParams {
     pub temperature: ScalarSpec,
     /// Multiply by `T^2`; the default depends on the term.
     pub scale_by_t2: Option<bool>,
+}
+
+/// `temperature`, `scale_by_t2` and `fused`, as the terms with a fused kernel take them.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FusableParams {
+    /// Softmax temperature `T > 0`: a number or a schedule. Default 1.0.
+    #[serde(default = "one")]
+    pub temperature: ScalarSpec,
+    /// Multiply by `T^2`; the default depends on the term.
+    pub scale_by_t2: Option<bool>,
+    /// Use the fused single-pass CPU kernel (default true); `false` composes candle ops (the
+    /// reference implementation; also what runs off the CPU).
+    #[serde(default = "yes")]
+    pub fused: bool,
+}
+
+/// `true`, as a serde default.
+pub fn yes() -> bool {
+    true
 }
 
 /// Default temperature.
@@ -210,6 +278,83 @@ pub(crate) mod testutil {
                 "d/dz[{i}]: numeric {num} vs analytic {}",
                 g[i]
             );
+        }
+    }
+
+    /// Builds the term from `params` twice, with `fused = true` and `fused = false`, and asserts
+    /// that on random logits `[2, 5, 300]` (f64 and f32), with a padding mask and router token
+    /// weights, value and gradient w.r.t. the student logits agree within 1e-5 relative
+    /// (1e-10 in f64). The teacher has dense logits and the `topk.16` tap.
+    pub fn check_fused_matches_composite(
+        factory: fn(&Params, &BuildContext) -> Result<Box<dyn LossTerm>>,
+        params: serde_json::Value,
+    ) {
+        use rand::{Rng, SeedableRng};
+        let dev = Device::Cpu;
+        let (b, s, v) = (2, 5, 300);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+        let mut draw = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-4.0..4.0)).collect() };
+        let zs = Tensor::from_vec(draw(b * s * v), (b, s, v), &dev).expect("zs");
+        let zt = Tensor::from_vec(draw(b * s * v), (b, s, v), &dev).expect("zt");
+        let tw = Tensor::from_vec(draw(b * s), (b, s), &dev)
+            .and_then(|w| w.abs())
+            .expect("w");
+        let mask = Tensor::new(&[[1f64, 1., 1., 0., 1.], [1., 0., 1., 1., 1.]], &dev).expect("mask");
+        let targets: Vec<u32> = (0..b * s).map(|i| ((i * 37) % v) as u32).collect();
+        let targets = Tensor::from_vec(targets, (b, s), &dev).expect("targets");
+        let with = |fused: bool| {
+            let mut p = params.as_object().expect("object").clone();
+            p.insert("fused".into(), fused.into());
+            build_term(factory, serde_json::Value::Object(p)).expect("build")
+        };
+        let (fused, composite) = (with(true), with(false));
+        for dtype in [DType::F64, DType::F32] {
+            let run = |term: &dyn LossTerm| -> (f64, Vec<f64>) {
+                let var = Var::from_tensor(&zs.to_dtype(dtype).expect("d")).expect("var");
+                let zt = zt.to_dtype(dtype).expect("d");
+                let (ids, lp) = retort_core::model::dense_topk(&zt, 16).expect("topk");
+                let mut te = Outputs::logits_only(zt);
+                te.taps.insert("topk.16.ids".into(), ids);
+                te.taps.insert("topk.16.logprobs".into(), lp);
+                let batch = Batch {
+                    input_ids: targets.clone(),
+                    targets: targets.clone(),
+                    mask: Some(mask.to_dtype(dtype).expect("d")),
+                };
+                let st = Outputs::logits_only(var.as_tensor().clone());
+                let tw = tw.to_dtype(dtype).expect("d");
+                let ctx = StepContext {
+                    batch: &batch,
+                    student: &st,
+                    teacher: Some(&te),
+                    progress: Progress::new(0, 1),
+                    token_weights: Some(&tw),
+                };
+                let loss = term.compute(&ctx).expect("compute");
+                let g = loss.backward().expect("backward");
+                let g = g.get(var.as_tensor()).expect("student gradient");
+                let f = |t: &Tensor| -> Vec<f64> {
+                    t.to_dtype(DType::F64)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1())
+                        .expect("vec")
+                };
+                (f(&loss)[0], f(g))
+            };
+            let ((fv, fg), (cv, cg)) = (run(fused.as_ref()), run(composite.as_ref()));
+            let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
+            assert!(
+                (fv - cv).abs() <= tol * cv.abs().max(1e-12),
+                "{params} {dtype:?}: fused {fv} vs composite {cv}"
+            );
+            let scale = cg.iter().fold(0f64, |m, x| m.max(x.abs()));
+            assert!(scale > 0.0, "{params}: zero gradient");
+            for (i, (a, c)) in fg.iter().zip(&cg).enumerate() {
+                assert!(
+                    (a - c).abs() <= tol * scale,
+                    "{params} {dtype:?} grad[{i}]: fused {a} vs composite {c}"
+                );
+            }
         }
     }
 

@@ -17,7 +17,9 @@ use candle_core::{Tensor, D};
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, LossTerm, Params, Result};
 
-use super::logit::{DivergenceTerm, TemperatureParams};
+use crate::kernels::divergence::Divergence as FusedKind;
+
+use super::logit::{DivergenceTerm, FusableParams};
 
 /// Per-token `sum_v p_s (log p_s - log p_t)`.
 pub fn reverse_kl_per_token(ls: &Tensor, lt: &Tensor) -> Result<Tensor> {
@@ -25,10 +27,11 @@ pub fn reverse_kl_per_token(ls: &Tensor, lt: &Tensor) -> Result<Tensor> {
 }
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
-    Ok(Box::new(DivergenceTerm::build(
+    Ok(Box::new(DivergenceTerm::build_fusable(
         params,
         ctx,
         reverse_kl_per_token,
+        FusedKind::Reverse,
         true,
     )?))
 }
@@ -37,7 +40,7 @@ inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "reverse_kl",
         description: "reverse KL(student || teacher), mode-seeking (MiniLLM, Gu et al. 2024)",
-        build, params: retort_core::registry::params_schema::<TemperatureParams> }
+        build, params: retort_core::registry::params_schema::<FusableParams> }
 }
 
 #[cfg(test)]
@@ -60,5 +63,12 @@ mod tests {
     fn gradient_matches_finite_difference() {
         let term = build_term(super::build, serde_json::json!({"temperature": 1.5})).expect("build");
         check_gradient(term.as_ref());
+    }
+
+    #[test]
+    fn fused_matches_composite_with_weights_mask_and_temperature() {
+        for t in [1.0, 2.0] {
+            check_fused_matches_composite(super::build, serde_json::json!({ "temperature": t }));
+        }
     }
 }

@@ -36,7 +36,8 @@ use retort_core::taps::topk_tap;
 use retort_core::{BuildContext, Error, LossTerm, Params, Progress, Result, ScalarSpec, StepContext};
 
 use super::as_float;
-use super::logit::{one, Tempered};
+use super::logit::{one, yes, Tempered};
+use crate::kernels::{self, topk::TopkTail};
 use crate::models::nn::log_softmax_last;
 
 /// Params of `topk_kl`.
@@ -58,6 +59,9 @@ pub struct TopkParams {
     /// Also keep the student's own top-k tokens (needs a teacher with dense logits). Default false.
     #[serde(default)]
     pub union_student: bool,
+    /// Use the fused CPU kernel (default true); `false` composes candle ops.
+    #[serde(default = "yes")]
+    pub fused: bool,
 }
 
 fn d_k() -> usize {
@@ -65,9 +69,6 @@ fn d_k() -> usize {
 }
 fn d_tail() -> String {
     "bucket".into()
-}
-fn yes() -> bool {
-    true
 }
 
 /// Tail treatment.
@@ -85,6 +86,7 @@ pub struct TopkKl {
     union_student: bool,
     tail: Tail,
     tempered: Tempered,
+    fused: bool,
 }
 
 const EPS: f64 = 1e-12;
@@ -172,6 +174,24 @@ impl LossTerm for TopkKl {
         let ids = teacher.tap(&format!("topk.{}.ids", self.k))?;
         let lpt = teacher.tap(&format!("topk.{}.logprobs", self.k))?;
         let t = self.tempered.temperature(ctx.progress);
+        let zs = as_float(&ctx.student.logits)?;
+        if self.fused && kernels::fusable(&zs) {
+            let tail = match self.tail {
+                Tail::Bucket => TopkTail::Bucket,
+                Tail::Renormalize => TopkTail::Renormalize,
+            };
+            let per_token = if self.union_student {
+                let (ids, lpt, valid) = union_with_student(&ctx.student.logits, &teacher.logits, ids, lpt, self.k)?;
+                // The kernel skips entries whose teacher log-prob is -inf.
+                let lpt = lpt.to_dtype(zs.dtype())?;
+                let skip = Tensor::full(f64::NEG_INFINITY, lpt.dims(), lpt.device())?.to_dtype(zs.dtype())?;
+                let lpt = valid.ne(0.0)?.where_cond(&lpt, &skip)?;
+                kernels::topk::per_token(&zs, &ids, &lpt, tail, t)?
+            } else {
+                kernels::topk::per_token(&zs, ids, lpt, tail, t)?
+            };
+            return self.tempered.reduce(&per_token, ctx, t);
+        }
         let ls_full = log_softmax_last(&(as_float(&ctx.student.logits)? / t)?)?;
         let per_token = if self.union_student {
             let (ids, lpt, valid) = union_with_student(&ctx.student.logits, &teacher.logits, ids, lpt, self.k)?;
@@ -224,6 +244,7 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
         union_student: p.union_student,
         tail,
         tempered,
+        fused: p.fused,
     }))
 }
 
@@ -416,6 +437,18 @@ mod tests {
             };
             let num = (val(1e-6) - val(-1e-6)) / 2e-6;
             assert!((num - g[i]).abs() < 1e-5, "[{i}]: {num} vs {}", g[i]);
+        }
+    }
+
+    #[test]
+    fn fused_matches_composite_with_weights_mask_and_temperature() {
+        for p in [
+            serde_json::json!({"k": 16}),
+            serde_json::json!({"k": 16, "tail": "renormalize", "temperature": 2.0}),
+            serde_json::json!({"k": 16, "union_student": true}),
+            serde_json::json!({"k": 16, "tail": "renormalize", "union_student": true, "temperature": 0.5}),
+        ] {
+            check_fused_matches_composite(super::build, p);
         }
     }
 

@@ -2,13 +2,44 @@
 //!
 //! candle's fast `LayerNorm` (contiguous input with bias), `ops::softmax_last_dim` and
 //! `ops::rms_norm` have no backward: `backward()` succeeds and the parameters silently get no
-//! gradient. Everything here is composed of ops that candle differentiates.
+//! gradient. Everything here is differentiable: on CPU f32/f64 tensors softmax, LayerNorm and
+//! GELU run as fused kernels with a real backward (`crate::kernels`), elsewhere (and as the
+//! `*_composite` references) they are composed of ops that candle differentiates.
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-/// `softmax(x)` over the last dim: `exp(x - max) / sum(exp(x - max))`.
-/// The max is detached: softmax is shift-invariant, so its gradient path is pure overhead.
+use crate::kernels;
+
+/// `softmax(x)` over the last dim: the fused kernel on CPU f32/f64, else
+/// [`softmax_last_composite`].
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if kernels::fusable(x) {
+        return kernels::softmax::softmax(x, false);
+    }
+    softmax_last_composite(x)
+}
+
+/// Causal attention probabilities from scores `[.., T, T]`: row `i` attends to `0..=i`. The
+/// fused kernel on CPU f32/f64 (no mask tensor is touched), else `softmax(scores + mask)` with
+/// the additive mask `[T, T]` of [`causal_mask`].
+pub fn causal_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if kernels::fusable(scores) {
+        return kernels::softmax::softmax(scores, true);
+    }
+    softmax_last_composite(&scores.broadcast_add(mask)?)
+}
+
+/// GELU, tanh approximation: the fused kernel on CPU f32/f64, else candle's `gelu`.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if kernels::fusable(x) {
+        return kernels::gelu::gelu(x);
+    }
+    x.gelu()
+}
+
+/// `softmax(x)` over the last dim composed of candle ops: `exp(x - max) / sum(exp(x - max))`.
+/// The max is detached: softmax is shift-invariant, so its gradient path is pure overhead.
+pub fn softmax_last_composite(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
@@ -23,8 +54,17 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
-/// LayerNorm over the last dim (Ba et al., 2016): `(x - mean) / sqrt(var + eps) * w + b`.
+/// LayerNorm over the last dim (Ba et al., 2016): `(x - mean) / sqrt(var + eps) * w + b`; the
+/// fused kernel on CPU f32/f64, else [`layer_norm_composite`].
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if kernels::fusable(x) && weight.dtype() == x.dtype() && bias.dtype() == x.dtype() {
+        return kernels::layer_norm::layer_norm(x, weight, bias, eps);
+    }
+    layer_norm_composite(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] composed of candle ops.
+pub fn layer_norm_composite(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -39,12 +79,18 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
 }
 
-/// `x @ w + b` with `w` stored `[in, out]` (the GPT-2 `Conv1D` layout), for `x` of any rank.
+/// `x @ w + b` with `w` stored `[in, out]` (the GPT-2 `Conv1D` layout), for `x` of any rank;
+/// the bias add is the fused kernel on CPU f32/f64.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (inp, out) = w.dims2()?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, inp))?.matmul(w)?.broadcast_add(b)?;
+    let y = x.reshape((rows, inp))?.matmul(w)?;
+    let y = if kernels::fusable(&y) && b.dtype() == y.dtype() {
+        kernels::bias::add_bias(&y, b)?
+    } else {
+        y.broadcast_add(b)?
+    };
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank >= 1 checked by reshape") = out;
     y.reshape(out_dims)

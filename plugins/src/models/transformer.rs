@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use retort_core::{fsutil, Batch, Error, Model, ModelInfo, Outputs, Params, Result, Student, TapSet};
 
-use super::nn::{causal_mask, layer_norm, linear, softmax_last};
+use super::nn::{causal_mask, causal_softmax, gelu, layer_norm, linear};
 
 /// Activation of the MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -401,15 +401,6 @@ impl Transformer {
         matches!(self.cfg.dtype, DType::BF16 | DType::F16)
     }
 
-    /// `f(x)`, computed in f32 when the model runs in a half type.
-    fn in_f32(&self, x: &Tensor, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Tensor> {
-        Ok(if self.is_half() {
-            f(&x.to_dtype(DType::F32)?)?.to_dtype(self.cfg.dtype)?
-        } else {
-            f(x)?
-        })
-    }
-
     /// LayerNorm with `(weight, bias)`; in f32 for a half-precision model (a variance summed
     /// in bf16 loses most of its digits).
     fn norm(&self, x: &Tensor, wb: &(Tensor, Tensor), eps: f64) -> Result<Tensor> {
@@ -434,14 +425,19 @@ impl Transformer {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
-        let probs = self.in_f32(&scores, softmax_last)?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = if self.is_half() {
+            // Reductions in f32 for a half-precision teacher.
+            causal_softmax(&scores.to_dtype(DType::F32)?, &mask.to_dtype(DType::F32)?)?.to_dtype(self.cfg.dtype)?
+        } else {
+            causal_softmax(&scores, &mask)?
+        };
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         let x = (x + linear(&y, &blk.attn_proj.0, &blk.attn_proj.1)?)?;
         let h = self.norm(&x, &blk.ln_2, eps)?;
         let a = linear(&h, &blk.c_fc.0, &blk.c_fc.1)?;
         let a = match self.cfg.activation {
-            Activation::Gelu => a.gelu()?,
+            Activation::Gelu => gelu(&a)?,
             Activation::Relu => a.relu()?,
         };
         let x = (x + linear(&a, &blk.mlp_proj.0, &blk.mlp_proj.1)?)?;

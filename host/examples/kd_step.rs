@@ -1,0 +1,52 @@
+//! Times retort's reference KD step (see `retort_host::kdbench`) the way
+//! `../shared/bench/torch_kd_reference.py kd STEPS` times PyTorch's, and prints a line in the
+//! same format: `KD params=... median X ms/step Y tok/s`, then a split of 5 more steps into
+//! phases (teacher forward, student forward, loss, backward, AdamW).
+//!
+//! `cargo run --release -p retort-host --example kd_step -- [STEPS]` (default 20, after 3 warm-up steps).
+
+use anyhow::Result;
+use candle_core::Device;
+use retort_host::kdbench::{time_steps, KdShapes, KdStep};
+
+fn main() -> Result<()> {
+    let steps: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(20);
+    let shapes = KdShapes::reference();
+    let mut step = KdStep::new(shapes, &Device::Cpu)?;
+    let t = time_steps(&mut step, 3, steps)?;
+    println!(
+        "retort candle threads {} cores {} KD params={} B={} T={} loss={:.4} median {:.1} ms/step {:.0} tok/s",
+        std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| rayon_threads().to_string()),
+        rayon_threads(),
+        step.student_params(),
+        shapes.batch,
+        shapes.block,
+        t.loss,
+        t.median * 1e3,
+        t.tokens_per_s
+    );
+    // Where the time goes: 5 more steps split into phases (medians).
+    let mut ph: Vec<[f64; 5]> = Vec::new();
+    for _ in 0..5 {
+        let (a, b, c, d, e) = step.phases()?;
+        ph.push([a, b, c, d, e]);
+    }
+    let med = |i: usize| {
+        let mut v: Vec<f64> = ph.iter().map(|p| p[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2] * 1e3
+    };
+    println!(
+        "phases (ms, median of 5): teacher fwd {:.1}, student fwd {:.1}, loss {:.1}, backward {:.1}, adamw {:.1}",
+        med(0),
+        med(1),
+        med(2),
+        med(3),
+        med(4)
+    );
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}

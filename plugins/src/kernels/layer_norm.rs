@@ -1,0 +1,234 @@
+//! Fused LayerNorm over the last dim (Ba, Kiros & Hinton, 2016) with backward for the input,
+//! the weight and the bias.
+//!
+//! Per row of width `D`: `mu = mean x`, `r = 1 / sqrt(mean (x - mu)^2 + eps)`,
+//! `xh = (x - mu) r`, `y = xh w + b`. Backward with `gy` the incoming gradient and
+//! `gx_h = gy w`: `dx = r (gx_h - mean gx_h - xh mean(gx_h xh))`, `dw = sum_rows gy xh`,
+//! `db = sum_rows gy`. Row statistics in f64; the backward recomputes them from `x` (rows are
+//! short) and reduces `dw`, `db` per block of rows before summing the blocks.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::fastmath::Real;
+use super::rows::{for_rows, rows_width, slice};
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dim of `x`; `weight`, `bias`
+/// are `[D]`. f32/f64 on the CPU (see [`super::fusable`]).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if weight.dims() != [d] || bias.dims() != [d] {
+        bail!(
+            "layer norm: weight {:?} and bias {:?} must be [{d}]",
+            weight.dims(),
+            bias.dims()
+        )
+    }
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps })
+}
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+struct LayerNormBwd {
+    eps: f64,
+}
+
+/// `(mean, 1 / sqrt(var + eps))` of a row.
+#[inline]
+fn stats<T: Real>(x: &[T], eps: f64) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mu = x.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+    let var = x.iter().map(|v| (v.to_f64() - mu).powi(2)).sum::<f64>() / n;
+    (mu, 1.0 / (var + eps).sqrt())
+}
+
+fn fwd_typed<T: Real>(eps: f64, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuStorage, Shape)> {
+    let x = slice::<T>(st[0].0, st[0].1, "x")?;
+    let w = slice::<T>(st[1].0, st[1].1, "weight")?;
+    let b = slice::<T>(st[2].0, st[2].1, "bias")?;
+    let (_, d) = rows_width(st[0].1.shape())?;
+    let mut out = vec![T::ZERO; x.len()];
+    for_rows(&mut out, d, d, |r, o| {
+        let row = &x[r * d..(r + 1) * d];
+        let (mu, rs) = stats(row, eps);
+        let (mu, rs) = (T::from_f64(mu), T::from_f64(rs));
+        for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(w).zip(b) {
+            *o = (v - mu) * rs * w + b;
+        }
+    });
+    Ok((T::storage(out), st[0].1.shape().clone()))
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let st = [(s1, l1), (s2, l2), (s3, l3)];
+        match s1 {
+            CpuStorage::F32(_) => fwd_typed::<f32>(self.eps, st),
+            CpuStorage::F64(_) => fwd_typed::<f64>(self.eps, st),
+            other => bail!("fused-layer-norm: unsupported dtype {:?}", other.dtype()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / d;
+        // Output rows 0..rows: dx; row `rows`: dw; row `rows + 1`: db.
+        let packed = x
+            .detach()
+            .apply_op3_no_bwd(&w.detach(), &g.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, rows, 1)?.reshape(d)?;
+        let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Rows per block of the backward (each block reduces its own `dw`, `db`).
+const BLOCK_ROWS: usize = 64;
+
+fn bwd_typed<T: Real>(eps: f64, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuStorage, Shape)> {
+    let x = slice::<T>(st[0].0, st[0].1, "x")?;
+    let w = slice::<T>(st[1].0, st[1].1, "weight")?;
+    let g = slice::<T>(st[2].0, st[2].1, "grad")?;
+    let (rows, d) = rows_width(st[0].1.shape())?;
+    let mut out = vec![T::ZERO; (rows + 2) * d];
+    let (dx, _) = out.split_at_mut(rows * d);
+    let partial = dx
+        .par_chunks_mut(BLOCK_ROWS * d)
+        .enumerate()
+        .map(|(bi, block)| {
+            let mut acc = vec![0f64; 2 * d];
+            for (i, o) in block.chunks_mut(d).enumerate() {
+                let r = bi * BLOCK_ROWS + i;
+                let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+                let (mu, rs) = stats(xr, eps);
+                let (mut m1, mut m2) = (0f64, 0f64);
+                for j in 0..d {
+                    let xh = (xr[j].to_f64() - mu) * rs;
+                    let gh = gr[j].to_f64() * w[j].to_f64();
+                    m1 += gh;
+                    m2 += gh * xh;
+                    acc[j] += gr[j].to_f64() * xh;
+                    acc[d + j] += gr[j].to_f64();
+                }
+                let (m1, m2) = (m1 / d as f64, m2 / d as f64);
+                for j in 0..d {
+                    let xh = (xr[j].to_f64() - mu) * rs;
+                    let gh = gr[j].to_f64() * w[j].to_f64();
+                    o[j] = T::from_f64(rs * (gh - m1 - xh * m2));
+                }
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f64; 2 * d],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
+    for (o, p) in out[rows * d..].iter_mut().zip(&partial) {
+        *o = T::from_f64(*p);
+    }
+    Ok((T::storage(out), Shape::from((rows + 2, d))))
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let st = [(s1, l1), (s2, l2), (s3, l3)];
+        match s1 {
+            CpuStorage::F32(_) => bwd_typed::<f32>(self.eps, st),
+            CpuStorage::F64(_) => bwd_typed::<f64>(self.eps, st),
+            other => bail!("fused-layer-norm-grad: unsupported dtype {:?}", other.dtype()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::nn::layer_norm_composite;
+    use candle_core::{DType, Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn matches_composite_values_and_all_gradients() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (rows, d) = (150, 48);
+        let mut draw = |n: usize, lo: f64, hi: f64| -> Vec<f64> { (0..n).map(|_| rng.random_range(lo..hi)).collect() };
+        let x0 = Tensor::from_vec(draw(rows * d, -3.0, 5.0), (3, 50, d), &Device::Cpu).expect("x");
+        let w0 = Tensor::from_vec(draw(d, 0.5, 1.5), d, &Device::Cpu).expect("w");
+        let b0 = Tensor::from_vec(draw(d, -0.5, 0.5), d, &Device::Cpu).expect("b");
+        let c0 = Tensor::from_vec(draw(rows * d, -1.0, 1.0), (3, 50, d), &Device::Cpu).expect("c");
+        for dtype in [DType::F64, DType::F32] {
+            let run = |fused: bool| -> Vec<Vec<f64>> {
+                let v = |t: &Tensor| Var::from_tensor(&t.to_dtype(dtype).expect("d")).expect("v");
+                let (x, w, b) = (v(&x0), v(&w0), v(&b0));
+                let y = if fused {
+                    layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).expect("fused")
+                } else {
+                    layer_norm_composite(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).expect("composite")
+                };
+                let grads = (&y * c0.to_dtype(dtype).expect("d"))
+                    .and_then(|l| l.sum_all())
+                    .and_then(|l| l.backward())
+                    .expect("bwd");
+                let f = |t: &Tensor| -> Vec<f64> {
+                    t.to_dtype(DType::F64)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1())
+                        .expect("v")
+                };
+                vec![
+                    f(&y),
+                    f(grads.get(x.as_tensor()).expect("dx")),
+                    f(grads.get(w.as_tensor()).expect("dw")),
+                    f(grads.get(b.as_tensor()).expect("db")),
+                ]
+            };
+            let (fu, co) = (run(true), run(false));
+            let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
+            for (name, (a, b)) in ["y", "dx", "dw", "db"].iter().zip(fu.iter().zip(&co)) {
+                let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+                for (i, (p, q)) in a.iter().zip(b).enumerate() {
+                    assert!((p - q).abs() <= tol * scale, "{dtype:?} {name}[{i}]: {p} vs {q}");
+                }
+            }
+        }
+    }
+}

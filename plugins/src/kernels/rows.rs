@@ -1,0 +1,61 @@
+//! Row plumbing shared by the fused kernels: contiguous slices out of candle's CPU storage,
+//! the `[rows, width]` view of a `[.., width]` tensor, and rows spread over the rayon pool.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, Layout, Result, Shape};
+use rayon::prelude::*;
+
+use super::fastmath::Real;
+
+/// The contiguous elements of `l` inside `s` as `T`, or an error naming `what`.
+pub fn slice<'a, T: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{what}: expected a contiguous tensor")
+    };
+    match T::slice(s) {
+        Some(v) => Ok(&v[start..end]),
+        None => bail!("{what}: expected {:?}, got {:?}", T::DTYPE, s.dtype()),
+    }
+}
+
+/// The contiguous `u32` elements of `l` inside `s`.
+pub fn slice_u32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{what}: expected a contiguous tensor")
+    };
+    match s {
+        CpuStorage::U32(v) => Ok(&v[start..end]),
+        other => bail!("{what}: expected u32, got {:?}", other.dtype()),
+    }
+}
+
+/// `(rows, width)` of a tensor whose last dim is `width`.
+pub fn rows_width(shape: &Shape) -> Result<(usize, usize)> {
+    let dims = shape.dims();
+    let Some(&width) = dims.last() else {
+        bail!("expected a tensor of rank >= 1")
+    };
+    if width == 0 {
+        bail!("expected a non-empty last dim")
+    }
+    Ok((shape.elem_count() / width, width))
+}
+
+/// `shape` with its last dim replaced by `width`.
+pub fn with_last(shape: &Shape, width: usize) -> Shape {
+    let mut d = shape.dims().to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = width;
+    }
+    Shape::from(d)
+}
+
+/// Calls `f(row, out_row)` for every `width`-wide row of `out`, rows spread over the rayon
+/// pool; `cost` (elements touched per row) sizes the work items so that tiny rows are batched.
+pub fn for_rows<T: Send>(out: &mut [T], width: usize, cost: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    let min_len = (32_768 / cost.max(1)).max(1);
+    out.par_chunks_mut(width)
+        .enumerate()
+        .with_min_len(min_len)
+        .for_each(|(r, o)| f(r, o));
+}
