@@ -90,3 +90,40 @@ pub fn read_metrics(dir: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("metrics line is JSON"))
         .collect()
 }
+
+/// Writes `toml` as `dir/config.toml`, applies `sets`, assembles with `registry` and runs into
+/// `dir/run` (continuing the run there when `resume`).
+pub fn run_in(
+    registry: &retort_core::Registry,
+    dir: &Path,
+    toml: &str,
+    sets: &[&str],
+    resume: bool,
+) -> retort_core::Result<retort_host::run::RunOutcome> {
+    let cfg_path = dir.join("config.toml");
+    std::fs::write(&cfg_path, toml).expect("write config");
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let (cfg, origin) = retort_host::config_load::load(Some(&cfg_path), &sets)?;
+    let pipeline = retort_host::pipeline::Pipeline::assemble(cfg, registry)?;
+    retort_host::run::run(
+        pipeline,
+        &origin,
+        &retort_host::run::RunOptions {
+            out: Some(dir.join("run")),
+            resume,
+            ..Default::default()
+        },
+    )
+}
+
+/// Largest absolute elementwise difference of two f32 tensors.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .max_all()
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("scalar")
+}

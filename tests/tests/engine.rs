@@ -7,41 +7,16 @@ use retort_core::registry::{no_params, Factory};
 use retort_core::{BuildContext, Error, LossTerm, Params, Registry, Result, StepContext};
 use retort_host::config_load;
 use retort_host::pipeline::{seeds, Pipeline};
-use retort_host::run::{run, RunOptions, RunOutcome};
+use retort_host::run::RunOutcome;
 use retort_plugins::losses::ce::cross_entropy;
-use retort_tests::{read_metrics, tiny_config};
+use retort_tests::{max_abs_diff, read_metrics, run_in, tiny_config};
 
 fn run_with(registry: &Registry, dir: &Path, toml: &str, sets: &[&str]) -> Result<RunOutcome> {
-    let cfg_path = dir.join("config.toml");
-    std::fs::write(&cfg_path, toml).expect("write config");
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    let (cfg, origin) = config_load::load(Some(&cfg_path), &sets)?;
-    let pipeline = Pipeline::assemble(cfg, registry)?;
-    run(
-        pipeline,
-        &origin,
-        &RunOptions {
-            out: Some(dir.join("run")),
-            force: false,
-            progress: false,
-            ..Default::default()
-        },
-    )
+    run_in(registry, dir, toml, sets, false)
 }
 
 fn weights(dir: &Path) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join("run/student/model.safetensors"), &Device::Cpu).expect("student weights")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .expect("sub")
-        .abs()
-        .expect("abs")
-        .max_all()
-        .expect("max")
-        .to_scalar::<f32>()
-        .expect("scalar")
 }
 
 #[test]
