@@ -10,7 +10,7 @@ fn builtins_are_registered() {
     );
     assert_eq!(kinds(r.students.kinds()), "llama transformer");
     assert_eq!(kinds(r.teachers.kinds()), "llama transformer");
-    assert_eq!(kinds(r.data.kinds()), "synthetic text");
+    assert_eq!(kinds(r.data.kinds()), "jsonl synthetic text tokens");
     assert_eq!(kinds(r.routers.kinds()), "curriculum magnitude static student_aware");
     assert_eq!(kinds(r.tokenizers.kinds()), "char hf");
     assert_eq!(kinds(r.observers.kinds()), "jsonl");

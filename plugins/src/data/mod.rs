@@ -1,4 +1,6 @@
 //! Built-in data sources.
 
+pub mod jsonl;
 pub mod synthetic;
 pub mod text;
+pub mod token_files;
