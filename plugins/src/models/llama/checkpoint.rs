@@ -90,6 +90,29 @@ pub enum Source {
     Gguf(std::path::PathBuf),
 }
 
+/// What to do about a checkpoint path that does not exist. retort reads local files only (it
+/// runs offline); a Hugging Face repository id gets the command that fetches it.
+pub fn missing_checkpoint_help(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    let looks_like_repo = text.split('/').count() == 2
+        && !text.starts_with('.')
+        && !text.ends_with(".gguf")
+        && text.split('/').all(|p| !p.is_empty());
+    if looks_like_repo {
+        let local = format!("models/{}", text.rsplit('/').next().unwrap_or(&text));
+        format!(
+            "`{text}` is not a local path; retort does not download models. Fetch the repository where \
+             you have network access, e.g. `huggingface-cli download {text} --local-dir {local}` \
+             (config.json, *.safetensors, tokenizer.json), copy it here and set the checkpoint to \"{local}\""
+        )
+    } else {
+        format!(
+            "{} does not exist; give a Hugging Face model directory (config.json + model.safetensors) or a              .gguf file (SmolLM2: scripts/fetch_smollm2.sh puts it in models/)",
+            path.display()
+        )
+    }
+}
+
 impl Source {
     /// Classifies `path` (a `.gguf` file by its magic, else a directory), or an error for the
     /// config key `key_path`.
@@ -98,6 +121,8 @@ impl Source {
             Ok(Source::Gguf(path.to_path_buf()))
         } else if path.is_dir() {
             Ok(Source::HfDir(path.to_path_buf()))
+        } else if !path.exists() {
+            Err(Error::config(key_path, missing_checkpoint_help(path)))
         } else {
             Err(Error::config(
                 key_path,
@@ -186,6 +211,27 @@ mod tests {
             .expect("m")
             .to_scalar::<f32>()
             .expect("s")
+    }
+
+    #[test]
+    fn a_missing_checkpoint_says_what_to_fetch_and_where_to_put_it() {
+        let err = Source::of(Path::new("HuggingFaceTB/SmolLM2-135M"), "teacher.checkpoint")
+            .err()
+            .expect("missing");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("teacher.checkpoint")
+                && msg.contains("huggingface-cli download HuggingFaceTB/SmolLM2-135M --local-dir models/SmolLM2-135M"),
+            "{msg}"
+        );
+        assert_eq!(err.exit_code(), 2);
+        let err = Source::of(Path::new("models/nothing.gguf"), "teacher.checkpoint")
+            .err()
+            .expect("missing");
+        assert!(
+            err.to_string().contains("does not exist") && err.to_string().contains("fetch_smollm2"),
+            "{err}"
+        );
     }
 
     #[test]
