@@ -4,6 +4,9 @@
 //! phases (teacher forward, student forward, loss, backward, AdamW).
 //!
 //! `cargo run --release -p retort-host --example kd_step -- [STEPS]` (default 20, after 3 warm-up steps).
+//!
+//! The reference shapes can be changed for cost-growth measurements with `KD_BATCH`, `KD_BLOCK`,
+//! `KD_VOCAB`, `KD_TEACHER_WIDTH` and `KD_STUDENT_WIDTH` (layers stay 4 and 2, heads 4).
 
 use anyhow::Result;
 use candle_core::Device;
@@ -11,7 +14,23 @@ use retort_host::kdbench::{time_steps, KdShapes, KdStep};
 
 fn main() -> Result<()> {
     let steps: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(20);
-    let shapes = KdShapes::reference();
+    let mut shapes = KdShapes::reference();
+    let env = |name: &str| -> Result<Option<usize>> { Ok(std::env::var(name).ok().map(|v| v.parse()).transpose()?) };
+    if let Some(v) = env("KD_BATCH")? {
+        shapes.batch = v;
+    }
+    if let Some(v) = env("KD_BLOCK")? {
+        shapes.block = v;
+    }
+    if let Some(v) = env("KD_VOCAB")? {
+        shapes.vocab = v;
+    }
+    if let Some(v) = env("KD_TEACHER_WIDTH")? {
+        shapes.teacher.1 = v;
+    }
+    if let Some(v) = env("KD_STUDENT_WIDTH")? {
+        shapes.student.1 = v;
+    }
     let mut step = KdStep::new(shapes, &Device::Cpu)?;
     let t = time_steps(&mut step, 3, steps)?;
     println!(
