@@ -18,7 +18,9 @@ use serde::Deserialize;
 
 use retort_core::config::ComponentSpec;
 use retort_core::registry::Factory;
-use retort_core::{BuildContext, DataSource, Error, Params, Result, Split, Tokenizer};
+
+use super::streams::{check_val_fraction, TokenStreams};
+use retort_core::{BuildContext, DataSource, Error, Params, Result, Tokenizer};
 
 /// Params of `jsonl`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -48,14 +50,6 @@ fn default_val() -> f64 {
 }
 fn default_tokenizer() -> ComponentSpec {
     ComponentSpec::new("char")
-}
-
-/// Packed documents.
-pub struct JsonlSource {
-    tokenizer: Box<dyn Tokenizer>,
-    train: Vec<u32>,
-    val: Vec<u32>,
-    description: String,
 }
 
 fn files(path: &Path, key: &str) -> Result<Vec<PathBuf>> {
@@ -111,29 +105,9 @@ fn pack(tokenizer: &dyn Tokenizer, docs: &[String], end: &[u32]) -> Result<Vec<u
     Ok(out)
 }
 
-impl DataSource for JsonlSource {
-    fn tokenizer(&self) -> &dyn Tokenizer {
-        self.tokenizer.as_ref()
-    }
-    fn tokens(&self, split: Split) -> &[u32] {
-        match split {
-            Split::Train => &self.train,
-            Split::Val => &self.val,
-        }
-    }
-    fn describe(&self) -> String {
-        self.description.clone()
-    }
-}
-
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
     let p: JsonlParams = params.parse()?;
-    if !(p.val_fraction > 0.0 && p.val_fraction <= 0.5) {
-        return Err(params.error(
-            "val_fraction",
-            format!("expected a number in (0, 0.5], got {}", p.val_fraction),
-        ));
-    }
+    check_val_fraction(params, p.val_fraction)?;
     let paths = files(&p.path, &params.key_path("path"))?;
     let docs = read_documents(&paths, &p.field)?;
     if docs.len() < 2 {
@@ -182,7 +156,7 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
         p.field,
         tokenizer.vocab_size()
     );
-    Ok(Box::new(JsonlSource {
+    Ok(Box::new(TokenStreams {
         tokenizer,
         train,
         val,
@@ -201,6 +175,7 @@ inventory::submit! {
 mod tests {
     use super::*;
     use retort_core::Registry;
+    use retort_core::Split;
 
     fn source(dir: &Path, params: serde_json::Value) -> Result<Box<dyn DataSource>> {
         let registry = Registry::from_inventory().expect("registry");

@@ -24,7 +24,9 @@ use rand_distr::{Distribution, Normal};
 use serde::Deserialize;
 
 use retort_core::registry::Factory;
-use retort_core::{BuildContext, DataSource, Error, Params, Result, Split, Tokenizer};
+
+use super::streams::TokenStreams;
+use retort_core::{BuildContext, DataSource, Error, Params, Result, Tokenizer};
 
 /// Params of `synthetic`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -105,14 +107,6 @@ impl Tokenizer for IdTokenizer {
     }
 }
 
-/// The generated streams.
-pub struct SyntheticSource {
-    tokenizer: IdTokenizer,
-    train: Vec<u32>,
-    val: Vec<u32>,
-    description: String,
-}
-
 /// Generates `n` tokens; returns them and the mean `-log p(x_t | regime, context)` (the loss of
 /// an oracle that knows the hidden regime: a floor no model can beat).
 pub fn generate(p: &SyntheticParams, seed: u64, n: usize) -> Result<(Vec<u32>, f64)> {
@@ -165,21 +159,6 @@ pub fn generate(p: &SyntheticParams, seed: u64, n: usize) -> Result<(Vec<u32>, f
     Ok((out, nll / n.max(1) as f64))
 }
 
-impl DataSource for SyntheticSource {
-    fn tokenizer(&self) -> &dyn Tokenizer {
-        &self.tokenizer
-    }
-    fn tokens(&self, split: Split) -> &[u32] {
-        match split {
-            Split::Train => &self.train,
-            Split::Val => &self.val,
-        }
-    }
-    fn describe(&self) -> String {
-        self.description.clone()
-    }
-}
-
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
     let p: SyntheticParams = params.parse()?;
     if !(2..=4096).contains(&p.vocab) {
@@ -219,8 +198,8 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
          oracle loss with the regime known: {floor:.3} nats/token",
         p.vocab, p.regimes, p.switch_prob, p.train_tokens, p.val_tokens
     );
-    Ok(Box::new(SyntheticSource {
-        tokenizer: IdTokenizer { vocab: p.vocab },
+    Ok(Box::new(TokenStreams {
+        tokenizer: Box::new(IdTokenizer { vocab: p.vocab }),
         train: all,
         val,
         description,

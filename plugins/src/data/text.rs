@@ -15,7 +15,9 @@ use serde::Deserialize;
 
 use retort_core::config::ComponentSpec;
 use retort_core::registry::Factory;
-use retort_core::{BuildContext, DataSource, Error, Params, Result, Split, Tokenizer};
+
+use super::streams::{check_val_fraction, TokenStreams};
+use retort_core::{BuildContext, DataSource, Error, Params, Result};
 
 /// Params of `text`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -36,14 +38,6 @@ fn default_val() -> f64 {
 }
 fn default_tokenizer() -> ComponentSpec {
     ComponentSpec::new("char")
-}
-
-/// A tokenized text corpus.
-pub struct TextSource {
-    tokenizer: Box<dyn Tokenizer>,
-    train: Vec<u32>,
-    val: Vec<u32>,
-    description: String,
 }
 
 fn read_corpus(path: &Path, key: &str) -> Result<String> {
@@ -85,29 +79,9 @@ fn read_corpus(path: &Path, key: &str) -> Result<String> {
     Ok(corpus)
 }
 
-impl DataSource for TextSource {
-    fn tokenizer(&self) -> &dyn Tokenizer {
-        self.tokenizer.as_ref()
-    }
-    fn tokens(&self, split: Split) -> &[u32] {
-        match split {
-            Split::Train => &self.train,
-            Split::Val => &self.val,
-        }
-    }
-    fn describe(&self) -> String {
-        self.description.clone()
-    }
-}
-
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
     let p: TextParams = params.parse()?;
-    if !(p.val_fraction > 0.0 && p.val_fraction <= 0.5) {
-        return Err(params.error(
-            "val_fraction",
-            format!("expected a number in (0, 0.5], got {}", p.val_fraction),
-        ));
-    }
+    check_val_fraction(params, p.val_fraction)?;
     let corpus = read_corpus(&p.path, &params.key_path("path"))?;
     let mut tctx = ctx.clone();
     tctx.corpus = Some(&corpus);
@@ -128,7 +102,7 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
         n_val,
         tokenizer.vocab_size()
     );
-    Ok(Box::new(TextSource {
+    Ok(Box::new(TokenStreams {
         train: ids[..split].to_vec(),
         val: ids[split..].to_vec(),
         tokenizer,
@@ -148,6 +122,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
     use retort_core::Registry;
+    use retort_core::{Split, Tokenizer};
 
     fn build_at(path: &Path, val_fraction: f64) -> Result<Box<dyn DataSource>> {
         let mut reg = Registry::empty();
