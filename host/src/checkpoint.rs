@@ -162,6 +162,23 @@ fn write_dir(
     Ok(final_dir)
 }
 
+impl LoadedCheckpoint {
+    /// The checkpoint's model tensors for `vars`, in their order; a missing one is an input
+    /// error naming the checkpoint.
+    pub fn tensors_of(&self, vars: &[(String, candle_core::Var)]) -> Result<Vec<Tensor>> {
+        vars.iter()
+            .map(|(n, _)| {
+                self.model.get(n).cloned().ok_or_else(|| {
+                    Error::input(
+                        format!("checkpoint {}", self.dir.display()),
+                        format!("tensor `{n}` is missing"),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
 /// Checkpoint directories under `root`, oldest first.
 pub fn list(root: &Path) -> Result<Vec<PathBuf>> {
     if !root.is_dir() {

@@ -350,13 +350,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
     let mut stage_stats: Vec<StageStats> = Vec::new();
     let mut resume_optimizer: Option<(HashMap<String, Tensor>, i32)> = None;
     if let Some(ck) = resume {
-        for (name, var) in &all_vars {
-            let t = ck.model.get(name).ok_or_else(|| {
-                Error::input(
-                    format!("checkpoint {}", ck.dir.display()),
-                    format!("tensor `{name}` is missing"),
-                )
-            })?;
+        for ((_, var), t) in all_vars.iter().zip(ck.tensors_of(&all_vars)?) {
             var.set(&t.to_dtype(var.dtype())?)?;
         }
         if let Some(e) = ema.as_mut() {
@@ -387,19 +381,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                 // (a later best, written after this checkpoint, is found again on the way).
                 if let Some(best) = checkpoint::load_best(&policy.root, &device)? {
                     if best.state.step == e.state.best_step {
-                        e.weights = Some(
-                            model_vars
-                                .iter()
-                                .map(|(n, _)| {
-                                    best.model.get(n).cloned().ok_or_else(|| {
-                                        Error::input(
-                                            format!("checkpoint {}", best.dir.display()),
-                                            format!("tensor `{n}` is missing"),
-                                        )
-                                    })
-                                })
-                                .collect::<Result<_>>()?,
-                        );
+                        e.weights = Some(best.tensors_of(&model_vars)?);
                     }
                 }
             }
@@ -649,10 +631,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
             }
             let eval_due = train.eval_every > 0 && done % train.eval_every == 0 && done != total_steps;
             if eval_due {
-                let r = match &ema {
-                    Some(e) => with_weights(&model_vars, e, || eval_model(student, val, val_teacher))?,
-                    None => eval_model(student, val, val_teacher)?,
-                };
+                let r = eval_as_exported(student, &model_vars, ema.as_deref(), val, val_teacher)?;
                 record(observers, &eval_record(label, &stage.name, done, &r))?;
                 if let Some(e) = early.as_mut() {
                     let value = metric_of(&r, e.spec.metric)?;
@@ -711,10 +690,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                 None => false,
             };
             if done == stage_end && multi_stage {
-                let r = match &ema {
-                    Some(e) => with_weights(&model_vars, e, || eval_model(student, val, val_teacher))?,
-                    None => eval_model(student, val, val_teacher)?,
-                };
+                let r = eval_as_exported(student, &model_vars, ema.as_deref(), val, val_teacher)?;
                 let tail = &losses[losses.len().saturating_sub(10.min(stage.steps))..];
                 if let Some(s) = stage_stats.last_mut() {
                     s.final_loss = (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64);
@@ -795,15 +771,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                         .ok_or_else(|| Error::Runtime(format!("phase `{label}`: the best weights were not kept")))?;
                     let ck = checkpoint::load_best(&root, &device)?
                         .ok_or_else(|| Error::Runtime(format!("{}: no best checkpoint", root.display())))?;
-                    model_vars
-                        .iter()
-                        .map(|(n, _)| {
-                            ck.model
-                                .get(n)
-                                .cloned()
-                                .ok_or_else(|| Error::Runtime(format!("best checkpoint lacks `{n}`")))
-                        })
-                        .collect::<Result<_>>()?
+                    ck.tensors_of(&model_vars)?
                 }
             };
             for ((_, var), t) in model_vars.iter().zip(&w) {
@@ -844,6 +812,21 @@ fn eval_model(student: &dyn Student, val: &[Batch], val_teacher: Option<&[Tensor
         val,
         val_teacher,
     )
+}
+
+/// Evaluates the weights the phase would export now: the EMA when there is one (swapped in and
+/// back out), else the current ones.
+fn eval_as_exported(
+    student: &dyn Student,
+    model_vars: &[(String, Var)],
+    ema: Option<&[Tensor]>,
+    val: &[Batch],
+    val_teacher: Option<&[Tensor]>,
+) -> Result<EvalResult> {
+    match ema {
+        Some(e) => with_weights(model_vars, e, || eval_model(student, val, val_teacher)),
+        None => eval_model(student, val, val_teacher),
+    }
 }
 
 fn eval_record(label: &str, stage: &str, step: usize, r: &EvalResult) -> serde_json::Value {
