@@ -73,3 +73,54 @@ pub fn write_tiny_gguf(path: &Path, rows: usize, quant: GgmlDType, seed: u64) ->
     save_gguf(&m, path, quant, &tiny_bpe_metadata())?;
     Ok(m)
 }
+
+/// Central finite differences (`h = 1e-5`, f64 parameters) against the analytic gradient of
+/// `loss` on three entries of every tensor in `vars` (first, middle, last); panics naming the
+/// entry when the relative error reaches 1e-4. Returns how many entries it checked.
+///
+/// # Panics
+/// On a mismatch, a parameter without a gradient, or a non-f64 parameter.
+#[allow(clippy::expect_used)]
+pub fn check_gradients_by_finite_differences(
+    vars: &[(String, candle_core::Var)],
+    loss: impl Fn() -> candle_core::Tensor,
+    tag: &str,
+) -> usize {
+    let grads = loss().backward().expect("backward");
+    let h = 1e-5;
+    let mut checked = 0;
+    for (name, var) in vars {
+        let g: Vec<f64> = grads
+            .get(var.as_tensor())
+            .expect("grad")
+            .flatten_all()
+            .expect("flatten")
+            .to_vec1()
+            .expect("f64 gradient");
+        let w0: Vec<f64> = var
+            .as_tensor()
+            .flatten_all()
+            .expect("flatten")
+            .to_vec1()
+            .expect("f64 parameter");
+        for &idx in &[0, w0.len() / 2, w0.len() - 1] {
+            let eval = |delta: f64| -> f64 {
+                let mut w = w0.clone();
+                w[idx] += delta;
+                var.set(&candle_core::Tensor::from_vec(w, var.shape(), var.device()).expect("tensor"))
+                    .expect("set");
+                loss().to_scalar::<f64>().expect("scalar loss")
+            };
+            let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+            eval(0.0);
+            let analytic = g[idx];
+            let err = (numeric - analytic).abs() / (1e-6 + numeric.abs().max(analytic.abs()));
+            assert!(
+                err < 1e-4,
+                "{tag} {name}[{idx}]: analytic {analytic} vs numeric {numeric}"
+            );
+            checked += 1;
+        }
+    }
+    checked
+}

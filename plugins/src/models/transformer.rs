@@ -629,35 +629,7 @@ mod tests {
     fn gradients_match_finite_differences() {
         let m = tiny("f64", "gelu");
         let b = batch(5);
-        let grads = loss(&m, &b).backward().expect("bwd");
-        let h = 1e-5;
-        let mut checked = 0;
-        for (name, var) in m.vars() {
-            let g: Vec<f64> = grads
-                .get(var.as_tensor())
-                .expect("grad")
-                .flatten_all()
-                .expect("f")
-                .to_vec1()
-                .expect("v");
-            let w0: Vec<f64> = var.as_tensor().flatten_all().expect("f").to_vec1().expect("v");
-            // Probe three entries of every parameter tensor.
-            for &idx in &[0, w0.len() / 2, w0.len() - 1] {
-                let eval = |delta: f64| -> f64 {
-                    let mut w = w0.clone();
-                    w[idx] += delta;
-                    var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).expect("t"))
-                        .expect("set");
-                    loss(&m, &b).to_scalar::<f64>().expect("s")
-                };
-                let numeric = (eval(h) - eval(-h)) / (2.0 * h);
-                eval(0.0);
-                let analytic = g[idx];
-                let err = (numeric - analytic).abs() / (1e-6 + numeric.abs().max(analytic.abs()));
-                assert!(err < 1e-4, "{name}[{idx}]: analytic {analytic} vs numeric {numeric}");
-                checked += 1;
-            }
-        }
+        let checked = crate::testing::check_gradients_by_finite_differences(&m.vars(), || loss(&m, &b), "transformer");
         assert!(checked >= 3 * 28);
     }
 

@@ -710,35 +710,7 @@ pub(crate) mod tests {
         ] {
             let m = tiny(extra.clone());
             let b = batch(5);
-            let grads = loss(&m, &b).backward().expect("bwd");
-            let h = 1e-5;
-            for (name, var) in &m.vars {
-                let g: Vec<f64> = grads
-                    .get(var.as_tensor())
-                    .expect("grad")
-                    .flatten_all()
-                    .expect("f")
-                    .to_vec1()
-                    .expect("v");
-                let w0: Vec<f64> = var.as_tensor().flatten_all().expect("f").to_vec1().expect("v");
-                for &idx in &[0, w0.len() / 2, w0.len() - 1] {
-                    let eval = |delta: f64| -> f64 {
-                        let mut w = w0.clone();
-                        w[idx] += delta;
-                        var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).expect("t"))
-                            .expect("set");
-                        loss(&m, &b).to_scalar::<f64>().expect("s")
-                    };
-                    let numeric = (eval(h) - eval(-h)) / (2.0 * h);
-                    eval(0.0);
-                    let analytic = g[idx];
-                    let err = (numeric - analytic).abs() / (1e-6 + numeric.abs().max(analytic.abs()));
-                    assert!(
-                        err < 1e-4,
-                        "{extra} {name}[{idx}]: analytic {analytic} vs numeric {numeric}"
-                    );
-                }
-            }
+            crate::testing::check_gradients_by_finite_differences(&m.vars, || loss(&m, &b), &extra.to_string());
         }
     }
 
