@@ -630,8 +630,11 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                 )?;
             }
             let eval_due = train.eval_every > 0 && done % train.eval_every == 0 && done != total_steps;
+            // This step's evaluation, shared by the periodic record and the stage end.
+            let mut evaluated: Option<EvalResult> = None;
             if eval_due {
                 let r = eval_as_exported(student, &model_vars, ema.as_deref(), val, val_teacher)?;
+                evaluated = Some(r);
                 record(observers, &eval_record(label, &stage.name, done, &r))?;
                 if let Some(e) = early.as_mut() {
                     let value = metric_of(&r, e.spec.metric)?;
@@ -690,7 +693,10 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                 None => false,
             };
             if done == stage_end && multi_stage {
-                let r = eval_as_exported(student, &model_vars, ema.as_deref(), val, val_teacher)?;
+                let r = match evaluated {
+                    Some(r) => r,
+                    None => eval_as_exported(student, &model_vars, ema.as_deref(), val, val_teacher)?,
+                };
                 let tail = &losses[losses.len().saturating_sub(10.min(stage.steps))..];
                 if let Some(s) = stage_stats.last_mut() {
                     s.final_loss = (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64);
