@@ -12,6 +12,19 @@ pub struct Batch {
     /// Optional per-token weight, `[batch, seq]`, f32: 1 for real tokens, 0 for padding.
     /// `None` means every token counts.
     pub mask: Option<Tensor>,
+    /// Where the rows came from, when they are windows of a split's token stream (set by the
+    /// pipeline's batchers; teachers that read stored outputs key by it). `None` for batches
+    /// built by hand.
+    pub source: Option<BatchSource>,
+}
+
+/// The origin of a batch's rows: row `b` is `tokens(split)[starts[b] .. starts[b] + seq]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchSource {
+    /// The split the windows were cut from.
+    pub split: crate::Split,
+    /// Start offset of each row in the split's token stream.
+    pub starts: Vec<usize>,
 }
 
 impl Batch {

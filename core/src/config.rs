@@ -336,6 +336,10 @@ pub struct TrainSection {
     pub batch_size: usize,
     /// Tokens per window; at most the context of teacher and student. Default 64.
     pub seq_len: usize,
+    /// Where training windows start: `"random"` (any token) or `"aligned"` (multiples of
+    /// `seq_len`, the windows a teacher cache stores). Default: `"aligned"` with a cached
+    /// teacher, `"random"` otherwise.
+    pub windows: Option<WindowSampling>,
     /// Peak learning rate of AdamW: a number or a schedule. Default 3e-3.
     pub lr: ScalarSpec,
     /// Factor on `lr` over progress. Default `{ kind = "warmup_cosine", warmup = 0.05, min_ratio = 0.1 }`.
@@ -376,6 +380,17 @@ pub struct TrainSection {
     pub early_stopping: Option<EarlyStoppingSpec>,
 }
 
+/// Where training windows start (`train.windows`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowSampling {
+    /// Uniformly random start offsets.
+    Random,
+    /// Random windows among those starting at multiples of `seq_len` (the validation windows
+    /// and a teacher cache use the same grid).
+    Aligned,
+}
+
 /// One parameter group: `{ pattern = ".*wte.*", lr_mult = 0.1, weight_decay = 0.0 }`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -405,6 +420,7 @@ impl Default for TrainSection {
             steps: 300,
             batch_size: 16,
             seq_len: 64,
+            windows: None,
             lr: 3e-3.into(),
             lr_schedule: sched,
             weight_decay: 0.01,

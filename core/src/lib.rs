@@ -25,7 +25,7 @@ pub mod scalar;
 pub mod schedule;
 pub mod taps;
 
-pub use batch::Batch;
+pub use batch::{Batch, BatchSource};
 pub use data::{DataSource, Split, Tokenizer};
 pub use error::{Error, Result};
 pub use loss::{LossTerm, StepContext};

@@ -31,6 +31,12 @@ pub trait LossTerm: Send + Sync {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor>;
     /// Whether the term reads teacher outputs.
     fn needs_teacher(&self) -> bool;
+    /// Whether the term reads the teacher's dense logits (a teacher with only a sparse top-k,
+    /// see [`crate::Teacher::sparse_topk`], is refused for such a term). Default:
+    /// [`LossTerm::needs_teacher`].
+    fn needs_teacher_logits(&self) -> bool {
+        self.needs_teacher()
+    }
     /// Student taps the term reads (besides logits).
     fn student_taps(&self) -> Vec<String> {
         Vec::new()

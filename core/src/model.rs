@@ -82,6 +82,25 @@ pub trait Teacher: Send + Sync {
     fn tokenizer_identity(&self) -> Option<String> {
         None
     }
+    /// `Some(k)` when the teacher has no dense logits, only its top-`j` distribution for
+    /// `j <= k` (the taps `topk.{j}`), e.g. a teacher read from a logit cache. Its
+    /// [`Outputs::logits`] are then `[batch, seq, 0]`, and terms that need dense teacher
+    /// logits are refused at assembly. Default `None`: dense logits.
+    fn sparse_topk(&self) -> Option<usize> {
+        None
+    }
+    /// `Some(seq_len)` when the teacher has outputs only for windows of `seq_len` tokens that
+    /// start at multiples of `seq_len` (see [`crate::BatchSource`]): the run must use that
+    /// window length and `train.windows = "aligned"`. Default `None`: any window.
+    fn aligned_windows(&self) -> Option<usize> {
+        None
+    }
+    /// Checks that the teacher's stored outputs were made from this run's data (token streams
+    /// of both splits, tokenizer, window length); an error names the mismatch. Called at
+    /// assembly. Default: nothing to check.
+    fn check_data(&self, _data: &dyn crate::DataSource, _seq_len: usize) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The top-`k` ids and log-probabilities (temperature 1, descending) of dense `logits`
@@ -98,6 +117,29 @@ pub fn dense_topk(logits: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
         .contiguous()?;
     let top = logprobs.contiguous()?.gather(&ids, D::Minus1)?;
     Ok((ids, top))
+}
+
+/// Dense log-probabilities `[.., vocab]` from a top-`k` distribution (`ids`, `logprobs`
+/// `[.., k]`): the top-`k` entries as given, the tail mass `m = 1 - sum exp(logprobs)` (at
+/// least 1e-12) spread uniformly over the other `vocab - k` ids. Used where a sparse teacher
+/// must stand in for dense logits (evaluation figures), never inside a loss term.
+pub fn dense_from_topk(ids: &Tensor, logprobs: &Tensor, vocab: usize) -> Result<Tensor> {
+    let lp = match logprobs.dtype() {
+        DType::F64 => logprobs.clone(),
+        _ => logprobs.to_dtype(DType::F32)?,
+    };
+    let k = lp.dim(D::Minus1)?;
+    let mut shape = lp.dims().to_vec();
+    *shape.last_mut().ok_or_else(|| crate::Error::Runtime("dense_from_topk: rank-0 log-probs".into()))? = vocab;
+    let tail = if vocab > k {
+        let m = lp.exp()?.sum_keepdim(D::Minus1)?.affine(-1.0, 1.0)?.maximum(1e-12)?;
+        (m / (vocab - k) as f64)?.log()?
+    } else {
+        lp.min_keepdim(D::Minus1)?.affine(1.0, -1e4)?
+    };
+    let base = tail.broadcast_as(shape.as_slice())?.contiguous()?;
+    let delta = lp.broadcast_sub(&tail)?.contiguous()?;
+    Ok(base.scatter_add(&ids.contiguous()?, &delta, D::Minus1)?)
 }
 
 /// Any [`Model`] used as a frozen teacher: outputs are detached from the autograd graph.

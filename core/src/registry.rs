@@ -72,6 +72,9 @@ pub struct BuildContext<'a> {
     pub student: Option<ModelInfo>,
     /// The teacher's shape, once known.
     pub teacher: Option<ModelInfo>,
+    /// `Some(k)` when the teacher provides only its top-`k` distribution, no dense logits
+    /// (see [`crate::Teacher::sparse_topk`]); logit terms that can work from it adapt.
+    pub teacher_topk: Option<usize>,
 }
 
 impl<'a> BuildContext<'a> {
@@ -86,6 +89,7 @@ impl<'a> BuildContext<'a> {
             registry,
             student: None,
             teacher: None,
+            teacher_topk: None,
         }
     }
 

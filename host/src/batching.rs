@@ -1,11 +1,14 @@
-//! Windows of the token stream as batches: seeded random windows for training, fixed
-//! consecutive windows for validation.
+//! Windows of the token stream as batches: seeded random windows for training (any start, or
+//! only starts at multiples of the window length: `train.windows = "aligned"`), fixed
+//! consecutive windows for validation. Every batch records where its rows came from
+//! ([`BatchSource`]), which a teacher reading stored outputs keys by.
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use retort_core::{Batch, Error, Result};
+use retort_core::config::WindowSampling;
+use retort_core::{Batch, BatchSource, Error, Result, Split};
 
 /// Samples training windows uniformly at random; the sequence depends only on the seed, so two
 /// trainings with the same seed see the same batches.
@@ -13,18 +16,27 @@ pub struct TrainBatcher<'a> {
     tokens: &'a [u32],
     batch_size: usize,
     seq_len: usize,
+    sampling: WindowSampling,
     rng: ChaCha8Rng,
     device: Device,
 }
 
 impl<'a> TrainBatcher<'a> {
     /// A batcher over `tokens`; errors if the stream is shorter than one window plus its target.
-    pub fn new(tokens: &'a [u32], batch_size: usize, seq_len: usize, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(
+        tokens: &'a [u32],
+        batch_size: usize,
+        seq_len: usize,
+        sampling: WindowSampling,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         check_len(tokens, seq_len, "training split")?;
         Ok(TrainBatcher {
             tokens,
             batch_size,
             seq_len,
+            sampling,
             rng: ChaCha8Rng::seed_from_u64(seed),
             device: device.clone(),
         })
@@ -42,11 +54,21 @@ impl<'a> TrainBatcher<'a> {
 
     /// The next batch.
     pub fn next_batch(&mut self) -> Result<Batch> {
-        let max_start = self.tokens.len() - self.seq_len - 1;
-        let starts: Vec<usize> = (0..self.batch_size)
-            .map(|_| self.rng.random_range(0..=max_start))
-            .collect();
-        windows_to_batch(self.tokens, &starts, self.seq_len, &self.device)
+        let starts: Vec<usize> = match self.sampling {
+            WindowSampling::Random => {
+                let max_start = self.tokens.len() - self.seq_len - 1;
+                (0..self.batch_size)
+                    .map(|_| self.rng.random_range(0..=max_start))
+                    .collect()
+            }
+            WindowSampling::Aligned => {
+                let windows = aligned_windows(self.tokens.len(), self.seq_len);
+                (0..self.batch_size)
+                    .map(|_| self.rng.random_range(0..windows) * self.seq_len)
+                    .collect()
+            }
+        };
+        windows_to_batch(self.tokens, Split::Train, &starts, self.seq_len, &self.device)
     }
 }
 
@@ -59,12 +81,18 @@ pub fn val_batches(
     device: &Device,
 ) -> Result<Vec<Batch>> {
     check_len(tokens, seq_len, "validation split")?;
-    let n_windows = ((tokens.len() - 1) / seq_len).min(batches * batch_size).max(1);
+    let n_windows = aligned_windows(tokens.len(), seq_len).min(batches * batch_size).max(1);
     let starts: Vec<usize> = (0..n_windows).map(|i| i * seq_len).collect();
     starts
         .chunks(batch_size)
-        .map(|chunk| windows_to_batch(tokens, chunk, seq_len, device))
+        .map(|chunk| windows_to_batch(tokens, Split::Val, chunk, seq_len, device))
         .collect()
+}
+
+/// Number of windows starting at multiples of `seq_len` whose targets fit in a stream of
+/// `len` tokens: window `w` reads `[w * seq_len, (w + 1) * seq_len]` (inputs and the last target).
+pub fn aligned_windows(len: usize, seq_len: usize) -> usize {
+    len.saturating_sub(1) / seq_len
 }
 
 fn check_len(tokens: &[u32], seq_len: usize, what: &str) -> Result<()> {
@@ -80,7 +108,14 @@ fn check_len(tokens: &[u32], seq_len: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn windows_to_batch(tokens: &[u32], starts: &[usize], seq_len: usize, device: &Device) -> Result<Batch> {
+/// The windows of `tokens` (the stream of `split`) starting at `starts` as one batch.
+pub fn windows_to_batch(
+    tokens: &[u32],
+    split: Split,
+    starts: &[usize],
+    seq_len: usize,
+    device: &Device,
+) -> Result<Batch> {
     let mut inp = Vec::with_capacity(starts.len() * seq_len);
     let mut tgt = Vec::with_capacity(starts.len() * seq_len);
     for &s in starts {
@@ -92,6 +127,10 @@ fn windows_to_batch(tokens: &[u32], starts: &[usize], seq_len: usize, device: &D
         input_ids: Tensor::from_vec(inp, shape, device)?,
         targets: Tensor::from_vec(tgt, shape, device)?,
         mask: None,
+        source: Some(BatchSource {
+            split,
+            starts: starts.to_vec(),
+        }),
     })
 }
 
@@ -102,8 +141,8 @@ mod tests {
     #[test]
     fn targets_are_inputs_shifted_by_one_and_seeded() {
         let toks: Vec<u32> = (0..100).collect();
-        let mut a = TrainBatcher::new(&toks, 4, 8, 9, &Device::Cpu).expect("b");
-        let mut b = TrainBatcher::new(&toks, 4, 8, 9, &Device::Cpu).expect("b");
+        let mut a = TrainBatcher::new(&toks, 4, 8, WindowSampling::Random, 9, &Device::Cpu).expect("b");
+        let mut b = TrainBatcher::new(&toks, 4, 8, WindowSampling::Random, 9, &Device::Cpu).expect("b");
         let x = a.next_batch().expect("x");
         let y = b.next_batch().expect("y");
         let xi: Vec<Vec<u32>> = x.input_ids.to_vec2().expect("v");

@@ -24,6 +24,74 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `retort cache` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Tokens, shards, bytes per token, compression against dense storage and the seed design;
+    /// with --config (the live teacher's run config) also the fidelity on a sample.
+    Inspect {
+        /// Cache directory.
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Config of the teacher the cache was built from (for the fidelity sample).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a key of that config.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Validation windows in the fidelity sample.
+        #[arg(long, default_value_t = 8)]
+        sample_windows: usize,
+        /// Also time reading every window (single thread, shuffled, median of 5 passes).
+        #[arg(long)]
+        bench_read: bool,
+    },
+    /// Re-encode a cache with a smaller k or another value coding, without the teacher (exact
+    /// from an f32 cache).
+    Recode {
+        /// Source cache directory.
+        src: PathBuf,
+        /// Destination directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Entries kept per token (at most the source's; default: the source's).
+        #[arg(long)]
+        k: Option<usize>,
+        /// sqrt or f32.
+        #[arg(long, default_value = "sqrt")]
+        values: String,
+        /// With sqrt: the KL per token the levels are chosen for.
+        #[arg(long, default_value_t = 4e-4)]
+        max_kl: f64,
+        /// With sqrt: this many levels instead.
+        #[arg(long)]
+        levels: Option<u32>,
+        /// zstd level (1-22).
+        #[arg(long, default_value_t = 9)]
+        zstd_level: i32,
+        /// Replace what is at --out.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write the top-k of the first windows of a split as raw arrays (ids.u32, logprobs.f32,
+    /// meta.json) for tools outside retort.
+    Export {
+        /// Cache directory.
+        path: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// train or val.
+        #[arg(long, default_value = "val")]
+        split: String,
+        /// Windows to export at most.
+        #[arg(long, default_value_t = 1_000_000)]
+        windows: usize,
+    },
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -103,6 +171,55 @@ pub enum Command {
         /// Device.
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// Run the config's teacher once over every aligned window of its data and write a logit
+    /// cache (top-k per token); train from it with `teacher = { kind = "cached", path = ... }`.
+    /// A killed build resumes: rerun the same command. `retort cache inspect PATH` reports on a
+    /// cache.
+    #[command(args_conflicts_with_subcommands = true)]
+    Cache {
+        /// `inspect`.
+        #[command(subcommand)]
+        action: Option<CacheAction>,
+        /// Config file of the run whose teacher (with a checkpoint) and data are cached.
+        config: Option<PathBuf>,
+        /// Override a key of the config.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Cache directory (default `runs/cache/<run.name>`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Teacher entries kept per token.
+        #[arg(long, default_value_t = 64)]
+        k: usize,
+        /// Value coding: sqrt (quantised sqrt-probabilities) or f32 (exact log-probs).
+        #[arg(long, default_value = "sqrt")]
+        values: String,
+        /// With sqrt: the KL(exact || stored) per token, in nats, the quantisation levels are
+        /// chosen for (levels = ceil(sqrt(k / (6 max_kl)))).
+        #[arg(long, default_value_t = 4e-4)]
+        max_kl: f64,
+        /// With sqrt: use this many levels instead of those --max-kl picks.
+        #[arg(long)]
+        levels: Option<u32>,
+        /// Tokens per shard (rounded down to whole windows).
+        #[arg(long, default_value_t = 131072)]
+        shard_tokens: usize,
+        /// zstd level of the frames (1-22).
+        #[arg(long, default_value_t = 9)]
+        zstd_level: i32,
+        /// Windows per teacher forward pass (default: train.batch_size).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Record this id as the teacher's identity instead of hashing its checkpoint.
+        #[arg(long)]
+        teacher_id: Option<String>,
+        /// Replace a cache with other settings at --out.
+        #[arg(long)]
+        force: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Validate a config and build every plugin it names; trains nothing.
     Check {
@@ -356,6 +473,126 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!("loss:       {:.4} nats/token", r.val_loss);
             println!("perplexity: {:.2}", r.perplexity);
             eprintln!("evaluated in {secs:.2}s");
+            Ok(())
+        }
+        Command::Cache {
+            action: Some(CacheAction::Inspect {
+                path,
+                json,
+                config,
+                sets,
+                sample_windows,
+                bench_read,
+            }),
+            ..
+        } => {
+            let registry = crate::builtin_registry()?;
+            let opts = crate::cache_cmd::InspectOptions {
+                path,
+                config,
+                sets,
+                sample_windows,
+                bench_read,
+            };
+            let r = crate::cache_cmd::inspect(&registry, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).map_err(|e| retort_core::Error::Runtime(e.to_string()))?);
+            } else {
+                print!("{}", crate::cache_cmd::inspect_text(&r));
+            }
+            Ok(())
+        }
+        Command::Cache {
+            action:
+                Some(CacheAction::Recode {
+                    src,
+                    out,
+                    k,
+                    values,
+                    max_kl,
+                    levels,
+                    zstd_level,
+                    force,
+                }),
+            ..
+        } => {
+            let old = retort_plugins::cache::CacheHeader::read(&src)?;
+            let k = k.unwrap_or(old.k);
+            let coding = crate::cache_cmd::value_coding(&values, k, max_kl, levels)?;
+            if !(1..=22).contains(&zstd_level) {
+                return Err(retort_core::Error::input("--zstd-level", format!("expected 1..=22, got {zstd_level}")));
+            }
+            let t0 = std::time::Instant::now();
+            let h = retort_plugins::cache::recode_cache(&src, &out, k, coding, zstd_level, force)?;
+            println!(
+                "cache {}: top-{} {} recoded from {} in {:.1}s",
+                out.display(),
+                h.k,
+                h.values.name(),
+                src.display(),
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Cache {
+            action: Some(CacheAction::Export { path, out, split, windows }),
+            ..
+        } => {
+            let split = match split.as_str() {
+                "train" => retort_core::Split::Train,
+                "val" => retort_core::Split::Val,
+                other => return Err(retort_core::Error::input("--split", format!("expected train or val, got `{other}`"))),
+            };
+            let meta = crate::cache_cmd::export(&path, &out, split, windows)?;
+            println!("exported {} tokens x top-{} to {}", meta["tokens"], meta["k"], out.display());
+            Ok(())
+        }
+        Command::Cache {
+            action: None,
+            config,
+            sets,
+            out,
+            k,
+            values,
+            max_kl,
+            levels,
+            shard_tokens,
+            zstd_level,
+            batch,
+            teacher_id,
+            force,
+            quiet,
+        } => {
+            let registry = crate::builtin_registry()?;
+            let opts = crate::cache_cmd::CacheOptions {
+                config,
+                sets,
+                out,
+                k,
+                values,
+                max_kl,
+                levels,
+                shard_tokens,
+                zstd_level,
+                batch_windows: batch,
+                teacher_id,
+                force,
+                progress: !quiet && std::io::stderr().is_terminal(),
+            };
+            let (path, s, secs) = crate::cache_cmd::run_cache(&registry, &opts)?;
+            let h = &s.header;
+            let tokens = (h.train.windows + h.val.windows) * h.seq_len;
+            println!(
+                "cache {}: {tokens} tokens (top-{} {}), {} shards built, {} kept; teacher ran on {} tokens in {secs:.1}s ({:.0} tokens/s)",
+                path.display(),
+                h.k,
+                h.values.name(),
+                s.shards_built,
+                s.shards_kept,
+                s.tokens_computed,
+                s.tokens_computed as f64 / secs.max(1e-9)
+            );
+            println!("train from it with: teacher = {{ kind = \"cached\", path = \"{}\" }}", path.display());
             Ok(())
         }
         Command::NewPlugin { name, kind, dir } => {

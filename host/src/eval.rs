@@ -4,7 +4,9 @@
 use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 
-use retort_core::{Batch, Result};
+use retort_core::model::dense_from_topk;
+use retort_core::taps::topk_tap;
+use retort_core::{Batch, Result, TapSet, Teacher};
 use retort_plugins::losses::ce::cross_entropy;
 use retort_plugins::losses::kl::kl_per_token;
 
@@ -32,6 +34,20 @@ pub fn perplexity(loss: f64) -> f64 {
         return f64::NAN;
     }
     loss.min(PERPLEXITY_LOSS_CAP).exp()
+}
+
+/// The teacher's logits for evaluation figures on `batch`: its dense logits, or for a teacher
+/// with only a top-`k` distribution (a cached teacher) the dense log-probabilities rebuilt with
+/// the tail mass spread uniformly ([`retort_core::model::dense_from_topk`]): its val loss, KL
+/// and top-1 agreement then refer to that reconstruction (top-1 is exact).
+pub fn teacher_eval_logits(teacher: &dyn Teacher, batch: &Batch) -> Result<Tensor> {
+    match teacher.sparse_topk() {
+        None => Ok(teacher.forward(batch, &TapSet::none())?.logits),
+        Some(k) => {
+            let out = teacher.forward(batch, &[topk_tap(k)].into_iter().collect())?;
+            dense_from_topk(out.tap(&format!("topk.{k}.ids"))?, out.tap(&format!("topk.{k}.logprobs"))?, teacher.vocab_size())
+        }
+    }
 }
 
 /// Evaluates a model given by `logits_of(index, batch)` on `batches`; with `teacher_logits` (one tensor per
@@ -91,6 +107,7 @@ mod tests {
             input_ids: ids.clone(),
             targets: ids,
             mask: None,
+            source: None,
         };
         let zeros = Tensor::zeros((2, 3, 5), DType::F32, &dev).expect("z");
         let peaked = Tensor::new(&[[[0f32, 0., 9., 0., 0.]; 3]; 2], &dev).expect("p");

@@ -146,6 +146,7 @@ pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Gener
             input_ids: ids.clone(),
             targets: ids.clone(),
             mask: None,
+            source: None,
         };
         Ok(model.forward(&batch, &TapSet::none())?.logits)
     };

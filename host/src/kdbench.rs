@@ -127,6 +127,7 @@ impl KdStep {
             input_ids: all.narrow(1, 0, t)?.contiguous()?,
             targets: all.narrow(1, 1, t)?.contiguous()?,
             mask: None,
+            source: None,
         })
     }
 

@@ -4,6 +4,7 @@
 //! `config.resolved.toml`, the student's weights).
 
 pub mod batching;
+pub mod cache_cmd;
 pub mod checkpoint;
 pub mod cli;
 pub mod config_load;

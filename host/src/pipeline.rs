@@ -5,7 +5,7 @@
 use candle_core::Device;
 use serde_json::Value;
 
-use retort_core::config::RunConfig;
+use retort_core::config::{RunConfig, WindowSampling};
 use retort_core::{
     BuildContext, DataSource, Error, FrozenTeacher, Params, Registry, Result, Router, ScalarSpec, Schedule, Split,
     Student, Teacher,
@@ -165,7 +165,10 @@ impl<'r> Pipeline<'r> {
         let has_checkpoint = config.teacher.params.get("checkpoint").is_some_and(|v| !v.is_null());
         let teacher_info;
         let mut probe_teacher: Option<Box<dyn Teacher>> = None;
-        let (teacher_plan, teacher) = if has_checkpoint {
+        // A teacher kind the pipeline cannot train (e.g. `cached`) is always loaded from its params.
+        let loadable_only = registry.teachers.get(&config.teacher.kind, "teacher.kind").is_ok()
+            && registry.students.get(&config.teacher.kind, "teacher.kind").is_err();
+        let (teacher_plan, teacher) = if has_checkpoint || loadable_only {
             if config.teacher.pretrain.is_some() {
                 tracing::warn!("teacher.checkpoint is set: [teacher.pretrain] is ignored");
             }
@@ -174,6 +177,7 @@ impl<'r> Pipeline<'r> {
                 .build(&config.teacher.kind, &teacher_load_params(&config, None), &ctx)?;
             crate::vocab::check_tokenizer("teacher", teacher.tokenizer_identity(), data.tokenizer())?;
             let teacher = crate::vocab::fit_teacher(teacher, vocab_size)?;
+            teacher.check_data(data.as_ref(), t.seq_len)?;
             teacher_info = teacher.info();
             (TeacherPlan::Load, Some(teacher))
         } else {
@@ -211,6 +215,20 @@ impl<'r> Pipeline<'r> {
         };
         ctx.student = Some(student.info());
         ctx.teacher = Some(teacher_info);
+        ctx.teacher_topk = teacher.as_ref().and_then(|t| t.sparse_topk());
+        // Windows: a teacher with outputs for aligned windows only fixes the sampling.
+        let aligned = teacher.as_ref().and_then(|t| t.aligned_windows());
+        match (aligned, config.train.windows) {
+            (Some(_), Some(WindowSampling::Random)) => {
+                return Err(Error::config(
+                    "train.windows",
+                    "the teacher serves stored windows that start at multiples of train.seq_len; \"random\" windows cannot be served: use \"aligned\" (the default with a cached teacher)",
+                ))
+            }
+            (Some(_), None) => config.train.windows = Some(WindowSampling::Aligned),
+            _ => {}
+        }
+        let t = &config.train;
         // Loss terms.
         if config.loss.is_empty() {
             return Err(Error::config("loss", "at least one loss term is required"));
@@ -238,6 +256,16 @@ impl<'r> Pipeline<'r> {
                         format!("asks for student tap `{tap}`, which the student does not have"),
                     ));
                 }
+            }
+            if let (Some(k), true) = (ctx.teacher_topk, term.needs_teacher_logits()) {
+                return Err(Error::config(
+                    path.clone(),
+                    format!(
+                        "`{}` needs the teacher's dense logits, and the teacher ({}) has only its top-{k} log-probs; use `kl` or `topk_kl`, or a live teacher",
+                        spec.kind,
+                        config.teacher.kind
+                    ),
+                ));
             }
             terms.push(TermSlot { name, weight, term });
         }

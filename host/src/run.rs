@@ -241,7 +241,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
     };
     let teacher_logits: Vec<Tensor> = val
         .iter()
-        .map(|b| Ok(teacher.forward(b, &TapSet::none())?.logits))
+        .map(|b| crate::eval::teacher_eval_logits(teacher.as_ref(), b))
         .collect::<Result<_>>()?;
     let teacher_eval = evaluate(&|i, _| Ok(teacher_logits[i].clone()), &val, None)?;
     tracing::info!("teacher val loss {:.4}", teacher_eval.val_loss);

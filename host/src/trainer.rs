@@ -267,6 +267,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
         data.tokens(Split::Train),
         train.batch_size,
         train.seq_len,
+        train.windows.unwrap_or(retort_core::config::WindowSampling::Random),
         batch_seed,
         &device,
     )?;

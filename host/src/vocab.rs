@@ -48,6 +48,10 @@ fn rows_check(who: &str, rows: usize, data_vocab: usize) -> Result<bool> {
 
 /// The teacher as the pipeline uses it: logits narrowed to `data_vocab` if padded.
 pub fn fit_teacher(t: Box<dyn Teacher>, data_vocab: usize) -> Result<Box<dyn Teacher>> {
+    if t.sparse_topk().is_some() {
+        // A stored top-k cannot be narrowed; its vocabulary is checked against the data's.
+        return Ok(t);
+    }
     Ok(if rows_check("teacher", t.vocab_size(), data_vocab)? {
         Box::new(NarrowedTeacher {
             inner: t,

@@ -67,6 +67,7 @@ fn bench(c: &mut Criterion) {
             input_ids: ids.clone(),
             targets: ids,
             mask: None,
+            source: None,
         };
         let mut g = c.benchmark_group("kd_loss_fwd_bwd_N2048_V50257");
         g.sample_size(10);

@@ -101,6 +101,7 @@ fn main() -> Result<()> {
         input_ids: ids.clone(),
         targets: ids,
         mask: None,
+        source: None,
     };
     let before = peak_rss_mib();
     let s = Outputs::logits_only(student.as_tensor().clone());

@@ -1,6 +1,7 @@
 //! retort-plugins: every built-in implementation, one concept a file, each registering itself
 //! with `inventory::submit!` exactly as a statically linked third-party plugin would.
 
+pub mod cache;
 pub mod data;
 pub mod kernels;
 pub mod losses;

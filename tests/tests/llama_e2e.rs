@@ -120,6 +120,7 @@ fn gguf_teacher_distills_into_a_llama_student_exported_as_hf_with_its_tokenizer(
         input_ids: ids.clone(),
         targets: ids,
         mask: None,
+        source: None,
     };
     let student_model = retort_plugins::students::llama::build_llama(
         &retort_core::Params::new(
@@ -181,6 +182,7 @@ fn padded_teacher_vocabulary_is_narrowed_to_the_tokenizer() {
         input_ids: ids.clone(),
         targets: ids,
         mask: None,
+        source: None,
     };
     let taps: TapSet = ["topk.4"].into_iter().collect();
     let out = teacher.forward(&batch, &taps).expect("forward");

@@ -104,6 +104,7 @@ mod tests {
             input_ids: ids.clone(),
             targets: ids,
             mask: None,
+            source: None,
         };
         let (s, t) = (Outputs::logits_only(zs.clone()), Outputs::logits_only(zt.clone()));
         let ctx = StepContext {

@@ -273,6 +273,7 @@ mod tests {
             input_ids: ids.clone(),
             targets: ids,
             mask: None,
+            source: None,
         };
         let logits = Tensor::zeros((1, 2, 5), DType::F64, &Device::Cpu).expect("l");
         let s = Outputs {

@@ -5,6 +5,12 @@
 //! `p_t = softmax(z_t / T)`, `p_s = softmax(z_s / T)`. The `T^2` factor keeps the gradient scale
 //! independent of `T`; `scale_by_t2 = false` turns it off. `T` may be a schedule.
 //!
+//! Against a teacher that has only its top-`k` distribution (a logit cache, `teacher.kind =
+//! "cached"`), the teacher's distribution is rebuilt with the tail mass `m` spread uniformly over
+//! the other `V - k` tokens and the same formula is computed sparsely: exactly `topk_kl` with
+//! `tail = "uniform"` (see there). The tail's shape is unknown, so this is not the dense KL; it
+//! is the KL to the closest distribution the cache can describe without extra assumptions.
+//!
 //! ```toml
 //! [[loss]]
 //! kind = "kl"
@@ -21,7 +27,8 @@ use crate::kernels::{self, divergence::Divergence as FusedKind};
 
 use super::{as_float, check_same_shape};
 
-use super::logit::{tempered_log_probs, DivergenceTerm, FusableParams};
+use super::logit::{tempered_log_probs, DivergenceTerm, FusableParams, Tempered};
+use super::topk_kl::TopkKl;
 
 /// Per-token `sum_v p_t (log p_t - log p_s)` at temperature `t`, shape `[b, s]`: the fused
 /// kernel for CPU f32/f64 logits, composed candle ops otherwise.
@@ -41,6 +48,11 @@ pub fn forward_kl_from_log_probs(ls: &Tensor, lt: &Tensor) -> Result<Tensor> {
 }
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
+    if let Some(k) = ctx.teacher_topk {
+        let p: FusableParams = params.parse()?;
+        let tempered = Tempered::new(params, ctx, &p.temperature, p.scale_by_t2.unwrap_or(true))?;
+        return Ok(Box::new(TopkKl::uniform_tail(k, tempered)));
+    }
     Ok(Box::new(DivergenceTerm::build_fusable(
         params,
         ctx,
@@ -48,6 +60,11 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
         FusedKind::Forward,
         true,
     )?))
+}
+
+#[cfg(test)]
+pub(crate) fn build_for_test(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
+    build(params, ctx)
 }
 
 inventory::submit! {

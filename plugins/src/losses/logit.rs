@@ -240,6 +240,7 @@ pub(crate) mod testutil {
             input_ids: ids.clone(),
             targets: ids,
             mask: None,
+            source: None,
         };
         let (s, te) = (Outputs::logits_only(zs.clone()), Outputs::logits_only(zt));
         let ctx = StepContext {
@@ -320,6 +321,7 @@ pub(crate) mod testutil {
                     input_ids: targets.clone(),
                     targets: targets.clone(),
                     mask: Some(mask.to_dtype(dtype).expect("d")),
+                    source: None,
                 };
                 let st = Outputs::logits_only(var.as_tensor().clone());
                 let tw = tw.to_dtype(dtype).expect("d");

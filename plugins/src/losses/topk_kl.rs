@@ -11,6 +11,13 @@
 //!   Needs `T = 1` (a tempered teacher tail cannot be recovered from the top-k).
 //! - `tail = "renormalize"`: drop the tail and renormalise both sides over `S`,
 //!   `L = KL(softmax_S(log p_t / T) || softmax_S(log p_s))`.
+//! - `tail = "uniform"`: rebuild a full teacher distribution by spreading the tail mass evenly
+//!   over the `V - k` other tokens, `log p~_t(v) = log(m_t / (V - k))` for `v` not in `S`, then
+//!   temper both sides: `L = KL(softmax(log p~_t / T) || softmax(z_s / T))`. With
+//!   `u` the tempered tail probability of one token,
+//!   `L = sum_{v in S} p_v (log p_v - log p_s(v)) + (V - k) u log u - u sum_{v not in S} log p_s(v)`,
+//!   computed from the student's row sums without a dense teacher tensor. Works at any `T`;
+//!   it is what `kl` computes against a cached (top-k only) teacher. Composite path only.
 //!
 //! With `union_student = true` the set is `S` joined with the student's own top-`k` (duplicates
 //! counted once; the teacher's log-probs there come from its dense logits), so the student is
@@ -78,6 +85,8 @@ pub enum Tail {
     Bucket,
     /// The tail is dropped, both sides renormalised over the top-k.
     Renormalize,
+    /// The tail mass is spread uniformly over the other `V - k` tokens.
+    Uniform,
 }
 
 /// Top-k KL.
@@ -131,6 +140,32 @@ pub fn topk_per_token(
             let ms = keep(ls.exp()?)?.sum(D::Minus1)?.affine(-1.0, 1.0)?.maximum(EPS)?;
             (head + (&mt * (mt.log()? - ms.log()?)?)?)?
         }
+        Tail::Uniform => {
+            let v = ls_full.dim(D::Minus1)?;
+            let k = lpt.dim(D::Minus1)?;
+            if valid.is_some() {
+                return Err(Error::Runtime("topk_kl: tail = \"uniform\" does not combine with union_student".into()));
+            }
+            let a = (&lpt / t)?;
+            if v == k {
+                let lt = log_softmax_last(&a)?;
+                return Ok((lt.exp()? * (&lt - &ls)?)?.sum(D::Minus1)?);
+            }
+            let n_tail = (v - k) as f64;
+            let m = lpt.exp()?.sum_keepdim(D::Minus1)?.affine(-1.0, 1.0)?.maximum(EPS)?;
+            // Tempered tail log-weight of one token, and the normaliser over all V tokens.
+            let a_tail = ((m / n_tail)?.log()? / t)?;
+            let all = Tensor::cat(&[&a, &(&a_tail + n_tail.ln())?], D::Minus1)?;
+            let max = all.max_keepdim(D::Minus1)?;
+            let log_z = (all.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+            let lt = a.broadcast_sub(&log_z)?;
+            let lu = (&a_tail - &log_z)?;
+            let u = lu.exp()?;
+            let head = (lt.exp()? * (&lt - &ls)?)?.sum(D::Minus1)?;
+            let ls_tail_sum = (ls_full.sum_keepdim(D::Minus1)? - ls.sum_keepdim(D::Minus1)?)?;
+            let tail = ((&u * (&lu * n_tail)?)? - (&u * ls_tail_sum)?)?.squeeze(D::Minus1)?;
+            (head + tail)?
+        }
     })
 }
 
@@ -175,10 +210,11 @@ impl LossTerm for TopkKl {
         let lpt = teacher.tap(&format!("topk.{}.logprobs", self.k))?;
         let t = self.tempered.temperature(ctx.progress);
         let zs = as_float(&ctx.student.logits)?;
-        if self.fused && kernels::fusable(&zs) {
+        if self.fused && self.tail != Tail::Uniform && kernels::fusable(&zs) {
             let tail = match self.tail {
                 Tail::Bucket => TopkTail::Bucket,
                 Tail::Renormalize => TopkTail::Renormalize,
+                Tail::Uniform => unreachable!("built with fused = false"),
             };
             let per_token = if self.union_student {
                 let (ids, lpt, valid) = union_with_student(&ctx.student.logits, &teacher.logits, ids, lpt, self.k)?;
@@ -204,6 +240,9 @@ impl LossTerm for TopkKl {
     fn needs_teacher(&self) -> bool {
         true
     }
+    fn needs_teacher_logits(&self) -> bool {
+        self.union_student
+    }
     fn teacher_taps(&self) -> Vec<String> {
         vec![topk_tap(self.k)]
     }
@@ -223,13 +262,17 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
     let tail = match p.tail.as_str() {
         "bucket" => Tail::Bucket,
         "renormalize" => Tail::Renormalize,
+        "uniform" => Tail::Uniform,
         other => {
             return Err(params.error(
                 "tail",
-                format!("expected \"bucket\" or \"renormalize\", got \"{other}\""),
+                format!("expected \"bucket\", \"renormalize\" or \"uniform\", got \"{other}\""),
             ))
         }
     };
+    if tail == Tail::Uniform && p.union_student {
+        return Err(params.error("union_student", "does not combine with tail = \"uniform\""));
+    }
     let tempered = Tempered::new(params, ctx, &p.temperature, p.scale_by_t2)?;
     if tail == Tail::Bucket {
         let t = p.temperature.build(&params.key_path("temperature"), ctx)?;
@@ -246,6 +289,20 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
         tempered,
         fused: p.fused,
     }))
+}
+
+impl TopkKl {
+    /// `kl` against a teacher that has only its top-`k` (a cached teacher): the uniform-tail
+    /// reconstruction at the term's temperature.
+    pub fn uniform_tail(k: usize, tempered: Tempered) -> Self {
+        TopkKl {
+            k,
+            union_student: false,
+            tail: Tail::Uniform,
+            tempered,
+            fused: false,
+        }
+    }
 }
 
 inventory::submit! {
@@ -274,6 +331,7 @@ mod tests {
             input_ids: ids.clone(),
             targets: ids,
             mask: None,
+            source: None,
         };
         let s = Outputs::logits_only(zs.clone());
         term.compute(&StepContext {
@@ -313,6 +371,7 @@ mod tests {
                         })
                         .sum()
                 }
+                Tail::Uniform => unreachable!("checked against the dense reconstruction instead"),
             };
         }
         t * t * total / 2.0
@@ -462,5 +521,47 @@ mod tests {
             "{err}"
         );
         assert!(build_term(super::build, serde_json::json!({"k": 0})).is_err());
+    }
+
+    #[test]
+    fn uniform_tail_equals_dense_kl_to_the_reconstructed_teacher_and_has_its_gradient() {
+        use retort_core::model::dense_from_topk;
+        let zt = Tensor::new(&[ZT], &Device::Cpu).expect("zt");
+        for (k, t) in [(1, 1.0), (2, 2.0), (3, 0.7), (4, 1.5)] {
+            let (ids, lpt) = dense_topk(&zt, k).expect("topk");
+            let lpt = lpt.to_dtype(DType::F64).expect("f64");
+            let dense_teacher = dense_from_topk(&ids, &lpt, 4).expect("dense");
+            let zs = Var::new(&[ZS], &Device::Cpu).expect("zs");
+            // The reference: the dense KL to the uniform-tail reconstruction, composite.
+            let (ls, lt) = super::super::logit::tempered_log_probs(zs.as_tensor(), &dense_teacher, t).expect("lp");
+            let want = super::super::kl::forward_kl_from_log_probs(&ls, &lt).expect("kl");
+            let ls_full = log_softmax_last(&(zs.as_tensor() / t).expect("div")).expect("ls");
+            let got = topk_per_token(&ls_full, &ids, &lpt, None, Tail::Uniform, t).expect("uniform");
+            let (w, g): (Vec<f64>, Vec<f64>) = (
+                want.flatten_all().expect("f").to_vec1().expect("v"),
+                got.flatten_all().expect("f").to_vec1().expect("v"),
+            );
+            for (a, b) in w.iter().zip(&g) {
+                assert!((a - b).abs() < 1e-10, "k={k} T={t}: {a} vs {b}");
+            }
+            let gw = want.sum_all().expect("s").backward().expect("b");
+            let gg = got.sum_all().expect("s").backward().expect("b");
+            let diff = (gw.get(&zs).expect("gw") - gg.get(&zs).expect("gg"))
+                .expect("d")
+                .abs()
+                .expect("a")
+                .max_all()
+                .expect("m")
+                .to_scalar::<f64>()
+                .expect("s");
+            assert!(diff < 1e-10, "k={k} T={t}: gradient differs by {diff}");
+        }
+        // The kl term against a top-k-only teacher is this form.
+        let reg = retort_core::Registry::empty();
+        let mut ctx = BuildContext::new(&reg, Device::Cpu, 0);
+        ctx.teacher_topk = Some(2);
+        let term = super::super::kl::build_for_test(&Params::new("loss[0]", serde_json::from_value(serde_json::json!({"temperature": 2.0})).expect("m")), &ctx).expect("kl");
+        assert!(!term.needs_teacher_logits());
+        assert_eq!(term.teacher_taps(), vec!["topk.2".to_string()]);
     }
 }

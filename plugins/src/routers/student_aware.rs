@@ -282,6 +282,7 @@ mod tests {
             input_ids: ids.clone(),
             targets: ids,
             mask: None,
+            source: None,
         };
         let (s, t) = (Outputs::logits_only(zs), Outputs::logits_only(zt));
         let ctx = StepContext {

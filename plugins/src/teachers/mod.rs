@@ -1,4 +1,5 @@
 //! Built-in teacher providers.
 
+pub mod cached;
 pub mod llama;
 pub mod transformer;

@@ -670,6 +670,7 @@ pub(crate) mod tests {
             input_ids: Tensor::from_vec(ids, (2, t), &Device::Cpu).expect("ids"),
             targets: Tensor::from_vec(tg, (2, t), &Device::Cpu).expect("tg"),
             mask: None,
+            source: None,
         }
     }
 

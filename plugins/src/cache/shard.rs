@@ -1,0 +1,368 @@
+//! One shard file: a fixed number of windows of one split, each window a zstd frame that
+//! decodes on its own (random access by sequence), and a checksum over the whole file.
+//!
+//! Layout (little endian; docs/cache-format.md):
+//!
+//! ```text
+//! 0   magic "RTLCSHD1"                      8 bytes
+//! 8   format version, split (0 train, 1 val), shard index, k, seq_len, vocab,
+//!     value coding, windows                 8 x u32
+//! 40  first window                          u64
+//! 48  table length n, table bytes z         2 x u32
+//! 56  frequency table: n ids, zstd          z bytes (u16 ids if vocab <= 65,536, else u32)
+//!     frame offsets                         (windows + 1) x u64, from the first frame
+//!     frames                                one zstd frame per window
+//!     xxh3-64 of every byte before it       u64
+//!     magic "RTLCEND1"                      8 bytes
+//! ```
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+use xxhash_rust::xxh3::xxh3_64;
+
+use retort_core::{Error, Result, Split};
+
+use super::codec::{decode_frame, encode_frame, ValueCoding, ValueLut};
+
+/// Shard format version.
+pub const SHARD_VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"RTLCSHD1";
+const END: &[u8; 8] = b"RTLCEND1";
+const HEADER_LEN: usize = 56;
+
+/// What a shard must say about itself (checked against the store's header on open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardSpec {
+    /// The split.
+    pub split: Split,
+    /// Index among the split's shards.
+    pub index: u32,
+    /// Entries per token.
+    pub k: u32,
+    /// Tokens per window.
+    pub seq_len: u32,
+    /// Vocabulary size.
+    pub vocab: u32,
+    /// Value coding.
+    pub coding: ValueCoding,
+    /// Windows in the shard.
+    pub windows: u32,
+    /// Index of its first window in the split.
+    pub first_window: u64,
+}
+
+/// The file name of shard `index` of `split`.
+pub fn shard_file_name(split: Split, index: u32) -> String {
+    let s = match split {
+        Split::Train => "train",
+        Split::Val => "val",
+    };
+    format!("{s}-{index:05}.shard")
+}
+
+fn split_id(s: Split) -> u32 {
+    match s {
+        Split::Train => 0,
+        Split::Val => 1,
+    }
+}
+
+/// Encodes a whole shard: `ids`/`logprobs` are `[windows * seq_len * k]` (window-major).
+pub fn encode_shard(spec: &ShardSpec, ids: &[u32], logprobs: &[f32], zstd_level: i32) -> Result<Vec<u8>> {
+    let k = spec.k as usize;
+    let per_window = spec.seq_len as usize * k;
+    if ids.len() != spec.windows as usize * per_window || logprobs.len() != ids.len() {
+        return Err(Error::Runtime(format!(
+            "encode_shard: {} ids / {} log-probs for {} windows of {} x {k}",
+            ids.len(),
+            logprobs.len(),
+            spec.windows,
+            spec.seq_len
+        )));
+    }
+    // Frequency table: ids by how often they occur in this shard's top-k lists (ties by id).
+    let mut counts = vec![0u64; spec.vocab as usize];
+    for &id in ids {
+        let c = counts
+            .get_mut(id as usize)
+            .ok_or_else(|| Error::Runtime(format!("teacher id {id} outside the vocabulary of {}", spec.vocab)))?;
+        *c += 1;
+    }
+    let mut table: Vec<u32> = (0..spec.vocab).filter(|&i| counts[i as usize] > 0).collect();
+    table.sort_by_key(|&i| (std::cmp::Reverse(counts[i as usize]), i));
+    let mut rank_of = vec![u32::MAX; spec.vocab as usize];
+    for (r, &id) in table.iter().enumerate() {
+        rank_of[id as usize] = r as u32;
+    }
+    let table_bytes: Vec<u8> = if spec.vocab <= 1 << 16 {
+        table.iter().flat_map(|&i| (i as u16).to_le_bytes()).collect()
+    } else {
+        table.iter().flat_map(|i| i.to_le_bytes()).collect()
+    };
+    let ztable = zstd::bulk::compress(&table_bytes, zstd_level).map_err(|e| Error::Runtime(format!("zstd: {e}")))?;
+    let frames: Vec<Vec<u8>> = (0..spec.windows as usize)
+        .into_par_iter()
+        .map(|w| {
+            let r = w * per_window..(w + 1) * per_window;
+            let raw = encode_frame(&ids[r.clone()], &logprobs[r], k, spec.coding, &rank_of);
+            zstd::bulk::compress(&raw, zstd_level).map_err(|e| Error::Runtime(format!("zstd: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let mut out = Vec::with_capacity(HEADER_LEN + ztable.len() + frames.iter().map(Vec::len).sum::<usize>() + 64);
+    out.extend_from_slice(MAGIC);
+    for v in [
+        SHARD_VERSION,
+        split_id(spec.split),
+        spec.index,
+        spec.k,
+        spec.seq_len,
+        spec.vocab,
+        spec.coding.id(),
+        spec.windows,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&spec.first_window.to_le_bytes());
+    out.extend_from_slice(&(table.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(ztable.len() as u32).to_le_bytes());
+    out.extend_from_slice(&ztable);
+    let mut offset = 0u64;
+    out.extend_from_slice(&offset.to_le_bytes());
+    for f in &frames {
+        offset += f.len() as u64;
+        out.extend_from_slice(&offset.to_le_bytes());
+    }
+    for f in &frames {
+        out.extend_from_slice(f);
+    }
+    let sum = xxh3_64(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out.extend_from_slice(END);
+    Ok(out)
+}
+
+/// An open, verified shard.
+pub struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    spec: ShardSpec,
+    id_of_rank: Vec<u32>,
+    lut: ValueLut,
+    offsets_at: usize,
+    frames_at: usize,
+}
+
+#[allow(unsafe_code)]
+fn map(file: &File) -> std::io::Result<Mmap> {
+    // SAFETY: read-only map of a file retort wrote atomically and never rewrites in place; a
+    // shard replaced or truncated by another process while mapped is outside what the cache
+    // supports (docs/cache-format.md). The checksum is verified right after mapping.
+    unsafe { Mmap::map(file) }
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
+
+impl Shard {
+    /// Maps `path`, verifies its checksum and structure, and checks that it is the shard
+    /// `expected` describes. Every failure names the file.
+    pub fn open(path: &Path, expected: &ShardSpec) -> Result<Self> {
+        let what = || format!("cache shard {}", path.display());
+        let corrupt = |m: String| Error::input(what(), format!("{m}; the shard is corrupt or truncated: delete it and rerun `retort cache` to rebuild it"));
+        let file = File::open(path).map_err(|e| Error::input(what(), format!("cannot open: {e}")))?;
+        let map = map(&file).map_err(|e| Error::input(what(), format!("cannot map: {e}")))?;
+        let n = map.len();
+        if n < HEADER_LEN + 16 || &map[..8] != MAGIC {
+            return Err(corrupt(format!("{n} bytes, no shard header")));
+        }
+        if &map[n - 8..] != END {
+            return Err(corrupt("the end marker is missing".into()));
+        }
+        let stored = u64_at(&map, n - 16);
+        if xxh3_64(&map[..n - 16]) != stored {
+            return Err(corrupt("checksum mismatch".into()));
+        }
+        let version = u32_at(&map, 8);
+        if version != SHARD_VERSION {
+            return Err(Error::input(what(), format!("shard format version {version}; this retort reads version {SHARD_VERSION}")));
+        }
+        let coding = ValueCoding::from_id(u32_at(&map, 32))
+            .ok_or_else(|| corrupt(format!("unknown value coding {}", u32_at(&map, 32))))?;
+        let spec = ShardSpec {
+            split: if u32_at(&map, 12) == 0 { Split::Train } else { Split::Val },
+            index: u32_at(&map, 16),
+            k: u32_at(&map, 20),
+            seq_len: u32_at(&map, 24),
+            vocab: u32_at(&map, 28),
+            coding,
+            windows: u32_at(&map, 36),
+            first_window: u64_at(&map, 40),
+        };
+        if spec != *expected {
+            return Err(Error::input(
+                what(),
+                format!("the shard says {spec:?}, the cache header expects {expected:?}: it belongs to another cache"),
+            ));
+        }
+        let table_len = u32_at(&map, 48) as usize;
+        let ztable_len = u32_at(&map, 52) as usize;
+        let offsets_at = HEADER_LEN + ztable_len;
+        let frames_at = offsets_at + (spec.windows as usize + 1) * 8;
+        if frames_at > n - 16 {
+            return Err(corrupt("the frame index runs past the end".into()));
+        }
+        let id_bytes = if spec.vocab <= 1 << 16 { 2 } else { 4 };
+        let table = zstd::bulk::decompress(&map[HEADER_LEN..offsets_at], table_len * id_bytes)
+            .map_err(|e| corrupt(format!("frequency table: {e}")))?;
+        if table.len() != table_len * id_bytes {
+            return Err(corrupt("frequency table has the wrong length".into()));
+        }
+        let id_of_rank: Vec<u32> = if id_bytes == 2 {
+            table.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect()
+        } else {
+            table.chunks_exact(4).map(|c| u32_at(c, 0)).collect()
+        };
+        if id_of_rank.iter().any(|&i| i >= spec.vocab) {
+            return Err(corrupt("frequency table holds an id outside the vocabulary".into()));
+        }
+        let mut prev = 0u64;
+        for w in 0..=spec.windows as usize {
+            let o = u64_at(&map, offsets_at + 8 * w);
+            if o < prev || frames_at as u64 + o > (n - 16) as u64 {
+                return Err(corrupt(format!("frame offset {w} is out of order or out of the file")));
+            }
+            prev = o;
+        }
+        if frames_at as u64 + prev != (n - 16) as u64 {
+            return Err(corrupt("frames do not fill the file".into()));
+        }
+        Ok(Shard {
+            path: path.to_path_buf(),
+            map,
+            spec,
+            id_of_rank,
+            lut: ValueLut::new(coding),
+            offsets_at,
+            frames_at,
+        })
+    }
+
+    /// What the shard holds.
+    pub fn spec(&self) -> &ShardSpec {
+        &self.spec
+    }
+
+    /// Bytes on disk.
+    pub fn bytes(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Decodes window `w` (index inside the shard) into its top-`k_out` entries per token,
+    /// appended to `ids`/`lps` (`seq_len * k_out` each). `scratch` is a reusable buffer.
+    pub fn read_window(
+        &self,
+        w: usize,
+        k_out: usize,
+        decompressor: &mut zstd::bulk::Decompressor<'_>,
+        scratch: &mut Vec<u8>,
+        ids: &mut Vec<u32>,
+        lps: &mut Vec<f32>,
+    ) -> Result<()> {
+        let bad = |m: String| Error::Runtime(format!("cache shard {}: window {w}: {m}", self.path.display()));
+        if w >= self.spec.windows as usize {
+            return Err(bad(format!("outside the shard's {} windows", self.spec.windows)));
+        }
+        let a = u64_at(&self.map, self.offsets_at + 8 * w) as usize;
+        let b = u64_at(&self.map, self.offsets_at + 8 * (w + 1)) as usize;
+        let frame = &self.map[self.frames_at + a..self.frames_at + b];
+        let (t, k) = (self.spec.seq_len as usize, self.spec.k as usize);
+        let cap = t * (self.spec.coding.tail_bytes() + k * (self.spec.coding.value_bytes() + 5));
+        scratch.clear();
+        scratch.reserve(cap);
+        decompressor
+            .decompress_to_buffer(frame, scratch)
+            .map_err(|e| bad(format!("zstd: {e}")))?;
+        decode_frame(scratch, t, k, k_out, self.spec.coding, &self.lut, &self.id_of_rank, ids, lps).map_err(|e| bad(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(windows: u32) -> ShardSpec {
+        ShardSpec {
+            split: Split::Train,
+            index: 3,
+            k: 4,
+            seq_len: 5,
+            vocab: 50,
+            coding: ValueCoding::F32,
+            windows,
+            first_window: 12,
+        }
+    }
+
+    fn data(windows: usize) -> (Vec<u32>, Vec<f32>) {
+        let n = windows * 5;
+        let mut ids = Vec::new();
+        let mut lps = Vec::new();
+        for t in 0..n {
+            for j in 0..4u32 {
+                ids.push((t as u32 * 3 + j * 11) % 50);
+                lps.push(-0.5 - j as f32 - (t % 7) as f32 * 0.1);
+            }
+        }
+        (ids, lps)
+    }
+
+    #[test]
+    fn round_trip_and_every_corruption_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join(shard_file_name(Split::Train, 3));
+        let s = spec(3);
+        let (ids, lps) = data(3);
+        let bytes = encode_shard(&s, &ids, &lps, 3).expect("encode");
+        std::fs::write(&path, &bytes).expect("write");
+        let shard = Shard::open(&path, &s).expect("open");
+        let mut dec = zstd::bulk::Decompressor::new().expect("zstd");
+        let (mut scratch, mut oi, mut ol) = (Vec::new(), Vec::new(), Vec::new());
+        for w in 0..3 {
+            shard.read_window(w, 4, &mut dec, &mut scratch, &mut oi, &mut ol).expect("read");
+        }
+        assert_eq!(oi, ids);
+        assert_eq!(ol, lps);
+        assert!(shard.read_window(3, 4, &mut dec, &mut scratch, &mut oi, &mut ol).is_err());
+
+        // Truncated, a flipped byte in a frame, and a shard of another cache.
+        for (name, bad) in [
+            ("truncated", bytes[..bytes.len() - 40].to_vec()),
+            ("flipped", {
+                let mut b = bytes.clone();
+                let i = b.len() - 30;
+                b[i] ^= 0x40;
+                b
+            }),
+        ] {
+            std::fs::write(&path, &bad).expect("write");
+            let e = Shard::open(&path, &s).err().unwrap_or_else(|| panic!("{name} shard opened"));
+            assert!(e.to_string().contains(&path.display().to_string()), "{name}: {e}");
+            assert!(e.exit_code() == 2, "{name}");
+        }
+        std::fs::write(&path, &bytes).expect("write");
+        let mut other = s;
+        other.k = 8;
+        let e = Shard::open(&path, &other).err().expect("mismatch refused");
+        assert!(e.to_string().contains("another cache"), "{e}");
+    }
+}
