@@ -130,7 +130,9 @@ pub fn dense_from_topk(ids: &Tensor, logprobs: &Tensor, vocab: usize) -> Result<
     };
     let k = lp.dim(D::Minus1)?;
     let mut shape = lp.dims().to_vec();
-    *shape.last_mut().ok_or_else(|| crate::Error::Runtime("dense_from_topk: rank-0 log-probs".into()))? = vocab;
+    *shape
+        .last_mut()
+        .ok_or_else(|| crate::Error::Runtime("dense_from_topk: rank-0 log-probs".into()))? = vocab;
     let tail = if vocab > k {
         let m = lp.exp()?.sum_keepdim(D::Minus1)?.affine(-1.0, 1.0)?.maximum(1e-12)?;
         (m / (vocab - k) as f64)?.log()?

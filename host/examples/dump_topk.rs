@@ -28,8 +28,12 @@ fn main() -> Result<()> {
         let (ids, lp) = dense_topk(&flat, 128)?;
         let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
         let lp: Vec<f32> = lp.flatten_all()?.to_vec1()?;
-        for x in ids { f.write_all(&x.to_le_bytes())?; }
-        for x in lp { f.write_all(&x.to_le_bytes())?; }
+        for x in ids {
+            f.write_all(&x.to_le_bytes())?;
+        }
+        for x in lp {
+            f.write_all(&x.to_le_bytes())?;
+        }
         // full log-probs for the first 2 batches (exact KL evaluation)
         if i < 2 {
             let max = flat.max_keepdim(D::Minus1)?;
@@ -37,7 +41,9 @@ fn main() -> Result<()> {
             let lse = sh.exp()?.sum_keepdim(D::Minus1)?.log()?;
             let l = sh.broadcast_sub(&lse)?.to_dtype(DType::F32)?;
             let l: Vec<f32> = l.flatten_all()?.to_vec1()?;
-            for x in l { g.write_all(&x.to_le_bytes())?; }
+            for x in l {
+                g.write_all(&x.to_le_bytes())?;
+            }
         }
         eprintln!("batch {i} {:.1}s", t0.elapsed().as_secs_f64());
         let _ = Tensor::zeros(1, DType::F32, &p.device)?;

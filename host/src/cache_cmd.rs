@@ -58,7 +58,10 @@ pub fn run_cache(registry: &Registry, opts: &CacheOptions) -> Result<(PathBuf, B
         return Err(Error::input("--k/--shard-tokens", "must be >= 1"));
     }
     if !(1..=22).contains(&opts.zstd_level) {
-        return Err(Error::input("--zstd-level", format!("expected 1..=22, got {}", opts.zstd_level)));
+        return Err(Error::input(
+            "--zstd-level",
+            format!("expected 1..=22, got {}", opts.zstd_level),
+        ));
     }
     let (cfg, _) = config_load::load(opts.config.as_deref(), &opts.sets)?;
     let pipeline = Pipeline::assemble(cfg, registry)?;
@@ -93,10 +96,17 @@ pub fn run_cache(registry: &Registry, opts: &CacheOptions) -> Result<(PathBuf, B
             .progress_chars("=> "),
     );
     let t0 = Instant::now();
-    let summary = build_cache(&out, teacher, pipeline.data.as_ref(), &build, &pipeline.device, &mut |p| {
-        bar.set_length(p.tokens_total as u64);
-        bar.set_position(p.tokens_done as u64);
-    })?;
+    let summary = build_cache(
+        &out,
+        teacher,
+        pipeline.data.as_ref(),
+        &build,
+        &pipeline.device,
+        &mut |p| {
+            bar.set_length(p.tokens_total as u64);
+            bar.set_position(p.tokens_done as u64);
+        },
+    )?;
     bar.finish_and_clear();
     Ok((out, summary, t0.elapsed().as_secs_f64()))
 }
@@ -160,7 +170,9 @@ pub fn bench_read(store: &LogitStore, passes: usize) -> Result<Value> {
     }
     let all = rates.clone();
     rates.sort_by(f64::total_cmp);
-    Ok(json!({"tokens_per_pass": order.len() * h.seq_len, "passes": all, "median_tokens_per_s": rates[rates.len() / 2]}))
+    Ok(
+        json!({"tokens_per_pass": order.len() * h.seq_len, "passes": all, "median_tokens_per_s": rates[rates.len() / 2]}),
+    )
 }
 
 fn live_teacher<'a>(p: &'a Pipeline) -> Result<&'a dyn Teacher> {
@@ -199,7 +211,12 @@ fn checkpoint_hash(checkpoint: Option<&Value>) -> Result<String> {
     }
     let mut buf = vec![0u8; 1 << 20];
     for f in files {
-        h.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
+        h.update(
+            f.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
         let mut file = std::fs::File::open(&f).map_err(|e| Error::io("reading", &f, e))?;
         loop {
             let n = file.read(&mut buf).map_err(|e| Error::io("reading", &f, e))?;

@@ -476,14 +476,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cache {
-            action: Some(CacheAction::Inspect {
-                path,
-                json,
-                config,
-                sets,
-                sample_windows,
-                bench_read,
-            }),
+            action:
+                Some(CacheAction::Inspect {
+                    path,
+                    json,
+                    config,
+                    sets,
+                    sample_windows,
+                    bench_read,
+                }),
             ..
         } => {
             let registry = crate::builtin_registry()?;
@@ -496,7 +497,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             };
             let r = crate::cache_cmd::inspect(&registry, &opts)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r).map_err(|e| retort_core::Error::Runtime(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).map_err(|e| retort_core::Error::Runtime(e.to_string()))?
+                );
             } else {
                 print!("{}", crate::cache_cmd::inspect_text(&r));
             }
@@ -520,7 +524,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             let k = k.unwrap_or(old.k);
             let coding = crate::cache_cmd::value_coding(&values, k, max_kl, levels)?;
             if !(1..=22).contains(&zstd_level) {
-                return Err(retort_core::Error::input("--zstd-level", format!("expected 1..=22, got {zstd_level}")));
+                return Err(retort_core::Error::input(
+                    "--zstd-level",
+                    format!("expected 1..=22, got {zstd_level}"),
+                ));
             }
             let t0 = std::time::Instant::now();
             let h = retort_plugins::cache::recode_cache(&src, &out, k, coding, zstd_level, force)?;
@@ -535,16 +542,32 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cache {
-            action: Some(CacheAction::Export { path, out, split, windows }),
+            action:
+                Some(CacheAction::Export {
+                    path,
+                    out,
+                    split,
+                    windows,
+                }),
             ..
         } => {
             let split = match split.as_str() {
                 "train" => retort_core::Split::Train,
                 "val" => retort_core::Split::Val,
-                other => return Err(retort_core::Error::input("--split", format!("expected train or val, got `{other}`"))),
+                other => {
+                    return Err(retort_core::Error::input(
+                        "--split",
+                        format!("expected train or val, got `{other}`"),
+                    ))
+                }
             };
             let meta = crate::cache_cmd::export(&path, &out, split, windows)?;
-            println!("exported {} tokens x top-{} to {}", meta["tokens"], meta["k"], out.display());
+            println!(
+                "exported {} tokens x top-{} to {}",
+                meta["tokens"],
+                meta["k"],
+                out.display()
+            );
             Ok(())
         }
         Command::Cache {
@@ -592,7 +615,10 @@ fn dispatch(cli: Cli) -> Result<()> {
                 s.tokens_computed,
                 s.tokens_computed as f64 / secs.max(1e-9)
             );
-            println!("train from it with: teacher = {{ kind = \"cached\", path = \"{}\" }}", path.display());
+            println!(
+                "train from it with: teacher = {{ kind = \"cached\", path = \"{}\" }}",
+                path.display()
+            );
             Ok(())
         }
         Command::NewPlugin { name, kind, dir } => {

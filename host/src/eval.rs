@@ -45,7 +45,11 @@ pub fn teacher_eval_logits(teacher: &dyn Teacher, batch: &Batch) -> Result<Tenso
         None => Ok(teacher.forward(batch, &TapSet::none())?.logits),
         Some(k) => {
             let out = teacher.forward(batch, &[topk_tap(k)].into_iter().collect())?;
-            dense_from_topk(out.tap(&format!("topk.{k}.ids"))?, out.tap(&format!("topk.{k}.logprobs"))?, teacher.vocab_size())
+            dense_from_topk(
+                out.tap(&format!("topk.{k}.ids"))?,
+                out.tap(&format!("topk.{k}.logprobs"))?,
+                teacher.vocab_size(),
+            )
         }
     }
 }

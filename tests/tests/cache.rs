@@ -17,7 +17,12 @@ fn teacher_run(registry: &Registry, dir: &Path) -> PathBuf {
         registry,
         dir,
         &toml,
-        &["teacher.pretrain.steps=40", "train.steps=2", "eval.baseline=false", "train.checkpoint_every=0"],
+        &[
+            "teacher.pretrain.steps=40",
+            "train.steps=2",
+            "eval.baseline=false",
+            "train.checkpoint_every=0",
+        ],
         false,
     )
     .expect("teacher run");
@@ -54,9 +59,18 @@ fn cached_config(live: &str, cache: &Path) -> String {
 }
 
 const TOPK_CE: &str = "[[loss]]\nkind = \"topk_kl\"\nk = 8\nweight = 0.5\n\n[[loss]]\nkind = \"ce\"\nweight = 0.5\n";
-const KL_CE: &str = "[[loss]]\nkind = \"kl\"\nweight = 0.5\ntemperature = 2.0\n\n[[loss]]\nkind = \"ce\"\nweight = 0.5\n";
+const KL_CE: &str =
+    "[[loss]]\nkind = \"kl\"\nweight = 0.5\ntemperature = 2.0\n\n[[loss]]\nkind = \"ce\"\nweight = 0.5\n";
 
-fn build(registry: &Registry, dir: &Path, toml: &str, out: &Path, k: usize, values: &str, shard_tokens: usize) -> retort_core::Result<retort_plugins::cache::BuildSummary> {
+fn build(
+    registry: &Registry,
+    dir: &Path,
+    toml: &str,
+    out: &Path,
+    k: usize,
+    values: &str,
+    shard_tokens: usize,
+) -> retort_core::Result<retort_plugins::cache::BuildSummary> {
     let cfg = dir.join("cache_config.toml");
     std::fs::write(&cfg, toml).expect("write config");
     run_cache(
@@ -94,7 +108,10 @@ fn assert_same_curve(a: &[(u64, f64)], b: &[(u64, f64)], rel: f64, what: &str) {
     assert!(!a.is_empty(), "{what}: no train records");
     for ((sa, la), (sb, lb)) in a.iter().zip(b) {
         assert_eq!(sa, sb);
-        assert!((la - lb).abs() <= rel * la.abs().max(1e-3), "{what}: step {sa}: live {la} vs cached {lb}");
+        assert!(
+            (la - lb).abs() <= rel * la.abs().max(1e-3),
+            "{what}: step {sa}: live {la} vs cached {lb}"
+        );
     }
 }
 
@@ -114,7 +131,12 @@ fn a_student_trained_from_the_cache_follows_the_live_teacher() {
     let cached_dir = tmp.path().join("cached");
     std::fs::create_dir_all(&cached_dir).expect("dir");
     let cached_out = run_in(&registry, &cached_dir, &cached_config(&live, &f32_cache), &[], false).expect("cached run");
-    assert_same_curve(&curve(&live_out.dir), &curve(&cached_out.dir), 1e-5, "topk_kl, f32 cache");
+    assert_same_curve(
+        &curve(&live_out.dir),
+        &curve(&cached_out.dir),
+        1e-5,
+        "topk_kl, f32 cache",
+    );
     let (a, b) = (live_out.report.student.val_loss, cached_out.report.student.val_loss);
     assert!((a - b).abs() < 1e-5, "final val loss: live {a} vs cached {b}");
 
@@ -124,7 +146,12 @@ fn a_student_trained_from_the_cache_follows_the_live_teacher() {
     let sqrt_dir = tmp.path().join("cached_sqrt");
     std::fs::create_dir_all(&sqrt_dir).expect("dir");
     let sqrt_out = run_in(&registry, &sqrt_dir, &cached_config(&live, &sqrt_cache), &[], false).expect("sqrt run");
-    assert_same_curve(&curve(&live_out.dir), &curve(&sqrt_out.dir), 2e-2, "topk_kl, sqrt cache");
+    assert_same_curve(
+        &curve(&live_out.dir),
+        &curve(&sqrt_out.dir),
+        2e-2,
+        "topk_kl, sqrt cache",
+    );
 
     // `kl` at T = 2 from a cache holding the whole vocabulary (k = V = 16): the sparse form is
     // then the dense KL, so the curve matches the live teacher's.
@@ -136,10 +163,20 @@ fn a_student_trained_from_the_cache_follows_the_live_teacher() {
     build(&registry, tmp.path(), &live_kl, &full_cache, 16, "f32", 4096).expect("build full");
     let kl_cached_dir = tmp.path().join("cached_kl");
     std::fs::create_dir_all(&kl_cached_dir).expect("dir");
-    let kl_cached = run_in(&registry, &kl_cached_dir, &cached_config(&live_kl, &full_cache), &[], false).expect("cached kl");
+    let kl_cached = run_in(
+        &registry,
+        &kl_cached_dir,
+        &cached_config(&live_kl, &full_cache),
+        &[],
+        false,
+    )
+    .expect("cached kl");
     assert_same_curve(&curve(&kl_live.dir), &curve(&kl_cached.dir), 1e-4, "kl, full f32 cache");
     // The evaluation figures against the cached teacher are those against the live one.
-    let (a, b) = (kl_live.report.student.kl_to_teacher, kl_cached.report.student.kl_to_teacher);
+    let (a, b) = (
+        kl_live.report.student.kl_to_teacher,
+        kl_cached.report.student.kl_to_teacher,
+    );
     let (a, b) = (a.expect("kl"), b.expect("kl"));
     assert!((a - b).abs() < 1e-4, "kl_to_teacher: live {a} vs cached {b}");
 }
@@ -155,7 +192,10 @@ fn builds_are_deterministic_and_resume_keeping_finished_shards() {
     // 20000 train tokens -> 1249 windows of 16 -> 10 shards of 128 windows; 2000 val -> 1.
     assert_eq!((s.shards_built, s.shards_kept), (11, 0));
     let shard = |dir: &Path, name: &str| std::fs::read(dir.join(name)).expect("shard");
-    let names: Vec<String> = (0..10).map(|i| format!("train-{i:05}.shard")).chain(["val-00000.shard".into()]).collect();
+    let names: Vec<String> = (0..10)
+        .map(|i| format!("train-{i:05}.shard"))
+        .chain(["val-00000.shard".into()])
+        .collect();
 
     // A second build elsewhere writes the same bytes.
     let second = tmp.path().join("second");
@@ -169,7 +209,9 @@ fn builds_are_deterministic_and_resume_keeping_finished_shards() {
     std::fs::remove_file(first.join(&names[7])).expect("rm");
     std::fs::write(first.join(&names[3]), &keep[..keep.len() / 2]).expect("truncate");
     std::fs::write(first.join(format!(".{}.tmp-999", names[7])), b"partial").expect("temp");
-    let e = LogitStore::open(&first).err().expect("an incomplete cache must not open");
+    let e = LogitStore::open(&first)
+        .err()
+        .expect("an incomplete cache must not open");
     assert!(e.to_string().contains(&names[3]), "{e}");
     let s = build(&registry, tmp.path(), &live, &first, 8, "sqrt", 2048).expect("resume");
     assert_eq!((s.shards_built, s.shards_kept), (2, 9));
@@ -180,7 +222,7 @@ fn builds_are_deterministic_and_resume_keeping_finished_shards() {
     LogitStore::open(&first).expect("complete again");
 
     // Other settings at the same place: refused without --force, naming the difference.
-    let e = build(&registry, tmp.path(), &live, &first, 4, "sqrt", 2048).err().expect("refused");
+    let e = build(&registry, tmp.path(), &live, &first, 4, "sqrt", 2048).expect_err("refused");
     assert!(e.to_string().contains("k: 8 there, 4 now"), "{e}");
     assert_eq!(e.exit_code(), 2);
 }
@@ -197,11 +239,17 @@ fn mismatches_and_corruption_are_refused_naming_them() {
     let dir = tmp.path().join("runs");
     std::fs::create_dir_all(&dir).expect("dir");
     let refuse = |toml: &str, sets: &[&str], needle: &str| {
-        let e = run_in(&registry, &dir, toml, sets, false).err().unwrap_or_else(|| panic!("ran despite: {needle}"));
+        let e = run_in(&registry, &dir, toml, sets, false)
+            .err()
+            .unwrap_or_else(|| panic!("ran despite: {needle}"));
         assert!(e.to_string().contains(needle), "expected `{needle}` in: {e}");
         assert_eq!(e.exit_code(), 2, "{e}");
     };
-    refuse(&cached, &["train.seq_len=8"], "window length (train.seq_len) is 16 in the cache and 8 in the run");
+    refuse(
+        &cached,
+        &["train.seq_len=8"],
+        "window length (train.seq_len) is 16 in the cache and 8 in the run",
+    );
     refuse(&cached, &["data.train_tokens=20016"], "Train split's token count");
     refuse(&cached, &["run.seed=8"], "token stream (fingerprint)");
     refuse(&cached, &["data.vocab=17"], "tokenizer");
@@ -212,7 +260,11 @@ fn mismatches_and_corruption_are_refused_naming_them() {
         &[],
         "`reverse_kl` needs the teacher's dense logits",
     );
-    refuse(&cached.replace("kind = \"topk_kl\"\nk = 8", "kind = \"hidden_mse\""), &[], "loss[0]");
+    refuse(
+        &cached.replace("kind = \"topk_kl\"\nk = 8", "kind = \"hidden_mse\""),
+        &[],
+        "loss[0]",
+    );
 
     // Corruption: a flipped byte, a truncated shard, a missing shard: each named.
     let shard = cache.join("train-00002.shard");
@@ -222,7 +274,9 @@ fn mismatches_and_corruption_are_refused_naming_them() {
     flipped[i] ^= 0x10;
     for (what, bytes) in [("flipped", flipped), ("truncated", good[..good.len() - 9].to_vec())] {
         std::fs::write(&shard, &bytes).expect("write");
-        let e: Error = LogitStore::open(&cache).err().unwrap_or_else(|| panic!("{what} shard opened"));
+        let e: Error = LogitStore::open(&cache)
+            .err()
+            .unwrap_or_else(|| panic!("{what} shard opened"));
         assert!(e.to_string().contains("train-00002.shard"), "{what}: {e}");
         refuse(&cached, &[], "train-00002.shard");
     }

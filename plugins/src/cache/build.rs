@@ -60,7 +60,10 @@ pub struct BuildSummary {
 pub fn header_for(teacher: &dyn Teacher, data: &dyn DataSource, opts: &BuildOptions) -> Result<CacheHeader> {
     let vocab = teacher.vocab_size();
     if opts.k == 0 || opts.k > vocab {
-        return Err(Error::config("cache.k", format!("expected 1 <= k <= vocabulary ({vocab}), got {}", opts.k)));
+        return Err(Error::config(
+            "cache.k",
+            format!("expected 1 <= k <= vocabulary ({vocab}), got {}", opts.k),
+        ));
     }
     let split = |s: Split| {
         let tokens = data.tokens(s);
@@ -95,11 +98,24 @@ pub fn header_for(teacher: &dyn Teacher, data: &dyn DataSource, opts: &BuildOpti
 /// `values`, without the teacher: every window is decoded and encoded again, shard by shard
 /// (same windows per shard), each shard written atomically. Exact when the source is `f32`;
 /// from a quantised source the errors add up.
-pub fn recode_cache(src: &Path, dst: &Path, k: usize, values: ValueCoding, zstd_level: i32, force: bool) -> Result<CacheHeader> {
+pub fn recode_cache(
+    src: &Path,
+    dst: &Path,
+    k: usize,
+    values: ValueCoding,
+    zstd_level: i32,
+    force: bool,
+) -> Result<CacheHeader> {
     let store = super::LogitStore::open(src)?;
     let old = store.header();
     if k == 0 || k > old.k {
-        return Err(Error::input("--k", format!("the source holds the top-{}; expected 1 <= k <= {}, got {k}", old.k, old.k)));
+        return Err(Error::input(
+            "--k",
+            format!(
+                "the source holds the top-{}; expected 1 <= k <= {}, got {k}",
+                old.k, old.k
+            ),
+        ));
     }
     if src.canonicalize().ok() == dst.canonicalize().ok() {
         return Err(Error::input("--out", "must differ from the source cache"));
@@ -111,9 +127,14 @@ pub fn recode_cache(src: &Path, dst: &Path, k: usize, values: ValueCoding, zstd_
         recoded_from: Some(format!("{} ({}, top-{})", src.display(), old.values.name(), old.k)),
         ..old.clone()
     };
-    if dst.join(super::store::HEADER_FILE).exists() || dst.exists() && std::fs::read_dir(dst).map(|mut d| d.next().is_some()).unwrap_or(false) {
+    if dst.join(super::store::HEADER_FILE).exists()
+        || dst.exists() && std::fs::read_dir(dst).map(|mut d| d.next().is_some()).unwrap_or(false)
+    {
         if !force {
-            return Err(Error::input(format!("cache directory {}", dst.display()), "is not empty; choose another --out or pass --force"));
+            return Err(Error::input(
+                format!("cache directory {}", dst.display()),
+                "is not empty; choose another --out or pass --force",
+            ));
         }
         remove_cache_files(dst)?;
     }
@@ -170,7 +191,10 @@ pub fn build_cache(
             remove_cache_files(dir)?;
         }
     } else if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false) && !opts.force {
-        return Err(Error::input(what(), "exists, is not empty and holds no cache; choose another --out or pass --force"));
+        return Err(Error::input(
+            what(),
+            "exists, is not empty and holds no cache; choose another --out or pass --force",
+        ));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
     header.write(dir)?;
@@ -235,7 +259,11 @@ fn first_difference(old: &CacheHeader, new: &CacheHeader) -> String {
         match (o, n) {
             (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
                 for (k, v) in b {
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
                     match a.get(k) {
                         Some(w) => {
                             if let Some(d) = walk(&p, w, v) {
@@ -303,7 +331,9 @@ pub fn topk_rows(logits: &Tensor, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
         .try_for_each(|(row, (ids, lps))| -> Result<()> {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             if !max.is_finite() {
-                return Err(Error::Runtime(format!("the teacher produced a non-finite logit row (max {max})")));
+                return Err(Error::Runtime(format!(
+                    "the teacher produced a non-finite logit row (max {max})"
+                )));
             }
             let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
             let lse = max as f64 + sum.ln();
@@ -329,7 +359,11 @@ mod tests {
 
     #[test]
     fn topk_rows_matches_dense_topk() {
-        let logits = Tensor::new(&[[1.0f32, 3.0, 2.0, 3.0, -1.0], [0.5, 0.1, 0.2, 0.3, 0.4]], &Device::Cpu).expect("t");
+        let logits = Tensor::new(
+            &[[1.0f32, 3.0, 2.0, 3.0, -1.0], [0.5, 0.1, 0.2, 0.3, 0.4]],
+            &Device::Cpu,
+        )
+        .expect("t");
         let (ids, lps) = topk_rows(&logits, 3).expect("topk");
         // Ties (3.0 at ids 1 and 3) by ascending id.
         assert_eq!(ids, vec![1, 3, 2, 0, 4, 3]);

@@ -368,13 +368,35 @@ mod tests {
         }
         let frame = encode_frame(&ids, &lps, k, ValueCoding::F32, &rank_of);
         let (mut oi, mut ol) = (Vec::new(), Vec::new());
-        decode_frame(&frame, 5, k, k, ValueCoding::F32, &ValueLut::new(ValueCoding::F32), &id_of_rank, &mut oi, &mut ol).expect("decode");
+        decode_frame(
+            &frame,
+            5,
+            k,
+            k,
+            ValueCoding::F32,
+            &ValueLut::new(ValueCoding::F32),
+            &id_of_rank,
+            &mut oi,
+            &mut ol,
+        )
+        .expect("decode");
         // Rows were generated descending already, so the decoded order is the input order.
         assert_eq!(oi, ids);
         assert_eq!(ol, lps);
         // A prefix of the top-k.
         let (mut pi, mut pl) = (Vec::new(), Vec::new());
-        decode_frame(&frame, 5, k, 3, ValueCoding::F32, &ValueLut::new(ValueCoding::F32), &id_of_rank, &mut pi, &mut pl).expect("decode");
+        decode_frame(
+            &frame,
+            5,
+            k,
+            3,
+            ValueCoding::F32,
+            &ValueLut::new(ValueCoding::F32),
+            &id_of_rank,
+            &mut pi,
+            &mut pl,
+        )
+        .expect("decode");
         assert_eq!(pi[..3], ids[..3]);
         assert_eq!(pl[3..6], lps[8..11]);
     }
@@ -393,7 +415,18 @@ mod tests {
             let (ids, lps) = row(k, v, 1);
             let frame = encode_frame(&ids, &lps, k, coding, &rank_of);
             let (mut oi, mut ol) = (Vec::new(), Vec::new());
-            decode_frame(&frame, 1, k, k, coding, &ValueLut::new(coding), &id_of_rank, &mut oi, &mut ol).expect("decode");
+            decode_frame(
+                &frame,
+                1,
+                k,
+                k,
+                coding,
+                &ValueLut::new(coding),
+                &id_of_rank,
+                &mut oi,
+                &mut ol,
+            )
+            .expect("decode");
             // KL over the k + 1 outcomes (top-k and the tail bucket).
             let p: std::collections::HashMap<u32, f64> =
                 ids.iter().zip(&lps).map(|(&i, &l)| (i, (l as f64).exp())).collect();
@@ -416,7 +449,11 @@ mod tests {
         assert_eq!(ValueCoding::sqrt_for(64, 4e-4), ValueCoding::Sqrt { levels: 164 });
         assert_eq!(ValueCoding::sqrt_for(16, 4e-4), ValueCoding::Sqrt { levels: 82 });
         assert_eq!(ValueCoding::sqrt_for(64, 1e-12), ValueCoding::Sqrt { levels: 65535 });
-        for c in [ValueCoding::F32, ValueCoding::Sqrt { levels: 7 }, ValueCoding::Sqrt { levels: 300 }] {
+        for c in [
+            ValueCoding::F32,
+            ValueCoding::Sqrt { levels: 7 },
+            ValueCoding::Sqrt { levels: 300 },
+        ] {
             assert_eq!(ValueCoding::from_id(c.id()), Some(c));
         }
         assert!(ValueCoding::sqrt_for(64, 4e-4).expected_kl(64) <= 4e-4);
@@ -430,12 +467,45 @@ mod tests {
         let frame = encode_frame(&ids, &lps, k, ValueCoding::Sqrt { levels: 255 }, &rank_of);
         let (mut oi, mut ol) = (Vec::new(), Vec::new());
         for cut in [0, 3, frame.len() - 1] {
-            assert!(decode_frame(&frame[..cut], 1, k, k, ValueCoding::Sqrt { levels: 255 }, &ValueLut::new(ValueCoding::Sqrt { levels: 255 }), &id_of_rank, &mut oi, &mut ol).is_err());
+            assert!(decode_frame(
+                &frame[..cut],
+                1,
+                k,
+                k,
+                ValueCoding::Sqrt { levels: 255 },
+                &ValueLut::new(ValueCoding::Sqrt { levels: 255 }),
+                &id_of_rank,
+                &mut oi,
+                &mut ol
+            )
+            .is_err());
         }
         let mut long = frame.clone();
         long.push(0);
-        assert!(decode_frame(&long, 1, k, k, ValueCoding::Sqrt { levels: 255 }, &ValueLut::new(ValueCoding::Sqrt { levels: 255 }), &id_of_rank, &mut oi, &mut ol).is_err());
+        assert!(decode_frame(
+            &long,
+            1,
+            k,
+            k,
+            ValueCoding::Sqrt { levels: 255 },
+            &ValueLut::new(ValueCoding::Sqrt { levels: 255 }),
+            &id_of_rank,
+            &mut oi,
+            &mut ol
+        )
+        .is_err());
         // A rank past the table.
-        assert!(decode_frame(&frame, 1, k, k, ValueCoding::Sqrt { levels: 255 }, &ValueLut::new(ValueCoding::Sqrt { levels: 255 }), &id_of_rank[..5], &mut oi, &mut ol).is_err());
+        assert!(decode_frame(
+            &frame,
+            1,
+            k,
+            k,
+            ValueCoding::Sqrt { levels: 255 },
+            &ValueLut::new(ValueCoding::Sqrt { levels: 255 }),
+            &id_of_rank[..5],
+            &mut oi,
+            &mut ol
+        )
+        .is_err());
     }
 }

@@ -178,7 +178,12 @@ impl Shard {
     /// `expected` describes. Every failure names the file.
     pub fn open(path: &Path, expected: &ShardSpec) -> Result<Self> {
         let what = || format!("cache shard {}", path.display());
-        let corrupt = |m: String| Error::input(what(), format!("{m}; the shard is corrupt or truncated: delete it and rerun `retort cache` to rebuild it"));
+        let corrupt = |m: String| {
+            Error::input(
+                what(),
+                format!("{m}; the shard is corrupt or truncated: delete it and rerun `retort cache` to rebuild it"),
+            )
+        };
         let file = File::open(path).map_err(|e| Error::input(what(), format!("cannot open: {e}")))?;
         let map = map(&file).map_err(|e| Error::input(what(), format!("cannot map: {e}")))?;
         let n = map.len();
@@ -194,12 +199,19 @@ impl Shard {
         }
         let version = u32_at(&map, 8);
         if version != SHARD_VERSION {
-            return Err(Error::input(what(), format!("shard format version {version}; this retort reads version {SHARD_VERSION}")));
+            return Err(Error::input(
+                what(),
+                format!("shard format version {version}; this retort reads version {SHARD_VERSION}"),
+            ));
         }
         let coding = ValueCoding::from_id(u32_at(&map, 32))
             .ok_or_else(|| corrupt(format!("unknown value coding {}", u32_at(&map, 32))))?;
         let spec = ShardSpec {
-            split: if u32_at(&map, 12) == 0 { Split::Train } else { Split::Val },
+            split: if u32_at(&map, 12) == 0 {
+                Split::Train
+            } else {
+                Split::Val
+            },
             index: u32_at(&map, 16),
             k: u32_at(&map, 20),
             seq_len: u32_at(&map, 24),
@@ -228,7 +240,10 @@ impl Shard {
             return Err(corrupt("frequency table has the wrong length".into()));
         }
         let id_of_rank: Vec<u32> = if id_bytes == 2 {
-            table.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect()
+            table
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+                .collect()
         } else {
             table.chunks_exact(4).map(|c| u32_at(c, 0)).collect()
         };
@@ -292,7 +307,18 @@ impl Shard {
         decompressor
             .decompress_to_buffer(frame, scratch)
             .map_err(|e| bad(format!("zstd: {e}")))?;
-        decode_frame(scratch, t, k, k_out, self.spec.coding, &self.lut, &self.id_of_rank, ids, lps).map_err(|e| bad(e.to_string()))
+        decode_frame(
+            scratch,
+            t,
+            k,
+            k_out,
+            self.spec.coding,
+            &self.lut,
+            &self.id_of_rank,
+            ids,
+            lps,
+        )
+        .map_err(|e| bad(e.to_string()))
     }
 }
 
@@ -338,11 +364,15 @@ mod tests {
         let mut dec = zstd::bulk::Decompressor::new().expect("zstd");
         let (mut scratch, mut oi, mut ol) = (Vec::new(), Vec::new(), Vec::new());
         for w in 0..3 {
-            shard.read_window(w, 4, &mut dec, &mut scratch, &mut oi, &mut ol).expect("read");
+            shard
+                .read_window(w, 4, &mut dec, &mut scratch, &mut oi, &mut ol)
+                .expect("read");
         }
         assert_eq!(oi, ids);
         assert_eq!(ol, lps);
-        assert!(shard.read_window(3, 4, &mut dec, &mut scratch, &mut oi, &mut ol).is_err());
+        assert!(shard
+            .read_window(3, 4, &mut dec, &mut scratch, &mut oi, &mut ol)
+            .is_err());
 
         // Truncated, a flipped byte in a frame, and a shard of another cache.
         for (name, bad) in [
@@ -355,7 +385,9 @@ mod tests {
             }),
         ] {
             std::fs::write(&path, &bad).expect("write");
-            let e = Shard::open(&path, &s).err().unwrap_or_else(|| panic!("{name} shard opened"));
+            let e = Shard::open(&path, &s)
+                .err()
+                .unwrap_or_else(|| panic!("{name} shard opened"));
             assert!(e.to_string().contains(&path.display().to_string()), "{name}: {e}");
             assert!(e.exit_code() == 2, "{name}");
         }

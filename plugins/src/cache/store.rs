@@ -126,24 +126,41 @@ impl CacheHeader {
         let text = std::fs::read_to_string(&path).map_err(|e| {
             Error::input(
                 what(),
-                format!("cannot read {}: {e}; build a cache with `retort cache CONFIG --out {}`", path.display(), dir.display()),
+                format!(
+                    "cannot read {}: {e}; build a cache with `retort cache CONFIG --out {}`",
+                    path.display(),
+                    dir.display()
+                ),
             )
         })?;
-        let h: CacheHeader = serde_json::from_str(&text)
-            .map_err(|e| Error::input(format!("{} (line {}, column {})", path.display(), e.line(), e.column()), e.to_string()))?;
+        let h: CacheHeader = serde_json::from_str(&text).map_err(|e| {
+            Error::input(
+                format!("{} (line {}, column {})", path.display(), e.line(), e.column()),
+                e.to_string(),
+            )
+        })?;
         if h.format != FORMAT_NAME {
-            return Err(Error::input(path.display().to_string(), format!("format `{}`, expected `{FORMAT_NAME}`", h.format)));
+            return Err(Error::input(
+                path.display().to_string(),
+                format!("format `{}`, expected `{FORMAT_NAME}`", h.format),
+            ));
         }
         if h.version != FORMAT_VERSION {
             return Err(Error::input(
                 path.display().to_string(),
-                format!("cache format version {}; this retort reads version {FORMAT_VERSION}: rebuild the cache", h.version),
+                format!(
+                    "cache format version {}; this retort reads version {FORMAT_VERSION}: rebuild the cache",
+                    h.version
+                ),
             ));
         }
         if h.k == 0 || h.k > h.vocab || h.seq_len == 0 || h.windows_per_shard == 0 {
             return Err(Error::input(
                 path.display().to_string(),
-                format!("inconsistent header: k {} vocab {} seq_len {} windows_per_shard {}", h.k, h.vocab, h.seq_len, h.windows_per_shard),
+                format!(
+                    "inconsistent header: k {} vocab {} seq_len {} windows_per_shard {}",
+                    h.k, h.vocab, h.seq_len, h.windows_per_shard
+                ),
             ));
         }
         Ok(h)
@@ -235,7 +252,10 @@ impl LogitStore {
     ) -> Result<()> {
         let h = &self.header;
         if k_out == 0 || k_out > h.k {
-            return Err(Error::Runtime(format!("the cache holds the top-{} per token; top-{k_out} was asked for", h.k)));
+            return Err(Error::Runtime(format!(
+                "the cache holds the top-{} per token; top-{k_out} was asked for",
+                h.k
+            )));
         }
         let info = h.split(split);
         if window >= info.windows {
@@ -245,7 +265,14 @@ impl LogitStore {
             )));
         }
         let shard = &self.shards(split)[window / h.windows_per_shard];
-        shard.read_window(window % h.windows_per_shard, k_out, &mut state.decompressor, &mut state.scratch, ids, lps)
+        shard.read_window(
+            window % h.windows_per_shard,
+            k_out,
+            &mut state.decompressor,
+            &mut state.scratch,
+            ids,
+            lps,
+        )
     }
 }
 

@@ -144,7 +144,9 @@ pub fn topk_per_token(
             let v = ls_full.dim(D::Minus1)?;
             let k = lpt.dim(D::Minus1)?;
             if valid.is_some() {
-                return Err(Error::Runtime("topk_kl: tail = \"uniform\" does not combine with union_student".into()));
+                return Err(Error::Runtime(
+                    "topk_kl: tail = \"uniform\" does not combine with union_student".into(),
+                ));
             }
             let a = (&lpt / t)?;
             if v == k {
@@ -560,7 +562,14 @@ mod tests {
         let reg = retort_core::Registry::empty();
         let mut ctx = BuildContext::new(&reg, Device::Cpu, 0);
         ctx.teacher_topk = Some(2);
-        let term = super::super::kl::build_for_test(&Params::new("loss[0]", serde_json::from_value(serde_json::json!({"temperature": 2.0})).expect("m")), &ctx).expect("kl");
+        let term = super::super::kl::build_for_test(
+            &Params::new(
+                "loss[0]",
+                serde_json::from_value(serde_json::json!({"temperature": 2.0})).expect("m"),
+            ),
+            &ctx,
+        )
+        .expect("kl");
         assert!(!term.needs_teacher_logits());
         assert_eq!(term.teacher_taps(), vec!["topk.2".to_string()]);
     }

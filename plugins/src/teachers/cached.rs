@@ -97,7 +97,9 @@ impl Teacher for CachedTeacher {
             if guard.is_none() {
                 *guard = Some(ReadState::new()?);
             }
-            let state = guard.as_mut().ok_or_else(|| Error::Runtime("cached teacher: no reader state".into()))?;
+            let state = guard
+                .as_mut()
+                .ok_or_else(|| Error::Runtime("cached teacher: no reader state".into()))?;
             for &start in &src.starts {
                 if start % h.seq_len != 0 {
                     return Err(Error::Runtime(format!(
