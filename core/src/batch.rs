@@ -28,6 +28,40 @@ pub struct BatchSource {
 }
 
 impl Batch {
+    /// The windows of `tokens` (the stream of `split`) starting at `starts`, `seq_len` tokens
+    /// each, with their next-token targets, as one batch on `device`; records its
+    /// [`BatchSource`]. Every window needs `seq_len + 1` tokens from its start.
+    pub fn from_windows(
+        tokens: &[u32],
+        split: crate::Split,
+        starts: &[usize],
+        seq_len: usize,
+        device: &candle_core::Device,
+    ) -> crate::Result<Batch> {
+        let mut inp = Vec::with_capacity(starts.len() * seq_len);
+        let mut tgt = Vec::with_capacity(starts.len() * seq_len);
+        for &s in starts {
+            let w = tokens.get(s..s + seq_len + 1).ok_or_else(|| {
+                crate::Error::Runtime(format!(
+                    "window at {s} of {seq_len} tokens runs past the {} tokens of the {split:?} split",
+                    tokens.len()
+                ))
+            })?;
+            inp.extend_from_slice(&w[..seq_len]);
+            tgt.extend_from_slice(&w[1..]);
+        }
+        let shape = (starts.len(), seq_len);
+        Ok(Batch {
+            input_ids: Tensor::from_vec(inp, shape, device)?,
+            targets: Tensor::from_vec(tgt, shape, device)?,
+            mask: None,
+            source: Some(BatchSource {
+                split,
+                starts: starts.to_vec(),
+            }),
+        })
+    }
+
     /// `(batch, seq)`.
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         self.input_ids.dims2()

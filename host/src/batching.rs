@@ -3,12 +3,12 @@
 //! consecutive windows for validation. Every batch records where its rows came from
 //! ([`BatchSource`]), which a teacher reading stored outputs keys by.
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use retort_core::config::WindowSampling;
-use retort_core::{Batch, BatchSource, Error, Result, Split};
+use retort_core::{Batch, Error, Result, Split};
 
 /// Samples training windows uniformly at random; the sequence depends only on the seed, so two
 /// trainings with the same seed see the same batches.
@@ -108,7 +108,8 @@ fn check_len(tokens: &[u32], seq_len: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The windows of `tokens` (the stream of `split`) starting at `starts` as one batch.
+/// The windows of `tokens` (the stream of `split`) starting at `starts` as one batch
+/// ([`Batch::from_windows`]).
 pub fn windows_to_batch(
     tokens: &[u32],
     split: Split,
@@ -116,22 +117,7 @@ pub fn windows_to_batch(
     seq_len: usize,
     device: &Device,
 ) -> Result<Batch> {
-    let mut inp = Vec::with_capacity(starts.len() * seq_len);
-    let mut tgt = Vec::with_capacity(starts.len() * seq_len);
-    for &s in starts {
-        inp.extend_from_slice(&tokens[s..s + seq_len]);
-        tgt.extend_from_slice(&tokens[s + 1..s + seq_len + 1]);
-    }
-    let shape = (starts.len(), seq_len);
-    Ok(Batch {
-        input_ids: Tensor::from_vec(inp, shape, device)?,
-        targets: Tensor::from_vec(tgt, shape, device)?,
-        mask: None,
-        source: Some(BatchSource {
-            split,
-            starts: starts.to_vec(),
-        }),
-    })
+    Batch::from_windows(tokens, split, starts, seq_len, device)
 }
 
 #[cfg(test)]

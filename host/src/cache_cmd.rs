@@ -31,16 +31,10 @@ pub struct CacheOptions {
     pub out: Option<PathBuf>,
     /// Entries per token.
     pub k: usize,
-    /// `sqrt` (quantised) or `f32` (exact).
-    pub values: String,
-    /// With `sqrt`: the KL(exact || stored) per token the levels are chosen for.
-    pub max_kl: f64,
-    /// With `sqrt`: this many levels instead of those `max_kl` picks.
-    pub levels: Option<u32>,
+    /// How values are stored.
+    pub coding: CodingArgs,
     /// Tokens per shard.
     pub shard_tokens: usize,
-    /// zstd level.
-    pub zstd_level: i32,
     /// Windows per teacher forward (default `train.batch_size`).
     pub batch_windows: Option<usize>,
     /// A declared teacher id instead of the checkpoint hash.
@@ -51,17 +45,67 @@ pub struct CacheOptions {
     pub progress: bool,
 }
 
+/// How a cache stores values (`--values`, `--max-kl`, `--levels`, `--zstd-level`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CodingArgs {
+    /// Value coding: sqrt (quantised sqrt-probabilities) or f32 (exact log-probs).
+    #[arg(long, default_value = "sqrt")]
+    pub values: String,
+    /// With sqrt: the KL(exact || stored) per token, in nats, the quantisation levels are
+    /// chosen for (levels = ceil(sqrt(k / (6 max_kl)))).
+    #[arg(long, default_value_t = 4e-4)]
+    pub max_kl: f64,
+    /// With sqrt: use this many levels instead of those --max-kl picks.
+    #[arg(long)]
+    pub levels: Option<u32>,
+    /// zstd level of the frames (1-22).
+    #[arg(long, default_value_t = 9)]
+    pub zstd_level: i32,
+}
+
+impl CodingArgs {
+    /// The value coding these ask for at `k` (zstd level checked too).
+    pub fn value_coding(&self, k: usize) -> Result<ValueCoding> {
+        if !(1..=22).contains(&self.zstd_level) {
+            return Err(Error::input(
+                "--zstd-level",
+                format!("expected 1..=22, got {}", self.zstd_level),
+            ));
+        }
+        Ok(match (self.values.as_str(), self.levels) {
+            ("f32", _) => ValueCoding::F32,
+            ("sqrt", Some(levels)) if (1..=65535).contains(&levels) => ValueCoding::Sqrt { levels },
+            ("sqrt", Some(levels)) => {
+                return Err(Error::input("--levels", format!("expected 1..=65535, got {levels}")))
+            }
+            ("sqrt", None) if self.max_kl > 0.0 && self.max_kl.is_finite() => ValueCoding::sqrt_for(k, self.max_kl),
+            ("sqrt", None) => {
+                return Err(Error::input(
+                    "--max-kl",
+                    format!("expected a number > 0, got {}", self.max_kl),
+                ))
+            }
+            (other, _) => return Err(Error::input("--values", format!("expected sqrt or f32, got `{other}`"))),
+        })
+    }
+}
+
+impl Default for CodingArgs {
+    fn default() -> Self {
+        CodingArgs {
+            values: "sqrt".into(),
+            max_kl: 4e-4,
+            levels: None,
+            zstd_level: 9,
+        }
+    }
+}
+
 /// Builds (or completes) the cache; returns where, what it did and the seconds taken.
 pub fn run_cache(registry: &Registry, opts: &CacheOptions) -> Result<(PathBuf, BuildSummary, f64)> {
-    let values = value_coding(&opts.values, opts.k, opts.max_kl, opts.levels)?;
+    let values = opts.coding.value_coding(opts.k)?;
     if opts.shard_tokens == 0 || opts.k == 0 {
         return Err(Error::input("--k/--shard-tokens", "must be >= 1"));
-    }
-    if !(1..=22).contains(&opts.zstd_level) {
-        return Err(Error::input(
-            "--zstd-level",
-            format!("expected 1..=22, got {}", opts.zstd_level),
-        ));
     }
     let (cfg, _) = config_load::load(opts.config.as_deref(), &opts.sets)?;
     let pipeline = Pipeline::assemble(cfg, registry)?;
@@ -78,7 +122,7 @@ pub fn run_cache(registry: &Registry, opts: &CacheOptions) -> Result<(PathBuf, B
     let build = BuildOptions {
         k: opts.k,
         values,
-        zstd_level: opts.zstd_level,
+        zstd_level: opts.coding.zstd_level,
         seq_len: c.train.seq_len,
         shard_tokens: opts.shard_tokens,
         batch_windows: opts.batch_windows.unwrap_or(c.train.batch_size),
@@ -109,18 +153,6 @@ pub fn run_cache(registry: &Registry, opts: &CacheOptions) -> Result<(PathBuf, B
     )?;
     bar.finish_and_clear();
     Ok((out, summary, t0.elapsed().as_secs_f64()))
-}
-
-/// The value coding `--values`, `--max-kl` and `--levels` ask for at `k`.
-pub fn value_coding(values: &str, k: usize, max_kl: f64, levels: Option<u32>) -> Result<ValueCoding> {
-    Ok(match (values, levels) {
-        ("f32", _) => ValueCoding::F32,
-        ("sqrt", Some(levels)) if (1..=65535).contains(&levels) => ValueCoding::Sqrt { levels },
-        ("sqrt", Some(levels)) => return Err(Error::input("--levels", format!("expected 1..=65535, got {levels}"))),
-        ("sqrt", None) if max_kl > 0.0 && max_kl.is_finite() => ValueCoding::sqrt_for(k, max_kl),
-        ("sqrt", None) => return Err(Error::input("--max-kl", format!("expected a number > 0, got {max_kl}"))),
-        (other, _) => return Err(Error::input("--values", format!("expected sqrt or f32, got `{other}`"))),
-    })
 }
 
 /// `retort cache export`: the top-k of the first `windows` windows of `split` as raw little

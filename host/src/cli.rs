@@ -59,18 +59,9 @@ pub enum CacheAction {
         /// Entries kept per token (at most the source's; default: the source's).
         #[arg(long)]
         k: Option<usize>,
-        /// sqrt or f32.
-        #[arg(long, default_value = "sqrt")]
-        values: String,
-        /// With sqrt: the KL per token the levels are chosen for.
-        #[arg(long, default_value_t = 4e-4)]
-        max_kl: f64,
-        /// With sqrt: this many levels instead.
-        #[arg(long)]
-        levels: Option<u32>,
-        /// zstd level (1-22).
-        #[arg(long, default_value_t = 9)]
-        zstd_level: i32,
+        /// How values are stored.
+        #[command(flatten)]
+        coding: crate::cache_cmd::CodingArgs,
         /// Replace what is at --out.
         #[arg(long)]
         force: bool,
@@ -192,22 +183,12 @@ pub enum Command {
         /// Teacher entries kept per token.
         #[arg(long, default_value_t = 64)]
         k: usize,
-        /// Value coding: sqrt (quantised sqrt-probabilities) or f32 (exact log-probs).
-        #[arg(long, default_value = "sqrt")]
-        values: String,
-        /// With sqrt: the KL(exact || stored) per token, in nats, the quantisation levels are
-        /// chosen for (levels = ceil(sqrt(k / (6 max_kl)))).
-        #[arg(long, default_value_t = 4e-4)]
-        max_kl: f64,
-        /// With sqrt: use this many levels instead of those --max-kl picks.
-        #[arg(long)]
-        levels: Option<u32>,
+        /// How values are stored.
+        #[command(flatten)]
+        coding: crate::cache_cmd::CodingArgs,
         /// Tokens per shard (rounded down to whole windows).
         #[arg(long, default_value_t = 131072)]
         shard_tokens: usize,
-        /// zstd level of the frames (1-22).
-        #[arg(long, default_value_t = 9)]
-        zstd_level: i32,
         /// Windows per teacher forward pass (default: train.batch_size).
         #[arg(long)]
         batch: Option<usize>,
@@ -512,25 +493,16 @@ fn dispatch(cli: Cli) -> Result<()> {
                     src,
                     out,
                     k,
-                    values,
-                    max_kl,
-                    levels,
-                    zstd_level,
+                    coding,
                     force,
                 }),
             ..
         } => {
             let old = retort_plugins::cache::CacheHeader::read(&src)?;
             let k = k.unwrap_or(old.k);
-            let coding = crate::cache_cmd::value_coding(&values, k, max_kl, levels)?;
-            if !(1..=22).contains(&zstd_level) {
-                return Err(retort_core::Error::input(
-                    "--zstd-level",
-                    format!("expected 1..=22, got {zstd_level}"),
-                ));
-            }
+            let values = coding.value_coding(k)?;
             let t0 = std::time::Instant::now();
-            let h = retort_plugins::cache::recode_cache(&src, &out, k, coding, zstd_level, force)?;
+            let h = retort_plugins::cache::recode_cache(&src, &out, k, values, coding.zstd_level, force)?;
             println!(
                 "cache {}: top-{} {} recoded from {} in {:.1}s",
                 out.display(),
@@ -576,11 +548,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             sets,
             out,
             k,
-            values,
-            max_kl,
-            levels,
+            coding,
             shard_tokens,
-            zstd_level,
             batch,
             teacher_id,
             force,
@@ -592,11 +561,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                 sets,
                 out,
                 k,
-                values,
-                max_kl,
-                levels,
+                coding,
                 shard_tokens,
-                zstd_level,
                 batch_windows: batch,
                 teacher_id,
                 force,

@@ -80,11 +80,12 @@ fn build(
             sets: Vec::new(),
             out: Some(out.to_path_buf()),
             k,
-            values: values.into(),
-            max_kl: 4e-4,
-            levels: None,
+            coding: retort_host::cache_cmd::CodingArgs {
+                values: values.into(),
+                zstd_level: 3,
+                ..Default::default()
+            },
             shard_tokens,
-            zstd_level: 3,
             batch_windows: Some(16),
             teacher_id: None,
             force: false,

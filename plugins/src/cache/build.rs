@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use retort_core::{Batch, BatchSource, DataSource, Error, Result, Split, TapSet, Teacher};
+use retort_core::{Batch, DataSource, Error, Result, Split, TapSet, Teacher};
 
 use super::codec::ValueCoding;
 use super::shard::{encode_shard, shard_file_name, Shard};
@@ -294,23 +294,10 @@ fn remove_cache_files(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The aligned windows `windows` of `tokens` as a batch (targets included, for teachers that
-/// read them).
+/// The aligned windows `windows` of `tokens` as a batch.
 fn window_batch(tokens: &[u32], split: Split, windows: &[usize], seq_len: usize, device: &Device) -> Result<Batch> {
     let starts: Vec<usize> = windows.iter().map(|w| w * seq_len).collect();
-    let mut inp = Vec::with_capacity(starts.len() * seq_len);
-    let mut tgt = Vec::with_capacity(starts.len() * seq_len);
-    for &s in &starts {
-        inp.extend_from_slice(&tokens[s..s + seq_len]);
-        tgt.extend_from_slice(&tokens[s + 1..s + seq_len + 1]);
-    }
-    let shape = (starts.len(), seq_len);
-    Ok(Batch {
-        input_ids: Tensor::from_vec(inp, shape, device)?,
-        targets: Tensor::from_vec(tgt, shape, device)?,
-        mask: None,
-        source: Some(BatchSource { split, starts }),
-    })
+    Batch::from_windows(tokens, split, &starts, seq_len, device)
 }
 
 /// The top-`k` ids and log-probabilities (temperature 1, descending, ties by ascending id) of
