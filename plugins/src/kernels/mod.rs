@@ -17,6 +17,8 @@ pub mod divergence;
 pub mod fastmath;
 pub mod gelu;
 pub mod layer_norm;
+#[cfg(feature = "blas")]
+pub mod matmul;
 pub mod rows;
 pub mod softmax;
 pub mod topk;

@@ -79,13 +79,24 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
 }
 
+/// `a @ b` (candle's batched `matmul` semantics): through BLAS (`kernels::matmul`) when the
+/// crate is built with the `blas` feature and both are CPU f32/f64 tensors with equal batch
+/// dims, else candle's `matmul`.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "blas")]
+    if kernels::matmul::usable(a, b) {
+        return kernels::matmul::matmul(a, b);
+    }
+    a.matmul(b)
+}
+
 /// `x @ w + b` with `w` stored `[in, out]` (the GPT-2 `Conv1D` layout), for `x` of any rank;
 /// the bias add is the fused kernel on CPU f32/f64.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (inp, out) = w.dims2()?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, inp))?.matmul(w)?;
+    let y = matmul(&x.reshape((rows, inp))?, w)?;
     let y = if kernels::fusable(&y) && b.dtype() == y.dtype() {
         kernels::bias::add_bias(&y, b)?
     } else {

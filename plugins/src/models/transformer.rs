@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use retort_core::{fsutil, Batch, Error, Model, ModelInfo, Outputs, Params, Result, Student, TapSet};
 
-use super::nn::{causal_mask, causal_softmax, gelu, layer_norm, linear};
+use super::nn::{causal_mask, causal_softmax, gelu, layer_norm, linear, matmul};
 
 /// Activation of the MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -425,14 +425,14 @@ impl Transformer {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        let scores = q.matmul(&k.t()?)?;
+        let scores = matmul(&q, &k.t()?)?;
         let probs = if self.is_half() {
             // Reductions in f32 for a half-precision teacher.
             causal_softmax(&scores.to_dtype(DType::F32)?, &mask.to_dtype(DType::F32)?)?.to_dtype(self.cfg.dtype)?
         } else {
             causal_softmax(&scores, &mask)?
         };
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let y = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, t, d))?;
         let x = (x + linear(&y, &blk.attn_proj.0, &blk.attn_proj.1)?)?;
         let h = self.norm(&x, &blk.ln_2, eps)?;
         let a = linear(&h, &blk.c_fc.0, &blk.c_fc.1)?;
@@ -474,8 +474,8 @@ impl Model for Transformer {
         }
         let x = self.norm(&x, &self.ln_f, self.cfg.layer_norm_eps)?;
         let logits = x
-            .reshape((b * t, d))?
-            .matmul(&self.wte.t()?)?
+            .reshape((b * t, d))
+            .and_then(|x| matmul(&x, &self.wte.t()?))?
             .reshape((b, t, self.cfg.vocab_size))?;
         Ok(Outputs { logits, taps: out })
     }

@@ -22,7 +22,7 @@ use retort_core::{Batch, Error, Model, ModelInfo, Outputs, Result, TapSet};
 use super::config::LlamaConfig;
 use super::linear::{Linear, Weight};
 use super::rope::Rope;
-use crate::models::nn::{causal_mask, rms_norm, softmax_last};
+use crate::models::nn::{causal_mask, matmul, rms_norm, softmax_last};
 
 /// How a parameter is initialised.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -437,7 +437,7 @@ impl Llama {
         };
         let k = repeat_kv(&k, nh / nkv)?;
         let v = repeat_kv(&v, nh / nkv)?;
-        let scores = (q.matmul(&k.contiguous()?.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = (matmul(&q, &k.contiguous()?.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
@@ -447,7 +447,7 @@ impl Llama {
         } else {
             softmax_last(&scores)?
         };
-        let y = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let y = matmul(&probs, &v.contiguous()?)?.transpose(1, 2)?.reshape((b, t, d))?;
         Ok((l.o.forward(&y)?, want_probs.then_some(probs)))
     }
 
