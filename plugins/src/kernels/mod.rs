@@ -1,6 +1,6 @@
 //! Fused CPU kernels as candle `CustomOp`s with a real backward: the logit-distillation losses
-//! (`divergence`, `topk`, `cross_entropy`) and the transformer's `softmax`, `layer_norm`,
-//! `gelu` and the linear layers' `bias` add.
+//! (`divergence`, `topk`, `cross_entropy`) and the transformer's causal `attention`, `softmax`,
+//! `layer_norm`, `gelu` and the linear layers' `bias` add (and, with the `blas` feature, `matmul`).
 //!
 //! candle composes a KD loss out of a dozen full-size `[tokens, vocab]` temporaries; the kernels
 //! here make one or two passes over each row instead (max / log-sum-exp / divergence, then the
@@ -11,6 +11,7 @@
 //! Only a CPU implementation exists: [`fusable`] says whether a tensor can take the fused path,
 //! and callers fall back to the composite (device-generic) ops otherwise, e.g. on CUDA.
 
+pub mod attention;
 pub mod bias;
 pub mod cross_entropy;
 pub mod divergence;

@@ -29,6 +29,29 @@ pub fn causal_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
     softmax_last_composite(&scores.broadcast_add(mask)?)
 }
 
+/// Causal self-attention `softmax(scale q k^T + mask) v` of `q [B, H, T, d]`, `k`, `v
+/// [B, H, T, d]` (any strides), returned as `[B, T, H d]`: the fused kernel
+/// (`kernels::attention`: no `[T, T]` tensor, a backward that recomputes the probabilities) on
+/// CPU f32/f64, else [`causal_attention_composite`] with the additive `mask` (`[T, T]`, see
+/// [`causal_mask`]).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
+    if kernels::fusable(q) && q.dtype() == k.dtype() && q.dtype() == v.dtype() {
+        return kernels::attention::causal_attention(q, k, v, scale);
+    }
+    causal_attention_composite(q, k, v, scale, mask)
+}
+
+/// [`causal_attention`] composed of candle ops: `causal_softmax((q * scale) k^T) v`, heads moved
+/// back beside each other per token.
+pub fn causal_attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let scores = matmul(&(q * scale)?.contiguous()?, &k.contiguous()?.t()?)?;
+    let probs = causal_softmax(&scores, mask)?;
+    matmul(&probs, &v.contiguous()?)?
+        .transpose(1, 2)?
+        .reshape((b, t, h * d))
+}
+
 /// GELU, tanh approximation: the fused kernel on CPU f32/f64, else candle's `gelu`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if kernels::fusable(x) {
