@@ -90,56 +90,115 @@ fn storage_of<T: Real>(s: &CpuStorage) -> Result<&[T]> {
     }
 }
 
-/// `y += a x`.
-#[inline(always)]
-fn axpy<T: Real>(y: &mut [T], a: T, x: &[T]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = *y + a * x;
-    }
-}
+/// Rows of one register block of the small matrix products below.
+const R: usize = 4;
+/// Columns of one register block (one AVX-512 register of f32); matrices are padded to it.
+const W: usize = 16;
 
+/// `c[r][0..n] = alpha * sum_{k0 <= kk < k1} a[r][kk] b[kk][0..n]` for the `R` rows of `a`
+/// (leading dim `lda`), `b` row-major (`ldb`), `n` a multiple of `W`. The `R x W` accumulators
+/// stay in registers across the `k` loop (the microkernel shape of a GEMM).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn dot<T: Real>(x: &[T], y: &[T]) -> T {
-    let mut acc = T::ZERO;
-    for (&x, &y) in x.iter().zip(y) {
-        acc = acc + x * y;
-    }
-    acc
-}
-
-/// Copies head `h` of sequence `b` into `[T, d]` (`rows`) and, when given, `[d, T]` (`cols`).
-#[inline(always)]
-fn gather<T: Real>(x: &[T], view: &View, b: usize, h: usize, dm: Dims, rows: Option<&mut [T]>, cols: Option<&mut [T]>) {
-    let Dims { t, d, .. } = dm;
-    let mut rows = rows;
-    let mut cols = cols;
-    for ti in 0..t {
-        let src = &x[view.at(b, h, ti)..view.at(b, h, ti) + d];
-        if let Some(r) = rows.as_deref_mut() {
-            r[ti * d..(ti + 1) * d].copy_from_slice(src);
+fn block<T: Real>(
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    (k0, k1): (usize, usize),
+    n: usize,
+    c: &mut [T],
+    ldc: usize,
+    alpha: T,
+) {
+    if k1 <= k0 {
+        for r in 0..R {
+            c[r * ldc..r * ldc + n].fill(T::ZERO);
         }
-        if let Some(c) = cols.as_deref_mut() {
-            for (di, &v) in src.iter().enumerate() {
-                c[di * t + ti] = v;
+        return;
+    }
+    let (a0, a1, a2, a3) = (
+        &a[k0..k1],
+        &a[lda + k0..lda + k1],
+        &a[2 * lda + k0..2 * lda + k1],
+        &a[3 * lda + k0..3 * lda + k1],
+    );
+    let b = &b[k0 * ldb..(k1 - 1) * ldb + n];
+    for jc in (0..n).step_by(W) {
+        let mut acc = [[T::ZERO; W]; R];
+        let rows = b[jc..].chunks(ldb);
+        for ((((brow, &x0), &x1), &x2), &x3) in rows.zip(a0).zip(a1).zip(a2).zip(a3) {
+            let bv: [T; W] = brow[..W].try_into().expect("W columns");
+            let x = [x0, x1, x2, x3];
+            for r in 0..R {
+                for l in 0..W {
+                    acc[r][l] = acc[r][l] + x[r] * bv[l];
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (o, &v) in c[r * ldc + jc..r * ldc + jc + W].iter_mut().zip(acc) {
+                *o = v * alpha;
             }
         }
     }
 }
 
-/// Scores of query row `i` into `s[..=i]`, then `s` = unnormalised `exp(s - max)`; returns the
-/// `exp` sum.
 #[inline(always)]
-fn probs_row<T: Real>(s: &mut [T], q_i: &[T], kt: &[T], t: usize, scale: T) -> f64 {
-    let n = s.len();
-    s.fill(T::ZERO);
-    for (di, &qd) in q_i.iter().enumerate() {
-        axpy(s, qd * scale, &kt[di * t..di * t + n]);
+fn dot<T: Real>(x: &[T], y: &[T]) -> f64 {
+    x.iter().zip(y).map(|(&x, &y)| (x * y).to_f64()).sum()
+}
+
+/// `n` rounded up to a multiple of `W`.
+#[inline(always)]
+fn pad(n: usize) -> usize {
+    n.div_ceil(W) * W
+}
+
+/// Copies head `h` of sequence `b` into `out [.., ld]` row-major (`trans = false`: row `t` =
+/// position `t`) or transposed (`out[di][t]`); padding is left as it is (zero).
+#[inline(always)]
+fn gather<T: Real>(x: &[T], view: &View, b: usize, h: usize, dm: Dims, out: &mut [T], ld: usize, trans: bool) {
+    let Dims { t, d, .. } = dm;
+    for ti in 0..t {
+        let src = &x[view.at(b, h, ti)..view.at(b, h, ti) + d];
+        if trans {
+            for (di, &v) in src.iter().enumerate() {
+                out[di * ld + ti] = v;
+            }
+        } else {
+            out[ti * ld..ti * ld + d].copy_from_slice(src);
+        }
     }
-    let m = row_max(s);
-    for x in s.iter_mut() {
-        *x = (*x - m).exp();
+}
+
+/// Row-wise causal softmax of the `R` score rows `s [R, ld]` of queries `i0..i0 + R` (rows at
+/// or past `t` are padding): row `i` keeps columns `0..=i`, the rest of its first `n` columns
+/// become 0. Returns each row's `1 / sum exp`; with `normalize`, the rows are divided by it.
+#[inline(always)]
+fn softmax_rows<T: Real>(s: &mut [T], ld: usize, i0: usize, t: usize, n: usize, normalize: bool) -> [T; R] {
+    let mut inv = [T::ZERO; R];
+    for (r, inv) in inv.iter_mut().enumerate() {
+        let i = i0 + r;
+        let row = &mut s[r * ld..r * ld + n];
+        if i >= t {
+            row.fill(T::ZERO);
+            continue;
+        }
+        let (live, dead) = row.split_at_mut(i + 1);
+        dead.fill(T::ZERO);
+        let m = row_max(live);
+        for x in live.iter_mut() {
+            *x = (*x - m).exp();
+        }
+        *inv = T::from_f64(1.0 / sum(live));
+        if normalize {
+            for x in live.iter_mut() {
+                *x = *x * *inv;
+            }
+        }
     }
-    sum(s)
+    inv
 }
 
 /// Forward of sequence `b`: `out [T, H d]`.
@@ -147,29 +206,29 @@ fn probs_row<T: Real>(s: &mut [T], q_i: &[T], kt: &[T], t: usize, scale: T) -> f
 fn fwd_seq<T: Real>(x: (&[T], &[T], &[T]), views: (View, View, View), dm: Dims, scale: T, b: usize, out: &mut [T]) {
     let Dims { heads, kv_heads, t, d } = dm;
     let rep = heads / kv_heads;
-    let (mut qs, mut kt, mut vs, mut s) = (
-        vec![T::ZERO; t * d],
-        vec![T::ZERO; t * d],
-        vec![T::ZERO; t * d],
-        vec![T::ZERO; t],
-    );
+    let (tp, dp) = (pad(t), pad(d));
+    let mut qs = vec![T::ZERO; tp * dp]; // [tp, dp]
+    let mut kt = vec![T::ZERO; dp * tp]; // [d, tp]
+    let mut vs = vec![T::ZERO; tp * dp]; // [tp, dp]
+    let mut s = vec![T::ZERO; R * tp];
+    let mut y = vec![T::ZERO; R * dp];
     for h in 0..heads {
-        gather(x.0, &views.0, b, h, dm, Some(&mut qs), None);
+        gather(x.0, &views.0, b, h, dm, &mut qs, dp, false);
         if h % rep == 0 {
-            gather(x.1, &views.1, b, h / rep, dm, None, Some(&mut kt));
-            gather(x.2, &views.2, b, h / rep, dm, Some(&mut vs), None);
+            gather(x.1, &views.1, b, h / rep, dm, &mut kt, tp, true);
+            gather(x.2, &views.2, b, h / rep, dm, &mut vs, dp, false);
         }
-        for i in 0..t {
-            let s = &mut s[..=i];
-            let total = probs_row(s, &qs[i * d..(i + 1) * d], &kt, t, scale);
-            let y = &mut out[i * heads * d + h * d..i * heads * d + (h + 1) * d];
-            y.fill(T::ZERO);
-            for (j, &p) in s.iter().enumerate() {
-                axpy(y, p, &vs[j * d..(j + 1) * d]);
-            }
-            let inv = T::from_f64(1.0 / total);
-            for y in y.iter_mut() {
-                *y = *y * inv;
+        for i0 in (0..t).step_by(R) {
+            let live = (i0 + R).min(t);
+            let n = pad(live);
+            block(&qs[i0 * dp..], dp, &kt, tp, (0, d), n, &mut s, tp, scale);
+            let inv = softmax_rows(&mut s, tp, i0, t, n, false);
+            block(&s, tp, &vs, dp, (0, live), dp, &mut y, dp, T::ONE);
+            for r in 0..(live - i0) {
+                let o = &mut out[(i0 + r) * heads * d + h * d..][..d];
+                for (o, &y) in o.iter_mut().zip(&y[r * dp..r * dp + d]) {
+                    *o = y * inv[r];
+                }
             }
         }
     }
@@ -191,46 +250,80 @@ fn bwd_seq<T: Real>(
     let Dims { heads, kv_heads, t, d } = dm;
     let rep = heads / kv_heads;
     let hd = heads * d;
+    let (tp, dp) = (pad(t), pad(d));
     let (dq, dk, dv) = grads;
-    let mut qs = vec![T::ZERO; t * d];
-    let mut ks = vec![T::ZERO; t * d];
-    let mut kt = vec![T::ZERO; t * d];
-    let mut vt = vec![T::ZERO; t * d];
-    let (mut s, mut ds) = (vec![T::ZERO; t], vec![T::ZERO; t]);
+    let mut qs = vec![T::ZERO; tp * dp]; // [tp, dp]
+    let mut dys = vec![T::ZERO; tp * dp]; // [tp, dp]
+    let mut ks = vec![T::ZERO; tp * dp]; // [tp, dp]
+    let mut kt = vec![T::ZERO; dp * tp]; // [d, tp]
+    let mut vt = vec![T::ZERO; dp * tp]; // [d, tp]
+    let mut p = vec![T::ZERO; tp * tp]; // probabilities, then P^T
+    let mut ds = vec![T::ZERO; tp * tp]; // dP, then dS
+    let mut dst = vec![T::ZERO; tp * tp]; // dS^T
+    let mut pt = vec![T::ZERO; tp * tp]; // P^T
+    let mut acc = vec![T::ZERO; R * dp];
     for h in 0..heads {
         let g = h / rep;
-        gather(x.0, &views.0, b, h, dm, Some(&mut qs), None);
+        gather(x.0, &views.0, b, h, dm, &mut qs, dp, false);
         if h % rep == 0 {
-            gather(x.1, &views.1, b, g, dm, Some(&mut ks), Some(&mut kt));
-            gather(x.2, &views.2, b, g, dm, None, Some(&mut vt));
+            gather(x.1, &views.1, b, g, dm, &mut ks, dp, false);
+            gather(x.1, &views.1, b, g, dm, &mut kt, tp, true);
+            gather(x.2, &views.2, b, g, dm, &mut vt, tp, true);
         }
-        let dq = &mut dq[h * t * d..(h + 1) * t * d];
-        let dk = &mut dk[g * t * d..(g + 1) * t * d];
-        let dv = &mut dv[g * t * d..(g + 1) * t * d];
+        for ti in 0..t {
+            let at = (b * t + ti) * hd + h * d;
+            dys[ti * dp..ti * dp + d].copy_from_slice(&dy[at..at + d]);
+        }
+        // P (recomputed), dP = dy v^T, dS = P (dP - delta) scale, row block by row block.
+        for i0 in (0..t).step_by(R) {
+            let live = (i0 + R).min(t);
+            let n = pad(live);
+            let pr = &mut p[i0 * tp..(i0 + R) * tp];
+            block(&qs[i0 * dp..], dp, &kt, tp, (0, d), n, pr, tp, scale);
+            softmax_rows(pr, tp, i0, t, n, true);
+            let dr = &mut ds[i0 * tp..(i0 + R) * tp];
+            block(&dys[i0 * dp..], dp, &vt, tp, (0, d), n, dr, tp, T::ONE);
+            for r in 0..(live - i0) {
+                let i = i0 + r;
+                let at = (b * t + i) * hd + h * d;
+                let delta = T::from_f64(dot(&dy[at..at + d], &y[at..at + d]));
+                for (dsv, &pv) in dr[r * tp..r * tp + i + 1].iter_mut().zip(&pr[r * tp..r * tp + i + 1]) {
+                    *dsv = pv * (*dsv - delta) * scale;
+                }
+                dr[r * tp + i + 1..r * tp + n].fill(T::ZERO);
+            }
+        }
+        // Transposes for the key-side products (columns past row i are zero in P and dS).
         for i in 0..t {
-            let n = i + 1;
-            let q_i = &qs[i * d..(i + 1) * d];
-            let (dy_i, y_i) = (
-                &dy[(b * t + i) * hd + h * d..][..d],
-                &y[(b * t + i) * hd + h * d..][..d],
-            );
-            let s = &mut s[..n];
-            let inv = T::from_f64(1.0 / probs_row(s, q_i, &kt, t, scale));
-            let ds = &mut ds[..n];
-            ds.fill(T::ZERO);
-            for (di, &g) in dy_i.iter().enumerate() {
-                axpy(ds, g, &vt[di * t..di * t + n]);
+            for j in 0..=i {
+                pt[j * tp + i] = p[i * tp + j];
+                dst[j * tp + i] = ds[i * tp + j];
             }
-            let delta = dot(dy_i, y_i);
-            for (ds, p) in ds.iter_mut().zip(s.iter_mut()) {
-                *p = *p * inv;
-                *ds = *p * (*ds - delta) * scale;
+        }
+        let (dq, dk, dv) = (
+            &mut dq[h * t * d..(h + 1) * t * d],
+            &mut dk[g * t * d..(g + 1) * t * d],
+            &mut dv[g * t * d..(g + 1) * t * d],
+        );
+        for i0 in (0..t).step_by(R) {
+            let live = (i0 + R).min(t);
+            // dq_i = sum_{j <= i} dS_ij k_j.
+            block(&ds[i0 * tp..], tp, &ks, dp, (0, live), dp, &mut acc, dp, T::ONE);
+            for r in 0..(live - i0) {
+                dq[(i0 + r) * d..(i0 + r + 1) * d].copy_from_slice(&acc[r * dp..r * dp + d]);
             }
-            let dq_i = &mut dq[i * d..(i + 1) * d];
-            for (j, (&dsj, &p)) in ds.iter().zip(s.iter()).enumerate() {
-                axpy(dq_i, dsj, &ks[j * d..(j + 1) * d]);
-                axpy(&mut dk[j * d..(j + 1) * d], dsj, q_i);
-                axpy(&mut dv[j * d..(j + 1) * d], p, dy_i);
+            // dk_j = sum_{i >= j} dS_ij q_i, dv_j = sum_{i >= j} P_ij dy_i (rows j = i0..).
+            block(&dst[i0 * tp..], tp, &qs, dp, (i0, t), dp, &mut acc, dp, T::ONE);
+            for r in 0..(live - i0) {
+                for (o, &a) in dk[(i0 + r) * d..(i0 + r + 1) * d].iter_mut().zip(&acc[r * dp..]) {
+                    *o = *o + a;
+                }
+            }
+            block(&pt[i0 * tp..], tp, &dys, dp, (i0, t), dp, &mut acc, dp, T::ONE);
+            for r in 0..(live - i0) {
+                for (o, &a) in dv[(i0 + r) * d..(i0 + r + 1) * d].iter_mut().zip(&acc[r * dp..]) {
+                    *o = *o + a;
+                }
             }
         }
     }
