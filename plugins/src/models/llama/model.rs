@@ -22,6 +22,7 @@ use retort_core::{Batch, Error, Model, ModelInfo, Outputs, Result, TapSet};
 use super::config::LlamaConfig;
 use super::linear::{Linear, Weight};
 use super::rope::Rope;
+use crate::kernels;
 use crate::models::nn::{causal_mask, matmul, rms_norm, softmax_last};
 
 /// How a parameter is initialised.
@@ -424,6 +425,7 @@ impl Llama {
         } else {
             (self.rope.apply_at(&q, offset)?, self.rope.apply_at(&k, offset)?)
         };
+        let cached = cache.is_some().then_some(());
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -435,9 +437,16 @@ impl Llama {
             }
             None => (k, v),
         };
+        let scale = 1.0 / (hd as f64).sqrt();
+        if cached.is_none() && offset == 0 && !want_probs && kernels::fusable(&q) && q.dtype() == k.dtype() {
+            // The fused kernel on CPU f32/f64: causal over the window, grouped-query heads
+            // read in place (no repeated keys and values), no [T, T] tensor.
+            let y = kernels::attention::causal_attention(&q, &k, &v, scale)?;
+            return Ok((l.o.forward(&y)?, None));
+        }
         let k = repeat_kv(&k, nh / nkv)?;
         let v = repeat_kv(&v, nh / nkv)?;
-        let scores = (matmul(&q, &k.contiguous()?.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = (matmul(&q, &k.contiguous()?.t()?)? * scale)?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
