@@ -158,6 +158,7 @@ fn pad(n: usize) -> usize {
 /// Copies head `h` of sequence `b` into `out [.., ld]` row-major (`trans = false`: row `t` =
 /// position `t`) or transposed (`out[di][t]`); padding is left as it is (zero).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn gather<T: Real>(x: &[T], view: &View, b: usize, h: usize, dm: Dims, out: &mut [T], ld: usize, trans: bool) {
     let Dims { t, d, .. } = dm;
     for ti in 0..t {
@@ -329,35 +330,8 @@ fn bwd_seq<T: Real>(
     }
 }
 
-macro_rules! dispatch {
-    ($name:ident, $avx:ident, $inner:ident, ($($arg:ident: $ty:ty),*)) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        fn $avx<T: Real>($($arg: $ty),*) {
-            $inner($($arg),*)
-        }
-
-        /// Runs the AVX-512 build of the loop where the CPU has it.
-        #[allow(clippy::too_many_arguments)]
-        fn $name<T: Real>($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512dq")
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU supports every feature the function was compiled for.
-                #[allow(unsafe_code)]
-                return unsafe { $avx($($arg),*) };
-            }
-            $inner($($arg),*)
-        }
-    };
-}
-
-dispatch!(fwd_seq_any, fwd_seq_avx512, fwd_seq, (x: (&[T], &[T], &[T]), views: (View, View, View), dm: Dims, scale: T, b: usize, out: &mut [T]));
-dispatch!(bwd_seq_any, bwd_seq_avx512, bwd_seq, (x: (&[T], &[T], &[T]), views: (View, View, View), y: &[T], dy: &[T], dm: Dims, scale: T, b: usize, grads: (&mut [T], &mut [T], &mut [T])));
+avx512_dispatch!(fwd_seq_any, fwd_seq_avx512, fwd_seq, (x: (&[T], &[T], &[T]), views: (View, View, View), dm: Dims, scale: T, b: usize, out: &mut [T]));
+avx512_dispatch!(bwd_seq_any, bwd_seq_avx512, bwd_seq, (x: (&[T], &[T], &[T]), views: (View, View, View), y: &[T], dy: &[T], dm: Dims, scale: T, b: usize, grads: (&mut [T], &mut [T], &mut [T])));
 
 fn dims_of(l1: &Layout, l2: &Layout) -> Dims {
     let d = l1.dims();
