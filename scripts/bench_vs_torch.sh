@@ -8,8 +8,12 @@
 #   PYTHON=/path/to/python   an interpreter with torch (default: python3)
 #   TORCH_REF=...            the PyTorch script (default ../shared/bench/torch_kd_reference.py)
 #   CANDLE_NUM_THREADS=N     candle's thread count (default: all cores, like torch's 2 threads)
+#   FEATURES=blas            cargo features for the retort build (blas: OpenBLAS matmuls,
+#                            needs libopenblas-dev)
 #   RETORT_KD_STEP=PATH      another build of the kd_step example (e.g. of an older commit)
 #   TORCH_THREADS=N          override the reference script's torch.set_num_threads(2)
+#   MODE=train               time the teacher (4L/128) trained alone with cross-entropy on both
+#                            sides (the reference script's `train` mode) instead of the KD step
 # Each round runs retort then torch (20 steps after 3 warm-up steps each); the script prints
 # every round's median ms/step, the median over rounds, and torch/retort throughput ratio
 # (> 1 means retort is faster). Without torch it reports retort alone. docs/performance.md
@@ -17,10 +21,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-5}"
+mode="${MODE:-kd}"
 steps="${2:-20}"
 py="${PYTHON:-python3}"
 ref="${TORCH_REF:-../shared/bench/torch_kd_reference.py}"
-[ -n "${RETORT_KD_STEP:-}" ] || cargo build --release -q -p retort-host --example kd_step
+[ -n "${RETORT_KD_STEP:-}" ] || cargo build --release -q -p retort-host --example kd_step ${FEATURES:+--features "$FEATURES"}
 bin="${RETORT_KD_STEP:-target/release/examples/kd_step}"
 have_torch=1
 if ! "$py" -c "import torch" >/dev/null 2>&1; then
@@ -30,7 +35,7 @@ fi
 [ -f "$ref" ] || { echo "no PyTorch reference script at $ref" >&2; have_torch=0; }
 r_ms=(); t_ms=()
 for i in $(seq 1 "$rounds"); do
-  out=$("$bin" "$steps")
+  out=$(KD_MODE="$mode" "$bin" "$steps")
   line=$(head -1 <<<"$out")
   echo "round $i retort: $line"
   echo "round $i retort: $(tail -1 <<<"$out")"
@@ -40,10 +45,10 @@ for i in $(seq 1 "$rounds"); do
       line=$("$py" -c "import sys, torch
 _set = torch.set_num_threads
 torch.set_num_threads = lambda n: _set($TORCH_THREADS)
-sys.argv = ['$ref', 'kd', '$steps']
+sys.argv = ['$ref', '$mode', '$steps']
 exec(open('$ref').read())" | tail -1)
     else
-      line=$("$py" "$ref" kd "$steps" | tail -1)
+      line=$("$py" "$ref" "$mode" "$steps" | tail -1)
     fi
     echo "round $i torch:  $line"
     t_ms+=("$(sed -E 's/.*median ([0-9.]+) ms\/step.*/\1/' <<<"$line")")

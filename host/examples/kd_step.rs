@@ -7,6 +7,8 @@
 //!
 //! The reference shapes can be changed for cost-growth measurements with `KD_BATCH`, `KD_BLOCK`,
 //! `KD_VOCAB`, `KD_TEACHER_WIDTH` and `KD_STUDENT_WIDTH` (layers stay 4 and 2, heads 4).
+//! `KD_MODE=train` times the reference script's `train` mode instead (the teacher trained
+//! alone with cross-entropy; printed as `TRAIN params=...`).
 
 use anyhow::Result;
 use candle_core::Device;
@@ -31,12 +33,18 @@ fn main() -> Result<()> {
     if let Some(v) = env("KD_STUDENT_WIDTH")? {
         shapes.student.1 = v;
     }
-    let mut step = KdStep::new(shapes, &Device::Cpu)?;
+    let train = std::env::var("KD_MODE").is_ok_and(|m| m == "train");
+    let mut step = if train {
+        KdStep::new_train(shapes, &Device::Cpu)?
+    } else {
+        KdStep::new(shapes, &Device::Cpu)?
+    };
     let t = time_steps(&mut step, 3, steps)?;
     println!(
-        "retort candle threads {} cores {} KD params={} B={} T={} loss={:.4} median {:.1} ms/step {:.0} tok/s",
+        "retort candle threads {} cores {} {} params={} B={} T={} loss={:.4} median {:.1} ms/step {:.0} tok/s",
         std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| rayon_threads().to_string()),
         rayon_threads(),
+        if train { "TRAIN" } else { "KD" },
         step.student_params(),
         shapes.batch,
         shapes.block,

@@ -67,7 +67,8 @@ impl KdShapes {
 /// Teacher, student, loss terms and optimizer of the reference step.
 pub struct KdStep {
     shapes: KdShapes,
-    teacher: Transformer,
+    /// `None` in the teacher-training mode ([`KdStep::new_train`]).
+    teacher: Option<Transformer>,
     student: Transformer,
     terms: Vec<(f64, Box<dyn LossTerm>)>,
     opt: AdamW,
@@ -78,18 +79,35 @@ pub struct KdStep {
 impl KdStep {
     /// Builds the step with freshly initialised models (seeded).
     pub fn new(shapes: KdShapes, device: &Device) -> Result<Self> {
+        Self::build(shapes, device, false)
+    }
+
+    /// The reference script's `train` mode instead: the teacher's architecture trained alone
+    /// (forward with gradient, cross-entropy, backward, AdamW); no distillation. The trained
+    /// model is reported as the "student" by the accessors and in [`KdStep::phases`].
+    pub fn new_train(shapes: KdShapes, device: &Device) -> Result<Self> {
+        Self::build(shapes, device, true)
+    }
+
+    fn build(shapes: KdShapes, device: &Device, train: bool) -> Result<Self> {
         let registry = crate::builtin_registry()?;
         let ctx = BuildContext::new(&registry, device.clone(), 0);
         let term = |kind: &str, p: serde_json::Value| -> Result<Box<dyn LossTerm>> {
             let params = Params::new("loss", p.as_object().cloned().unwrap_or_default());
             registry.losses.build(kind, &params, &ctx)
         };
-        let terms = vec![
-            (0.5, term("ce", serde_json::json!({}))?),
-            (0.5, term("kl", serde_json::json!({"temperature": 2.0}))?),
-        ];
-        let teacher = Transformer::init(shapes.config(shapes.teacher), 1, device)?.frozen();
-        let student = Transformer::init(shapes.config(shapes.student), 2, device)?;
+        let (terms, teacher, student) = if train {
+            let model = Transformer::init(shapes.config(shapes.teacher), 1, device)?;
+            (vec![(1.0, term("ce", serde_json::json!({}))?)], None, model)
+        } else {
+            let terms = vec![
+                (0.5, term("ce", serde_json::json!({}))?),
+                (0.5, term("kl", serde_json::json!({"temperature": 2.0}))?),
+            ];
+            let teacher = Transformer::init(shapes.config(shapes.teacher), 1, device)?.frozen();
+            let student = Transformer::init(shapes.config(shapes.student), 2, device)?;
+            (terms, Some(teacher), student)
+        };
         let (params, groups) = assign_groups(student.vars(), &[], 0.01, "train.param_groups")?;
         let opt = AdamW::new(
             params,
@@ -135,12 +153,12 @@ impl KdStep {
     pub fn step(&mut self) -> Result<f64> {
         let batch = self.batch()?;
         let none = TapSet::none();
-        let t_out = self.teacher.forward(&batch, &none)?;
+        let t_out = self.teacher.as_ref().map(|t| t.forward(&batch, &none)).transpose()?;
         let s_out = self.student.forward(&batch, &none)?;
         let ctx = StepContext {
             batch: &batch,
             student: &s_out,
-            teacher: Some(&t_out),
+            teacher: t_out.as_ref(),
             progress: Progress::new(0, 1),
             token_weights: None,
         };
@@ -165,14 +183,14 @@ impl KdStep {
         let batch = self.batch()?;
         let none = TapSet::none();
         let t0 = Instant::now();
-        let t_out = self.teacher.forward(&batch, &none)?;
+        let t_out = self.teacher.as_ref().map(|t| t.forward(&batch, &none)).transpose()?;
         let t1 = Instant::now();
         let s_out = self.student.forward(&batch, &none)?;
         let t2 = Instant::now();
         let ctx = StepContext {
             batch: &batch,
             student: &s_out,
-            teacher: Some(&t_out),
+            teacher: t_out.as_ref(),
             progress: Progress::new(0, 1),
             token_weights: None,
         };
@@ -200,12 +218,12 @@ impl KdStep {
     pub fn adamw_only(&mut self) -> Result<impl FnMut() -> Result<()> + '_> {
         let batch = self.batch()?;
         let none = TapSet::none();
-        let t_out = self.teacher.forward(&batch, &none)?;
+        let t_out = self.teacher.as_ref().map(|t| t.forward(&batch, &none)).transpose()?;
         let s_out = self.student.forward(&batch, &none)?;
         let ctx = StepContext {
             batch: &batch,
             student: &s_out,
-            teacher: Some(&t_out),
+            teacher: t_out.as_ref(),
             progress: Progress::new(0, 1),
             token_weights: None,
         };

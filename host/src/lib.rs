@@ -24,6 +24,17 @@ pub mod scaffold;
 pub mod trainer;
 pub mod vocab;
 
+/// The process allocator of everything linking this crate (the `retort` binary, its examples and
+/// benches): mimalloc keeps freed blocks for reuse instead of returning them to the OS and
+/// faulting them in again on the next step, which glibc's malloc does with the multi-megabyte
+/// activations and gradients of every step (docs/performance.md has the measurements). Its
+/// `override` feature also replaces C `malloc`/`free`, so memory allocated by a dynamically
+/// loaded plugin (built with Rust's default system allocator) and freed here, or the other way
+/// round, goes through the same allocator. Turn it off with `--no-default-features`.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The registry of every built-in plugin.
 pub fn builtin_registry() -> retort_core::Result<retort_core::Registry> {
     retort_plugins::link();

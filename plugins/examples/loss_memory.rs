@@ -9,6 +9,11 @@
 
 use std::time::Instant;
 
+/// mimalloc keeps freed blocks for reuse instead of returning them to the OS and faulting them
+/// in again on the next step (see docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};

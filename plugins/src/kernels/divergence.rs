@@ -79,10 +79,12 @@ fn pmul<T: Real>(p: T, x: T) -> T {
 }
 
 /// Row maxima of `a = zs * it` and `b = zt * it` (`it > 0`).
+#[inline(always)]
 fn maxima<T: Real>(zs: &[T], zt: &[T], it: T) -> (T, T) {
     (row_max(zs) * it, row_max(zt) * it)
 }
 
+#[inline(always)]
 fn fwd_row<T: Real>(kind: Divergence, it: T, zs: &[T], zt: &[T], out: &mut [T]) {
     let (ma, mb) = maxima(zs, zt, it);
     // One sweep: sa = sum e^{a'}, sb = sum e^{b'}, and the cross sum of forward/reverse KL
@@ -112,6 +114,7 @@ fn fwd_row<T: Real>(kind: Divergence, it: T, zs: &[T], zt: &[T], out: &mut [T]) 
 }
 
 /// `(D, sum_v p_s g_v)` of JSD for one row, given both log-normalisers.
+#[inline(always)]
 fn jsd_row<T: Real>(beta: f64, it: T, zs: &[T], zt: &[T], lse_a: T, lse_b: T) -> (f64, f64) {
     let (bt, bs) = (T::from_f64(beta), T::from_f64(1.0 - beta));
     // The element function is written out inline (not as a closure passed to `reduce2`): with
@@ -148,6 +151,7 @@ fn jsd_row<T: Real>(beta: f64, it: T, zs: &[T], zt: &[T], lse_a: T, lse_b: T) ->
 }
 
 /// `g * dD/dz_s` for one row; `aux = (D, lse_a, lse_b, aux, g)`.
+#[inline(always)]
 fn bwd_row<T: Real>(kind: Divergence, it: T, zs: &[T], zt: &[T], aux: &[T], out: &mut [T]) {
     let (d, lse_a, lse_b, s1, g) = (aux[0], aux[1], aux[2], aux[3], aux[4]);
     let gi = g * it;
@@ -177,6 +181,9 @@ fn bwd_row<T: Real>(kind: Divergence, it: T, zs: &[T], zt: &[T], aux: &[T], out:
     }
 }
 
+avx512_dispatch!(fwd_row_any, fwd_row_avx512, fwd_row, (kind: Divergence, it: T, zs: &[T], zt: &[T], out: &mut [T]));
+avx512_dispatch!(bwd_row_any, bwd_row_avx512, bwd_row, (kind: Divergence, it: T, zs: &[T], zt: &[T], aux: &[T], out: &mut [T]));
+
 fn fwd_typed<T: Real>(
     op: &DivergenceFwd,
     s1: &CpuStorage,
@@ -190,7 +197,7 @@ fn fwd_typed<T: Real>(
     let mut out = vec![T::ZERO; zs.len() / v * COLS];
     let it = T::from_f64(op.inv_t);
     for_rows(&mut out, COLS, 2 * v, |r, o| {
-        fwd_row(op.kind, it, &zs[r * v..(r + 1) * v], &zt[r * v..(r + 1) * v], o)
+        fwd_row_any(op.kind, it, &zs[r * v..(r + 1) * v], &zt[r * v..(r + 1) * v], o)
     });
     Ok((T::storage(out), with_last(l1.shape(), COLS)))
 }
@@ -234,7 +241,7 @@ fn bwd_typed<T: Real>(op: &DivergenceBwd, st: [(&CpuStorage, &Layout); 3]) -> Re
     let mut out = vec![T::ZERO; zs.len()];
     let it = T::from_f64(op.inv_t);
     for_rows(&mut out, v, 2 * v, |r, o| {
-        bwd_row(
+        bwd_row_any(
             op.kind,
             it,
             &zs[r * v..(r + 1) * v],

@@ -221,7 +221,7 @@ impl Real for f64 {
 pub const LANES: usize = 8;
 
 /// `max_v x_v` (NaN entries are skipped here; they surface as NaN in the `exp` sums).
-#[inline]
+#[inline(always)]
 pub fn row_max<T: Real>(x: &[T]) -> T {
     let mut acc = [T::NEG_INF; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -276,13 +276,13 @@ pub fn reduce2<T: Real, const K: usize>(x: &[T], y: &[T], f: impl Fn(T, T) -> [T
 }
 
 /// `sum_v e^{s x_v - shift}`, accumulated as in [`reduce2`].
-#[inline]
+#[inline(always)]
 pub fn sum_exp<T: Real>(x: &[T], s: T, shift: T) -> f64 {
     reduce2(x, x, |v, _| [(v * s - shift).exp()])[0]
 }
 
 /// `sum_v x_v`, accumulated as in [`reduce2`].
-#[inline]
+#[inline(always)]
 pub fn sum<T: Real>(x: &[T]) -> f64 {
     reduce2(x, x, |v, _| [v])[0]
 }

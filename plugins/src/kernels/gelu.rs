@@ -40,13 +40,28 @@ fn grad<T: Real>(x: T) -> T {
     h * (T::ONE + th) + h * x * (T::ONE - th * th) * c * (T::ONE + T::from_f64(3.0) * a * x2)
 }
 
-fn map<T: Real>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+#[inline(always)]
+fn fwd_chunk<T: Real>(o: &mut [T], x: &[T]) {
+    for (o, &x) in o.iter_mut().zip(x) {
+        *o = fwd(x);
+    }
+}
+
+#[inline(always)]
+fn bwd_chunk<T: Real>(o: &mut [T], x: &[T], g: &[T]) {
+    for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+        *o = g * grad(x);
+    }
+}
+
+avx512_dispatch!(fwd_chunk_any, fwd_chunk_avx512, fwd_chunk, (o: &mut [T], x: &[T]));
+avx512_dispatch!(bwd_chunk_any, bwd_chunk_avx512, bwd_chunk, (o: &mut [T], x: &[T], g: &[T]));
+
+fn fwd_typed<T: Real>(x: &[T]) -> Vec<T> {
     let mut out = vec![T::ZERO; x.len()];
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
-        for (o, &x) in o.iter_mut().zip(x) {
-            *o = f(x);
-        }
-    });
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| fwd_chunk_any(o, x));
     out
 }
 
@@ -57,8 +72,8 @@ impl CustomOp1 for GeluFwd {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(_) => f32::storage(map(slice::<f32>(s, l, "gelu input")?, fwd)),
-            CpuStorage::F64(_) => f64::storage(map(slice::<f64>(s, l, "gelu input")?, fwd)),
+            CpuStorage::F32(_) => f32::storage(fwd_typed(slice::<f32>(s, l, "gelu input")?)),
+            CpuStorage::F64(_) => f64::storage(fwd_typed(slice::<f64>(s, l, "gelu input")?)),
             other => bail!("fused-gelu: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, l.shape().clone()))
@@ -73,11 +88,7 @@ fn bwd_typed<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
     let mut out = vec![T::ZERO; x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(o, (x, g))| {
-            for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                *o = g * grad(x);
-            }
-        });
+        .for_each(|(o, (x, g))| bwd_chunk_any(o, x, g));
     out
 }
 

@@ -29,6 +29,29 @@ pub fn causal_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
     softmax_last_composite(&scores.broadcast_add(mask)?)
 }
 
+/// Causal self-attention `softmax(scale q k^T + mask) v` of `q [B, H, T, d]`, `k`, `v
+/// [B, H, T, d]` (any strides), returned as `[B, T, H d]`: the fused kernel
+/// (`kernels::attention`: no `[T, T]` tensor, a backward that recomputes the probabilities) on
+/// CPU f32/f64, else [`causal_attention_composite`] with the additive `mask` (`[T, T]`, see
+/// [`causal_mask`]).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
+    if kernels::fusable(q) && q.dtype() == k.dtype() && q.dtype() == v.dtype() {
+        return kernels::attention::causal_attention(q, k, v, scale);
+    }
+    causal_attention_composite(q, k, v, scale, mask)
+}
+
+/// [`causal_attention`] composed of candle ops: `causal_softmax((q * scale) k^T) v`, heads moved
+/// back beside each other per token.
+pub fn causal_attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let scores = matmul(&(q * scale)?.contiguous()?, &k.contiguous()?.t()?)?;
+    let probs = causal_softmax(&scores, mask)?;
+    matmul(&probs, &v.contiguous()?)?
+        .transpose(1, 2)?
+        .reshape((b, t, h * d))
+}
+
 /// GELU, tanh approximation: the fused kernel on CPU f32/f64, else candle's `gelu`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if kernels::fusable(x) {
@@ -79,13 +102,24 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
 }
 
+/// `a @ b` (candle's batched `matmul` semantics): through BLAS (`kernels::matmul`) when the
+/// crate is built with the `blas` feature and both are CPU f32/f64 tensors with equal batch
+/// dims, else candle's `matmul`.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "blas")]
+    if kernels::matmul::usable(a, b) {
+        return kernels::matmul::matmul(a, b);
+    }
+    a.matmul(b)
+}
+
 /// `x @ w + b` with `w` stored `[in, out]` (the GPT-2 `Conv1D` layout), for `x` of any rank;
 /// the bias add is the fused kernel on CPU f32/f64.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (inp, out) = w.dims2()?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, inp))?.matmul(w)?;
+    let y = matmul(&x.reshape((rows, inp))?, w)?;
     let y = if kernels::fusable(&y) && b.dtype() == y.dtype() {
         kernels::bias::add_bias(&y, b)?
     } else {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use retort_core::{fsutil, Batch, Error, Model, ModelInfo, Outputs, Params, Result, Student, TapSet};
 
-use super::nn::{causal_mask, causal_softmax, gelu, layer_norm, linear};
+use super::nn::{causal_attention, causal_mask, causal_softmax, gelu, layer_norm, linear, matmul};
 
 /// Activation of the MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -421,18 +421,26 @@ impl Transformer {
         let qkv = linear(&h, &blk.c_attn.0, &blk.c_attn.1)?
             .reshape((b, t, 3, nh, hd))?
             .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)? * (1.0 / (hd as f64).sqrt()))?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
         let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs = if self.is_half() {
-            // Reductions in f32 for a half-precision teacher.
-            causal_softmax(&scores.to_dtype(DType::F32)?, &mask.to_dtype(DType::F32)?)?.to_dtype(self.cfg.dtype)?
+        let (y, probs) = if !want_attn && !self.is_half() {
+            // The fused kernel on CPU f32/f64 (q, k, v read in place from qkv), else composite.
+            let y = causal_attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale, &mask)?;
+            (y, None)
         } else {
-            causal_softmax(&scores, &mask)?
+            let q = (qkv.get(0)? * scale)?.contiguous()?;
+            let k = qkv.get(1)?.contiguous()?;
+            let v = qkv.get(2)?.contiguous()?;
+            let scores = matmul(&q, &k.t()?)?;
+            let probs = if self.is_half() {
+                // Reductions in f32 for a half-precision teacher.
+                causal_softmax(&scores.to_dtype(DType::F32)?, &mask.to_dtype(DType::F32)?)?.to_dtype(self.cfg.dtype)?
+            } else {
+                causal_softmax(&scores, &mask)?
+            };
+            let y = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, t, d))?;
+            (y, Some(probs))
         };
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         let x = (x + linear(&y, &blk.attn_proj.0, &blk.attn_proj.1)?)?;
         let h = self.norm(&x, &blk.ln_2, eps)?;
         let a = linear(&h, &blk.c_fc.0, &blk.c_fc.1)?;
@@ -441,7 +449,7 @@ impl Transformer {
             Activation::Relu => a.relu()?,
         };
         let x = (x + linear(&a, &blk.mlp_proj.0, &blk.mlp_proj.1)?)?;
-        Ok((x, want_attn.then_some(probs)))
+        Ok((x, probs.filter(|_| want_attn)))
     }
 }
 
@@ -474,8 +482,8 @@ impl Model for Transformer {
         }
         let x = self.norm(&x, &self.ln_f, self.cfg.layer_norm_eps)?;
         let logits = x
-            .reshape((b * t, d))?
-            .matmul(&self.wte.t()?)?
+            .reshape((b * t, d))
+            .and_then(|x| matmul(&x, &self.wte.t()?))?
             .reshape((b, t, self.cfg.vocab_size))?;
         Ok(Outputs { logits, taps: out })
     }

@@ -41,7 +41,7 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inp))?;
         let y = match &self.weight {
-            Weight::Dense(w) => x2.matmul(&w.t()?)?,
+            Weight::Dense(w) => crate::models::nn::matmul(&x2, &w.t()?)?,
             Weight::Quantized(q) => q.forward(&x2)?,
         };
         let y = match &self.bias {

@@ -22,7 +22,8 @@ use retort_core::{Batch, Error, Model, ModelInfo, Outputs, Result, TapSet};
 use super::config::LlamaConfig;
 use super::linear::{Linear, Weight};
 use super::rope::Rope;
-use crate::models::nn::{causal_mask, rms_norm, softmax_last};
+use crate::kernels;
+use crate::models::nn::{causal_mask, matmul, rms_norm, softmax_last};
 
 /// How a parameter is initialised.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -424,6 +425,7 @@ impl Llama {
         } else {
             (self.rope.apply_at(&q, offset)?, self.rope.apply_at(&k, offset)?)
         };
+        let cached = cache.is_some().then_some(());
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -435,9 +437,16 @@ impl Llama {
             }
             None => (k, v),
         };
+        let scale = 1.0 / (hd as f64).sqrt();
+        if cached.is_none() && offset == 0 && !want_probs && kernels::fusable(&q) && q.dtype() == k.dtype() {
+            // The fused kernel on CPU f32/f64: causal over the window, grouped-query heads
+            // read in place (no repeated keys and values), no [T, T] tensor.
+            let y = kernels::attention::causal_attention(&q, &k, &v, scale)?;
+            return Ok((l.o.forward(&y)?, None));
+        }
         let k = repeat_kv(&k, nh / nkv)?;
         let v = repeat_kv(&v, nh / nkv)?;
-        let scores = (q.matmul(&k.contiguous()?.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = (matmul(&q, &k.contiguous()?.t()?)? * scale)?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
@@ -447,7 +456,7 @@ impl Llama {
         } else {
             softmax_last(&scores)?
         };
-        let y = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let y = matmul(&probs, &v.contiguous()?)?.transpose(1, 2)?.reshape((b, t, d))?;
         Ok((l.o.forward(&y)?, want_probs.then_some(probs)))
     }
 
@@ -653,9 +662,17 @@ pub(crate) mod tests {
     pub(crate) fn tiny(extra: serde_json::Value) -> Llama {
         let mut m = Llama::init(tiny_cfg(extra), 7, &Device::Cpu).expect("init");
         // Norm weights and biases start at 1 and 0; perturb them so every gradient path is generic.
+        // Seeded (candle's `randn_like` is not): with random noise the MoE router of the tiny
+        // model now and then never picked one expert, and that expert got no gradient.
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let normal = Normal::new(0.0f32, 0.2).expect("normal");
         for (n, v) in &m.vars {
             if !n.ends_with("proj.weight") && !n.contains("embed") && !n.contains("lm_head") && !n.contains("moe") {
-                let noise = (v.as_tensor().randn_like(0.0, 0.2).expect("r") + v.as_tensor()).expect("a");
+                let noise: Vec<f32> = (0..v.elem_count()).map(|_| normal.sample(&mut rng)).collect();
+                let noise = Tensor::from_vec(noise, v.dims(), v.device())
+                    .and_then(|t| t.to_dtype(v.dtype()))
+                    .and_then(|t| t + v.as_tensor())
+                    .expect("noise");
                 v.set(&noise).expect("set");
             }
         }

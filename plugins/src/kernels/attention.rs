@@ -1,0 +1,573 @@
+//! Fused causal self-attention with backward: per sequence and head, `S = scale q k^T` (row `i`
+//! keeps columns `j <= i`), `P = softmax(S)` row-wise, `y = P v`, in one op.
+//!
+//! No `[T, T]` tensor is allocated: each query row's scores live in a `T`-long scratch row.
+//! The backward recomputes that row (scores, max, `exp` sum: the same `O(T d)` work as the
+//! forward's) instead of keeping `P`, and from the saved output `y`:
+//!
+//! - `dP_ij = dy_i . v_j`, `delta_i = dy_i . y_i`, `dS_ij = P_ij (dP_ij - delta_i)`;
+//! - `dq_i = scale sum_j dS_ij k_j`, `dk_j = scale sum_i dS_ij q_i`, `dv_j = sum_i P_ij dy_i`.
+//!
+//! Inputs `q [B, H, T, d]`, `k`, `v [B, H_kv, T, d]` (grouped-query attention when
+//! `H_kv < H`: query head `h` reads key/value head `h / (H / H_kv)`) with any strides whose last
+//! one is 1, so the transformer passes views of its fused `qkv` projection without copying.
+//! The output is `[B, T, H d]`, the layout the output projection reads. Sequences run in
+//! parallel on the rayon pool; on x86-64 CPUs with AVX-512 the row loops run in a copy of the
+//! code compiled for it (chosen at run time), else in the baseline (SSE2) build.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::fastmath::{row_max, sum, Real};
+
+/// Causal attention `softmax(scale q k^T) v` of `q [B, H, T, d]` and `k`, `v [B, H_kv, T, d]`,
+/// returned as `[B, T, H d]` (heads side by side per token). f32/f64 on the CPU (see
+/// [`super::fusable`]); the caller falls back to the composite elsewhere.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (bk, hk, tk, dk) = k.dims4()?;
+    if (bk, tk, dk) != (b, t, d) || k.dims() != v.dims() || hk == 0 || h % hk != 0 {
+        bail!(
+            "causal attention: expected q [B, H, T, d] and k, v [B, H_kv, T, d] with H_kv dividing H, got {:?}, {:?}, {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    let unit = |x: &Tensor| -> Result<Tensor> {
+        if x.stride()[3] == 1 || d == 1 {
+            Ok(x.clone())
+        } else {
+            x.contiguous()
+        }
+    };
+    unit(q)?.apply_op3(&unit(k)?, &unit(v)?, Attention { scale })
+}
+
+struct Attention {
+    scale: f64,
+}
+
+/// Strided access to a `[B, H, T, d]` input: element `(b, h, t, 0)` at `at(b, h, t)`.
+#[derive(Clone, Copy)]
+struct View {
+    start: usize,
+    sb: usize,
+    sh: usize,
+    st: usize,
+}
+
+impl View {
+    fn of(l: &Layout) -> Self {
+        let s = l.stride();
+        View {
+            start: l.start_offset(),
+            sb: s[0],
+            sh: s[1],
+            st: s[2],
+        }
+    }
+    #[inline(always)]
+    fn at(&self, b: usize, h: usize, t: usize) -> usize {
+        self.start + b * self.sb + h * self.sh + t * self.st
+    }
+}
+
+/// Sizes shared by the forward and backward loops.
+#[derive(Clone, Copy)]
+struct Dims {
+    heads: usize,
+    kv_heads: usize,
+    t: usize,
+    d: usize,
+}
+
+fn storage_of<T: Real>(s: &CpuStorage) -> Result<&[T]> {
+    match T::slice(s) {
+        Some(v) => Ok(v),
+        None => bail!("causal attention: expected {:?}, got {:?}", T::DTYPE, s.dtype()),
+    }
+}
+
+/// Rows of one register block of the small matrix products below.
+const R: usize = 4;
+/// Columns of one register block (one AVX-512 register of f32); matrices are padded to it.
+const W: usize = 16;
+
+/// `c[r][0..n] = alpha * sum_{k0 <= kk < k1} a[r][kk] b[kk][0..n]` for the `R` rows of `a`
+/// (leading dim `lda`), `b` row-major (`ldb`), `n` a multiple of `W`. The `R x W` accumulators
+/// stay in registers across the `k` loop (the microkernel shape of a GEMM).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block<T: Real>(
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    (k0, k1): (usize, usize),
+    n: usize,
+    c: &mut [T],
+    ldc: usize,
+    alpha: T,
+) {
+    if k1 <= k0 {
+        for r in 0..R {
+            c[r * ldc..r * ldc + n].fill(T::ZERO);
+        }
+        return;
+    }
+    let (a0, a1, a2, a3) = (
+        &a[k0..k1],
+        &a[lda + k0..lda + k1],
+        &a[2 * lda + k0..2 * lda + k1],
+        &a[3 * lda + k0..3 * lda + k1],
+    );
+    let b = &b[k0 * ldb..(k1 - 1) * ldb + n];
+    for jc in (0..n).step_by(W) {
+        let mut acc = [[T::ZERO; W]; R];
+        let rows = b[jc..].chunks(ldb);
+        for ((((brow, &x0), &x1), &x2), &x3) in rows.zip(a0).zip(a1).zip(a2).zip(a3) {
+            let bv: [T; W] = brow[..W].try_into().expect("W columns");
+            let x = [x0, x1, x2, x3];
+            for r in 0..R {
+                for l in 0..W {
+                    acc[r][l] = acc[r][l] + x[r] * bv[l];
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (o, &v) in c[r * ldc + jc..r * ldc + jc + W].iter_mut().zip(acc) {
+                *o = v * alpha;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn dot<T: Real>(x: &[T], y: &[T]) -> f64 {
+    x.iter().zip(y).map(|(&x, &y)| (x * y).to_f64()).sum()
+}
+
+/// `n` rounded up to a multiple of `W`.
+#[inline(always)]
+fn pad(n: usize) -> usize {
+    n.div_ceil(W) * W
+}
+
+/// Copies head `h` of sequence `b` into `out [.., ld]` row-major (`trans = false`: row `t` =
+/// position `t`) or transposed (`out[di][t]`); padding is left as it is (zero).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gather<T: Real>(x: &[T], view: &View, b: usize, h: usize, dm: Dims, out: &mut [T], ld: usize, trans: bool) {
+    let Dims { t, d, .. } = dm;
+    for ti in 0..t {
+        let src = &x[view.at(b, h, ti)..view.at(b, h, ti) + d];
+        if trans {
+            for (di, &v) in src.iter().enumerate() {
+                out[di * ld + ti] = v;
+            }
+        } else {
+            out[ti * ld..ti * ld + d].copy_from_slice(src);
+        }
+    }
+}
+
+/// Row-wise causal softmax of the `R` score rows `s [R, ld]` of queries `i0..i0 + R` (rows at
+/// or past `t` are padding): row `i` keeps columns `0..=i`, the rest of its first `n` columns
+/// become 0. Returns each row's `1 / sum exp`; with `normalize`, the rows are divided by it.
+#[inline(always)]
+fn softmax_rows<T: Real>(s: &mut [T], ld: usize, i0: usize, t: usize, n: usize, normalize: bool) -> [T; R] {
+    let mut inv = [T::ZERO; R];
+    for (r, inv) in inv.iter_mut().enumerate() {
+        let i = i0 + r;
+        let row = &mut s[r * ld..r * ld + n];
+        if i >= t {
+            row.fill(T::ZERO);
+            continue;
+        }
+        let (live, dead) = row.split_at_mut(i + 1);
+        dead.fill(T::ZERO);
+        let m = row_max(live);
+        for x in live.iter_mut() {
+            *x = (*x - m).exp();
+        }
+        *inv = T::from_f64(1.0 / sum(live));
+        if normalize {
+            for x in live.iter_mut() {
+                *x = *x * *inv;
+            }
+        }
+    }
+    inv
+}
+
+/// Forward of sequence `b`: `out [T, H d]`.
+#[inline(always)]
+fn fwd_seq<T: Real>(x: (&[T], &[T], &[T]), views: (View, View, View), dm: Dims, scale: T, b: usize, out: &mut [T]) {
+    let Dims { heads, kv_heads, t, d } = dm;
+    let rep = heads / kv_heads;
+    let (tp, dp) = (pad(t), pad(d));
+    let mut qs = vec![T::ZERO; tp * dp]; // [tp, dp]
+    let mut kt = vec![T::ZERO; dp * tp]; // [d, tp]
+    let mut vs = vec![T::ZERO; tp * dp]; // [tp, dp]
+    let mut s = vec![T::ZERO; R * tp];
+    let mut y = vec![T::ZERO; R * dp];
+    for h in 0..heads {
+        gather(x.0, &views.0, b, h, dm, &mut qs, dp, false);
+        if h % rep == 0 {
+            gather(x.1, &views.1, b, h / rep, dm, &mut kt, tp, true);
+            gather(x.2, &views.2, b, h / rep, dm, &mut vs, dp, false);
+        }
+        for i0 in (0..t).step_by(R) {
+            let live = (i0 + R).min(t);
+            let n = pad(live);
+            block(&qs[i0 * dp..], dp, &kt, tp, (0, d), n, &mut s, tp, scale);
+            let inv = softmax_rows(&mut s, tp, i0, t, n, false);
+            block(&s, tp, &vs, dp, (0, live), dp, &mut y, dp, T::ONE);
+            for r in 0..(live - i0) {
+                let o = &mut out[(i0 + r) * heads * d + h * d..][..d];
+                for (o, &y) in o.iter_mut().zip(&y[r * dp..r * dp + d]) {
+                    *o = y * inv[r];
+                }
+            }
+        }
+    }
+}
+
+/// Backward of sequence `b`: `dq [H, T, d]`, `dk`, `dv [H_kv, T, d]` (zeroed on entry).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn bwd_seq<T: Real>(
+    x: (&[T], &[T], &[T]),
+    views: (View, View, View),
+    y: &[T],
+    dy: &[T],
+    dm: Dims,
+    scale: T,
+    b: usize,
+    grads: (&mut [T], &mut [T], &mut [T]),
+) {
+    let Dims { heads, kv_heads, t, d } = dm;
+    let rep = heads / kv_heads;
+    let hd = heads * d;
+    let (tp, dp) = (pad(t), pad(d));
+    let (dq, dk, dv) = grads;
+    let mut qs = vec![T::ZERO; tp * dp]; // [tp, dp]
+    let mut dys = vec![T::ZERO; tp * dp]; // [tp, dp]
+    let mut ks = vec![T::ZERO; tp * dp]; // [tp, dp]
+    let mut kt = vec![T::ZERO; dp * tp]; // [d, tp]
+    let mut vt = vec![T::ZERO; dp * tp]; // [d, tp]
+    let mut p = vec![T::ZERO; tp * tp]; // probabilities, then P^T
+    let mut ds = vec![T::ZERO; tp * tp]; // dP, then dS
+    let mut dst = vec![T::ZERO; tp * tp]; // dS^T
+    let mut pt = vec![T::ZERO; tp * tp]; // P^T
+    let mut acc = vec![T::ZERO; R * dp];
+    for h in 0..heads {
+        let g = h / rep;
+        gather(x.0, &views.0, b, h, dm, &mut qs, dp, false);
+        if h % rep == 0 {
+            gather(x.1, &views.1, b, g, dm, &mut ks, dp, false);
+            gather(x.1, &views.1, b, g, dm, &mut kt, tp, true);
+            gather(x.2, &views.2, b, g, dm, &mut vt, tp, true);
+        }
+        for ti in 0..t {
+            let at = (b * t + ti) * hd + h * d;
+            dys[ti * dp..ti * dp + d].copy_from_slice(&dy[at..at + d]);
+        }
+        // P (recomputed), dP = dy v^T, dS = P (dP - delta) scale, row block by row block.
+        for i0 in (0..t).step_by(R) {
+            let live = (i0 + R).min(t);
+            let n = pad(live);
+            let pr = &mut p[i0 * tp..(i0 + R) * tp];
+            block(&qs[i0 * dp..], dp, &kt, tp, (0, d), n, pr, tp, scale);
+            softmax_rows(pr, tp, i0, t, n, true);
+            let dr = &mut ds[i0 * tp..(i0 + R) * tp];
+            block(&dys[i0 * dp..], dp, &vt, tp, (0, d), n, dr, tp, T::ONE);
+            for r in 0..(live - i0) {
+                let i = i0 + r;
+                let at = (b * t + i) * hd + h * d;
+                let delta = T::from_f64(dot(&dy[at..at + d], &y[at..at + d]));
+                for (dsv, &pv) in dr[r * tp..r * tp + i + 1].iter_mut().zip(&pr[r * tp..r * tp + i + 1]) {
+                    *dsv = pv * (*dsv - delta) * scale;
+                }
+                dr[r * tp + i + 1..r * tp + n].fill(T::ZERO);
+            }
+        }
+        // Transposes for the key-side products (columns past row i are zero in P and dS).
+        for i in 0..t {
+            for j in 0..=i {
+                pt[j * tp + i] = p[i * tp + j];
+                dst[j * tp + i] = ds[i * tp + j];
+            }
+        }
+        let (dq, dk, dv) = (
+            &mut dq[h * t * d..(h + 1) * t * d],
+            &mut dk[g * t * d..(g + 1) * t * d],
+            &mut dv[g * t * d..(g + 1) * t * d],
+        );
+        for i0 in (0..t).step_by(R) {
+            let live = (i0 + R).min(t);
+            // dq_i = sum_{j <= i} dS_ij k_j.
+            block(&ds[i0 * tp..], tp, &ks, dp, (0, live), dp, &mut acc, dp, T::ONE);
+            for r in 0..(live - i0) {
+                dq[(i0 + r) * d..(i0 + r + 1) * d].copy_from_slice(&acc[r * dp..r * dp + d]);
+            }
+            // dk_j = sum_{i >= j} dS_ij q_i, dv_j = sum_{i >= j} P_ij dy_i (rows j = i0..).
+            block(&dst[i0 * tp..], tp, &qs, dp, (i0, t), dp, &mut acc, dp, T::ONE);
+            for r in 0..(live - i0) {
+                for (o, &a) in dk[(i0 + r) * d..(i0 + r + 1) * d].iter_mut().zip(&acc[r * dp..]) {
+                    *o = *o + a;
+                }
+            }
+            block(&pt[i0 * tp..], tp, &dys, dp, (i0, t), dp, &mut acc, dp, T::ONE);
+            for r in 0..(live - i0) {
+                for (o, &a) in dv[(i0 + r) * d..(i0 + r + 1) * d].iter_mut().zip(&acc[r * dp..]) {
+                    *o = *o + a;
+                }
+            }
+        }
+    }
+}
+
+avx512_dispatch!(fwd_seq_any, fwd_seq_avx512, fwd_seq, (x: (&[T], &[T], &[T]), views: (View, View, View), dm: Dims, scale: T, b: usize, out: &mut [T]));
+avx512_dispatch!(bwd_seq_any, bwd_seq_avx512, bwd_seq, (x: (&[T], &[T], &[T]), views: (View, View, View), y: &[T], dy: &[T], dm: Dims, scale: T, b: usize, grads: (&mut [T], &mut [T], &mut [T])));
+
+fn dims_of(l1: &Layout, l2: &Layout) -> Dims {
+    let d = l1.dims();
+    Dims {
+        heads: d[1],
+        kv_heads: l2.dims()[1],
+        t: d[2],
+        d: d[3],
+    }
+}
+
+fn fwd_typed<T: Real>(
+    scale: f64,
+    s: (&CpuStorage, &CpuStorage, &CpuStorage),
+    l: (&Layout, &Layout, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let x = (storage_of::<T>(s.0)?, storage_of::<T>(s.1)?, storage_of::<T>(s.2)?);
+    let views = (View::of(l.0), View::of(l.1), View::of(l.2));
+    let dm = dims_of(l.0, l.1);
+    let batch = l.0.dims()[0];
+    let mut out = vec![T::ZERO; batch * dm.t * dm.heads * dm.d];
+    if !out.is_empty() {
+        let scale = T::from_f64(scale);
+        out.par_chunks_mut(dm.t * dm.heads * dm.d)
+            .enumerate()
+            .for_each(|(b, o)| fwd_seq_any(x, views, dm, scale, b, o));
+    }
+    Ok((T::storage(out), Shape::from((batch, dm.t, dm.heads * dm.d))))
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match s1 {
+            CpuStorage::F32(_) => fwd_typed::<f32>(self.scale, (s1, s2, s3), (l1, l2, l3)),
+            CpuStorage::F64(_) => fwd_typed::<f64>(self.scale, (s1, s2, s3), (l1, l2, l3)),
+            other => bail!("causal attention: unsupported dtype {:?}", other.dtype()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = AttentionBwd {
+            q: q.detach(),
+            k: k.detach(),
+            v: v.detach(),
+            scale: self.scale,
+        };
+        let packed = y.detach().apply_op2_no_bwd(&dy.contiguous()?, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = packed.narrow(0, 0, nq)?.reshape(q.dims())?;
+        let dk = packed.narrow(0, nq, nk)?.reshape(k.dims())?;
+        let dv = packed.narrow(0, nq + nk, nk)?.reshape(v.dims())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The backward: holds the forward's inputs and takes `(y, dy)`; returns `dq`, `dk`, `dv`
+/// (each contiguous in its input's shape) one after the other in one flat tensor.
+struct AttentionBwd {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: f64,
+}
+
+fn bwd_typed<T: Real>(op: &AttentionBwd, y: &[T], dy: &[T]) -> Result<(CpuStorage, Shape)> {
+    let (qs, ql) = op.q.storage_and_layout();
+    let (ks, kl) = op.k.storage_and_layout();
+    let (vs, vl) = op.v.storage_and_layout();
+    let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
+        bail!("causal attention backward: expected CPU tensors")
+    };
+    let x = (storage_of::<T>(qs)?, storage_of::<T>(ks)?, storage_of::<T>(vs)?);
+    let views = (View::of(ql), View::of(kl), View::of(vl));
+    let dm = dims_of(ql, kl);
+    let batch = ql.dims()[0];
+    let (nq, nk) = (ql.shape().elem_count(), kl.shape().elem_count());
+    let mut out = vec![T::ZERO; nq + 2 * nk];
+    if nq > 0 {
+        let scale = T::from_f64(op.scale);
+        let (dq, rest) = out.split_at_mut(nq);
+        let (dk, dv) = rest.split_at_mut(nk);
+        let (cq, ck) = (nq / batch, nk / batch);
+        dq.par_chunks_mut(cq)
+            .zip(dk.par_chunks_mut(ck))
+            .zip(dv.par_chunks_mut(ck))
+            .enumerate()
+            .for_each(|(b, ((dq, dk), dv))| bwd_seq_any(x, views, y, dy, dm, scale, b, (dq, dk, dv)));
+    }
+    Ok((T::storage(out), Shape::from(nq + 2 * nk)))
+}
+
+impl CustomOp2 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => bwd_typed::<f32>(
+                self,
+                super::rows::slice(s1, l1, "attention output")?,
+                super::rows::slice(s2, l2, "attention grad")?,
+            ),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => bwd_typed::<f64>(
+                self,
+                super::rows::slice(s1, l1, "attention output")?,
+                super::rows::slice(s2, l2, "attention grad")?,
+            ),
+            _ => bail!("causal attention backward: unsupported dtypes"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::nn::{causal_attention_composite, causal_mask};
+    use candle_core::{DType, Device, Var, D};
+    use rand::{Rng, SeedableRng};
+
+    fn flat(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("v")
+    }
+
+    /// `(b, heads, kv_heads, t, d)`: q, k, v cut as views out of one `[b, t, (H + 2 H_kv) d]`
+    /// projection (the transformer's layout); k and v repeated per group for the composite.
+    fn check(b: usize, heads: usize, kv: usize, t: usize, d: usize) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64((b * 7 + heads * 5 + t * 3 + d) as u64);
+        let width = (heads + 2 * kv) * d;
+        let xs: Vec<f64> = (0..b * t * width).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let cs: Vec<f64> = (0..b * t * heads * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let x0 = Tensor::from_vec(xs, (b, t, width), &Device::Cpu).expect("x");
+        let c0 = Tensor::from_vec(cs, (b, t, heads * d), &Device::Cpu).expect("c");
+        let scale = 1.0 / (d as f64).sqrt();
+        for dtype in [DType::F64, DType::F32] {
+            let run = |fused: bool| -> (Vec<f64>, Vec<f64>) {
+                let x = Var::from_tensor(&x0.to_dtype(dtype).expect("d")).expect("v");
+                let split = |from: usize, n: usize| {
+                    x.as_tensor()
+                        .narrow(D::Minus1, from * d, n * d)
+                        .and_then(|z| z.reshape((b, t, n, d)))
+                        .and_then(|z| z.transpose(1, 2))
+                        .expect("view")
+                };
+                let (q, k, v) = (split(0, heads), split(heads, kv), split(heads + kv, kv));
+                let y = if fused {
+                    causal_attention(&q, &k, &v, scale).expect("fused")
+                } else {
+                    // Repeat each key/value head for its group of query heads.
+                    let rep = |z: &Tensor| {
+                        let per: Vec<Tensor> = (0..heads)
+                            .map(|h| z.narrow(1, h / (heads / kv), 1).expect("n"))
+                            .collect();
+                        Tensor::cat(&per, 1).expect("cat")
+                    };
+                    let mask = causal_mask(t, dtype, &Device::Cpu).expect("mask");
+                    causal_attention_composite(&q, &rep(&k), &rep(&v), scale, &mask).expect("composite")
+                };
+                assert_eq!(y.dims(), &[b, t, heads * d]);
+                let g = (&y * c0.to_dtype(dtype).expect("d"))
+                    .and_then(|l| l.sum_all())
+                    .and_then(|l| l.backward())
+                    .expect("bwd");
+                (flat(&y), flat(g.get(x.as_tensor()).expect("grad")))
+            };
+            let ((fy, fg), (cy, cg)) = (run(true), run(false));
+            // Reference: the composite's values; 1e-5 relative in f32 (1e-10 in f64), on a scale
+            // of the largest magnitude so that entries near zero compare absolutely.
+            let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
+            for (what, f, c) in [("y", &fy, &cy), ("dx", &fg, &cg)] {
+                let big = c.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+                for i in 0..f.len() {
+                    assert!(
+                        (f[i] - c[i]).abs() <= tol * big.max(c[i].abs()),
+                        "{dtype:?} b={b} h={heads}/{kv} t={t} d={d} {what}[{i}]: {} vs {}",
+                        f[i],
+                        c[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_composite_values_and_gradients() {
+        check(2, 3, 3, 13, 8);
+        check(3, 2, 2, 1, 4);
+        check(1, 4, 4, 33, 17);
+    }
+
+    #[test]
+    fn grouped_query_heads_match_repeated_keys_and_values() {
+        check(2, 4, 2, 9, 8);
+        check(2, 6, 1, 7, 4);
+    }
+
+    #[test]
+    fn contiguous_inputs_and_shape_errors() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 2, 5, 4), &dev).expect("q");
+        let y = causal_attention(&q, &q, &q, 0.5).expect("attn");
+        // Row 0 attends to itself only: y[b, 0, h] = v[b, h, 0].
+        let y0 = y
+            .narrow(1, 0, 1)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("y");
+        let v0 = q
+            .narrow(2, 0, 1)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("v");
+        assert_eq!(&y0[..4], &v0[..4]);
+        let k = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &dev).expect("k");
+        assert!(causal_attention(&q, &k, &k, 0.5).is_err());
+    }
+}
