@@ -9,7 +9,7 @@ fn builtins_are_registered() {
         "attention ce contrastive hidden_cosine hidden_mse jsd kl layerwise reverse_kl skew_kl topk_kl tvd"
     );
     assert_eq!(kinds(r.students.kinds()), "llama transformer");
-    assert_eq!(kinds(r.teachers.kinds()), "llama transformer");
+    assert_eq!(kinds(r.teachers.kinds()), "cached llama transformer");
     assert_eq!(kinds(r.data.kinds()), "jsonl synthetic text tokens");
     assert_eq!(kinds(r.routers.kinds()), "curriculum magnitude static student_aware");
     assert_eq!(kinds(r.tokenizers.kinds()), "char hf");
