@@ -58,7 +58,7 @@ pub struct CodingArgs {
     /// With sqrt: use this many levels instead of those --max-kl picks.
     #[arg(long)]
     pub levels: Option<u32>,
-    /// zstd level of the frames (1-22).
+    /// zstd level of the frames (1-22); 0 stores them uncompressed (larger, faster to read).
     #[arg(long, default_value_t = 9)]
     pub zstd_level: i32,
 }
@@ -66,10 +66,10 @@ pub struct CodingArgs {
 impl CodingArgs {
     /// The value coding these ask for at `k` (zstd level checked too).
     pub fn value_coding(&self, k: usize) -> Result<ValueCoding> {
-        if !(1..=22).contains(&self.zstd_level) {
+        if !(0..=22).contains(&self.zstd_level) {
             return Err(Error::input(
                 "--zstd-level",
-                format!("expected 1..=22, got {}", self.zstd_level),
+                format!("expected 0 (no compression) ..= 22, got {}", self.zstd_level),
             ));
         }
         Ok(match (self.values.as_str(), self.levels) {

@@ -75,6 +75,7 @@ fn spec(k: usize, coding: ValueCoding) -> ShardSpec {
         seq_len: SEQ as u32,
         vocab: V,
         coding,
+        compressed: true,
         windows: WINDOWS as u32,
         first_window: 0,
     }

@@ -6,7 +6,7 @@
 //! ```text
 //! 0   magic "RTLCSHD1"                      8 bytes
 //! 8   format version, split (0 train, 1 val), shard index, k, seq_len, vocab,
-//!     value coding, windows                 8 x u32
+//!     value coding (bit 31 set: frames not compressed), windows   8 x u32
 //! 40  first window                          u64
 //! 48  table length n, table bytes z         2 x u32
 //! 56  frequency table: n ids, zstd          z bytes (u16 ids if vocab <= 65,536, else u32)
@@ -32,6 +32,8 @@ pub const SHARD_VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"RTLCSHD1";
 const END: &[u8; 8] = b"RTLCEND1";
 const HEADER_LEN: usize = 56;
+/// Flag in the coding field: the frames are stored without zstd.
+const RAW_FRAMES: u32 = 1 << 31;
 
 /// What a shard must say about itself (checked against the store's header on open).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,8 @@ pub struct ShardSpec {
     pub vocab: u32,
     /// Value coding.
     pub coding: ValueCoding,
+    /// Frames are zstd-compressed (`false`: stored as encoded, for the fastest reads).
+    pub compressed: bool,
     /// Windows in the shard.
     pub windows: u32,
     /// Index of its first window in the split.
@@ -102,13 +106,18 @@ pub fn encode_shard(spec: &ShardSpec, ids: &[u32], logprobs: &[f32], zstd_level:
     } else {
         table.iter().flat_map(|i| i.to_le_bytes()).collect()
     };
-    let ztable = zstd::bulk::compress(&table_bytes, zstd_level).map_err(|e| Error::Runtime(format!("zstd: {e}")))?;
+    let ztable =
+        zstd::bulk::compress(&table_bytes, zstd_level.max(1)).map_err(|e| Error::Runtime(format!("zstd: {e}")))?;
     let frames: Vec<Vec<u8>> = (0..spec.windows as usize)
         .into_par_iter()
         .map(|w| {
             let r = w * per_window..(w + 1) * per_window;
             let raw = encode_frame(&ids[r.clone()], &logprobs[r], k, spec.coding, &rank_of);
-            zstd::bulk::compress(&raw, zstd_level).map_err(|e| Error::Runtime(format!("zstd: {e}")))
+            if spec.compressed {
+                zstd::bulk::compress(&raw, zstd_level).map_err(|e| Error::Runtime(format!("zstd: {e}")))
+            } else {
+                Ok(raw)
+            }
         })
         .collect::<Result<_>>()?;
     let mut out = Vec::with_capacity(HEADER_LEN + ztable.len() + frames.iter().map(Vec::len).sum::<usize>() + 64);
@@ -120,7 +129,7 @@ pub fn encode_shard(spec: &ShardSpec, ids: &[u32], logprobs: &[f32], zstd_level:
         spec.k,
         spec.seq_len,
         spec.vocab,
-        spec.coding.id(),
+        spec.coding.id() | if spec.compressed { 0 } else { RAW_FRAMES },
         spec.windows,
     ] {
         out.extend_from_slice(&v.to_le_bytes());
@@ -204,8 +213,9 @@ impl Shard {
                 format!("shard format version {version}; this retort reads version {SHARD_VERSION}"),
             ));
         }
-        let coding = ValueCoding::from_id(u32_at(&map, 32))
-            .ok_or_else(|| corrupt(format!("unknown value coding {}", u32_at(&map, 32))))?;
+        let coding_field = u32_at(&map, 32);
+        let coding = ValueCoding::from_id(coding_field & !RAW_FRAMES)
+            .ok_or_else(|| corrupt(format!("unknown value coding {coding_field}")))?;
         let spec = ShardSpec {
             split: if u32_at(&map, 12) == 0 {
                 Split::Train
@@ -217,6 +227,7 @@ impl Shard {
             seq_len: u32_at(&map, 24),
             vocab: u32_at(&map, 28),
             coding,
+            compressed: coding_field & RAW_FRAMES == 0,
             windows: u32_at(&map, 36),
             first_window: u64_at(&map, 40),
         };
@@ -301,14 +312,19 @@ impl Shard {
         let b = u64_at(&self.map, self.offsets_at + 8 * (w + 1)) as usize;
         let frame = &self.map[self.frames_at + a..self.frames_at + b];
         let (t, k) = (self.spec.seq_len as usize, self.spec.k as usize);
-        let cap = t * (self.spec.coding.tail_bytes() + k * (self.spec.coding.value_bytes() + 5));
-        scratch.clear();
-        scratch.reserve(cap);
-        decompressor
-            .decompress_to_buffer(frame, scratch)
-            .map_err(|e| bad(format!("zstd: {e}")))?;
+        let frame: &[u8] = if self.spec.compressed {
+            let cap = t * (self.spec.coding.tail_bytes() + k * (self.spec.coding.value_bytes() + 5));
+            scratch.clear();
+            scratch.reserve(cap);
+            decompressor
+                .decompress_to_buffer(frame, scratch)
+                .map_err(|e| bad(format!("zstd: {e}")))?;
+            scratch
+        } else {
+            frame
+        };
         decode_frame(
-            scratch,
+            frame,
             t,
             k,
             k_out,
@@ -334,6 +350,7 @@ mod tests {
             seq_len: 5,
             vocab: 50,
             coding: ValueCoding::F32,
+            compressed: true,
             windows,
             first_window: 12,
         }

@@ -32,7 +32,7 @@ pub struct CacheHeader {
     pub vocab: usize,
     /// Value coding.
     pub values: ValueCoding,
-    /// zstd level of the frames.
+    /// zstd level of the frames; 0: frames stored uncompressed.
     pub zstd_level: i32,
     /// Tokens per window (windows start at multiples of it).
     pub seq_len: usize,
@@ -114,6 +114,7 @@ impl CacheHeader {
             seq_len: self.seq_len as u32,
             vocab: self.vocab as u32,
             coding: self.values,
+            compressed: self.zstd_level > 0,
             windows: (info.windows - first).min(self.windows_per_shard) as u32,
             first_window: first as u64,
         }
