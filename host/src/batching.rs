@@ -68,7 +68,7 @@ impl<'a> TrainBatcher<'a> {
                     .collect()
             }
         };
-        windows_to_batch(self.tokens, Split::Train, &starts, self.seq_len, &self.device)
+        Batch::from_windows(self.tokens, Split::Train, &starts, self.seq_len, &self.device)
     }
 }
 
@@ -85,7 +85,7 @@ pub fn val_batches(
     let starts: Vec<usize> = (0..n_windows).map(|i| i * seq_len).collect();
     starts
         .chunks(batch_size)
-        .map(|chunk| windows_to_batch(tokens, Split::Val, chunk, seq_len, device))
+        .map(|chunk| Batch::from_windows(tokens, Split::Val, chunk, seq_len, device))
         .collect()
 }
 
@@ -106,18 +106,6 @@ fn check_len(tokens: &[u32], seq_len: usize, what: &str) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// The windows of `tokens` (the stream of `split`) starting at `starts` as one batch
-/// ([`Batch::from_windows`]).
-pub fn windows_to_batch(
-    tokens: &[u32],
-    split: Split,
-    starts: &[usize],
-    seq_len: usize,
-    device: &Device,
-) -> Result<Batch> {
-    Batch::from_windows(tokens, split, starts, seq_len, device)
 }
 
 #[cfg(test)]

@@ -16,7 +16,6 @@ use retort_plugins::cache::build::topk_rows;
 use retort_plugins::cache::store::fingerprint;
 use retort_plugins::cache::{build_cache, BuildOptions, BuildSummary, LogitStore, ReadState, ValueCoding};
 
-use crate::batching::windows_to_batch;
 use crate::config_load;
 use crate::pipeline::{Pipeline, TeacherPlan};
 
@@ -354,7 +353,7 @@ fn fidelity(
     let mut st = ReadState::new()?;
     let (mut bucket, mut full, mut trunc, mut agree, mut n) = (0f64, 0f64, 0f64, 0f64, 0usize);
     for w in 0..windows {
-        let batch = windows_to_batch(val, Split::Val, &[w * h.seq_len], h.seq_len, device)?;
+        let batch = retort_core::Batch::from_windows(val, Split::Val, &[w * h.seq_len], h.seq_len, device)?;
         let logits = teacher.forward(&batch, &TapSet::none())?.logits;
         let logits = logits.to_dtype(DType::F32)?.reshape(((), v))?;
         let lse = log_sum_exp_rows(&logits)?;

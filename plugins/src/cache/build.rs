@@ -127,19 +127,7 @@ pub fn recode_cache(
         recoded_from: Some(format!("{} ({}, top-{})", src.display(), old.values.name(), old.k)),
         ..old.clone()
     };
-    if dst.join(super::store::HEADER_FILE).exists()
-        || dst.exists() && std::fs::read_dir(dst).map(|mut d| d.next().is_some()).unwrap_or(false)
-    {
-        if !force {
-            return Err(Error::input(
-                format!("cache directory {}", dst.display()),
-                "is not empty; choose another --out or pass --force",
-            ));
-        }
-        remove_cache_files(dst)?;
-    }
-    std::fs::create_dir_all(dst).map_err(|e| Error::io("creating directory", dst, e))?;
-    header.write(dst)?;
+    prepare_destination(dst, &header, force, false)?;
     let mut state = super::ReadState::new()?;
     for split in [Split::Train, Split::Val] {
         for index in 0..header.split(split).shards(header.windows_per_shard) {
@@ -173,31 +161,7 @@ pub fn build_cache(
         ));
     }
     let header = header_for(teacher, data, opts)?;
-    let what = || format!("cache directory {}", dir.display());
-    if dir.join(super::store::HEADER_FILE).exists() {
-        let old = CacheHeader::read(dir);
-        let same = old.as_ref().is_ok_and(|o| *o == header);
-        if !same {
-            if !opts.force {
-                let why = match &old {
-                    Ok(o) => first_difference(o, &header),
-                    Err(e) => e.to_string(),
-                };
-                return Err(Error::input(
-                    what(),
-                    format!("holds a cache built with other settings or data ({why}); choose another --out or pass --force to replace it"),
-                ));
-            }
-            remove_cache_files(dir)?;
-        }
-    } else if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false) && !opts.force {
-        return Err(Error::input(
-            what(),
-            "exists, is not empty and holds no cache; choose another --out or pass --force",
-        ));
-    }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
-    header.write(dir)?;
+    prepare_destination(dir, &header, opts.force, true)?;
 
     let total = header.train.windows * header.seq_len + header.val.windows * header.seq_len;
     let mut done = 0usize;
@@ -280,6 +244,38 @@ fn first_difference(old: &CacheHeader, new: &CacheHeader) -> String {
         }
     }
     walk("", &o, &n).unwrap_or_else(|| "header differs".into())
+}
+
+/// Makes `dir` ready to receive the cache `header` describes, and writes the header. A cache
+/// with the same header is kept when `resume` (its finished shards are reused); another cache
+/// or other files are refused unless `force`, which removes the cache files first.
+fn prepare_destination(dir: &Path, header: &CacheHeader, force: bool, resume: bool) -> Result<()> {
+    let what = || format!("cache directory {}", dir.display());
+    if dir.join(super::store::HEADER_FILE).exists() {
+        let old = CacheHeader::read(dir);
+        let same = old.as_ref().is_ok_and(|o| o == header);
+        if !(same && resume) {
+            if !force {
+                let why = match &old {
+                    Ok(_) if same => "the same settings".to_string(),
+                    Ok(o) => first_difference(o, header),
+                    Err(e) => e.to_string(),
+                };
+                return Err(Error::input(
+                    what(),
+                    format!("holds a cache built with other settings or data ({why}); choose another --out or pass --force to replace it"),
+                ));
+            }
+            remove_cache_files(dir)?;
+        }
+    } else if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false) && !force {
+        return Err(Error::input(
+            what(),
+            "exists, is not empty and holds no cache; choose another --out or pass --force",
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
+    header.write(dir)
 }
 
 /// Removes the header, shards and leftover temp files of a cache in `dir`.

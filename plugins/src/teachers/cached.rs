@@ -39,7 +39,7 @@ pub struct CachedParams {
 pub struct CachedTeacher {
     store: LogitStore,
     key: String,
-    state: Mutex<Option<ReadState>>,
+    state: Mutex<ReadState>,
 }
 
 impl CachedTeacher {
@@ -48,7 +48,7 @@ impl CachedTeacher {
         Ok(CachedTeacher {
             store: LogitStore::open(path)?,
             key: key.into(),
-            state: Mutex::new(None),
+            state: Mutex::new(ReadState::new()?),
         })
     }
 
@@ -90,16 +90,10 @@ impl Teacher for CachedTeacher {
         let mut ids = Vec::with_capacity(b * t * k_read);
         let mut lps = Vec::with_capacity(b * t * k_read);
         {
-            let mut guard = self
+            let mut state = self
                 .state
                 .lock()
                 .map_err(|_| Error::Runtime("cached teacher: reader state poisoned".into()))?;
-            if guard.is_none() {
-                *guard = Some(ReadState::new()?);
-            }
-            let state = guard
-                .as_mut()
-                .ok_or_else(|| Error::Runtime("cached teacher: no reader state".into()))?;
             for &start in &src.starts {
                 if start % h.seq_len != 0 {
                     return Err(Error::Runtime(format!(
@@ -108,7 +102,7 @@ impl Teacher for CachedTeacher {
                     )));
                 }
                 self.store
-                    .read_window(state, src.split, start / h.seq_len, k_read, &mut ids, &mut lps)?;
+                    .read_window(&mut state, src.split, start / h.seq_len, k_read, &mut ids, &mut lps)?;
             }
         }
         let device = batch.input_ids.device();
