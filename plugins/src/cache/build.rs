@@ -256,14 +256,17 @@ fn prepare_destination(dir: &Path, header: &CacheHeader, force: bool, resume: bo
         let same = old.as_ref().is_ok_and(|o| o == header);
         if !(same && resume) {
             if !force {
-                let why = match &old {
-                    Ok(_) if same => "the same settings".to_string(),
-                    Ok(o) => first_difference(o, header),
-                    Err(e) => e.to_string(),
+                let held = match &old {
+                    Ok(_) if same => "a cache with these settings".to_string(),
+                    Ok(o) => format!(
+                        "a cache built with other settings or data ({})",
+                        first_difference(o, header)
+                    ),
+                    Err(e) => format!("an unreadable cache ({e})"),
                 };
                 return Err(Error::input(
                     what(),
-                    format!("holds a cache built with other settings or data ({why}); choose another --out or pass --force to replace it"),
+                    format!("holds {held}; choose another --out or pass --force to replace it"),
                 ));
             }
             remove_cache_files(dir)?;
