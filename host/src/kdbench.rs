@@ -151,35 +151,17 @@ impl KdStep {
 
     /// One full step; returns the loss value.
     pub fn step(&mut self) -> Result<f64> {
-        let batch = self.batch()?;
-        let none = TapSet::none();
-        let t_out = self.teacher.as_ref().map(|t| t.forward(&batch, &none)).transpose()?;
-        let s_out = self.student.forward(&batch, &none)?;
-        let ctx = StepContext {
-            batch: &batch,
-            student: &s_out,
-            teacher: t_out.as_ref(),
-            progress: Progress::new(0, 1),
-            token_weights: None,
-        };
-        let mut total: Option<Tensor> = None;
-        for (w, term) in &self.terms {
-            let v = (term.compute(&ctx)? * *w)?;
-            total = Some(match total {
-                Some(t) => (t + v)?,
-                None => v,
-            });
-        }
-        let total = total.ok_or_else(|| retort_core::Error::Runtime("no loss terms".into()))?;
-        let store = total.backward()?;
-        let grads = self.opt.collect_grads(&store)?;
-        self.opt.step(grads, 3e-4, 0.0)?;
-        Ok(total.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+        Ok(self.timed_step()?.0)
     }
 
     /// One step like [`KdStep::step`], returning the seconds spent in teacher forward, student
     /// forward, loss, backward and AdamW.
     pub fn phases(&mut self) -> Result<(f64, f64, f64, f64, f64)> {
+        Ok(self.timed_step()?.1)
+    }
+
+    /// One step: the loss value and the seconds of its five phases.
+    fn timed_step(&mut self) -> Result<(f64, (f64, f64, f64, f64, f64))> {
         let batch = self.batch()?;
         let none = TapSet::none();
         let t0 = Instant::now();
@@ -208,10 +190,10 @@ impl KdStep {
         let t4 = Instant::now();
         let grads = self.opt.collect_grads(&store)?;
         self.opt.step(grads, 3e-4, 0.0)?;
-        total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let loss = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let t5 = Instant::now();
         let s = |a: Instant, b: Instant| (b - a).as_secs_f64();
-        Ok((s(t0, t1), s(t1, t2), s(t2, t3), s(t3, t4), s(t4, t5)))
+        Ok((loss, (s(t0, t1), s(t1, t2), s(t2, t3), s(t3, t4), s(t4, t5))))
     }
 
     /// The AdamW update alone (the gradients of one step, reused), for the optimizer bench.
