@@ -76,6 +76,9 @@ pub struct KdStep {
     device: Device,
 }
 
+/// Seconds of one step's teacher forward, student forward, loss, backward and AdamW.
+pub type Phases = (f64, f64, f64, f64, f64);
+
 impl KdStep {
     /// Builds the step with freshly initialised models (seeded).
     pub fn new(shapes: KdShapes, device: &Device) -> Result<Self> {
@@ -156,12 +159,12 @@ impl KdStep {
 
     /// One step like [`KdStep::step`], returning the seconds spent in teacher forward, student
     /// forward, loss, backward and AdamW.
-    pub fn phases(&mut self) -> Result<(f64, f64, f64, f64, f64)> {
+    pub fn phases(&mut self) -> Result<Phases> {
         Ok(self.timed_step()?.1)
     }
 
     /// One step: the loss value and the seconds of its five phases.
-    fn timed_step(&mut self) -> Result<(f64, (f64, f64, f64, f64, f64))> {
+    fn timed_step(&mut self) -> Result<(f64, Phases)> {
         let batch = self.batch()?;
         let none = TapSet::none();
         let t0 = Instant::now();
