@@ -21,7 +21,7 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 struct BiasAdd;
-struct SumRows;
+pub(crate) struct SumRows;
 
 fn fwd_typed<T: Real>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
     let x = slice::<T>(s1, l1, "x")?;

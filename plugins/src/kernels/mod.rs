@@ -51,6 +51,7 @@ pub mod divergence;
 pub mod fastmath;
 pub mod gelu;
 pub mod layer_norm;
+pub mod linear;
 #[cfg(feature = "blas")]
 pub mod matmul;
 pub mod rows;

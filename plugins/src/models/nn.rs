@@ -104,30 +104,54 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// `a @ b` (candle's batched `matmul` semantics): through BLAS (`kernels::matmul`) when the
 /// crate is built with the `blas` feature and both are CPU f32/f64 tensors with equal batch
-/// dims, else candle's `matmul`.
+/// dims; two CPU f32/f64 matrices through the fused linear kernel (`gemm` with AVX-512, the
+/// operands' strides read in place, no zero-filled output); else candle's `matmul`.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "blas")]
     if kernels::matmul::usable(a, b) {
         return kernels::matmul::matmul(a, b);
     }
+    if a.rank() == 2 && b.rank() == 2 && fused_pair(a, b) {
+        return kernels::linear::linear(a, b, None);
+    }
     a.matmul(b)
 }
 
-/// `x @ w + b` with `w` stored `[in, out]` (the GPT-2 `Conv1D` layout), for `x` of any rank;
-/// the bias add is the fused kernel on CPU f32/f64.
-pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// Both tensors can take the fused CPU kernels together (same f32/f64 dtype, CPU).
+fn fused_pair(a: &Tensor, b: &Tensor) -> bool {
+    kernels::fusable(a) && kernels::fusable(b) && a.dtype() == b.dtype()
+}
+
+/// `x @ w + b` with `w` `[in, out]` (any strides: the GPT-2 `Conv1D` layout as stored, or
+/// `W.t()` of a `[out, in]` weight) and `b` optional, for `x` of any rank. On CPU f32/f64 this
+/// is one fused kernel (`kernels::linear`: product and bias together, backward `dx`, `dW`,
+/// `db` in place); elsewhere `matmul` then `broadcast_add`.
+pub fn linear_opt(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (inp, out) = w.dims2()?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = matmul(&x.reshape((rows, inp))?, w)?;
-    let y = if kernels::fusable(&y) && b.dtype() == y.dtype() {
-        kernels::bias::add_bias(&y, b)?
+    let x2 = x.reshape((rows, inp))?;
+    let fused = fused_pair(&x2, w) && b.is_none_or(|b| b.dtype() == w.dtype() && kernels::fusable(b));
+    #[cfg(feature = "blas")]
+    let fused = fused && !kernels::matmul::usable(&x2, w);
+    let y = if fused {
+        kernels::linear::linear(&x2, w, b)?
     } else {
-        y.broadcast_add(b)?
+        let y = matmul(&x2, w)?;
+        match b {
+            Some(b) if kernels::fusable(&y) && b.dtype() == y.dtype() => kernels::bias::add_bias(&y, b)?,
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }
     };
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank >= 1 checked by reshape") = out;
     y.reshape(out_dims)
+}
+
+/// `x @ w + b` with `w` stored `[in, out]` (the GPT-2 `Conv1D` layout); see [`linear_opt`].
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    linear_opt(x, w, Some(b))
 }
 
 /// Additive causal mask `[n, n]`: 0 on and below the diagonal, -inf above.

@@ -39,11 +39,11 @@ impl Linear {
             .last()
             .ok_or_else(|| candle_core::Error::Msg("linear: scalar input".into()))?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((rows, inp))?;
-        let y = match &self.weight {
-            Weight::Dense(w) => crate::models::nn::matmul(&x2, &w.t()?)?,
-            Weight::Quantized(q) => q.forward(&x2)?,
+        let q = match &self.weight {
+            Weight::Dense(w) => return crate::models::nn::linear_opt(x, &w.t()?, self.bias.as_ref()),
+            Weight::Quantized(q) => q,
         };
+        let y = q.forward(&x.reshape((rows, inp))?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

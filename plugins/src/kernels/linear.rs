@@ -1,0 +1,534 @@
+//! Fused linear layer: `y = x W + b` for `x [rows, in]`, `W [in, out]`, `b [out]` (or no
+//! bias), as one candle op with a real backward:
+//!
+//! `dx = dy W^T`, `dW = x^T dy`, `db = sum_rows dy`.
+//!
+//! Every product goes straight to the `gemm` crate (the library candle's own CPU matmul uses,
+//! with its AVX-512 kernels turned on in the workspace) with the operands' strides, so a
+//! transposed weight (`wte.t()` for a tied head, `W^T` in the backward, `x^T` for `dW`) is read
+//! in place and never copied. Against `matmul` followed by the bias kernel this saves, per
+//! layer: zero-filling the output before the product (candle allocates it zeroed), the
+//! separate bias pass over the output (the bias is written first and the product accumulated
+//! onto it), and candle's transposed-operand bookkeeping in the backward. Products run on the
+//! rayon pool through `gemm`'s own row/column split.
+//!
+//! Outputs that the product overwrites entirely are not initialised first.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::bias::SumRows;
+use super::fastmath::Real;
+
+/// `x @ w + b` (`b` optional) for `x [rows, in]` and `w [in, out]` of any strides, f32/f64 on
+/// the CPU (see [`super::fusable`]). The result is a contiguous `[rows, out]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (rows, inp) = x.dims2()?;
+    let (w_in, out) = w.dims2()?;
+    if w_in != inp {
+        bail!("fused linear: x [{rows}, {inp}] @ w [{w_in}, {out}]: inner dims differ")
+    }
+    match b {
+        Some(b) => {
+            if b.dims() != [out] {
+                bail!("fused linear: bias {:?} must be [{out}]", b.dims())
+            }
+            x.apply_op3(w, &b.contiguous()?, Linear)
+        }
+        None => x.apply_op2(w, Linear),
+    }
+}
+
+/// The forward op: `CustomOp3` with a bias, `CustomOp2` without.
+struct Linear;
+/// `dy [rows, out] @ w^T` (args `dy`, `w`).
+struct InputGrad;
+/// `x^T @ dy` (args `x`, `dy`).
+struct WeightGrad;
+
+/// A strided 2-D operand inside a CPU storage: element `(i, j)` is
+/// `data[offset + i * rs + j * cs]`.
+struct Mat<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T: Real> Mat<'a, T> {
+    fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
+        let Some(data) = T::slice(s) else {
+            bail!("fused linear: {what}: expected {:?}, got {:?}", T::DTYPE, s.dtype())
+        };
+        let (dims, stride) = (l.dims(), l.stride());
+        if dims.len() != 2 {
+            bail!("fused linear: {what}: expected a matrix, got shape {dims:?}")
+        }
+        let m = Mat {
+            data,
+            offset: l.start_offset(),
+            rows: dims[0],
+            cols: dims[1],
+            rs: stride[0],
+            cs: stride[1],
+        };
+        // The last element the strides reach must lie inside the storage (checked here, once,
+        // so that the raw-pointer products below stay in bounds).
+        if m.rows > 0 && m.cols > 0 {
+            let last = m.offset + (m.rows - 1) * m.rs + (m.cols - 1) * m.cs;
+            if last >= data.len() {
+                bail!("fused linear: {what}: layout reaches element {last} of {}", data.len())
+            }
+        }
+        Ok(m)
+    }
+
+    /// The transpose, as a view.
+    fn t(&self) -> Self {
+        Mat {
+            data: self.data,
+            offset: self.offset,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst [m, n] = (dst if accumulate) + a [m, k] @ b [k, n]`, `dst` row-major contiguous,
+/// spread over the rayon pool by `gemm`. With `accumulate = false` `dst` is only written, so
+/// it may hold anything (uninitialised memory included) on entry.
+///
+/// # Safety
+/// `dst` must be valid for `a.rows * b.cols` writes (and reads if `accumulate`).
+#[allow(unsafe_code)]
+unsafe fn product_into<T: Real>(dst: *mut T, accumulate: bool, a: &Mat<T>, b: &Mat<T>) {
+    assert_eq!(a.cols, b.rows, "fused linear: inner dims (checked by the callers)");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            // SAFETY: `dst` is valid for m * n writes (the caller's contract).
+            unsafe { std::ptr::write_bytes(dst, 0, m * n) };
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `Mat::of` checked that every element the strides reach lies inside `data`;
+    // `dst` is valid for m * n elements (the caller's contract) with row stride n; `gemm`
+    // does not read `dst` when `read_dst` is false (`dst := beta * a b` then).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr().add(a.offset),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.offset),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// `a @ b` into a fresh row-major vector, first filled with `init` rows when given (the
+/// product is accumulated onto them) and left uninitialised otherwise.
+fn product<T: Real>(a: &Mat<T>, b: &Mat<T>, init: Option<&[T]>) -> Vec<T> {
+    let (m, n) = (a.rows, b.cols);
+    let len = m * n;
+    match init {
+        Some(row) => {
+            debug_assert_eq!(row.len(), n);
+            let mut out = Vec::with_capacity(len);
+            for _ in 0..m {
+                out.extend_from_slice(row);
+            }
+            #[allow(unsafe_code)]
+            // SAFETY: `out` holds exactly m * n initialised elements.
+            unsafe {
+                product_into(out.as_mut_ptr(), true, a, b)
+            };
+            out
+        }
+        None => {
+            let mut out: Vec<T> = Vec::with_capacity(len);
+            #[allow(unsafe_code)]
+            // SAFETY: the capacity is m * n; `product_into` writes all of them without reading
+            // (accumulate = false), after which the length may cover them. `T` is f32/f64,
+            // which have no drop glue.
+            unsafe {
+                product_into(out.as_mut_ptr(), false, a, b);
+                out.set_len(len);
+            }
+            out
+        }
+    }
+}
+
+fn forward<T: Real>(
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    b: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let xm = Mat::<T>::of(x.0, x.1, "x")?;
+    let wm = Mat::<T>::of(w.0, w.1, "w")?;
+    if xm.cols != wm.rows {
+        bail!(
+            "fused linear: x [{}, {}] @ w [{}, {}]",
+            xm.rows,
+            xm.cols,
+            wm.rows,
+            wm.cols
+        )
+    }
+    let bias = match b {
+        Some((s, l)) => {
+            let Some((start, end)) = l.contiguous_offsets() else {
+                bail!("fused linear: bias: expected a contiguous tensor")
+            };
+            let Some(data) = T::slice(s) else {
+                bail!("fused linear: bias: expected {:?}, got {:?}", T::DTYPE, s.dtype())
+            };
+            if end - start != wm.cols {
+                bail!(
+                    "fused linear: bias has {} elements, w has {} columns",
+                    end - start,
+                    wm.cols
+                )
+            }
+            Some(&data[start..end])
+        }
+        None => None,
+    };
+    let out = product(&xm, &wm, bias);
+    Ok((T::storage(out), Shape::from((xm.rows, wm.cols))))
+}
+
+/// Runs the f32 or f64 body for two storages of one of those dtypes.
+fn dispatch2(
+    name: &str,
+    s1: &CpuStorage,
+    s2: &CpuStorage,
+    f32_fn: impl FnOnce() -> Result<(CpuStorage, Shape)>,
+    f64_fn: impl FnOnce() -> Result<(CpuStorage, Shape)>,
+) -> Result<(CpuStorage, Shape)> {
+    match (s1, s2) {
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => f32_fn(),
+        (CpuStorage::F64(_), CpuStorage::F64(_)) => f64_fn(),
+        (a, b) => bail!("{name}: unsupported dtypes {:?} and {:?}", a.dtype(), b.dtype()),
+    }
+}
+
+/// The gradients of `y = x w (+ b)` given `dy`: `(dx, dw)`, each only when that argument is
+/// tracked by autograd (the embedding input of a frozen model is not, for instance).
+fn grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = if x.track_op() {
+        Some(dy.apply_op2_no_bwd(w, &InputGrad)?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        Some(x.apply_op2_no_bwd(dy, &WeightGrad)?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                forward::<f32>((s1, l1), (s2, l2), Some((s3, l3)))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                forward::<f64>((s1, l1), (s2, l2), Some((s3, l3)))
+            }
+            (a, b, c) => bail!(
+                "fused-linear: unsupported dtypes {:?}, {:?}, {:?}",
+                a.dtype(),
+                b.dtype(),
+                c.dtype()
+            ),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = grads(x, w, dy)?;
+        let db = if b.track_op() {
+            Some(dy.contiguous()?.apply_op1_no_bwd(&SumRows)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch2(
+            "fused-linear",
+            s1,
+            s2,
+            || forward::<f32>((s1, l1), (s2, l2), None),
+            || forward::<f64>((s1, l1), (s2, l2), None),
+        )
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        grads(x, w, dy)
+    }
+}
+
+fn input_grad<T: Real>(dy: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout)) -> Result<(CpuStorage, Shape)> {
+    let g = Mat::<T>::of(dy.0, dy.1, "dy")?;
+    let wt = Mat::<T>::of(w.0, w.1, "w")?.t();
+    if g.cols != wt.rows {
+        bail!("fused linear backward: dy has {} columns, w has {}", g.cols, wt.rows)
+    }
+    let out = product(&g, &wt, None);
+    Ok((T::storage(out), Shape::from((g.rows, wt.cols))))
+}
+
+fn weight_grad<T: Real>(x: (&CpuStorage, &Layout), dy: (&CpuStorage, &Layout)) -> Result<(CpuStorage, Shape)> {
+    let xt = Mat::<T>::of(x.0, x.1, "x")?.t();
+    let g = Mat::<T>::of(dy.0, dy.1, "dy")?;
+    if xt.cols != g.rows {
+        bail!("fused linear backward: x has {} rows, dy has {}", xt.cols, g.rows)
+    }
+    let out = product(&xt, &g, None);
+    Ok((T::storage(out), Shape::from((xt.rows, g.cols))))
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "fused-linear-dx"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch2(
+            "fused-linear-dx",
+            s1,
+            s2,
+            || input_grad::<f32>((s1, l1), (s2, l2)),
+            || input_grad::<f64>((s1, l1), (s2, l2)),
+        )
+    }
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "fused-linear-dw"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch2(
+            "fused-linear-dw",
+            s1,
+            s2,
+            || weight_grad::<f32>((s1, l1), (s2, l2)),
+            || weight_grad::<f64>((s1, l1), (s2, l2)),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("values")
+    }
+
+    fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        let scale = b.iter().fold(1f64, |m, v| m.max(v.abs()));
+        for (i, (u, v)) in a.iter().zip(b).enumerate() {
+            assert!((u - v).abs() <= tol * scale, "{what}[{i}]: {u} vs {v}");
+        }
+    }
+
+    /// Values and all three gradients against candle's `matmul` + `broadcast_add`, in f64
+    /// and f32, for a plain weight, a transposed (tied-head style) weight, and no bias; the
+    /// input is a strided view (a column slice) to exercise non-contiguous reads.
+    #[test]
+    fn matches_matmul_plus_bias_values_and_gradients() {
+        let dev = Device::Cpu;
+        let (rows, inp, out) = (37, 19, 23);
+        let x_full = Tensor::arange(0f64, (rows * (inp + 3)) as f64, &dev)
+            .and_then(|t| t.reshape((rows, inp + 3)))
+            .and_then(|t| (t * 0.37)?.sin())
+            .expect("x");
+        let w0 = Tensor::arange(0f64, (inp * out) as f64, &dev)
+            .and_then(|t| t.reshape((inp, out)))
+            .and_then(|t| (t * 0.11)?.cos())
+            .expect("w");
+        let b0 = Tensor::arange(0f64, out as f64, &dev)
+            .and_then(|t| (t * 0.7)?.sin())
+            .expect("b");
+        let c0 = Tensor::arange(0f64, (rows * out) as f64, &dev)
+            .and_then(|t| t.reshape((rows, out)))
+            .and_then(|t| (t * 0.05)?.cos())
+            .expect("c");
+        for dtype in [DType::F64, DType::F32] {
+            for (transposed_w, with_bias) in [(false, true), (true, true), (false, false), (true, false)] {
+                let run = |fused: bool| -> Vec<Vec<f64>> {
+                    let xv = Var::from_tensor(&x_full.to_dtype(dtype).expect("d")).expect("x");
+                    let x = xv.as_tensor().narrow(1, 2, inp).expect("narrow");
+                    // Transposed: the weight is stored [out, in] and used as `w.t()`.
+                    let wv = if transposed_w {
+                        Var::from_tensor(
+                            &w0.t()
+                                .and_then(|t| t.contiguous())
+                                .and_then(|t| t.to_dtype(dtype))
+                                .expect("w"),
+                        )
+                    } else {
+                        Var::from_tensor(&w0.to_dtype(dtype).expect("w"))
+                    }
+                    .expect("w");
+                    let w = if transposed_w {
+                        wv.as_tensor().t().expect("t")
+                    } else {
+                        wv.as_tensor().clone()
+                    };
+                    let bv = Var::from_tensor(&b0.to_dtype(dtype).expect("b")).expect("b");
+                    let y = if fused {
+                        linear(&x, &w, with_bias.then(|| bv.as_tensor())).expect("fused")
+                    } else {
+                        let y = x.matmul(&w).expect("mm");
+                        if with_bias {
+                            y.broadcast_add(bv.as_tensor()).expect("add")
+                        } else {
+                            y
+                        }
+                    };
+                    let g = (&y * c0.to_dtype(dtype).expect("d"))
+                        .and_then(|l| l.sum_all())
+                        .and_then(|l| l.backward())
+                        .expect("bwd");
+                    let mut v = vec![
+                        values(&y),
+                        values(g.get(xv.as_tensor()).expect("dx")),
+                        values(g.get(wv.as_tensor()).expect("dw")),
+                    ];
+                    if with_bias {
+                        v.push(values(g.get(bv.as_tensor()).expect("db")));
+                    } else {
+                        assert!(g.get(bv.as_tensor()).is_none(), "no bias, no gradient");
+                    }
+                    v
+                };
+                let (a, c) = (run(true), run(false));
+                let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+                for (k, (p, q)) in a.iter().zip(&c).enumerate() {
+                    assert_close(
+                        &format!("{dtype:?} transposed {transposed_w} bias {with_bias} out {k}"),
+                        p,
+                        q,
+                        tol,
+                    );
+                }
+            }
+        }
+    }
+
+    /// A product that overwrites its output must not read it: a NaN-poisoned destination
+    /// (NaN * 0 is NaN, so any read would show) gives the exact product.
+    #[test]
+    fn overwriting_product_never_reads_the_destination() {
+        let (m, k, n) = (70, 33, 41);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32) - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i % 5) as f32) - 2.0).collect();
+        let am = Mat {
+            data: &a,
+            offset: 0,
+            rows: m,
+            cols: k,
+            rs: k,
+            cs: 1,
+        };
+        let bm = Mat {
+            data: &b,
+            offset: 0,
+            rows: k,
+            cols: n,
+            rs: n,
+            cs: 1,
+        };
+        let mut dst = vec![f32::NAN; m * n];
+        #[allow(unsafe_code)]
+        // SAFETY: `dst` holds m * n elements.
+        unsafe {
+            product_into(dst.as_mut_ptr(), false, &am, &bm)
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum();
+                assert_eq!(dst[i * n + j], want, "({i}, {j})");
+            }
+        }
+    }
+
+    /// Shapes that do not fit are refused with a message, not a panic.
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((4, 3), DType::F32, &dev).expect("x");
+        let w = Tensor::zeros((5, 2), DType::F32, &dev).expect("w");
+        let err = linear(&x, &w, None).expect_err("inner dims");
+        assert!(err.to_string().contains("inner dims"), "{err}");
+        let w = Tensor::zeros((3, 2), DType::F32, &dev).expect("w");
+        let b = Tensor::zeros(3, DType::F32, &dev).expect("b");
+        let err = linear(&x, &w, Some(&b)).expect_err("bias");
+        assert!(err.to_string().contains("bias"), "{err}");
+    }
+}
