@@ -16,7 +16,7 @@
 //! code compiled for it (chosen at run time), else in the baseline (SSE2) build.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::fastmath::{row_max, sum, Real};
@@ -117,6 +117,20 @@ fn block<T: Real>(
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if T::DTYPE == candle_core::DType::F32 && avx512_fma() {
+        // The bounds every read and write below stays inside (a failure is a bug here).
+        assert!(n % W == 0 && (R - 1) * lda + k1 <= a.len() && (k1 - 1) * ldb + n <= b.len());
+        assert!((R - 1) * ldc + n <= c.len());
+        let f = |x: &[T]| x.as_ptr() as *const f32;
+        #[allow(unsafe_code)]
+        // SAFETY: T is f32 (checked through its dtype), so the casts keep the element type;
+        // the CPU has AVX-512F and FMA (checked); the asserts above bound every access.
+        unsafe {
+            block_f32_avx512(f(a), lda, f(b), ldb, (k0, k1), n, c.as_mut_ptr() as *mut f32, ldc, alpha.to_f64() as f32)
+        };
+        return;
+    }
     let (a0, a1, a2, a3) = (
         &a[k0..k1],
         &a[lda + k0..lda + k1],
@@ -139,6 +153,74 @@ fn block<T: Real>(
         for (r, acc) in acc.iter().enumerate() {
             for (o, &v) in c[r * ldc + jc..r * ldc + jc + W].iter_mut().zip(acc) {
                 *o = v * alpha;
+            }
+        }
+    }
+}
+
+/// Whether the CPU runs AVX-512F with FMA (std caches the detection).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn avx512_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// [`block`] for f32 with AVX-512 FMA intrinsics: LLVM does not contract the generic loop's
+/// `acc + x * b` into fused multiply-adds (Rust forbids it), which doubled its instruction
+/// count. Two `R x 16` accumulator blocks (32 columns) per pass where `n` allows, so each
+/// broadcast of `a` feeds two FMAs.
+///
+/// # Safety
+/// The CPU must have AVX-512F and FMA; rows `0..R` of `a` (leading dim `lda`) must be readable
+/// at columns `k0..k1`, rows `k0..k1` of `b` (`ldb`) at columns `0..n`, rows `0..R` of `c`
+/// (`ldc`) writable at columns `0..n`; `n` a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+unsafe fn block_f32_avx512(
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    (k0, k1): (usize, usize),
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+) {
+    use std::arch::x86_64::*;
+    let al = _mm512_set1_ps(alpha);
+    let mut jc = 0;
+    // SAFETY (all pointer reads/writes): inside the bounds of the function's contract.
+    unsafe {
+        while jc + 2 * W <= n {
+            let mut acc = [_mm512_setzero_ps(); 2 * R];
+            for kk in k0..k1 {
+                let bp = b.add(kk * ldb + jc);
+                let (b0, b1) = (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(W)));
+                for r in 0..R {
+                    let x = _mm512_set1_ps(*a.add(r * lda + kk));
+                    acc[2 * r] = _mm512_fmadd_ps(x, b0, acc[2 * r]);
+                    acc[2 * r + 1] = _mm512_fmadd_ps(x, b1, acc[2 * r + 1]);
+                }
+            }
+            for r in 0..R {
+                let cp = c.add(r * ldc + jc);
+                _mm512_storeu_ps(cp, _mm512_mul_ps(acc[2 * r], al));
+                _mm512_storeu_ps(cp.add(W), _mm512_mul_ps(acc[2 * r + 1], al));
+            }
+            jc += 2 * W;
+        }
+        if jc < n {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for kk in k0..k1 {
+                let b0 = _mm512_loadu_ps(b.add(kk * ldb + jc));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * lda + kk)), b0, *acc);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(c.add(r * ldc + jc), _mm512_mul_ps(*acc, al));
             }
         }
     }
@@ -464,6 +546,165 @@ impl CustomOp2 for AttentionBwd {
     }
 }
 
+/// Causal attention read straight from a fused projection `qkv [B, T, (H + 2 H_kv) d]` (per
+/// token: the `H` query heads, then the `H_kv` key heads, then the value heads, `d` wide each),
+/// returned as `[B, T, H d]`: the same result as [`causal_attention`] on the `q`, `k`, `v`
+/// views of `qkv`, as one graph node. Its gradient is one `[B, T, (H + 2 H_kv) d]` tensor, so
+/// the backward accumulates no per-view zero-padded gradients (candle turns each `narrow`/`get`
+/// of a view into a full-size zeroed tensor plus an add).
+pub fn causal_attention_packed(qkv: &Tensor, heads: usize, kv_heads: usize, scale: f64) -> Result<Tensor> {
+    let (_, _, w) = qkv.dims3()?;
+    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || w % (heads + 2 * kv_heads) != 0 {
+        bail!(
+            "causal attention: qkv {:?} cannot hold {heads} query and 2 x {kv_heads} key/value heads of one width",
+            qkv.dims()
+        )
+    }
+    qkv.contiguous()?.apply_op1(Packed { heads, kv_heads, scale })
+}
+
+/// The packed op: sizes of the heads in the last dim of `qkv`.
+struct Packed {
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+}
+
+impl Packed {
+    /// The `q`, `k`, `v` views of a contiguous `qkv` layout, the sizes, and the batch.
+    fn views(&self, l: &Layout) -> (View, View, View, Dims, usize) {
+        let dims = l.dims();
+        let (batch, t, w) = (dims[0], dims[1], dims[2]);
+        let d = w / (self.heads + 2 * self.kv_heads);
+        let at = |off: usize| View {
+            start: l.start_offset() + off,
+            sb: t * w,
+            sh: d,
+            st: w,
+        };
+        let dm = Dims {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            t,
+            d,
+        };
+        (
+            at(0),
+            at(self.heads * d),
+            at((self.heads + self.kv_heads) * d),
+            dm,
+            batch,
+        )
+    }
+
+    fn fwd<T: Real>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = storage_of::<T>(s)?;
+        let (q, k, v, dm, batch) = self.views(l);
+        let mut out = vec![T::ZERO; batch * dm.t * dm.heads * dm.d];
+        if !out.is_empty() {
+            let scale = T::from_f64(self.scale);
+            out.par_chunks_mut(dm.t * dm.heads * dm.d)
+                .enumerate()
+                .for_each(|(b, o)| fwd_seq_any((x, x, x), (q, k, v), dm, scale, b, o));
+        }
+        Ok((T::storage(out), Shape::from((batch, dm.t, dm.heads * dm.d))))
+    }
+}
+
+impl CustomOp1 for Packed {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        match s {
+            CpuStorage::F32(_) => self.fwd::<f32>(s, l),
+            CpuStorage::F64(_) => self.fwd::<f64>(s, l),
+            other => bail!("causal attention: unsupported dtype {:?}", other.dtype()),
+        }
+    }
+
+    fn bwd(&self, qkv: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let op = PackedBwd {
+            qkv: qkv.detach(),
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            scale: self.scale,
+        };
+        Ok(Some(y.detach().apply_op2_no_bwd(&dy.contiguous()?, &op)?))
+    }
+}
+
+/// The packed backward: holds `qkv`, takes `(y, dy)`, returns `d qkv` in `qkv`'s layout.
+struct PackedBwd {
+    qkv: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+}
+
+impl PackedBwd {
+    fn run<T: Real>(&self, y: &[T], dy: &[T]) -> Result<(CpuStorage, Shape)> {
+        let (s, l) = self.qkv.storage_and_layout();
+        let Storage::Cpu(s) = &*s else {
+            bail!("causal attention backward: expected a CPU tensor")
+        };
+        let x = storage_of::<T>(s)?;
+        let packed = Packed {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            scale: self.scale,
+        };
+        let (q, k, v, dm, batch) = packed.views(l);
+        let Dims { heads, kv_heads, t, d } = dm;
+        let w = (heads + 2 * kv_heads) * d;
+        let mut out = vec![T::ZERO; batch * t * w];
+        if !out.is_empty() {
+            let scale = T::from_f64(self.scale);
+            out.par_chunks_mut(t * w).enumerate().for_each(|(b, o)| {
+                // One sequence's gradients in the per-head layout of the unpacked kernel, then
+                // moved beside each other per token.
+                let mut dq = vec![T::ZERO; heads * t * d];
+                let mut dk = vec![T::ZERO; kv_heads * t * d];
+                let mut dv = vec![T::ZERO; kv_heads * t * d];
+                bwd_seq_any((x, x, x), (q, k, v), y, dy, dm, scale, b, (&mut dq, &mut dk, &mut dv));
+                for ti in 0..t {
+                    let row = &mut o[ti * w..(ti + 1) * w];
+                    for h in 0..heads {
+                        row[h * d..(h + 1) * d].copy_from_slice(&dq[(h * t + ti) * d..][..d]);
+                    }
+                    for g in 0..kv_heads {
+                        let (ko, vo) = ((heads + g) * d, (heads + kv_heads + g) * d);
+                        row[ko..ko + d].copy_from_slice(&dk[(g * t + ti) * d..][..d]);
+                        row[vo..vo + d].copy_from_slice(&dv[(g * t + ti) * d..][..d]);
+                    }
+                }
+            });
+        }
+        Ok((T::storage(out), l.shape().clone()))
+    }
+}
+
+impl CustomOp2 for PackedBwd {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention-qkv-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.run::<f32>(
+                super::rows::slice(s1, l1, "attention output")?,
+                super::rows::slice(s2, l2, "attention grad")?,
+            ),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => self.run::<f64>(
+                super::rows::slice(s1, l1, "attention output")?,
+                super::rows::slice(s2, l2, "attention grad")?,
+            ),
+            _ => bail!("causal attention backward: unsupported dtypes"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,7 +730,8 @@ mod tests {
         let c0 = Tensor::from_vec(cs, (b, t, heads * d), &Device::Cpu).expect("c");
         let scale = 1.0 / (d as f64).sqrt();
         for dtype in [DType::F64, DType::F32] {
-            let run = |fused: bool| -> (Vec<f64>, Vec<f64>) {
+            // 0: the fused kernel on q/k/v views, 1: the packed kernel on qkv, 2: composite.
+            let run = |mode: u8| -> (Vec<f64>, Vec<f64>) {
                 let x = Var::from_tensor(&x0.to_dtype(dtype).expect("d")).expect("v");
                 let split = |from: usize, n: usize| {
                     x.as_tensor()
@@ -499,8 +741,10 @@ mod tests {
                         .expect("view")
                 };
                 let (q, k, v) = (split(0, heads), split(heads, kv), split(heads + kv, kv));
-                let y = if fused {
+                let y = if mode == 0 {
                     causal_attention(&q, &k, &v, scale).expect("fused")
+                } else if mode == 1 {
+                    causal_attention_packed(x.as_tensor(), heads, kv, scale).expect("packed")
                 } else {
                     // Repeat each key/value head for its group of query heads.
                     let rep = |z: &Tensor| {
@@ -519,11 +763,16 @@ mod tests {
                     .expect("bwd");
                 (flat(&y), flat(g.get(x.as_tensor()).expect("grad")))
             };
-            let ((fy, fg), (cy, cg)) = (run(true), run(false));
+            let ((fy, fg), (py, pg), (cy, cg)) = (run(0), run(1), run(2));
             // Reference: the composite's values; 1e-5 relative in f32 (1e-10 in f64), on a scale
             // of the largest magnitude so that entries near zero compare absolutely.
             let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
-            for (what, f, c) in [("y", &fy, &cy), ("dx", &fg, &cg)] {
+            for (what, f, c) in [
+                ("y", &fy, &cy),
+                ("dx", &fg, &cg),
+                ("packed y", &py, &cy),
+                ("packed dx", &pg, &cg),
+            ] {
                 let big = c.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
                 for i in 0..f.len() {
                     assert!(
@@ -569,5 +818,13 @@ mod tests {
         assert_eq!(&y0[..4], &v0[..4]);
         let k = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &dev).expect("k");
         assert!(causal_attention(&q, &k, &k, 0.5).is_err());
+        // 4 query + 2 x 2 key/value heads need a width divisible by 8.
+        let qkv = Tensor::zeros((2, 5, 12), DType::F32, &dev).expect("qkv");
+        let err = causal_attention_packed(&qkv, 4, 2, 0.5).expect_err("width");
+        assert!(err.to_string().contains("cannot hold"), "{err}");
+        assert!(
+            causal_attention_packed(&qkv, 4, 3, 0.5).is_err(),
+            "kv heads must divide heads"
+        );
     }
 }

@@ -20,14 +20,22 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use super::bias::SumRows;
 use super::fastmath::Real;
 
-/// `x @ w + b` (`b` optional) for `x [rows, in]` and `w [in, out]` of any strides, f32/f64 on
-/// the CPU (see [`super::fusable`]). The result is a contiguous `[rows, out]`.
+/// `x @ w + b` (`b` optional) for `x [.., in]` of any rank >= 1 whose leading dims fold into
+/// rows without a copy (any contiguous tensor, a column slice, ...; others are made
+/// contiguous) and `w [in, out]` of any strides, f32/f64 on the CPU (see
+/// [`super::fusable`]). The result is a contiguous `[.., out]`: no reshape nodes are added to
+/// the graph, so the backward accumulates no extra full-size gradients.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let (rows, inp) = x.dims2()?;
+    let inp = x.dims().last().copied().unwrap_or(0);
     let (w_in, out) = w.dims2()?;
-    if w_in != inp {
-        bail!("fused linear: x [{rows}, {inp}] @ w [{w_in}, {out}]: inner dims differ")
+    if x.rank() == 0 || w_in != inp {
+        bail!("fused linear: x {:?} @ w [{w_in}, {out}]: inner dims differ", x.dims())
     }
+    let x = if rows_fold(x.layout()) {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
     match b {
         Some(b) => {
             if b.dims() != [out] {
@@ -37,6 +45,35 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         }
         None => x.apply_op2(w, Linear),
     }
+}
+
+/// Whether the leading dims of `l` fold into one row dim (each stride is the next one times
+/// the next dim, ignoring dims of size 1).
+fn rows_fold(l: &Layout) -> bool {
+    let (dims, stride) = (l.dims(), l.stride());
+    let r = dims.len();
+    if r <= 2 {
+        return true;
+    }
+    let mut expect = stride[r - 2];
+    let mut size = dims[r - 2];
+    for i in (0..r - 2).rev() {
+        expect *= size;
+        if dims[i] > 1 && stride[i] != expect {
+            return false;
+        }
+        size = dims[i];
+    }
+    true
+}
+
+/// `shape` with its last dim replaced by `last`.
+fn with_last(dims: &[usize], last: usize) -> Shape {
+    let mut d = dims.to_vec();
+    if let Some(l) = d.last_mut() {
+        *l = last;
+    }
+    Shape::from(d)
 }
 
 /// The forward op: `CustomOp3` with a bias, `CustomOp2` without.
@@ -58,21 +95,26 @@ struct Mat<'a, T> {
 }
 
 impl<'a, T: Real> Mat<'a, T> {
+    /// The `[rows, last dim]` matrix of a tensor whose leading dims fold into rows (see
+    /// [`rows_fold`]); a vector is one row.
     fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
         let Some(data) = T::slice(s) else {
             bail!("fused linear: {what}: expected {:?}, got {:?}", T::DTYPE, s.dtype())
         };
         let (dims, stride) = (l.dims(), l.stride());
-        if dims.len() != 2 {
-            bail!("fused linear: {what}: expected a matrix, got shape {dims:?}")
+        let r = dims.len();
+        if r == 0 || !rows_fold(l) {
+            bail!("fused linear: {what}: expected rows of a matrix, got shape {dims:?} strides {stride:?}")
         }
+        let rows = dims[..r - 1].iter().product();
+        let rs = if r >= 2 { stride[r - 2] } else { 0 };
         let m = Mat {
             data,
             offset: l.start_offset(),
-            rows: dims[0],
-            cols: dims[1],
-            rs: stride[0],
-            cs: stride[1],
+            rows,
+            cols: dims[r - 1],
+            rs,
+            cs: stride[r - 1],
         };
         // The last element the strides reach must lie inside the storage (checked here, once,
         // so that the raw-pointer products below stay in bounds).
@@ -222,7 +264,7 @@ fn forward<T: Real>(
         None => None,
     };
     let out = product(&xm, &wm, bias);
-    Ok((T::storage(out), Shape::from((xm.rows, wm.cols))))
+    Ok((T::storage(out), with_last(x.1.dims(), wm.cols)))
 }
 
 /// Runs the f32 or f64 body for two storages of one of those dtypes.
@@ -331,7 +373,7 @@ fn input_grad<T: Real>(dy: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout)) ->
         bail!("fused linear backward: dy has {} columns, w has {}", g.cols, wt.rows)
     }
     let out = product(&g, &wt, None);
-    Ok((T::storage(out), Shape::from((g.rows, wt.cols))))
+    Ok((T::storage(out), with_last(dy.1.dims(), wt.cols)))
 }
 
 fn weight_grad<T: Real>(x: (&CpuStorage, &Layout), dy: (&CpuStorage, &Layout)) -> Result<(CpuStorage, Shape)> {
@@ -479,6 +521,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A `[2, 3, in]` input gives the rows of the `[6, in]` product, and its gradient comes
+    /// back in the input's shape.
+    #[test]
+    fn batched_input_folds_into_rows() {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 2.0 * 3.0 * 5.0, &dev)
+            .and_then(|t| t.reshape((2, 3, 5)))
+            .expect("x");
+        let x = Var::from_tensor(&(x * 0.1).expect("s")).expect("var");
+        let w = Tensor::arange(0f32, 5.0 * 4.0, &dev)
+            .and_then(|t| t.reshape((5, 4)))
+            .expect("w");
+        let y = linear(x.as_tensor(), &w, None).expect("y");
+        assert_eq!(y.dims(), [2, 3, 4]);
+        let flat = x.as_tensor().reshape((6, 5)).and_then(|x| x.matmul(&w)).expect("mm");
+        assert_close("values", &values(&y), &values(&flat), 1e-6);
+        let g = y.sum_all().and_then(|l| l.backward()).expect("bwd");
+        let dx = g.get(x.as_tensor()).expect("dx");
+        assert_eq!(dx.dims(), [2, 3, 5]);
+        let want = Tensor::ones((6, 4), DType::F32, &dev)
+            .and_then(|o| o.matmul(&w.t()?))
+            .expect("want");
+        assert_close("dx", &values(dx), &values(&want), 1e-6);
     }
 
     /// A product that overwrites its output must not read it: a NaN-poisoned destination

@@ -127,22 +127,21 @@ fn fused_pair(a: &Tensor, b: &Tensor) -> bool {
 /// is one fused kernel (`kernels::linear`: product and bias together, backward `dx`, `dW`,
 /// `db` in place); elsewhere `matmul` then `broadcast_add`.
 pub fn linear_opt(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let fused = fused_pair(x, w) && b.is_none_or(|b| b.dtype() == w.dtype() && kernels::fusable(b));
+    #[cfg(feature = "blas")]
+    let fused = fused && !kernels::matmul::usable(x, w);
+    if fused {
+        // Any rank: the kernel folds the leading dims itself (no reshape nodes).
+        return kernels::linear::linear(x, w, b);
+    }
     let dims = x.dims().to_vec();
     let (inp, out) = w.dims2()?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let x2 = x.reshape((rows, inp))?;
-    let fused = fused_pair(&x2, w) && b.is_none_or(|b| b.dtype() == w.dtype() && kernels::fusable(b));
-    #[cfg(feature = "blas")]
-    let fused = fused && !kernels::matmul::usable(&x2, w);
-    let y = if fused {
-        kernels::linear::linear(&x2, w, b)?
-    } else {
-        let y = matmul(&x2, w)?;
-        match b {
-            Some(b) if kernels::fusable(&y) && b.dtype() == y.dtype() => kernels::bias::add_bias(&y, b)?,
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        }
+    let y = matmul(&x.reshape((rows, inp))?, w)?;
+    let y = match b {
+        Some(b) if kernels::fusable(&y) && b.dtype() == y.dtype() => kernels::bias::add_bias(&y, b)?,
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
     };
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank >= 1 checked by reshape") = out;

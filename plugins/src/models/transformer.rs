@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use retort_core::{fsutil, Batch, Error, Model, ModelInfo, Outputs, Params, Result, Student, TapSet};
 
 use super::nn::{causal_attention, causal_mask, causal_softmax, gelu, layer_norm, linear, matmul};
+use crate::kernels;
 
 /// Activation of the MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -418,28 +419,33 @@ impl Transformer {
         let hd = d / nh;
         let eps = self.cfg.layer_norm_eps;
         let h = self.norm(x, &blk.ln_1, eps)?;
-        let qkv = linear(&h, &blk.c_attn.0, &blk.c_attn.1)?
-            .reshape((b, t, 3, nh, hd))?
-            .permute((2, 0, 3, 1, 4))?;
+        let qkv = linear(&h, &blk.c_attn.0, &blk.c_attn.1)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        let (y, probs) = if !want_attn && !self.is_half() {
-            // The fused kernel on CPU f32/f64 (q, k, v read in place from qkv), else composite.
-            let y = causal_attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale, &mask)?;
-            (y, None)
+        let (y, probs) = if !want_attn && !self.is_half() && kernels::fusable(&qkv) {
+            // One fused node reading q, k, v in place from the projection (CPU f32/f64).
+            (kernels::attention::causal_attention_packed(&qkv, nh, nh, scale)?, None)
         } else {
-            let q = (qkv.get(0)? * scale)?.contiguous()?;
-            let k = qkv.get(1)?.contiguous()?;
-            let v = qkv.get(2)?.contiguous()?;
-            let scores = matmul(&q, &k.t()?)?;
-            let probs = if self.is_half() {
-                // Reductions in f32 for a half-precision teacher.
-                causal_softmax(&scores.to_dtype(DType::F32)?, &mask.to_dtype(DType::F32)?)?.to_dtype(self.cfg.dtype)?
+            let qkv = qkv.reshape((b, t, 3, nh, hd))?.permute((2, 0, 3, 1, 4))?;
+            let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
+            if !want_attn && !self.is_half() {
+                // Off the CPU: the composite (device-generic) attention.
+                let y = causal_attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale, &mask)?;
+                (y, None)
             } else {
-                causal_softmax(&scores, &mask)?
-            };
-            let y = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, t, d))?;
-            (y, Some(probs))
+                let q = (qkv.get(0)? * scale)?.contiguous()?;
+                let k = qkv.get(1)?.contiguous()?;
+                let v = qkv.get(2)?.contiguous()?;
+                let scores = matmul(&q, &k.t()?)?;
+                let probs = if self.is_half() {
+                    // Reductions in f32 for a half-precision teacher.
+                    causal_softmax(&scores.to_dtype(DType::F32)?, &mask.to_dtype(DType::F32)?)?
+                        .to_dtype(self.cfg.dtype)?
+                } else {
+                    causal_softmax(&scores, &mask)?
+                };
+                let y = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, t, d))?;
+                (y, Some(probs))
+            }
         };
         let x = (x + linear(&y, &blk.attn_proj.0, &blk.attn_proj.1)?)?;
         let h = self.norm(&x, &blk.ln_2, eps)?;
