@@ -595,7 +595,8 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
             let tok_s = (tokens_at(done) - tokens_at(first_step)) as f64 / elapsed.max(1e-9);
             bar.set_position(done as u64);
             bar.set_message(format!("loss {total_value:.4} | {tok_s:.0} tok/s"));
-            if train.log_every > 0 && (done % train.log_every == 0 || done == total_steps || done == stage_end) {
+            if train.log_every > 0 && (done.is_multiple_of(train.log_every) || done == total_steps || done == stage_end)
+            {
                 let term_values: serde_json::Map<String, serde_json::Value> = names
                     .iter()
                     .zip(&mean_values)
@@ -630,7 +631,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
                     }),
                 )?;
             }
-            let eval_due = train.eval_every > 0 && done % train.eval_every == 0 && done != total_steps;
+            let eval_due = train.eval_every > 0 && done.is_multiple_of(train.eval_every) && done != total_steps;
             // This step's evaluation, shared by the periodic record and the stage end.
             let mut evaluated: Option<EvalResult> = None;
             if eval_due {
@@ -688,7 +689,7 @@ pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn
             }
             let checkpoint_due = match &checkpoints {
                 Some(p) => {
-                    (p.every > 0 && done % p.every == 0 && done != total_steps)
+                    (p.every > 0 && done.is_multiple_of(p.every) && done != total_steps)
                         || (done == stage_end && si + 1 < stages.len())
                 }
                 None => false,

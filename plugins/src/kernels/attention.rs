@@ -120,14 +120,24 @@ fn block<T: Real>(
     #[cfg(target_arch = "x86_64")]
     if T::DTYPE == candle_core::DType::F32 && avx512_fma() {
         // The bounds every read and write below stays inside (a failure is a bug here).
-        assert!(n % W == 0 && (R - 1) * lda + k1 <= a.len() && (k1 - 1) * ldb + n <= b.len());
+        assert!(n.is_multiple_of(W) && (R - 1) * lda + k1 <= a.len() && (k1 - 1) * ldb + n <= b.len());
         assert!((R - 1) * ldc + n <= c.len());
         let f = |x: &[T]| x.as_ptr() as *const f32;
         #[allow(unsafe_code)]
         // SAFETY: T is f32 (checked through its dtype), so the casts keep the element type;
         // the CPU has AVX-512F and FMA (checked); the asserts above bound every access.
         unsafe {
-            block_f32_avx512(f(a), lda, f(b), ldb, (k0, k1), n, c.as_mut_ptr() as *mut f32, ldc, alpha.to_f64() as f32)
+            block_f32_avx512(
+                f(a),
+                lda,
+                f(b),
+                ldb,
+                (k0, k1),
+                n,
+                c.as_mut_ptr() as *mut f32,
+                ldc,
+                alpha.to_f64() as f32,
+            )
         };
         return;
     }
@@ -554,7 +564,7 @@ impl CustomOp2 for AttentionBwd {
 /// of a view into a full-size zeroed tensor plus an add).
 pub fn causal_attention_packed(qkv: &Tensor, heads: usize, kv_heads: usize, scale: f64) -> Result<Tensor> {
     let (_, _, w) = qkv.dims3()?;
-    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || w % (heads + 2 * kv_heads) != 0 {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || w % (heads + 2 * kv_heads) != 0 {
         bail!(
             "causal attention: qkv {:?} cannot hold {heads} query and 2 x {kv_heads} key/value heads of one width",
             qkv.dims()
