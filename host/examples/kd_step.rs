@@ -8,7 +8,8 @@
 //! The reference shapes can be changed for cost-growth measurements with `KD_BATCH`, `KD_BLOCK`,
 //! `KD_VOCAB`, `KD_TEACHER_WIDTH` and `KD_STUDENT_WIDTH` (layers stay 4 and 2, heads 4).
 //! `KD_MODE=train` times the reference script's `train` mode instead (the teacher trained
-//! alone with cross-entropy; printed as `TRAIN params=...`).
+//! alone with cross-entropy; printed as `TRAIN params=...`); `KD_MODE=teacher` times the
+//! teacher's forward pass alone (`TEACHER-FWD`).
 
 use anyhow::Result;
 use candle_core::Device;
@@ -33,7 +34,29 @@ fn main() -> Result<()> {
     if let Some(v) = env("KD_STUDENT_WIDTH")? {
         shapes.student.1 = v;
     }
-    let train = std::env::var("KD_MODE").is_ok_and(|m| m == "train");
+    let mode = std::env::var("KD_MODE").unwrap_or_default();
+    if mode == "teacher" {
+        // The teacher's forward alone (frozen, no graph), 3 warm-up passes.
+        let mut step = KdStep::new(shapes, &Device::Cpu)?;
+        let mut times = Vec::new();
+        for i in 0..steps + 3 {
+            let t = step.teacher_forward()?.unwrap_or(f64::NAN);
+            if i >= 3 {
+                times.push(t);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        println!(
+            "retort TEACHER-FWD B={} T={} median {:.1} ms/step {:.0} tok/s",
+            shapes.batch,
+            shapes.block,
+            median * 1e3,
+            (shapes.batch * shapes.block) as f64 / median
+        );
+        return Ok(());
+    }
+    let train = mode == "train";
     let mut step = if train {
         KdStep::new_train(shapes, &Device::Cpu)?
     } else {

@@ -152,6 +152,18 @@ impl KdStep {
         })
     }
 
+    /// The teacher's forward pass alone on a fresh batch (the KD step's first phase, frozen
+    /// weights, no graph); returns its seconds. `None` in the teacher-training mode.
+    pub fn teacher_forward(&mut self) -> Result<Option<f64>> {
+        let batch = self.batch()?;
+        let Some(teacher) = &self.teacher else { return Ok(None) };
+        let start = Instant::now();
+        let out = teacher.forward(&batch, &TapSet::none())?;
+        // Read one value back, as the step reads its loss.
+        out.logits.flatten_all()?.get(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok(Some(start.elapsed().as_secs_f64()))
+    }
+
     /// One full step; returns the loss value.
     pub fn step(&mut self) -> Result<f64> {
         Ok(self.timed_step()?.0)
