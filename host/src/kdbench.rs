@@ -160,7 +160,11 @@ impl KdStep {
         let start = Instant::now();
         let out = teacher.forward(&batch, &TapSet::none())?;
         // Read one value back, as the step reads its loss.
-        out.logits.flatten_all()?.get(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        out.logits
+            .flatten_all()?
+            .get(0)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
         Ok(Some(start.elapsed().as_secs_f64()))
     }
 

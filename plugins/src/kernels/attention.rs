@@ -95,14 +95,16 @@ const R: usize = 4;
 /// Columns of one register block (one AVX-512 register of f32); matrices are padded to it.
 const W: usize = 16;
 
-/// `c[r][0..n] = alpha * sum_{k0 <= kk < k1} a[r][kk] b[kk][0..n]` for the `R` rows of `a`
-/// (leading dim `lda`), `b` row-major (`ldb`), `n` a multiple of `W`. The `R x W` accumulators
-/// stay in registers across the `k` loop (the microkernel shape of a GEMM).
+/// `c[r][0..n] = alpha * sum_{k0 <= kk < k1} a[r][kk] b[kk][0..n]` for the `R` rows of `a`,
+/// element `a[r][kk]` at `a[r * lda + kk * ka]` (`ka = 1`: row-major rows; `lda = 1`, `ka` the
+/// leading dim: the rows are columns of a stored matrix, so a transpose is read in place),
+/// `b` row-major (`ldb`), `n` a multiple of `W`. The `R x W` accumulators stay in registers
+/// across the `k` loop (the microkernel shape of a GEMM).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn block<T: Real>(
     a: &[T],
-    lda: usize,
+    (lda, ka): (usize, usize),
     b: &[T],
     ldb: usize,
     (k0, k1): (usize, usize),
@@ -117,11 +119,11 @@ fn block<T: Real>(
         }
         return;
     }
+    // The bounds every read and write below stays inside (a failure is a bug here).
+    assert!(n.is_multiple_of(W) && (R - 1) * lda + (k1 - 1) * ka < a.len() && (k1 - 1) * ldb + n <= b.len());
+    assert!((R - 1) * ldc + n <= c.len());
     #[cfg(target_arch = "x86_64")]
     if T::DTYPE == candle_core::DType::F32 && avx512_fma() {
-        // The bounds every read and write below stays inside (a failure is a bug here).
-        assert!(n.is_multiple_of(W) && (R - 1) * lda + k1 <= a.len() && (k1 - 1) * ldb + n <= b.len());
-        assert!((R - 1) * ldc + n <= c.len());
         let f = |x: &[T]| x.as_ptr() as *const f32;
         #[allow(unsafe_code)]
         // SAFETY: T is f32 (checked through its dtype), so the casts keep the element type;
@@ -129,7 +131,7 @@ fn block<T: Real>(
         unsafe {
             block_f32_avx512(
                 f(a),
-                lda,
+                (lda, ka),
                 f(b),
                 ldb,
                 (k0, k1),
@@ -141,19 +143,11 @@ fn block<T: Real>(
         };
         return;
     }
-    let (a0, a1, a2, a3) = (
-        &a[k0..k1],
-        &a[lda + k0..lda + k1],
-        &a[2 * lda + k0..2 * lda + k1],
-        &a[3 * lda + k0..3 * lda + k1],
-    );
-    let b = &b[k0 * ldb..(k1 - 1) * ldb + n];
     for jc in (0..n).step_by(W) {
         let mut acc = [[T::ZERO; W]; R];
-        let rows = b[jc..].chunks(ldb);
-        for ((((brow, &x0), &x1), &x2), &x3) in rows.zip(a0).zip(a1).zip(a2).zip(a3) {
-            let bv: [T; W] = brow[..W].try_into().expect("W columns");
-            let x = [x0, x1, x2, x3];
+        for kk in k0..k1 {
+            let bv: [T; W] = b[kk * ldb + jc..kk * ldb + jc + W].try_into().expect("W columns");
+            let x = [a[kk * ka], a[lda + kk * ka], a[2 * lda + kk * ka], a[3 * lda + kk * ka]];
             for r in 0..R {
                 for l in 0..W {
                     acc[r][l] = acc[r][l] + x[r] * bv[l];
@@ -181,15 +175,15 @@ fn avx512_fma() -> bool {
 /// broadcast of `a` feeds two FMAs.
 ///
 /// # Safety
-/// The CPU must have AVX-512F and FMA; rows `0..R` of `a` (leading dim `lda`) must be readable
-/// at columns `k0..k1`, rows `k0..k1` of `b` (`ldb`) at columns `0..n`, rows `0..R` of `c`
-/// (`ldc`) writable at columns `0..n`; `n` a multiple of 16.
+/// The CPU must have AVX-512F and FMA; `a[r * lda + kk * ka]` must be readable for rows
+/// `0..R` and `kk` in `k0..k1`, rows `k0..k1` of `b` (`ldb`) at columns `0..n`, rows `0..R` of
+/// `c` (`ldc`) writable at columns `0..n`; `n` a multiple of 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 #[allow(unsafe_code, clippy::too_many_arguments)]
 unsafe fn block_f32_avx512(
     a: *const f32,
-    lda: usize,
+    (lda, ka): (usize, usize),
     b: *const f32,
     ldb: usize,
     (k0, k1): (usize, usize),
@@ -209,7 +203,7 @@ unsafe fn block_f32_avx512(
                 let bp = b.add(kk * ldb + jc);
                 let (b0, b1) = (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(W)));
                 for r in 0..R {
-                    let x = _mm512_set1_ps(*a.add(r * lda + kk));
+                    let x = _mm512_set1_ps(*a.add(r * lda + kk * ka));
                     acc[2 * r] = _mm512_fmadd_ps(x, b0, acc[2 * r]);
                     acc[2 * r + 1] = _mm512_fmadd_ps(x, b1, acc[2 * r + 1]);
                 }
@@ -226,7 +220,7 @@ unsafe fn block_f32_avx512(
             for kk in k0..k1 {
                 let b0 = _mm512_loadu_ps(b.add(kk * ldb + jc));
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * lda + kk)), b0, *acc);
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * lda + kk * ka)), b0, *acc);
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
@@ -314,9 +308,9 @@ fn fwd_seq<T: Real>(x: (&[T], &[T], &[T]), views: (View, View, View), dm: Dims, 
         for i0 in (0..t).step_by(R) {
             let live = (i0 + R).min(t);
             let n = pad(live);
-            block(&qs[i0 * dp..], dp, &kt, tp, (0, d), n, &mut s, tp, scale);
+            block(&qs[i0 * dp..], (dp, 1), &kt, tp, (0, d), n, &mut s, tp, scale);
             let inv = softmax_rows(&mut s, tp, i0, t, n, false);
-            block(&s, tp, &vs, dp, (0, live), dp, &mut y, dp, T::ONE);
+            block(&s, (tp, 1), &vs, dp, (0, live), dp, &mut y, dp, T::ONE);
             for r in 0..(live - i0) {
                 let o = &mut out[(i0 + r) * heads * d + h * d..][..d];
                 for (o, &y) in o.iter_mut().zip(&y[r * dp..r * dp + d]) {
@@ -350,10 +344,8 @@ fn bwd_seq<T: Real>(
     let mut ks = vec![T::ZERO; tp * dp]; // [tp, dp]
     let mut kt = vec![T::ZERO; dp * tp]; // [d, tp]
     let mut vt = vec![T::ZERO; dp * tp]; // [d, tp]
-    let mut p = vec![T::ZERO; tp * tp]; // probabilities, then P^T
+    let mut p = vec![T::ZERO; tp * tp]; // probabilities
     let mut ds = vec![T::ZERO; tp * tp]; // dP, then dS
-    let mut dst = vec![T::ZERO; tp * tp]; // dS^T
-    let mut pt = vec![T::ZERO; tp * tp]; // P^T
     let mut acc = vec![T::ZERO; R * dp];
     for h in 0..heads {
         let g = h / rep;
@@ -372,10 +364,10 @@ fn bwd_seq<T: Real>(
             let live = (i0 + R).min(t);
             let n = pad(live);
             let pr = &mut p[i0 * tp..(i0 + R) * tp];
-            block(&qs[i0 * dp..], dp, &kt, tp, (0, d), n, pr, tp, scale);
+            block(&qs[i0 * dp..], (dp, 1), &kt, tp, (0, d), n, pr, tp, scale);
             softmax_rows(pr, tp, i0, t, n, true);
             let dr = &mut ds[i0 * tp..(i0 + R) * tp];
-            block(&dys[i0 * dp..], dp, &vt, tp, (0, d), n, dr, tp, T::ONE);
+            block(&dys[i0 * dp..], (dp, 1), &vt, tp, (0, d), n, dr, tp, T::ONE);
             for r in 0..(live - i0) {
                 let i = i0 + r;
                 let at = (b * t + i) * hd + h * d;
@@ -386,13 +378,8 @@ fn bwd_seq<T: Real>(
                 dr[r * tp + i + 1..r * tp + n].fill(T::ZERO);
             }
         }
-        // Transposes for the key-side products (columns past row i are zero in P and dS).
-        for i in 0..t {
-            for j in 0..=i {
-                pt[j * tp + i] = p[i * tp + j];
-                dst[j * tp + i] = ds[i * tp + j];
-            }
-        }
+        // The key-side products read P and dS transposed in place (`block`'s column mode);
+        // entries past row i's diagonal are zero in both.
         let (dq, dk, dv) = (
             &mut dq[h * t * d..(h + 1) * t * d],
             &mut dk[g * t * d..(g + 1) * t * d],
@@ -401,18 +388,18 @@ fn bwd_seq<T: Real>(
         for i0 in (0..t).step_by(R) {
             let live = (i0 + R).min(t);
             // dq_i = sum_{j <= i} dS_ij k_j.
-            block(&ds[i0 * tp..], tp, &ks, dp, (0, live), dp, &mut acc, dp, T::ONE);
+            block(&ds[i0 * tp..], (tp, 1), &ks, dp, (0, live), dp, &mut acc, dp, T::ONE);
             for r in 0..(live - i0) {
                 dq[(i0 + r) * d..(i0 + r + 1) * d].copy_from_slice(&acc[r * dp..r * dp + d]);
             }
             // dk_j = sum_{i >= j} dS_ij q_i, dv_j = sum_{i >= j} P_ij dy_i (rows j = i0..).
-            block(&dst[i0 * tp..], tp, &qs, dp, (i0, t), dp, &mut acc, dp, T::ONE);
+            block(&ds[i0..], (1, tp), &qs, dp, (i0, t), dp, &mut acc, dp, T::ONE);
             for r in 0..(live - i0) {
                 for (o, &a) in dk[(i0 + r) * d..(i0 + r + 1) * d].iter_mut().zip(&acc[r * dp..]) {
                     *o = *o + a;
                 }
             }
-            block(&pt[i0 * tp..], tp, &dys, dp, (i0, t), dp, &mut acc, dp, T::ONE);
+            block(&p[i0..], (1, tp), &dys, dp, (i0, t), dp, &mut acc, dp, T::ONE);
             for r in 0..(live - i0) {
                 for (o, &a) in dv[(i0 + r) * d..(i0 + r + 1) * d].iter_mut().zip(&acc[r * dp..]) {
                     *o = *o + a;
