@@ -431,7 +431,7 @@ fn fwd_typed<T: Real>(
     let views = (View::of(l.0), View::of(l.1), View::of(l.2));
     let dm = dims_of(l.0, l.1);
     let batch = l.0.dims()[0];
-    let mut out = vec![T::ZERO; batch * dm.t * dm.heads * dm.d];
+    let mut out = super::rows::output_vec(batch * dm.t * dm.heads * dm.d);
     if !out.is_empty() {
         let scale = T::from_f64(scale);
         out.par_chunks_mut(dm.t * dm.heads * dm.d)
@@ -597,7 +597,7 @@ impl Packed {
     fn fwd<T: Real>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = storage_of::<T>(s)?;
         let (q, k, v, dm, batch) = self.views(l);
-        let mut out = vec![T::ZERO; batch * dm.t * dm.heads * dm.d];
+        let mut out = super::rows::output_vec(batch * dm.t * dm.heads * dm.d);
         if !out.is_empty() {
             let scale = T::from_f64(self.scale);
             out.par_chunks_mut(dm.t * dm.heads * dm.d)
@@ -655,7 +655,7 @@ impl PackedBwd {
         let (q, k, v, dm, batch) = packed.views(l);
         let Dims { heads, kv_heads, t, d } = dm;
         let w = (heads + 2 * kv_heads) * d;
-        let mut out = vec![T::ZERO; batch * t * w];
+        let mut out = super::rows::output_vec(batch * t * w);
         if !out.is_empty() {
             let scale = T::from_f64(self.scale);
             out.par_chunks_mut(t * w).enumerate().for_each(|(b, o)| {

@@ -11,7 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 use super::fastmath::{row_max, sum, sum_exp, Real};
-use super::rows::{for_rows, rows_width, slice, slice_u32, with_last};
+use super::rows::{for_rows, output_vec, rows_width, slice, slice_u32, with_last};
 
 const COLS: usize = 2;
 
@@ -98,7 +98,7 @@ fn bwd_typed<T: Real>(eps: f64, st: [Arg; 3]) -> Result<(CpuStorage, Shape)> {
     let aux = slice::<T>(st[2].0, st[2].1, "saved row statistics")?;
     let (_, v) = rows_width(st[0].1.shape())?;
     let w = COLS + 1;
-    let mut out = vec![T::ZERO; z.len()];
+    let mut out = output_vec(z.len());
     for_rows(&mut out, v, v, |r, o| {
         let (lse, g) = (aux[r * w + 1], aux[r * w + COLS]);
         let shift = T::from_f64(eps / v as f64);

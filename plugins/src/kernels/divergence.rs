@@ -21,7 +21,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 use super::fastmath::{reduce2, row_max, Real, BLOCK, LANES};
-use super::rows::{for_rows, rows_width, slice, with_last};
+use super::rows::{for_rows, output_vec, rows_width, slice, with_last};
 
 /// Which divergence.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -238,7 +238,7 @@ fn bwd_typed<T: Real>(op: &DivergenceBwd, st: [(&CpuStorage, &Layout); 3]) -> Re
     let aux = slice::<T>(st[2].0, st[2].1, "saved row statistics")?;
     let (_, v) = rows_width(st[0].1.shape())?;
     let w = COLS + 1;
-    let mut out = vec![T::ZERO; zs.len()];
+    let mut out = output_vec(zs.len());
     let it = T::from_f64(op.inv_t);
     for_rows(&mut out, v, 2 * v, |r, o| {
         bwd_row_any(

@@ -11,7 +11,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use rayon::prelude::*;
 
 use super::fastmath::Real;
-use super::rows::slice;
+use super::rows::{output_vec, slice};
 
 const C: f64 = 0.797_884_560_802_865_4; // sqrt(2 / pi)
 const A: f64 = 0.044_715;
@@ -58,7 +58,7 @@ avx512_dispatch!(fwd_chunk_any, fwd_chunk_avx512, fwd_chunk, (o: &mut [T], x: &[
 avx512_dispatch!(bwd_chunk_any, bwd_chunk_avx512, bwd_chunk, (o: &mut [T], x: &[T], g: &[T]));
 
 fn fwd_typed<T: Real>(x: &[T]) -> Vec<T> {
-    let mut out = vec![T::ZERO; x.len()];
+    let mut out = output_vec(x.len());
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(o, x)| fwd_chunk_any(o, x));
@@ -85,7 +85,7 @@ impl CustomOp1 for GeluFwd {
 }
 
 fn bwd_typed<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
-    let mut out = vec![T::ZERO; x.len()];
+    let mut out = output_vec(x.len());
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
         .for_each(|(o, (x, g))| bwd_chunk_any(o, x, g));

@@ -12,7 +12,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D}
 use rayon::prelude::*;
 
 use super::fastmath::Real;
-use super::rows::{for_rows, rows_width, slice};
+use super::rows::{for_rows, output_vec, rows_width, slice};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dim of `x`; `weight`, `bias`
 /// are `[D]`. f32/f64 on the CPU (see [`super::fusable`]).
@@ -51,7 +51,7 @@ fn fwd_typed<T: Real>(eps: f64, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuS
     let w = slice::<T>(st[1].0, st[1].1, "weight")?;
     let b = slice::<T>(st[2].0, st[2].1, "bias")?;
     let (_, d) = rows_width(st[0].1.shape())?;
-    let mut out = vec![T::ZERO; x.len()];
+    let mut out = output_vec(x.len());
     for_rows(&mut out, d, d, |r, o| {
         let row = &x[r * d..(r + 1) * d];
         let (mu, rs) = stats(row, eps);

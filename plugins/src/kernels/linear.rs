@@ -19,6 +19,8 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 
 use super::bias::SumRows;
 use super::fastmath::Real;
+use super::rows::output_vec;
+use rayon::prelude::*;
 
 /// `x @ w + b` (`b` optional) for `x [.., in]` of any rank >= 1 whose leading dims fold into
 /// rows without a copy (any contiguous tensor, a column slice, ...; others are made
@@ -202,10 +204,12 @@ fn product<T: Real>(a: &Mat<T>, b: &Mat<T>, init: Option<&[T]>) -> Vec<T> {
     match init {
         Some(row) => {
             debug_assert_eq!(row.len(), n);
-            let mut out = Vec::with_capacity(len);
-            for _ in 0..m {
-                out.extend_from_slice(row);
-            }
+            // The bias rows, written on the rayon pool (the first touch of a fresh output's
+            // pages is spread over the cores too).
+            let mut out = output_vec(len);
+            out.par_chunks_mut(n)
+                .with_min_len((16_384 / n.max(1)).max(1))
+                .for_each(|o| o.copy_from_slice(row));
             #[allow(unsafe_code)]
             // SAFETY: `out` holds exactly m * n initialised elements.
             unsafe {
@@ -214,15 +218,13 @@ fn product<T: Real>(a: &Mat<T>, b: &Mat<T>, init: Option<&[T]>) -> Vec<T> {
             out
         }
         None => {
-            let mut out: Vec<T> = Vec::with_capacity(len);
+            let mut out = output_vec(len);
             #[allow(unsafe_code)]
-            // SAFETY: the capacity is m * n; `product_into` writes all of them without reading
-            // (accumulate = false), after which the length may cover them. `T` is f32/f64,
-            // which have no drop glue.
+            // SAFETY: `out` holds m * n elements, all of which `product_into` writes without
+            // reading them (accumulate = false).
             unsafe {
-                product_into(out.as_mut_ptr(), false, a, b);
-                out.set_len(len);
-            }
+                product_into(out.as_mut_ptr(), false, a, b)
+            };
             out
         }
     }

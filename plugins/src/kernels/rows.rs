@@ -41,6 +41,21 @@ pub fn rows_width(shape: &Shape) -> Result<(usize, usize)> {
     Ok((shape.elem_count() / width, width))
 }
 
+/// An output vector of `len` elements that are not initialised: only for kernel outputs every
+/// element of which the kernel writes before anything reads it (the same contract as candle's
+/// own `alloc_uninit` for its CPU outputs). It skips the zero-filling `memset`, which cost as
+/// much as a memory-bound kernel itself and, on fresh pages, faulted them in on one thread.
+pub fn output_vec<T: Real>(len: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    #[allow(unsafe_code)]
+    // SAFETY: the capacity is `len`; `T` is f32 or f64 (plain bits, no drop glue), and the
+    // caller writes every element before reading it (this function's contract).
+    unsafe {
+        v.set_len(len)
+    };
+    v
+}
+
 /// `shape` with its last dim replaced by `width`.
 pub fn with_last(shape: &Shape, width: usize) -> Shape {
     let mut d = shape.dims().to_vec();
