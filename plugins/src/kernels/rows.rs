@@ -45,6 +45,7 @@ pub fn rows_width(shape: &Shape) -> Result<(usize, usize)> {
 /// element of which the kernel writes before anything reads it (the same contract as candle's
 /// own `alloc_uninit` for its CPU outputs). It skips the zero-filling `memset`, which cost as
 /// much as a memory-bound kernel itself and, on fresh pages, faulted them in on one thread.
+#[allow(clippy::uninit_vec)] // The point of the function; see the contract above.
 pub fn output_vec<T: Real>(len: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(len);
     #[allow(unsafe_code)]
