@@ -597,15 +597,95 @@ impl Packed {
     fn fwd<T: Real>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = storage_of::<T>(s)?;
         let (q, k, v, dm, batch) = self.views(l);
-        let mut out = super::rows::output_vec(batch * dm.t * dm.heads * dm.d);
-        if !out.is_empty() {
-            let scale = T::from_f64(self.scale);
-            out.par_chunks_mut(dm.t * dm.heads * dm.d)
-                .enumerate()
-                .for_each(|(b, o)| fwd_seq_any((x, x, x), (q, k, v), dm, scale, b, o));
-        }
+        let out = packed_forward(x, (q, k, v), dm, batch, self.scale);
         Ok((T::storage(out), Shape::from((batch, dm.t, dm.heads * dm.d))))
     }
+}
+
+/// Forward of the packed attention over `x` with the given views: `[B, T, H d]`.
+fn packed_forward<T: Real>(x: &[T], (q, k, v): (View, View, View), dm: Dims, batch: usize, scale: f64) -> Vec<T> {
+    let mut out = super::rows::output_vec(batch * dm.t * dm.heads * dm.d);
+    if !out.is_empty() {
+        let scale = T::from_f64(scale);
+        out.par_chunks_mut(dm.t * dm.heads * dm.d)
+            .enumerate()
+            .for_each(|(b, o)| fwd_seq_any((x, x, x), (q, k, v), dm, scale, b, o));
+    }
+    out
+}
+
+/// Backward of the packed attention: `d qkv` `[B, T, (H + 2 H_kv) d]` from the forward's
+/// `qkv` (views as given), its output `y` and the incoming `dy`.
+#[allow(clippy::too_many_arguments)]
+fn packed_backward<T: Real>(
+    x: &[T],
+    (q, k, v): (View, View, View),
+    dm: Dims,
+    batch: usize,
+    scale: f64,
+    y: &[T],
+    dy: &[T],
+) -> Vec<T> {
+    let Dims { heads, kv_heads, t, d } = dm;
+    let w = (heads + 2 * kv_heads) * d;
+    let mut out = super::rows::output_vec(batch * t * w);
+    if !out.is_empty() {
+        let scale = T::from_f64(scale);
+        out.par_chunks_mut(t * w).enumerate().for_each(|(b, o)| {
+            // One sequence's gradients in the per-head layout of the unpacked kernel, then
+            // moved beside each other per token.
+            let mut dq = vec![T::ZERO; heads * t * d];
+            let mut dk = vec![T::ZERO; kv_heads * t * d];
+            let mut dv = vec![T::ZERO; kv_heads * t * d];
+            bwd_seq_any((x, x, x), (q, k, v), y, dy, dm, scale, b, (&mut dq, &mut dk, &mut dv));
+            for ti in 0..t {
+                let row = &mut o[ti * w..(ti + 1) * w];
+                for h in 0..heads {
+                    row[h * d..(h + 1) * d].copy_from_slice(&dq[(h * t + ti) * d..][..d]);
+                }
+                for g in 0..kv_heads {
+                    let (ko, vo) = ((heads + g) * d, (heads + kv_heads + g) * d);
+                    row[ko..ko + d].copy_from_slice(&dk[(g * t + ti) * d..][..d]);
+                    row[vo..vo + d].copy_from_slice(&dv[(g * t + ti) * d..][..d]);
+                }
+            }
+        });
+    }
+    out
+}
+
+/// [`causal_attention_packed`] on slices: `qkv` is a contiguous `[batch, t, (H + 2 H_kv) d]`;
+/// returns `y [batch, t, H d]`. For ops that run several layers inside one node.
+pub(crate) fn packed_attention_fwd<T: Real>(
+    qkv: &[T],
+    batch: usize,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Vec<T> {
+    let op = Packed { heads, kv_heads, scale };
+    let w = qkv.len() / (batch * t).max(1);
+    let (q, k, v, dm, _) = op.views(&Layout::contiguous((batch, t, w)));
+    packed_forward(qkv, (q, k, v), dm, batch, scale)
+}
+
+/// The backward of [`packed_attention_fwd`]: `d qkv` from `qkv`, the output `y` and `dy`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn packed_attention_bwd<T: Real>(
+    qkv: &[T],
+    y: &[T],
+    dy: &[T],
+    batch: usize,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Vec<T> {
+    let op = Packed { heads, kv_heads, scale };
+    let w = qkv.len() / (batch * t).max(1);
+    let (q, k, v, dm, _) = op.views(&Layout::contiguous((batch, t, w)));
+    packed_backward(qkv, (q, k, v), dm, batch, scale, y, dy)
 }
 
 impl CustomOp1 for Packed {
@@ -653,31 +733,7 @@ impl PackedBwd {
             scale: self.scale,
         };
         let (q, k, v, dm, batch) = packed.views(l);
-        let Dims { heads, kv_heads, t, d } = dm;
-        let w = (heads + 2 * kv_heads) * d;
-        let mut out = super::rows::output_vec(batch * t * w);
-        if !out.is_empty() {
-            let scale = T::from_f64(self.scale);
-            out.par_chunks_mut(t * w).enumerate().for_each(|(b, o)| {
-                // One sequence's gradients in the per-head layout of the unpacked kernel, then
-                // moved beside each other per token.
-                let mut dq = vec![T::ZERO; heads * t * d];
-                let mut dk = vec![T::ZERO; kv_heads * t * d];
-                let mut dv = vec![T::ZERO; kv_heads * t * d];
-                bwd_seq_any((x, x, x), (q, k, v), y, dy, dm, scale, b, (&mut dq, &mut dk, &mut dv));
-                for ti in 0..t {
-                    let row = &mut o[ti * w..(ti + 1) * w];
-                    for h in 0..heads {
-                        row[h * d..(h + 1) * d].copy_from_slice(&dq[(h * t + ti) * d..][..d]);
-                    }
-                    for g in 0..kv_heads {
-                        let (ko, vo) = ((heads + g) * d, (heads + kv_heads + g) * d);
-                        row[ko..ko + d].copy_from_slice(&dk[(g * t + ti) * d..][..d]);
-                        row[vo..vo + d].copy_from_slice(&dv[(g * t + ti) * d..][..d]);
-                    }
-                }
-            });
-        }
+        let out = packed_backward(x, (q, k, v), dm, batch, self.scale, y, dy);
         Ok((T::storage(out), l.shape().clone()))
     }
 }

@@ -60,8 +60,14 @@ const BLOCK_ROWS: usize = 128;
 fn sum_rows<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
     let g = slice::<T>(s, l, "grad")?;
     let (_, n) = rows_width(l.shape())?;
-    let total = g
-        .par_chunks(BLOCK_ROWS * n)
+    let total = column_sums(g, n);
+    Ok((T::storage(total.into_iter().map(T::from_f64).collect()), Shape::from(n)))
+}
+
+/// The sums over rows of the `n`-wide rows of `g` (f64 within blocks of rows, on the rayon
+/// pool, blocks summed after): a bias gradient.
+pub(crate) fn column_sums<T: Real>(g: &[T], n: usize) -> Vec<f64> {
+    g.par_chunks(BLOCK_ROWS * n)
         .map(|block| {
             let mut acc = vec![0f64; n];
             for row in block.chunks(n) {
@@ -77,8 +83,7 @@ fn sum_rows<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> 
                 a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
                 a
             },
-        );
-    Ok((T::storage(total.into_iter().map(T::from_f64).collect()), Shape::from(n)))
+        )
 }
 
 impl CustomOp1 for SumRows {

@@ -57,7 +57,7 @@ fn bwd_chunk<T: Real>(o: &mut [T], x: &[T], g: &[T]) {
 avx512_dispatch!(fwd_chunk_any, fwd_chunk_avx512, fwd_chunk, (o: &mut [T], x: &[T]));
 avx512_dispatch!(bwd_chunk_any, bwd_chunk_avx512, bwd_chunk, (o: &mut [T], x: &[T], g: &[T]));
 
-fn fwd_typed<T: Real>(x: &[T]) -> Vec<T> {
+pub(crate) fn fwd_typed<T: Real>(x: &[T]) -> Vec<T> {
     let mut out = output_vec(x.len());
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
@@ -84,7 +84,7 @@ impl CustomOp1 for GeluFwd {
     }
 }
 
-fn bwd_typed<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+pub(crate) fn bwd_typed<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
     let mut out = output_vec(x.len());
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))

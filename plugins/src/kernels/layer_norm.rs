@@ -51,6 +51,11 @@ fn fwd_typed<T: Real>(eps: f64, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuS
     let w = slice::<T>(st[1].0, st[1].1, "weight")?;
     let b = slice::<T>(st[2].0, st[2].1, "bias")?;
     let (_, d) = rows_width(st[0].1.shape())?;
+    Ok((T::storage(forward_rows(x, w, b, d, eps)), st[0].1.shape().clone()))
+}
+
+/// The LayerNorm of the `d`-wide rows of `x` (on slices, for ops that fuse several layers).
+pub(crate) fn forward_rows<T: Real>(x: &[T], w: &[T], b: &[T], d: usize, eps: f64) -> Vec<T> {
     let mut out = output_vec(x.len());
     for_rows(&mut out, d, d, |r, o| {
         let row = &x[r * d..(r + 1) * d];
@@ -60,7 +65,7 @@ fn fwd_typed<T: Real>(eps: f64, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuS
             *o = (v - mu) * rs * w + b;
         }
     });
-    Ok((T::storage(out), st[0].1.shape().clone()))
+    out
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -114,10 +119,27 @@ fn bwd_typed<T: Real>(eps: f64, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuS
     let w = slice::<T>(st[1].0, st[1].1, "weight")?;
     let g = slice::<T>(st[2].0, st[2].1, "grad")?;
     let (rows, d) = rows_width(st[0].1.shape())?;
-    let mut out = vec![T::ZERO; (rows + 2) * d];
-    let (dx, _) = out.split_at_mut(rows * d);
-    let partial = dx
-        .par_chunks_mut(BLOCK_ROWS * d)
+    let mut out = output_vec((rows + 2) * d);
+    let (dx, dwb) = out.split_at_mut(rows * d);
+    let partial = backward_rows(x, w, g, d, eps, dx, false);
+    for (o, p) in dwb.iter_mut().zip(&partial) {
+        *o = T::from_f64(*p);
+    }
+    Ok((T::storage(out), Shape::from((rows + 2, d))))
+}
+
+/// The LayerNorm backward on slices: writes `dx` (or adds it to what `dx` holds, with
+/// `accumulate`) and returns `dw` followed by `db` (`2 d` values, f64).
+pub(crate) fn backward_rows<T: Real>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    d: usize,
+    eps: f64,
+    dx: &mut [T],
+    accumulate: bool,
+) -> Vec<f64> {
+    dx.par_chunks_mut(BLOCK_ROWS * d)
         .enumerate()
         .map(|(bi, block)| {
             let mut acc = vec![0f64; 2 * d];
@@ -138,7 +160,8 @@ fn bwd_typed<T: Real>(eps: f64, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuS
                 for j in 0..d {
                     let xh = (xr[j].to_f64() - mu) * rs;
                     let gh = gr[j].to_f64() * w[j].to_f64();
-                    o[j] = T::from_f64(rs * (gh - m1 - xh * m2));
+                    let v = T::from_f64(rs * (gh - m1 - xh * m2));
+                    o[j] = if accumulate { o[j] + v } else { v };
                 }
             }
             acc
@@ -149,11 +172,7 @@ fn bwd_typed<T: Real>(eps: f64, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuS
                 a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
                 a
             },
-        );
-    for (o, p) in out[rows * d..].iter_mut().zip(&partial) {
-        *o = T::from_f64(*p);
-    }
-    Ok((T::storage(out), Shape::from((rows + 2, d))))
+        )
 }
 
 impl CustomOp3 for LayerNormBwd {

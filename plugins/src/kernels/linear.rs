@@ -87,7 +87,7 @@ struct WeightGrad;
 
 /// A strided 2-D operand inside a CPU storage: element `(i, j)` is
 /// `data[offset + i * rs + j * cs]`.
-struct Mat<'a, T> {
+pub(crate) struct Mat<'a, T> {
     data: &'a [T],
     offset: usize,
     rows: usize,
@@ -129,8 +129,21 @@ impl<'a, T: Real> Mat<'a, T> {
         Ok(m)
     }
 
+    /// A row-major contiguous `[rows, cols]` matrix over `data`.
+    pub(crate) fn dense(data: &'a [T], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "matrix size");
+        Mat {
+            data,
+            offset: 0,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
     /// The transpose, as a view.
-    fn t(&self) -> Self {
+    pub(crate) fn t(&self) -> Self {
         Mat {
             data: self.data,
             offset: self.offset,
@@ -193,6 +206,17 @@ unsafe fn product_into<T: Real>(dst: *mut T, accumulate: bool, a: &Mat<T>, b: &M
             false,
             parallelism,
         )
+    }
+}
+
+/// `dst [m, n] = (dst if accumulate) + a @ b` into a row-major slice (for ops that fuse several
+/// layers; products spread over the rayon pool).
+pub(crate) fn gemm_into<T: Real>(dst: &mut [T], accumulate: bool, a: &Mat<T>, b: &Mat<T>) {
+    assert!(a.cols == b.rows && dst.len() == a.rows * b.cols, "gemm_into: shapes");
+    #[allow(unsafe_code)]
+    // SAFETY: `dst` holds exactly m * n elements.
+    unsafe {
+        product_into(dst.as_mut_ptr(), accumulate, a, b)
     }
 }
 

@@ -46,6 +46,7 @@ macro_rules! avx512_dispatch {
 
 pub mod attention;
 pub mod bias;
+pub mod block;
 pub mod cross_entropy;
 pub mod divergence;
 pub mod fastmath;

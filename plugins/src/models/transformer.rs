@@ -418,6 +418,19 @@ impl Transformer {
         let nh = self.cfg.n_head;
         let hd = d / nh;
         let eps = self.cfg.layer_norm_eps;
+        if !want_attn && !self.is_half() && self.cfg.activation == Activation::Gelu && kernels::fusable(x) {
+            // The whole block as one node on CPU f32/f64 (`kernels::block`): the same
+            // arithmetic as below, with a hand-written backward.
+            let params = kernels::block::BlockParams {
+                ln_1: (&blk.ln_1.0, &blk.ln_1.1),
+                c_attn: (&blk.c_attn.0, &blk.c_attn.1),
+                attn_proj: (&blk.attn_proj.0, &blk.attn_proj.1),
+                ln_2: (&blk.ln_2.0, &blk.ln_2.1),
+                c_fc: (&blk.c_fc.0, &blk.c_fc.1),
+                mlp_proj: (&blk.mlp_proj.0, &blk.mlp_proj.1),
+            };
+            return Ok((kernels::block::gpt2_block(x, &params, nh, eps)?, None));
+        }
         let h = self.norm(x, &blk.ln_1, eps)?;
         let qkv = linear(&h, &blk.c_attn.0, &blk.c_attn.1)?;
         let scale = 1.0 / (hd as f64).sqrt();
