@@ -44,6 +44,7 @@ macro_rules! avx512_dispatch {
     };
 }
 
+pub mod adamw;
 pub mod attention;
 pub mod bias;
 pub mod block;
