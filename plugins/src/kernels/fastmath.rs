@@ -217,8 +217,10 @@ impl Real for f64 {
 }
 
 /// Lanes of the lane-wise reductions below: independent accumulators that LLVM maps onto SIMD
-/// registers (a plain `sum += x` loop cannot vectorise without reassociation).
-pub const LANES: usize = 8;
+/// registers (a plain `sum += x` loop cannot vectorise without reassociation). 16 f32 lanes fill
+/// one AVX-512 register (8 left the AVX-512 copies at 256-bit `ymm`; the `kl` forward at
+/// N = 2048, V = 50,257 went 0.131 s -> 0.082 s).
+pub const LANES: usize = 16;
 
 /// `max_v x_v` (NaN entries are skipped here; they surface as NaN in the `exp` sums).
 #[inline(always)]
