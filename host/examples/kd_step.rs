@@ -11,11 +11,16 @@
 //! alone with cross-entropy; printed as `TRAIN params=...`); `KD_MODE=teacher` times the
 //! teacher's forward pass alone (`TEACHER-FWD`).
 
+use std::io::Write;
+
 use anyhow::Result;
 use candle_core::Device;
 use retort_host::kdbench::{time_steps, KdShapes, KdStep};
 
 fn main() -> Result<()> {
+    // Written with `writeln!` so that a closed pipe (`| head -1`) ends the program with an
+    // error instead of a panic.
+    let mut out = std::io::stdout();
     let steps: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(20);
     let mut shapes = KdShapes::reference();
     let env = |name: &str| -> Result<Option<usize>> { Ok(std::env::var(name).ok().map(|v| v.parse()).transpose()?) };
@@ -47,13 +52,14 @@ fn main() -> Result<()> {
         }
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
-        println!(
+        writeln!(
+            out,
             "retort TEACHER-FWD B={} T={} median {:.1} ms/step {:.0} tok/s",
             shapes.batch,
             shapes.block,
             median * 1e3,
             (shapes.batch * shapes.block) as f64 / median
-        );
+        )?;
         return Ok(());
     }
     let train = mode == "train";
@@ -63,7 +69,8 @@ fn main() -> Result<()> {
         KdStep::new(shapes, &Device::Cpu)?
     };
     let t = time_steps(&mut step, 3, steps)?;
-    println!(
+    writeln!(
+        out,
         "retort candle threads {} cores {} {} params={} B={} T={} loss={:.4} median {:.1} ms/step {:.0} tok/s",
         std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| rayon_threads().to_string()),
         rayon_threads(),
@@ -74,7 +81,7 @@ fn main() -> Result<()> {
         t.loss,
         t.median * 1e3,
         t.tokens_per_s
-    );
+    )?;
     // Where the time goes: 5 more steps split into phases (medians).
     let mut ph: Vec<[f64; 5]> = Vec::new();
     for _ in 0..5 {
@@ -86,14 +93,15 @@ fn main() -> Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2] * 1e3
     };
-    println!(
+    writeln!(
+        out,
         "phases (ms, median of 5): teacher fwd {:.1}, student fwd {:.1}, loss {:.1}, backward {:.1}, adamw {:.1}",
         med(0),
         med(1),
         med(2),
         med(3),
         med(4)
-    );
+    )?;
     Ok(())
 }
 

@@ -61,7 +61,13 @@ pub fn adamw_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWStep
 /// Elements per work item on the rayon pool.
 const CHUNK: usize = 16_384;
 
-fn typed<T: Real + candle_core::WithDType>(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWStep) -> Result<(Tensor, Tensor, Tensor)> {
+fn typed<T: Real + candle_core::WithDType>(
+    w: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    s: AdamWStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let guards = [w, g, m, v].map(|t| t.storage_and_layout());
     let mut slices: [&[T]; 4] = [&[]; 4];
     for (slot, (st, l)) in slices.iter_mut().zip(&guards) {
