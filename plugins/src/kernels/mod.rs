@@ -56,8 +56,10 @@ pub mod layer_norm;
 pub mod linear;
 #[cfg(feature = "blas")]
 pub mod matmul;
+pub mod rms_norm;
 pub mod rows;
 pub mod softmax;
+pub mod swiglu;
 pub mod topk;
 
 use candle_core::{DType, Tensor};

@@ -95,9 +95,27 @@ pub fn layer_norm_composite(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
-/// RMSNorm over the last dim (Zhang & Sennrich, 2019): `x / sqrt(mean(x^2) + eps) * w`.
-/// Composed of differentiable ops (candle's `ops::rms_norm` has no backward).
+/// RMSNorm over the last dim (Zhang & Sennrich, 2019): `x / sqrt(mean(x^2) + eps) * w`; the
+/// fused kernel on CPU f32/f64 (`kernels::rms_norm`), else [`rms_norm_composite`] (candle's
+/// `ops::rms_norm` has no backward).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if kernels::fusable(x) && weight.dtype() == x.dtype() {
+        return kernels::rms_norm::rms_norm(x, weight, eps);
+    }
+    rms_norm_composite(x, weight, eps)
+}
+
+/// The SwiGLU gate `silu(g) * u` (Shazeer, 2020): the fused kernel on CPU f32/f64
+/// (`kernels::swiglu`), else candle's `silu` and `mul`.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if kernels::fusable(g) && u.dtype() == g.dtype() && kernels::fusable(u) {
+        return kernels::swiglu::swiglu(g, u);
+    }
+    g.silu()? * u
+}
+
+/// [`rms_norm`] composed of differentiable candle ops.
+pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
 }

@@ -115,16 +115,24 @@ enum Mlp {
     },
 }
 
-fn swiglu(x: &Tensor, gate: &Linear, up: &Linear, down: &Linear) -> Result<Tensor> {
-    let h = (gate.forward(x)?.silu()? * up.forward(x)?)?;
+/// `down(silu(gate(x)) * up(x))`; with `candle_ops` (a frozen model) candle's `silu` and `mul`,
+/// the ops candle-transformers runs, else the fused differentiable kernel where it applies.
+fn swiglu(x: &Tensor, gate: &Linear, up: &Linear, down: &Linear, candle_ops: bool) -> Result<Tensor> {
+    let (g, u) = (gate.forward(x)?, up.forward(x)?);
+    let h = if candle_ops {
+        (g.silu()? * u)?
+    } else {
+        crate::models::nn::swiglu(&g, &u)?
+    };
     Ok(down.forward(&h)?)
 }
 
 impl Mlp {
-    /// The MLP's output and, for a mixture, the router logits `[batch, seq, experts]`.
-    fn forward(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    /// The MLP's output and, for a mixture, the router logits `[batch, seq, experts]`;
+    /// `candle_ops` as in [`swiglu`].
+    fn forward(&self, x: &Tensor, candle_ops: bool) -> Result<(Tensor, Option<Tensor>)> {
         match self {
-            Mlp::Dense { gate, up, down } => Ok((swiglu(x, gate, up, down)?, None)),
+            Mlp::Dense { gate, up, down } => Ok((swiglu(x, gate, up, down, candle_ops)?, None)),
             Mlp::Moe { router, experts, top_k } => {
                 // Mixtral routing: softmax over experts, keep the top-k, renormalise. Every expert
                 // runs on every token (dense compute, differentiable through the kept weights);
@@ -139,7 +147,7 @@ impl Mlp {
                 let w = w.broadcast_div(&w.sum_keepdim(D::Minus1)?)?;
                 let mut out: Option<Tensor> = None;
                 for (e, (w1, w2, w3)) in experts.iter().enumerate() {
-                    let y = swiglu(x, w1, w3, w2)?.broadcast_mul(&w.narrow(D::Minus1, e, 1)?)?;
+                    let y = swiglu(x, w1, w3, w2, candle_ops)?.broadcast_mul(&w.narrow(D::Minus1, e, 1)?)?;
                     out = Some(match out {
                         Some(o) => (o + y)?,
                         None => y,
@@ -378,9 +386,9 @@ impl Llama {
     /// The same model with its weights cut off from autograd and no `Var`s: a frozen
     /// teacher's forward pass builds no graph.
     ///
-    /// A frozen model also switches to candle's fused RMSNorm, softmax and RoPE kernels: they
-    /// have no backward, which a teacher never needs, and they match candle-transformers'
-    /// inference code operation for operation.
+    /// A frozen model also switches to candle's fused RMSNorm, softmax and RoPE kernels and its
+    /// `silu`: they have no backward (or need none), which a teacher never needs, and they match
+    /// candle-transformers' inference code operation for operation.
     pub fn frozen(mut self) -> Self {
         self.vars.clear();
         self.fused = true;
@@ -516,7 +524,7 @@ impl Llama {
             let (a, probs) = self.attention(l, &h, mask.as_ref(), taps.wants_attention(i), offset, slot)?;
             x = (x + a)?;
             let h = rms_norm(&x, &l.post_norm)?;
-            let (m, router) = l.mlp.forward(&h)?;
+            let (m, router) = l.mlp.forward(&h, self.fused)?;
             x = (x + m)?;
             if let Some(p) = probs {
                 out.insert(format!("attn.{i}"), p);
