@@ -134,7 +134,7 @@ mod tests {
         let dev = Device::Cpu;
         let n = 40_001;
         let g0 = Tensor::arange(0f64, n as f64, &dev)
-            .and_then(|t| ((t / 666.0)? - 30.0))
+            .and_then(|t| (t / 666.0)? - 30.0)
             .expect("g");
         let u0 = Tensor::arange(0f64, n as f64, &dev)
             .and_then(|t| (t * 0.01)?.sin())
