@@ -48,7 +48,12 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Elements(128));
     g.bench_function("smollm2_135m_shape_1x128_tokens", |b| {
-        b.iter(|| teacher.forward(&tb, &none).and_then(|o| Ok(o.logits.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)).expect("forward"))
+        b.iter(|| {
+            teacher
+                .forward(&tb, &none)
+                .and_then(|o| Ok(o.logits.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?))
+                .expect("forward")
+        })
     });
     g.finish();
 

@@ -654,6 +654,18 @@ fn packed_backward<T: Real>(
     out
 }
 
+/// The `q`, `k`, `v` views and sizes of a contiguous `qkv` of `len` elements.
+fn dense_views(len: usize, batch: usize, t: usize, heads: usize, kv_heads: usize) -> ((View, View, View), Dims) {
+    let op = Packed {
+        heads,
+        kv_heads,
+        scale: 1.0,
+    };
+    let w = len / (batch * t).max(1);
+    let (q, k, v, dm, _) = op.views(&Layout::contiguous((batch, t, w)));
+    ((q, k, v), dm)
+}
+
 /// [`causal_attention_packed`] on slices: `qkv` is a contiguous `[batch, t, (H + 2 H_kv) d]`;
 /// returns `y [batch, t, H d]`. For ops that run several layers inside one node.
 pub(crate) fn packed_attention_fwd<T: Real>(
@@ -664,10 +676,8 @@ pub(crate) fn packed_attention_fwd<T: Real>(
     kv_heads: usize,
     scale: f64,
 ) -> Vec<T> {
-    let op = Packed { heads, kv_heads, scale };
-    let w = qkv.len() / (batch * t).max(1);
-    let (q, k, v, dm, _) = op.views(&Layout::contiguous((batch, t, w)));
-    packed_forward(qkv, (q, k, v), dm, batch, scale)
+    let (views, dm) = dense_views(qkv.len(), batch, t, heads, kv_heads);
+    packed_forward(qkv, views, dm, batch, scale)
 }
 
 /// The backward of [`packed_attention_fwd`]: `d qkv` from `qkv`, the output `y` and `dy`.
@@ -682,10 +692,8 @@ pub(crate) fn packed_attention_bwd<T: Real>(
     kv_heads: usize,
     scale: f64,
 ) -> Vec<T> {
-    let op = Packed { heads, kv_heads, scale };
-    let w = qkv.len() / (batch * t).max(1);
-    let (q, k, v, dm, _) = op.views(&Layout::contiguous((batch, t, w)));
-    packed_backward(qkv, (q, k, v), dm, batch, scale, y, dy)
+    let (views, dm) = dense_views(qkv.len(), batch, t, heads, kv_heads);
+    packed_backward(qkv, views, dm, batch, scale, y, dy)
 }
 
 impl CustomOp1 for Packed {

@@ -71,12 +71,30 @@ impl BlockParams<'_> {
     }
 }
 
+/// The shapes of the twelve parameters (concatenation order) for width `d` and MLP width `f`.
+fn param_shapes(d: usize, f: usize) -> [Vec<usize>; 12] {
+    let (vd, vf) = (vec![d], vec![f]);
+    [
+        vd.clone(),
+        vd.clone(),
+        vec![d, 3 * d],
+        vec![3 * d],
+        vec![d, d],
+        vd.clone(),
+        vd.clone(),
+        vd.clone(),
+        vec![d, f],
+        vf,
+        vec![f, d],
+        vd,
+    ]
+}
+
 /// Start offsets of the twelve parameters in the concatenation, and its total length.
 fn offsets(d: usize, f: usize) -> [usize; 13] {
-    let sizes = [d, d, d * 3 * d, 3 * d, d * d, d, d, d, d * f, f, f * d, d];
     let mut o = [0; 13];
-    for i in 0..12 {
-        o[i + 1] = o[i] + sizes[i];
+    for (i, shape) in param_shapes(d, f).iter().enumerate() {
+        o[i + 1] = o[i] + shape.iter().product::<usize>();
     }
     o
 }
@@ -87,23 +105,9 @@ fn offsets(d: usize, f: usize) -> [usize; 13] {
 pub fn gpt2_block(x: &Tensor, params: &BlockParams, heads: usize, eps: f64) -> Result<Tensor> {
     let (_, _, d) = x.dims3()?;
     let f = params.c_fc.0.dims2()?.1;
-    let want: [&[usize]; 12] = [
-        &[d],
-        &[d],
-        &[d, 3 * d],
-        &[3 * d],
-        &[d, d],
-        &[d],
-        &[d],
-        &[d],
-        &[d, f],
-        &[f],
-        &[f, d],
-        &[d],
-    ];
     let list = params.list();
-    for (i, (p, w)) in list.iter().zip(want).enumerate() {
-        if p.dims() != w || p.dtype() != x.dtype() {
+    for (i, (p, w)) in list.iter().zip(param_shapes(d, f)).enumerate() {
+        if p.dims() != w.as_slice() || p.dtype() != x.dtype() {
             bail!(
                 "fused block: parameter {i} is {:?} {:?}, expected {w:?} {:?}",
                 p.dims(),
@@ -407,16 +411,10 @@ impl CustomOp2 for BlockBwd {
 mod tests {
     use super::*;
     use crate::kernels::attention::causal_attention_packed;
+    use crate::kernels::test_util::values;
     use crate::models::nn::{gelu, layer_norm, linear};
     use candle_core::{DType, Device, Var};
     use rand::{Rng, SeedableRng};
-
-    fn values(t: &Tensor) -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .expect("values")
-    }
 
     /// The block composed of the separate kernels (each tested against candle's ops).
     fn composite(x: &Tensor, p: &BlockParams, heads: usize, eps: f64) -> Tensor {
@@ -443,21 +441,7 @@ mod tests {
             let v: Vec<f64> = (0..n).map(|_| rng.random_range(-s..s)).collect();
             Tensor::from_vec(v, shape, &Device::Cpu).expect("t")
         };
-        let shapes: [&[usize]; 12] = [
-            &[d],
-            &[d],
-            &[d, 3 * d],
-            &[3 * d],
-            &[d, d],
-            &[d],
-            &[d],
-            &[d],
-            &[d, f],
-            &[f],
-            &[f, d],
-            &[d],
-        ];
-        let p0: Vec<Tensor> = shapes
+        let p0: Vec<Tensor> = param_shapes(d, f)
             .iter()
             .enumerate()
             .map(|(i, s)| {

@@ -447,14 +447,8 @@ impl CustomOp2 for WeightGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_util::values;
     use candle_core::{DType, Device, Var};
-
-    fn values(t: &Tensor) -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .expect("values")
-    }
 
     fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) {
         assert_eq!(a.len(), b.len(), "{what}: lengths");

@@ -68,3 +68,17 @@ use candle_core::{DType, Tensor};
 pub fn fusable(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
+
+/// Helpers shared by the kernels' tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::{DType, Tensor};
+
+    /// All elements of `t` as f64, flattened.
+    pub fn values(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("values")
+    }
+}
