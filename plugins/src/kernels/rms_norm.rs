@@ -165,6 +165,7 @@ impl CustomOp2 for RmsNormBwd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_util::values;
     use crate::models::nn::rms_norm_composite;
     use candle_core::{DType, Device, Var};
     use rand::{Rng, SeedableRng};
@@ -204,16 +205,10 @@ mod tests {
                     .and_then(|l| l.sum_all())
                     .and_then(|l| l.backward())
                     .expect("bwd");
-                let f = |t: &Tensor| -> Vec<f64> {
-                    t.to_dtype(DType::F64)
-                        .and_then(|t| t.flatten_all())
-                        .and_then(|t| t.to_vec1())
-                        .expect("v")
-                };
                 vec![
-                    f(&y),
-                    f(g.get(x.as_tensor()).expect("dx")),
-                    f(g.get(w.as_tensor()).expect("dw")),
+                    values(&y),
+                    values(g.get(x.as_tensor()).expect("dx")),
+                    values(g.get(w.as_tensor()).expect("dw")),
                 ]
             };
             let (a, c) = (run(true), run(false));

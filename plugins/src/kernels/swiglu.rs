@@ -125,6 +125,7 @@ impl CustomOp3 for SwiGluBwd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_util::values;
     use candle_core::{DType, Device, Var};
 
     /// Values and both gradients against candle's `silu` times `u`, f64 (1e-10) and f32 (1e-5
@@ -155,11 +156,10 @@ mod tests {
                     .and_then(|l| l.sum_all())
                     .and_then(|l| l.backward())
                     .expect("bwd");
-                let f = |t: &Tensor| -> Vec<f64> { t.to_dtype(DType::F64).and_then(|t| t.to_vec1()).expect("v") };
                 vec![
-                    f(&y),
-                    f(grads.get(g.as_tensor()).expect("dg")),
-                    f(grads.get(u.as_tensor()).expect("du")),
+                    values(&y),
+                    values(grads.get(g.as_tensor()).expect("dg")),
+                    values(grads.get(u.as_tensor()).expect("du")),
                 ]
             };
             let (a, c) = (run(true), run(false));
