@@ -567,36 +567,26 @@ struct Packed {
     scale: f64,
 }
 
-impl Packed {
-    /// The `q`, `k`, `v` views of a contiguous `qkv` layout, the sizes, and the batch.
-    fn views(&self, l: &Layout) -> (View, View, View, Dims, usize) {
-        let dims = l.dims();
-        let (batch, t, w) = (dims[0], dims[1], dims[2]);
-        let d = w / (self.heads + 2 * self.kv_heads);
-        let at = |off: usize| View {
-            start: l.start_offset() + off,
-            sb: t * w,
-            sh: d,
-            st: w,
-        };
-        let dm = Dims {
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            t,
-            d,
-        };
-        (
-            at(0),
-            at(self.heads * d),
-            at((self.heads + self.kv_heads) * d),
-            dm,
-            batch,
-        )
-    }
+/// The `q`, `k`, `v` views of a contiguous `qkv` layout holding `heads` query and `kv_heads`
+/// key/value heads per token, the sizes, and the batch.
+fn packed_views(l: &Layout, heads: usize, kv_heads: usize) -> (View, View, View, Dims, usize) {
+    let dims = l.dims();
+    let (batch, t, w) = (dims[0], dims[1], dims[2]);
+    let d = w / (heads + 2 * kv_heads);
+    let at = |off: usize| View {
+        start: l.start_offset() + off,
+        sb: t * w,
+        sh: d,
+        st: w,
+    };
+    let dm = Dims { heads, kv_heads, t, d };
+    (at(0), at(heads * d), at((heads + kv_heads) * d), dm, batch)
+}
 
+impl Packed {
     fn fwd<T: Real>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = storage_of::<T>(s)?;
-        let (q, k, v, dm, batch) = self.views(l);
+        let (q, k, v, dm, batch) = packed_views(l, self.heads, self.kv_heads);
         let out = packed_forward(x, (q, k, v), dm, batch, self.scale);
         Ok((T::storage(out), Shape::from((batch, dm.t, dm.heads * dm.d))))
     }
@@ -656,13 +646,8 @@ fn packed_backward<T: Real>(
 
 /// The `q`, `k`, `v` views and sizes of a contiguous `qkv` of `len` elements.
 fn dense_views(len: usize, batch: usize, t: usize, heads: usize, kv_heads: usize) -> ((View, View, View), Dims) {
-    let op = Packed {
-        heads,
-        kv_heads,
-        scale: 1.0,
-    };
     let w = len / (batch * t).max(1);
-    let (q, k, v, dm, _) = op.views(&Layout::contiguous((batch, t, w)));
+    let (q, k, v, dm, _) = packed_views(&Layout::contiguous((batch, t, w)), heads, kv_heads);
     ((q, k, v), dm)
 }
 
@@ -735,12 +720,7 @@ impl PackedBwd {
             bail!("causal attention backward: expected a CPU tensor")
         };
         let x = storage_of::<T>(s)?;
-        let packed = Packed {
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            scale: self.scale,
-        };
-        let (q, k, v, dm, batch) = packed.views(l);
+        let (q, k, v, dm, batch) = packed_views(l, self.heads, self.kv_heads);
         let out = packed_backward(x, (q, k, v), dm, batch, self.scale, y, dy);
         Ok((T::storage(out), l.shape().clone()))
     }

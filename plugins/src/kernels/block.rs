@@ -26,12 +26,11 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
-use rayon::prelude::*;
 
 use super::bias::column_sums;
 use super::fastmath::Real;
 use super::linear::{gemm_into, Mat};
-use super::rows::output_vec;
+use super::rows::{output_vec, repeat_rows};
 use super::{attention, gelu, layer_norm};
 
 /// The block's parameters in the order they are concatenated: LayerNorm 1 weight and bias,
@@ -121,13 +120,11 @@ pub fn gpt2_block(x: &Tensor, params: &BlockParams, heads: usize, eps: f64) -> R
     }
     let flat = Tensor::cat(&list.iter().map(|p| p.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
     let keep = x.track_op() || flat.track_op();
+    let shape = BlockShape { heads, d, f, eps };
     x.contiguous()?.apply_op2(
         &flat,
         Block {
-            heads,
-            d,
-            f,
-            eps,
+            shape,
             keep,
             saved: Mutex::new(None),
         },
@@ -137,58 +134,46 @@ pub fn gpt2_block(x: &Tensor, params: &BlockParams, heads: usize, eps: f64) -> R
 /// The forward's intermediates, `[rows, width]` each: `h`, `qkv`, `y`, `x1`, `h2`, `z`, `u`.
 struct Saved([CpuStorage; 7]);
 
-/// The fused block op.
-struct Block {
+/// The block's sizes: heads, width, MLP width, LayerNorm epsilon.
+#[derive(Clone, Copy)]
+struct BlockShape {
     heads: usize,
     d: usize,
     f: usize,
     eps: f64,
+}
+
+/// The fused block op.
+struct Block {
+    shape: BlockShape,
     /// Keep the intermediates for a backward (false when nothing can ask for a gradient).
     keep: bool,
     saved: Mutex<Option<Arc<Saved>>>,
 }
 
-/// `rows` copies of `bias`, each added to the matching row of `base` when given.
-fn rows_of<T: Real>(base: Option<&[T]>, bias: &[T], rows: usize) -> Vec<T> {
-    let n = bias.len();
-    let mut out = output_vec(rows * n);
-    let min = (16_384 / n.max(1)).max(1);
-    match base {
-        Some(base) => out.par_chunks_mut(n).with_min_len(min).enumerate().for_each(|(r, o)| {
-            for ((o, &x), &b) in o.iter_mut().zip(&base[r * n..(r + 1) * n]).zip(bias) {
-                *o = x + b;
-            }
-        }),
-        None => out
-            .par_chunks_mut(n)
-            .with_min_len(min)
-            .for_each(|o| o.copy_from_slice(bias)),
-    }
-    out
-}
-
-impl Block {
+impl BlockShape {
     fn scale(&self) -> f64 {
         1.0 / ((self.d / self.heads) as f64).sqrt()
     }
 
-    fn forward<T: Real>(&self, x: &[T], p: &[T], batch: usize, t: usize) -> (Vec<T>, Option<Saved>) {
+    /// The output and, with `keep`, the intermediates.
+    fn forward<T: Real>(&self, x: &[T], p: &[T], batch: usize, t: usize, keep: bool) -> (Vec<T>, Option<Saved>) {
         let (d, f, rows) = (self.d, self.f, batch * t);
         let o = offsets(d, f);
         let seg = |i: usize| &p[o[i]..o[i + 1]];
         let h = layer_norm::forward_rows(x, seg(0), seg(1), d, self.eps);
-        let mut qkv = rows_of(None, seg(3), rows);
+        let mut qkv = repeat_rows(None, seg(3), rows);
         gemm_into(&mut qkv, true, &Mat::dense(&h, rows, d), &Mat::dense(seg(2), d, 3 * d));
         let y = attention::packed_attention_fwd(&qkv, batch, t, self.heads, self.heads, self.scale());
-        let mut x1 = rows_of(Some(x), seg(5), rows);
+        let mut x1 = repeat_rows(Some(x), seg(5), rows);
         gemm_into(&mut x1, true, &Mat::dense(&y, rows, d), &Mat::dense(seg(4), d, d));
         let h2 = layer_norm::forward_rows(&x1, seg(6), seg(7), d, self.eps);
-        let mut z = rows_of(None, seg(9), rows);
+        let mut z = repeat_rows(None, seg(9), rows);
         gemm_into(&mut z, true, &Mat::dense(&h2, rows, d), &Mat::dense(seg(8), d, f));
         let u = gelu::fwd_typed(&z);
-        let mut out = rows_of(Some(&x1), seg(11), rows);
+        let mut out = repeat_rows(Some(&x1), seg(11), rows);
         gemm_into(&mut out, true, &Mat::dense(&u, rows, f), &Mat::dense(seg(10), f, d));
-        let saved = self.keep.then(|| Saved([h, qkv, y, x1, h2, z, u].map(T::storage)));
+        let saved = keep.then(|| Saved([h, qkv, y, x1, h2, z, u].map(T::storage)));
         (out, saved)
     }
 
@@ -278,7 +263,9 @@ impl Block {
         }
         out
     }
+}
 
+impl Block {
     fn fwd_typed<T: Real>(
         &self,
         s1: &CpuStorage,
@@ -289,14 +276,14 @@ impl Block {
         let x = super::rows::slice::<T>(s1, l1, "block input")?;
         let p = super::rows::slice::<T>(s2, l2, "block parameters")?;
         let dims = l1.dims();
-        if dims.len() != 3 || dims[2] != self.d || p.len() != offsets(self.d, self.f)[12] {
+        let BlockShape { d, f, .. } = self.shape;
+        if dims.len() != 3 || dims[2] != d || p.len() != offsets(d, f)[12] {
             bail!(
-                "fused block: input {dims:?} or {} parameters do not fit width {}",
-                p.len(),
-                self.d
+                "fused block: input {dims:?} or {} parameters do not fit width {d}",
+                p.len()
             )
         }
-        let (out, saved) = self.forward(x, p, dims[0], dims[1]);
+        let (out, saved) = self.shape.forward(x, p, dims[0], dims[1], self.keep);
         if let Some(saved) = saved {
             *self
                 .saved
@@ -329,14 +316,7 @@ impl CustomOp2 for Block {
             bail!("fused block: backward without saved activations")
         };
         let op = BlockBwd {
-            block: Block {
-                heads: self.heads,
-                d: self.d,
-                f: self.f,
-                eps: self.eps,
-                keep: false,
-                saved: Mutex::new(None),
-            },
+            shape: self.shape,
             x: x.detach(),
             saved,
         };
@@ -350,7 +330,7 @@ impl CustomOp2 for Block {
 
 /// The backward as an op on `(parameters, d out)`, holding the input and the intermediates.
 struct BlockBwd {
-    block: Block,
+    shape: BlockShape,
     x: Tensor,
     saved: Arc<Saved>,
 }
@@ -377,7 +357,7 @@ impl BlockBwd {
                 x.len()
             )
         }
-        let out = self.block.backward(x, p, s, g, dims[0], dims[1]);
+        let out = self.shape.backward(x, p, s, g, dims[0], dims[1]);
         let n = out.len();
         Ok((T::storage(out), Shape::from(n)))
     }

@@ -19,8 +19,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 
 use super::bias::SumRows;
 use super::fastmath::Real;
-use super::rows::output_vec;
-use rayon::prelude::*;
+use super::rows::{output_vec, repeat_rows};
 
 /// `x @ w + b` (`b` optional) for `x [.., in]` of any rank >= 1 whose leading dims fold into
 /// rows without a copy (any contiguous tensor, a column slice, ...; others are made
@@ -224,34 +223,13 @@ pub(crate) fn gemm_into<T: Real>(dst: &mut [T], accumulate: bool, a: &Mat<T>, b:
 /// product is accumulated onto them) and left uninitialised otherwise.
 fn product<T: Real>(a: &Mat<T>, b: &Mat<T>, init: Option<&[T]>) -> Vec<T> {
     let (m, n) = (a.rows, b.cols);
-    let len = m * n;
-    match init {
-        Some(row) => {
-            debug_assert_eq!(row.len(), n);
-            // The bias rows, written on the rayon pool (the first touch of a fresh output's
-            // pages is spread over the cores too).
-            let mut out = output_vec(len);
-            out.par_chunks_mut(n)
-                .with_min_len((16_384 / n.max(1)).max(1))
-                .for_each(|o| o.copy_from_slice(row));
-            #[allow(unsafe_code)]
-            // SAFETY: `out` holds exactly m * n initialised elements.
-            unsafe {
-                product_into(out.as_mut_ptr(), true, a, b)
-            };
-            out
-        }
-        None => {
-            let mut out = output_vec(len);
-            #[allow(unsafe_code)]
-            // SAFETY: `out` holds m * n elements, all of which `product_into` writes without
-            // reading them (accumulate = false).
-            unsafe {
-                product_into(out.as_mut_ptr(), false, a, b)
-            };
-            out
-        }
-    }
+    // With a bias the product accumulates onto its rows; without, it overwrites every element.
+    let mut out = match init {
+        Some(row) => repeat_rows(None, row, m),
+        None => output_vec(m * n),
+    };
+    gemm_into(&mut out, init.is_some(), a, b);
+    out
 }
 
 fn forward<T: Real>(

@@ -57,6 +57,26 @@ pub fn output_vec<T: Real>(len: usize) -> Vec<T> {
     v
 }
 
+/// `rows` copies of `row` (a bias), each added to the matching row of `base` when given (a
+/// residual), written on the rayon pool: the starting value of a product accumulated onto it.
+pub fn repeat_rows<T: Real>(base: Option<&[T]>, row: &[T], rows: usize) -> Vec<T> {
+    let n = row.len();
+    let mut out = output_vec(rows * n);
+    let min = (16_384 / n.max(1)).max(1);
+    match base {
+        Some(base) => out.par_chunks_mut(n).with_min_len(min).enumerate().for_each(|(r, o)| {
+            for ((o, &x), &b) in o.iter_mut().zip(&base[r * n..(r + 1) * n]).zip(row) {
+                *o = x + b;
+            }
+        }),
+        None => out
+            .par_chunks_mut(n)
+            .with_min_len(min)
+            .for_each(|o| o.copy_from_slice(row)),
+    }
+    out
+}
+
 /// `shape` with its last dim replaced by `width`.
 pub fn with_last(shape: &Shape, width: usize) -> Shape {
     let mut d = shape.dims().to_vec();

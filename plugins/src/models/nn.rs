@@ -108,7 +108,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// The SwiGLU gate `silu(g) * u` (Shazeer, 2020): the fused kernel on CPU f32/f64
 /// (`kernels::swiglu`), else candle's `silu` and `mul`.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if kernels::fusable(g) && u.dtype() == g.dtype() && kernels::fusable(u) {
+    if fused_pair(g, u) {
         return kernels::swiglu::swiglu(g, u);
     }
     g.silu()? * u
