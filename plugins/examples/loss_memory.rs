@@ -28,6 +28,51 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// `--kernel`: the fused divergence's two sweeps alone (no autograd), each timed, with the bytes
+/// they must move (forward: both logit matrices read; backward: both read, the gradient
+/// written) over the time, to set against the `bandwidth` bench.
+fn kernels_alone(kind: &str, student: &Tensor, teacher: &Outputs, reps: usize) -> Result<()> {
+    use retort_plugins::kernels::divergence::{per_token_and_grad, Divergence};
+    let div = match kind {
+        "kl" => Divergence::Forward,
+        "reverse_kl" => Divergence::Reverse,
+        "jsd" => Divergence::Jsd(0.5),
+        _ => bail!("--kernel takes kl, reverse_kl or jsd"),
+    };
+    let n = student.elem_count() / student.dim(candle_core::D::Minus1)?;
+    let w = Tensor::full(
+        1.0 / n as f32,
+        student.dims()[..student.rank() - 1].to_vec(),
+        student.device(),
+    )?;
+    let (mut fwd, mut bwd, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let start = Instant::now();
+        let (d, g) = per_token_and_grad(student, &teacher.logits, 2.0, div, &w)?;
+        total.push(start.elapsed().as_secs_f64());
+        std::hint::black_box((d, g));
+        // The forward alone, for the split.
+        let start = Instant::now();
+        let d = retort_plugins::kernels::divergence::per_token(student, &teacher.logits, 2.0, div)?;
+        fwd.push(start.elapsed().as_secs_f64());
+        std::hint::black_box(d);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (f, t) = (med(&mut fwd), med(&mut total));
+    bwd.push(t - f);
+    let bytes = (student.elem_count() * 4) as f64;
+    let gib = 5.0 * bytes / (1u64 << 30) as f64;
+    println!(
+        "{kind} kernels: forward {f:.4}s, forward+backward {t:.4}s (backward ~{:.4}s); {gib:.2} GiB moved (2 read + 3 read/written matrices) = {:.1} GiB/s",
+        bwd[0],
+        gib / t
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     retort_plugins::link();
     let all: Vec<String> = std::env::args().collect();
@@ -108,6 +153,9 @@ fn main() -> Result<()> {
         mask: None,
         source: None,
     };
+    if all.iter().any(|a| a == "--kernel") {
+        return kernels_alone(kind, student.as_tensor(), &teacher, reps);
+    }
     let before = peak_rss_mib();
     let s = Outputs::logits_only(student.as_tensor().clone());
     let ctx = StepContext {

@@ -23,6 +23,9 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use super::fastmath::{reduce2, row_max, Real, BLOCK, LANES};
 use super::rows::{for_rows, output_vec, rows_width, slice, with_last};
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// Which divergence.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Divergence {
@@ -40,6 +43,46 @@ const COLS: usize = 4;
 /// temperature `t`, differentiable w.r.t. the student. Both must be f32 or f64 on the CPU
 /// (see [`super::fusable`]); the teacher is cast to the student's dtype.
 pub fn per_token(student: &Tensor, teacher: &Tensor, t: f64, kind: Divergence) -> Result<Tensor> {
+    let (zs, zt, op) = prepare(student, teacher, t, kind)?;
+    let out = zs.apply_op2(&zt, op)?;
+    out.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)
+}
+
+struct DivergenceFwd {
+    kind: Divergence,
+    inv_t: f64,
+}
+
+impl DivergenceFwd {
+    /// `g_r * dD_r/dz_s` from the forward's row statistics `res` `[.., 4]` and `g` `[.., 1]`.
+    fn student_grad(&self, zs: &Tensor, zt: &Tensor, res: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let aux = Tensor::cat(&[&res.detach(), &g.to_dtype(res.dtype())?], D::Minus1)?.contiguous()?;
+        let op = DivergenceBwd {
+            kind: self.kind,
+            inv_t: self.inv_t,
+        };
+        zs.detach().apply_op3_no_bwd(&zt.detach(), &aux, &op)
+    }
+}
+
+/// [`per_token`] and its weighted gradient without autograd: `(D [..], sum_r w_r dD_r/dz_s)`
+/// for per-token weights `w` `[..]` — the two fused sweeps alone, for callers that drive their
+/// own backward, and to measure the kernels apart from candle's gradient bookkeeping.
+pub fn per_token_and_grad(
+    student: &Tensor,
+    teacher: &Tensor,
+    t: f64,
+    kind: Divergence,
+    weights: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (zs, zt, op) = prepare(student, teacher, t, kind)?;
+    let res = zs.apply_op2_no_bwd(&zt, &op)?;
+    let grad = op.student_grad(&zs, &zt, &res, &weights.unsqueeze(D::Minus1)?)?;
+    Ok((res.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?, grad))
+}
+
+/// Both logit tensors contiguous in the student's dtype, and the forward op.
+fn prepare(student: &Tensor, teacher: &Tensor, t: f64, kind: Divergence) -> Result<(Tensor, Tensor, DivergenceFwd)> {
     if student.dims() != teacher.dims() {
         bail!(
             "student logits {:?} and teacher logits {:?} differ in shape",
@@ -54,13 +97,7 @@ pub fn per_token(student: &Tensor, teacher: &Tensor, t: f64, kind: Divergence) -
     };
     let zs = student.contiguous()?;
     let zt = teacher.detach().to_dtype(zs.dtype())?.contiguous()?;
-    let out = zs.apply_op2(&zt, DivergenceFwd { kind, inv_t: 1.0 / t })?;
-    out.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)
-}
-
-struct DivergenceFwd {
-    kind: Divergence,
-    inv_t: f64,
+    Ok((zs, zt, DivergenceFwd { kind, inv_t: 1.0 / t }))
 }
 
 struct DivergenceBwd {
@@ -184,22 +221,33 @@ fn bwd_row<T: Real>(kind: Divergence, it: T, zs: &[T], zt: &[T], aux: &[T], out:
 avx512_dispatch!(fwd_row_any, fwd_row_avx512, fwd_row, (kind: Divergence, it: T, zs: &[T], zt: &[T], out: &mut [T]));
 avx512_dispatch!(bwd_row_any, bwd_row_avx512, bwd_row, (kind: Divergence, it: T, zs: &[T], zt: &[T], aux: &[T], out: &mut [T]));
 
+/// The forward over all rows: `row(zs_row, zt_row, next, out_row)` writes each row's `COLS`;
+/// `next` is the following row pair (empty after the last), for prefetching.
 fn fwd_typed<T: Real>(
-    op: &DivergenceFwd,
     s1: &CpuStorage,
     l1: &Layout,
     s2: &CpuStorage,
     l2: &Layout,
+    row: impl Fn(&[T], &[T], (&[T], &[T]), &mut [T]) + Sync + Send,
 ) -> Result<(CpuStorage, Shape)> {
     let zs = slice::<T>(s1, l1, "student logits")?;
     let zt = slice::<T>(s2, l2, "teacher logits")?;
-    let (_, v) = rows_width(l1.shape())?;
-    let mut out = vec![T::ZERO; zs.len() / v * COLS];
-    let it = T::from_f64(op.inv_t);
+    let (rows, v) = rows_width(l1.shape())?;
+    let mut out = vec![T::ZERO; rows * COLS];
+    let part = |r: usize| (&zs[r * v..(r + 1) * v], &zt[r * v..(r + 1) * v]);
     for_rows(&mut out, COLS, 2 * v, |r, o| {
-        fwd_row_any(op.kind, it, &zs[r * v..(r + 1) * v], &zt[r * v..(r + 1) * v], o)
+        let (s, t) = part(r);
+        row(s, t, if r + 1 < rows { part(r + 1) } else { (&[], &[]) }, o)
     });
     Ok((T::storage(out), with_last(l1.shape(), COLS)))
+}
+
+/// [`fwd_typed`] with the generic rows.
+fn fwd_generic<T: Real>(op: &DivergenceFwd, st: [(&CpuStorage, &Layout); 2]) -> Result<(CpuStorage, Shape)> {
+    let it = T::from_f64(op.inv_t);
+    fwd_typed::<T>(st[0].0, st[0].1, st[1].0, st[1].1, |zs, zt, _, o| {
+        fwd_row_any(op.kind, it, zs, zt, o)
+    })
 }
 
 impl CustomOp2 for DivergenceFwd {
@@ -211,9 +259,21 @@ impl CustomOp2 for DivergenceFwd {
         if l1.shape() != l2.shape() {
             bail!("fused-divergence: shapes {:?} and {:?} differ", l1.shape(), l2.shape())
         }
+        let st = [(s1, l1), (s2, l2)];
         match s1 {
-            CpuStorage::F32(_) => fwd_typed::<f32>(self, s1, l1, s2, l2),
-            CpuStorage::F64(_) => fwd_typed::<f64>(self, s1, l1, s2, l2),
+            #[cfg(target_arch = "x86_64")]
+            CpuStorage::F32(_) if avx512::handles(self.kind) => {
+                let (reverse, it) = (self.kind == Divergence::Reverse, self.inv_t as f32);
+                fwd_typed::<f32>(s1, l1, s2, l2, |zs, zt, next, o| {
+                    // SAFETY: `handles` checked that the CPU has AVX-512F and FMA.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        avx512::fwd_row(reverse, it, zs, zt, next, o)
+                    }
+                })
+            }
+            CpuStorage::F32(_) => fwd_generic::<f32>(self, st),
+            CpuStorage::F64(_) => fwd_generic::<f64>(self, st),
             other => bail!("fused-divergence: unsupported dtype {:?}", other.dtype()),
         }
     }
@@ -222,28 +282,23 @@ impl CustomOp2 for DivergenceFwd {
         // Only column 0 (D) of the output is ever read downstream; its gradient is all that
         // matters (the other columns get zeros from `narrow`'s backward).
         let g = grad.narrow(D::Minus1, 0, 1)?;
-        let aux = Tensor::cat(&[&res.detach(), &g], D::Minus1)?.contiguous()?;
-        let op = DivergenceBwd {
-            kind: self.kind,
-            inv_t: self.inv_t,
-        };
-        let gs = zs.detach().apply_op3_no_bwd(&zt.detach(), &aux, &op)?;
-        Ok((Some(gs), None))
+        Ok((Some(self.student_grad(zs, zt, res, &g)?), None))
     }
 }
 
-fn bwd_typed<T: Real>(op: &DivergenceBwd, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuStorage, Shape)> {
+/// The backward over all rows, `row(zs_row, zt_row, aux_row, out_row)` writing each row.
+fn bwd_typed<T: Real>(
+    st: [(&CpuStorage, &Layout); 3],
+    row: impl Fn(&[T], &[T], &[T], &mut [T]) + Sync + Send,
+) -> Result<(CpuStorage, Shape)> {
     let zs = slice::<T>(st[0].0, st[0].1, "student logits")?;
     let zt = slice::<T>(st[1].0, st[1].1, "teacher logits")?;
     let aux = slice::<T>(st[2].0, st[2].1, "saved row statistics")?;
     let (_, v) = rows_width(st[0].1.shape())?;
     let w = COLS + 1;
     let mut out = output_vec(zs.len());
-    let it = T::from_f64(op.inv_t);
     for_rows(&mut out, v, 2 * v, |r, o| {
-        bwd_row_any(
-            op.kind,
-            it,
+        row(
             &zs[r * v..(r + 1) * v],
             &zt[r * v..(r + 1) * v],
             &aux[r * w..(r + 1) * w],
@@ -251,6 +306,12 @@ fn bwd_typed<T: Real>(op: &DivergenceBwd, st: [(&CpuStorage, &Layout); 3]) -> Re
         )
     });
     Ok((T::storage(out), st[0].1.shape().clone()))
+}
+
+/// [`bwd_typed`] with the generic rows.
+fn bwd_generic<T: Real>(op: &DivergenceBwd, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuStorage, Shape)> {
+    let it = T::from_f64(op.inv_t);
+    bwd_typed::<T>(st, |zs, zt, aux, o| bwd_row_any(op.kind, it, zs, zt, aux, o))
 }
 
 impl CustomOp3 for DivergenceBwd {
@@ -269,8 +330,19 @@ impl CustomOp3 for DivergenceBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let st = [(s1, l1), (s2, l2), (s3, l3)];
         match s1 {
-            CpuStorage::F32(_) => bwd_typed::<f32>(self, st),
-            CpuStorage::F64(_) => bwd_typed::<f64>(self, st),
+            #[cfg(target_arch = "x86_64")]
+            CpuStorage::F32(_) if avx512::handles(self.kind) => {
+                let (reverse, it) = (self.kind == Divergence::Reverse, self.inv_t as f32);
+                bwd_typed::<f32>(st, |zs, zt, aux, o| {
+                    // SAFETY: `handles` checked that the CPU has AVX-512F and FMA.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        avx512::bwd_row(reverse, it, zs, zt, aux, o)
+                    }
+                })
+            }
+            CpuStorage::F32(_) => bwd_generic::<f32>(self, st),
+            CpuStorage::F64(_) => bwd_generic::<f64>(self, st),
             other => bail!("fused-divergence-grad: unsupported dtype {:?}", other.dtype()),
         }
     }
@@ -279,6 +351,7 @@ impl CustomOp3 for DivergenceBwd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_util::values;
     use crate::losses::jsd::jsd_per_token;
     use crate::losses::kl::forward_kl_from_log_probs;
     use crate::losses::logit::tempered_log_probs;
@@ -357,6 +430,34 @@ mod tests {
                 );
                 assert_close(&format!("{kind:?} T={t} V={v} f32 value"), &fv, &cv, 1e-5);
                 assert_close(&format!("{kind:?} T={t} V={v} f32 grad"), &fg, &cg, 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn value_and_grad_without_autograd_match_backward() {
+        for dtype in [DType::F32, DType::F64] {
+            for kind in [Divergence::Forward, Divergence::Reverse, Divergence::Jsd(0.4)] {
+                let zs = logits(8, 301, 5, dtype);
+                let zt = logits(8, 301, 6, dtype);
+                let w = Tensor::from_vec(
+                    (0..8).map(|i| 0.25 + i as f64).collect::<Vec<_>>(),
+                    (2, 4),
+                    &Device::Cpu,
+                )
+                .and_then(|w| w.to_dtype(dtype))
+                .expect("w");
+                let (d, g) = per_token_and_grad(&zs, &zt, 1.5, kind, &w).expect("direct");
+                let var = Var::from_tensor(&zs).expect("var");
+                let per = per_token(var.as_tensor(), &zt, 1.5, kind).expect("per");
+                let grads = (per.clone() * &w)
+                    .and_then(|x| x.sum_all())
+                    .and_then(|x| x.backward())
+                    .expect("bwd");
+                let want = grads.get(var.as_tensor()).expect("grad");
+                let tol = if dtype == DType::F32 { 1e-6 } else { 1e-12 };
+                assert_close(&format!("{kind:?} {dtype:?} value"), &values(&d), &values(&per), tol);
+                assert_close(&format!("{kind:?} {dtype:?} grad"), &values(&g), &values(want), tol);
             }
         }
     }

@@ -46,6 +46,8 @@ macro_rules! avx512_dispatch {
 
 pub mod adamw;
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
 pub mod bias;
 pub mod block;
 pub mod cross_entropy;

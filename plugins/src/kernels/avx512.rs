@@ -1,0 +1,269 @@
+//! AVX-512 building blocks for the f32 kernels whose generic loops LLVM cannot make fast:
+//! Rust never contracts `a * b + c` into a fused multiply-add, so the generic Cephes `exp`
+//! ([`super::fastmath::exp_f32`]) costs ~30 instructions per vector; [`exp_ps`] is 13.
+//!
+//! Everything here is compiled for AVX-512F + FMA and only called after [`available`] said
+//! yes (std caches the detection). Callers keep their generic path for other CPUs and for f64.
+
+use std::arch::x86_64::*;
+
+/// Whether the CPU runs AVX-512F with FMA.
+#[inline]
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")
+}
+
+/// Lanes of one `__m512` of f32.
+pub const W: usize = 16;
+
+const EXP_LO: f32 = -87.3;
+const EXP_HI: f32 = 88.3;
+
+/// `e^x` on 16 lanes, with the semantics of [`super::fastmath::exp_f32`]: ~2e-7 relative error,
+/// exactly 0 below -87.3 (so `exp(-inf) = 0`), NaN in gives NaN out. The same Cephes reduction
+/// `x = n ln2 + r` and degree-6 polynomial, with FMAs, `roundscale` for `n` and `scalef` for
+/// the `2^n`.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+pub fn exp_ps(x: __m512) -> __m512 {
+    let lo = _mm512_set1_ps(EXP_LO);
+    // max/min return their second operand when either is NaN: NaN passes through.
+    let xc = _mm512_min_ps(_mm512_set1_ps(EXP_HI), _mm512_max_ps(lo, x));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        xc,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), xc);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+    let out = _mm512_scalef_ps(y, n);
+    // Not-less-than, unordered: true for NaN, so only x < -87.3 becomes 0.
+    _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, lo), out)
+}
+
+/// `p * x` where `p > 0`, else 0 (so `0 * -inf` is 0, the limit of `p ln p`).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn pmul_ps(p: __m512, x: __m512) -> __m512 {
+    _mm512_maskz_mul_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(p, _mm512_setzero_ps()), p, x)
+}
+
+/// The 16 lanes of `v` added into 8 f64 lanes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn add_wide(acc: __m512d, v: __m512) -> __m512d {
+    let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
+    _mm512_add_pd(acc, _mm512_add_pd(lo, hi))
+}
+
+/// The mask of the first `n` lanes (`n <= 16`).
+#[inline]
+pub fn head_mask(n: usize) -> __mmask16 {
+    ((1u32 << n) - 1) as __mmask16
+}
+
+/// `max_v x_v`, NaN entries skipped (as [`super::fastmath::row_max`]).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn row_max(x: &[f32]) -> f32 {
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut acc = ninf;
+    let mut chunks = x.chunks_exact(W);
+    for c in &mut chunks {
+        // SAFETY: `c` holds 16 f32.
+        #[allow(unsafe_code)]
+        let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
+        // `max(v, acc)` returns `acc` when `v` is NaN.
+        acc = _mm512_max_ps(v, acc);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        // SAFETY: the mask covers only the `rest.len()` readable elements.
+        #[allow(unsafe_code)]
+        let v = unsafe { _mm512_mask_loadu_ps(ninf, head_mask(rest.len()), rest.as_ptr()) };
+        acc = _mm512_max_ps(v, acc);
+    }
+    _mm512_reduce_max_ps(acc)
+}
+
+/// Writes 16-lane vectors over `out` with non-temporal stores where the vector is 64-byte
+/// aligned (no read-for-ownership of the destination: large outputs cost their size in memory
+/// traffic, not twice it), masked ordinary stores at the unaligned head and the tail.
+/// `f(i, k)` returns the vector for elements `i..i + 16`, of which the lanes in mask `k` are
+/// inside `out` (it must not read past them). Ends with a store fence, so the rows are visible
+/// to whichever thread reads them next.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn stream_out(out: &mut [f32], mut f: impl FnMut(usize, __mmask16) -> __m512) {
+    let n = out.len();
+    let p = out.as_mut_ptr();
+    let misalign = (p as usize % 64) / 4;
+    let head = if misalign == 0 { 0 } else { (W - misalign).min(n) };
+    if head > 0 {
+        let k = head_mask(head);
+        // SAFETY: the mask covers elements 0..head of `out`.
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm512_mask_storeu_ps(p, k, f(0, k))
+        };
+    }
+    let mut i = head;
+    while i + W <= n {
+        // SAFETY: `p + i` is 64-byte aligned and 16 elements of `out` follow it.
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm512_stream_ps(p.add(i), f(i, 0xffff))
+        };
+        i += W;
+    }
+    if i < n {
+        let k = head_mask(n - i);
+        // SAFETY: the mask covers the remaining `n - i` elements.
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm512_mask_storeu_ps(p.add(i), k, f(i, k))
+        };
+    }
+    _mm_sfence();
+}
+
+/// Prefetches the cache line holding `x[i]` into L2 (nothing when `i` is past the end).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn prefetch_l2(x: &[f32], i: usize) {
+    if i < x.len() {
+        // SAFETY: the address is inside `x`; a prefetch never faults or changes memory.
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T1>(x.as_ptr().add(i).cast())
+        };
+    }
+}
+
+/// 16 elements of `x` from `i` under mask `k` (masked-off lanes read as `fill`).
+///
+/// # Safety
+/// The lanes in `k` must lie inside `x`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(unsafe_code)]
+pub unsafe fn load(x: &[f32], i: usize, k: __mmask16, fill: f32) -> __m512 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if k == 0xffff {
+            _mm512_loadu_ps(x.as_ptr().add(i))
+        } else {
+            _mm512_mask_loadu_ps(_mm512_set1_ps(fill), k, x.as_ptr().add(i))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::fastmath::{exp_f32, row_max as generic_max};
+
+    fn lanes(v: __m512) -> [f32; 16] {
+        // SAFETY: __m512 and [f32; 16] have the same size.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::mem::transmute(v)
+        }
+    }
+
+    #[test]
+    fn exp_matches_libm_and_the_generic_exp() {
+        if !available() {
+            return;
+        }
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let xs: [f32; 16] = std::array::from_fn(|i| x + i as f32 * 0.0007);
+            // SAFETY: the CPU has AVX-512F and FMA (checked above).
+            #[allow(unsafe_code)]
+            let got = lanes(unsafe { exp_ps(_mm512_loadu_ps(xs.as_ptr())) });
+            for (g, &x) in got.iter().zip(&xs) {
+                let want = (x as f64).exp();
+                worst = worst.max(((*g as f64 - want) / want).abs());
+            }
+            x += 0.0137;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+        let special = [
+            f32::NEG_INFINITY,
+            -100.0,
+            -87.31,
+            f32::NAN,
+            0.0,
+            1.0,
+            100.0,
+            f32::INFINITY,
+        ];
+        let mut xs = [0f32; 16];
+        xs[..special.len()].copy_from_slice(&special);
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        let got = lanes(unsafe { exp_ps(_mm512_loadu_ps(xs.as_ptr())) });
+        for (g, &x) in got.iter().zip(&xs) {
+            let want = exp_f32(x);
+            assert!(
+                (g.is_nan() && want.is_nan()) || (*g - want).abs() <= 4e-7 * want.abs(),
+                "exp({x}): {g} vs generic {want}"
+            );
+        }
+        assert_eq!(got[0], 0.0);
+        assert_eq!(got[4], 1.0);
+    }
+
+    #[test]
+    fn row_max_skips_nan_and_handles_tails() {
+        if !available() {
+            return;
+        }
+        for n in [1, 15, 16, 17, 100] {
+            let mut x: Vec<f32> = (0..n).map(|i| ((i * 37) % 23) as f32 - 40.0).collect();
+            x[n / 2] = f32::NAN;
+            // SAFETY: the CPU has AVX-512F (checked above).
+            #[allow(unsafe_code)]
+            let got = unsafe { row_max(&x) };
+            assert_eq!(got.to_bits(), generic_max(&x).to_bits(), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn stream_out_writes_every_element_at_any_alignment() {
+        if !available() {
+            return;
+        }
+        let mut buf = vec![0f32; 200];
+        for start in 0..17 {
+            for n in [0, 1, 5, 16, 33, 150] {
+                buf.iter_mut().for_each(|x| *x = -1.0);
+                // SAFETY: the CPU has AVX-512F (checked above).
+                #[allow(unsafe_code)]
+                unsafe {
+                    stream_out(&mut buf[start..start + n], |i, _| {
+                        _mm512_add_ps(
+                            _mm512_set1_ps(i as f32),
+                            _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.),
+                        )
+                    })
+                };
+                for (j, x) in buf.iter().enumerate() {
+                    let want = if (start..start + n).contains(&j) {
+                        (j - start) as f32
+                    } else {
+                        -1.0
+                    };
+                    assert_eq!(*x, want, "start {start} n {n} at {j}");
+                }
+            }
+        }
+    }
+}
