@@ -45,6 +45,49 @@ pub fn exp_ps(x: __m512) -> __m512 {
     _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, lo), out)
 }
 
+/// `1 / d` on 16 lanes: the 14-bit `rcp14` estimate and one Newton step (~1e-8 relative), a
+/// fraction of the cost of `vdivps`.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+pub fn recip_ps(d: __m512) -> __m512 {
+    let r = _mm512_rcp14_ps(d);
+    _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0)))
+}
+
+/// `o_i = f(x_i)` over 16-lane vectors (a masked vector for the tail).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn map1(o: &mut [f32], x: &[f32], mut f: impl FnMut(__m512) -> __m512) {
+    let n = o.len().min(x.len());
+    let mut i = 0;
+    while i < n {
+        let k = if i + W <= n { 0xffff } else { head_mask(n - i) };
+        #[allow(unsafe_code)]
+        // SAFETY: the lanes in `k` lie inside `o` and `x` (`i + lanes <= n`).
+        unsafe {
+            _mm512_mask_storeu_ps(o.as_mut_ptr().add(i), k, f(load(x, i, k, 0.0)))
+        };
+        i += W;
+    }
+}
+
+/// `o_i = f(x_i, y_i)` over 16-lane vectors (a masked vector for the tail).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn map2(o: &mut [f32], x: &[f32], y: &[f32], mut f: impl FnMut(__m512, __m512) -> __m512) {
+    let n = o.len().min(x.len()).min(y.len());
+    let mut i = 0;
+    while i < n {
+        let k = if i + W <= n { 0xffff } else { head_mask(n - i) };
+        #[allow(unsafe_code)]
+        // SAFETY: the lanes in `k` lie inside `o`, `x` and `y` (`i + lanes <= n`).
+        unsafe {
+            _mm512_mask_storeu_ps(o.as_mut_ptr().add(i), k, f(load(x, i, k, 0.0), load(y, i, k, 0.0)))
+        };
+        i += W;
+    }
+}
+
 /// `p * x` where `p > 0`, else 0 (so `0 * -inf` is 0, the limit of `p ln p`).
 #[inline]
 #[target_feature(enable = "avx512f")]

@@ -64,6 +64,16 @@ fn sum_rows<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> 
     Ok((T::storage(total.into_iter().map(T::from_f64).collect()), Shape::from(n)))
 }
 
+/// `acc += row`, widened to f64.
+#[inline(always)]
+fn add_row<T: Real>(acc: &mut [f64], row: &[T]) {
+    for (a, &v) in acc.iter_mut().zip(row) {
+        *a += v.to_f64();
+    }
+}
+
+avx512_dispatch!(add_row_any, add_row_avx512, add_row, (acc: &mut [f64], row: &[T]));
+
 /// The sums over rows of the `n`-wide rows of `g` (f64 within blocks of rows, on the rayon
 /// pool, blocks summed after): a bias gradient.
 pub(crate) fn column_sums<T: Real>(g: &[T], n: usize) -> Vec<f64> {
@@ -71,9 +81,7 @@ pub(crate) fn column_sums<T: Real>(g: &[T], n: usize) -> Vec<f64> {
         .map(|block| {
             let mut acc = vec![0f64; n];
             for row in block.chunks(n) {
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a += v.to_f64();
-                }
+                add_row_any(&mut acc, row);
             }
             acc
         })

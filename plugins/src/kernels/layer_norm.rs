@@ -4,14 +4,16 @@
 //! Per row of width `D`: `mu = mean x`, `r = 1 / sqrt(mean (x - mu)^2 + eps)`,
 //! `xh = (x - mu) r`, `y = xh w + b`. Backward with `gy` the incoming gradient and
 //! `gx_h = gy w`: `dx = r (gx_h - mean gx_h - xh mean(gx_h xh))`, `dw = sum_rows gy xh`,
-//! `db = sum_rows gy`. Row statistics in f64; the backward recomputes them from `x` (rows are
-//! short) and reduces `dw`, `db` per block of rows before summing the blocks.
+//! `db = sum_rows gy`. Row sums lane-wise in the element type, f64 across blocks (as the other
+//! kernels, see [`super::fastmath::reduce2`]); the backward recomputes the row statistics from
+//! `x` (rows are short) and reduces `dw`, `db` in f64 per block of rows before summing the
+//! blocks. The row loops are compiled for AVX-512 where the CPU has it.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::fastmath::Real;
+use super::fastmath::{reduce2, sum, Real, LANES};
 use super::rows::{for_rows, output_vec, rows_width, slice};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dim of `x`; `weight`, `bias`
@@ -37,14 +39,81 @@ struct LayerNormBwd {
     eps: f64,
 }
 
-/// `(mean, 1 / sqrt(var + eps))` of a row.
-#[inline]
+/// `(mean, 1 / sqrt(var + eps))` of a row: two lane-wise passes (mean, then the centred
+/// squares), f64 across blocks (see [`reduce2`]).
+#[inline(always)]
 fn stats<T: Real>(x: &[T], eps: f64) -> (f64, f64) {
     let n = x.len() as f64;
-    let mu = x.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-    let var = x.iter().map(|v| (v.to_f64() - mu).powi(2)).sum::<f64>() / n;
+    let mu = sum(x) / n;
+    let m = T::from_f64(mu);
+    let var = reduce2(x, x, |v, _| [(v - m) * (v - m)])[0] / n;
     (mu, 1.0 / (var + eps).sqrt())
 }
+
+/// One row of the forward: `o = (x - mu) r w + b`.
+#[inline(always)]
+fn fwd_row<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64, o: &mut [T]) {
+    let (mu, rs) = stats(x, eps);
+    let (mu, rs) = (T::from_f64(mu), T::from_f64(rs));
+    for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+        *o = (v - mu) * rs * w + b;
+    }
+}
+
+/// One row of the backward: `dx` written into (or, with `accumulate`, added to) `o`, and the
+/// row's `gy xh` and `gy` added to the block's f64 column sums `acc_w`, `acc_b`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn bwd_row<T: Real>(
+    x: &[T],
+    g: &[T],
+    w: &[T],
+    eps: f64,
+    acc_w: &mut [f64],
+    acc_b: &mut [f64],
+    o: &mut [T],
+    accumulate: bool,
+) {
+    let d = x.len();
+    let (mu, rs) = stats(x, eps);
+    let (mu, rs) = (T::from_f64(mu), T::from_f64(rs));
+    // m1 = mean gy w, m2 = mean gy w xh, lane-wise.
+    let (mut a1, mut a2) = ([T::ZERO; LANES], [T::ZERO; LANES]);
+    let (cx, cg, cw) = (x.chunks_exact(LANES), g.chunks_exact(LANES), w.chunks_exact(LANES));
+    let (rx, rg, rw) = (cx.remainder(), cg.remainder(), cw.remainder());
+    for ((cx, cg), cw) in cx.zip(cg).zip(cw) {
+        for i in 0..LANES {
+            let gh = cg[i] * cw[i];
+            a1[i] = a1[i] + gh;
+            a2[i] = a2[i] + gh * ((cx[i] - mu) * rs);
+        }
+    }
+    let (mut m1, mut m2) = (0f64, 0f64);
+    for ((&x, &g), &w) in rx.iter().zip(rg).zip(rw) {
+        m1 += (g * w).to_f64();
+        m2 += (g * w * ((x - mu) * rs)).to_f64();
+    }
+    m1 += a1.iter().map(|v| v.to_f64()).sum::<f64>();
+    m2 += a2.iter().map(|v| v.to_f64()).sum::<f64>();
+    let (m1, m2) = (T::from_f64(m1 / d as f64), T::from_f64(m2 / d as f64));
+    for (((aw, ab), &x), &g) in acc_w.iter_mut().zip(acc_b.iter_mut()).zip(x).zip(g) {
+        *aw += (g * ((x - mu) * rs)).to_f64();
+        *ab += g.to_f64();
+    }
+    let dx = |x: T, g: T, w: T| rs * (g * w - m1 - (x - mu) * rs * m2);
+    if accumulate {
+        for (((o, &x), &g), &w) in o.iter_mut().zip(x).zip(g).zip(w) {
+            *o = *o + dx(x, g, w);
+        }
+    } else {
+        for (((o, &x), &g), &w) in o.iter_mut().zip(x).zip(g).zip(w) {
+            *o = dx(x, g, w);
+        }
+    }
+}
+
+avx512_dispatch!(fwd_row_any, fwd_row_avx512, fwd_row, (x: &[T], w: &[T], b: &[T], eps: f64, o: &mut [T]));
+avx512_dispatch!(bwd_row_any, bwd_row_avx512, bwd_row, (x: &[T], g: &[T], w: &[T], eps: f64, acc_w: &mut [f64], acc_b: &mut [f64], o: &mut [T], accumulate: bool));
 
 fn fwd_typed<T: Real>(eps: f64, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuStorage, Shape)> {
     let x = slice::<T>(st[0].0, st[0].1, "x")?;
@@ -57,14 +126,7 @@ fn fwd_typed<T: Real>(eps: f64, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuS
 /// The LayerNorm of the `d`-wide rows of `x` (on slices, for ops that fuse several layers).
 pub(crate) fn forward_rows<T: Real>(x: &[T], w: &[T], b: &[T], d: usize, eps: f64) -> Vec<T> {
     let mut out = output_vec(x.len());
-    for_rows(&mut out, d, d, |r, o| {
-        let row = &x[r * d..(r + 1) * d];
-        let (mu, rs) = stats(row, eps);
-        let (mu, rs) = (T::from_f64(mu), T::from_f64(rs));
-        for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(w).zip(b) {
-            *o = (v - mu) * rs * w + b;
-        }
-    });
+    for_rows(&mut out, d, d, |r, o| fwd_row_any(&x[r * d..(r + 1) * d], w, b, eps, o));
     out
 }
 
@@ -143,26 +205,11 @@ pub(crate) fn backward_rows<T: Real>(
         .enumerate()
         .map(|(bi, block)| {
             let mut acc = vec![0f64; 2 * d];
+            let (acc_w, acc_b) = acc.split_at_mut(d);
             for (i, o) in block.chunks_mut(d).enumerate() {
                 let r = bi * BLOCK_ROWS + i;
                 let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
-                let (mu, rs) = stats(xr, eps);
-                let (mut m1, mut m2) = (0f64, 0f64);
-                for j in 0..d {
-                    let xh = (xr[j].to_f64() - mu) * rs;
-                    let gh = gr[j].to_f64() * w[j].to_f64();
-                    m1 += gh;
-                    m2 += gh * xh;
-                    acc[j] += gr[j].to_f64() * xh;
-                    acc[d + j] += gr[j].to_f64();
-                }
-                let (m1, m2) = (m1 / d as f64, m2 / d as f64);
-                for j in 0..d {
-                    let xh = (xr[j].to_f64() - mu) * rs;
-                    let gh = gr[j].to_f64() * w[j].to_f64();
-                    let v = T::from_f64(rs * (gh - m1 - xh * m2));
-                    o[j] = if accumulate { o[j] + v } else { v };
-                }
+                bwd_row_any(xr, gr, w, eps, acc_w, acc_b, o, accumulate);
             }
             acc
         })

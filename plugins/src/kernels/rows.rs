@@ -29,6 +29,26 @@ pub fn slice_u32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u
     }
 }
 
+/// `x` as `&[f32]` when `T` is `f32` (for f32-only fast paths inside generic kernels).
+pub fn as_f32<T: Real>(x: &[T]) -> Option<&[f32]> {
+    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
+        return None;
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: `T` is `f32` (same TypeId): the same element type, length and lifetime.
+    Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) })
+}
+
+/// `x` as `&mut [f32]` when `T` is `f32`.
+pub fn as_f32_mut<T: Real>(x: &mut [T]) -> Option<&mut [f32]> {
+    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
+        return None;
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: as in `as_f32`; the borrow is moved into the result.
+    Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) })
+}
+
 /// `(rows, width)` of a tensor whose last dim is `width`.
 pub fn rows_width(shape: &Shape) -> Result<(usize, usize)> {
     let dims = shape.dims();
