@@ -19,7 +19,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::fastmath::{row_max, sum, Real};
+use super::fastmath::{reduce2, row_max, sum, Real};
+use super::rows::as_f32_mut;
 
 /// Causal attention `softmax(scale q k^T) v` of `q [B, H, T, d]` and `k`, `v [B, H_kv, T, d]`,
 /// returned as `[B, T, H d]` (heads side by side per token). f32/f64 on the CPU (see
@@ -230,9 +231,11 @@ unsafe fn block_f32_avx512(
     }
 }
 
+/// `x . y`, lane-wise (see [`reduce2`]): a plain f64 running sum is one dependent add per
+/// element.
 #[inline(always)]
 fn dot<T: Real>(x: &[T], y: &[T]) -> f64 {
-    x.iter().zip(y).map(|(&x, &y)| (x * y).to_f64()).sum()
+    reduce2(x, y, |a, b| [a * b])[0]
 }
 
 /// `n` rounded up to a multiple of `W`.
@@ -259,6 +262,24 @@ fn gather<T: Real>(x: &[T], view: &View, b: usize, h: usize, dm: Dims, out: &mut
     }
 }
 
+/// `x <- e^(x - max x)` in place; returns the sum of the new values.
+#[inline(always)]
+fn exp_shifted_sum<T: Real>(x: &mut [T]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::available() {
+        if let Some(x) = as_f32_mut(x) {
+            // SAFETY: the CPU has AVX-512F and FMA (checked above).
+            #[allow(unsafe_code)]
+            return unsafe { super::avx512::exp_shifted_sum(x) };
+        }
+    }
+    let m = row_max(x);
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+    }
+    sum(x)
+}
+
 /// Row-wise causal softmax of the `R` score rows `s [R, ld]` of queries `i0..i0 + R` (rows at
 /// or past `t` are padding): row `i` keeps columns `0..=i`, the rest of its first `n` columns
 /// become 0. Returns each row's `1 / sum exp`; with `normalize`, the rows are divided by it.
@@ -274,11 +295,7 @@ fn softmax_rows<T: Real>(s: &mut [T], ld: usize, i0: usize, t: usize, n: usize, 
         }
         let (live, dead) = row.split_at_mut(i + 1);
         dead.fill(T::ZERO);
-        let m = row_max(live);
-        for x in live.iter_mut() {
-            *x = (*x - m).exp();
-        }
-        *inv = T::from_f64(1.0 / sum(live));
+        *inv = T::from_f64(1.0 / exp_shifted_sum(live));
         if normalize {
             for x in live.iter_mut() {
                 *x = *x * *inv;

@@ -134,6 +134,32 @@ pub fn row_max(x: &[f32]) -> f32 {
     _mm512_reduce_max_ps(acc)
 }
 
+/// `x <- e^(x - max x)` in place (NaN entries skipped by the max, NaN out); returns the sum
+/// of the new values, lane-wise in f32 within blocks of 512 and f64 across them.
+#[target_feature(enable = "avx512f,fma")]
+pub fn exp_shifted_sum(x: &mut [f32]) -> f64 {
+    let m = _mm512_set1_ps(row_max(x));
+    let mut total = _mm512_setzero_pd();
+    for block in x.chunks_mut(super::fastmath::BLOCK) {
+        let mut acc = _mm512_setzero_ps();
+        let n = block.len();
+        let mut i = 0;
+        while i < n {
+            let k = if i + W <= n { 0xffff } else { head_mask(n - i) };
+            #[allow(unsafe_code)]
+            // SAFETY: the lanes in `k` lie inside `block`.
+            unsafe {
+                let e = exp_ps(_mm512_sub_ps(load(block, i, k, 0.0), m));
+                _mm512_mask_storeu_ps(block.as_mut_ptr().add(i), k, e);
+                acc = _mm512_mask_add_ps(acc, k, acc, e);
+            }
+            i += W;
+        }
+        total = add_wide(total, acc);
+    }
+    _mm512_reduce_add_pd(total)
+}
+
 /// Writes 16-lane vectors over `out` with non-temporal stores where the vector is 64-byte
 /// aligned (no read-for-ownership of the destination: large outputs cost their size in memory
 /// traffic, not twice it), masked ordinary stores at the unaligned head and the tail.
