@@ -180,7 +180,12 @@ impl KdStep {
     }
 
     /// One step: the loss value and the seconds of its five phases.
+    /// One step on retort's rayon pool, as the trainer runs it ([`crate::pool`]).
     fn timed_step(&mut self) -> Result<(f64, Phases)> {
+        crate::pool::on_pool(|| self.timed_step_here())
+    }
+
+    fn timed_step_here(&mut self) -> Result<(f64, Phases)> {
         let batch = self.batch()?;
         let none = TapSet::none();
         let t0 = Instant::now();

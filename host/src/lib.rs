@@ -17,6 +17,7 @@ pub mod optim;
 pub mod pipeline;
 pub mod plot;
 pub mod plugin_loader;
+pub mod pool;
 pub mod report;
 pub mod run;
 pub mod rundir;

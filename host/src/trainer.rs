@@ -241,8 +241,14 @@ impl Early<'_> {
     }
 }
 
-/// Runs `phase` over the training split of `data`, sending records to `observers`.
+/// Runs `phase` over the training split of `data`, sending records to `observers`, on
+/// retort's rayon pool ([`crate::pool`]).
 pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn Observer>]) -> Result<PhaseStats> {
+    crate::pool::on_pool(|| train_phase_here(phase, data, observers))
+}
+
+/// [`train_phase`] on the calling thread.
+fn train_phase_here(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn Observer>]) -> Result<PhaseStats> {
     let Phase {
         label,
         student,
