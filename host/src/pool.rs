@@ -57,7 +57,7 @@ mod tests {
         assert!(name.is_some_and(|n| n.starts_with("retort-")));
         assert_eq!(v, 42);
         // Nested calls run in place.
-        let nested = on_pool(|| on_pool(|| rayon::current_thread_index()));
+        let nested = on_pool(|| on_pool(rayon::current_thread_index));
         assert!(nested.is_some());
     }
 
