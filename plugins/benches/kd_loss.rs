@@ -1,12 +1,20 @@
 //! KD loss forward + backward at LLM scale (N = 2048 tokens, V = 50,257): dense `kl` (T = 2)
 //! and `topk_kl` (k = 64, sparse teacher as from a logit cache), both through the built-in
 //! terms (fused kernels). Throughput is the bytes of logits the step must read at least once
-//! (student and teacher, or student only for top-k), to compare with the `bandwidth` bench.
+//! (student and teacher, or student only for top-k), to compare with the `bandwidth` bench;
+//! `kl_dense_kernels_only` times the fused forward and backward sweeps without candle's
+//! autograd and counts the five matrices they move.
 //!
 //! `cargo bench -p retort-plugins --bench kd_loss`
 
 // criterion_group! generates an undocumented function.
 #![allow(missing_docs)]
+
+/// The allocator of the `retort` binary (retort-host's default): it keeps freed blocks for
+/// reuse, where glibc's malloc maps every ~412 MB buffer afresh and the kernel zeroes its pages
+/// on each iteration (which then dominates the time).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -15,6 +23,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use retort_core::registry::Factory;
 use retort_core::{Batch, BuildContext, LossTerm, Outputs, Params, Progress, Registry, StepContext};
+use retort_plugins::kernels::divergence::{per_token_and_grad, Divergence};
 
 const N: usize = 2048;
 const V: usize = 50_257;
@@ -77,6 +86,16 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Bytes((2 * N * V * 4) as u64));
         g.bench_function("kl_dense_fused", |b| {
             b.iter(|| step(kl.as_ref(), &student, &dense, &batch).expect("kl step"))
+        });
+        // The two fused sweeps alone (no autograd): forward reads both matrices, backward reads
+        // both and writes the gradient, so 5 matrices' bytes move.
+        let w = Tensor::full(1.0 / N as f32, (1, N), &dev)?;
+        g.throughput(Throughput::Bytes((5 * N * V * 4) as u64));
+        g.bench_function("kl_dense_kernels_only", |b| {
+            b.iter(|| {
+                per_token_and_grad(student.as_tensor(), &dense.logits, 2.0, Divergence::Forward, &w)
+                    .expect("kl kernels")
+            })
         });
         drop(dense);
 
