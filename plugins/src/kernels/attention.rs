@@ -364,6 +364,7 @@ fn bwd_seq<T: Real>(
     let mut p = vec![T::ZERO; tp * tp]; // probabilities
     let mut ds = vec![T::ZERO; tp * tp]; // dP, then dS
     let mut acc = vec![T::ZERO; R * dp];
+    let mut deltas = vec![T::ZERO; t];
     for h in 0..heads {
         let g = h / rep;
         gather(x.0, &views.0, b, h, dm, &mut qs, dp, false);
@@ -372,9 +373,12 @@ fn bwd_seq<T: Real>(
             gather(x.1, &views.1, b, g, dm, &mut kt, tp, true);
             gather(x.2, &views.2, b, g, dm, &mut vt, tp, true);
         }
+        // The head's dy rows, and delta_i = dy_i . y_i in the same sweep (a streaming pass;
+        // computed inside the row blocks below, the loads of y stalled on memory).
         for ti in 0..t {
             let at = (b * t + ti) * hd + h * d;
             dys[ti * dp..ti * dp + d].copy_from_slice(&dy[at..at + d]);
+            deltas[ti] = T::from_f64(dot(&dy[at..at + d], &y[at..at + d]));
         }
         // P (recomputed), dP = dy v^T, dS = P (dP - delta) scale, row block by row block.
         for i0 in (0..t).step_by(R) {
@@ -387,8 +391,7 @@ fn bwd_seq<T: Real>(
             block(&dys[i0 * dp..], (dp, 1), &vt, tp, (0, d), n, dr, tp, T::ONE);
             for r in 0..(live - i0) {
                 let i = i0 + r;
-                let at = (b * t + i) * hd + h * d;
-                let delta = T::from_f64(dot(&dy[at..at + d], &y[at..at + d]));
+                let delta = deltas[i];
                 for (dsv, &pv) in dr[r * tp..r * tp + i + 1].iter_mut().zip(&pr[r * tp..r * tp + i + 1]) {
                     *dsv = pv * (*dsv - delta) * scale;
                 }
