@@ -1,6 +1,7 @@
 //! AVX-512 building blocks for the f32 kernels whose generic loops LLVM cannot make fast:
 //! Rust never contracts `a * b + c` into a fused multiply-add, so the generic Cephes `exp`
-//! ([`super::fastmath::exp_f32`]) costs ~30 instructions per vector; [`exp_ps`] is 13.
+//! ([`super::fastmath::exp_f32`]) costs ~30 instructions per vector; [`exp_ps`] is 13, and
+//! [`ln_ps`] splits its argument with `getmant`/`getexp` instead of bit twiddling.
 //!
 //! Everything here is compiled for AVX-512F + FMA and only called after [`available`] said
 //! yes (std caches the detection). Callers keep their generic path for other CPUs and for f64.
@@ -43,6 +44,56 @@ pub fn exp_ps(x: __m512) -> __m512 {
     let out = _mm512_scalef_ps(y, n);
     // Not-less-than, unordered: true for NaN, so only x < -87.3 becomes 0.
     _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, lo), out)
+}
+
+/// `ln x` on 16 lanes, with the semantics of [`super::fastmath::ln_f32`]: ~2e-7 relative error
+/// for normal `x > 0`, `ln 0 = -inf`, `ln inf = inf`, NaN for `x < 0` and NaN. The same Cephes
+/// split `x = m 2^e`, `m in [sqrt(1/2), sqrt(2))` (from `getmant`/`getexp`) and degree-9
+/// polynomial in `f = m - 1`, with FMAs.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+pub fn ln_ps(x: __m512) -> __m512 {
+    let one = _mm512_set1_ps(1.0);
+    // x = m 2^e with m in [1, 2); then m in [sqrt(1/2), sqrt(2)).
+    let m = _mm512_getmant_ps::<_MM_MANT_NORM_1_2, _MM_MANT_SIGN_SRC>(x);
+    let e = _mm512_getexp_ps(x);
+    let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, _mm512_set1_ps(std::f32::consts::SQRT_2));
+    let m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5));
+    let e = _mm512_mask_add_ps(e, big, e, one);
+    let f = _mm512_sub_ps(m, one);
+    let z = _mm512_mul_ps(f, f);
+    let mut p = _mm512_set1_ps(7.037_683_6e-2);
+    for c in [
+        -1.151_461e-1,
+        1.167_699_9e-1,
+        -1.242_014_1e-1,
+        1.424_932_3e-1,
+        -1.666_805_8e-1,
+        2.000_071_4e-1,
+        -2.499_999_4e-1,
+        0.333_333_34,
+    ] {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+    }
+    // y = p f z + e ln2_lo - z / 2; ln x = f + y + e ln2_hi.
+    let y = _mm512_fmadd_ps(
+        _mm512_mul_ps(p, f),
+        z,
+        _mm512_mul_ps(e, _mm512_set1_ps(-2.121_944_4e-4)),
+    );
+    let y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5), y);
+    let out = _mm512_fmadd_ps(e, _mm512_set1_ps(0.693_359_4), _mm512_add_ps(f, y));
+    let zero = _mm512_setzero_ps();
+    let inf = _mm512_set1_ps(f32::INFINITY);
+    // Special cases, in the order the generic function checks them.
+    let out = _mm512_mask_mov_ps(out, _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(x, inf), inf);
+    let bad = _mm512_cmp_ps_mask::<_CMP_NGE_UQ>(x, zero); // x < 0 or NaN
+    let out = _mm512_mask_mov_ps(out, bad, _mm512_set1_ps(f32::NAN));
+    _mm512_mask_mov_ps(
+        out,
+        _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(x, zero),
+        _mm512_set1_ps(f32::NEG_INFINITY),
+    )
 }
 
 /// `1 / d` on 16 lanes: the 14-bit `rcp14` estimate and one Newton step (~1e-8 relative), a
@@ -288,6 +339,46 @@ mod tests {
         }
         assert_eq!(got[0], 0.0);
         assert_eq!(got[4], 1.0);
+    }
+
+    #[test]
+    fn ln_matches_libm_and_the_generic_ln() {
+        if !available() {
+            return;
+        }
+        let mut worst = 0f64;
+        let mut x = 1e-30f32;
+        while x < 1e30 {
+            let xs: [f32; 16] = std::array::from_fn(|i| x * (1.0 + i as f32 * 0.0007));
+            // SAFETY: the CPU has AVX-512F and FMA (checked above).
+            #[allow(unsafe_code)]
+            let got = lanes(unsafe { ln_ps(_mm512_loadu_ps(xs.as_ptr())) });
+            for (g, &x) in got.iter().zip(&xs) {
+                let want = (x as f64).ln();
+                worst = worst.max((*g as f64 - want).abs() / want.abs().max(1.0));
+            }
+            x *= 1.0137;
+        }
+        assert!(worst < 4e-7, "worst error {worst}");
+        let special = [0.0, -0.0, -1.0, f32::NAN, f32::INFINITY, 1.0, 1e-40, f32::MIN_POSITIVE];
+        let mut xs = [1f32; 16];
+        xs[..special.len()].copy_from_slice(&special);
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        let got = lanes(unsafe { ln_ps(_mm512_loadu_ps(xs.as_ptr())) });
+        assert_eq!(got[0], f32::NEG_INFINITY);
+        assert_eq!(got[1], f32::NEG_INFINITY);
+        assert!(got[2].is_nan() && got[3].is_nan());
+        assert_eq!(got[4], f32::INFINITY);
+        assert_eq!(got[5], 0.0);
+        for (i, &x) in xs.iter().enumerate().skip(6).take(2) {
+            let want = (x as f64).ln();
+            assert!(
+                (got[i] as f64 - want).abs() < 1e-5 * want.abs(),
+                "ln({x}) = {} vs {want}",
+                got[i]
+            );
+        }
     }
 
     #[test]

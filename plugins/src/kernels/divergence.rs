@@ -262,13 +262,13 @@ impl CustomOp2 for DivergenceFwd {
         let st = [(s1, l1), (s2, l2)];
         match s1 {
             #[cfg(target_arch = "x86_64")]
-            CpuStorage::F32(_) if avx512::handles(self.kind) => {
-                let (reverse, it) = (self.kind == Divergence::Reverse, self.inv_t as f32);
+            CpuStorage::F32(_) if avx512::available() => {
+                let (kind, it) = (self.kind, self.inv_t as f32);
                 fwd_typed::<f32>(s1, l1, s2, l2, |zs, zt, next, o| {
-                    // SAFETY: `handles` checked that the CPU has AVX-512F and FMA.
+                    // SAFETY: `available` checked that the CPU has AVX-512F and FMA.
                     #[allow(unsafe_code)]
                     unsafe {
-                        avx512::fwd_row(reverse, it, zs, zt, next, o)
+                        avx512::fwd_row(kind, it, zs, zt, next, o)
                     }
                 })
             }
@@ -331,13 +331,13 @@ impl CustomOp3 for DivergenceBwd {
         let st = [(s1, l1), (s2, l2), (s3, l3)];
         match s1 {
             #[cfg(target_arch = "x86_64")]
-            CpuStorage::F32(_) if avx512::handles(self.kind) => {
-                let (reverse, it) = (self.kind == Divergence::Reverse, self.inv_t as f32);
+            CpuStorage::F32(_) if avx512::available() => {
+                let (kind, it) = (self.kind, self.inv_t as f32);
                 bwd_typed::<f32>(st, |zs, zt, aux, o| {
-                    // SAFETY: `handles` checked that the CPU has AVX-512F and FMA.
+                    // SAFETY: `available` checked that the CPU has AVX-512F and FMA.
                     #[allow(unsafe_code)]
                     unsafe {
-                        avx512::bwd_row(reverse, it, zs, zt, aux, o)
+                        avx512::bwd_row(kind, it, zs, zt, aux, o)
                     }
                 })
             }
