@@ -20,7 +20,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Res
 use rayon::prelude::*;
 
 use super::fastmath::{reduce2, row_max, sum, Real};
-use super::rows::as_f32_mut;
+use super::rows::{as_f32_mut, by_dtype};
 
 /// Causal attention `softmax(scale q k^T) v` of `q [B, H, T, d]` and `k`, `v [B, H_kv, T, d]`,
 /// returned as `[B, T, H d]` (heads side by side per token). f32/f64 on the CPU (see
@@ -475,11 +475,12 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match s1 {
-            CpuStorage::F32(_) => fwd_typed::<f32>(self.scale, (s1, s2, s3), (l1, l2, l3)),
-            CpuStorage::F64(_) => fwd_typed::<f64>(self.scale, (s1, s2, s3), (l1, l2, l3)),
-            other => bail!("causal attention: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "causal attention",
+            &[s1],
+            || fwd_typed::<f32>(self.scale, (s1, s2, s3), (l1, l2, l3)),
+            || fwd_typed::<f64>(self.scale, (s1, s2, s3), (l1, l2, l3)),
+        )
     }
 
     fn bwd(
@@ -547,19 +548,24 @@ impl CustomOp2 for AttentionBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => bwd_typed::<f32>(
-                self,
-                super::rows::slice(s1, l1, "attention output")?,
-                super::rows::slice(s2, l2, "attention grad")?,
-            ),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => bwd_typed::<f64>(
-                self,
-                super::rows::slice(s1, l1, "attention output")?,
-                super::rows::slice(s2, l2, "attention grad")?,
-            ),
-            _ => bail!("causal attention backward: unsupported dtypes"),
-        }
+        by_dtype(
+            "causal attention backward",
+            &[s1, s2],
+            || {
+                bwd_typed::<f32>(
+                    self,
+                    super::rows::slice(s1, l1, "attention output")?,
+                    super::rows::slice(s2, l2, "attention grad")?,
+                )
+            },
+            || {
+                bwd_typed::<f64>(
+                    self,
+                    super::rows::slice(s1, l1, "attention output")?,
+                    super::rows::slice(s2, l2, "attention grad")?,
+                )
+            },
+        )
     }
 }
 
@@ -707,11 +713,12 @@ impl CustomOp1 for Packed {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        match s {
-            CpuStorage::F32(_) => self.fwd::<f32>(s, l),
-            CpuStorage::F64(_) => self.fwd::<f64>(s, l),
-            other => bail!("causal attention: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "causal attention",
+            &[s],
+            || self.fwd::<f32>(s, l),
+            || self.fwd::<f64>(s, l),
+        )
     }
 
     fn bwd(&self, qkv: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -752,17 +759,22 @@ impl CustomOp2 for PackedBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.run::<f32>(
-                super::rows::slice(s1, l1, "attention output")?,
-                super::rows::slice(s2, l2, "attention grad")?,
-            ),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => self.run::<f64>(
-                super::rows::slice(s1, l1, "attention output")?,
-                super::rows::slice(s2, l2, "attention grad")?,
-            ),
-            _ => bail!("causal attention backward: unsupported dtypes"),
-        }
+        by_dtype(
+            "causal attention backward",
+            &[s1, s2],
+            || {
+                self.run::<f32>(
+                    super::rows::slice(s1, l1, "attention output")?,
+                    super::rows::slice(s2, l2, "attention grad")?,
+                )
+            },
+            || {
+                self.run::<f64>(
+                    super::rows::slice(s1, l1, "attention output")?,
+                    super::rows::slice(s2, l2, "attention grad")?,
+                )
+            },
+        )
     }
 }
 

@@ -4,12 +4,11 @@
 //! candle's `broadcast_add` backward reduces `gy` over the broadcast rows with a strided
 //! `sum_keepdim`; this reduces contiguous rows instead, on the rayon pool.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::fastmath::Real;
-use super::rows::{rows_width, slice};
+use super::rows::{by_dtype, rows_width, slice};
 
 /// `x + bias` with `bias` `[n]` broadcast over the rows of `x` `[.., n]`.
 pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -42,11 +41,12 @@ impl CustomOp2 for BiasAdd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        match s1 {
-            CpuStorage::F32(_) => fwd_typed::<f32>(s1, l1, s2, l2),
-            CpuStorage::F64(_) => fwd_typed::<f64>(s1, l1, s2, l2),
-            other => bail!("fused-bias-add: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-bias-add",
+            &[s1],
+            || fwd_typed::<f32>(s1, l1, s2, l2),
+            || fwd_typed::<f64>(s1, l1, s2, l2),
+        )
     }
 
     fn bwd(&self, _x: &Tensor, _b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -100,11 +100,12 @@ impl CustomOp1 for SumRows {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        match s {
-            CpuStorage::F32(_) => sum_rows::<f32>(s, l),
-            CpuStorage::F64(_) => sum_rows::<f64>(s, l),
-            other => bail!("fused-sum-rows: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-sum-rows",
+            &[s],
+            || sum_rows::<f32>(s, l),
+            || sum_rows::<f64>(s, l),
+        )
     }
 }
 

@@ -24,13 +24,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
 use super::bias::column_sums;
 use super::fastmath::Real;
 use super::linear::{gemm_into, Mat};
-use super::rows::{output_vec, repeat_rows};
+use super::rows::{by_dtype, output_vec, repeat_rows};
 use super::{attention, gelu, layer_norm};
 
 /// The block's parameters in the order they are concatenated: LayerNorm 1 weight and bias,
@@ -300,11 +299,12 @@ impl CustomOp2 for Block {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.fwd_typed::<f32>(s1, l1, s2, l2),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => self.fwd_typed::<f64>(s1, l1, s2, l2),
-            (a, b) => bail!("fused block: unsupported dtypes {:?} and {:?}", a.dtype(), b.dtype()),
-        }
+        by_dtype(
+            "fused block",
+            &[s1, s2],
+            || self.fwd_typed::<f32>(s1, l1, s2, l2),
+            || self.fwd_typed::<f64>(s1, l1, s2, l2),
+        )
     }
 
     fn bwd(&self, x: &Tensor, flat: &Tensor, _out: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -369,21 +369,22 @@ impl CustomOp2 for BlockBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.run::<f32>(
-                super::rows::slice(s1, l1, "block parameters")?,
-                super::rows::slice(s2, l2, "block grad")?,
-            ),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => self.run::<f64>(
-                super::rows::slice(s1, l1, "block parameters")?,
-                super::rows::slice(s2, l2, "block grad")?,
-            ),
-            (a, b) => bail!(
-                "fused block backward: unsupported dtypes {:?} and {:?}",
-                a.dtype(),
-                b.dtype()
-            ),
-        }
+        by_dtype(
+            "fused block backward",
+            &[s1, s2],
+            || {
+                self.run::<f32>(
+                    super::rows::slice(s1, l1, "block parameters")?,
+                    super::rows::slice(s2, l2, "block grad")?,
+                )
+            },
+            || {
+                self.run::<f64>(
+                    super::rows::slice(s1, l1, "block parameters")?,
+                    super::rows::slice(s2, l2, "block grad")?,
+                )
+            },
+        )
     }
 }
 

@@ -7,11 +7,10 @@
 //! Forward: one pass for the max, one for `sum e^{z - max}` and `sum z`; output `[.., 2]` =
 //! `(L, lse)`. Backward: one sweep writing `g * dL/dz`. Sums in f64, rows in parallel.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 use super::fastmath::{row_max, sum, sum_exp, Real};
-use super::rows::{for_rows, output_vec, rows_width, slice, slice_u32, with_last};
+use super::rows::{by_dtype, for_rows, output_vec, rows_width, slice, slice_u32, with_last};
 
 const COLS: usize = 2;
 
@@ -75,11 +74,12 @@ impl CustomOp2 for CeFwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        match s1 {
-            CpuStorage::F32(_) => fwd_typed::<f32>(self.eps, s1, l1, s2, l2),
-            CpuStorage::F64(_) => fwd_typed::<f64>(self.eps, s1, l1, s2, l2),
-            other => bail!("fused-cross-entropy: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-cross-entropy",
+            &[s1],
+            || fwd_typed::<f32>(self.eps, s1, l1, s2, l2),
+            || fwd_typed::<f64>(self.eps, s1, l1, s2, l2),
+        )
     }
 
     fn bwd(&self, z: &Tensor, y: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -126,11 +126,12 @@ impl CustomOp3 for CeBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let st = [(s1, l1), (s2, l2), (s3, l3)];
-        match s1 {
-            CpuStorage::F32(_) => bwd_typed::<f32>(self.eps, st),
-            CpuStorage::F64(_) => bwd_typed::<f64>(self.eps, st),
-            other => bail!("fused-cross-entropy-grad: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-cross-entropy-grad",
+            &[s1],
+            || bwd_typed::<f32>(self.eps, st),
+            || bwd_typed::<f64>(self.eps, st),
+        )
     }
 }
 

@@ -17,11 +17,10 @@
 //! sweep that writes `grad_D * dD/dz_s`. Sums are accumulated in f64; rows run in parallel.
 //! Nothing `[rows, vocab]`-sized is kept between forward and backward.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 use super::fastmath::{reduce2, row_max, Real, BLOCK, LANES};
-use super::rows::{for_rows, output_vec, rows_width, slice, with_last};
+use super::rows::{by_dtype, for_rows, output_vec, rows_width, slice, with_last};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -242,6 +241,22 @@ fn fwd_typed<T: Real>(
     Ok((T::storage(out), with_last(l1.shape(), COLS)))
 }
 
+/// The f32 forward: the AVX-512 rows where the CPU has them, else the generic ones.
+fn fwd_f32(op: &DivergenceFwd, st: [(&CpuStorage, &Layout); 2]) -> Result<(CpuStorage, Shape)> {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::available() {
+        let (kind, it) = (op.kind, op.inv_t as f32);
+        return fwd_typed::<f32>(st[0].0, st[0].1, st[1].0, st[1].1, |zs, zt, next, o| {
+            // SAFETY: `available` checked that the CPU has AVX-512F and FMA.
+            #[allow(unsafe_code)]
+            unsafe {
+                avx512::fwd_row(kind, it, zs, zt, next, o)
+            }
+        });
+    }
+    fwd_generic::<f32>(op, st)
+}
+
 /// [`fwd_typed`] with the generic rows.
 fn fwd_generic<T: Real>(op: &DivergenceFwd, st: [(&CpuStorage, &Layout); 2]) -> Result<(CpuStorage, Shape)> {
     let it = T::from_f64(op.inv_t);
@@ -260,22 +275,12 @@ impl CustomOp2 for DivergenceFwd {
             bail!("fused-divergence: shapes {:?} and {:?} differ", l1.shape(), l2.shape())
         }
         let st = [(s1, l1), (s2, l2)];
-        match s1 {
-            #[cfg(target_arch = "x86_64")]
-            CpuStorage::F32(_) if avx512::available() => {
-                let (kind, it) = (self.kind, self.inv_t as f32);
-                fwd_typed::<f32>(s1, l1, s2, l2, |zs, zt, next, o| {
-                    // SAFETY: `available` checked that the CPU has AVX-512F and FMA.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        avx512::fwd_row(kind, it, zs, zt, next, o)
-                    }
-                })
-            }
-            CpuStorage::F32(_) => fwd_generic::<f32>(self, st),
-            CpuStorage::F64(_) => fwd_generic::<f64>(self, st),
-            other => bail!("fused-divergence: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-divergence",
+            &[s1, s2],
+            || fwd_f32(self, st),
+            || fwd_generic::<f64>(self, st),
+        )
     }
 
     fn bwd(&self, zs: &Tensor, zt: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -308,6 +313,22 @@ fn bwd_typed<T: Real>(
     Ok((T::storage(out), st[0].1.shape().clone()))
 }
 
+/// The f32 backward: the AVX-512 rows where the CPU has them, else the generic ones.
+fn bwd_f32(op: &DivergenceBwd, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuStorage, Shape)> {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::available() {
+        let (kind, it) = (op.kind, op.inv_t as f32);
+        return bwd_typed::<f32>(st, |zs, zt, aux, o| {
+            // SAFETY: `available` checked that the CPU has AVX-512F and FMA.
+            #[allow(unsafe_code)]
+            unsafe {
+                avx512::bwd_row(kind, it, zs, zt, aux, o)
+            }
+        });
+    }
+    bwd_generic::<f32>(op, st)
+}
+
 /// [`bwd_typed`] with the generic rows.
 fn bwd_generic<T: Real>(op: &DivergenceBwd, st: [(&CpuStorage, &Layout); 3]) -> Result<(CpuStorage, Shape)> {
     let it = T::from_f64(op.inv_t);
@@ -329,22 +350,12 @@ impl CustomOp3 for DivergenceBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let st = [(s1, l1), (s2, l2), (s3, l3)];
-        match s1 {
-            #[cfg(target_arch = "x86_64")]
-            CpuStorage::F32(_) if avx512::available() => {
-                let (kind, it) = (self.kind, self.inv_t as f32);
-                bwd_typed::<f32>(st, |zs, zt, aux, o| {
-                    // SAFETY: `available` checked that the CPU has AVX-512F and FMA.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        avx512::bwd_row(kind, it, zs, zt, aux, o)
-                    }
-                })
-            }
-            CpuStorage::F32(_) => bwd_generic::<f32>(self, st),
-            CpuStorage::F64(_) => bwd_generic::<f64>(self, st),
-            other => bail!("fused-divergence-grad: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-divergence-grad",
+            &[s1, s2, s3],
+            || bwd_f32(self, st),
+            || bwd_generic::<f64>(self, st),
+        )
     }
 }
 

@@ -6,12 +6,11 @@
 //! One vectorised pass (the `tanh` of [`super::fastmath`]) instead of candle's libm `tanh`,
 //! chunks spread over the rayon pool. The backward recomputes `tanh u` from the input.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fastmath::Real;
-use super::rows::{as_f32, as_f32_mut, output_vec, slice};
+use super::rows::{as_f32, as_f32_mut, by_dtype, output_vec, slice};
 
 const C: f64 = 0.797_884_560_802_865_4; // sqrt(2 / pi)
 const A: f64 = 0.044_715;
@@ -141,11 +140,12 @@ impl CustomOp1 for GeluFwd {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(_) => f32::storage(fwd_typed(slice::<f32>(s, l, "gelu input")?)),
-            CpuStorage::F64(_) => f64::storage(fwd_typed(slice::<f64>(s, l, "gelu input")?)),
-            other => bail!("fused-gelu: unsupported dtype {:?}", other.dtype()),
-        };
+        let out = by_dtype(
+            "fused-gelu",
+            &[s],
+            || Ok(f32::storage(fwd_typed(slice::<f32>(s, l, "gelu input")?))),
+            || Ok(f64::storage(fwd_typed(slice::<f64>(s, l, "gelu input")?))),
+        )?;
         Ok((out, l.shape().clone()))
     }
 
@@ -168,11 +168,22 @@ impl CustomOp2 for GeluBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match s1 {
-            CpuStorage::F32(_) => f32::storage(bwd_typed(slice::<f32>(s1, l1, "x")?, slice::<f32>(s2, l2, "grad")?)),
-            CpuStorage::F64(_) => f64::storage(bwd_typed(slice::<f64>(s1, l1, "x")?, slice::<f64>(s2, l2, "grad")?)),
-            other => bail!("fused-gelu-grad: unsupported dtype {:?}", other.dtype()),
-        };
+        let out = by_dtype(
+            "fused-gelu-grad",
+            &[s1, s2],
+            || {
+                Ok(f32::storage(bwd_typed(
+                    slice::<f32>(s1, l1, "x")?,
+                    slice::<f32>(s2, l2, "grad")?,
+                )))
+            },
+            || {
+                Ok(f64::storage(bwd_typed(
+                    slice::<f64>(s1, l1, "x")?,
+                    slice::<f64>(s2, l2, "grad")?,
+                )))
+            },
+        )?;
         Ok((out, l1.shape().clone()))
     }
 }

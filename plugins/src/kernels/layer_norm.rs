@@ -9,12 +9,11 @@
 //! `x` (rows are short) and reduces `dw`, `db` in f64 per block of rows before summing the
 //! blocks. The row loops are compiled for AVX-512 where the CPU has it.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::fastmath::{reduce2, sum, Real, LANES};
-use super::rows::{for_rows, output_vec, rows_width, slice};
+use super::rows::{by_dtype, for_rows, output_vec, rows_width, slice};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dim of `x`; `weight`, `bias`
 /// are `[D]`. f32/f64 on the CPU (see [`super::fusable`]).
@@ -145,11 +144,12 @@ impl CustomOp3 for LayerNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let st = [(s1, l1), (s2, l2), (s3, l3)];
-        match s1 {
-            CpuStorage::F32(_) => fwd_typed::<f32>(self.eps, st),
-            CpuStorage::F64(_) => fwd_typed::<f64>(self.eps, st),
-            other => bail!("fused-layer-norm: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-layer-norm",
+            &[s1],
+            || fwd_typed::<f32>(self.eps, st),
+            || fwd_typed::<f64>(self.eps, st),
+        )
     }
 
     fn bwd(
@@ -237,11 +237,12 @@ impl CustomOp3 for LayerNormBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let st = [(s1, l1), (s2, l2), (s3, l3)];
-        match s1 {
-            CpuStorage::F32(_) => bwd_typed::<f32>(self.eps, st),
-            CpuStorage::F64(_) => bwd_typed::<f64>(self.eps, st),
-            other => bail!("fused-layer-norm-grad: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-layer-norm-grad",
+            &[s1],
+            || bwd_typed::<f32>(self.eps, st),
+            || bwd_typed::<f64>(self.eps, st),
+        )
     }
 }
 

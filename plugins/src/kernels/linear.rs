@@ -19,7 +19,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 
 use super::bias::SumRows;
 use super::fastmath::Real;
-use super::rows::{output_vec, repeat_rows};
+use super::rows::{by_dtype, output_vec, repeat_rows};
 
 /// `x @ w + b` (`b` optional) for `x [.., in]` of any rank >= 1 whose leading dims fold into
 /// rows without a copy (any contiguous tensor, a column slice, ...; others are made
@@ -271,21 +271,6 @@ fn forward<T: Real>(
     Ok((T::storage(out), with_last(x.1.dims(), wm.cols)))
 }
 
-/// Runs the f32 or f64 body for two storages of one of those dtypes.
-fn dispatch2(
-    name: &str,
-    s1: &CpuStorage,
-    s2: &CpuStorage,
-    f32_fn: impl FnOnce() -> Result<(CpuStorage, Shape)>,
-    f64_fn: impl FnOnce() -> Result<(CpuStorage, Shape)>,
-) -> Result<(CpuStorage, Shape)> {
-    match (s1, s2) {
-        (CpuStorage::F32(_), CpuStorage::F32(_)) => f32_fn(),
-        (CpuStorage::F64(_), CpuStorage::F64(_)) => f64_fn(),
-        (a, b) => bail!("{name}: unsupported dtypes {:?} and {:?}", a.dtype(), b.dtype()),
-    }
-}
-
 /// The gradients of `y = x w (+ b)` given `dy`: `(dx, dw)`, each only when that argument is
 /// tracked by autograd (the embedding input of a frozen model is not, for instance).
 fn grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -316,20 +301,12 @@ impl CustomOp3 for Linear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                forward::<f32>((s1, l1), (s2, l2), Some((s3, l3)))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                forward::<f64>((s1, l1), (s2, l2), Some((s3, l3)))
-            }
-            (a, b, c) => bail!(
-                "fused-linear: unsupported dtypes {:?}, {:?}, {:?}",
-                a.dtype(),
-                b.dtype(),
-                c.dtype()
-            ),
-        }
+        by_dtype(
+            "fused-linear",
+            &[s1, s2, s3],
+            || forward::<f32>((s1, l1), (s2, l2), Some((s3, l3))),
+            || forward::<f64>((s1, l1), (s2, l2), Some((s3, l3))),
+        )
     }
 
     fn bwd(
@@ -356,10 +333,9 @@ impl CustomOp2 for Linear {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        dispatch2(
+        by_dtype(
             "fused-linear",
-            s1,
-            s2,
+            &[s1, s2],
             || forward::<f32>((s1, l1), (s2, l2), None),
             || forward::<f64>((s1, l1), (s2, l2), None),
         )
@@ -396,10 +372,9 @@ impl CustomOp2 for InputGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        dispatch2(
+        by_dtype(
             "fused-linear-dx",
-            s1,
-            s2,
+            &[s1, s2],
             || input_grad::<f32>((s1, l1), (s2, l2)),
             || input_grad::<f64>((s1, l1), (s2, l2)),
         )
@@ -412,10 +387,9 @@ impl CustomOp2 for WeightGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        dispatch2(
+        by_dtype(
             "fused-linear-dw",
-            s1,
-            s2,
+            &[s1, s2],
             || weight_grad::<f32>((s1, l1), (s2, l2)),
             || weight_grad::<f64>((s1, l1), (s2, l2)),
         )

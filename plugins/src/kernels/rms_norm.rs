@@ -8,12 +8,11 @@
 //! (`sqr`, `mean`, `+ eps`, `sqrt`, `div`, `mul`), each of whose gradients candle would
 //! zero-fill and add into.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::fastmath::Real;
-use super::rows::{for_rows, output_vec, rows_width, slice};
+use super::rows::{by_dtype, for_rows, output_vec, rows_width, slice};
 
 /// `x / sqrt(mean(x^2) + eps) * weight` over the last dim of `x`; `weight` is `[D]`. f32/f64
 /// on the CPU (see [`super::fusable`]).
@@ -69,11 +68,12 @@ impl CustomOp2 for RmsNormOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => fwd_typed::<f32>(self.eps, s1, l1, s2, l2),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => fwd_typed::<f64>(self.eps, s1, l1, s2, l2),
-            (a, b) => bail!("fused-rms-norm: unsupported dtypes {:?} and {:?}", a.dtype(), b.dtype()),
-        }
+        by_dtype(
+            "fused-rms-norm",
+            &[s1, s2],
+            || fwd_typed::<f32>(self.eps, s1, l1, s2, l2),
+            || fwd_typed::<f64>(self.eps, s1, l1, s2, l2),
+        )
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -146,19 +146,12 @@ impl CustomOp2 for RmsNormBwd {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, d) = rows_width(l1.shape())?;
-        match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                bwd_typed::<f32>(self, slice(s1, l1, "x")?, slice(s2, l2, "grad")?, d)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                bwd_typed::<f64>(self, slice(s1, l1, "x")?, slice(s2, l2, "grad")?, d)
-            }
-            (a, b) => bail!(
-                "fused-rms-norm-grad: unsupported dtypes {:?} and {:?}",
-                a.dtype(),
-                b.dtype()
-            ),
-        }
+        by_dtype(
+            "fused-rms-norm-grad",
+            &[s1, s2],
+            || bwd_typed::<f32>(self, slice(s1, l1, "x")?, slice(s2, l2, "grad")?, d),
+            || bwd_typed::<f64>(self, slice(s1, l1, "x")?, slice(s2, l2, "grad")?, d),
+        )
     }
 }
 

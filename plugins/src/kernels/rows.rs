@@ -2,7 +2,7 @@
 //! the `[rows, width]` view of a `[.., width]` tensor, and rows spread over the rayon pool.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, Layout, Result, Shape};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape};
 use rayon::prelude::*;
 
 use super::fastmath::Real;
@@ -47,6 +47,26 @@ pub fn as_f32_mut<T: Real>(x: &mut [T]) -> Option<&mut [f32]> {
     #[allow(unsafe_code)]
     // SAFETY: as in `as_f32`; the borrow is moved into the result.
     Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) })
+}
+
+/// Runs `f32_body` when every storage in `inputs` is f32, `f64_body` when every one is f64, and
+/// otherwise fails naming `op` (the dtype dispatch of every kernel; integer inputs such as token
+/// ids stay out of `inputs`, and storages read with [`slice`] are checked there as well).
+pub fn by_dtype<R>(
+    op: &str,
+    inputs: &[&CpuStorage],
+    f32_body: impl FnOnce() -> Result<R>,
+    f64_body: impl FnOnce() -> Result<R>,
+) -> Result<R> {
+    let all = |d: DType| !inputs.is_empty() && inputs.iter().all(|s| s.dtype() == d);
+    if all(DType::F32) {
+        f32_body()
+    } else if all(DType::F64) {
+        f64_body()
+    } else {
+        let dtypes: Vec<DType> = inputs.iter().map(|s| s.dtype()).collect();
+        bail!("{op}: expected f32 or f64 inputs of one dtype, got {dtypes:?}")
+    }
 }
 
 /// `(rows, width)` of a tensor whose last dim is `width`.
@@ -114,4 +134,26 @@ pub fn for_rows<T: Send>(out: &mut [T], width: usize, cost: usize, f: impl Fn(us
         .enumerate()
         .with_min_len(min_len)
         .for_each(|(r, o)| f(r, o));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn by_dtype_runs_the_body_of_the_common_float_dtype_and_names_the_op_otherwise() {
+        let (a, b) = (CpuStorage::F32(vec![1.0]), CpuStorage::F32(vec![2.0]));
+        let c = CpuStorage::F64(vec![3.0]);
+        let pick = |inputs: &[&CpuStorage]| by_dtype("op-x", inputs, || Ok(32), || Ok(64));
+        assert_eq!(pick(&[&a, &b]).expect("f32"), 32);
+        assert_eq!(pick(&[&c]).expect("f64"), 64);
+        let err = pick(&[&a, &c]).expect_err("mixed").to_string();
+        assert!(
+            err.contains("op-x") && err.contains("F32") && err.contains("F64"),
+            "{err}"
+        );
+        let ids = CpuStorage::U32(vec![1]);
+        assert!(pick(&[&ids]).is_err());
+        assert!(pick(&[]).is_err());
+    }
 }

@@ -5,11 +5,10 @@
 //! probability 0 and no gradient), so no additive `-inf` mask tensor is needed.
 //! Backward from the saved output: `dx_j = y_j (gy_j - sum_k gy_k y_k)`.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::fastmath::{row_max, Real};
-use super::rows::{for_rows, rows_width, slice};
+use super::rows::{by_dtype, for_rows, rows_width, slice};
 
 /// Softmax over the last dim of `x`; with `causal`, `x` is `[.., T, T]` and row `i` of every
 /// `T x T` matrix attends to columns `0..=i`. f32/f64 on the CPU (see [`super::fusable`]).
@@ -67,11 +66,12 @@ impl CustomOp1 for SoftmaxOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        match s {
-            CpuStorage::F32(_) => fwd_typed::<f32>(self.causal, s, l),
-            CpuStorage::F64(_) => fwd_typed::<f64>(self.causal, s, l),
-            other => bail!("fused-softmax: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-softmax",
+            &[s],
+            || fwd_typed::<f32>(self.causal, s, l),
+            || fwd_typed::<f64>(self.causal, s, l),
+        )
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -101,11 +101,12 @@ impl CustomOp2 for SoftmaxBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        match s1 {
-            CpuStorage::F32(_) => bwd_typed::<f32>(s1, l1, s2, l2),
-            CpuStorage::F64(_) => bwd_typed::<f64>(s1, l1, s2, l2),
-            other => bail!("fused-softmax-grad: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-softmax-grad",
+            &[s1],
+            || bwd_typed::<f32>(s1, l1, s2, l2),
+            || bwd_typed::<f64>(s1, l1, s2, l2),
+        )
     }
 }
 

@@ -6,12 +6,11 @@
 //! `mul` (two nodes, each with its own zero-filled gradient in candle's backward); chunks
 //! spread over the rayon pool; the backward recomputes `s` from `g`.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fastmath::Real;
-use super::rows::{output_vec, slice};
+use super::rows::{by_dtype, output_vec, slice};
 
 const CHUNK: usize = 16_384;
 
@@ -66,11 +65,12 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => fwd_typed::<f32>(s1, l1, s2, l2),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => fwd_typed::<f64>(s1, l1, s2, l2),
-            (a, b) => bail!("fused-swiglu: unsupported dtypes {:?} and {:?}", a.dtype(), b.dtype()),
-        }
+        by_dtype(
+            "fused-swiglu",
+            &[s1, s2],
+            || fwd_typed::<f32>(s1, l1, s2, l2),
+            || fwd_typed::<f64>(s1, l1, s2, l2),
+        )
     }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -114,11 +114,12 @@ impl CustomOp3 for SwiGluBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let st = [(s1, l1), (s2, l2), (s3, l3)];
-        match s1 {
-            CpuStorage::F32(_) => bwd_typed::<f32>(st),
-            CpuStorage::F64(_) => bwd_typed::<f64>(st),
-            other => bail!("fused-swiglu-grad: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-swiglu-grad",
+            &[s1],
+            || bwd_typed::<f32>(st),
+            || bwd_typed::<f64>(st),
+        )
     }
 }
 

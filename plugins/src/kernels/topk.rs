@@ -17,11 +17,10 @@
 //! `dD/dz = dD/da / T`. Forward output `[.., 4]` = `(D, lse, c1, c2)`; the backward writes the
 //! dense gradient row in one sweep (bucket) or zeros plus `k` entries (renormalize).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 use super::fastmath::{row_max, sum_exp, Real};
-use super::rows::{for_rows, rows_width, slice, slice_u32, with_last};
+use super::rows::{by_dtype, for_rows, rows_width, slice, slice_u32, with_last};
 
 /// Tail treatment (see [`crate::losses::topk_kl::Tail`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,11 +211,12 @@ impl CustomOp3 for TopkFwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let st = [(s1, l1), (s2, l2), (s3, l3)];
-        match s1 {
-            CpuStorage::F32(_) => fwd_typed::<f32>(self, st),
-            CpuStorage::F64(_) => fwd_typed::<f64>(self, st),
-            other => bail!("fused-topk-kl: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-topk-kl",
+            &[s1],
+            || fwd_typed::<f32>(self, st),
+            || fwd_typed::<f64>(self, st),
+        )
     }
 
     fn bwd(
@@ -280,11 +280,12 @@ impl CustomOp3 for TopkBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let st = [(s1, l1), (s2, l2), (s3, l3)];
-        match s1 {
-            CpuStorage::F32(_) => bwd_typed::<f32>(self, st),
-            CpuStorage::F64(_) => bwd_typed::<f64>(self, st),
-            other => bail!("fused-topk-kl-grad: unsupported dtype {:?}", other.dtype()),
-        }
+        by_dtype(
+            "fused-topk-kl-grad",
+            &[s1],
+            || bwd_typed::<f32>(self, st),
+            || bwd_typed::<f64>(self, st),
+        )
     }
 }
 

@@ -10,11 +10,6 @@ use super::Divergence;
 use crate::kernels::avx512::{self as v, exp_ps, ln_ps, pmul_ps, W};
 use crate::kernels::fastmath::BLOCK;
 
-/// Whether these rows run on this CPU.
-pub fn available() -> bool {
-    v::available()
-}
-
 /// `out[..4] = (D, lse_a, lse_b, aux)` for one row (see [`super::fwd_row`]). `next` is the row
 /// pair this thread will likely take next: the `exp` sweep (which runs from L2, after the max
 /// sweep brought the row pair in) prefetches it into L2 line by line, so that the next max
