@@ -9,7 +9,8 @@
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use retort_host::kdbench::{KdShapes, KdStep};
+mod kd_fixture;
+use kd_fixture::{KdShapes, KdStep};
 
 fn bench(c: &mut Criterion) {
     let shapes = KdShapes::reference();

@@ -3,9 +3,9 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, D};
 use retort_core::model::dense_topk;
 use retort_core::{Split, TapSet};
-use retort_host::batching::val_batches;
-use retort_host::config_load;
-use retort_host::pipeline::Pipeline;
+use retort_host::assemble::config;
+use retort_host::assemble::Pipeline;
+use retort_host::engine::batching::val_batches;
 use std::io::Write;
 
 fn main() -> Result<()> {
@@ -14,7 +14,7 @@ fn main() -> Result<()> {
     let out = &args[1];
     let nb: usize = args[2].parse()?;
     let registry = retort_host::builtin_registry()?;
-    let (cfg, _) = config_load::load(Some(config.as_ref()), &[])?;
+    let (cfg, _) = config::load(Some(config.as_ref()), &[])?;
     let p = Pipeline::assemble(cfg, &registry)?;
     let teacher = p.teacher.as_ref().context("teacher")?;
     let val = val_batches(p.data.tokens(Split::Train), nb, 4, 128, &p.device)?;

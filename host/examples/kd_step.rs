@@ -15,7 +15,9 @@ use std::io::Write;
 
 use anyhow::Result;
 use candle_core::Device;
-use retort_host::kdbench::{time_steps, KdShapes, KdStep};
+#[path = "../benches/kd_fixture/mod.rs"]
+mod kd_fixture;
+use kd_fixture::{time_steps, KdShapes, KdStep};
 
 fn main() -> Result<()> {
     // Written with `writeln!` so that a closed pipe (`| head -1`) ends the program with an
@@ -107,4 +109,26 @@ fn main() -> Result<()> {
 
 fn rayon_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kd_fixture::{time_steps, KdShapes, KdStep};
+    use candle_core::Device;
+
+    #[test]
+    fn reference_step_trains_the_student() {
+        let mut shapes = KdShapes::reference();
+        shapes.batch = 2;
+        shapes.block = 16;
+        let mut step = KdStep::new(shapes, &Device::Cpu).expect("build");
+        let first = step.step().expect("step");
+        assert!(first.is_finite());
+        // The same batch stream is random; the loss must stay finite and the weights move.
+        let t = time_steps(&mut step, 1, 3).expect("timed");
+        assert_eq!(t.times.len(), 3);
+        assert!(t.loss.is_finite() && t.median > 0.0);
+        let mut f = step.adamw_only().expect("adamw");
+        f().expect("update");
+    }
 }

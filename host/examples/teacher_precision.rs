@@ -14,10 +14,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 
 use retort_core::{Split, TapSet};
-use retort_host::batching::val_batches;
-use retort_host::config_load;
-use retort_host::eval::evaluate;
-use retort_host::pipeline::Pipeline;
+use retort_host::assemble::config;
+use retort_host::assemble::Pipeline;
+use retort_host::engine::batching::val_batches;
+use retort_host::engine::evaluate::evaluate;
 use retort_plugins::losses::kl::kl_per_token;
 
 fn main() -> Result<()> {
@@ -42,7 +42,7 @@ fn main() -> Result<()> {
     for precision in ["f32", "bf16", "f16"] {
         let mut s = sets.clone();
         s.push(format!("teacher.precision=\"{precision}\""));
-        let (cfg, _) = config_load::load(Some(config.as_ref()), &s)?;
+        let (cfg, _) = config::load(Some(config.as_ref()), &s)?;
         let p = Pipeline::assemble(cfg, &registry)?;
         let teacher = p
             .teacher

@@ -3,27 +3,10 @@
 //! writes the run directory (`report.json`, `report.md`, `metrics.jsonl`,
 //! `config.resolved.toml`, the student's weights).
 
-pub mod batching;
-pub mod cache_cmd;
-pub mod checkpoint;
+pub mod artifacts;
+pub mod assemble;
 pub mod cli;
-pub mod config_load;
-pub mod device;
-pub mod eval;
-pub mod eval_cmd;
-pub mod generate;
-pub mod kdbench;
-pub mod optim;
-pub mod pipeline;
-pub mod plot;
-pub mod plugin_loader;
-pub mod pool;
-pub mod report;
-pub mod run;
-pub mod rundir;
-pub mod scaffold;
-pub mod trainer;
-pub mod vocab;
+pub mod engine;
 
 /// The process allocator of everything linking this crate (the `retort` binary, its examples and
 /// benches): mimalloc keeps freed blocks for reuse instead of returning them to the OS and

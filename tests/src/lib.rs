@@ -99,16 +99,16 @@ pub fn run_in(
     toml: &str,
     sets: &[&str],
     resume: bool,
-) -> retort_core::Result<retort_host::run::RunOutcome> {
+) -> retort_core::Result<retort_host::engine::run::RunOutcome> {
     let cfg_path = dir.join("config.toml");
     std::fs::write(&cfg_path, toml).expect("write config");
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    let (cfg, origin) = retort_host::config_load::load(Some(&cfg_path), &sets)?;
-    let pipeline = retort_host::pipeline::Pipeline::assemble(cfg, registry)?;
-    retort_host::run::run(
+    let (cfg, origin) = retort_host::assemble::config::load(Some(&cfg_path), &sets)?;
+    let pipeline = retort_host::assemble::Pipeline::assemble(cfg, registry)?;
+    retort_host::engine::run::run(
         pipeline,
         &origin,
-        &retort_host::run::RunOptions {
+        &retort_host::engine::run::RunOptions {
             out: Some(dir.join("run")),
             resume,
             ..Default::default()

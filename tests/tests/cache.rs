@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use retort_core::{Error, Registry};
-use retort_host::cache_cmd::{run_cache, CacheOptions};
+use retort_host::engine::cache::{run_cache, CacheOptions};
 use retort_plugins::cache::LogitStore;
 use retort_tests::{read_metrics, run_in, tiny_config};
 
@@ -80,7 +80,7 @@ fn build(
             sets: Vec::new(),
             out: Some(out.to_path_buf()),
             k,
-            coding: retort_host::cache_cmd::CodingArgs {
+            coding: retort_host::engine::cache::CodingArgs {
                 values: values.into(),
                 zstd_level: 3,
                 ..Default::default()

@@ -7,8 +7,8 @@ use std::path::Path;
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use retort_core::Split;
-use retort_host::config_load;
-use retort_host::pipeline::Pipeline;
+use retort_host::assemble::config;
+use retort_host::assemble::Pipeline;
 use retort_plugins::testing::{write_tiny_gguf, TINY_BPE_TOKENS};
 use retort_tests::{max_abs_diff, run_in};
 
@@ -78,7 +78,7 @@ fn memory_mapped_token_files_train_exactly_like_the_same_tokens_from_text() {
     std::fs::create_dir_all(&text_dir).expect("mkdir");
     let cfg_path = text_dir.join("probe.toml");
     std::fs::write(&cfg_path, config(&text, &gguf)).expect("cfg");
-    let (cfg, _) = config_load::load(Some(&cfg_path), &[]).expect("load");
+    let (cfg, _) = config::load(Some(&cfg_path), &[]).expect("load");
     let p = Pipeline::assemble(cfg, &registry).expect("assemble");
     let bins = tmp.path().join("bins");
     std::fs::create_dir_all(&bins).expect("mkdir");
@@ -128,7 +128,7 @@ fn jsonl_documents_are_packed_with_eos_and_train() {
     let registry = retort_host::builtin_registry().expect("registry");
     let cfg_path = tmp.path().join("probe.toml");
     std::fs::write(&cfg_path, config(&data, &gguf)).expect("cfg");
-    let (cfg, _) = config_load::load(Some(&cfg_path), &[]).expect("load");
+    let (cfg, _) = config::load(Some(&cfg_path), &[]).expect("load");
     let p = Pipeline::assemble(cfg, &registry).expect("assemble");
     let tok = p.data.tokenizer();
     let eos = tok.eos_id().expect("the tiny BPE has an eos");

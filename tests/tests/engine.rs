@@ -5,9 +5,9 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use retort_core::registry::{no_params, Factory};
 use retort_core::{BuildContext, Error, LossTerm, Params, Registry, Result, StepContext};
-use retort_host::config_load;
-use retort_host::pipeline::{seeds, Pipeline};
-use retort_host::run::RunOutcome;
+use retort_host::assemble::config;
+use retort_host::assemble::{seeds, Pipeline};
+use retort_host::engine::run::RunOutcome;
 use retort_plugins::losses::ce::cross_entropy;
 use retort_tests::{max_abs_diff, read_metrics, run_in, tiny_config};
 
@@ -58,7 +58,7 @@ fn a_frozen_group_stays_bit_identical() {
     let out = run_with(&registry, tmp.path(), &toml, &["eval.baseline=false"]).expect("run");
     let trained = weights(tmp.path());
     // The same init, rebuilt from the seed.
-    let (cfg, _) = config_load::load(
+    let (cfg, _) = config::load(
         Some(&tmp.path().join("config.toml")),
         &["eval.baseline=false".to_string()],
     )

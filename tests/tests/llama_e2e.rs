@@ -6,9 +6,9 @@ use std::path::Path;
 
 use candle_core::quantized::GgmlDType;
 use retort_core::{Model, TapSet};
-use retort_host::config_load;
-use retort_host::pipeline::Pipeline;
-use retort_host::run::{run, RunOptions};
+use retort_host::assemble::config;
+use retort_host::assemble::Pipeline;
+use retort_host::engine::run::{run, RunOptions};
 use retort_plugins::testing::{write_tiny_gguf, TINY_BPE_TOKENS};
 
 const CORPUS: &str = "the theory of the thing is that the other one thinks the theme then thaws. ";
@@ -66,13 +66,10 @@ batch_size = 4
     )
 }
 
-fn assemble(
-    dir: &Path,
-    toml: &str,
-) -> retort_core::Result<(retort_core::config::RunConfig, config_load::ConfigOrigin)> {
+fn assemble(dir: &Path, toml: &str) -> retort_core::Result<(retort_core::config::RunConfig, config::ConfigOrigin)> {
     let p = dir.join("config.toml");
     std::fs::write(&p, toml).expect("write config");
-    config_load::load(Some(&p), &[])
+    config::load(Some(&p), &[])
 }
 
 #[test]

@@ -2,16 +2,16 @@
 
 use std::path::Path;
 
-use retort_host::config_load;
-use retort_host::pipeline::{Pipeline, TeacherPlan};
-use retort_host::run::{run, RunOptions};
+use retort_host::assemble::config;
+use retort_host::assemble::{Pipeline, TeacherPlan};
+use retort_host::engine::run::{run, RunOptions};
 use retort_tests::{read_metrics, tiny_config};
 
-fn run_config(dir: &Path, toml: &str, sets: &[String]) -> retort_host::run::RunOutcome {
+fn run_config(dir: &Path, toml: &str, sets: &[String]) -> retort_host::engine::run::RunOutcome {
     let cfg_path = dir.join("config.toml");
     std::fs::write(&cfg_path, toml).expect("write config");
     let registry = retort_host::builtin_registry().expect("registry");
-    let (cfg, origin) = config_load::load(Some(&cfg_path), sets).expect("config loads");
+    let (cfg, origin) = config::load(Some(&cfg_path), sets).expect("config loads");
     let pipeline = Pipeline::assemble(cfg, &registry).expect("pipeline assembles");
     let opts = RunOptions {
         out: Some(dir.join("run")),
@@ -78,11 +78,11 @@ fn tiny_run_trains_distills_and_reports() {
     assert!(dir.join("student/model.safetensors").is_file());
 
     // The resolved config loads back to the same run.
-    let (again, _) = config_load::load(Some(&dir.join("config.resolved.toml")), &[]).expect("resolved config loads");
+    let (again, _) = config::load(Some(&dir.join("config.resolved.toml")), &[]).expect("resolved config loads");
     assert_eq!(again.train.steps, 40);
     assert_eq!(
         again.loss,
-        config_load::load(Some(&tmp.path().join("config.toml")), &[])
+        config::load(Some(&tmp.path().join("config.toml")), &[])
             .expect("c")
             .0
             .loss
@@ -103,7 +103,7 @@ fn teacher_checkpoint_from_a_previous_run_is_reused() {
         format!("teacher.checkpoint=\"{}\"", teacher_dir.display()),
         "eval.baseline=false".to_string(),
     ];
-    let (cfg, origin) = config_load::load(Some(&cfg_path), &sets).expect("load");
+    let (cfg, origin) = config::load(Some(&cfg_path), &sets).expect("load");
     let pipeline = Pipeline::assemble(cfg, &registry).expect("assemble");
     assert!(matches!(pipeline.teacher_plan, TeacherPlan::Load));
     let opts = RunOptions {

@@ -1,8 +1,8 @@
 //! A short distillation on real text: the Tiny Shakespeare corpus from `../shared/data`.
 
-use retort_host::config_load;
-use retort_host::pipeline::Pipeline;
-use retort_host::run::{run, RunOptions};
+use retort_host::assemble::config;
+use retort_host::assemble::Pipeline;
+use retort_host::engine::run::{run, RunOptions};
 
 #[test]
 fn char_level_distillation_on_tinyshakespeare() {
@@ -19,7 +19,7 @@ fn char_level_distillation_on_tinyshakespeare() {
         "eval.batches=2".into(),
     ];
     let registry = retort_host::builtin_registry().expect("registry");
-    let (cfg, origin) = config_load::load(Some(&config), &sets).expect("config");
+    let (cfg, origin) = config::load(Some(&config), &sets).expect("config");
     let pipeline = Pipeline::assemble(cfg, &registry).expect("assemble");
     assert_eq!(pipeline.vocab_size, 65, "Tiny Shakespeare has 65 distinct characters");
     let out = run(

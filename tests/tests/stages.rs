@@ -6,8 +6,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use retort_core::Error;
-use retort_host::config_load;
-use retort_host::pipeline::{seeds, Pipeline};
+use retort_host::assemble::config;
+use retort_host::assemble::{seeds, Pipeline};
 use retort_tests::{max_abs_diff, read_metrics, run_in, tiny_config};
 
 fn load(path: &Path) -> HashMap<String, Tensor> {
@@ -74,7 +74,7 @@ fn each_stage_trains_what_it_says_and_leaves_a_boundary_checkpoint() {
     let boundary = run_dir.join("checkpoints/student/step-00000015");
     assert!(boundary.is_dir(), "no checkpoint at the stage boundary");
     let after_1 = load(&boundary.join("model.safetensors"));
-    let (cfg, _) = config_load::load(Some(&tmp.path().join("config.toml")), &[]).expect("cfg");
+    let (cfg, _) = config::load(Some(&tmp.path().join("config.toml")), &[]).expect("cfg");
     let seed = cfg.run.seed;
     let init = Pipeline::assemble(cfg, &registry)
         .expect("assemble")

@@ -8,14 +8,14 @@ use candle_core::Tensor;
 
 use retort_core::{fsutil, Error, Observer, Params, Registry, Result, Scalar, Split, Student, TapSet, Teacher};
 
-use crate::batching::val_batches;
-use crate::checkpoint;
-use crate::config_load::ConfigOrigin;
-use crate::eval::{evaluate, EvalResult};
-use crate::pipeline::{build_lr_schedule, build_router, seeds, teacher_params_with_checkpoint, Pipeline, TeacherPlan};
-use crate::report::{ModelReport, Report, RunInfo, TermReport, TrainReport};
-use crate::rundir;
-use crate::trainer::{train_phase, CheckpointPolicy, Phase, PhaseStats, Stage, TermSlot};
+use crate::artifacts::checkpoint;
+use crate::artifacts::report::{ModelReport, Report, RunInfo, TermReport, TrainReport};
+use crate::artifacts::run_dir;
+use crate::assemble::config::ConfigOrigin;
+use crate::assemble::{build_lr_schedule, build_router, seeds, teacher_params_with_checkpoint, Pipeline, TeacherPlan};
+use crate::engine::batching::val_batches;
+use crate::engine::evaluate::{evaluate, EvalResult};
+use crate::engine::phase::{train_phase, CheckpointPolicy, Phase, PhaseStats, Stage, TermSlot};
 
 /// Options of `retort run` besides the config.
 #[derive(Debug, Clone, Default)]
@@ -118,7 +118,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
             ));
         }
     } else {
-        rundir::prepare(&dir, opts.force)?;
+        run_dir::prepare(&dir, opts.force)?;
         let resolved = toml::to_string_pretty(&cfg)
             .map_err(|e| Error::Runtime(format!("serializing the resolved config: {e}")))?;
         let header = format!("# Resolved config of this run (source: {}).\n", origin.label());
@@ -233,7 +233,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
                 &mut observers,
             )?;
             let tdir = dir.join("teacher");
-            crate::vocab::save_with_tokenizer(model.as_ref(), &tdir, data.tokenizer())?;
+            crate::assemble::vocab::save_with_tokenizer(model.as_ref(), &tdir, data.tokenizer())?;
             progress.complete(&dir, "teacher", &stats)?;
             let t = pipeline.build_teacher(&teacher_params_with_checkpoint(&cfg, &tdir))?;
             (t, Some(stats))
@@ -241,7 +241,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
     };
     let teacher_logits: Vec<Tensor> = val
         .iter()
-        .map(|b| crate::eval::teacher_eval_logits(teacher.as_ref(), b))
+        .map(|b| crate::engine::evaluate::teacher_eval_logits(teacher.as_ref(), b))
         .collect::<Result<_>>()?;
     let teacher_eval = evaluate(&|i, _| Ok(teacher_logits[i].clone()), &val, None)?;
     tracing::info!("teacher val loss {:.4}", teacher_eval.val_loss);
@@ -262,7 +262,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
                     &Params::new("student", params),
                     &pipeline.context(cfg.run.seed),
                 )?;
-                let s = crate::vocab::fit_student(s, pipeline.vocab_size)?;
+                let s = crate::assemble::vocab::fit_student(s, pipeline.vocab_size)?;
                 return Ok((s, done.stats.clone()));
             }
             let ctx = pipeline.context(seeds::student_init(cfg.run.seed));
@@ -307,7 +307,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
                 data,
                 &mut observers,
             )?;
-            crate::vocab::save_with_tokenizer(student.as_ref(), &dir.join(label), data.tokenizer())?;
+            crate::assemble::vocab::save_with_tokenizer(student.as_ref(), &dir.join(label), data.tokenizer())?;
             progress.complete(&dir, label, &stats)?;
             Ok((student, stats))
         };
@@ -372,7 +372,7 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
     };
     report.write(&dir)?;
     // Charts are a convenience: a failure to draw is reported, never fatal to a finished run.
-    if let Err(e) = crate::plot::plot_and_embed(&dir) {
+    if let Err(e) = crate::artifacts::plots::plot_and_embed(&dir) {
         tracing::warn!(
             "the run's charts could not be drawn: {e} (retry with `retort plot {}`)",
             dir.display()

@@ -2,6 +2,11 @@
 //! be pretrained, resolved) and every cross-component constraint is checked before any
 //! training starts, so a bad config fails in seconds with exit code 2.
 
+pub mod config;
+pub mod device;
+pub mod plugin_loader;
+pub mod vocab;
+
 use candle_core::Device;
 use serde_json::Value;
 
@@ -11,8 +16,8 @@ use retort_core::{
     Student, Teacher,
 };
 
-use crate::device::parse_device;
-use crate::trainer::{Stage, TermSlot};
+use crate::assemble::device::parse_device;
+use crate::engine::phase::{Stage, TermSlot};
 
 /// How the run obtains its teacher.
 pub enum TeacherPlan {
@@ -144,8 +149,8 @@ impl<'r> Pipeline<'r> {
         let student = registry
             .students
             .build(&config.student.kind, &config.student.params_at("student"), &ctx)?;
-        crate::vocab::check_tokenizer("student", student.tokenizer_identity(), data.tokenizer())?;
-        let student = crate::vocab::fit_student(student, vocab_size)?;
+        crate::assemble::vocab::check_tokenizer("student", student.tokenizer_identity(), data.tokenizer())?;
+        let student = crate::assemble::vocab::fit_student(student, vocab_size)?;
         check_model(
             "student",
             student.vocab_size(),
@@ -175,8 +180,8 @@ impl<'r> Pipeline<'r> {
             let teacher = registry
                 .teachers
                 .build(&config.teacher.kind, &teacher_load_params(&config, None), &ctx)?;
-            crate::vocab::check_tokenizer("teacher", teacher.tokenizer_identity(), data.tokenizer())?;
-            let teacher = crate::vocab::fit_teacher(teacher, vocab_size)?;
+            crate::assemble::vocab::check_tokenizer("teacher", teacher.tokenizer_identity(), data.tokenizer())?;
+            let teacher = crate::assemble::vocab::fit_teacher(teacher, vocab_size)?;
             teacher.check_data(data.as_ref(), t.seq_len)?;
             teacher_info = teacher.info();
             (TeacherPlan::Load, Some(teacher))
@@ -281,7 +286,7 @@ impl<'r> Pipeline<'r> {
                     .map(|(n, v)| (format!("loss.{}.{n}", slot.name), v)),
             );
         }
-        crate::optim::assign_groups(vars.clone(), &t.param_groups, t.weight_decay, "train.param_groups")?;
+        crate::engine::optim::assign_groups(vars.clone(), &t.param_groups, t.weight_decay, "train.param_groups")?;
 
         // Stages: every override valid; loss weights name existing terms.
         let names: Vec<String> = terms.iter().map(|t| t.name.clone()).collect();
@@ -320,7 +325,7 @@ impl<'r> Pipeline<'r> {
                 }
             }
             if let Some(groups) = &st.param_groups {
-                crate::optim::assign_groups(
+                crate::engine::optim::assign_groups(
                     vars.clone(),
                     groups,
                     st.weight_decay.unwrap_or(t.weight_decay),
@@ -417,7 +422,7 @@ impl<'r> Pipeline<'r> {
             &self.config.student.params_at("student"),
             &self.context(seed),
         )?;
-        crate::vocab::fit_student(s, self.vocab_size)
+        crate::assemble::vocab::fit_student(s, self.vocab_size)
     }
 
     /// The teacher loaded from `params` (logits narrowed to the data's vocabulary if padded).
@@ -426,7 +431,7 @@ impl<'r> Pipeline<'r> {
             .registry
             .teachers
             .build(&self.config.teacher.kind, params, &self.context(self.config.run.seed))?;
-        crate::vocab::fit_teacher(t, self.vocab_size)
+        crate::assemble::vocab::fit_teacher(t, self.vocab_size)
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use retort_core::{Error, Registry, Result, TapSet};
 
-use crate::batching::val_batches;
-use crate::eval::{evaluate, EvalResult};
+use crate::engine::batching::val_batches;
+use crate::engine::evaluate::{evaluate, EvalResult};
 
 /// Options of `retort eval`.
 #[derive(Debug, Clone)]
@@ -40,8 +40,9 @@ pub fn run_eval(registry: &Registry, opts: &EvalOptions) -> Result<(EvalResult, 
     if opts.seq_len == 0 || opts.batch_size == 0 || opts.batches == 0 {
         return Err(Error::input("--seq-len/--batch-size/--batches", "must be >= 1"));
     }
-    let device = crate::device::parse_device(&opts.device)?;
-    let (model, tokenizer) = crate::generate::load_model_file(registry, &opts.model, &device, Some(opts.seq_len))?;
+    let device = crate::assemble::device::parse_device(&opts.device)?;
+    let (model, tokenizer) =
+        crate::engine::generate::load_model_file(registry, &opts.model, &device, Some(opts.seq_len))?;
     let text = std::fs::read_to_string(&opts.data).map_err(|e| {
         Error::input(
             format!("--data {}", opts.data.display()),

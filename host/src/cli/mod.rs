@@ -11,9 +11,9 @@ use clap::{Parser, Subcommand};
 
 use retort_core::{Registry, Result};
 
-use crate::config_load::{self, ConfigOrigin};
-use crate::pipeline::{Pipeline, TeacherPlan};
-use crate::run::{run, RunOptions};
+use crate::assemble::config::{self, ConfigOrigin};
+use crate::assemble::{Pipeline, TeacherPlan};
+use crate::engine::run::{run, RunOptions};
 
 /// retort: knowledge distillation of language models on candle.
 #[derive(Debug, Parser)]
@@ -61,7 +61,7 @@ pub enum CacheAction {
         k: Option<usize>,
         /// How values are stored.
         #[command(flatten)]
-        coding: crate::cache_cmd::CodingArgs,
+        coding: crate::engine::cache::CodingArgs,
         /// Replace what is at --out.
         #[arg(long)]
         force: bool,
@@ -185,7 +185,7 @@ pub enum Command {
         k: usize,
         /// How values are stored.
         #[command(flatten)]
-        coding: crate::cache_cmd::CodingArgs,
+        coding: crate::engine::cache::CodingArgs,
         /// Tokens per shard (rounded down to whole windows).
         #[arg(long, default_value_t = 131072)]
         shard_tokens: usize,
@@ -217,7 +217,7 @@ pub enum Command {
         name: String,
         /// What the plugin provides.
         #[arg(long, value_enum)]
-        kind: crate::scaffold::PluginKind,
+        kind: crate::artifacts::plugin_crate::PluginKind,
         /// Parent directory (default: the current directory).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
@@ -283,9 +283,9 @@ fn load_config_and_registry(
     config: Option<&std::path::Path>,
     sets: &[String],
 ) -> Result<(retort_core::config::RunConfig, ConfigOrigin, Registry)> {
-    let (cfg, origin) = config_load::load(config, sets)?;
+    let (cfg, origin) = config::load(config, sets)?;
     let mut registry = crate::builtin_registry()?;
-    crate::plugin_loader::load_all(&mut registry, &cfg.plugins.paths).map_err(|e| origin.annotate(e))?;
+    crate::assemble::plugin_loader::load_all(&mut registry, &cfg.plugins.paths).map_err(|e| origin.annotate(e))?;
     Ok((cfg, origin, registry))
 }
 
@@ -376,7 +376,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     "has no metrics.jsonl (is it a retort run directory?)",
                 ));
             }
-            let plots = crate::plot::plot_and_embed(&run_dir)?;
+            let plots = crate::artifacts::plots::plot_and_embed(&run_dir)?;
             for (title, path) in &plots {
                 println!("{}  ({title})", run_dir.join(path).display());
             }
@@ -405,7 +405,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 ));
             }
             let registry = crate::builtin_registry()?;
-            let opts = crate::generate::GenerateOptions {
+            let opts = crate::engine::generate::GenerateOptions {
                 model,
                 prompt: prompt.clone(),
                 sampling: retort_plugins::models::generate::Sampling {
@@ -417,7 +417,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 device,
                 context,
             };
-            let g = crate::generate::run_generate(&registry, &opts)?;
+            let g = crate::engine::generate::run_generate(&registry, &opts)?;
             println!("{prompt}{}", g.text);
             eprintln!(
                 "{}: {} prompt tokens, {} generated in {:.2}s ({:.1} tokens/s)",
@@ -439,7 +439,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             device,
         } => {
             let registry = crate::builtin_registry()?;
-            let opts = crate::eval_cmd::EvalOptions {
+            let opts = crate::engine::model_eval::EvalOptions {
                 model,
                 data,
                 val_fraction,
@@ -448,7 +448,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 batches,
                 device,
             };
-            let (r, desc, secs) = crate::eval_cmd::run_eval(&registry, &opts)?;
+            let (r, desc, secs) = crate::engine::model_eval::run_eval(&registry, &opts)?;
             println!("model:      {desc}");
             println!("tokens:     {}", r.tokens);
             println!("loss:       {:.4} nats/token", r.val_loss);
@@ -469,21 +469,21 @@ fn dispatch(cli: Cli) -> Result<()> {
             ..
         } => {
             let registry = crate::builtin_registry()?;
-            let opts = crate::cache_cmd::InspectOptions {
+            let opts = crate::engine::cache::InspectOptions {
                 path,
                 config,
                 sets,
                 sample_windows,
                 bench_read,
             };
-            let r = crate::cache_cmd::inspect(&registry, &opts)?;
+            let r = crate::engine::cache::inspect(&registry, &opts)?;
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&r).map_err(|e| retort_core::Error::Runtime(e.to_string()))?
                 );
             } else {
-                print!("{}", crate::cache_cmd::inspect_text(&r));
+                print!("{}", crate::engine::cache::inspect_text(&r));
             }
             Ok(())
         }
@@ -533,7 +533,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     ))
                 }
             };
-            let meta = crate::cache_cmd::export(&path, &out, split, windows)?;
+            let meta = crate::engine::cache::export(&path, &out, split, windows)?;
             println!(
                 "exported {} tokens x top-{} to {}",
                 meta["tokens"],
@@ -556,7 +556,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             quiet,
         } => {
             let registry = crate::builtin_registry()?;
-            let opts = crate::cache_cmd::CacheOptions {
+            let opts = crate::engine::cache::CacheOptions {
                 config,
                 sets,
                 out,
@@ -568,7 +568,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 force,
                 progress: !quiet && std::io::stderr().is_terminal(),
             };
-            let (path, s, secs) = crate::cache_cmd::run_cache(&registry, &opts)?;
+            let (path, s, secs) = crate::engine::cache::run_cache(&registry, &opts)?;
             let h = &s.header;
             let tokens = (h.train.windows + h.val.windows) * h.seq_len;
             println!(
@@ -588,7 +588,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::NewPlugin { name, kind, dir } => {
-            let root = crate::scaffold::new_plugin(&name, kind, &dir)?;
+            let root = crate::artifacts::plugin_crate::new_plugin(&name, kind, &dir)?;
             println!("created {}", root.display());
             println!("build:   cd {} && cargo build --release", root.display());
             println!(
@@ -602,7 +602,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 Some(c) => load_config_and_registry(Some(&c), &[])?.2,
                 None => {
                     let mut r = crate::builtin_registry()?;
-                    crate::plugin_loader::load_all(&mut r, &[])?;
+                    crate::assemble::plugin_loader::load_all(&mut r, &[])?;
                     r
                 }
             };

@@ -18,10 +18,10 @@ use retort_core::{
     Student, TapSet, Teacher, TermSignals,
 };
 
-use crate::batching::TrainBatcher;
-use crate::checkpoint::{self, EarlyState, LoadedCheckpoint, PhaseState};
-use crate::eval::{evaluate, EvalResult};
-use crate::optim::{assign_groups, AdamW, AdamWConfig};
+use crate::artifacts::checkpoint::{self, EarlyState, LoadedCheckpoint, PhaseState};
+use crate::engine::batching::TrainBatcher;
+use crate::engine::evaluate::{evaluate, EvalResult};
+use crate::engine::optim::{assign_groups, AdamW, AdamWConfig};
 
 /// A loss term with its metrics name and configured weight.
 pub struct TermSlot {
@@ -242,9 +242,9 @@ impl Early<'_> {
 }
 
 /// Runs `phase` over the training split of `data`, sending records to `observers`, on
-/// retort's rayon pool ([`crate::pool`]).
+/// retort's rayon pool ([`crate::engine::pool`]).
 pub fn train_phase(phase: Phase, data: &dyn DataSource, observers: &mut [Box<dyn Observer>]) -> Result<PhaseStats> {
-    crate::pool::on_pool(|| train_phase_here(phase, data, observers))
+    crate::engine::pool::on_pool(|| train_phase_here(phase, data, observers))
 }
 
 /// [`train_phase`] on the calling thread.

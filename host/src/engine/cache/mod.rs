@@ -16,8 +16,8 @@ use retort_plugins::cache::build::topk_rows;
 use retort_plugins::cache::store::fingerprint;
 use retort_plugins::cache::{build_cache, BuildOptions, BuildSummary, LogitStore, ReadState, ValueCoding};
 
-use crate::config_load;
-use crate::pipeline::{Pipeline, TeacherPlan};
+use crate::assemble::config;
+use crate::assemble::{Pipeline, TeacherPlan};
 
 /// Options of `retort cache`.
 #[derive(Debug, Clone)]
@@ -106,7 +106,7 @@ pub fn run_cache(registry: &Registry, opts: &CacheOptions) -> Result<(PathBuf, B
     if opts.shard_tokens == 0 || opts.k == 0 {
         return Err(Error::input("--k/--shard-tokens", "must be >= 1"));
     }
-    let (cfg, _) = config_load::load(opts.config.as_deref(), &opts.sets)?;
+    let (cfg, _) = config::load(opts.config.as_deref(), &opts.sets)?;
     let pipeline = Pipeline::assemble(cfg, registry)?;
     let teacher = live_teacher(&pipeline)?;
     let c = &pipeline.config;
@@ -317,7 +317,7 @@ pub fn inspect(registry: &Registry, opts: &InspectOptions) -> Result<Value> {
         report["read"] = bench_read(&store, 5)?;
     }
     if let Some(config) = &opts.config {
-        let (cfg, _) = config_load::load(Some(config), &opts.sets)?;
+        let (cfg, _) = config::load(Some(config), &opts.sets)?;
         let pipeline = Pipeline::assemble(cfg, registry)?;
         let teacher = live_teacher(&pipeline)?;
         let val = pipeline.data.tokens(Split::Val);

@@ -6,8 +6,8 @@ use serde::Serialize;
 
 use retort_core::{fsutil, Error, Result};
 
-use crate::eval::EvalResult;
-use crate::trainer::{BestEval, PhaseStats, StageStats};
+use crate::engine::evaluate::EvalResult;
+use crate::engine::phase::{BestEval, PhaseStats, StageStats};
 
 /// Budget and speed of one training phase.
 #[derive(Debug, Clone, Serialize)]

@@ -46,7 +46,7 @@ pub struct PhaseState {
     pub early: Option<EarlyState>,
     /// The stages of the phase begun so far.
     #[serde(default)]
-    pub stages: Vec<crate::trainer::StageStats>,
+    pub stages: Vec<crate::engine::phase::StageStats>,
 }
 
 /// Early stopping's record: the best evaluation so far and how many evaluations since.

@@ -15,7 +15,7 @@ use retort_core::config::RunConfig;
 use retort_core::{Error, Result};
 
 /// The built-in quickstart config (`examples/configs/quickstart.toml`).
-pub const QUICKSTART_TOML: &str = include_str!("../../examples/configs/quickstart.toml");
+pub const QUICKSTART_TOML: &str = include_str!("../../../examples/configs/quickstart.toml");
 
 /// Environment variables with the `RETORT_` prefix that are not config keys.
 const NON_CONFIG_ENV: &[&str] = &["log", "plugin_path"];

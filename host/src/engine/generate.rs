@@ -134,7 +134,7 @@ fn load_tokenizer(
 
 /// Loads the model and its tokenizer and samples a continuation of the prompt.
 pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Generated> {
-    let device = crate::device::parse_device(&opts.device)?;
+    let device = crate::assemble::device::parse_device(&opts.device)?;
     if kind_of(&opts.model)? == "llama" {
         return generate_llama(registry, opts, &device);
     }
