@@ -356,8 +356,10 @@ pub struct TrainSection {
     pub grad_clip: f64,
     /// Write a metrics record every this many steps. Default 10.
     pub log_every: usize,
-    /// Evaluate on the validation split every this many steps; 0 = only at the end. Default 0.
-    pub eval_every: usize,
+    /// Evaluate on the validation split every this many steps; 0 = only at the end. Default:
+    /// about ten evaluations of the student and of the baseline (`steps / 10`), none during
+    /// teacher pretraining.
+    pub eval_every: Option<usize>,
     /// Write a resumable checkpoint (`checkpoints/<phase>/step-N/`) every this many steps;
     /// 0 turns them off. Default 100.
     pub checkpoint_every: usize,
@@ -429,7 +431,7 @@ impl Default for TrainSection {
             eps: 1e-8,
             grad_clip: 1.0,
             log_every: 10,
-            eval_every: 0,
+            eval_every: None,
             checkpoint_every: 100,
             keep_checkpoints: 2,
             grad_accum: 1,

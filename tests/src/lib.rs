@@ -110,7 +110,7 @@ pub fn run_in(
         &origin,
         &retort_host::engine::run::RunOptions {
             out: Some(dir.join("run")),
-            resume,
+            resume: resume.then(|| dir.join("run")),
             ..Default::default()
         },
     )

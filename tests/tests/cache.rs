@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use retort_core::{Error, Registry};
-use retort_host::engine::cache::{run_cache, CacheOptions};
+use retort_host::assemble::{config, Pipeline};
+use retort_host::engine::cache::{self, CacheOptions};
 use retort_plugins::cache::LogitStore;
 use retort_tests::{read_metrics, run_in, tiny_config};
 
@@ -73,11 +74,11 @@ fn build(
 ) -> retort_core::Result<retort_plugins::cache::BuildSummary> {
     let cfg = dir.join("cache_config.toml");
     std::fs::write(&cfg, toml).expect("write config");
-    run_cache(
-        registry,
+    let (cfg, _) = config::load(Some(&cfg), &[])?;
+    let pipeline = Pipeline::assemble(cfg, registry)?;
+    cache::build(
+        &pipeline,
         &CacheOptions {
-            config: Some(cfg),
-            sets: Vec::new(),
             out: Some(out.to_path_buf()),
             k,
             coding: retort_host::engine::cache::CodingArgs {

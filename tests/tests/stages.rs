@@ -151,6 +151,18 @@ fn rewind_to(run_dir: &Path, step: usize) {
     }
 }
 
+/// Records the checksum of a rewritten `state.json` in its checkpoint's manifest (which covers
+/// it), so that the marked checkpoint is a valid one.
+fn seal_state(state_path: &Path, bytes: &[u8]) {
+    use sha2::Digest;
+    let manifest_path = state_path.with_file_name("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).expect("manifest")).expect("json");
+    let hex: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+    manifest["sha256"]["state.json"] = serde_json::json!(hex);
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).expect("json")).expect("write");
+}
+
 #[test]
 fn resuming_at_and_after_a_stage_boundary_ends_with_the_same_weights() {
     let registry = retort_host::builtin_registry().expect("registry");
@@ -176,7 +188,9 @@ fn resuming_at_and_after_a_stage_boundary_ends_with_the_same_weights() {
         let mut state: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&state_path).expect("state")).expect("json");
         state["losses"][0] = serde_json::json!(1.0e6);
-        std::fs::write(&state_path, serde_json::to_vec(&state).expect("json")).expect("write");
+        let marked = serde_json::to_vec(&state).expect("json");
+        std::fs::write(&state_path, &marked).expect("write");
+        seal_state(&state_path, &marked);
         let b = run_in(&registry, copy.path(), &two_stage_config(), &sets, true).expect("resumed");
         assert!(
             b.report.train.loss_start > 1e5,

@@ -20,7 +20,8 @@ use rand_chacha::ChaCha8Rng;
 use retort_core::{Batch, BuildContext, LossTerm, Model, Params, Progress, Result, StepContext, Student, TapSet};
 use retort_plugins::models::transformer::{Activation, Transformer, TransformerConfig};
 
-use retort_host::engine::optim::{assign_groups, AdamW, AdamWConfig};
+use retort_host::assemble::assign_groups;
+use retort_host::engine::optim::{AdamW, AdamWConfig};
 
 /// Shapes of the reference step.
 #[derive(Debug, Clone, Copy)]

@@ -2,15 +2,86 @@
 
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use retort_core::{fsutil, Error, Result};
+use retort_core::{fsutil, Result};
 
-use crate::engine::evaluate::EvalResult;
-use crate::engine::phase::{BestEval, PhaseStats, StageStats};
+/// What one evaluation measured on the validation windows.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// Mean cross-entropy with the next token, nats/token.
+    #[serde(deserialize_with = "super::lenient::f64")]
+    pub val_loss: f64,
+    /// `exp(min(val_loss, 50))`: never infinite.
+    #[serde(deserialize_with = "super::lenient::f64")]
+    pub perplexity: f64,
+    /// Tokens evaluated.
+    #[serde(skip)]
+    pub tokens: usize,
+    /// Fraction of tokens where the argmax agrees with the teacher's.
+    pub top1_agreement: Option<f64>,
+    /// Mean KL(teacher || model) per token, nats.
+    pub kl_to_teacher: Option<f64>,
+}
+
+/// What one stage of a phase did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageStats {
+    /// Stage name.
+    pub name: String,
+    /// Steps run (fewer than planned if early stopping ended the phase).
+    pub steps: usize,
+    /// First step of the stage within the phase (0-based).
+    pub first_step: usize,
+    /// Peak learning rate at the stage's start (before the schedule factor).
+    pub lr: f64,
+    /// Parameters the optimizer updated in this stage (the rest were frozen).
+    pub trainable_params: usize,
+    /// Mean total loss over the stage's last (up to) 10 applied steps.
+    pub final_loss: Option<f64>,
+    /// Validation loss at the end of the stage (multi-stage phases only).
+    pub val_loss: Option<f64>,
+}
+
+/// The best evaluation of a phase under early stopping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestEval {
+    /// Metric name.
+    pub metric: String,
+    /// Its value.
+    pub value: f64,
+    /// Step (of the phase) at which it was measured.
+    pub step: usize,
+}
+
+/// What a training phase did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseStats {
+    /// Steps of the phase run (skipped ones included).
+    pub steps: usize,
+    /// Steps skipped for a non-finite loss or gradient (no update).
+    pub skipped: usize,
+    /// Training tokens seen.
+    pub tokens: usize,
+    /// Wall time in seconds (of the last process, for a resumed phase).
+    pub wall_s: f64,
+    /// Tokens per second.
+    pub tokens_per_s: f64,
+    /// Total loss of every step.
+    pub losses: Vec<f64>,
+    /// Per stage.
+    #[serde(default)]
+    pub stages: Vec<StageStats>,
+    /// The best evaluation kept and exported (early stopping on).
+    #[serde(default)]
+    pub best: Option<BestEval>,
+    /// Step at which early stopping ended the phase, if it did.
+    #[serde(default)]
+    pub stopped_early_at: Option<usize>,
+}
 
 /// Budget and speed of one training phase.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainReport {
     /// Steps (skipped ones included).
     pub steps: usize,
@@ -62,7 +133,7 @@ impl From<&PhaseStats> for TrainReport {
 }
 
 /// One evaluated model.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelReport {
     /// Architecture, one line.
     pub description: String,
@@ -108,7 +179,7 @@ impl ModelReport {
 }
 
 /// Identity of the run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunInfo {
     /// Run name.
     pub name: String,
@@ -123,7 +194,7 @@ pub struct RunInfo {
 }
 
 /// One term of the objective.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TermReport {
     /// Metrics name.
     pub name: String,
@@ -134,7 +205,7 @@ pub struct TermReport {
 }
 
 /// The whole report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// Run identity.
     pub run: RunInfo,
@@ -268,7 +339,7 @@ impl Report {
 
     /// Writes `report.json` and `report.md` into `dir` atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Runtime(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(self).map_err(|e| crate::failed("serialising the report", e))?;
         fsutil::write_atomic(&dir.join("report.json"), &json)?;
         fsutil::write_atomic(&dir.join("report.md"), self.markdown().as_bytes())
     }

@@ -1,36 +1,34 @@
-//! Assembling a pipeline from a config: every component is built (or, for a teacher that must
-//! be pretrained, resolved) and every cross-component constraint is checked before any
-//! training starts, so a bad config fails in seconds with exit code 2.
+//! Assembly: a config becomes a validated [`Pipeline`]. Every component is built (or, for a
+//! teacher that must be pretrained, resolved) and every cross-component constraint is checked
+//! before any training starts, so a bad config fails in seconds with exit code 2 and a message
+//! naming the key path. The engine then asks the pipeline for each phase's setup.
 
+mod checks;
 pub mod config;
 pub mod device;
+pub mod model_file;
+mod param_groups;
 pub mod plugin_loader;
+pub mod seeds;
+mod stages;
+mod teacher;
+mod terms;
 pub mod vocab;
 
+use std::path::Path;
+
 use candle_core::Device;
-use serde_json::Value;
 
-use retort_core::config::{RunConfig, WindowSampling};
-use retort_core::{
-    BuildContext, DataSource, Error, FrozenTeacher, Params, Registry, Result, Router, ScalarSpec, Schedule, Split,
-    Student, Teacher,
-};
+use retort_core::config::{EarlyStoppingSpec, RunConfig, WindowSampling};
+use retort_core::{BuildContext, DataSource, Error, Params, Registry, Result, Router, Student, Teacher};
 
-use crate::assemble::device::parse_device;
-use crate::engine::phase::{Stage, TermSlot};
+pub use param_groups::{assign_groups, decays, GroupedParam};
+pub use stages::{student_steps, Stage};
+pub use teacher::TeacherPlan;
+pub use terms::TermSlot;
 
-/// How the run obtains its teacher.
-pub enum TeacherPlan {
-    /// Load with the teacher factory (the params name a checkpoint).
-    Load,
-    /// Train a student of the same kind with these params first, then load it.
-    Pretrain {
-        /// Optimizer steps.
-        steps: usize,
-        /// Peak learning rate.
-        lr: ScalarSpec,
-    },
-}
+use device::parse_device;
+use teacher::ResolvedTeacher;
 
 /// A validated pipeline.
 pub struct Pipeline<'r> {
@@ -48,351 +46,71 @@ pub struct Pipeline<'r> {
     pub teacher_plan: TeacherPlan,
     /// A teacher loaded during assembly (for [`TeacherPlan::Load`]).
     pub teacher: Option<Box<dyn Teacher>>,
-    /// The loss terms.
+    /// The loss terms of the distillation.
     pub terms: Vec<TermSlot>,
+    /// The objective of teacher pretraining and of the baseline: `ce`.
+    pub hard_labels: Vec<TermSlot>,
     /// Description of the student architecture (built once to validate).
     pub student_description: String,
     /// Student parameter count.
     pub student_params: usize,
 }
 
-/// Seeds derived from the run seed, one stream per purpose.
-pub mod seeds {
-    /// Init of the pretrained teacher.
-    pub fn teacher_init(seed: u64) -> u64 {
-        seed ^ 0x7eac_4e12_0000_0001
-    }
-    /// Batches of teacher pretraining.
-    pub fn teacher_batches(seed: u64) -> u64 {
-        seed ^ 0x7eac_4e12_0000_0002
-    }
-    /// Init of the student (and of the baseline: the same).
-    pub fn student_init(seed: u64) -> u64 {
-        seed ^ 0x5700_de17_0000_0003
-    }
-    /// Batches of the student (and of the baseline: the same).
-    pub fn student_batches(seed: u64) -> u64 {
-        seed ^ 0x5700_de17_0000_0004
-    }
+/// What a training phase needs, built fresh for it (routers and schedules keep state).
+pub struct PhaseSetup<'p> {
+    /// `teacher`, `student` or `baseline`.
+    pub label: &'static str,
+    /// The model to train, freshly initialised.
+    pub model: Box<dyn Student>,
+    /// The objective.
+    pub terms: &'p [TermSlot],
+    /// Weighs the terms.
+    pub router: Box<dyn Router>,
+    /// The stages, in order.
+    pub stages: Vec<Stage>,
+    /// Seed of the batch sequence.
+    pub batch_seed: u64,
+    /// Evaluate every this many steps (0: none during the phase).
+    pub eval_every: usize,
+    /// Early stopping, when on for the phase.
+    pub early_stopping: Option<&'p EarlyStoppingSpec>,
+    /// Whether the phase sees the teacher (its terms, and agreement and KL in evaluations).
+    pub with_teacher: bool,
 }
 
 impl<'r> Pipeline<'r> {
     /// Builds and checks everything `config` names.
     pub fn assemble(mut config: RunConfig, registry: &'r Registry) -> Result<Self> {
-        fill_init_from_teacher(&mut config);
+        teacher::fill_init_from_teacher(&mut config);
         let device = parse_device(&config.run.device)?;
-        let t = &config.train;
-        for (key, v) in [
-            ("train.steps", t.steps),
-            ("train.batch_size", t.batch_size),
-            ("train.seq_len", t.seq_len),
-            ("train.grad_accum", t.grad_accum),
-        ] {
-            if v == 0 {
-                return Err(Error::config(key, "expected an integer >= 1, got 0"));
-            }
-        }
-        for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
-            if !(0.0..1.0).contains(&v) {
-                return Err(Error::config(key, format!("expected a number in [0, 1), got {v}")));
-            }
-        }
-        for (key, v) in [
-            ("train.eps", t.eps),
-            ("train.weight_decay", t.weight_decay),
-            ("train.grad_clip", t.grad_clip),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(Error::config(key, format!("expected a finite number >= 0, got {v}")));
-            }
-        }
-        if let Some(d) = t.ema_decay.filter(|d| !(0.0..1.0).contains(d)) {
-            return Err(Error::config(
-                "train.ema_decay",
-                format!("expected a number in [0, 1), got {d}"),
-            ));
-        }
-        if config.eval.batches == 0 || config.eval.batch_size == 0 {
-            return Err(Error::config(
-                "eval.batches",
-                "eval.batches and eval.batch_size must be >= 1",
-            ));
-        }
-        let ctx = BuildContext::new(registry, device.clone(), config.run.seed);
-        t.lr.build_positive("train.lr", &ctx)?;
+        checks::train_and_eval(&config.train, &config.eval)?;
+        let mut ctx = BuildContext::new(registry, device.clone(), config.run.seed);
+        config.train.lr.build_positive("train.lr", &ctx)?;
         let data = registry
             .data
             .build(&config.data.kind, &config.data.params_at("data"), &ctx)?;
         let vocab_size = data.tokenizer().vocab_size();
-        for split in [Split::Train, Split::Val] {
-            let n = data.tokens(split).len();
-            if n <= t.seq_len {
-                return Err(Error::input(
-                    format!("data ({})", data.describe()),
-                    format!(
-                        "the {} split has {n} tokens, fewer than one window of train.seq_len = {} plus its target; \
-                         use a longer corpus or a smaller train.seq_len",
-                        if split == Split::Train {
-                            "training"
-                        } else {
-                            "validation"
-                        },
-                        t.seq_len
-                    ),
-                ));
-            }
-        }
-        let mut ctx = ctx;
+        checks::data_lengths(data.as_ref(), config.train.seq_len)?;
         ctx.vocab_size = Some(vocab_size);
-
-        // Student: built once to validate params, context and taps.
-        let student = registry
-            .students
-            .build(&config.student.kind, &config.student.params_at("student"), &ctx)?;
-        crate::assemble::vocab::check_tokenizer("student", student.tokenizer_identity(), data.tokenizer())?;
-        let student = crate::assemble::vocab::fit_student(student, vocab_size)?;
-        check_model(
-            "student",
-            student.vocab_size(),
-            student.context_len(),
-            vocab_size,
-            t.seq_len,
-        )?;
-
-        // Teacher.
-        let teacher_params = Params::new("teacher", config.teacher.params.clone());
-        if config.teacher.precision.is_some() && config.teacher.params.contains_key("dtype") {
-            return Err(Error::config(
-                "teacher.precision",
-                "set either teacher.precision or teacher.dtype, not both",
-            ));
-        }
-        let has_checkpoint = config.teacher.params.get("checkpoint").is_some_and(|v| !v.is_null());
-        let teacher_info;
-        let mut probe_teacher: Option<Box<dyn Teacher>> = None;
-        // A teacher kind the pipeline cannot train (e.g. `cached`) is always loaded from its params.
-        let loadable_only = registry.teachers.get(&config.teacher.kind, "teacher.kind").is_ok()
-            && registry.students.get(&config.teacher.kind, "teacher.kind").is_err();
-        let (teacher_plan, teacher) = if has_checkpoint || loadable_only {
-            if config.teacher.pretrain.is_some() {
-                tracing::warn!("teacher.checkpoint is set: [teacher.pretrain] is ignored");
-            }
-            let teacher = registry
-                .teachers
-                .build(&config.teacher.kind, &teacher_load_params(&config, None), &ctx)?;
-            crate::assemble::vocab::check_tokenizer("teacher", teacher.tokenizer_identity(), data.tokenizer())?;
-            let teacher = crate::assemble::vocab::fit_teacher(teacher, vocab_size)?;
-            teacher.check_data(data.as_ref(), t.seq_len)?;
-            teacher_info = teacher.info();
-            (TeacherPlan::Load, Some(teacher))
-        } else {
-            registry.teachers.get(&config.teacher.kind, "teacher.kind")?;
-            if registry.students.get(&config.teacher.kind, "teacher.kind").is_err() {
-                return Err(Error::config(
-                    "teacher.checkpoint",
-                    format!(
-                        "teacher kind `{}` cannot be trained by the pipeline; give a checkpoint",
-                        config.teacher.kind
-                    ),
-                ));
-            }
-            let probe = registry.students.build(&config.teacher.kind, &teacher_params, &ctx)?;
-            check_model(
-                "teacher",
-                probe.vocab_size(),
-                probe.context_len(),
-                vocab_size,
-                t.seq_len,
-            )?;
-            teacher_info = probe.info();
-            let pre = config.teacher.pretrain.clone();
-            let steps = pre.as_ref().map(|p| p.steps).unwrap_or(2 * t.steps);
-            let lr = pre.as_ref().and_then(|p| p.lr.clone()).unwrap_or_else(|| t.lr.clone());
-            if steps == 0 {
-                return Err(Error::config(
-                    "teacher.pretrain.steps",
-                    "expected an integer >= 1, got 0",
-                ));
-            }
-            lr.build_positive("teacher.pretrain.lr", &ctx)?;
-            probe_teacher = Some(Box::new(FrozenTeacher(probe)));
-            (TeacherPlan::Pretrain { steps, lr }, None)
-        };
+        let student = checked_student(&config, &ctx, data.as_ref())?;
+        let teacher = teacher::resolve(&config, &ctx, data.as_ref())?;
         ctx.student = Some(student.info());
-        ctx.teacher = Some(teacher_info);
-        ctx.teacher_topk = teacher.as_ref().and_then(|t| t.sparse_topk());
-        // Windows: a teacher with outputs for aligned windows only fixes the sampling.
-        let aligned = teacher.as_ref().and_then(|t| t.aligned_windows());
-        match (aligned, config.train.windows) {
-            (Some(_), Some(WindowSampling::Random)) => {
-                return Err(Error::config(
-                    "train.windows",
-                    "the teacher serves stored windows that start at multiples of train.seq_len; \"random\" windows cannot be served: use \"aligned\" (the default with a cached teacher)",
-                ))
-            }
-            (Some(_), None) => config.train.windows = Some(WindowSampling::Aligned),
-            _ => {}
-        }
-        let t = &config.train;
-        // Loss terms.
-        if config.loss.is_empty() {
-            return Err(Error::config("loss", "at least one loss term is required"));
-        }
-        let mut terms = Vec::new();
-        for (i, spec) in config.loss.iter().enumerate() {
-            let path = format!("loss[{i}]");
-            let weight_path = format!("{path}.weight");
-            let weight = spec.weight.build(&weight_path, &ctx)?;
-            weight.check(&weight_path, f64::is_finite, "a finite number")?;
-            let term = registry.losses.build(&spec.kind, &spec.params_at(&path), &ctx)?;
-            let repeated = config.loss.iter().filter(|s| s.kind == spec.kind).count() > 1;
-            let name = spec.name.clone().unwrap_or_else(|| {
-                if repeated {
-                    format!("{}_{i}", spec.kind)
-                } else {
-                    spec.kind.clone()
-                }
-            });
-            let student_taps = student.available_taps();
-            for tap in term.student_taps() {
-                if !student_taps.contains(&tap) {
-                    return Err(Error::config(
-                        path.clone(),
-                        format!("asks for student tap `{tap}`, which the student does not have"),
-                    ));
-                }
-            }
-            if let (Some(k), true) = (ctx.teacher_topk, term.needs_teacher_logits()) {
-                return Err(Error::config(
-                    path.clone(),
-                    format!(
-                        "`{}` needs the teacher's dense logits, and the teacher ({}) has only its top-{k} log-probs; use `kl` or `topk_kl`, or a live teacher",
-                        spec.kind,
-                        config.teacher.kind
-                    ),
-                ));
-            }
-            terms.push(TermSlot { name, weight, term });
-        }
-        let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
-
-        // Parameter groups: every pattern valid and matching (student and term parameters).
-        let mut vars = student.vars();
-        for slot in &terms {
-            vars.extend(
-                slot.term
-                    .vars()
-                    .into_iter()
-                    .map(|(n, v)| (format!("loss.{}.{n}", slot.name), v)),
-            );
-        }
-        crate::engine::optim::assign_groups(vars.clone(), &t.param_groups, t.weight_decay, "train.param_groups")?;
-
-        // Stages: every override valid; loss weights name existing terms.
-        let names: Vec<String> = terms.iter().map(|t| t.name.clone()).collect();
-        let mut stage_names = std::collections::HashSet::new();
-        for (i, st) in config.stages.iter().enumerate() {
-            let key = format!("stages[{i}]");
-            if st.steps == 0 {
-                return Err(Error::config(format!("{key}.steps"), "expected an integer >= 1, got 0"));
-            }
-            if st.grad_accum == Some(0) {
-                return Err(Error::config(
-                    format!("{key}.grad_accum"),
-                    "expected an integer >= 1, got 0",
-                ));
-            }
-            if !stage_names.insert(st.name_or_default(i)) {
-                return Err(Error::config(
-                    format!("{key}.name"),
-                    format!("stage name `{}` is used twice", st.name_or_default(i)),
-                ));
-            }
-            for (k, v) in [("weight_decay", st.weight_decay), ("grad_clip", st.grad_clip)] {
-                if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
-                    return Err(Error::config(
-                        format!("{key}.{k}"),
-                        format!("expected a finite number >= 0, got {v}"),
-                    ));
-                }
-            }
-            for term in st.loss_weights.keys() {
-                if !names.contains(term) {
-                    return Err(Error::config(
-                        format!("{key}.loss_weights.{term}"),
-                        format!("no loss term is named `{term}`; the terms are: {}", names.join(", ")),
-                    ));
-                }
-            }
-            if let Some(groups) = &st.param_groups {
-                crate::engine::optim::assign_groups(
-                    vars.clone(),
-                    groups,
-                    st.weight_decay.unwrap_or(t.weight_decay),
-                    &format!("{key}.param_groups"),
-                )?;
-            }
-        }
-        if let Some(es) = &t.early_stopping {
-            if t.eval_every == 0 {
-                return Err(Error::config(
-                    "train.early_stopping",
-                    "early stopping evaluates every train.eval_every steps; set train.eval_every > 0",
-                ));
-            }
-            if es.patience == 0 {
-                return Err(Error::config(
-                    "train.early_stopping.patience",
-                    "expected an integer >= 1, got 0",
-                ));
-            }
-            if !(es.min_delta.is_finite() && es.min_delta >= 0.0) {
-                return Err(Error::config(
-                    "train.early_stopping.min_delta",
-                    format!("expected a finite number >= 0, got {}", es.min_delta),
-                ));
-            }
-        }
-
-        // Router and schedule: build once to validate.
-        build_router(&config, registry, &ctx)?.check_terms(&names)?;
-        build_lr_schedule(&config, registry, &ctx)?;
-        student_stages_for(&config, registry, &ctx, &terms)?;
-
-        if let Some(teacher) = &teacher {
-            check_model(
-                "teacher",
-                teacher.vocab_size(),
-                teacher.context_len(),
-                vocab_size,
-                t.seq_len,
-            )?;
-        }
-        if let Some(teacher) = teacher.as_ref().or(probe_teacher.as_ref()) {
-            for (i, term) in terms.iter().enumerate() {
-                for tap in term.term.teacher_taps() {
-                    if !teacher.supports_tap(&tap) {
-                        return Err(Error::config(
-                            format!("loss[{i}]"),
-                            format!("asks for teacher tap `{tap}`, which the teacher does not have"),
-                        ));
-                    }
-                }
-            }
-        }
-        if !needs_teacher {
-            tracing::warn!("no loss term reads the teacher: this run trains the student on hard labels only");
-        }
+        ctx.teacher = Some(teacher.info);
+        ctx.teacher_topk = teacher.loaded.as_ref().and_then(|t| t.sparse_topk());
+        fix_window_sampling(&mut config, &teacher)?;
+        let terms = terms::build(&config, &ctx, student.as_ref())?;
+        check_objective(&config, &ctx, student.as_ref(), &terms, &teacher)?;
         Ok(Pipeline {
             student_description: student.describe(),
             student_params: student.num_params(),
+            hard_labels: TermSlot::hard_labels(&ctx)?,
             config,
             registry,
             device,
             data,
             vocab_size,
-            teacher_plan,
-            teacher,
+            teacher_plan: teacher.plan,
+            teacher: teacher.loaded,
             terms,
         })
     }
@@ -409,9 +127,88 @@ impl<'r> Pipeline<'r> {
         student_steps(&self.config)
     }
 
-    /// The student phase's stages, built fresh (schedules hold no state across phases).
-    pub fn student_stages(&self, ctx: &BuildContext) -> Result<Vec<Stage>> {
-        student_stages_for(&self.config, self.registry, ctx, &self.terms)
+    /// The labels of the phases this run trains, in order.
+    pub fn phases(&self) -> Vec<&'static str> {
+        let mut phases = Vec::new();
+        if matches!(self.teacher_plan, TeacherPlan::Pretrain { .. }) {
+            phases.push("teacher");
+        }
+        phases.push("student");
+        if self.config.eval.baseline {
+            phases.push("baseline");
+        }
+        phases
+    }
+
+    /// Teacher pretraining: the teacher's architecture trained on hard labels (`None` for a
+    /// teacher loaded from its params).
+    pub fn teacher_pretraining(&self) -> Result<Option<PhaseSetup<'_>>> {
+        let TeacherPlan::Pretrain { steps, lr } = &self.teacher_plan else {
+            return Ok(None);
+        };
+        let cfg = &self.config;
+        let ctx = self.context(seeds::teacher_init(cfg.run.seed));
+        let params = Params::new("teacher", cfg.teacher.params.clone());
+        let lr = lr.build("teacher.pretrain.lr", &ctx)?;
+        Ok(Some(PhaseSetup {
+            label: "teacher",
+            model: self.registry.students.build(&cfg.teacher.kind, &params, &ctx)?,
+            terms: &self.hard_labels,
+            router: static_router(&ctx)?,
+            stages: vec![Stage::whole(*steps, lr, stages::lr_schedule(cfg, &ctx)?, &cfg.train)],
+            batch_seed: seeds::teacher_batches(cfg.run.seed),
+            eval_every: cfg.train.eval_every.unwrap_or(0),
+            early_stopping: None,
+            with_teacher: false,
+        }))
+    }
+
+    /// The distillation of the student: the configured objective, router and stages.
+    pub fn distillation(&self) -> Result<PhaseSetup<'_>> {
+        let ctx = self.context(seeds::student_init(self.config.run.seed));
+        Ok(PhaseSetup {
+            label: "student",
+            model: self.build_student(seeds::student_init(self.config.run.seed))?,
+            terms: &self.terms,
+            router: build_router(&self.config, &ctx)?,
+            stages: stages::student_stages(&self.config, &ctx, &self.terms)?,
+            batch_seed: seeds::student_batches(self.config.run.seed),
+            eval_every: self.student_eval_every(),
+            early_stopping: self.config.train.early_stopping.as_ref(),
+            with_teacher: true,
+        })
+    }
+
+    /// The scratch baseline: the same student, init and batches on hard labels, with the same
+    /// budget in one stage of `[train]` (a stage training only the distillation projections has
+    /// no meaning without a teacher). `None` when `eval.baseline = false`.
+    pub fn baseline(&self) -> Result<Option<PhaseSetup<'_>>> {
+        if !self.config.eval.baseline {
+            return Ok(None);
+        }
+        let (cfg, ctx) = (&self.config, self.context(seeds::student_init(self.config.run.seed)));
+        let lr = cfg.train.lr.build("train.lr", &ctx)?;
+        let stage = Stage::whole(self.student_steps(), lr, stages::lr_schedule(cfg, &ctx)?, &cfg.train);
+        Ok(Some(PhaseSetup {
+            label: "baseline",
+            model: self.build_student(seeds::student_init(cfg.run.seed))?,
+            terms: &self.hard_labels,
+            router: static_router(&ctx)?,
+            stages: vec![stage],
+            batch_seed: seeds::student_batches(cfg.run.seed),
+            eval_every: self.student_eval_every(),
+            early_stopping: cfg.train.early_stopping.as_ref(),
+            with_teacher: true,
+        }))
+    }
+
+    /// How often the student and the baseline are evaluated: `train.eval_every`, by default
+    /// about ten times over the phase (so that the report's curves show them separate).
+    fn student_eval_every(&self) -> usize {
+        self.config
+            .train
+            .eval_every
+            .unwrap_or((self.student_steps() / 10).max(1))
     }
 
     /// A fresh student with the given init seed (logits narrowed to the data's vocabulary if
@@ -422,159 +219,109 @@ impl<'r> Pipeline<'r> {
             &self.config.student.params_at("student"),
             &self.context(seed),
         )?;
-        crate::assemble::vocab::fit_student(s, self.vocab_size)
+        vocab::fit_student(s, self.vocab_size)
     }
 
-    /// The teacher loaded from `params` (logits narrowed to the data's vocabulary if padded).
-    pub fn build_teacher(&self, params: &Params) -> Result<Box<dyn Teacher>> {
-        let t = self
-            .registry
-            .teachers
-            .build(&self.config.teacher.kind, params, &self.context(self.config.run.seed))?;
-        crate::assemble::vocab::fit_teacher(t, self.vocab_size)
+    /// The student (or baseline) saved in `dir` by a finished phase; its weights replace any
+    /// initialisation recipe.
+    pub fn trained_student(&self, dir: &Path) -> Result<Box<dyn Student>> {
+        let mut params = self.config.student.params.clone();
+        params.remove("init");
+        params.insert(
+            "checkpoint".into(),
+            serde_json::Value::String(dir.display().to_string()),
+        );
+        let s = self.registry.students.build(
+            &self.config.student.kind,
+            &Params::new("student", params),
+            &self.context(self.config.run.seed),
+        )?;
+        vocab::fit_student(s, self.vocab_size)
+    }
+
+    /// The teacher pretrained into `dir` (logits narrowed to the data's vocabulary if padded).
+    pub fn pretrained_teacher(&self, dir: &Path) -> Result<Box<dyn Teacher>> {
+        let params = teacher::load_params(&self.config, Some(dir));
+        let ctx = self.context(self.config.run.seed);
+        let t = self.registry.teachers.build(&self.config.teacher.kind, &params, &ctx)?;
+        vocab::fit_teacher(t, self.vocab_size)
     }
 }
 
-/// Optimizer steps of the student phase.
-pub fn student_steps(config: &RunConfig) -> usize {
-    if config.stages.is_empty() {
-        config.train.steps
-    } else {
-        config.stages.iter().map(|s| s.steps).sum()
+/// The student built once to validate params, tokenizer, vocabulary and context.
+fn checked_student(config: &RunConfig, ctx: &BuildContext, data: &dyn DataSource) -> Result<Box<dyn Student>> {
+    let student = ctx
+        .registry
+        .students
+        .build(&config.student.kind, &config.student.params_at("student"), ctx)?;
+    vocab::check_tokenizer("student", student.tokenizer_identity(), data.tokenizer())?;
+    let vocab = data.tokenizer().vocab_size();
+    let student = vocab::fit_student(student, vocab)?;
+    let (v, c) = (student.vocab_size(), student.context_len());
+    checks::model_fits("student", v, c, vocab, config.train.seq_len)?;
+    Ok(student)
+}
+
+/// A teacher with outputs for aligned windows only fixes the window sampling.
+fn fix_window_sampling(config: &mut RunConfig, teacher: &ResolvedTeacher) -> Result<()> {
+    let aligned = teacher.loaded.as_ref().and_then(|t| t.aligned_windows());
+    match (aligned, config.train.windows) {
+        (Some(_), Some(WindowSampling::Random)) => Err(Error::config(
+            "train.windows",
+            "the teacher serves stored windows that start at multiples of train.seq_len; \"random\" windows \
+             cannot be served: use \"aligned\" (the default with a cached teacher)",
+        )),
+        (Some(_), None) => {
+            config.train.windows = Some(WindowSampling::Aligned);
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
-fn student_stages_for(
+/// Everything around the terms: parameter groups, stages, early stopping, router, schedules,
+/// the teacher's vocabulary, context and taps.
+fn check_objective(
     config: &RunConfig,
-    registry: &Registry,
     ctx: &BuildContext,
+    student: &dyn Student,
     terms: &[TermSlot],
-) -> Result<Vec<Stage>> {
+    teacher: &ResolvedTeacher,
+) -> Result<()> {
     let t = &config.train;
-    if config.stages.is_empty() {
-        return Ok(vec![Stage::whole(
-            t.steps,
-            t.lr.build("train.lr", ctx)?,
-            build_lr_schedule(config, registry, ctx)?,
-            t,
-        )]);
+    let mut vars = student.vars();
+    for slot in terms {
+        let owned = slot.term.vars().into_iter();
+        vars.extend(owned.map(|(n, v)| (format!("loss.{}.{n}", slot.name), v)));
     }
-    config
-        .stages
-        .iter()
-        .enumerate()
-        .map(|(i, st)| {
-            let key = format!("stages[{i}]");
-            let lr = match &st.lr {
-                Some(lr) => lr.build_positive(&format!("{key}.lr"), ctx)?,
-                None => t.lr.build("train.lr", ctx)?,
-            };
-            let lr_schedule = match &st.lr_schedule {
-                Some(s) => registry
-                    .schedules
-                    .build(&s.kind, &s.params_at(&format!("{key}.lr_schedule")), ctx)?,
-                None => build_lr_schedule(config, registry, ctx)?,
-            };
-            let weights = if st.loss_weights.is_empty() {
-                None
-            } else {
-                let mut w = Vec::with_capacity(terms.len());
-                for (j, slot) in terms.iter().enumerate() {
-                    w.push(match st.loss_weights.get(&slot.name) {
-                        Some(spec) => {
-                            let path = format!("{key}.loss_weights.{}", slot.name);
-                            let s = spec.build(&path, ctx)?;
-                            s.check(&path, f64::is_finite, "a finite number")?;
-                            s
-                        }
-                        None => config.loss[j].weight.build(&format!("loss[{j}].weight"), ctx)?,
-                    });
-                }
-                Some(w)
-            };
-            Ok(Stage {
-                name: st.name_or_default(i),
-                steps: st.steps,
-                lr,
-                lr_schedule,
-                param_groups: st.param_groups.clone().unwrap_or_else(|| t.param_groups.clone()),
-                groups_key: if st.param_groups.is_some() {
-                    format!("{key}.param_groups")
-                } else {
-                    "train.param_groups".into()
-                },
-                weight_decay: st.weight_decay.unwrap_or(t.weight_decay),
-                grad_clip: st.grad_clip.unwrap_or(t.grad_clip),
-                grad_accum: st.grad_accum.unwrap_or(t.grad_accum).max(1),
-                weights,
-            })
-        })
-        .collect()
-}
-
-/// A fresh router of the configured kind.
-pub fn build_router(config: &RunConfig, registry: &Registry, ctx: &BuildContext) -> Result<Box<dyn Router>> {
-    registry
-        .routers
-        .build(&config.router.kind, &config.router.params_at("router"), ctx)
-}
-
-/// A fresh learning-rate schedule of the configured kind.
-pub fn build_lr_schedule(config: &RunConfig, registry: &Registry, ctx: &BuildContext) -> Result<Box<dyn Schedule>> {
-    let s = &config.train.lr_schedule;
-    registry
-        .schedules
-        .build(&s.kind, &s.params_at("train.lr_schedule"), ctx)
-}
-
-fn check_model(who: &str, vocab: usize, context: usize, data_vocab: usize, seq_len: usize) -> Result<()> {
-    if vocab != data_vocab {
-        return Err(Error::Incompatible(format!(
-            "the {who} has a vocabulary of {vocab} tokens, the data's tokenizer has {data_vocab}"
-        )));
+    assign_groups(vars.clone(), &t.param_groups, t.weight_decay, "train.param_groups")?;
+    stages::check(config, terms, &vars)?;
+    checks::early_stopping(t)?;
+    let names: Vec<String> = terms.iter().map(|t| t.name.clone()).collect();
+    build_router(config, ctx)?.check_terms(&names)?;
+    stages::lr_schedule(config, ctx)?;
+    stages::student_stages(config, ctx, terms)?;
+    if let Some(loaded) = &teacher.loaded {
+        let vocab = ctx.require_vocab("teacher")?;
+        checks::model_fits("teacher", loaded.vocab_size(), loaded.context_len(), vocab, t.seq_len)?;
     }
-    if context < seq_len {
-        return Err(Error::config(
-            format!("{who}.context"),
-            format!("the {who}'s context of {context} is shorter than train.seq_len = {seq_len}"),
-        ));
+    if let Some(model) = teacher.model() {
+        terms::check_teacher_taps(terms, model)?;
+    }
+    if !terms.iter().any(|t| t.term.needs_teacher()) {
+        tracing::warn!("no loss term reads the teacher: this run trains the student on hard labels only");
     }
     Ok(())
 }
 
-/// `student.init = { from_teacher = true }` without its own `checkpoint` copies from the
-/// teacher's: fill it in from `teacher.checkpoint`.
-fn fill_init_from_teacher(config: &mut RunConfig) {
-    let Some(ckpt) = config
-        .teacher
-        .params
-        .get("checkpoint")
-        .filter(|v| !v.is_null())
-        .cloned()
-    else {
-        return;
-    };
-    if let Some(Value::Object(init)) = config.student.params.get_mut("init") {
-        if init.get("from_teacher") == Some(&Value::Bool(true)) && !init.contains_key("checkpoint") {
-            init.insert("checkpoint".into(), ckpt);
-        }
-    }
+/// A fresh router of the configured kind.
+fn build_router(config: &RunConfig, ctx: &BuildContext) -> Result<Box<dyn Router>> {
+    ctx.registry
+        .routers
+        .build(&config.router.kind, &config.router.params_at("router"), ctx)
 }
 
-/// The teacher params with `checkpoint` pointing at `dir` (after pretraining).
-pub fn teacher_params_with_checkpoint(config: &RunConfig, dir: &std::path::Path) -> Params {
-    teacher_load_params(config, Some(dir))
-}
-
-/// The params the teacher kind is loaded with: the configured ones, `checkpoint = dir` if
-/// given, and `dtype` from `teacher.precision`.
-fn teacher_load_params(config: &RunConfig, dir: Option<&std::path::Path>) -> Params {
-    let mut p = config.teacher.params.clone();
-    if let Some(dir) = dir {
-        p.insert("checkpoint".into(), Value::String(dir.display().to_string()));
-    }
-    if let Some(precision) = config.teacher.precision {
-        p.insert("dtype".into(), Value::String(precision.name().into()));
-    }
-    Params::new("teacher", p)
+/// The `static` router: each term's configured weight.
+fn static_router(ctx: &BuildContext) -> Result<Box<dyn Router>> {
+    ctx.registry.routers.build("static", &Params::empty("router"), ctx)
 }

@@ -9,8 +9,6 @@
 //!   log line, before any loss sees them: softmaxes then run over real tokens only. Fewer rows
 //!   than tokens is an error.
 
-use std::path::Path;
-
 use candle_core::{Var, D};
 
 use retort_core::model::dense_topk;
@@ -168,37 +166,10 @@ impl Student for NarrowedStudent {
     fn vars(&self) -> Vec<(String, Var)> {
         self.inner.vars()
     }
-    fn save(&self, dir: &Path) -> Result<()> {
+    fn save(&self, dir: &std::path::Path) -> Result<()> {
         self.inner.save(dir)
     }
     fn config_json(&self) -> serde_json::Value {
         self.inner.config_json()
     }
-}
-
-/// Saves `model` into `dir` and, when the data's tokenizer can be written as a Hugging Face
-/// `tokenizer.json`, writes it beside the weights (and its special ids into
-/// `generation_config.json` if the model wrote one).
-pub fn save_with_tokenizer(model: &dyn Student, dir: &Path, tokenizer: &dyn Tokenizer) -> Result<()> {
-    model.save(dir)?;
-    if let Some(json) = tokenizer.hf_json() {
-        retort_core::fsutil::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
-        let gen = dir.join("generation_config.json");
-        if let Ok(text) = std::fs::read_to_string(&gen) {
-            if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
-                for (k, id) in [
-                    ("bos_token_id", tokenizer.bos_id()),
-                    ("eos_token_id", tokenizer.eos_id()),
-                    ("pad_token_id", tokenizer.pad_id()),
-                ] {
-                    if let Some(id) = id {
-                        v[k] = id.into();
-                    }
-                }
-                let bytes = serde_json::to_vec_pretty(&v).map_err(|e| Error::Runtime(e.to_string()))?;
-                retort_core::fsutil::write_atomic(&gen, &bytes)?;
-            }
-        }
-    }
-    Ok(())
 }

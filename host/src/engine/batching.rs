@@ -54,7 +54,20 @@ impl<'a> TrainBatcher<'a> {
 
     /// The next batch.
     pub fn next_batch(&mut self) -> Result<Batch> {
-        let starts: Vec<usize> = match self.sampling {
+        let starts = self.next_starts();
+        Batch::from_windows(self.tokens, Split::Train, &starts, self.seq_len, &self.device)
+    }
+
+    /// Draws `n` batches without building them: the stream moves on as if they had been.
+    pub fn skip(&mut self, n: usize) {
+        for _ in 0..n {
+            self.next_starts();
+        }
+    }
+
+    /// The start offsets of the next batch's windows.
+    fn next_starts(&mut self) -> Vec<usize> {
+        match self.sampling {
             WindowSampling::Random => {
                 let max_start = self.tokens.len() - self.seq_len - 1;
                 (0..self.batch_size)
@@ -67,8 +80,7 @@ impl<'a> TrainBatcher<'a> {
                     .map(|_| self.rng.random_range(0..windows) * self.seq_len)
                     .collect()
             }
-        };
-        Batch::from_windows(self.tokens, Split::Train, &starts, self.seq_len, &self.device)
+        }
     }
 }
 

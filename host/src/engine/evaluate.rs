@@ -2,7 +2,6 @@
 //! agreement with the teacher and its mean KL(teacher || student) at temperature 1.
 
 use candle_core::{DType, Tensor, D};
-use serde::Serialize;
 
 use retort_core::model::dense_from_topk;
 use retort_core::taps::topk_tap;
@@ -10,20 +9,7 @@ use retort_core::{Batch, Result, TapSet, Teacher};
 use retort_plugins::losses::ce::cross_entropy;
 use retort_plugins::losses::kl::kl_per_token;
 
-/// What an evaluation measured.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct EvalResult {
-    /// Mean cross-entropy with the next token, nats/token.
-    pub val_loss: f64,
-    /// `exp(min(val_loss, 50))`: never infinite.
-    pub perplexity: f64,
-    /// Tokens evaluated.
-    pub tokens: usize,
-    /// Fraction of tokens where the argmax agrees with the teacher's.
-    pub top1_agreement: Option<f64>,
-    /// Mean KL(teacher || model) per token, nats.
-    pub kl_to_teacher: Option<f64>,
-}
+pub use crate::artifacts::report::EvalResult;
 
 /// Loss cap for perplexity, in nats, so that reports never show infinity.
 pub const PERPLEXITY_LOSS_CAP: f64 = 50.0;

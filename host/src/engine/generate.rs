@@ -2,27 +2,61 @@
 //! file, a Hugging Face directory (llama family or GPT-2), or a retort export (which is one).
 //! The tokenizer comes with the model (GGUF metadata, or `tokenizer.json` in the directory).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Tensor;
 
 use retort_core::{Batch, Error, Params, Registry, Result, TapSet};
+
+use crate::assemble::model_file::{kind_of, load_model_file, load_tokenizer};
 use retort_plugins::models::generate::{generate, Sampling};
 
 /// Options of `retort generate`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct GenerateOptions {
-    /// GGUF file or model directory.
+    /// GGUF file or model directory (with its tokenizer: GGUF metadata or tokenizer.json).
+    #[arg(long)]
     pub model: PathBuf,
     /// Prompt text.
+    #[arg(long)]
     pub prompt: String,
-    /// How to sample.
-    pub sampling: Sampling,
-    /// Device (`cpu`, `cuda`, ...).
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// Softmax temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens summing to P.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Seed of the sampling stream.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Device: cpu, cuda, cuda:N, metal.
+    #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Longest window fed to the model (default: the model's context, at most 2048).
+    /// Longest window fed to the model (default: its context, at most 2048 for llama models).
+    #[arg(long)]
     pub context: Option<usize>,
+}
+
+impl GenerateOptions {
+    /// How to sample; an input error for a temperature that is not a number >= 0.
+    fn sampling(&self) -> Result<Sampling> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::input(
+                "--temperature",
+                format!("expected a number >= 0, got {}", self.temperature),
+            ));
+        }
+        Ok(Sampling {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+        })
+    }
 }
 
 /// What a generation produced.
@@ -40,50 +74,13 @@ pub struct Generated {
     pub model: String,
 }
 
-/// Which teacher kind reads `path`: `llama` for GGUF files and llama-family directories,
-/// `transformer` for GPT-2 directories.
-fn kind_of(path: &Path) -> Result<&'static str> {
-    let what = || format!("--model {}", path.display());
-    if retort_plugins::tokenizers::hf::is_gguf(path) {
-        return Ok("llama");
-    }
-    if !path.is_dir() {
-        return Err(Error::input(what(), "is neither a GGUF file nor a model directory"));
-    }
-    let cfg = path.join("config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .map_err(|e| Error::input(what(), format!("cannot read {}: {e}", cfg.display())))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::input(what(), format!("{} is not JSON: {e}", cfg.display())))?;
-    match v.get("model_type").and_then(|m| m.as_str()) {
-        Some("gpt2") => Ok("transformer"),
-        Some("llama" | "qwen2" | "mistral" | "mixtral") => Ok("llama"),
-        other => Err(Error::input(what(), format!("unsupported model_type {other:?}"))),
-    }
-}
-
-/// A model file or directory with the tokenizer that comes with it, loaded as a frozen model.
-pub fn load_model_file(
-    registry: &Registry,
-    path: &Path,
-    device: &candle_core::Device,
-    context: Option<usize>,
-) -> Result<(Box<dyn retort_core::Teacher>, Box<dyn retort_core::Tokenizer>)> {
-    let kind = kind_of(path)?;
-    let ctx = retort_core::BuildContext::new(registry, device.clone(), 0);
-    let tokenizer = load_tokenizer(registry, path, &ctx)?;
-    let mut mp = serde_json::Map::new();
-    mp.insert("checkpoint".into(), path.display().to_string().into());
-    if kind == "llama" {
-        // RoPE tables only as long as needed.
-        mp.insert("context".into(), context.unwrap_or(2048).into());
-    }
-    let model = registry.teachers.build(kind, &Params::new("model", mp), &ctx)?;
-    Ok((model, tokenizer))
-}
-
 /// Llama models decode incrementally with a key/value cache.
-fn generate_llama(registry: &Registry, opts: &GenerateOptions, device: &candle_core::Device) -> Result<Generated> {
+fn generate_llama(
+    registry: &Registry,
+    opts: &GenerateOptions,
+    sampling: &Sampling,
+    device: &candle_core::Device,
+) -> Result<Generated> {
     let ctx = retort_core::BuildContext::new(registry, device.clone(), 0);
     let tokenizer = load_tokenizer(registry, &opts.model, &ctx)?;
     let mut mp = serde_json::Map::new();
@@ -92,8 +89,7 @@ fn generate_llama(registry: &Registry, opts: &GenerateOptions, device: &candle_c
     let model = retort_plugins::teachers::llama::load_frozen(&Params::new("model", mp), &ctx)?;
     let prompt = prompt_ids(tokenizer.as_ref(), &opts.prompt)?;
     let t0 = Instant::now();
-    let out =
-        retort_plugins::models::generate::generate_cached(&model, &prompt, tokenizer.eos_id(), &opts.sampling, device)?;
+    let out = retort_plugins::models::generate::generate_cached(&model, &prompt, tokenizer.eos_id(), sampling, device)?;
     Ok(Generated {
         text: tokenizer.decode(&out)?,
         prompt_tokens: prompt.len(),
@@ -112,31 +108,12 @@ fn prompt_ids(tokenizer: &dyn retort_core::Tokenizer, text: &str) -> Result<Vec<
     Ok(prompt)
 }
 
-fn load_tokenizer(
-    registry: &Registry,
-    path: &Path,
-    ctx: &retort_core::BuildContext,
-) -> Result<Box<dyn retort_core::Tokenizer>> {
-    let tok_params = Params::new(
-        "tokenizer",
-        serde_json::json!({"path": path})
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
-    );
-    registry.tokenizers.build("hf", &tok_params, ctx).map_err(|e| {
-        Error::input(
-            format!("--model {}", path.display()),
-            format!("no usable tokenizer with the model (GGUF metadata or tokenizer.json): {e}"),
-        )
-    })
-}
-
 /// Loads the model and its tokenizer and samples a continuation of the prompt.
 pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Generated> {
+    let sampling = opts.sampling()?;
     let device = crate::assemble::device::parse_device(&opts.device)?;
     if kind_of(&opts.model)? == "llama" {
-        return generate_llama(registry, opts, &device);
+        return generate_llama(registry, opts, &sampling, &device);
     }
     let (model, tokenizer) = load_model_file(registry, &opts.model, &device, opts.context)?;
     let prompt = prompt_ids(tokenizer.as_ref(), &opts.prompt)?;
@@ -151,7 +128,7 @@ pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Gener
         Ok(model.forward(&batch, &TapSet::none())?.logits)
     };
     let t0 = Instant::now();
-    let out = generate(&forward, &prompt, context, tokenizer.eos_id(), &opts.sampling, &device)?;
+    let out = generate(&forward, &prompt, context, tokenizer.eos_id(), &sampling, &device)?;
     Ok(Generated {
         text: tokenizer.decode(&out)?,
         prompt_tokens: prompt.len(),

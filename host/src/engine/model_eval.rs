@@ -11,21 +11,28 @@ use crate::engine::batching::val_batches;
 use crate::engine::evaluate::{evaluate, EvalResult};
 
 /// Options of `retort eval`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct EvalOptions {
     /// GGUF file or model directory.
+    #[arg(long)]
     pub model: PathBuf,
     /// UTF-8 text file.
+    #[arg(long)]
     pub data: PathBuf,
-    /// Evaluate only the last fraction of the tokens (the run's validation split); 1 = all.
+    /// Evaluate the last fraction of the tokens (a run's validation split is 0.1); 1 = all.
+    #[arg(long, default_value_t = 0.1)]
     pub val_fraction: f64,
     /// Tokens per window.
+    #[arg(long, default_value_t = 64)]
     pub seq_len: usize,
     /// Windows per batch.
+    #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
     /// Batches at most.
+    #[arg(long, default_value_t = 8)]
     pub batches: usize,
     /// Device.
+    #[arg(long, default_value = "cpu")]
     pub device: String,
 }
 
@@ -42,7 +49,7 @@ pub fn run_eval(registry: &Registry, opts: &EvalOptions) -> Result<(EvalResult, 
     }
     let device = crate::assemble::device::parse_device(&opts.device)?;
     let (model, tokenizer) =
-        crate::engine::generate::load_model_file(registry, &opts.model, &device, Some(opts.seq_len))?;
+        crate::assemble::model_file::load_model_file(registry, &opts.model, &device, Some(opts.seq_len))?;
     let text = std::fs::read_to_string(&opts.data).map_err(|e| {
         Error::input(
             format!("--data {}", opts.data.display()),

@@ -6,12 +6,12 @@
 //! `w = w (1 - lr m wd) - lr m (mom / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`.
 //! A group with `m = 0` is frozen: its parameters get no optimizer state and are never written.
 
-use candle_core::{backprop::GradStore, DType, Tensor, Var};
-use regex::Regex;
+use candle_core::{backprop::GradStore, DType, Tensor};
 use retort_plugins::kernels::adamw;
 
-use retort_core::config::ParamGroupSpec;
 use retort_core::{Error, Result};
+
+use crate::assemble::GroupedParam;
 
 /// Hyper-parameters of AdamW.
 #[derive(Debug, Clone, Copy)]
@@ -26,121 +26,6 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     /// Global-norm clip; 0 disables.
     pub grad_clip: f64,
-}
-
-/// Whether the default rule decays a parameter: matrices that are not embeddings (so not
-/// biases, norms or embeddings).
-pub fn decays(name: &str, rank: usize) -> bool {
-    rank >= 2 && !(name.contains("wte") || name.contains("wpe") || name.contains("embed"))
-}
-
-/// One parameter with its group settings.
-pub struct GroupedParam {
-    /// Checkpoint name.
-    pub name: String,
-    /// The parameter.
-    pub var: Var,
-    /// Index into the group summaries.
-    pub group: usize,
-    /// Learning-rate factor (0 = frozen).
-    pub lr_mult: f64,
-    /// Effective weight decay.
-    pub weight_decay: f64,
-}
-
-/// What `retort` prints and logs about a group at the start of a phase.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct GroupSummary {
-    /// The pattern, or `default`.
-    pub pattern: String,
-    /// Number of tensors.
-    pub tensors: usize,
-    /// Number of scalar parameters.
-    pub parameters: usize,
-    /// Learning-rate factor.
-    pub lr_mult: f64,
-    /// Weight decay, or `default rule`.
-    pub weight_decay: String,
-}
-
-/// Assigns every parameter to the first group whose pattern matches its whole name.
-/// An invalid regex, or a pattern that matches nothing, is a config error naming the pattern.
-pub fn assign_groups(
-    vars: Vec<(String, Var)>,
-    specs: &[ParamGroupSpec],
-    default_wd: f64,
-    key: &str,
-) -> Result<(Vec<GroupedParam>, Vec<GroupSummary>)> {
-    let mut regexes = Vec::with_capacity(specs.len());
-    for (i, s) in specs.iter().enumerate() {
-        let path = format!("{key}[{i}].pattern");
-        let re = Regex::new(&format!("^(?:{})$", s.pattern))
-            .map_err(|e| Error::config(path.clone(), format!("invalid regex `{}`: {e}", s.pattern)))?;
-        if !(s.lr_mult.is_finite() && s.lr_mult >= 0.0) {
-            return Err(Error::config(
-                format!("{key}[{i}].lr_mult"),
-                format!("expected a number >= 0, got {}", s.lr_mult),
-            ));
-        }
-        if let Some(wd) = s.weight_decay.filter(|w| !(w.is_finite() && *w >= 0.0)) {
-            return Err(Error::config(
-                format!("{key}[{i}].weight_decay"),
-                format!("expected a number >= 0, got {wd}"),
-            ));
-        }
-        regexes.push(re);
-    }
-    let mut summaries: Vec<GroupSummary> = specs
-        .iter()
-        .map(|s| GroupSummary {
-            pattern: s.pattern.clone(),
-            tensors: 0,
-            parameters: 0,
-            lr_mult: s.lr_mult,
-            weight_decay: s
-                .weight_decay
-                .map(|w| w.to_string())
-                .unwrap_or_else(|| "default rule".into()),
-        })
-        .collect();
-    summaries.push(GroupSummary {
-        pattern: "default".into(),
-        tensors: 0,
-        parameters: 0,
-        lr_mult: 1.0,
-        weight_decay: "default rule".into(),
-    });
-    let example = vars.first().map(|(n, _)| n.clone()).unwrap_or_default();
-    let mut out = Vec::with_capacity(vars.len());
-    for (name, var) in vars {
-        let group = regexes.iter().position(|r| r.is_match(&name)).unwrap_or(specs.len());
-        let (lr_mult, wd) = match specs.get(group) {
-            Some(s) => (s.lr_mult, s.weight_decay),
-            None => (1.0, None),
-        };
-        let weight_decay = wd.unwrap_or(if decays(&name, var.rank()) { default_wd } else { 0.0 });
-        summaries[group].tensors += 1;
-        summaries[group].parameters += var.elem_count();
-        out.push(GroupedParam {
-            name,
-            var,
-            group,
-            lr_mult,
-            weight_decay,
-        });
-    }
-    for (i, s) in summaries.iter().enumerate().take(specs.len()) {
-        if s.tensors == 0 {
-            return Err(Error::config(
-                format!("{key}[{i}].pattern"),
-                format!(
-                    "`{}` matches no parameter (it must match whole names such as `{example}`)",
-                    s.pattern
-                ),
-            ));
-        }
-    }
-    Ok((out, summaries))
 }
 
 struct ParamState {
@@ -158,7 +43,7 @@ pub struct AdamW {
 }
 
 /// Gradient norms of one step.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GradNorms {
     /// Global L2 norm over every trainable parameter (before clipping).
     pub total: f64,
@@ -298,7 +183,10 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::assemble::assign_groups;
     use candle_core::Device;
+    use candle_core::Var;
+    use retort_core::config::ParamGroupSpec;
 
     fn cfg(wd: f64, clip: f64) -> AdamWConfig {
         AdamWConfig {
@@ -382,30 +270,6 @@ mod tests {
         assert!((emb.as_tensor().to_vec2::<f64>().expect("v")[0][0] - (1.0 - 0.01)).abs() < 1e-9);
         assert!((w.as_tensor().to_vec2::<f64>().expect("v")[0][0] - (1.0 - 0.1)).abs() < 1e-9);
         assert_eq!(frozen.as_tensor().to_vec1::<f64>().expect("v"), vec![3.0, 4.0]);
-    }
-
-    #[test]
-    fn bad_patterns_are_config_errors() {
-        let v = Var::new(&[1.0f64], &Device::Cpu).expect("v");
-        let bad = vec![ParamGroupSpec {
-            pattern: "(".into(),
-            lr_mult: 1.0,
-            weight_decay: None,
-        }];
-        let err = assign_groups(vec![("a".into(), v.clone())], &bad, 0.0, "train.param_groups")
-            .err()
-            .expect("invalid regex");
-        assert!(err.to_string().contains("train.param_groups[0].pattern") && err.to_string().contains("invalid regex"));
-        let none = vec![ParamGroupSpec {
-            pattern: "zzz".into(),
-            lr_mult: 1.0,
-            weight_decay: None,
-        }];
-        let err = assign_groups(vec![("a".into(), v)], &none, 0.0, "train.param_groups")
-            .err()
-            .expect("no match");
-        assert!(err.to_string().contains("matches no parameter"), "{err}");
-        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]

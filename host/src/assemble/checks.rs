@@ -1,0 +1,105 @@
+//! Checks of single config values and of one component against the data, made before anything
+//! trains; each failure names the key path and what was expected.
+
+use retort_core::config::{EvalSection, TrainSection};
+use retort_core::{DataSource, Error, Result, Split};
+
+/// `[train]` and `[eval]` values that no component checks itself.
+pub(super) fn train_and_eval(t: &TrainSection, eval: &EvalSection) -> Result<()> {
+    for (key, v) in [
+        ("train.steps", t.steps),
+        ("train.batch_size", t.batch_size),
+        ("train.seq_len", t.seq_len),
+        ("train.grad_accum", t.grad_accum),
+    ] {
+        if v == 0 {
+            return Err(Error::config(key, "expected an integer >= 1, got 0"));
+        }
+    }
+    for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+        if !(0.0..1.0).contains(&v) {
+            return Err(Error::config(key, format!("expected a number in [0, 1), got {v}")));
+        }
+    }
+    for (key, v) in [
+        ("train.eps", t.eps),
+        ("train.weight_decay", t.weight_decay),
+        ("train.grad_clip", t.grad_clip),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(Error::config(key, format!("expected a finite number >= 0, got {v}")));
+        }
+    }
+    if let Some(d) = t.ema_decay.filter(|d| !(0.0..1.0).contains(d)) {
+        return Err(Error::config(
+            "train.ema_decay",
+            format!("expected a number in [0, 1), got {d}"),
+        ));
+    }
+    if eval.batches == 0 || eval.batch_size == 0 {
+        return Err(Error::config(
+            "eval.batches",
+            "eval.batches and eval.batch_size must be >= 1",
+        ));
+    }
+    Ok(())
+}
+
+/// Both splits hold at least one window of `seq_len` tokens plus its target.
+pub(super) fn data_lengths(data: &dyn DataSource, seq_len: usize) -> Result<()> {
+    for (split, name) in [(Split::Train, "training"), (Split::Val, "validation")] {
+        let n = data.tokens(split).len();
+        if n <= seq_len {
+            return Err(Error::input(
+                format!("data ({})", data.describe()),
+                format!(
+                    "the {name} split has {n} tokens, fewer than one window of train.seq_len = {seq_len} plus its \
+                     target; use a longer corpus or a smaller train.seq_len"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A model's vocabulary is the data's and its context holds a training window.
+pub(super) fn model_fits(who: &str, vocab: usize, context: usize, data_vocab: usize, seq_len: usize) -> Result<()> {
+    if vocab != data_vocab {
+        return Err(Error::Incompatible(format!(
+            "the {who} has a vocabulary of {vocab} tokens, the data's tokenizer has {data_vocab}"
+        )));
+    }
+    if context < seq_len {
+        return Err(Error::config(
+            format!("{who}.context"),
+            format!("the {who}'s context of {context} is shorter than train.seq_len = {seq_len}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `train.early_stopping` needs evaluations, a patience and a sane `min_delta`.
+pub(super) fn early_stopping(t: &TrainSection) -> Result<()> {
+    let Some(es) = &t.early_stopping else {
+        return Ok(());
+    };
+    if t.eval_every == Some(0) {
+        return Err(Error::config(
+            "train.early_stopping",
+            "early stopping evaluates every train.eval_every steps; set train.eval_every > 0 (or leave it out)",
+        ));
+    }
+    if es.patience == 0 {
+        return Err(Error::config(
+            "train.early_stopping.patience",
+            "expected an integer >= 1, got 0",
+        ));
+    }
+    if !(es.min_delta.is_finite() && es.min_delta >= 0.0) {
+        return Err(Error::config(
+            "train.early_stopping.min_delta",
+            format!("expected a finite number >= 0, got {}", es.min_delta),
+        ));
+    }
+    Ok(())
+}

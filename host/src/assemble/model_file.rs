@@ -1,0 +1,66 @@
+//! A model given by a path (`retort generate --model`, `retort eval --model`): a GGUF file, a
+//! Hugging Face directory (llama family or GPT-2) or a retort export, loaded frozen with the
+//! tokenizer that comes with it (GGUF metadata, or `tokenizer.json` in the directory).
+
+use std::path::Path;
+
+use retort_core::{BuildContext, Error, Params, Registry, Result, Teacher, Tokenizer};
+
+/// Which teacher kind reads `path`: `llama` for GGUF files and llama-family directories,
+/// `transformer` for GPT-2 directories.
+pub fn kind_of(path: &Path) -> Result<&'static str> {
+    let what = || format!("--model {}", path.display());
+    if retort_plugins::tokenizers::hf::is_gguf(path) {
+        return Ok("llama");
+    }
+    if !path.is_dir() {
+        return Err(Error::input(what(), "is neither a GGUF file nor a model directory"));
+    }
+    let cfg = path.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .map_err(|e| Error::input(what(), format!("cannot read {}: {e}", cfg.display())))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::input(what(), format!("{} is not JSON: {e}", cfg.display())))?;
+    match v.get("model_type").and_then(|m| m.as_str()) {
+        Some("gpt2") => Ok("transformer"),
+        Some("llama" | "qwen2" | "mistral" | "mixtral") => Ok("llama"),
+        other => Err(Error::input(what(), format!("unsupported model_type {other:?}"))),
+    }
+}
+
+/// A model file or directory with the tokenizer that comes with it, loaded as a frozen model.
+pub fn load_model_file(
+    registry: &Registry,
+    path: &Path,
+    device: &candle_core::Device,
+    context: Option<usize>,
+) -> Result<(Box<dyn Teacher>, Box<dyn Tokenizer>)> {
+    let kind = kind_of(path)?;
+    let ctx = BuildContext::new(registry, device.clone(), 0);
+    let tokenizer = load_tokenizer(registry, path, &ctx)?;
+    let mut mp = serde_json::Map::new();
+    mp.insert("checkpoint".into(), path.display().to_string().into());
+    if kind == "llama" {
+        // RoPE tables only as long as needed.
+        mp.insert("context".into(), context.unwrap_or(2048).into());
+    }
+    let model = registry.teachers.build(kind, &Params::new("model", mp), &ctx)?;
+    Ok((model, tokenizer))
+}
+
+/// The tokenizer that comes with the model at `path`.
+pub fn load_tokenizer(registry: &Registry, path: &Path, ctx: &BuildContext) -> Result<Box<dyn Tokenizer>> {
+    let tok_params = Params::new(
+        "tokenizer",
+        serde_json::json!({"path": path})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+    );
+    registry.tokenizers.build("hf", &tok_params, ctx).map_err(|e| {
+        Error::input(
+            format!("--model {}", path.display()),
+            format!("no usable tokenizer with the model (GGUF metadata or tokenizer.json): {e}"),
+        )
+    })
+}

@@ -1,0 +1,82 @@
+//! The objective's terms (`[[loss]]`), built and checked against the models they read.
+
+use retort_core::config::RunConfig;
+use retort_core::{BuildContext, Error, LossTerm, Params, Result, Scalar, Student, Teacher};
+
+/// A loss term with its metrics name and configured weight.
+pub struct TermSlot {
+    /// Name in metrics (`kind`, `kind_i` when a kind repeats, or the configured `name`).
+    pub name: String,
+    /// Configured weight (a number or a schedule).
+    pub weight: Scalar,
+    /// The term.
+    pub term: Box<dyn LossTerm>,
+}
+
+impl TermSlot {
+    /// The objective of teacher pretraining and of the scratch baseline: `ce` with weight 1.
+    pub fn hard_labels(ctx: &BuildContext) -> Result<Vec<TermSlot>> {
+        let term = ctx
+            .registry
+            .losses
+            .build("ce", &Params::empty("baseline.loss[0]"), ctx)?;
+        Ok(vec![TermSlot {
+            name: "ce".into(),
+            weight: Scalar::Const(1.0),
+            term,
+        }])
+    }
+}
+
+/// Every `[[loss]]` built; each term's student taps must exist, and a term needing dense
+/// teacher logits is refused with a teacher that has only its top-k.
+pub(super) fn build(config: &RunConfig, ctx: &BuildContext, student: &dyn Student) -> Result<Vec<TermSlot>> {
+    if config.loss.is_empty() {
+        return Err(Error::config("loss", "at least one loss term is required"));
+    }
+    let available = student.available_taps();
+    let mut terms = Vec::with_capacity(config.loss.len());
+    for (i, spec) in config.loss.iter().enumerate() {
+        let path = format!("loss[{i}]");
+        let weight_path = format!("{path}.weight");
+        let weight = spec.weight.build(&weight_path, ctx)?;
+        weight.check(&weight_path, f64::is_finite, "a finite number")?;
+        let term = ctx.registry.losses.build(&spec.kind, &spec.params_at(&path), ctx)?;
+        if let Some(tap) = term.student_taps().into_iter().find(|t| !available.contains(t)) {
+            return Err(Error::config(
+                path,
+                format!("asks for student tap `{tap}`, which the student does not have"),
+            ));
+        }
+        if let (Some(k), true) = (ctx.teacher_topk, term.needs_teacher_logits()) {
+            return Err(Error::config(
+                path,
+                format!(
+                    "`{}` needs the teacher's dense logits, and the teacher ({}) has only its top-{k} log-probs; use \
+                     `kl` or `topk_kl`, or a live teacher",
+                    spec.kind, config.teacher.kind
+                ),
+            ));
+        }
+        let repeated = config.loss.iter().filter(|s| s.kind == spec.kind).count() > 1;
+        let name = spec.name.clone().unwrap_or_else(|| match repeated {
+            true => format!("{}_{i}", spec.kind),
+            false => spec.kind.clone(),
+        });
+        terms.push(TermSlot { name, weight, term });
+    }
+    Ok(terms)
+}
+
+/// Every teacher tap a term asks for exists on `teacher`.
+pub(super) fn check_teacher_taps(terms: &[TermSlot], teacher: &dyn Teacher) -> Result<()> {
+    for (i, slot) in terms.iter().enumerate() {
+        if let Some(tap) = slot.term.teacher_taps().into_iter().find(|t| !teacher.supports_tap(t)) {
+            return Err(Error::config(
+                format!("loss[{i}]"),
+                format!("asks for teacher tap `{tap}`, which the teacher does not have"),
+            ));
+        }
+    }
+    Ok(())
+}

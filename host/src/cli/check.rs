@@ -1,0 +1,55 @@
+//! `retort check [CONFIG] [--set K=V]...`: validate a config and build every plugin it names.
+
+use clap::Args;
+
+use retort_core::Result;
+
+use super::common::ConfigArgs;
+use crate::assemble::{Pipeline, TeacherPlan};
+
+/// Arguments of `retort check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The config to check.
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+impl CheckArgs {
+    /// Assembles the pipeline (training nothing) and prints what it is made of.
+    pub fn run(self) -> Result<()> {
+        let (cfg, origin, registry) = self.config.load()?;
+        let p = Pipeline::assemble(cfg, &registry).map_err(|e| origin.annotate(e))?;
+        println!("config OK ({})", origin.label());
+        println!("  data:     {}", p.data.describe());
+        match (&p.teacher_plan, &p.teacher) {
+            (TeacherPlan::Load, Some(t)) => println!("  teacher:  {}", t.describe()),
+            (TeacherPlan::Pretrain { steps, lr }, _) => println!(
+                "  teacher:  `{}` pretrained by the pipeline for {steps} steps at lr {lr}",
+                p.config.teacher.kind
+            ),
+            (TeacherPlan::Load, None) => {}
+        }
+        println!("  student:  {}", p.student_description);
+        let terms: Vec<String> = p
+            .config
+            .loss
+            .iter()
+            .zip(&p.terms)
+            .map(|(spec, t)| format!("{} x {}", spec.weight, t.name))
+            .collect();
+        println!("  loss:     {}", terms.join(" + "));
+        println!("  router:   {}", p.config.router.kind);
+        let t = &p.config.train;
+        println!(
+            "  budget:   {} steps x {} windows x {} tokens",
+            p.student_steps(),
+            t.batch_size,
+            t.seq_len
+        );
+        for (i, st) in p.config.stages.iter().enumerate() {
+            println!("  stage {}: {} ({} steps)", i + 1, st.name_or_default(i), st.steps);
+        }
+        Ok(())
+    }
+}

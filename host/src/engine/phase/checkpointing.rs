@@ -1,0 +1,51 @@
+//! When and where a phase writes its resumable checkpoints.
+
+use std::path::PathBuf;
+
+/// Where and how often a phase writes resumable checkpoints.
+#[derive(Debug, Clone)]
+pub struct CheckpointPolicy {
+    /// `checkpoints/<phase>` of the run.
+    pub root: PathBuf,
+    /// Every this many steps (0: only at stage boundaries).
+    pub every: usize,
+    /// Keep the newest this many.
+    pub keep: usize,
+    /// The metrics file whose length each checkpoint records (truncated to it on resume).
+    pub metrics: Option<PathBuf>,
+}
+
+impl CheckpointPolicy {
+    /// Whether a checkpoint is due after step `done` of a phase of `total` steps: every
+    /// `every` steps but the last (the phase's end writes the model itself), and at the end of
+    /// every stage but the last (so a resume restarts the next stage as an uninterrupted run).
+    pub fn due(&self, done: usize, total: usize, ends_a_stage_before_the_last: bool) -> bool {
+        (self.every > 0 && done.is_multiple_of(self.every) && done != total) || ends_a_stage_before_the_last
+    }
+
+    /// The length of the metrics file now (0 without one).
+    pub fn metrics_len(&self) -> u64 {
+        match &self.metrics {
+            Some(m) => std::fs::metadata(m).map(|md| md.len()).unwrap_or(0),
+            None => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_every_n_steps_but_the_last_and_at_inner_stage_ends() {
+        let p = CheckpointPolicy {
+            root: PathBuf::from("x"),
+            every: 10,
+            keep: 2,
+            metrics: None,
+        };
+        assert!(p.due(10, 30, false) && p.due(20, 30, false));
+        assert!(!p.due(30, 30, false) && !p.due(15, 30, false));
+        assert!(p.due(15, 30, true));
+    }
+}

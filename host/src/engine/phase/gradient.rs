@@ -1,0 +1,252 @@
+//! The gradient of one optimizer step: every micro-batch through the teacher, the student and
+//! the terms, weighed by the router, `total = sum_i w_i * term_i / accum` backpropagated and
+//! the gradients summed, or the first non-finite quantity met on the way.
+
+use candle_core::{DType, Tensor};
+
+use retort_core::{Batch, Error, Progress, Result, Router, StepContext, Student, TapSet, Teacher, TermSignals};
+
+use crate::assemble::TermSlot;
+use crate::engine::batching::TrainBatcher;
+use crate::engine::optim::{AdamW, GradNorms};
+
+/// What one step's micro-batches produced.
+pub(super) enum Gradient {
+    /// Every value finite: apply it.
+    Finite(StepGradient),
+    /// The first non-finite quantity: skip the step.
+    NonFinite {
+        /// What it was (`loss term \`kl\``, `the gradient norm`).
+        what: String,
+        /// Its value.
+        value: f64,
+    },
+}
+
+/// The summed gradient of a step and what the metrics report about it.
+pub(super) struct StepGradient {
+    /// One gradient per trainable parameter, in the optimizer's order.
+    pub grads: Vec<Tensor>,
+    /// Their norms (before clipping).
+    pub norms: GradNorms,
+    /// Each term's value, averaged over the micro-batches.
+    pub term_values: Vec<f64>,
+    /// The weights the router chose (on the first micro-batch).
+    pub weights: Vec<f64>,
+}
+
+impl StepGradient {
+    /// `sum_i w_i * term_i`.
+    pub fn total(&self) -> f64 {
+        self.term_values.iter().zip(&self.weights).map(|(v, w)| v * w).sum()
+    }
+}
+
+/// The objective of a phase: its terms and router, and the models they read.
+pub(super) struct Objective<'a> {
+    label: &'a str,
+    /// The terms, with their names.
+    pub terms: &'a [TermSlot],
+    /// Weighs the terms.
+    pub router: Box<dyn Router>,
+    student: &'a dyn Student,
+    /// The teacher, only when a term reads it.
+    teacher: Option<&'a dyn Teacher>,
+    student_taps: TapSet,
+    teacher_taps: TapSet,
+    names: Vec<String>,
+    reads_features: Vec<bool>,
+}
+
+/// The terms of one micro-batch, still attached to the graph, or the first non-finite one.
+enum TermValues {
+    Finite { values: Vec<Tensor>, scalars: Vec<f64> },
+    NonFinite { what: String, value: f64 },
+}
+
+impl<'a> Objective<'a> {
+    /// The objective of `terms`; an error if a term reads a teacher and there is none.
+    pub fn new(
+        label: &'a str,
+        terms: &'a [TermSlot],
+        router: Box<dyn Router>,
+        student: &'a dyn Student,
+        teacher: Option<&'a dyn Teacher>,
+    ) -> Result<Self> {
+        let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
+        if needs_teacher && teacher.is_none() {
+            return Err(Error::Runtime(format!(
+                "phase `{label}` has a term that needs a teacher, and none was given"
+            )));
+        }
+        Ok(Objective {
+            label,
+            terms,
+            router,
+            student,
+            teacher: teacher.filter(|_| needs_teacher),
+            student_taps: terms.iter().flat_map(|t| t.term.student_taps()).collect(),
+            teacher_taps: terms.iter().flat_map(|t| t.term.teacher_taps()).collect(),
+            names: terms.iter().map(|t| t.name.clone()).collect(),
+            reads_features: terms.iter().map(|t| !t.term.student_taps().is_empty()).collect(),
+        })
+    }
+
+    /// The names of the terms, in order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// One step over `accum` micro-batches drawn from `batcher` (all of them are drawn, even
+    /// after a non-finite value, so that the batch stream stays aligned with an uninterrupted
+    /// run). The router weighs once per step, on the first micro-batch's values.
+    pub fn gradient(&mut self, batcher: &mut TrainBatcher, opt: &AdamW, step: StepInput) -> Result<Gradient> {
+        let (values, scalars) = match self.terms_on(&batcher.next_batch()?, step.progress)? {
+            TermValues::Finite { values, scalars } => (values, scalars),
+            TermValues::NonFinite { what, value } => {
+                batcher.skip(step.accum - 1);
+                return Ok(Gradient::NonFinite { what, value });
+            }
+        };
+        let weights = self.route(&scalars, step.base_weights, step.progress)?;
+        let grads = self.backward(&values, &weights, opt, &step)?;
+        let mut sum = StepGradient::first(grads, &scalars, weights, step.accum);
+        for drawn in 2..=step.accum {
+            match self.terms_on(&batcher.next_batch()?, step.progress)? {
+                TermValues::Finite { values, scalars } => {
+                    let grads = self.backward(&values, &sum.weights, opt, &step)?;
+                    sum.add(grads, &scalars, step.accum)?;
+                }
+                TermValues::NonFinite { what, value } => {
+                    batcher.skip(step.accum - drawn);
+                    return Ok(Gradient::NonFinite { what, value });
+                }
+            }
+        }
+        sum.norms = opt.norms(&sum.grads)?;
+        if !sum.norms.total.is_finite() {
+            return Ok(Gradient::NonFinite {
+                what: "the gradient norm".into(),
+                value: sum.norms.total,
+            });
+        }
+        Ok(Gradient::Finite(sum))
+    }
+
+    /// Teacher and student forward on `batch`, the router's token weights, every term.
+    fn terms_on(&mut self, batch: &Batch, progress: Progress) -> Result<TermValues> {
+        let t_out = match self.teacher {
+            Some(t) => Some(t.forward(batch, &self.teacher_taps)?),
+            None => None,
+        };
+        let s_out = self.student.forward(batch, &self.student_taps)?;
+        let mut ctx = StepContext {
+            batch,
+            student: &s_out,
+            teacher: t_out.as_ref(),
+            progress,
+            token_weights: None,
+        };
+        let token_weights = self.router.prepare(&ctx)?.map(|w| w.detach());
+        ctx.token_weights = token_weights.as_ref();
+        let values: Vec<Tensor> = self.terms.iter().map(|t| t.term.compute(&ctx)).collect::<Result<_>>()?;
+        let scalars: Vec<f64> = values.iter().map(scalar).collect::<Result<_>>()?;
+        if let Some(i) = scalars.iter().position(|v| !v.is_finite()) {
+            return Ok(TermValues::NonFinite {
+                what: format!("loss term `{}`", self.names[i]),
+                value: scalars[i],
+            });
+        }
+        Ok(TermValues::Finite { values, scalars })
+    }
+
+    /// The router's weights for this step.
+    fn route(&mut self, values: &[f64], base_weights: &[f64], progress: Progress) -> Result<Vec<f64>> {
+        let w = self.router.weights(&TermSignals {
+            names: &self.names,
+            values,
+            base_weights,
+            reads_features: &self.reads_features,
+            progress,
+        })?;
+        if w.len() != self.terms.len() {
+            return Err(Error::Runtime(format!(
+                "router returned {} weights for {} terms",
+                w.len(),
+                self.terms.len()
+            )));
+        }
+        Ok(w)
+    }
+
+    /// The gradients of `sum_i (w_i / accum) * term_i` over the terms with a non-zero weight:
+    /// summed over the micro-batches, they are those of the mean over the whole effective batch.
+    fn backward(&self, values: &[Tensor], weights: &[f64], opt: &AdamW, step: &StepInput) -> Result<Vec<Tensor>> {
+        let mut total: Option<Tensor> = None;
+        for (v, wi) in values.iter().zip(weights) {
+            if *wi == 0.0 {
+                continue;
+            }
+            let wv = (v * (*wi / step.accum as f64))?;
+            total = Some(match total {
+                Some(t) => (t + wv)?,
+                None => wv,
+            });
+        }
+        let total = total.ok_or_else(|| {
+            Error::Runtime(format!(
+                "phase `{}` stage `{}`: every term has weight 0",
+                self.label, step.stage
+            ))
+        })?;
+        opt.collect_grads(&total.backward()?)
+    }
+}
+
+/// What a step's gradient depends on besides the batches.
+pub(super) struct StepInput<'s> {
+    /// Name of the stage (for errors).
+    pub stage: &'s str,
+    /// Micro-batches per step.
+    pub accum: usize,
+    /// Progress within the stage.
+    pub progress: Progress,
+    /// The terms' configured weights at this step (what the router starts from).
+    pub base_weights: &'s [f64],
+}
+
+impl StepGradient {
+    /// The sums after the first micro-batch.
+    fn first(grads: Vec<Tensor>, scalars: &[f64], weights: Vec<f64>, accum: usize) -> Self {
+        let mut s = StepGradient {
+            grads,
+            norms: GradNorms::default(),
+            term_values: vec![0.0; scalars.len()],
+            weights,
+        };
+        s.add_values(scalars, accum);
+        s
+    }
+
+    /// Adds a further micro-batch's gradients and values.
+    fn add(&mut self, grads: Vec<Tensor>, scalars: &[f64], accum: usize) -> Result<()> {
+        self.grads = self
+            .grads
+            .iter()
+            .zip(&grads)
+            .map(|(x, y)| x + y)
+            .collect::<candle_core::Result<_>>()?;
+        self.add_values(scalars, accum);
+        Ok(())
+    }
+
+    fn add_values(&mut self, scalars: &[f64], accum: usize) {
+        for (m, v) in self.term_values.iter_mut().zip(scalars) {
+            *m += v / accum as f64;
+        }
+    }
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}

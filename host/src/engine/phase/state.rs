@@ -1,0 +1,46 @@
+//! What a phase's checkpoint holds besides tensors.
+
+use serde::{Deserialize, Serialize};
+
+use crate::artifacts::events::EarlyState;
+use crate::artifacts::report::StageStats;
+
+/// Everything besides tensors that a phase needs to continue exactly where it was.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PhaseState {
+    /// Phase label.
+    pub phase: String,
+    /// Steps done (the next step index).
+    pub step: usize,
+    /// AdamW's step count.
+    pub adam_t: i32,
+    /// Position of the batch sampler's random stream (decimal, it is a u128).
+    pub batch_stream_pos: String,
+    /// The router's own state.
+    pub router: serde_json::Value,
+    /// Steps skipped so far.
+    pub skipped: usize,
+    /// Consecutive skips at this point.
+    pub consecutive_skips: usize,
+    /// Total loss of every applied step so far.
+    pub losses: Vec<f64>,
+    /// Length of `metrics.jsonl` in bytes when the checkpoint was taken.
+    pub metrics_len: u64,
+    /// Early stopping's record so far, when it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early: Option<EarlyState>,
+    /// The stages of the phase begun so far.
+    #[serde(default)]
+    pub stages: Vec<StageStats>,
+}
+
+/// What `best/` holds besides the best weights.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BestState {
+    /// Phase label.
+    pub phase: String,
+    /// Step of the phase at which the weights were evaluated.
+    pub step: usize,
+    /// Early stopping's record at that point.
+    pub early: EarlyState,
+}

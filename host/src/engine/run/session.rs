@@ -1,0 +1,250 @@
+//! A run in progress: its directory, its finished phases, the checkpoint it resumes from, its
+//! recorder and validation windows; trains each phase or takes it from a previous process.
+
+use std::path::PathBuf;
+
+use candle_core::Tensor;
+
+use retort_core::{Batch, Error, Observer, Result, Split, Student, TapSet, Teacher};
+
+use crate::artifacts::checkpoint::{self, Checkpoint};
+use crate::artifacts::events::{Event, Recorder, ReportRecord};
+use crate::artifacts::export::save_with_tokenizer;
+use crate::artifacts::progress::RunProgress;
+use crate::artifacts::report::{EvalResult, PhaseStats, Report};
+use crate::artifacts::run_dir::RunDir;
+use crate::assemble::config::ConfigOrigin;
+use crate::assemble::{PhaseSetup, Pipeline};
+use crate::engine::batching::val_batches;
+use crate::engine::evaluate::{evaluate, teacher_eval_logits};
+use crate::engine::phase::{train_phase, CheckpointPolicy, Phase, PhaseState};
+
+use super::RunOptions;
+
+/// The teacher of the run, with its logits on the validation windows.
+pub(super) struct TeacherOutcome {
+    /// The frozen teacher.
+    pub model: Box<dyn Teacher>,
+    /// How it was pretrained in this run (`None`: loaded from its params).
+    pub stats: Option<PhaseStats>,
+    /// Its logits on each validation batch.
+    pub val_logits: Vec<Tensor>,
+    /// Its evaluation.
+    pub eval: EvalResult,
+}
+
+/// A trained student (or baseline) and its evaluation.
+pub(super) struct StudentOutcome {
+    /// The model, with its final weights.
+    pub model: Box<dyn Student>,
+    /// How it trained.
+    pub stats: PhaseStats,
+    /// Its evaluation against the teacher.
+    pub eval: EvalResult,
+}
+
+/// A run in progress.
+pub(super) struct Session<'p, 'r> {
+    pipeline: &'p Pipeline<'r>,
+    dir: RunDir,
+    progress: RunProgress,
+    resume: Option<Checkpoint<PhaseState>>,
+    recorder: Recorder,
+    val: Vec<Batch>,
+    options: RunOptions,
+}
+
+impl<'p, 'r> Session<'p, 'r> {
+    /// Creates the run directory (or reopens it to resume: the finished phases, the newest
+    /// checkpoint of the next one, the metrics cut back to it), the observers and the
+    /// validation windows.
+    pub fn open(pipeline: &'p Pipeline<'r>, origin: &ConfigOrigin, opts: &RunOptions) -> Result<Self> {
+        let cfg = &pipeline.config;
+        let (dir, progress, resume) = match &opts.resume {
+            Some(path) => reopen(pipeline, path, opts.resume_from_last_good)?,
+            None => {
+                let path = opts
+                    .out
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.run.name));
+                let dir = RunDir::create(&path, opts.force)?;
+                dir.write_resolved_config(cfg, &origin.label())?;
+                (dir, RunProgress::default(), None)
+            }
+        };
+        let recorder = Recorder::new(observers(pipeline, &dir)?);
+        let data = pipeline.data.as_ref();
+        tracing::info!("data: {}", data.describe());
+        let (eval, seq_len) = (&cfg.eval, cfg.train.seq_len);
+        let val = val_batches(
+            data.tokens(Split::Val),
+            eval.batches,
+            eval.batch_size,
+            seq_len,
+            &pipeline.device,
+        )?;
+        Ok(Session {
+            pipeline,
+            dir,
+            progress,
+            resume,
+            recorder,
+            val,
+            options: opts.clone(),
+        })
+    }
+
+    /// The run directory.
+    pub fn dir(&self) -> &RunDir {
+        &self.dir
+    }
+
+    /// The teacher: the one loaded at assembly, the one a previous process pretrained, or
+    /// pretrained now; then its logits and its evaluation on the validation windows.
+    pub fn obtain_teacher(&mut self, loaded: Option<Box<dyn Teacher>>) -> Result<TeacherOutcome> {
+        let (model, stats) = match (loaded, self.progress.completed("teacher").cloned()) {
+            (Some(t), _) => (t, None),
+            (None, Some(stats)) => (
+                self.pipeline.pretrained_teacher(&self.dir.model("teacher"))?,
+                Some(stats),
+            ),
+            (None, None) => self.pretrain_teacher()?,
+        };
+        let val_logits: Vec<Tensor> = self
+            .val
+            .iter()
+            .map(|b| teacher_eval_logits(model.as_ref(), b))
+            .collect::<Result<_>>()?;
+        let eval = evaluate(&|i, _| Ok(val_logits[i].clone()), &self.val, None)?;
+        tracing::info!("teacher val loss {:.4}", eval.val_loss);
+        Ok(TeacherOutcome {
+            model,
+            stats,
+            val_logits,
+            eval,
+        })
+    }
+
+    fn pretrain_teacher(&mut self) -> Result<(Box<dyn Teacher>, Option<PhaseStats>)> {
+        let setup = self
+            .pipeline
+            .teacher_pretraining()?
+            .ok_or_else(|| Error::Runtime("the assembled pipeline holds no teacher".into()))?;
+        let steps: usize = setup.stages.iter().map(|s| s.steps).sum();
+        tracing::info!("pretraining teacher: {} for {steps} steps", setup.model.describe());
+        let (model, stats) = self.train(setup, None)?;
+        let dir = self.dir.model("teacher");
+        save_with_tokenizer(model.as_ref(), &dir, self.pipeline.data.tokenizer())?;
+        self.progress.complete(&self.dir, "teacher", &stats)?;
+        Ok((self.pipeline.pretrained_teacher(&dir)?, Some(stats)))
+    }
+
+    /// The student (or baseline) of `setup`, trained now or taken from a previous process that
+    /// finished it, and evaluated against the teacher.
+    pub fn train_student(&mut self, setup: PhaseSetup, teacher: &TeacherOutcome) -> Result<StudentOutcome> {
+        let label = setup.label;
+        let (model, stats) = match self.progress.completed(label).cloned() {
+            Some(stats) => (self.pipeline.trained_student(&self.dir.model(label))?, stats),
+            None => {
+                let steps = self.pipeline.student_steps();
+                tracing::info!("training {label}: {} for {steps} steps", setup.model.describe());
+                let (model, stats) = self.train(setup, Some(teacher))?;
+                save_with_tokenizer(model.as_ref(), &self.dir.model(label), self.pipeline.data.tokenizer())?;
+                self.progress.complete(&self.dir, label, &stats)?;
+                (model, stats)
+            }
+        };
+        let eval = evaluate(
+            &|_, b| Ok(model.forward(b, &TapSet::none())?.logits),
+            &self.val,
+            Some(&teacher.val_logits),
+        )?;
+        Ok(StudentOutcome { model, stats, eval })
+    }
+
+    /// Trains the phase of `setup` (continuing from the resumed checkpoint when it is this
+    /// phase's).
+    fn train(&mut self, setup: PhaseSetup, teacher: Option<&TeacherOutcome>) -> Result<(Box<dyn Student>, PhaseStats)> {
+        let cfg = &self.pipeline.config;
+        let label = setup.label;
+        let teacher = teacher.filter(|_| setup.with_teacher);
+        let stats = train_phase(
+            Phase {
+                label,
+                student: setup.model.as_ref(),
+                teacher: teacher.map(|t| t.model.as_ref()),
+                terms: setup.terms,
+                router: setup.router,
+                stages: setup.stages,
+                train: &cfg.train,
+                batch_seed: setup.batch_seed,
+                val: &self.val,
+                val_teacher: teacher.map(|t| t.val_logits.as_slice()),
+                eval_every: setup.eval_every,
+                early_stopping: setup.early_stopping,
+                checkpoints: Some(CheckpointPolicy {
+                    root: self.dir.checkpoints(label),
+                    every: cfg.train.checkpoint_every,
+                    keep: cfg.train.keep_checkpoints,
+                    metrics: Some(self.dir.metrics()),
+                }),
+                resume: self.resume.take_if(|c| c.state.phase == label),
+                progress_bar: self.options.progress,
+            },
+            self.pipeline.data.as_ref(),
+            &mut self.recorder,
+        )?;
+        Ok((setup.model, stats))
+    }
+
+    /// Writes the report and its charts, records it and closes the observers.
+    pub fn finish(&mut self, report: &Report) -> Result<()> {
+        report.write(self.dir.path())?;
+        // Charts are a convenience: a failure to draw is reported, never fatal to a finished run.
+        if let Err(e) = crate::artifacts::plots::plot_and_embed(self.dir.path()) {
+            tracing::warn!(
+                "the run's charts could not be drawn: {e} (retry with `retort plot {}`)",
+                self.dir.path().display()
+            );
+        }
+        self.recorder
+            .record(&Event::Report(ReportRecord { report: report.clone() }))?;
+        self.recorder.finish()
+    }
+}
+
+/// A run directory to resume: its progress, the newest checkpoint of the first phase not
+/// finished, and its metrics cut back to what that checkpoint (or the last finished phase) saw.
+fn reopen(
+    pipeline: &Pipeline,
+    path: &std::path::Path,
+    last_good: bool,
+) -> Result<(RunDir, RunProgress, Option<Checkpoint<PhaseState>>)> {
+    let dir = RunDir::open(path)?;
+    let progress = RunProgress::load(&dir)?;
+    let next = pipeline.phases().into_iter().find(|p| progress.completed(p).is_none());
+    let Some(next) = next else {
+        return Ok((dir, progress, None));
+    };
+    let resume: Option<Checkpoint<PhaseState>> =
+        checkpoint::latest(&dir.checkpoints(next), &pipeline.device, last_good)?;
+    let len = match &resume {
+        Some(c) => c.state.metrics_len,
+        None => progress.metrics_len(),
+    };
+    dir.truncate_metrics(len)?;
+    Ok((dir, progress, resume))
+}
+
+/// The configured observers, writing into the run directory.
+fn observers(pipeline: &Pipeline, dir: &RunDir) -> Result<Vec<Box<dyn Observer>>> {
+    let mut ctx = pipeline.context(pipeline.config.run.seed);
+    ctx.run_dir = Some(dir.path().to_path_buf());
+    let specs = pipeline.config.observers.iter().enumerate();
+    specs
+        .map(|(i, o)| {
+            let params = o.params_at(&format!("observers[{i}]"));
+            pipeline.registry.observers.build(&o.kind, &params, &ctx)
+        })
+        .collect()
+}
