@@ -1,7 +1,7 @@
 //! Windows of the token stream as batches: seeded random windows for training (any start, or
 //! only starts at multiples of the window length: `train.windows = "aligned"`), fixed
 //! consecutive windows for validation. Every batch records where its rows came from
-//! ([`BatchSource`]), which a teacher reading stored outputs keys by.
+//! ([`retort_core::BatchSource`]), which a teacher reading stored outputs keys by.
 
 use candle_core::Device;
 use rand::{Rng, SeedableRng};

@@ -1,4 +1,11 @@
-//! The engine: runs what was assembled.
+//! The engine: runs what assembly built.
+//!
+//! - [`run`]: a whole run, phase after phase, resumable, ending in the report.
+//! - [`phase`]: one training phase, the loop over stages and steps.
+//! - [`optim`], [`batching`], [`evaluate`], [`pool`]: what the loop uses.
+//! - [`cache`], [`generate`], [`model_eval`]: the other commands' work (the teacher logit cache,
+//!   text generation, a model file's loss on a text).
+
 pub mod batching;
 pub mod cache;
 pub mod evaluate;
