@@ -256,18 +256,16 @@ fn prepare_destination(dir: &Path, header: &CacheHeader, force: bool, resume: bo
         let same = old.as_ref().is_ok_and(|o| o == header);
         if !(same && resume) {
             if !force {
-                let held = match &old {
+                let instead = "choose another --out or pass --force to replace it";
+                let held = match old {
                     Ok(_) if same => "a cache with these settings".to_string(),
                     Ok(o) => format!(
                         "a cache built with other settings or data ({})",
-                        first_difference(o, header)
+                        first_difference(&o, header)
                     ),
-                    Err(e) => format!("an unreadable cache ({e})"),
+                    Err(e) => return Err(Error::input_failed(what(), format!("holds an unreadable cache ({instead})"), e)),
                 };
-                return Err(Error::input(
-                    what(),
-                    format!("holds {held}; choose another --out or pass --force to replace it"),
-                ));
+                return Err(Error::input(what(), format!("holds {held}; {instead}")));
             }
             remove_cache_files(dir)?;
         }
