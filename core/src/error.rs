@@ -190,6 +190,8 @@ mod tests {
         let failed = Error::failed("zstd", cause());
         assert_eq!(failed.to_string(), "zstd: no such file");
         assert_eq!(failed.exit_code(), 1);
-        assert!(failed.source().is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()));
+        assert!(failed
+            .source()
+            .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()));
     }
 }

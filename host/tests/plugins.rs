@@ -273,7 +273,8 @@ fn scaffold(dir: &Path, name: &str, kind: &str) -> PathBuf {
 #[test]
 fn scaffolded_plugins_build_and_load_without_edits() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let libs = [("scaffold-loss", "loss"), ("scaffold-router", "router")].map(|(name, kind)| scaffold(tmp.path(), name, kind));
+    let libs =
+        [("scaffold-loss", "loss"), ("scaffold-router", "router")].map(|(name, kind)| scaffold(tmp.path(), name, kind));
     // A second scaffold into the same place is refused and leaves the first untouched.
     let before = std::fs::read(tmp.path().join("scaffold-loss/src/lib.rs")).expect("lib.rs");
     let o = retort(&["new-plugin", "scaffold-loss", "--kind", "loss"], tmp.path(), None);
@@ -312,7 +313,10 @@ fn value_and_grad(
     let ctx = BuildContext::new(registry, Device::Cpu, 0);
     let params = Params::new("loss[0]", params.as_object().expect("object").clone());
     let term = registry.losses.build(kind, &params, &ctx).expect("build");
-    let (student, teacher) = (Outputs::logits_only(logits.0.as_tensor().clone()), Outputs::logits_only(logits.1.clone()));
+    let (student, teacher) = (
+        Outputs::logits_only(logits.0.as_tensor().clone()),
+        Outputs::logits_only(logits.1.clone()),
+    );
     let step = StepContext {
         batch,
         student: &student,
@@ -322,9 +326,14 @@ fn value_and_grad(
     };
     let value = term.compute(&step).expect("compute");
     let grad = value.backward().expect("backward");
-    let grad = grad.get(logits.0.as_tensor()).expect("a gradient for the student logits");
+    let grad = grad
+        .get(logits.0.as_tensor())
+        .expect("a gradient for the student logits");
     (
-        value.to_dtype(DType::F64).and_then(|v| v.to_scalar::<f64>()).expect("scalar"),
+        value
+            .to_dtype(DType::F64)
+            .and_then(|v| v.to_scalar::<f64>())
+            .expect("scalar"),
         grad.flatten_all().and_then(|g| g.to_vec1::<f32>()).expect("grad"),
     )
 }
@@ -360,7 +369,10 @@ fn scaffolded_loss_honours_padding_and_token_weights_like_the_builtin_kl() {
     let run = |kind| value_and_grad(&registry, kind, params.clone(), &batch, (&zs, &zt), &weights);
     let ((got, got_grad), (want, want_grad)) = (run("scaffold_kl"), run("kl"));
     // Same formula: T^2 * sum_i w_i KL_i / sum_i w_i with w = mask * token weights.
-    assert!((got - want).abs() <= 1e-6 * want.abs(), "scaffold_kl {got} vs kl {want}");
+    assert!(
+        (got - want).abs() <= 1e-6 * want.abs(),
+        "scaffold_kl {got} vs kl {want}"
+    );
     let scale = want_grad.iter().fold(0f32, |m, g| m.max(g.abs()));
     for (i, (g, w)) in got_grad.iter().zip(&want_grad).enumerate() {
         assert!((g - w).abs() <= 1e-6 * scale, "d/dz_s[{i}]: scaffold_kl {g} vs kl {w}");

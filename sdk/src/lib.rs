@@ -112,8 +112,8 @@ macro_rules! export_plugin {
 
 /// Everything a plugin usually needs in scope.
 pub mod prelude {
-    pub use retort_core::ops;
     pub use retort_core::candle::{DType, Device, Tensor, Var, D};
+    pub use retort_core::ops;
     pub use retort_core::registry::Factory;
     pub use retort_core::{
         Batch, BuildContext, DataSource, Error, LossTerm, Model, Observer, Outputs, Params, Progress, Registrar,

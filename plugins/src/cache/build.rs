@@ -257,13 +257,15 @@ fn prepare_destination(dir: &Path, header: &CacheHeader, force: bool, resume: bo
         if !(same && resume) {
             if !force {
                 let instead = "choose another --out or pass --force to replace it";
-                let held = match old {
-                    Ok(_) if same => "a cache with these settings".to_string(),
-                    Ok(o) => format!(
+                let old =
+                    old.map_err(|e| Error::input_failed(what(), format!("holds an unreadable cache ({instead})"), e))?;
+                let held = if same {
+                    "a cache with these settings".to_string()
+                } else {
+                    format!(
                         "a cache built with other settings or data ({})",
-                        first_difference(&o, header)
-                    ),
-                    Err(e) => return Err(Error::input_failed(what(), format!("holds an unreadable cache ({instead})"), e)),
+                        first_difference(&old, header)
+                    )
                 };
                 return Err(Error::input(what(), format!("holds {held}; {instead}")));
             }

@@ -106,8 +106,7 @@ pub fn encode_shard(spec: &ShardSpec, ids: &[u32], logprobs: &[f32], zstd_level:
     } else {
         table.iter().flat_map(|i| i.to_le_bytes()).collect()
     };
-    let ztable =
-        zstd::bulk::compress(&table_bytes, zstd_level.max(1)).map_err(|e| Error::failed("zstd", e))?;
+    let ztable = zstd::bulk::compress(&table_bytes, zstd_level.max(1)).map_err(|e| Error::failed("zstd", e))?;
     let frames: Vec<Vec<u8>> = (0..spec.windows as usize)
         .into_par_iter()
         .map(|w| {

@@ -59,7 +59,8 @@ fn read_corpus(path: &Path, key: &str) -> Result<String> {
     };
     let mut parts = Vec::with_capacity(files.len());
     for f in &files {
-        let bytes = std::fs::read(f).map_err(|e| Error::input_failed(what(), format!("cannot read {}", f.display()), e))?;
+        let bytes =
+            std::fs::read(f).map_err(|e| Error::input_failed(what(), format!("cannot read {}", f.display()), e))?;
         let text = String::from_utf8(bytes).map_err(|e| {
             Error::input(
                 what(),

@@ -155,7 +155,8 @@ fn widened(src: &Path, cache_dir: Option<&Path>) -> Result<PathBuf> {
 
 fn open_u32(path: &Path, origin: &Path, vocab: usize) -> Result<Mmap> {
     let what = || format!("token file {}", origin.display());
-    let file = File::open(path).map_err(|e| Error::input_failed(what(), format!("cannot open {}", path.display()), e))?;
+    let file =
+        File::open(path).map_err(|e| Error::input_failed(what(), format!("cannot open {}", path.display()), e))?;
     let len = file
         .metadata()
         .map_err(|e| Error::io("reading token file", path, e))?

@@ -182,7 +182,10 @@ impl HiddenMatch {
                     Some((w, b)) => crate::models::nn::linear(hs, w.as_tensor(), b.as_tensor())?,
                     None => hs.clone(),
                 };
-                Ok(masked_mean(&per_token(self.distance, &hs, &ht)?, ctx.batch.mask.as_ref())?)
+                Ok(masked_mean(
+                    &per_token(self.distance, &hs, &ht)?,
+                    ctx.batch.mask.as_ref(),
+                )?)
             })
             .collect()
     }

@@ -595,7 +595,8 @@ impl Student for Transformer {
         let temp = fsutil::temp_path(&file);
         candle_core::safetensors::save(&map, &temp)?;
         fsutil::commit_temp(&temp, &file)?;
-        let json = serde_json::to_vec_pretty(&self.config_json()).map_err(|e| Error::failed("serialising config.json", e))?;
+        let json =
+            serde_json::to_vec_pretty(&self.config_json()).map_err(|e| Error::failed("serialising config.json", e))?;
         fsutil::write_atomic(&dir.join("config.json"), &json)
     }
 }

@@ -39,7 +39,6 @@ use serde::Deserialize;
 use retort_core::registry::Factory;
 use retort_core::{ops, BuildContext, Params, Result, Router, StepContext, TermSignals};
 
-
 /// Params of `student_aware`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

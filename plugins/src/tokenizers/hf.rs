@@ -122,7 +122,8 @@ impl HfTokenizer {
     /// From GGUF metadata (`tokenizer.ggml.model = "gpt2"`: byte-level BPE).
     pub fn from_gguf(content: &Content, source: &str) -> Result<Self> {
         let what = || format!("tokenizer of GGUF {source}");
-        let mut inner = tokenizers::Tokenizer::from_gguf(content).map_err(|e| Error::input_failed(what(), "unusable", e))?;
+        let mut inner =
+            tokenizers::Tokenizer::from_gguf(content).map_err(|e| Error::input_failed(what(), "unusable", e))?;
         let meta = |k: &str| content.metadata.get(k);
         let id = |keys: &[&str]| {
             keys.iter()
