@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 /// Result with retort's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Any error, boxed, kept as the source of an [`Error`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Everything that can go wrong in retort's libraries.
 ///
 /// User errors (bad config, bad input files, unknown kinds) map to exit code 2; runtime
@@ -53,6 +56,18 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// An input the user pointed at is unusable because of another error (it does not open,
+    /// parse or decode), which is kept as the source.
+    #[error("{what}: {message}: {source}")]
+    InputFailed {
+        /// The input, e.g. `data file ../x.txt`.
+        what: String,
+        /// What failed, e.g. `cannot open`.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
     /// Two components that must agree do not (vocabulary, context length, tokenizer).
     #[error("incompatible components: {0}")]
     Incompatible(String),
@@ -70,6 +85,16 @@ pub enum Error {
     /// A tensor operation failed.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A runtime failure caused by another error (serialising, compressing, sampling, ...),
+    /// which is kept as the source.
+    #[error("{context}: {source}")]
+    Failed {
+        /// What retort was doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
     /// Any other runtime failure (non-finite loss, corrupted checkpoint, ...).
     #[error("{0}")]
     Runtime(String),
@@ -92,6 +117,23 @@ impl Error {
         }
     }
 
+    /// A bad user input because of `source` (`{what}: {message}: {source}`).
+    pub fn input_failed(what: impl Into<String>, message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::InputFailed {
+            what: what.into(),
+            message: message.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A runtime failure while doing `context`, caused by `source` (`{context}: {source}`).
+    pub fn failed(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Failed {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
     /// An I/O failure with context.
     pub fn io(context: impl Into<String>, path: &Path, source: std::io::Error) -> Self {
         Error::Io {
@@ -109,6 +151,7 @@ impl Error {
                 | Error::UnknownKind { .. }
                 | Error::DuplicateKind { .. }
                 | Error::Input { .. }
+                | Error::InputFailed { .. }
                 | Error::Incompatible(_)
         )
     }
@@ -134,5 +177,21 @@ mod tests {
         assert_eq!(Error::Runtime("nan".into()).exit_code(), 1);
         let msg = Error::config("loss[1].temperature", "expected a number > 0, got -1").to_string();
         assert!(msg.contains("loss[1].temperature") && msg.contains("expected"), "{msg}");
+    }
+
+    #[test]
+    fn caused_errors_keep_their_source_and_kind() {
+        use std::error::Error as _;
+        let cause = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let input = Error::input_failed("data file x", "cannot open", cause());
+        assert_eq!(input.to_string(), "data file x: cannot open: no such file");
+        assert_eq!(input.exit_code(), 2);
+        assert_eq!(input.source().map(ToString::to_string).as_deref(), Some("no such file"));
+        let failed = Error::failed("zstd", cause());
+        assert_eq!(failed.to_string(), "zstd: no such file");
+        assert_eq!(failed.exit_code(), 1);
+        assert!(failed
+            .source()
+            .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()));
     }
 }

@@ -3,8 +3,8 @@
 //! Everything a plugin implements or consumes lives here: the plugin traits ([`Teacher`],
 //! [`Student`], [`LossTerm`], [`Schedule`], [`Router`], [`DataSource`], [`Tokenizer`],
 //! [`Observer`]), the tensors-in/tensors-out types ([`Batch`], [`Outputs`], [`StepContext`]),
-//! the [`Registry`] of factories collected with `inventory`, the serde-facing config types and
-//! the one [`Error`] enum.
+//! the [`Registry`] of factories collected with `inventory`, the serde-facing config types,
+//! the one [`Error`] enum, and the differentiable [`ops`] that terms and plugins share.
 //!
 //! Arrows point one way: `plugins -> core`, `host -> plugins, core`, `sdk -> core`.
 
@@ -16,6 +16,7 @@ pub mod fsutil;
 pub mod loss;
 pub mod model;
 pub mod observer;
+pub mod ops;
 pub mod params;
 pub mod plugin;
 pub mod progress;
@@ -27,7 +28,7 @@ pub mod taps;
 
 pub use batch::{Batch, BatchSource};
 pub use data::{DataSource, Split, Tokenizer};
-pub use error::{Error, Result};
+pub use error::{BoxError, Error, Result};
 pub use loss::{LossTerm, StepContext};
 pub use model::{FrozenTeacher, Model, ModelInfo, Student, Teacher};
 pub use observer::Observer;

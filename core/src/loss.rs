@@ -8,7 +8,7 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::{Batch, Outputs, Progress, Result};
+use crate::{ops, Batch, Outputs, Progress, Result};
 
 /// Everything a term may read during one step.
 pub struct StepContext<'a> {
@@ -23,6 +23,25 @@ pub struct StepContext<'a> {
     /// Per-token weights `[batch, seq]` from the router (mean 1 over counted tokens), applied by
     /// the logit distillation terms on top of the mask; `None` means uniform.
     pub token_weights: Option<&'a Tensor>,
+}
+
+impl StepContext<'_> {
+    /// Mean of per-token values `v [batch, seq]` over the tokens that count, weighted by the
+    /// padding mask `m` and the router's token weights `r`:
+    /// `sum_i w_i v_i / max(sum_i w_i, 1)` with `w = r * m` (either factor is 1 when absent),
+    /// or `mean_i v_i` when both are absent (see [`ops::masked_mean`]).
+    ///
+    /// This is the reduction of the logit distillation terms (before their `T^2` factor); a
+    /// plugin term that reduces with it honours padding and token-weighting routers.
+    pub fn token_mean(&self, per_token: &Tensor) -> Result<Tensor> {
+        let dtype = per_token.dtype();
+        let weights = match (self.token_weights, self.batch.mask.as_ref()) {
+            (Some(r), Some(m)) => Some((r.to_dtype(dtype)? * m.to_dtype(dtype)?)?),
+            (Some(r), None) => Some(r.clone()),
+            (None, m) => m.cloned(),
+        };
+        Ok(ops::masked_mean(per_token, weights.as_ref())?)
+    }
 }
 
 /// One term of the training objective.
@@ -54,5 +73,44 @@ pub trait LossTerm: Send + Sync {
     /// `("temperature", 2.4)`), logged in the metrics every logged step.
     fn scalars(&self, _progress: Progress) -> Vec<(String, f64)> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn token_mean_weights_by_mask_and_router_weights() {
+        let dev = Device::Cpu;
+        let v = Tensor::new(&[[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &dev).expect("v");
+        let mask = Tensor::new(&[[1.0f32, 1.0, 0.0], [1.0, 0.0, 0.0]], &dev).expect("mask");
+        let r = Tensor::new(&[[2.0f32, 0.5, 9.0], [0.5, 9.0, 9.0]], &dev).expect("r");
+        let ids = Tensor::zeros((2, 3), DType::U32, &dev).expect("ids");
+        let outputs = Outputs::logits_only(Tensor::zeros((2, 3, 1), DType::F32, &dev).expect("z"));
+        let mean = |mask: Option<&Tensor>, r: Option<&Tensor>| {
+            let batch = Batch {
+                input_ids: ids.clone(),
+                targets: ids.clone(),
+                mask: mask.cloned(),
+                source: None,
+            };
+            let ctx = StepContext {
+                batch: &batch,
+                student: &outputs,
+                teacher: None,
+                progress: Progress::new(0, 1),
+                token_weights: r,
+            };
+            ctx.token_mean(&v).expect("mean").to_scalar::<f32>().expect("s")
+        };
+        assert_eq!(mean(None, None), 3.5);
+        // (1 + 2 + 4) / 3
+        assert_eq!(mean(Some(&mask), None), 7.0 / 3.0);
+        // (2 * 1 + 0.5 * 2 + 0.5 * 4) / (2 + 0.5 + 0.5)
+        assert_eq!(mean(Some(&mask), Some(&r)), 5.0 / 3.0);
+        // sum(r v) / sum(r)
+        assert_eq!(mean(None, Some(&r)), 131.0 / 30.0);
     }
 }

@@ -12,8 +12,7 @@
 //!   matched field for field (same retort, rustc, candle and features, target), which is what
 //!   makes passing `dyn` trait objects and candle tensors across the boundary sound.
 
-use crate::registry::Factory;
-use crate::{DataSource, LossTerm, Observer, Router, Schedule, Student, Teacher, Tokenizer};
+pub use crate::registry::Registrar;
 
 /// `sdk=..;rustc=..;candle=..;features=..;target=..` of this build.
 pub const FINGERPRINT: &str = env!("RETORT_FINGERPRINT");
@@ -51,26 +50,6 @@ pub fn fingerprint_mismatch<'a>(ours: &'a str, theirs: &'a str) -> Option<(&'a s
     None
 }
 
-/// What a plugin library registers its kinds into.
-pub trait Registrar {
-    /// A teacher provider.
-    fn teacher(&mut self, factory: Factory<dyn Teacher>);
-    /// A student model.
-    fn student(&mut self, factory: Factory<dyn Student>);
-    /// A loss term.
-    fn loss(&mut self, factory: Factory<dyn LossTerm>);
-    /// A schedule.
-    fn schedule(&mut self, factory: Factory<dyn Schedule>);
-    /// A router.
-    fn router(&mut self, factory: Factory<dyn Router>);
-    /// A data source.
-    fn data(&mut self, factory: Factory<dyn DataSource>);
-    /// A tokenizer.
-    fn tokenizer(&mut self, factory: Factory<dyn Tokenizer>);
-    /// A metrics observer.
-    fn observer(&mut self, factory: Factory<dyn Observer>);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +79,18 @@ mod tests {
         assert_eq!(field, "rustc");
         assert!(other.starts_with("rustc 0.0.1") && ours != other);
         assert!(fingerprint_mismatch(FINGERPRINT, FINGERPRINT).is_none());
+    }
+
+    #[test]
+    fn a_plugin_built_against_sdk_0_1_is_refused() {
+        // 0.2.0 changed trait layouts (Tokenizer, Model and Teacher methods, Error variants):
+        // a 0.1.0 plugin must be refused on the `sdk` field, not crash.
+        let ours_sdk = fingerprint_fields(FINGERPRINT)[0];
+        assert_eq!(ours_sdk, ("sdk", "0.2.0"));
+        let theirs = FINGERPRINT.replace("sdk=0.2.0;", "sdk=0.1.0;");
+        assert_eq!(
+            fingerprint_mismatch(FINGERPRINT, &theirs),
+            Some(("sdk", "0.2.0", "0.1.0"))
+        );
     }
 }

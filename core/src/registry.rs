@@ -43,15 +43,6 @@ impl<T: ?Sized + 'static> Clone for Factory<T> {
 }
 impl<T: ?Sized + 'static> Copy for Factory<T> {}
 
-inventory::collect!(Factory<dyn Teacher>);
-inventory::collect!(Factory<dyn Student>);
-inventory::collect!(Factory<dyn LossTerm>);
-inventory::collect!(Factory<dyn Schedule>);
-inventory::collect!(Factory<dyn Router>);
-inventory::collect!(Factory<dyn DataSource>);
-inventory::collect!(Factory<dyn Tokenizer>);
-inventory::collect!(Factory<dyn Observer>);
-
 /// What a factory may use besides its parameters.
 #[derive(Clone)]
 pub struct BuildContext<'a> {
@@ -167,6 +158,25 @@ impl<T: ?Sized + 'static> Category<T> {
         Ok(())
     }
 
+    /// Registers every factory of `factories`, stopping at the first duplicate.
+    fn register_all<'f>(&mut self, factories: impl IntoIterator<Item = &'f Factory<T>>, source: &str) -> Result<()> {
+        for f in factories {
+            self.register(f, source)?;
+        }
+        Ok(())
+    }
+
+    /// The entries as `retort plugins` lists them.
+    fn listing(&self) -> impl Iterator<Item = KindInfo> + '_ {
+        self.entries().map(|e| KindInfo {
+            category: self.name,
+            kind: e.kind.clone(),
+            description: e.description.clone(),
+            source: e.source.clone(),
+            params: e.params,
+        })
+    }
+
     /// The entry for `kind`, or an error (at key path `path`) listing the known kinds.
     pub fn get(&self, kind: &str, path: &str) -> Result<&Entry<T>> {
         self.entries.get(kind).ok_or_else(|| Error::UnknownKind {
@@ -195,135 +205,96 @@ impl<T: ?Sized + 'static> Category<T> {
     }
 }
 
-/// Every factory retort knows, by category.
-pub struct Registry {
-    /// Teacher providers.
-    pub teachers: Category<dyn Teacher>,
-    /// Trainable student models.
-    pub students: Category<dyn Student>,
-    /// Loss terms.
-    pub losses: Category<dyn LossTerm>,
-    /// Schedules.
-    pub schedules: Category<dyn Schedule>,
-    /// Routers.
-    pub routers: Category<dyn Router>,
-    /// Data sources.
-    pub data: Category<dyn DataSource>,
-    /// Tokenizers.
-    pub tokenizers: Category<dyn Tokenizer>,
-    /// Metric observers.
-    pub observers: Category<dyn Observer>,
-}
-
 /// Source label of factories linked into the binary.
 pub const BUILTIN_SOURCE: &str = "built-in";
 
-impl Registry {
-    /// An empty registry.
-    pub fn empty() -> Self {
-        Registry {
-            teachers: Category::new("teacher"),
-            students: Category::new("student"),
-            losses: Category::new("loss"),
-            schedules: Category::new("schedule"),
-            routers: Category::new("router"),
-            data: Category::new("data"),
-            tokenizers: Category::new("tokenizer"),
-            observers: Category::new("observer"),
-        }
-    }
+/// Generates, from one line per category (`field: Trait, "name", registrar_method, "what";`),
+/// everything that is spelled out per category: the `inventory` collections, the [`Registry`]
+/// fields, [`Registry::empty`], [`Registry::from_inventory`], [`Registry::register_plugin`],
+/// [`Registry::listing`], the [`Registrar`] trait a plugin library fills, and what it fills.
+///
+/// The order of the lines is the order of the [`Registrar`] methods, which is part of the plugin
+/// ABI (a reordering needs an sdk version bump).
+macro_rules! categories {
+    ($($field:ident: $trait:ident, $name:literal, $method:ident, $what:literal;)*) => {
+        $(inventory::collect!(Factory<dyn $trait>);)*
 
-    /// A registry holding every factory submitted with `inventory` in the linked crates.
-    ///
-    /// The crates holding the submissions must be linked into the binary (the host calls
-    /// `retort_plugins::link()` for the built-ins).
-    pub fn from_inventory() -> Result<Self> {
-        let mut r = Registry::empty();
-        for f in inventory::iter::<Factory<dyn Teacher>> {
-            r.teachers.register(f, BUILTIN_SOURCE)?;
+        /// Every factory retort knows, by category.
+        pub struct Registry {
+            $(
+                #[doc = concat!("The ", $what, " (category `", $name, "`).")]
+                pub $field: Category<dyn $trait>,
+            )*
         }
-        for f in inventory::iter::<Factory<dyn Student>> {
-            r.students.register(f, BUILTIN_SOURCE)?;
-        }
-        for f in inventory::iter::<Factory<dyn LossTerm>> {
-            r.losses.register(f, BUILTIN_SOURCE)?;
-        }
-        for f in inventory::iter::<Factory<dyn Schedule>> {
-            r.schedules.register(f, BUILTIN_SOURCE)?;
-        }
-        for f in inventory::iter::<Factory<dyn Router>> {
-            r.routers.register(f, BUILTIN_SOURCE)?;
-        }
-        for f in inventory::iter::<Factory<dyn DataSource>> {
-            r.data.register(f, BUILTIN_SOURCE)?;
-        }
-        for f in inventory::iter::<Factory<dyn Tokenizer>> {
-            r.tokenizers.register(f, BUILTIN_SOURCE)?;
-        }
-        for f in inventory::iter::<Factory<dyn Observer>> {
-            r.observers.register(f, BUILTIN_SOURCE)?;
-        }
-        Ok(r)
-    }
 
-    /// Registers everything a plugin library hands to `register`, with `source` (the library
-    /// path); a kind already registered is an error naming both sources.
-    pub fn register_plugin(&mut self, source: &str, register: crate::plugin::RegisterFn) -> Result<()> {
-        let mut collected = Collected::default();
-        register(&mut collected);
-        for f in &collected.teachers {
-            self.teachers.register(f, source)?;
-        }
-        for f in &collected.students {
-            self.students.register(f, source)?;
-        }
-        for f in &collected.losses {
-            self.losses.register(f, source)?;
-        }
-        for f in &collected.schedules {
-            self.schedules.register(f, source)?;
-        }
-        for f in &collected.routers {
-            self.routers.register(f, source)?;
-        }
-        for f in &collected.data {
-            self.data.register(f, source)?;
-        }
-        for f in &collected.tokenizers {
-            self.tokenizers.register(f, source)?;
-        }
-        for f in &collected.observers {
-            self.observers.register(f, source)?;
-        }
-        Ok(())
-    }
-
-    /// Every registered kind, by category then kind.
-    pub fn listing(&self) -> Vec<KindInfo> {
-        let mut out = Vec::new();
-        macro_rules! list {
-            ($cat:expr) => {
-                for e in $cat.entries() {
-                    out.push(KindInfo {
-                        category: $cat.name(),
-                        kind: e.kind.clone(),
-                        description: e.description.clone(),
-                        source: e.source.clone(),
-                        params: e.params,
-                    });
+        impl Registry {
+            /// An empty registry.
+            pub fn empty() -> Self {
+                Registry {
+                    $($field: Category::new($name),)*
                 }
-            };
+            }
+
+            /// A registry holding every factory submitted with `inventory` in the linked crates.
+            ///
+            /// The crates holding the submissions must be linked into the binary (the host calls
+            /// `retort_plugins::link()` for the built-ins).
+            pub fn from_inventory() -> Result<Self> {
+                let mut r = Registry::empty();
+                $(r.$field.register_all(inventory::iter::<Factory<dyn $trait>>, BUILTIN_SOURCE)?;)*
+                Ok(r)
+            }
+
+            /// Registers everything a plugin library hands to `register`, with `source` (the
+            /// library path); a kind already registered is an error naming both sources.
+            pub fn register_plugin(&mut self, source: &str, register: crate::plugin::RegisterFn) -> Result<()> {
+                let mut collected = Collected::default();
+                register(&mut collected);
+                $(self.$field.register_all(&collected.$field, source)?;)*
+                Ok(())
+            }
+
+            /// Every registered kind, by category then kind.
+            pub fn listing(&self) -> Vec<KindInfo> {
+                let mut out = Vec::new();
+                $(out.extend(self.$field.listing());)*
+                out
+            }
         }
-        list!(self.teachers);
-        list!(self.students);
-        list!(self.losses);
-        list!(self.schedules);
-        list!(self.routers);
-        list!(self.data);
-        list!(self.tokenizers);
-        list!(self.observers);
-        out
-    }
+
+        /// What a plugin library registers its kinds into (see [`crate::plugin`]).
+        pub trait Registrar {
+            $(
+                #[doc = concat!("Registers a factory of ", $what, ".")]
+                fn $method(&mut self, factory: Factory<dyn $trait>);
+            )*
+        }
+
+        /// Factories handed over by one plugin library.
+        #[derive(Default)]
+        struct Collected {
+            $($field: Vec<Factory<dyn $trait>>,)*
+        }
+
+        impl Registrar for Collected {
+            $(
+                fn $method(&mut self, f: Factory<dyn $trait>) {
+                    self.$field.push(f);
+                }
+            )*
+        }
+    };
+}
+
+categories! {
+    teachers: Teacher, "teacher", teacher, "teacher providers";
+    students: Student, "student", student, "trainable student models";
+    losses: LossTerm, "loss", loss, "loss terms";
+    schedules: Schedule, "schedule", schedule, "schedules";
+    routers: Router, "router", router, "routers";
+    data: DataSource, "data", data, "data sources";
+    tokenizers: Tokenizer, "tokenizer", tokenizer, "tokenizers";
+    observers: Observer, "observer", observer, "metric observers";
 }
 
 /// One registered kind, as `retort plugins` shows it.
@@ -339,46 +310,6 @@ pub struct KindInfo {
     pub source: String,
     /// JSON Schema of its parameters.
     pub params: fn() -> serde_json::Value,
-}
-
-/// Factories handed over by one plugin library.
-#[derive(Default)]
-struct Collected {
-    teachers: Vec<Factory<dyn Teacher>>,
-    students: Vec<Factory<dyn Student>>,
-    losses: Vec<Factory<dyn LossTerm>>,
-    schedules: Vec<Factory<dyn Schedule>>,
-    routers: Vec<Factory<dyn Router>>,
-    data: Vec<Factory<dyn DataSource>>,
-    tokenizers: Vec<Factory<dyn Tokenizer>>,
-    observers: Vec<Factory<dyn Observer>>,
-}
-
-impl crate::plugin::Registrar for Collected {
-    fn teacher(&mut self, f: Factory<dyn Teacher>) {
-        self.teachers.push(f);
-    }
-    fn student(&mut self, f: Factory<dyn Student>) {
-        self.students.push(f);
-    }
-    fn loss(&mut self, f: Factory<dyn LossTerm>) {
-        self.losses.push(f);
-    }
-    fn schedule(&mut self, f: Factory<dyn Schedule>) {
-        self.schedules.push(f);
-    }
-    fn router(&mut self, f: Factory<dyn Router>) {
-        self.routers.push(f);
-    }
-    fn data(&mut self, f: Factory<dyn DataSource>) {
-        self.data.push(f);
-    }
-    fn tokenizer(&mut self, f: Factory<dyn Tokenizer>) {
-        self.tokenizers.push(f);
-    }
-    fn observer(&mut self, f: Factory<dyn Observer>) {
-        self.observers.push(f);
-    }
 }
 
 #[cfg(test)]
@@ -401,6 +332,23 @@ mod tests {
         build: build_half,
         params: no_params,
     };
+
+    #[test]
+    fn a_plugin_registers_through_the_registrar_and_is_listed() {
+        fn register(r: &mut dyn Registrar) {
+            r.schedule(HALF);
+        }
+        let mut r = Registry::empty();
+        r.register_plugin("/tmp/libhalf.so", register).expect("register");
+        let listed: Vec<(&str, String, String)> = r
+            .listing()
+            .into_iter()
+            .map(|k| (k.category, k.kind, k.source))
+            .collect();
+        assert_eq!(listed, vec![("schedule", "half".into(), "/tmp/libhalf.so".into())]);
+        let again = r.register_plugin("/tmp/other.so", register).expect_err("duplicate");
+        assert!(again.to_string().contains("/tmp/libhalf.so"), "{again}");
+    }
 
     #[test]
     fn duplicate_kind_names_both_sources() {

@@ -1,8 +1,14 @@
 //! Dynamic plugins through the binary: the example loss and router load from config and change
-//! the run; every loading error exits 2 with a message naming the library and the problem.
+//! the run; every loading error exits 2 with a message naming the library and the problem; a
+//! scaffolded loss, loaded in-process, reduces like the built-ins (padding, token weights).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use retort_core::{Batch, BuildContext, Outputs, Params, Progress, Registry, StepContext};
 
 /// Builds the example plugins and the fixtures (no-op when up to date); returns their directory.
 fn plugin_dir() -> PathBuf {
@@ -237,34 +243,38 @@ fn loading_errors_exit_2_and_name_the_library() {
     );
 }
 
-#[test]
-fn scaffolded_plugins_build_and_load_without_edits() {
+/// Scaffolds the plugin `name` of `kind` with `retort new-plugin` into `dir` and builds it
+/// without edits; returns the library.
+fn scaffold(dir: &Path, name: &str, kind: &str) -> PathBuf {
     let exe = Path::new(env!("CARGO_BIN_EXE_retort"));
     let target = exe.parent().and_then(Path::parent).expect("target dir");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let mut libs = Vec::new();
-    for (name, kind) in [("scaffold-loss", "loss"), ("scaffold-router", "router")] {
-        let o = retort(&["new-plugin", name, "--kind", kind, "--dir", "."], tmp.path(), None);
-        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
-        let dir = tmp.path().join(name);
-        for f in ["Cargo.toml", "src/lib.rs", "README.md"] {
-            assert!(dir.join(f).is_file(), "{name}/{f} missing");
-        }
-        // Offline and quick: the workspace's lock file and target directory (shared dependencies).
-        std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock"),
-            dir.join("Cargo.lock"),
-        )
-        .expect("lock");
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "--offline", "--target-dir"])
-            .arg(target)
-            .current_dir(&dir)
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "the scaffolded {name} does not build");
-        libs.push(lib(&target.join("debug"), &name.replace('-', "_")));
+    let o = retort(&["new-plugin", name, "--kind", kind, "--dir", "."], dir, None);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let root = dir.join(name);
+    for f in ["Cargo.toml", "src/lib.rs", "README.md"] {
+        assert!(root.join(f).is_file(), "{name}/{f} missing");
     }
+    // Offline and quick: the workspace's lock file and target directory (shared dependencies).
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock"),
+        root.join("Cargo.lock"),
+    )
+    .expect("lock");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--offline", "--target-dir"])
+        .arg(target)
+        .current_dir(&root)
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "the scaffolded {name} does not build");
+    lib(&target.join("debug"), &name.replace('-', "_"))
+}
+
+#[test]
+fn scaffolded_plugins_build_and_load_without_edits() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let libs =
+        [("scaffold-loss", "loss"), ("scaffold-router", "router")].map(|(name, kind)| scaffold(tmp.path(), name, kind));
     // A second scaffold into the same place is refused and leaves the first untouched.
     let before = std::fs::read(tmp.path().join("scaffold-loss/src/lib.rs")).expect("lib.rs");
     let o = retort(&["new-plugin", "scaffold-loss", "--kind", "loss"], tmp.path(), None);
@@ -288,4 +298,86 @@ fn scaffolded_plugins_build_and_load_without_edits() {
     assert!(last["terms"]["scaffold_loss"].is_number(), "{last}");
     assert_eq!(last["weights"]["ce"], 0.25, "{last}");
     assert_eq!(last["router"]["steps"], 30.0);
+}
+
+/// `(value, d value / d student logits)` of the loss `kind` built with `params` from `registry`,
+/// on a step with `student`/`teacher` logits, a padding mask and router token weights.
+fn value_and_grad(
+    registry: &Registry,
+    kind: &str,
+    params: serde_json::Value,
+    batch: &Batch,
+    logits: (&Var, &Tensor),
+    token_weights: &Tensor,
+) -> (f64, Vec<f32>) {
+    let ctx = BuildContext::new(registry, Device::Cpu, 0);
+    let params = Params::new("loss[0]", params.as_object().expect("object").clone());
+    let term = registry.losses.build(kind, &params, &ctx).expect("build");
+    let (student, teacher) = (
+        Outputs::logits_only(logits.0.as_tensor().clone()),
+        Outputs::logits_only(logits.1.clone()),
+    );
+    let step = StepContext {
+        batch,
+        student: &student,
+        teacher: Some(&teacher),
+        progress: Progress::new(0, 1),
+        token_weights: Some(token_weights),
+    };
+    let value = term.compute(&step).expect("compute");
+    let grad = value.backward().expect("backward");
+    let grad = grad
+        .get(logits.0.as_tensor())
+        .expect("a gradient for the student logits");
+    (
+        value
+            .to_dtype(DType::F64)
+            .and_then(|v| v.to_scalar::<f64>())
+            .expect("scalar"),
+        grad.flatten_all().and_then(|g| g.to_vec1::<f32>()).expect("grad"),
+    )
+}
+
+/// Uniform random values in `[lo, hi)` of `shape`, seeded.
+fn uniform(rng: &mut ChaCha8Rng, shape: &[usize], lo: f32, hi: f32) -> Tensor {
+    let n = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+}
+
+#[test]
+fn scaffolded_loss_honours_padding_and_token_weights_like_the_builtin_kl() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = scaffold(tmp.path(), "scaffold-kl", "loss");
+    let mut registry = retort_host::builtin_registry().expect("built-ins");
+    retort_host::plugin_loader::load_plugin(&mut registry, &path, "test").expect("load the scaffolded loss");
+    // Random logits [2, 5, V]; the second row has two padding tokens; the router weighs tokens.
+    let (b, t, v) = (2, 5, 11);
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let zs = Var::from_tensor(&uniform(&mut rng, &[b, t, v], -3.0, 3.0)).expect("var");
+    let zt = uniform(&mut rng, &[b, t, v], -3.0, 3.0);
+    let weights = uniform(&mut rng, &[b, t], 0.2, 2.0);
+    let mask = Tensor::new(&[[1.0f32, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0, 0.0]], &Device::Cpu).expect("mask");
+    let ids = Tensor::zeros((b, t), DType::U32, &Device::Cpu).expect("ids");
+    let batch = Batch {
+        input_ids: ids.clone(),
+        targets: ids,
+        mask: Some(mask),
+        source: None,
+    };
+    let params = serde_json::json!({"temperature": 2.0});
+    let run = |kind| value_and_grad(&registry, kind, params.clone(), &batch, (&zs, &zt), &weights);
+    let ((got, got_grad), (want, want_grad)) = (run("scaffold_kl"), run("kl"));
+    // Same formula: T^2 * sum_i w_i KL_i / sum_i w_i with w = mask * token weights.
+    assert!(
+        (got - want).abs() <= 1e-6 * want.abs(),
+        "scaffold_kl {got} vs kl {want}"
+    );
+    let scale = want_grad.iter().fold(0f32, |m, g| m.max(g.abs()));
+    for (i, (g, w)) in got_grad.iter().zip(&want_grad).enumerate() {
+        assert!((g - w).abs() <= 1e-6 * scale, "d/dz_s[{i}]: scaffold_kl {g} vs kl {w}");
+    }
+    // Padded tokens get no gradient.
+    let padded = &got_grad[(b * t - 2) * v..];
+    assert!(padded.iter().all(|g| *g == 0.0), "{padded:?}");
 }

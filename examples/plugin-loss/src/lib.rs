@@ -3,7 +3,8 @@
 //! With `p_t`, `p_s` at temperature `T` over a vocabulary of `V` and the teacher's normalised
 //! entropy `h = H(p_t) / ln V`, each token's KL is weighted by `c = 1 - h` (a confident teacher
 //! counts fully, a uniform one not at all), and the weights are normalised over the batch:
-//! `L = T^2 * sum_i c_i KL(p_t || p_s)_i / sum_i c_i`. It follows the idea of weighting soft
+//! `L = T^2 * sum_i w_i c_i KL(p_t || p_s)_i / sum_i w_i c_i`, where `w_i` is the padding mask
+//! times the router's token weights (the weights of [`StepContext::token_mean`]). It follows the idea of weighting soft
 //! labels by how informative they are (Zhou et al. 2021, "Rethinking Soft Labels for Knowledge
 //! Distillation: A Bias-Variance Tradeoff Perspective").
 //!
@@ -37,31 +38,23 @@ pub struct ConfidenceKl {
     temperature: f64,
 }
 
-fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
-}
-
 impl LossTerm for ConfidenceKl {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
         let teacher = ctx
             .teacher
             .ok_or_else(|| Error::Runtime("confidence_kl needs a teacher".into()))?;
         let t = self.temperature;
-        let ls = log_softmax(&(ctx.student.logits.to_dtype(DType::F32)? / t)?)?;
-        let lt = log_softmax(&(teacher.logits.to_dtype(DType::F32)? / t)?)?;
+        let ls = ops::log_softmax(&(ctx.student.logits.to_dtype(DType::F32)? / t)?)?;
+        let lt = ops::log_softmax(&(teacher.logits.to_dtype(DType::F32)? / t)?)?;
         let pt = lt.exp()?;
         let kl = (&pt * (&lt - &ls)?)?.sum(D::Minus1)?;
         let vocab = pt.dim(D::Minus1)? as f64;
         let entropy = (&pt * &lt)?.sum(D::Minus1)?.neg()?;
-        let mut confidence = (entropy / vocab.ln())?.affine(-1.0, 1.0)?.detach();
-        if let Some(mask) = &ctx.batch.mask {
-            confidence = (confidence * mask.to_dtype(DType::F32)?)?;
-        }
-        let total = confidence.sum_all()?.maximum(1e-12)?;
-        Ok(((kl * &confidence)?.sum_all()?.div(&total)? * (t * t))?)
+        let confidence = (entropy / vocab.ln())?.affine(-1.0, 1.0)?.detach();
+        // token_mean(c KL) / token_mean(c) = sum_i w_i c_i KL_i / sum_i w_i c_i.
+        let weighted = ctx.token_mean(&(kl * &confidence)?)?;
+        let norm = ctx.token_mean(&confidence)?.maximum(1e-12)?;
+        Ok((weighted.div(&norm)? * (t * t))?)
     }
     fn needs_teacher(&self) -> bool {
         true

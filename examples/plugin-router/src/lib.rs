@@ -106,8 +106,7 @@ impl Router for Dwa {
             names: Vec<String>,
             rates: Vec<f64>,
         }
-        let s: S =
-            retort_sdk::serde_json::from_value(state.clone()).map_err(|e| Error::Runtime(format!("dwa state: {e}")))?;
+        let s: S = retort_sdk::serde_json::from_value(state.clone()).map_err(|e| Error::failed("dwa state", e))?;
         (self.ema, self.history, self.names, self.rates) = (s.ema, s.history, s.names, s.rates);
         Ok(())
     }

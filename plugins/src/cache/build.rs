@@ -256,18 +256,18 @@ fn prepare_destination(dir: &Path, header: &CacheHeader, force: bool, resume: bo
         let same = old.as_ref().is_ok_and(|o| o == header);
         if !(same && resume) {
             if !force {
-                let held = match &old {
-                    Ok(_) if same => "a cache with these settings".to_string(),
-                    Ok(o) => format!(
+                let instead = "choose another --out or pass --force to replace it";
+                let old =
+                    old.map_err(|e| Error::input_failed(what(), format!("holds an unreadable cache ({instead})"), e))?;
+                let held = if same {
+                    "a cache with these settings".to_string()
+                } else {
+                    format!(
                         "a cache built with other settings or data ({})",
-                        first_difference(o, header)
-                    ),
-                    Err(e) => format!("an unreadable cache ({e})"),
+                        first_difference(&old, header)
+                    )
                 };
-                return Err(Error::input(
-                    what(),
-                    format!("holds {held}; choose another --out or pass --force to replace it"),
-                ));
+                return Err(Error::input(what(), format!("holds {held}; {instead}")));
             }
             remove_cache_files(dir)?;
         }

@@ -106,15 +106,14 @@ pub fn encode_shard(spec: &ShardSpec, ids: &[u32], logprobs: &[f32], zstd_level:
     } else {
         table.iter().flat_map(|i| i.to_le_bytes()).collect()
     };
-    let ztable =
-        zstd::bulk::compress(&table_bytes, zstd_level.max(1)).map_err(|e| Error::Runtime(format!("zstd: {e}")))?;
+    let ztable = zstd::bulk::compress(&table_bytes, zstd_level.max(1)).map_err(|e| Error::failed("zstd", e))?;
     let frames: Vec<Vec<u8>> = (0..spec.windows as usize)
         .into_par_iter()
         .map(|w| {
             let r = w * per_window..(w + 1) * per_window;
             let raw = encode_frame(&ids[r.clone()], &logprobs[r], k, spec.coding, &rank_of);
             if spec.compressed {
-                zstd::bulk::compress(&raw, zstd_level).map_err(|e| Error::Runtime(format!("zstd: {e}")))
+                zstd::bulk::compress(&raw, zstd_level).map_err(|e| Error::failed("zstd", e))
             } else {
                 Ok(raw)
             }
@@ -187,14 +186,10 @@ impl Shard {
     /// `expected` describes. Every failure names the file.
     pub fn open(path: &Path, expected: &ShardSpec) -> Result<Self> {
         let what = || format!("cache shard {}", path.display());
-        let corrupt = |m: String| {
-            Error::input(
-                what(),
-                format!("{m}; the shard is corrupt or truncated: delete it and rerun `retort cache` to rebuild it"),
-            )
-        };
-        let file = File::open(path).map_err(|e| Error::input(what(), format!("cannot open: {e}")))?;
-        let map = map(&file).map_err(|e| Error::input(what(), format!("cannot map: {e}")))?;
+        let hint = "the shard is corrupt or truncated: delete it and rerun `retort cache` to rebuild it";
+        let corrupt = |m: String| Error::input(what(), format!("{m}; {hint}"));
+        let file = File::open(path).map_err(|e| Error::input_failed(what(), "cannot open", e))?;
+        let map = map(&file).map_err(|e| Error::input_failed(what(), "cannot map", e))?;
         let n = map.len();
         if n < HEADER_LEN + 16 || &map[..8] != MAGIC {
             return Err(corrupt(format!("{n} bytes, no shard header")));
@@ -246,7 +241,7 @@ impl Shard {
         }
         let id_bytes = if spec.vocab <= 1 << 16 { 2 } else { 4 };
         let table = zstd::bulk::decompress(&map[HEADER_LEN..offsets_at], table_len * id_bytes)
-            .map_err(|e| corrupt(format!("frequency table: {e}")))?;
+            .map_err(|e| Error::input_failed(what(), format!("frequency table ({hint})"), e))?;
         if table.len() != table_len * id_bytes {
             return Err(corrupt("frequency table has the wrong length".into()));
         }
@@ -304,7 +299,8 @@ impl Shard {
         ids: &mut Vec<u32>,
         lps: &mut Vec<f32>,
     ) -> Result<()> {
-        let bad = |m: String| Error::Runtime(format!("cache shard {}: window {w}: {m}", self.path.display()));
+        let at = || format!("cache shard {}: window {w}", self.path.display());
+        let bad = |m: String| Error::Runtime(format!("{}: {m}", at()));
         if w >= self.spec.windows as usize {
             return Err(bad(format!("outside the shard's {} windows", self.spec.windows)));
         }
@@ -318,7 +314,7 @@ impl Shard {
             scratch.reserve(cap);
             decompressor
                 .decompress_to_buffer(frame, scratch)
-                .map_err(|e| bad(format!("zstd: {e}")))?;
+                .map_err(|e| Error::failed(format!("{}: zstd", at()), e))?;
             scratch
         } else {
             frame
@@ -334,7 +330,7 @@ impl Shard {
             ids,
             lps,
         )
-        .map_err(|e| bad(e.to_string()))
+        .map_err(|e| Error::failed(at(), e))
     }
 }
 

@@ -125,19 +125,21 @@ impl CacheHeader {
         let path = dir.join(HEADER_FILE);
         let what = || format!("logit cache {}", dir.display());
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            Error::input(
+            Error::input_failed(
                 what(),
                 format!(
-                    "cannot read {}: {e}; build a cache with `retort cache CONFIG --out {}`",
+                    "cannot read {} (build a cache with `retort cache CONFIG --out {}`)",
                     path.display(),
                     dir.display()
                 ),
+                e,
             )
         })?;
         let h: CacheHeader = serde_json::from_str(&text).map_err(|e| {
-            Error::input(
+            Error::input_failed(
                 format!("{} (line {}, column {})", path.display(), e.line(), e.column()),
-                e.to_string(),
+                "not a cache header",
+                e,
             )
         })?;
         if h.format != FORMAT_NAME {
@@ -169,7 +171,7 @@ impl CacheHeader {
 
     /// Writes `dir/header.json` atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Runtime(e.to_string()))?;
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::failed("serialising the cache header", e))?;
         retort_core::fsutil::write_atomic(&dir.join(HEADER_FILE), text.as_bytes())
     }
 }
@@ -287,7 +289,7 @@ impl ReadState {
     /// A fresh state.
     pub fn new() -> Result<Self> {
         Ok(ReadState {
-            decompressor: zstd::bulk::Decompressor::new().map_err(|e| Error::Runtime(format!("zstd: {e}")))?,
+            decompressor: zstd::bulk::Decompressor::new().map_err(|e| Error::failed("zstd", e))?,
             scratch: Vec::new(),
         })
     }

@@ -54,12 +54,12 @@ fn default_tokenizer() -> ComponentSpec {
 
 fn files(path: &Path, key: &str) -> Result<Vec<PathBuf>> {
     let what = || format!("{key} = \"{}\"", path.display());
-    let meta = std::fs::metadata(path).map_err(|e| Error::input(what(), format!("cannot read: {e}")))?;
+    let meta = std::fs::metadata(path).map_err(|e| Error::input_failed(what(), "cannot read", e))?;
     if !meta.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut v: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(|e| Error::input(what(), format!("cannot list directory: {e}")))?
+        .map_err(|e| Error::input_failed(what(), "cannot list directory", e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "jsonl"))
         .collect();
@@ -77,12 +77,12 @@ pub fn read_documents(paths: &[PathBuf], field: &str) -> Result<Vec<String>> {
         let f = std::fs::File::open(p).map_err(|e| Error::io("opening JSONL file", p, e))?;
         for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
             let at = || format!("{}:{}", p.display(), i + 1);
-            let line = line.map_err(|e| Error::input(at(), format!("unreadable: {e}")))?;
+            let line = line.map_err(|e| Error::input_failed(at(), "unreadable", e))?;
             if line.trim().is_empty() {
                 continue;
             }
             let v: serde_json::Value =
-                serde_json::from_str(&line).map_err(|e| Error::input(at(), format!("not a JSON object: {e}")))?;
+                serde_json::from_str(&line).map_err(|e| Error::input_failed(at(), "not a JSON object", e))?;
             let text = v.get(field).and_then(|t| t.as_str()).ok_or_else(|| {
                 Error::input(
                     at(),

@@ -112,7 +112,7 @@ impl Tokenizer for IdTokenizer {
 pub fn generate(p: &SyntheticParams, seed: u64, n: usize) -> Result<(Vec<u32>, f64)> {
     let v = p.vocab;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let bad = |e: rand_distr::NormalError| Error::Runtime(e.to_string());
+    let bad = |e: rand_distr::NormalError| Error::failed("synthetic stream parameters", e);
     let a = Normal::new(0.0, p.sharpness).map_err(bad)?;
     let b = Normal::new(0.0, p.order2).map_err(bad)?;
     let regime_logits: Vec<f64> = (0..p.regimes * v * v).map(|_| a.sample(&mut rng)).collect();

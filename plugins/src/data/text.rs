@@ -42,10 +42,10 @@ fn default_tokenizer() -> ComponentSpec {
 
 fn read_corpus(path: &Path, key: &str) -> Result<String> {
     let what = || format!("{key} = \"{}\"", path.display());
-    let meta = std::fs::metadata(path).map_err(|e| Error::input(what(), format!("cannot read: {e}")))?;
+    let meta = std::fs::metadata(path).map_err(|e| Error::input_failed(what(), "cannot read", e))?;
     let files: Vec<PathBuf> = if meta.is_dir() {
         let mut v: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| Error::input(what(), format!("cannot list directory: {e}")))?
+            .map_err(|e| Error::input_failed(what(), "cannot list directory", e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
             .collect();
@@ -59,7 +59,8 @@ fn read_corpus(path: &Path, key: &str) -> Result<String> {
     };
     let mut parts = Vec::with_capacity(files.len());
     for f in &files {
-        let bytes = std::fs::read(f).map_err(|e| Error::input(what(), format!("cannot read {}: {e}", f.display())))?;
+        let bytes =
+            std::fs::read(f).map_err(|e| Error::input_failed(what(), format!("cannot read {}", f.display()), e))?;
         let text = String::from_utf8(bytes).map_err(|e| {
             Error::input(
                 what(),

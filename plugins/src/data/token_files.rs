@@ -83,7 +83,7 @@ fn ids(m: &Mmap) -> &[u32] {
 /// The widened copy of a `uint16` file, made if missing or stale.
 fn widened(src: &Path, cache_dir: Option<&Path>) -> Result<PathBuf> {
     let what = || format!("token file {}", src.display());
-    let meta = std::fs::metadata(src).map_err(|e| Error::input(what(), format!("cannot read: {e}")))?;
+    let meta = std::fs::metadata(src).map_err(|e| Error::input_failed(what(), "cannot read", e))?;
     if meta.len() % 2 != 0 {
         return Err(Error::input(
             what(),
@@ -115,7 +115,7 @@ fn widened(src: &Path, cache_dir: Option<&Path>) -> Result<PathBuf> {
             .unwrap_or_default(),
         std::process::id()
     ));
-    let input = File::open(src).map_err(|e| Error::input(what(), format!("cannot open: {e}")))?;
+    let input = File::open(src).map_err(|e| Error::input_failed(what(), "cannot open", e))?;
     let mut reader = BufReader::with_capacity(1 << 20, input);
     let file = File::create(&tmp).map_err(|e| Error::io("creating the widened token file", &tmp, e))?;
     let mut writer = BufWriter::with_capacity(1 << 20, file);
@@ -155,7 +155,8 @@ fn widened(src: &Path, cache_dir: Option<&Path>) -> Result<PathBuf> {
 
 fn open_u32(path: &Path, origin: &Path, vocab: usize) -> Result<Mmap> {
     let what = || format!("token file {}", origin.display());
-    let file = File::open(path).map_err(|e| Error::input(what(), format!("cannot open {}: {e}", path.display())))?;
+    let file =
+        File::open(path).map_err(|e| Error::input_failed(what(), format!("cannot open {}", path.display()), e))?;
     let len = file
         .metadata()
         .map_err(|e| Error::io("reading token file", path, e))?

@@ -15,12 +15,11 @@ use candle_core::{Tensor, D};
 use serde::Deserialize;
 
 use retort_core::registry::Factory;
-use retort_core::{BuildContext, LossTerm, Params, Result, StepContext};
+use retort_core::{ops, BuildContext, LossTerm, Params, Result, StepContext};
 
 use super::logit::yes;
 use super::masked_mean;
 use crate::kernels;
-use crate::models::nn::log_softmax_last;
 
 /// Params of `ce`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -45,7 +44,7 @@ pub struct CrossEntropy {
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>, label_smoothing: f64) -> Result<Tensor> {
     if kernels::fusable(logits) {
         let per_token = kernels::cross_entropy::per_token(logits, targets, label_smoothing)?;
-        return masked_mean(&per_token, mask);
+        return Ok(masked_mean(&per_token, mask)?);
     }
     composite_cross_entropy(logits, targets, mask, label_smoothing)
 }
@@ -58,7 +57,7 @@ pub fn composite_cross_entropy(
     label_smoothing: f64,
 ) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    let logp = log_softmax_last(&logits.reshape((b * t, v))?)?;
+    let logp = ops::log_softmax(&logits.reshape((b * t, v))?)?;
     let nll = logp.gather(&targets.reshape((b * t, 1))?, 1)?.neg()?;
     let per_token = if label_smoothing > 0.0 {
         let smooth = logp.mean(D::Minus1)?.neg()?.reshape((b * t, 1))?;
@@ -66,7 +65,7 @@ pub fn composite_cross_entropy(
     } else {
         nll
     };
-    masked_mean(&per_token.reshape((b, t))?, mask)
+    Ok(masked_mean(&per_token.reshape((b, t))?, mask)?)
 }
 
 impl LossTerm for CrossEntropy {

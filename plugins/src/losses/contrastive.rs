@@ -23,10 +23,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use retort_core::registry::Factory;
-use retort_core::{BuildContext, Error, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
+use retort_core::{ops, BuildContext, Error, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
 
 use super::hidden::projection;
-use crate::models::nn::{linear, log_softmax_last};
+use crate::models::nn::linear;
 
 /// Params of `contrastive`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -81,9 +81,9 @@ pub fn info_nce(zs: &Tensor, zt: &Tensor, tau: f64, symmetric: bool) -> Result<T
     let n = zs.dim(0)?;
     let sim = (zs.matmul(&zt.t()?)? / tau)?;
     let eye = Tensor::eye(n, sim.dtype(), sim.device())?;
-    let row = (log_softmax_last(&sim)? * &eye)?.sum_all()?.neg()?;
+    let row = (ops::log_softmax(&sim)? * &eye)?.sum_all()?.neg()?;
     let loss = if symmetric {
-        let col = (log_softmax_last(&sim.t()?)? * &eye)?.sum_all()?.neg()?;
+        let col = (ops::log_softmax(&sim.t()?)? * &eye)?.sum_all()?.neg()?;
         ((row + col)? * 0.5)?
     } else {
         row

@@ -136,7 +136,7 @@ pub(crate) fn projection(
     ctx: &BuildContext,
 ) -> Result<(Var, Var)> {
     let std = (1.0 / d_in as f64).sqrt() as f32;
-    let normal = Normal::new(0.0f32, std).map_err(|e| Error::Runtime(e.to_string()))?;
+    let normal = Normal::new(0.0f32, std).map_err(|e| Error::failed("projection init", e))?;
     let w: Vec<f32> = (0..d_in * d_out).map(|_| normal.sample(rng)).collect();
     let w = Tensor::from_vec(w, (d_in, d_out), &ctx.device)?.to_dtype(dtype)?;
     let b = Tensor::zeros(d_out, dtype, &ctx.device)?;
@@ -182,7 +182,10 @@ impl HiddenMatch {
                     Some((w, b)) => crate::models::nn::linear(hs, w.as_tensor(), b.as_tensor())?,
                     None => hs.clone(),
                 };
-                masked_mean(&per_token(self.distance, &hs, &ht)?, ctx.batch.mask.as_ref())
+                Ok(masked_mean(
+                    &per_token(self.distance, &hs, &ht)?,
+                    ctx.batch.mask.as_ref(),
+                )?)
             })
             .collect()
     }

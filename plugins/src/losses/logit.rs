@@ -4,11 +4,10 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use retort_core::{BuildContext, Error, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
+use retort_core::{ops, BuildContext, Error, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
 
-use super::{as_float, check_same_shape, masked_mean};
+use super::{as_float, check_same_shape};
 use crate::kernels::{self, divergence::Divergence as FusedKind};
-use crate::models::nn::log_softmax_last;
 
 /// Temperature and `T^2` scaling of one logit term.
 pub struct Tempered {
@@ -61,15 +60,10 @@ impl Tempered {
         Ok((ls, lt, t))
     }
 
-    /// Mean of `per_token` over the counted tokens, times `T^2` when scaling is on.
-    /// Router token weights, when given, multiply the mask.
+    /// Mean of `per_token` over the counted tokens ([`StepContext::token_mean`]: weighted by
+    /// the mask and the router's token weights), times `T^2` when scaling is on.
     pub fn reduce(&self, per_token: &Tensor, ctx: &StepContext, t: f64) -> Result<Tensor> {
-        let weights = match (ctx.token_weights, ctx.batch.mask.as_ref()) {
-            (Some(w), Some(m)) => Some((w.to_dtype(per_token.dtype())? * m.to_dtype(per_token.dtype())?)?),
-            (Some(w), None) => Some(w.clone()),
-            (None, m) => m.cloned(),
-        };
-        let mean = masked_mean(per_token, weights.as_ref())?;
+        let mean = ctx.token_mean(per_token)?;
         Ok(if self.scale_by_t2 { (mean * (t * t))? } else { mean })
     }
 
@@ -143,8 +137,8 @@ impl LossTerm for DivergenceTerm {
 /// `(log softmax(z_s / t), log softmax(z_t / t))`.
 pub fn tempered_log_probs(student: &Tensor, teacher: &Tensor, t: f64) -> Result<(Tensor, Tensor)> {
     check_same_shape(student, teacher)?;
-    let ls = log_softmax_last(&(as_float(student)? / t)?)?;
-    let lt = log_softmax_last(&(as_float(teacher)?.to_dtype(ls.dtype())? / t)?)?;
+    let ls = ops::log_softmax(&(as_float(student)? / t)?)?;
+    let lt = ops::log_softmax(&(as_float(teacher)?.to_dtype(ls.dtype())? / t)?)?;
     Ok((ls, lt))
 }
 

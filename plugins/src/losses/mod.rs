@@ -17,20 +17,10 @@ pub mod tvd;
 use candle_core::{DType, Tensor};
 use retort_core::{Error, Result};
 
-/// Mean of per-token values `[batch, seq]` over the tokens that count (mask 1), as a scalar.
-pub fn masked_mean(per_token: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    Ok(match mask {
-        None => per_token.mean_all()?,
-        Some(m) => {
-            let m = m.to_dtype(per_token.dtype())?;
-            let count = m.sum_all()?;
-            let total = (per_token * &m)?.sum_all()?;
-            // Guard against an all-padding batch: the term is 0, not NaN.
-            let count = count.maximum(1.0)?;
-            total.div(&count)?
-        }
-    })
-}
+/// Mean of per-token values `[batch, seq]` over the tokens that count, for terms that weight by
+/// the padding mask only; terms that also take the router's token weights reduce with
+/// [`retort_core::StepContext::token_mean`].
+pub use retort_core::ops::masked_mean;
 
 /// Checks that student and teacher logits agree in shape (same vocabulary, same windows).
 pub fn check_same_shape(student: &Tensor, teacher: &Tensor) -> Result<()> {

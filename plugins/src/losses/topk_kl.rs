@@ -47,12 +47,11 @@ use serde::Deserialize;
 use retort_core::model::dense_topk;
 use retort_core::registry::Factory;
 use retort_core::taps::topk_tap;
-use retort_core::{BuildContext, Error, LossTerm, Params, Progress, Result, ScalarSpec, StepContext};
+use retort_core::{ops, BuildContext, Error, LossTerm, Params, Progress, Result, ScalarSpec, StepContext};
 
 use super::as_float;
 use super::logit::{one, yes, Tempered};
 use crate::kernels::{self, topk::TopkTail};
-use crate::models::nn::log_softmax_last;
 
 /// Params of `topk_kl`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -136,8 +135,8 @@ pub fn topk_per_token(
     };
     Ok(match tail {
         Tail::Renormalize => {
-            let lt = log_softmax_last(&drop((lpt / t)?)?)?;
-            let ls_hat = log_softmax_last(&drop(ls)?)?;
+            let lt = ops::log_softmax(&drop((lpt / t)?)?)?;
+            let ls_hat = ops::log_softmax(&drop(ls)?)?;
             keep((lt.exp()? * (&lt - ls_hat)?)?)?.sum(D::Minus1)?
         }
         Tail::Bucket => {
@@ -157,7 +156,7 @@ pub fn topk_per_token(
             }
             let a = (&lpt / t)?;
             if v == k {
-                let lt = log_softmax_last(&a)?;
+                let lt = ops::log_softmax(&a)?;
                 return Ok((lt.exp()? * (&lt - &ls)?)?.sum(D::Minus1)?);
             }
             let n_tail = (v - k) as f64;
@@ -213,7 +212,7 @@ pub fn union_with_student(
         )));
     }
     let (sids, _) = dense_topk(&student_logits.detach(), k)?;
-    let lt_full = log_softmax_last(&as_float(teacher_logits)?)?;
+    let lt_full = ops::log_softmax(&as_float(teacher_logits)?)?;
     let lpt_s = lt_full.contiguous()?.gather(&sids, D::Minus1)?.to_dtype(lpt.dtype())?;
     let dup = sids
         .unsqueeze(D::Minus1)?
@@ -263,7 +262,7 @@ impl LossTerm for TopkKl {
             };
             return self.tempered.reduce(&per_token, ctx, t);
         }
-        let ls_full = log_softmax_last(&(as_float(&ctx.student.logits)? / t)?)?;
+        let ls_full = ops::log_softmax(&(as_float(&ctx.student.logits)? / t)?)?;
         let per_token = if self.union_student {
             let (ids, lpt, valid) = union_with_student(&ctx.student.logits, &teacher.logits, ids, lpt, self.k)?;
             topk_per_token(&ls_full, &ids, &lpt, Some(&valid), self.tail, t)?
@@ -510,7 +509,7 @@ mod tests {
             let (ids, lp) = dense_topk(&zt, 1).expect("topk");
             let lp = lp.to_dtype(DType::F64).expect("f64");
             let (ids, lp, valid) = union_with_student(x, &zt, &ids, &lp, 1).expect("union");
-            let ls_full = log_softmax_last(x).expect("lsm");
+            let ls_full = ops::log_softmax(x).expect("lsm");
             topk_per_token(&ls_full, &ids, &lp, Some(&valid), Tail::Bucket, 1.0)
                 .expect("kl")
                 .sum_all()
@@ -590,7 +589,7 @@ mod tests {
             // The reference: the dense KL to the uniform-tail reconstruction, composite.
             let (ls, lt) = super::super::logit::tempered_log_probs(zs.as_tensor(), &dense_teacher, t).expect("lp");
             let want = super::super::kl::forward_kl_from_log_probs(&ls, &lt).expect("kl");
-            let ls_full = log_softmax_last(&(zs.as_tensor() / t).expect("div")).expect("ls");
+            let ls_full = ops::log_softmax(&(zs.as_tensor() / t).expect("div")).expect("ls");
             let got = topk_per_token(&ls_full, &ids, &lpt, None, Tail::Uniform, t).expect("uniform");
             let (w, g): (Vec<f64>, Vec<f64>) = (
                 want.flatten_all().expect("f").to_vec1().expect("v"),

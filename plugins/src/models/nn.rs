@@ -69,12 +69,10 @@ pub fn softmax_last_composite(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&s)
 }
 
-/// `log_softmax(x)` over the last dim: `x - max - log(sum(exp(x - max)))`.
+/// `log_softmax(x)` over the last dim: `x - max - log(sum(exp(x - max)))`
+/// ([`retort_core::ops::log_softmax`]).
 pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&lse)
+    retort_core::ops::log_softmax(x)
 }
 
 /// LayerNorm over the last dim (Ba et al., 2016): `(x - mean) / sqrt(var + eps) * w + b`; the

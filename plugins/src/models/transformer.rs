@@ -205,13 +205,15 @@ impl TransformerConfig {
 fn read_hf_config(dir: &Path, key_path: &str) -> Result<TransformerConfig> {
     let file = dir.join("config.json");
     let text = std::fs::read_to_string(&file).map_err(|e| {
-        Error::input(
+        Error::input_failed(
             format!("{key_path} = {}", dir.display()),
-            format!("cannot read {}: {e}", file.display()),
+            format!("cannot read {}", file.display()),
+            e,
         )
     })?;
-    let bad = |m: String| Error::input(format!("checkpoint config {}", file.display()), m);
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let what = || format!("checkpoint config {}", file.display());
+    let bad = |m: String| Error::input(what(), m);
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::input_failed(what(), "not JSON", e))?;
     let get = |k: &str| -> Result<usize> {
         v.get(k)
             .and_then(serde_json::Value::as_u64)
@@ -306,7 +308,7 @@ impl Transformer {
             } else if std == 0.0 {
                 vec![0.0; n]
             } else {
-                let normal = Normal::new(0.0f32, std as f32).map_err(|e| Error::Runtime(e.to_string()))?;
+                let normal = Normal::new(0.0f32, std as f32).map_err(|e| Error::failed("weight init", e))?;
                 (0..n).map(|_| normal.sample(&mut rng)).collect()
             };
             let t = Tensor::from_vec(data, shape, device)?.to_dtype(cfg.dtype)?;
@@ -325,12 +327,8 @@ impl Transformer {
                 format!("{} is missing", file.display()),
             ));
         }
-        let loaded = candle_core::safetensors::load(&file, device).map_err(|e| {
-            Error::input(
-                format!("checkpoint {}", file.display()),
-                format!("unreadable safetensors: {e}"),
-            )
-        })?;
+        let loaded = candle_core::safetensors::load(&file, device)
+            .map_err(|e| Error::input_failed(format!("checkpoint {}", file.display()), "unreadable safetensors", e))?;
         let mut tensors = HashMap::new();
         for (name, shape, _) in param_specs(&cfg) {
             let t = loaded.get(&name).ok_or_else(|| {
@@ -597,7 +595,8 @@ impl Student for Transformer {
         let temp = fsutil::temp_path(&file);
         candle_core::safetensors::save(&map, &temp)?;
         fsutil::commit_temp(&temp, &file)?;
-        let json = serde_json::to_vec_pretty(&self.config_json()).map_err(|e| Error::Runtime(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&self.config_json()).map_err(|e| Error::failed("serialising config.json", e))?;
         fsutil::write_atomic(&dir.join("config.json"), &json)
     }
 }

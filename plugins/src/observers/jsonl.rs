@@ -34,7 +34,7 @@ pub struct JsonlObserver {
 
 impl Observer for JsonlObserver {
     fn record(&mut self, record: &serde_json::Value) -> Result<()> {
-        let line = serde_json::to_string(record).map_err(|e| Error::Runtime(e.to_string()))?;
+        let line = serde_json::to_string(record).map_err(|e| Error::failed("serialising a metrics record", e))?;
         writeln!(self.out, "{line}")
             .and_then(|_| self.out.flush())
             .map_err(|e| Error::io("writing metrics", &self.path, e))

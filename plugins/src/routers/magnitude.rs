@@ -107,7 +107,7 @@ impl Router for MagnitudeRouter {
             names: Vec<String>,
         }
         let s: S = serde_json::from_value(state.clone())
-            .map_err(|e| retort_core::Error::Runtime(format!("magnitude router state: {e}")))?;
+            .map_err(|e| retort_core::Error::failed("magnitude router state", e))?;
         (self.ema, self.steps, self.names) = (s.ema, s.steps, s.names);
         Ok(())
     }

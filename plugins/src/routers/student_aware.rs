@@ -37,9 +37,7 @@ use candle_core::{DType, Tensor, D};
 use serde::Deserialize;
 
 use retort_core::registry::Factory;
-use retort_core::{BuildContext, Params, Result, Router, StepContext, TermSignals};
-
-use crate::models::nn::log_softmax_last;
+use retort_core::{ops, BuildContext, Params, Result, Router, StepContext, TermSignals};
 
 /// Params of `student_aware`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -136,8 +134,8 @@ fn scalar(t: &Tensor) -> Result<f64> {
 impl Router for StudentAware {
     fn prepare(&mut self, ctx: &StepContext) -> Result<Option<Tensor>> {
         let Some(teacher) = ctx.teacher else { return Ok(None) };
-        let ls = log_softmax_last(&ctx.student.logits.detach().to_dtype(DType::F32)?)?;
-        let lt = log_softmax_last(&teacher.logits.to_dtype(DType::F32)?)?;
+        let ls = ops::log_softmax(&ctx.student.logits.detach().to_dtype(DType::F32)?)?;
+        let lt = ops::log_softmax(&teacher.logits.to_dtype(DType::F32)?)?;
         let (ps, pt) = (ls.exp()?, lt.exp()?);
         let gap = (&pt * (&lt - &ls)?)?.sum(D::Minus1)?.maximum(0.0)?;
         let mask = match &ctx.batch.mask {
@@ -214,7 +212,7 @@ impl Router for StudentAware {
             step_stats: Vec<(String, f64)>,
         }
         let s: S = serde_json::from_value(state.clone())
-            .map_err(|e| retort_core::Error::Runtime(format!("student_aware router state: {e}")))?;
+            .map_err(|e| retort_core::Error::failed("student_aware router state", e))?;
         (self.readiness, self.fast, self.slow, self.step_stats) = (s.readiness, s.fast, s.slow, s.step_stats);
         Ok(())
     }

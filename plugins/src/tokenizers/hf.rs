@@ -76,12 +76,9 @@ impl HfTokenizer {
         }
         if is_gguf(path) {
             let mut f = std::fs::File::open(path)
-                .map_err(|e| Error::input(format!("tokenizer {}", path.display()), format!("cannot open: {e}")))?;
+                .map_err(|e| Error::input_failed(format!("tokenizer {}", path.display()), "cannot open", e))?;
             let content = Content::read(&mut f).map_err(|e| {
-                Error::input(
-                    format!("tokenizer {}", path.display()),
-                    format!("not a readable GGUF file: {e}"),
-                )
+                Error::input_failed(format!("tokenizer {}", path.display()), "not a readable GGUF file", e)
             })?;
             return Self::from_gguf(&content, &path.display().to_string());
         }
@@ -92,10 +89,7 @@ impl HfTokenizer {
     /// same directory, else from tokens named like `<|endoftext|>`, `<s>`, `</s>`.
     pub fn from_json_file(file: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(file).map_err(|e| {
-            Error::input(
-                format!("tokenizer {}", file.display()),
-                format!("cannot load tokenizer.json: {e}"),
-            )
+            Error::input_failed(format!("tokenizer {}", file.display()), "cannot load tokenizer.json", e)
         })?;
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut ids = (None, None, None);
@@ -128,7 +122,8 @@ impl HfTokenizer {
     /// From GGUF metadata (`tokenizer.ggml.model = "gpt2"`: byte-level BPE).
     pub fn from_gguf(content: &Content, source: &str) -> Result<Self> {
         let what = || format!("tokenizer of GGUF {source}");
-        let mut inner = tokenizers::Tokenizer::from_gguf(content).map_err(|e| Error::input(what(), e.to_string()))?;
+        let mut inner =
+            tokenizers::Tokenizer::from_gguf(content).map_err(|e| Error::input_failed(what(), "unusable", e))?;
         let meta = |k: &str| content.metadata.get(k);
         let id = |keys: &[&str]| {
             keys.iter()
@@ -196,13 +191,13 @@ impl Tokenizer for HfTokenizer {
         let enc = self
             .inner
             .encode(text, false)
-            .map_err(|e| Error::input("text", format!("cannot tokenize: {e}")))?;
+            .map_err(|e| Error::input_failed("text", "cannot tokenize", e))?;
         Ok(enc.get_ids().to_vec())
     }
     fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
-            .map_err(|e| Error::Runtime(format!("cannot decode token ids: {e}")))
+            .map_err(|e| Error::failed("cannot decode token ids", e))
     }
     fn identity(&self) -> String {
         self.identity.clone()

@@ -28,7 +28,7 @@ pub fn load_safetensors(dir: &Path, device: &Device) -> Result<HashMap<String, T
         let text =
             std::fs::read_to_string(&index).map_err(|e| Error::io("reading the safetensors index", &index, e))?;
         let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::input(what(), format!("{} is not JSON: {e}", index.display())))?;
+            .map_err(|e| Error::input_failed(what(), format!("{} is not JSON", index.display()), e))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -44,7 +44,7 @@ pub fn load_safetensors(dir: &Path, device: &Device) -> Result<HashMap<String, T
     let mut all = HashMap::new();
     for f in files {
         let t = candle_core::safetensors::load(&f, device)
-            .map_err(|e| Error::input(what(), format!("unreadable safetensors {}: {e}", f.display())))?;
+            .map_err(|e| Error::input_failed(what(), format!("unreadable safetensors {}", f.display()), e))?;
         all.extend(t);
     }
     Ok(all)
@@ -75,10 +75,11 @@ pub fn save_hf(model: &Llama, dir: &Path) -> Result<()> {
     let temp = fsutil::temp_path(&file);
     candle_core::safetensors::save(&map, &temp)?;
     fsutil::commit_temp(&temp, &file)?;
-    let json = serde_json::to_vec_pretty(&model.config().to_hf_json()).map_err(|e| Error::Runtime(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&model.config().to_hf_json())
+        .map_err(|e| Error::failed("serialising config.json", e))?;
     fsutil::write_atomic(&dir.join("config.json"), &json)?;
     let gen = serde_json::json!({"_from_model_config": true, "do_sample": false});
-    let gen = serde_json::to_vec_pretty(&gen).map_err(|e| Error::Runtime(e.to_string()))?;
+    let gen = serde_json::to_vec_pretty(&gen).map_err(|e| Error::failed("serialising generation_config.json", e))?;
     fsutil::write_atomic(&dir.join("generation_config.json"), &gen)
 }
 

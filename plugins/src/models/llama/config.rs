@@ -355,17 +355,14 @@ impl LlamaConfig {
     pub fn read_hf_dir(dir: &Path, key_path: &str) -> Result<Self> {
         let file = dir.join("config.json");
         let text = std::fs::read_to_string(&file).map_err(|e| {
-            Error::input(
+            Error::input_failed(
                 format!("{key_path} = \"{}\"", dir.display()),
-                format!("cannot read {}: {e}", file.display()),
+                format!("cannot read {}", file.display()),
+                e,
             )
         })?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            Error::input(
-                format!("checkpoint config {}", file.display()),
-                format!("not JSON: {e}"),
-            )
-        })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::input_failed(format!("checkpoint config {}", file.display()), "not JSON", e))?;
         Self::from_hf_json(&v, &file)
     }
 }

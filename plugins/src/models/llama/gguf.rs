@@ -122,9 +122,9 @@ impl GgufFile {
     /// Opens and parses the header of `path`.
     pub fn open(path: &Path) -> Result<Self> {
         let what = || format!("GGUF file {}", path.display());
-        let mut file = File::open(path).map_err(|e| Error::input(what(), format!("cannot open: {e}")))?;
+        let mut file = File::open(path).map_err(|e| Error::input_failed(what(), "cannot open", e))?;
         let content =
-            Content::read(&mut file).map_err(|e| Error::input(what(), format!("not a readable GGUF file: {e}")))?;
+            Content::read(&mut file).map_err(|e| Error::input_failed(what(), "not a readable GGUF file", e))?;
         Ok(GgufFile {
             content,
             file,
@@ -134,6 +134,11 @@ impl GgufFile {
 
     fn error(&self, msg: impl Into<String>) -> Error {
         Error::input(format!("GGUF file {}", self.path.display()), msg)
+    }
+
+    /// [`Self::error`] caused by `source`, which is kept.
+    fn failed(&self, msg: impl Into<String>, source: candle_core::Error) -> Error {
+        Error::input_failed(format!("GGUF file {}", self.path.display()), msg, source)
     }
 
     /// Metadata value `key`.
@@ -216,7 +221,7 @@ impl GgufFile {
     pub fn tensor(&mut self, name: &str, device: &Device) -> Result<candle_core::quantized::QTensor> {
         self.content
             .tensor(&mut self.file, name, device)
-            .map_err(|e| self.error(format!("tensor `{name}`: {e}")))
+            .map_err(|e| self.failed(format!("tensor `{name}`"), e))
     }
 
     /// Loads the frozen model. `cfg` is [`GgufFile::config`], possibly with a shorter context.
@@ -246,7 +251,7 @@ impl GgufFile {
             let q = self
                 .content
                 .tensor(&mut self.file, &name, device)
-                .map_err(|e| self.error(format!("tensor `{name}`: {e}")))?;
+                .map_err(|e| self.failed(format!("tensor `{name}`"), e))?;
             let part = if dequantize {
                 Part::Dense(q.dequantize(device)?)
             } else {

@@ -216,7 +216,7 @@ impl Llama {
                 Init::Ones => vec![1.0; n],
                 Init::Zeros => vec![0.0; n],
                 Init::Normal(std) => {
-                    let normal = Normal::new(0.0f32, std as f32).map_err(|e| Error::Runtime(e.to_string()))?;
+                    let normal = Normal::new(0.0f32, std as f32).map_err(|e| Error::failed("weight init", e))?;
                     (0..n).map(|_| normal.sample(&mut rng)).collect()
                 }
             };
