@@ -41,9 +41,3 @@ pub fn builtin_registry() -> retort_core::Result<retort_core::Registry> {
     retort_plugins::link();
     retort_core::Registry::from_inventory()
 }
-
-/// A runtime failure of `context` caused by `source`.
-// TEMPORARY until core's error with a source lands.
-pub(crate) fn failed(context: &str, source: impl std::fmt::Display) -> retort_core::Error {
-    retort_core::Error::Runtime(format!("{context}: {source}"))
-}

@@ -350,7 +350,7 @@ fn scaffolded_loss_honours_padding_and_token_weights_like_the_builtin_kl() {
     let tmp = tempfile::tempdir().expect("tmp");
     let path = scaffold(tmp.path(), "scaffold-kl", "loss");
     let mut registry = retort_host::builtin_registry().expect("built-ins");
-    retort_host::plugin_loader::load_plugin(&mut registry, &path, "test").expect("load the scaffolded loss");
+    retort_host::assemble::plugin_loader::load_plugin(&mut registry, &path, "test").expect("load the scaffolded loss");
     // Random logits [2, 5, V]; the second row has two padding tokens; the router weighs tokens.
     let (b, t, v) = (2, 5, 11);
     let mut rng = ChaCha8Rng::seed_from_u64(7);

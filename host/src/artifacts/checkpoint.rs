@@ -144,8 +144,8 @@ pub fn load<S: DeserializeOwned>(dir: &Path, device: &Device) -> Result<Checkpoi
         verify(&dir.join(file), want)?;
     }
     let state_path = dir.join(STATE);
-    let text = fs::read_to_string(&state_path).map_err(|e| bad(&state_path, format!("unreadable: {e}")))?;
-    let state = serde_json::from_str(&text).map_err(|e| bad(&state_path, format!("corrupted: {e}")))?;
+    let text = fs::read_to_string(&state_path).map_err(|e| unreadable(&state_path, "unreadable", e))?;
+    let state = serde_json::from_str(&text).map_err(|e| unreadable(&state_path, "corrupted", e))?;
     let mut groups = BTreeMap::new();
     for file in manifest.sha256.keys() {
         if let Some(stem) = file.strip_suffix(".safetensors") {
@@ -166,6 +166,10 @@ fn bad(file: &Path, message: String) -> Error {
     Error::input(format!("checkpoint file {}", file.display()), message)
 }
 
+fn unreadable(file: &Path, what: &str, source: impl Into<retort_core::BoxError>) -> Error {
+    Error::input_failed(format!("checkpoint file {}", file.display()), what, source)
+}
+
 fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST);
     if !path.is_file() {
@@ -174,8 +178,8 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
             "missing (an incomplete checkpoint, or one written by a retort before 0.2)".into(),
         ));
     }
-    let text = fs::read_to_string(&path).map_err(|e| bad(&path, format!("unreadable: {e}")))?;
-    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| bad(&path, format!("corrupted: {e}")))?;
+    let text = fs::read_to_string(&path).map_err(|e| unreadable(&path, "unreadable", e))?;
+    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| unreadable(&path, "corrupted", e))?;
     if !manifest.sha256.contains_key(STATE) {
         return Err(bad(&path, format!("names no {STATE}")));
     }
@@ -223,11 +227,12 @@ fn write_dir<S: Serialize>(root: &Path, name: &str, snapshot: &Snapshot<S>) -> R
             .map_err(|e| Error::io("syncing checkpoint file", &path, e))?;
         manifest.sha256.insert(file, sha256_file(&path)?);
     }
-    let state =
-        serde_json::to_vec_pretty(snapshot.state).map_err(|e| crate::failed("serialising checkpoint state", e))?;
+    let state = serde_json::to_vec_pretty(snapshot.state)
+        .map_err(|e| retort_core::Error::failed("serialising checkpoint state", e))?;
     fsutil::write_atomic(&tmp.join(STATE), &state)?;
     manifest.sha256.insert(STATE.into(), sha256_file(&tmp.join(STATE))?);
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| crate::failed("serialising checkpoint manifest", e))?;
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| retort_core::Error::failed("serialising checkpoint manifest", e))?;
     fsutil::write_atomic(&tmp.join(MANIFEST), &json)?;
     let final_dir = root.join(name);
     replace_dir(root, &tmp, &final_dir, name)?;

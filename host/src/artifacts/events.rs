@@ -224,7 +224,8 @@ impl Recorder {
 
     /// Hands `event`, serialised once, to every observer.
     pub fn record(&mut self, event: &Event) -> Result<()> {
-        let value = serde_json::to_value(event).map_err(|e| crate::failed("serialising a metrics record", e))?;
+        let value =
+            serde_json::to_value(event).map_err(|e| retort_core::Error::failed("serialising a metrics record", e))?;
         for o in &mut self.observers {
             o.record(&value)?;
         }
@@ -246,12 +247,8 @@ pub fn read_events(dir: &Path) -> Result<Vec<Event>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| {
-                Error::input(
-                    format!("{}:{}", p.display(), i + 1),
-                    format!("not a metrics record: {e}"),
-                )
-            })
+            serde_json::from_str(l)
+                .map_err(|e| Error::input_failed(format!("{}:{}", p.display(), i + 1), "not a metrics record", e))
         })
         .collect()
 }

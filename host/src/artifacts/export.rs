@@ -34,6 +34,7 @@ fn write_special_ids(path: &Path, tokenizer: &dyn Tokenizer) -> Result<()> {
             v[k] = id.into();
         }
     }
-    let bytes = serde_json::to_vec_pretty(&v).map_err(|e| crate::failed("serialising generation_config.json", e))?;
+    let bytes = serde_json::to_vec_pretty(&v)
+        .map_err(|e| retort_core::Error::failed("serialising generation_config.json", e))?;
     retort_core::fsutil::write_atomic(path, &bytes)
 }

@@ -35,7 +35,7 @@ impl RunProgress {
         }
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io("reading run progress", &p, e))?;
         serde_json::from_str(&text)
-            .map_err(|e| Error::input(format!("run progress {}", p.display()), format!("corrupted: {e}")))
+            .map_err(|e| Error::input_failed(format!("run progress {}", p.display()), "corrupted", e))
     }
 
     /// The statistics of `phase`, if it finished.
@@ -58,7 +58,8 @@ impl RunProgress {
                 metrics_len,
             },
         );
-        let json = serde_json::to_vec_pretty(self).map_err(|e| crate::failed("serialising run progress", e))?;
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| retort_core::Error::failed("serialising run progress", e))?;
         fsutil::write_atomic(&dir.path().join(FILE), &json)
     }
 }

@@ -339,7 +339,8 @@ impl Report {
 
     /// Writes `report.json` and `report.md` into `dir` atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let json = serde_json::to_vec_pretty(self).map_err(|e| crate::failed("serialising the report", e))?;
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| retort_core::Error::failed("serialising the report", e))?;
         fsutil::write_atomic(&dir.join("report.json"), &json)?;
         fsutil::write_atomic(&dir.join("report.md"), self.markdown().as_bytes())
     }

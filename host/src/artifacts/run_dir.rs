@@ -80,8 +80,8 @@ impl RunDir {
 
     /// Writes `config.resolved.toml`, with a header naming where the config came from.
     pub fn write_resolved_config(&self, config: &RunConfig, source: &str) -> Result<()> {
-        let resolved =
-            toml::to_string_pretty(config).map_err(|e| crate::failed("serialising the resolved config", e))?;
+        let resolved = toml::to_string_pretty(config)
+            .map_err(|e| retort_core::Error::failed("serialising the resolved config", e))?;
         let header = format!("# Resolved config of this run (source: {source}).\n");
         fsutil::write_atomic(
             &self.path.join(RESOLVED_CONFIG),

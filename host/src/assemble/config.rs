@@ -242,7 +242,7 @@ pub fn load(file: Option<&Path>, sets: &[String]) -> Result<(RunConfig, ConfigOr
     match file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
-                .map_err(|e| Error::input(format!("config file {}", path.display()), format!("cannot read: {e}")))?;
+                .map_err(|e| Error::input_failed(format!("config file {}", path.display()), "cannot read", e))?;
             let ext = path
                 .extension()
                 .and_then(|e| e.to_str())

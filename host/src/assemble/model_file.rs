@@ -18,9 +18,9 @@ pub fn kind_of(path: &Path) -> Result<&'static str> {
     }
     let cfg = path.join("config.json");
     let text = std::fs::read_to_string(&cfg)
-        .map_err(|e| Error::input(what(), format!("cannot read {}: {e}", cfg.display())))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::input(what(), format!("{} is not JSON: {e}", cfg.display())))?;
+        .map_err(|e| Error::input_failed(what(), format!("cannot read {}", cfg.display()), e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::input_failed(what(), format!("{} is not JSON", cfg.display()), e))?;
     match v.get("model_type").and_then(|m| m.as_str()) {
         Some("gpt2") => Ok("transformer"),
         Some("llama" | "qwen2" | "mistral" | "mixtral") => Ok("llama"),
@@ -58,9 +58,10 @@ pub fn load_tokenizer(registry: &Registry, path: &Path, ctx: &BuildContext) -> R
             .unwrap_or_default(),
     );
     registry.tokenizers.build("hf", &tok_params, ctx).map_err(|e| {
-        Error::input(
+        Error::input_failed(
             format!("--model {}", path.display()),
-            format!("no usable tokenizer with the model (GGUF metadata or tokenizer.json): {e}"),
+            "no usable tokenizer with the model (GGUF metadata or tokenizer.json)",
+            e,
         )
     })
 }

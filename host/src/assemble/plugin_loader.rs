@@ -33,12 +33,7 @@ pub fn env_plugin_paths() -> Result<Vec<PathBuf>> {
         let p = PathBuf::from(part);
         if p.is_dir() {
             let mut libs: Vec<PathBuf> = std::fs::read_dir(&p)
-                .map_err(|e| {
-                    Error::input(
-                        format!("{PLUGIN_PATH_ENV} entry {}", p.display()),
-                        format!("cannot list: {e}"),
-                    )
-                })?
+                .map_err(|e| Error::input_failed(format!("{PLUGIN_PATH_ENV} entry {}", p.display()), "cannot list", e))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|f| f.is_file() && is_library(f))
                 .collect();
@@ -60,7 +55,7 @@ pub fn load_plugin(registry: &mut Registry, path: &Path, origin: &str) -> Result
     // SAFETY: opening a library runs its initialisers. Plugins are code the user chose to load
     // by naming them; this is the trust boundary of any plugin system.
     let lib = unsafe { libloading::Library::new(path) }
-        .map_err(|e| Error::input(what(), format!("not a loadable shared library: {e}")))?;
+        .map_err(|e| Error::input_failed(what(), "not a loadable shared library", e))?;
     // SAFETY: the symbol, if present, is the C-ABI function `export_plugin!` writes:
     // `extern "C" fn() -> *const c_char` returning a pointer to a static NUL-terminated string.
     let fingerprint_fn = unsafe { lib.get::<extern "C" fn() -> *const c_char>(FINGERPRINT_SYMBOL.as_bytes()) }.map_err(|_| {

@@ -128,7 +128,8 @@ impl InspectArgs {
             None => cache::inspect(&self.path, None, &self.options)?,
         };
         if self.json {
-            let text = serde_json::to_string_pretty(&report).map_err(|e| crate::failed("serialising the report", e))?;
+            let text = serde_json::to_string_pretty(&report)
+                .map_err(|e| retort_core::Error::failed("serialising the report", e))?;
             println!("{text}");
         } else {
             print!("{report}");

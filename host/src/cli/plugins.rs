@@ -47,7 +47,7 @@ fn listing_json(registry: &Registry) -> Result<String> {
                                "source": k.source, "params": (k.params)()})
         })
         .collect();
-    serde_json::to_string_pretty(&v).map_err(|e| crate::failed("serialising the listing", e))
+    serde_json::to_string_pretty(&v).map_err(|e| retort_core::Error::failed("serialising the listing", e))
 }
 
 fn listing_text(registry: &Registry) -> String {

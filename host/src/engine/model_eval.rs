@@ -51,9 +51,10 @@ pub fn run_eval(registry: &Registry, opts: &EvalOptions) -> Result<(EvalResult, 
     let (model, tokenizer) =
         crate::assemble::model_file::load_model_file(registry, &opts.model, &device, Some(opts.seq_len))?;
     let text = std::fs::read_to_string(&opts.data).map_err(|e| {
-        Error::input(
+        Error::input_failed(
             format!("--data {}", opts.data.display()),
-            format!("cannot read as UTF-8 text: {e}"),
+            "cannot read as UTF-8 text",
+            e,
         )
     })?;
     let ids = tokenizer.encode(&text)?;

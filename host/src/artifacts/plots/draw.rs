@@ -48,7 +48,8 @@ pub fn draw(chart: &Chart, path: &Path) -> Result<()> {
     let Some(((x0, x1), (y0, y1))) = bounds(chart) else {
         return Ok(());
     };
-    let err = |e: String| Error::Runtime(format!("drawing {}: {e}", path.display()));
+    let what = format!("drawing {}", path.display());
+    let err = |e: DrawingAreaErrorKind<<BitMapBackend as DrawingBackend>::ErrorType>| Error::failed(what.clone(), e);
     // The encoder picks the format from the extension: the temporary file ends in `.png` too.
     let file = path
         .file_name()
@@ -57,14 +58,14 @@ pub fn draw(chart: &Chart, path: &Path) -> Result<()> {
     let tmp = path.with_file_name(format!(".tmp-{}-{file}", std::process::id()));
     {
         let root = BitMapBackend::new(&tmp, (960, 540)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+        root.fill(&WHITE).map_err(err)?;
         let mut c = ChartBuilder::on(&root)
             .caption(&chart.title, ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
             .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
         c.configure_mesh()
             .x_desc("step")
             .x_label_formatter(&|x| format!("{x:.0}"))
@@ -72,34 +73,34 @@ pub fn draw(chart: &Chart, path: &Path) -> Result<()> {
             .label_style(("sans-serif", 14))
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
         for (x, label) in &chart.vlines {
             let style = RGBColor(120, 120, 120).stroke_width(1);
             c.draw_series(LineSeries::new([(*x, y0), (*x, y1)], style))
-                .map_err(|e| err(e.to_string()))?;
+                .map_err(err)?;
             c.draw_series(std::iter::once(Text::new(
                 format!("stage {label}"),
                 (*x, y1),
                 ("sans-serif", 13).into_font().color(&RGBColor(90, 90, 90)),
             )))
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
         }
         for (y, label) in &chart.hlines {
             let style = RGBColor(0, 0, 0).stroke_width(1);
             c.draw_series(LineSeries::new([(x0, *y), (x1, *y)], style))
-                .map_err(|e| err(e.to_string()))?
+                .map_err(err)?
                 .label(label.as_str())
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], RGBColor(0, 0, 0)));
         }
         for (i, s) in chart.series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             c.draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
-                .map_err(|e| err(e.to_string()))?
+                .map_err(err)?
                 .label(s.name.as_str())
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2)));
             if s.markers {
                 c.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                    .map_err(|e| err(e.to_string()))?;
+                    .map_err(err)?;
             }
         }
         c.configure_series_labels()
@@ -108,8 +109,8 @@ pub fn draw(chart: &Chart, path: &Path) -> Result<()> {
             .label_font(("sans-serif", 14))
             .position(SeriesLabelPosition::UpperRight)
             .draw()
-            .map_err(|e| err(e.to_string()))?;
-        root.present().map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
+        root.present().map_err(err)?;
     }
     std::fs::rename(&tmp, path).map_err(|e| Error::io("renaming chart into place", path, e))
 }

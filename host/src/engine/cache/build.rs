@@ -89,7 +89,7 @@ fn progress_bar(shown: bool) -> Result<ProgressBar> {
         ProgressBar::hidden()
     };
     let style = ProgressStyle::with_template("cache [{bar:30}] {pos}/{len} tokens {per_sec} ETA {eta}")
-        .map_err(|e| crate::failed("the progress bar's template", e))?;
+        .map_err(|e| retort_core::Error::failed("the progress bar's template", e))?;
     bar.set_style(style.progress_chars("=> "));
     Ok(bar)
 }

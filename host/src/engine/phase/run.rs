@@ -637,7 +637,7 @@ fn progress_bar(label: &'static str, total: usize, shown: bool) -> Result<Progre
         ProgressBar::hidden()
     };
     let style = ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-        .map_err(|e| crate::failed("the progress bar's template", e))?;
+        .map_err(|e| retort_core::Error::failed("the progress bar's template", e))?;
     bar.set_style(style.progress_chars("=> "));
     bar.set_prefix(label);
     Ok(bar)
