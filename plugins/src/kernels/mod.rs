@@ -22,12 +22,21 @@
 //!   `cpu_avx512.rs`, where an op has one: its f32 rows in AVX-512 intrinsics.
 //! - `tests.rs`: the fused op against the composite of the same folder.
 //!
-//! [`cpu`] holds what only the CPU implementations use: `fastmath` and `rows` (shared plumbing),
-//! `raw` (the only code that opts out of the compiler's memory-safety checks: AVX-512
-//! intrinsics and the one macro that enters them, uninitialised outputs, slice casts, the
-//! `gemm` and BLAS calls; a test keeps it there), and the strategies that
-//! are CPU-only by design: `linear` (the `gemm` crate with the operands' strides),
-//! `gpt2_block` (the whole GPT-2 block as one node) and `blas_matmul` (feature `blas`).
+//! [`cpu`] holds what only the CPU implementations use: `fastmath` and `rows` (shared
+//! plumbing); `raw`, the only code that opts out of the compiler's memory-safety checks
+//! (AVX-512 intrinsics and the one macro that enters them, uninitialised outputs, slice casts,
+//! the `gemm` and BLAS calls; a test keeps it there); and the strategies that are CPU-only by
+//! design: `linear` (the `gemm` crate with the operands' strides), `gpt2_block` (the whole
+//! GPT-2 block as one node) and `blas_matmul` (feature `blas`). `adamw` is no graph node (an
+//! optimizer step is not differentiated): its `mod.rs` picks the implementation itself.
+//!
+//! # SIMD, one way
+//!
+//! Every entry into AVX-512 code goes through `avx512_dispatch!` (in `cpu/raw/`), which checks
+//! the CPU at run time: either a generic row loop compiled a second time for AVX-512, or, for
+//! the f32 rows LLVM cannot make fast, the op's `cpu_avx512.rs`: `#[target_feature]` functions
+//! of intrinsics built from `raw::avx512`'s helpers (`exp_ps`, `ln_ps`, bounds-checked masked
+//! loads, streaming stores...), with the generic rows as the fallback they must agree with.
 //!
 //! # Supports
 //!

@@ -50,21 +50,26 @@ fn matches_the_composed_update() {
     }
 }
 
-#[test]
-fn mismatched_operands_are_refused() {
-    let dev = Device::Cpu;
-    let w = Tensor::zeros(4, DType::F32, &dev).expect("w");
-    let g = Tensor::zeros(5, DType::F32, &dev).expect("g");
-    let s = AdamWStep {
+/// The scalars of a first step with decay `wd` (no clipping).
+fn first_step(wd: f64) -> AdamWStep {
+    AdamWStep {
         beta1: 0.9,
         beta2: 0.95,
         bias_correction1: 0.1,
         bias_correction2: 0.05,
         eps: 1e-8,
         lr: 1e-3,
-        weight_decay: 0.0,
+        weight_decay: wd,
         grad_scale: 1.0,
-    };
+    }
+}
+
+#[test]
+fn mismatched_operands_are_refused() {
+    let dev = Device::Cpu;
+    let w = Tensor::zeros(4, DType::F32, &dev).expect("w");
+    let g = Tensor::zeros(5, DType::F32, &dev).expect("g");
+    let s = first_step(0.0);
     assert!(adamw_update(&w, &g, &w, &w, s).is_err());
     let g64 = Tensor::zeros(4, DType::F64, &dev).expect("g");
     assert!(!usable(&w, &g64, &w, &w));
@@ -74,16 +79,7 @@ fn mismatched_operands_are_refused() {
 fn dispatch_follows_the_support_table() {
     let dev = Device::Cpu;
     let w = Tensor::new(&[1f32, -2.0, 0.5], &dev).expect("w");
-    let s = AdamWStep {
-        beta1: 0.9,
-        beta2: 0.95,
-        bias_correction1: 0.1,
-        bias_correction2: 0.05,
-        eps: 1e-8,
-        lr: 1e-3,
-        weight_decay: 0.1,
-        grad_scale: 1.0,
-    };
+    let s = first_step(0.1);
     assert!(supports(&w, &w, &w, &w) && usable(&w, &w, &w, &w));
     let half = w.to_dtype(DType::BF16).expect("bf16");
     assert!(!supports(&half, &half, &half, &half));
