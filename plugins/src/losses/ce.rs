@@ -47,7 +47,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>, l
     masked_mean(&per_token, mask)
 }
 
-/// [`cross_entropy`] composed of candle ops (the reference, what `fused = false` computes).
+/// [`cross_entropy()`] composed of candle ops (the reference, what `fused = false` computes).
 pub fn composite_cross_entropy(
     logits: &Tensor,
     targets: &Tensor,

@@ -121,7 +121,7 @@ const EPS: f64 = 1e-12;
 /// Per-token top-k KL from the student's full log-probs `ls_full` `[.., V]` (already tempered)
 /// and the teacher's sparse `ids`, `lpt` `[.., n]`; `valid` (1/0, `[.., n]`) drops entries
 /// (duplicates in a union of id sets). Bucket and renormalize are the top-k KL op's composite
-/// (`kernels::topk_divergence::composite`); uniform is [`uniform_per_token`].
+/// (`kernels::topk_divergence::composite`); uniform is `uniform_per_token` below.
 pub fn topk_per_token(
     ls_full: &Tensor,
     ids: &Tensor,
@@ -138,13 +138,7 @@ pub fn topk_per_token(
 
 /// The uniform tail of [`topk_per_token`] (see the module doc): the teacher's tail mass spread
 /// evenly over the `V - k` other tokens, both sides tempered.
-pub fn uniform_per_token(
-    ls_full: &Tensor,
-    ids: &Tensor,
-    lpt: &Tensor,
-    valid: Option<&Tensor>,
-    t: f64,
-) -> Result<Tensor> {
+fn uniform_per_token(ls_full: &Tensor, ids: &Tensor, lpt: &Tensor, valid: Option<&Tensor>, t: f64) -> Result<Tensor> {
     if valid.is_some() {
         return Err(Error::Runtime(
             "topk_kl: tail = \"uniform\" does not combine with union_student".into(),

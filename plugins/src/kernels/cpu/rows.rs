@@ -32,7 +32,7 @@ pub fn slice_u32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u
 
 /// Runs `f32_body` when every storage in `inputs` is f32, `f64_body` when every one is f64, and
 /// otherwise fails naming `op` (the dtype dispatch of every kernel; integer inputs such as token
-/// ids stay out of `inputs`, and storages read with [`slice`] are checked there as well).
+/// ids stay out of `inputs`, and storages read with [`slice()`] are checked there as well).
 pub fn by_dtype<R>(
     op: &str,
     inputs: &[&CpuStorage],
