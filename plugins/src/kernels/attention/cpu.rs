@@ -26,20 +26,9 @@ pub(super) fn fwd(
     )
 }
 
-/// The backward on the output `y` (`s1`) and `dy` (`s2`): `dq`, `dk`, `dv` in one flat vector.
-pub(super) fn bwd(
-    op: &AttentionBwd,
-    s1: &CpuStorage,
-    l1: &Layout,
-    s2: &CpuStorage,
-    l2: &Layout,
-) -> Result<(CpuStorage, Shape)> {
-    by_dtype(
-        "causal attention backward",
-        &[s1, s2],
-        || bwd_typed::<f32>(op, slice(s1, l1, "attention output")?, slice(s2, l2, "attention grad")?),
-        || bwd_typed::<f64>(op, slice(s1, l1, "attention output")?, slice(s2, l2, "attention grad")?),
-    )
+/// The backward on the output `y` and `dy`: `dq`, `dk`, `dv` in one flat vector.
+pub(super) fn bwd(op: &AttentionBwd, y: Arg, dy: Arg) -> Result<(CpuStorage, Shape)> {
+    by_y_dy(y, dy, |y, dy| bwd_typed(op, y, dy), |y, dy| bwd_typed(op, y, dy))
 }
 
 /// The packed forward on a contiguous `qkv`.
@@ -52,19 +41,42 @@ pub(super) fn packed_fwd(op: &Packed, s: &CpuStorage, l: &Layout) -> Result<(Cpu
     )
 }
 
-/// The packed backward on the output `y` (`s1`) and `dy` (`s2`): `d qkv`.
-pub(super) fn packed_bwd(
-    op: &PackedBwd,
-    s1: &CpuStorage,
-    l1: &Layout,
-    s2: &CpuStorage,
-    l2: &Layout,
-) -> Result<(CpuStorage, Shape)> {
+/// The packed backward on the output `y` and `dy`: `d qkv`.
+pub(super) fn packed_bwd(op: &PackedBwd, y: Arg, dy: Arg) -> Result<(CpuStorage, Shape)> {
+    by_y_dy(
+        y,
+        dy,
+        |y, dy| packed_bwd_typed(op, y, dy),
+        |y, dy| packed_bwd_typed(op, y, dy),
+    )
+}
+
+/// A storage and its layout.
+type Arg<'a> = (&'a CpuStorage, &'a Layout);
+
+/// The dtype dispatch of both backwards: `f32_body` or `f64_body` on the contiguous slices of
+/// the forward's output `y` and the incoming gradient `dy`.
+fn by_y_dy<R>(
+    y: Arg,
+    dy: Arg,
+    f32_body: impl FnOnce(&[f32], &[f32]) -> Result<R>,
+    f64_body: impl FnOnce(&[f64], &[f64]) -> Result<R>,
+) -> Result<R> {
     by_dtype(
         "causal attention backward",
-        &[s1, s2],
-        || packed_bwd_typed::<f32>(op, slice(s1, l1, "attention output")?, slice(s2, l2, "attention grad")?),
-        || packed_bwd_typed::<f64>(op, slice(s1, l1, "attention output")?, slice(s2, l2, "attention grad")?),
+        &[y.0, dy.0],
+        || {
+            f32_body(
+                slice(y.0, y.1, "attention output")?,
+                slice(dy.0, dy.1, "attention grad")?,
+            )
+        },
+        || {
+            f64_body(
+                slice(y.0, y.1, "attention output")?,
+                slice(dy.0, dy.1, "attention grad")?,
+            )
+        },
     )
 }
 

@@ -180,7 +180,7 @@ impl CustomOp2 for AttentionBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu::bwd(self, s1, l1, s2, l2)
+        cpu::bwd(self, (s1, l1), (s2, l2))
     }
 
     // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
@@ -214,7 +214,7 @@ impl CustomOp2 for PackedBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu::packed_bwd(self, s1, l1, s2, l2)
+        cpu::packed_bwd(self, (s1, l1), (s2, l2))
     }
 
     // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
