@@ -1,6 +1,7 @@
-//! candle's CPU matmul (the `gemm` crate) against the BLAS `CustomOp` (`kernels::matmul`, the
-//! `blas` feature) at the shapes of the reference KD step, alternating the two so that both see
-//! the same machine load. Prints, per shape, the median time of each and their ratio.
+//! candle's CPU matmul (the `gemm` crate) against the BLAS `CustomOp`
+//! (`kernels::cpu::blas_matmul`, the `blas` feature) at the shapes of the reference KD step,
+//! alternating the two so that both see the same machine load. Prints, per shape, the median
+//! time of each and their ratio.
 //!
 //! `cargo run --release -p retort-plugins --features blas --example matmul_shapes -- [REPS]`
 //! (default 200 calls per shape and side, in 5 alternating rounds).
@@ -9,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use retort_plugins::kernels::matmul::matmul;
+use retort_plugins::kernels::cpu::blas_matmul::matmul;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

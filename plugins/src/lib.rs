@@ -20,5 +20,5 @@ pub mod tokenizers;
 #[inline(never)]
 pub fn link() {
     // Referencing a function of the crate is enough for the linker to keep its objects.
-    std::hint::black_box(models::nn::softmax_last as *const ());
+    std::hint::black_box(kernels::softmax::softmax_last as *const ());
 }

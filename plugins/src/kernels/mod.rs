@@ -1,75 +1,76 @@
-//! Fused CPU kernels as candle `CustomOp`s with a real backward: the logit-distillation losses
-//! (`divergence`, `topk`, `cross_entropy`) and the transformer's causal `attention`, `softmax`,
-//! `layer_norm`, `gelu` and the linear layers' `bias` add (and, with the `blas` feature, `matmul`).
+//! Fused kernels as candle `CustomOp`s with a real backward: the logit-distillation losses
+//! ([`divergence`], [`topk_divergence`], [`cross_entropy`]), the transformer's causal
+//! [`attention`], [`softmax`], [`layer_norm`], [`rms_norm`], [`gelu`], [`swiglu`] and the linear
+//! layers' [`bias`] add, and the optimizer's [`adamw`] update.
 //!
 //! candle composes a KD loss out of a dozen full-size `[tokens, vocab]` temporaries; the kernels
 //! here make one or two passes over each row instead (max / log-sum-exp / divergence, then the
-//! gradient), accumulate in f64, and run rows in parallel on the rayon pool. Each kernel's doc
-//! comment gives its formula and gradient; each is tested against the composite implementation
-//! it replaces, which stays available as the reference (`fused = false` on the terms).
+//! gradient), accumulate in f64, and run rows in parallel on the rayon pool.
 //!
-//! Only a CPU implementation exists: [`fusable`] says whether a tensor can take the fused path,
-//! and callers fall back to the composite (device-generic) ops otherwise, e.g. on CUDA.
-
-/// `avx512_dispatch!(name, name_avx512, inner, (args))` defines `name` with the signature of
-/// the generic `inner<T: Real>(args)`, which runs a copy of `inner` compiled with AVX-512 (F,
-/// DQ), AVX2 and FMA enabled when the CPU has them (checked at run time, cached by std), and
-/// the baseline build otherwise. `inner` and what it calls should be `#[inline(always)]` so
-/// that the loops are generated inside the AVX-512 copy. The crate targets baseline x86-64
-/// (SSE2); this widens the row loops without `-C target-cpu=native`.
-macro_rules! avx512_dispatch {
-    ($name:ident, $avx:ident, $inner:ident, ($($arg:ident: $ty:ty),*)) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        fn $avx<T: Real>($($arg: $ty),*) {
-            $inner($($arg),*)
-        }
-
-        /// Runs the AVX-512 build of the loop where the CPU has it.
-        #[allow(clippy::too_many_arguments)]
-        fn $name<T: Real>($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512dq")
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU supports every feature the function was compiled for.
-                #[allow(unsafe_code)]
-                return unsafe { $avx($($arg),*) };
-            }
-            $inner($($arg),*)
-        }
-    };
-}
+//! # The map
+//!
+//! One folder per op, each laid out the same way:
+//!
+//! - `mod.rs`: the op's formula and gradient, its public entry functions, its `SUPPORT` table
+//!   and `supports(...)`, the op's `CustomOp` impls (the graph node: `name`, `bwd`, and one
+//!   `*_fwd` per device), and the dispatch: the fused op where `supports` says yes, else the
+//!   composite. Models and losses call the entry function and never choose themselves.
+//! - `composite.rs`: the same op composed of candle ops (device-generic, differentiable by
+//!   candle): the path off the supported devices and dtypes, what terms with `fused = false`
+//!   call, and the reference the tests compare against.
+//! - `cpu.rs`: the CPU implementation (`cpu_fwd`'s body: the row loops on the rayon pool);
+//!   `cpu_avx512.rs`, where an op has one: its f32 rows in AVX-512 intrinsics.
+//! - `tests.rs`: the fused op against the composite of the same folder.
+//!
+//! [`cpu`] holds what only the CPU implementations use: `fastmath` and `rows` (shared
+//! plumbing); `raw`, the only code that opts out of the compiler's memory-safety checks
+//! (AVX-512 intrinsics and the one macro that enters them, uninitialised outputs, slice casts,
+//! the `gemm` and BLAS calls; a test keeps it there); and the strategies that are CPU-only by
+//! design: `linear` (the `gemm` crate with the operands' strides), `gpt2_block` (the whole
+//! GPT-2 block as one node) and `blas_matmul` (feature `blas`). `adamw` is no graph node (an
+//! optimizer step is not differentiated): its `mod.rs` picks the implementation itself.
+//!
+//! # SIMD, one way
+//!
+//! Every entry into AVX-512 code goes through `avx512_dispatch!` (in `cpu/raw/`), which checks
+//! the CPU at run time: either a generic row loop compiled a second time for AVX-512, or, for
+//! the f32 rows LLVM cannot make fast, the op's `cpu_avx512.rs`: `#[target_feature]` functions
+//! of intrinsics built from `raw::avx512`'s helpers (`exp_ps`, `ln_ps`, bounds-checked masked
+//! loads, streaming stores...), with the generic rows as the fallback they must agree with.
+//!
+//! # Supports
+//!
+//! Each op states what its fused implementations run on in a [`Support`] table
+//! (`SUPPORT: Support { cpu: &[F32, F64], cuda: &[] }` for every op today) and checks anything
+//! else it needs in `supports` (e.g. operands of one dtype on one device). Where an op is not
+//! supported it runs its composite, so every op works on every device candle has.
+//!
+//! # Adding a CUDA implementation
+//!
+//! As in candle-nn's `ops.rs`: in the op's folder, a `cuda.rs` (and its `.cu` kernel, compiled
+//! to PTX by a build script and loaded by name) with the device body; in the op's `CustomOp`
+//! impl in `mod.rs`, a `cuda_fwd` beside `cpu_fwd` behind the `cuda` feature (each impl marks
+//! the spot); and the dtypes it takes in the `cuda` entry of the op's `SUPPORT` table. Callers
+//! change nothing.
 
 pub mod adamw;
 pub mod attention;
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod avx512;
 pub mod bias;
-pub mod block;
+pub mod cpu;
 pub mod cross_entropy;
 pub mod divergence;
-pub mod fastmath;
 pub mod gelu;
 pub mod layer_norm;
-pub mod linear;
-#[cfg(feature = "blas")]
-pub mod matmul;
 pub mod rms_norm;
-pub mod rows;
 pub mod softmax;
+mod support;
 pub mod swiglu;
-pub mod topk;
+pub mod topk_divergence;
 
-use candle_core::{DType, Tensor};
+pub use support::Support;
 
-/// Whether the fused kernels can run on `t`: an f32 or f64 tensor on the CPU.
-pub fn fusable(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
-}
+#[cfg(test)]
+mod tests;
 
 /// Helpers shared by the kernels' tests.
 #[cfg(test)]

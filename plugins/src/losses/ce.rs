@@ -11,15 +11,15 @@
 //! label_smoothing = 0.0
 //! ```
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use serde::Deserialize;
 
 use retort_core::registry::Factory;
-use retort_core::{ops, BuildContext, LossTerm, Params, Result, StepContext};
+use retort_core::{BuildContext, LossTerm, Params, Result, StepContext};
 
 use super::logit::yes;
 use super::masked_mean;
-use crate::kernels;
+use crate::kernels::cross_entropy;
 
 /// Params of `ce`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -40,32 +40,22 @@ pub struct CrossEntropy {
 }
 
 /// Mean cross-entropy of `logits [b, t, v]` against `targets [b, t]` over the masked tokens:
-/// the fused kernel for CPU f32/f64 logits, [`composite_cross_entropy`] otherwise.
+/// the cross-entropy op (the fused kernel for CPU f32/f64 logits, composed candle ops
+/// otherwise).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>, label_smoothing: f64) -> Result<Tensor> {
-    if kernels::fusable(logits) {
-        let per_token = kernels::cross_entropy::per_token(logits, targets, label_smoothing)?;
-        return Ok(masked_mean(&per_token, mask)?);
-    }
-    composite_cross_entropy(logits, targets, mask, label_smoothing)
+    let per_token = cross_entropy::per_token(logits, targets, label_smoothing)?;
+    Ok(masked_mean(&per_token, mask)?)
 }
 
-/// [`cross_entropy`] composed of candle ops (the reference, and the path off the CPU).
+/// [`cross_entropy()`] composed of candle ops (the reference, what `fused = false` computes).
 pub fn composite_cross_entropy(
     logits: &Tensor,
     targets: &Tensor,
     mask: Option<&Tensor>,
     label_smoothing: f64,
 ) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let logp = ops::log_softmax(&logits.reshape((b * t, v))?)?;
-    let nll = logp.gather(&targets.reshape((b * t, 1))?, 1)?.neg()?;
-    let per_token = if label_smoothing > 0.0 {
-        let smooth = logp.mean(D::Minus1)?.neg()?.reshape((b * t, 1))?;
-        ((nll * (1.0 - label_smoothing))? + (smooth * label_smoothing)?)?
-    } else {
-        nll
-    };
-    Ok(masked_mean(&per_token.reshape((b, t))?, mask)?)
+    let per_token = cross_entropy::composite::per_token(logits, targets, label_smoothing)?;
+    Ok(masked_mean(&per_token, mask)?)
 }
 
 impl LossTerm for CrossEntropy {

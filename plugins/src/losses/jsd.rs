@@ -14,14 +14,14 @@
 //! temperature = 1.0
 //! ```
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use serde::Deserialize;
 
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
 
-use super::logit::{log_mix, one, yes, Tempered};
-use crate::kernels::divergence::Divergence as FusedKind;
+use super::logit::{one, yes, Tempered};
+use crate::kernels::divergence::{composite, Divergence as FusedKind};
 
 /// Params of `jsd`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -54,24 +54,15 @@ pub struct Jsd {
 
 /// Per-token `JSD_beta(p_t, p_s)` from log-probabilities `ls`, `lt`, shape `[.., v] -> [..]`.
 pub fn jsd_per_token(ls: &Tensor, lt: &Tensor, beta: f64) -> Result<Tensor> {
-    let kl = |la: &Tensor, lb: &Tensor| -> Result<Tensor> { Ok((la.exp()? * (la - lb)?)?.sum(D::Minus1)?) };
-    if beta <= 0.0 {
-        return kl(lt, ls);
-    }
-    if beta >= 1.0 {
-        return kl(ls, lt);
-    }
-    let lm = log_mix(lt, ls, beta)?;
-    Ok(((kl(lt, &lm)? * beta)? + (kl(ls, &lm)? * (1.0 - beta))?)?)
+    Ok(composite::jsd(ls, lt, beta)?)
 }
 
 impl LossTerm for Jsd {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
         let beta = self.beta.at(ctx.progress);
         if self.fused {
-            if let Some((per_token, t)) = self.tempered.fused(ctx, FusedKind::Jsd(beta))? {
-                return self.tempered.reduce(&per_token, ctx, t);
-            }
+            let (per_token, t) = self.tempered.fused(ctx, FusedKind::Jsd(beta))?;
+            return self.tempered.reduce(&per_token, ctx, t);
         }
         let (ls, lt, t) = self.tempered.log_probs(ctx)?;
         let per_token = jsd_per_token(&ls, &lt, beta)?;

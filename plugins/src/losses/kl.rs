@@ -21,33 +21,29 @@
 //! temperature = 2.0        # or { kind = "linear", start = 3.0, end = 2.0 }
 //! ```
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, LossTerm, Params, Result};
 
-use crate::kernels::{self, divergence::Divergence as FusedKind};
+use crate::kernels::divergence::{self, composite, Divergence as FusedKind};
 
 use super::{as_float, check_same_shape};
 
-use super::logit::{tempered_log_probs, DivergenceTerm, FusableParams, Tempered};
+use super::logit::{DivergenceTerm, FusableParams, Tempered};
 use super::topk_kl::TopkKl;
 
-/// Per-token `sum_v p_t (log p_t - log p_s)` at temperature `t`, shape `[b, s]`: the fused
-/// kernel for CPU f32/f64 logits, composed candle ops otherwise.
+/// Per-token `sum_v p_t (log p_t - log p_s)` at temperature `t`, shape `[b, s]`: the
+/// divergence op (the fused kernel for CPU f32/f64 logits, composed candle ops otherwise).
 pub fn kl_per_token(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
     let (zs, zt) = (as_float(student)?, as_float(teacher)?);
-    if kernels::fusable(&zs) {
-        check_same_shape(&zs, &zt)?;
-        return Ok(kernels::divergence::per_token(&zs, &zt, t, FusedKind::Forward)?);
-    }
-    let (ls, lt) = tempered_log_probs(student, teacher, t)?;
-    forward_kl_from_log_probs(&ls, &lt)
+    check_same_shape(&zs, &zt)?;
+    Ok(divergence::per_token(&zs, &zt, t, FusedKind::Forward)?)
 }
 
 /// Per-token `sum_v p_t (log p_t - log p_s)` from tempered log-probabilities.
 pub fn forward_kl_from_log_probs(ls: &Tensor, lt: &Tensor) -> Result<Tensor> {
-    Ok((lt.exp()? * (lt - ls)?)?.sum(D::Minus1)?)
+    Ok(composite::forward_kl(ls, lt)?)
 }
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {

@@ -4,10 +4,10 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use retort_core::{ops, BuildContext, Error, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
+use retort_core::{BuildContext, Error, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
 
 use super::{as_float, check_same_shape};
-use crate::kernels::{self, divergence::Divergence as FusedKind};
+use crate::kernels::divergence::{self, Divergence as FusedKind};
 
 /// Temperature and `T^2` scaling of one logit term.
 pub struct Tempered {
@@ -37,17 +37,14 @@ impl Tempered {
             .logits)
     }
 
-    /// Per-token divergence `[b, s]` by the fused kernel at the step's temperature, when the
-    /// student's logits can take the fused path ([`kernels::fusable`]); `None` otherwise.
-    pub fn fused(&self, ctx: &StepContext, kind: FusedKind) -> Result<Option<(Tensor, f64)>> {
+    /// Per-token divergence `[b, s]` at the step's temperature by the divergence op
+    /// (`kernels::divergence`: the fused kernel where it runs, its composite elsewhere).
+    pub fn fused(&self, ctx: &StepContext, kind: FusedKind) -> Result<(Tensor, f64)> {
         let zs = as_float(&ctx.student.logits)?;
-        if !kernels::fusable(&zs) {
-            return Ok(None);
-        }
         let zt = as_float(self.teacher_logits(ctx)?)?;
         check_same_shape(&zs, &zt)?;
         let t = self.temperature(ctx.progress);
-        Ok(Some((kernels::divergence::per_token(&zs, &zt, t, kind)?, t)))
+        Ok((divergence::per_token(&zs, &zt, t, kind)?, t))
     }
 
     /// Student and teacher log-probabilities at the step's temperature, `[b, s, v]` each.
@@ -97,8 +94,8 @@ impl DivergenceTerm {
         })
     }
 
-    /// Builds from [`FusableParams`]: the fused kernel `kind` computes the step unless
-    /// `fused = false`; `divergence` is the composite reference (and the path off the CPU).
+    /// Builds from [`FusableParams`]: the divergence op `kind` computes the step unless
+    /// `fused = false`, then `divergence`, the composite reference, does.
     pub fn build_fusable(
         params: &Params,
         ctx: &BuildContext,
@@ -118,9 +115,8 @@ impl DivergenceTerm {
 impl LossTerm for DivergenceTerm {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
         if let Some(kind) = self.fused {
-            if let Some((per_token, t)) = self.tempered.fused(ctx, kind)? {
-                return self.tempered.reduce(&per_token, ctx, t);
-            }
+            let (per_token, t) = self.tempered.fused(ctx, kind)?;
+            return self.tempered.reduce(&per_token, ctx, t);
         }
         let (ls, lt, t) = self.tempered.log_probs(ctx)?;
         let per_token = (self.divergence)(&ls, &lt)?;
@@ -134,21 +130,14 @@ impl LossTerm for DivergenceTerm {
     }
 }
 
-/// `(log softmax(z_s / t), log softmax(z_t / t))`.
+/// `(log softmax(z_s / t), log softmax(z_t / t))`, both at least f32.
 pub fn tempered_log_probs(student: &Tensor, teacher: &Tensor, t: f64) -> Result<(Tensor, Tensor)> {
     check_same_shape(student, teacher)?;
-    let ls = ops::log_softmax(&(as_float(student)? / t)?)?;
-    let lt = ops::log_softmax(&(as_float(teacher)?.to_dtype(ls.dtype())? / t)?)?;
-    Ok((ls, lt))
-}
-
-/// `log(w_a * exp(a) + (1 - w_a) * exp(b))` elementwise, stable for log-probabilities.
-pub fn log_mix(a: &Tensor, b: &Tensor, w_a: f64) -> Result<Tensor> {
-    let a = (a + w_a.ln())?;
-    let b = (b + (1.0 - w_a).ln())?;
-    // Any shift is exact; detaching it keeps the gradient path simple.
-    let m = a.maximum(&b)?.detach();
-    Ok((m.clone() + ((a - &m)?.exp()? + (b - &m)?.exp()?)?.log()?)?)
+    Ok(divergence::composite::log_probs(
+        &as_float(student)?,
+        &as_float(teacher)?,
+        t,
+    )?)
 }
 
 /// `temperature` and `scale_by_t2` as most logit terms take them.

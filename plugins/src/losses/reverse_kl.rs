@@ -12,18 +12,18 @@
 //! temperature = 1.0
 //! ```
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, LossTerm, Params, Result};
 
-use crate::kernels::divergence::Divergence as FusedKind;
+use crate::kernels::divergence::{composite, Divergence as FusedKind};
 
 use super::logit::{DivergenceTerm, FusableParams};
 
 /// Per-token `sum_v p_s (log p_s - log p_t)`.
 pub fn reverse_kl_per_token(ls: &Tensor, lt: &Tensor) -> Result<Tensor> {
-    Ok((ls.exp()? * (ls - lt)?)?.sum(D::Minus1)?)
+    Ok(composite::reverse_kl(ls, lt)?)
 }
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {

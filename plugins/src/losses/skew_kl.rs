@@ -20,7 +20,8 @@ use serde::Deserialize;
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
 
-use super::logit::{log_mix, one, Tempered};
+use super::logit::{one, Tempered};
+use crate::kernels::divergence::composite::log_mix;
 
 /// Which argument is skewed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]

@@ -51,7 +51,7 @@ use retort_core::{ops, BuildContext, Error, LossTerm, Params, Progress, Result, 
 
 use super::as_float;
 use super::logit::{one, yes, Tempered};
-use crate::kernels::{self, topk::TopkTail};
+use crate::kernels::topk_divergence::{self, composite, TopkTail};
 
 /// Params of `topk_kl`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -95,6 +95,17 @@ pub enum Tail {
     Uniform,
 }
 
+impl Tail {
+    /// The tail of the top-k KL op (`kernels::topk_divergence`), which has no uniform form.
+    fn of_op(self) -> Option<TopkTail> {
+        match self {
+            Tail::Bucket => Some(TopkTail::Bucket),
+            Tail::Renormalize => Some(TopkTail::Renormalize),
+            Tail::Uniform => None,
+        }
+    }
+}
+
 /// Top-k KL.
 pub struct TopkKl {
     k: usize,
@@ -108,7 +119,8 @@ const EPS: f64 = 1e-12;
 
 /// Per-token top-k KL from the student's full log-probs `ls_full` `[.., V]` (already tempered)
 /// and the teacher's sparse `ids`, `lpt` `[.., n]`; `valid` (1/0, `[.., n]`) drops entries
-/// (duplicates in a union of id sets).
+/// (duplicates in a union of id sets). Bucket and renormalize are the top-k KL op's composite
+/// (`kernels::topk_divergence::composite`); uniform is `uniform_per_token` below.
 pub fn topk_per_token(
     ls_full: &Tensor,
     ids: &Tensor,
@@ -117,64 +129,43 @@ pub fn topk_per_token(
     tail: Tail,
     t: f64,
 ) -> Result<Tensor> {
+    match tail.of_op() {
+        Some(tail) => Ok(composite::from_log_probs(ls_full, ids, lpt, valid, tail, t)?),
+        None => uniform_per_token(ls_full, ids, lpt, valid, t),
+    }
+}
+
+/// The uniform tail of [`topk_per_token`] (see the module doc): the teacher's tail mass spread
+/// evenly over the `V - k` other tokens, both sides tempered.
+fn uniform_per_token(ls_full: &Tensor, ids: &Tensor, lpt: &Tensor, valid: Option<&Tensor>, t: f64) -> Result<Tensor> {
+    if valid.is_some() {
+        return Err(Error::Runtime(
+            "topk_kl: tail = \"uniform\" does not combine with union_student".into(),
+        ));
+    }
     let ls = ls_full.contiguous()?.gather(&ids.contiguous()?, D::Minus1)?;
     let lpt = lpt.to_dtype(ls.dtype())?;
-    let m = valid.map(|v| v.to_dtype(ls.dtype())).transpose()?;
-    let keep = |x: Tensor| -> Result<Tensor> {
-        Ok(match &m {
-            Some(m) => (x * m)?,
-            None => x,
-        })
-    };
-    // Invalid entries pushed to a finite -1e9 (not -inf, which would give 0 * inf = NaN).
-    let drop = |x: Tensor| -> Result<Tensor> {
-        Ok(match &m {
-            Some(m) => (x + (m.affine(1.0, -1.0)? * 1e9)?)?,
-            None => x,
-        })
-    };
-    Ok(match tail {
-        Tail::Renormalize => {
-            let lt = ops::log_softmax(&drop((lpt / t)?)?)?;
-            let ls_hat = ops::log_softmax(&drop(ls)?)?;
-            keep((lt.exp()? * (&lt - ls_hat)?)?)?.sum(D::Minus1)?
-        }
-        Tail::Bucket => {
-            let pt = keep(lpt.exp()?)?;
-            let head = (&pt * (&lpt - &ls)?)?.sum(D::Minus1)?;
-            let mt = pt.sum(D::Minus1)?.affine(-1.0, 1.0)?.maximum(EPS)?;
-            let ms = keep(ls.exp()?)?.sum(D::Minus1)?.affine(-1.0, 1.0)?.maximum(EPS)?;
-            (head + (&mt * (mt.log()? - ms.log()?)?)?)?
-        }
-        Tail::Uniform => {
-            let v = ls_full.dim(D::Minus1)?;
-            let k = lpt.dim(D::Minus1)?;
-            if valid.is_some() {
-                return Err(Error::Runtime(
-                    "topk_kl: tail = \"uniform\" does not combine with union_student".into(),
-                ));
-            }
-            let a = (&lpt / t)?;
-            if v == k {
-                let lt = ops::log_softmax(&a)?;
-                return Ok((lt.exp()? * (&lt - &ls)?)?.sum(D::Minus1)?);
-            }
-            let n_tail = (v - k) as f64;
-            let m = lpt.exp()?.sum_keepdim(D::Minus1)?.affine(-1.0, 1.0)?.maximum(EPS)?;
-            // Tempered tail log-weight of one token, and the normaliser over all V tokens.
-            let a_tail = ((m / n_tail)?.log()? / t)?;
-            let all = Tensor::cat(&[&a, &(&a_tail + n_tail.ln())?], D::Minus1)?;
-            let max = all.max_keepdim(D::Minus1)?;
-            let log_z = (all.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
-            let lt = a.broadcast_sub(&log_z)?;
-            let lu = (&a_tail - &log_z)?;
-            let u = lu.exp()?;
-            let head = (lt.exp()? * (&lt - &ls)?)?.sum(D::Minus1)?;
-            let ls_tail_sum = (ls_full.sum_keepdim(D::Minus1)? - ls.sum_keepdim(D::Minus1)?)?;
-            let tail = ((&u * (&lu * n_tail)?)? - (&u * ls_tail_sum)?)?.squeeze(D::Minus1)?;
-            (head + tail)?
-        }
-    })
+    let v = ls_full.dim(D::Minus1)?;
+    let k = lpt.dim(D::Minus1)?;
+    let a = (&lpt / t)?;
+    if v == k {
+        let lt = ops::log_softmax(&a)?;
+        return Ok((lt.exp()? * (&lt - &ls)?)?.sum(D::Minus1)?);
+    }
+    let n_tail = (v - k) as f64;
+    let m = lpt.exp()?.sum_keepdim(D::Minus1)?.affine(-1.0, 1.0)?.maximum(EPS)?;
+    // Tempered tail log-weight of one token, and the normaliser over all V tokens.
+    let a_tail = ((m / n_tail)?.log()? / t)?;
+    let all = Tensor::cat(&[&a, &(&a_tail + n_tail.ln())?], D::Minus1)?;
+    let max = all.max_keepdim(D::Minus1)?;
+    let log_z = (all.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+    let lt = a.broadcast_sub(&log_z)?;
+    let lu = (&a_tail - &log_z)?;
+    let u = lu.exp()?;
+    let head = (lt.exp()? * (&lt - &ls)?)?.sum(D::Minus1)?;
+    let ls_tail_sum = (ls_full.sum_keepdim(D::Minus1)? - ls.sum_keepdim(D::Minus1)?)?;
+    let tail = ((&u * (&lu * n_tail)?)? - (&u * ls_tail_sum)?)?.squeeze(D::Minus1)?;
+    Ok((head + tail)?)
 }
 
 /// Teacher log-probs `lpt` `[.., k]` (temperature 1) tempered at `t` together with their tail
@@ -244,21 +235,16 @@ impl LossTerm for TopkKl {
         } else {
             lpt
         };
-        if self.fused && self.tail != Tail::Uniform && kernels::fusable(&zs) {
-            let tail = match self.tail {
-                Tail::Bucket => TopkTail::Bucket,
-                Tail::Renormalize => TopkTail::Renormalize,
-                Tail::Uniform => unreachable!("built with fused = false"),
-            };
+        if let Some(tail) = self.tail.of_op().filter(|_| self.fused) {
             let per_token = if self.union_student {
                 let (ids, lpt, valid) = union_with_student(&ctx.student.logits, &teacher.logits, ids, lpt, self.k)?;
-                // The kernel skips entries whose teacher log-prob is -inf.
+                // The op skips entries whose teacher log-prob is -inf.
                 let lpt = lpt.to_dtype(zs.dtype())?;
                 let skip = Tensor::full(f64::NEG_INFINITY, lpt.dims(), lpt.device())?.to_dtype(zs.dtype())?;
                 let lpt = valid.ne(0.0)?.where_cond(&lpt, &skip)?;
-                kernels::topk::per_token(&zs, &ids, &lpt, tail, t)?
+                topk_divergence::per_token(&zs, &ids, &lpt, tail, t)?
             } else {
-                kernels::topk::per_token(&zs, ids, lpt, tail, t)?
+                topk_divergence::per_token(&zs, ids, lpt, tail, t)?
             };
             return self.tempered.reduce(&per_token, ctx, t);
         }

@@ -18,8 +18,12 @@ use serde::{Deserialize, Serialize};
 
 use retort_core::{fsutil, Batch, Error, Model, ModelInfo, Outputs, Params, Result, Student, TapSet};
 
-use super::nn::{causal_attention, causal_mask, causal_softmax, gelu, layer_norm, linear, matmul};
-use crate::kernels;
+use super::nn::{linear, matmul};
+use crate::kernels::attention::causal_attention_packed;
+use crate::kernels::cpu::gpt2_block::{self, gpt2_block, BlockParams};
+use crate::kernels::gelu::gelu;
+use crate::kernels::layer_norm::layer_norm;
+use crate::kernels::softmax::{causal_mask, causal_softmax};
 
 /// Activation of the MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -416,47 +420,42 @@ impl Transformer {
         let nh = self.cfg.n_head;
         let hd = d / nh;
         let eps = self.cfg.layer_norm_eps;
-        if !want_attn && !self.is_half() && self.cfg.activation == Activation::Gelu && kernels::fusable(x) {
-            // The whole block as one node on CPU f32/f64 (`kernels::block`): the same
+        let params = BlockParams {
+            ln_1: (&blk.ln_1.0, &blk.ln_1.1),
+            c_attn: (&blk.c_attn.0, &blk.c_attn.1),
+            attn_proj: (&blk.attn_proj.0, &blk.attn_proj.1),
+            ln_2: (&blk.ln_2.0, &blk.ln_2.1),
+            c_fc: (&blk.c_fc.0, &blk.c_fc.1),
+            mlp_proj: (&blk.mlp_proj.0, &blk.mlp_proj.1),
+        };
+        let whole_block = !want_attn && !self.is_half() && self.cfg.activation == Activation::Gelu;
+        if whole_block && gpt2_block::supports(x, &params) {
+            // The whole block as one node on CPU f32/f64 (`kernels::cpu::gpt2_block`): the same
             // arithmetic as below, with a hand-written backward.
-            let params = kernels::block::BlockParams {
-                ln_1: (&blk.ln_1.0, &blk.ln_1.1),
-                c_attn: (&blk.c_attn.0, &blk.c_attn.1),
-                attn_proj: (&blk.attn_proj.0, &blk.attn_proj.1),
-                ln_2: (&blk.ln_2.0, &blk.ln_2.1),
-                c_fc: (&blk.c_fc.0, &blk.c_fc.1),
-                mlp_proj: (&blk.mlp_proj.0, &blk.mlp_proj.1),
-            };
-            return Ok((kernels::block::gpt2_block(x, &params, nh, eps)?, None));
+            return Ok((gpt2_block(x, &params, nh, eps)?, None));
         }
         let h = self.norm(x, &blk.ln_1, eps)?;
         let qkv = linear(&h, &blk.c_attn.0, &blk.c_attn.1)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let (y, probs) = if !want_attn && !self.is_half() && kernels::fusable(&qkv) {
-            // One fused node reading q, k, v in place from the projection (CPU f32/f64).
-            (kernels::attention::causal_attention_packed(&qkv, nh, nh, scale)?, None)
+        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
+        let (y, probs) = if !want_attn && !self.is_half() {
+            // One fused node reading q, k, v in place from the projection where the kernel
+            // runs (CPU f32/f64), the composite (device-generic) attention elsewhere.
+            (causal_attention_packed(&qkv, nh, nh, scale, &mask)?, None)
         } else {
             let qkv = qkv.reshape((b, t, 3, nh, hd))?.permute((2, 0, 3, 1, 4))?;
-            let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-            if !want_attn && !self.is_half() {
-                // Off the CPU: the composite (device-generic) attention.
-                let y = causal_attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale, &mask)?;
-                (y, None)
+            let q = (qkv.get(0)? * scale)?.contiguous()?;
+            let k = qkv.get(1)?.contiguous()?;
+            let v = qkv.get(2)?.contiguous()?;
+            let scores = matmul(&q, &k.t()?)?;
+            let probs = if self.is_half() {
+                // Reductions in f32 for a half-precision teacher.
+                causal_softmax(&scores.to_dtype(DType::F32)?, &mask.to_dtype(DType::F32)?)?.to_dtype(self.cfg.dtype)?
             } else {
-                let q = (qkv.get(0)? * scale)?.contiguous()?;
-                let k = qkv.get(1)?.contiguous()?;
-                let v = qkv.get(2)?.contiguous()?;
-                let scores = matmul(&q, &k.t()?)?;
-                let probs = if self.is_half() {
-                    // Reductions in f32 for a half-precision teacher.
-                    causal_softmax(&scores.to_dtype(DType::F32)?, &mask.to_dtype(DType::F32)?)?
-                        .to_dtype(self.cfg.dtype)?
-                } else {
-                    causal_softmax(&scores, &mask)?
-                };
-                let y = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, t, d))?;
-                (y, Some(probs))
-            }
+                causal_softmax(&scores, &mask)?
+            };
+            let y = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, t, d))?;
+            (y, Some(probs))
         };
         let x = (x + linear(&y, &blk.attn_proj.0, &blk.attn_proj.1)?)?;
         let h = self.norm(&x, &blk.ln_2, eps)?;

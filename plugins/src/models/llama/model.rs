@@ -22,8 +22,8 @@ use retort_core::{Batch, Error, Model, ModelInfo, Outputs, Result, TapSet};
 use super::config::LlamaConfig;
 use super::linear::{Linear, Weight};
 use super::rope::Rope;
-use crate::kernels;
-use crate::models::nn::{causal_mask, matmul, rms_norm, softmax_last};
+use crate::kernels::{attention, rms_norm::rms_norm, softmax::causal_mask, softmax::softmax_last, swiglu};
+use crate::models::nn::matmul;
 
 /// How a parameter is initialised.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -122,7 +122,7 @@ fn swiglu(x: &Tensor, gate: &Linear, up: &Linear, down: &Linear, candle_ops: boo
     let h = if candle_ops {
         (g.silu()? * u)?
     } else {
-        crate::models::nn::swiglu(&g, &u)?
+        swiglu::swiglu(&g, &u)?
     };
     Ok(down.forward(&h)?)
 }
@@ -446,10 +446,10 @@ impl Llama {
             None => (k, v),
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        if cached.is_none() && offset == 0 && !want_probs && kernels::fusable(&q) && q.dtype() == k.dtype() {
+        if cached.is_none() && offset == 0 && !want_probs && attention::supports(&q, &k, &v) {
             // The fused kernel on CPU f32/f64: causal over the window, grouped-query heads
             // read in place (no repeated keys and values), no [T, T] tensor.
-            let y = kernels::attention::causal_attention(&q, &k, &v, scale)?;
+            let y = attention::fused(&q, &k, &v, scale)?;
             return Ok((l.o.forward(&y)?, None));
         }
         let k = repeat_kv(&k, nh / nkv)?;

@@ -1,0 +1,303 @@
+//! Fused linear layer: `y = x W + b` for `x [rows, in]`, `W [in, out]`, `b [out]` (or no
+//! bias), as one candle op with a real backward:
+//!
+//! `dx = dy W^T`, `dW = x^T dy`, `db = sum_rows dy`.
+//!
+//! Every product goes straight to the `gemm` crate (the library candle's own CPU matmul uses,
+//! with its AVX-512 kernels turned on in the workspace) with the operands' strides, so a
+//! transposed weight (`wte.t()` for a tied head, `W^T` in the backward, `x^T` for `dW`) is read
+//! in place and never copied. Against `matmul` followed by the bias kernel this saves, per
+//! layer: zero-filling the output before the product (candle allocates it zeroed), the
+//! separate bias pass over the output (the bias is written first and the product accumulated
+//! onto it), and candle's transposed-operand bookkeeping in the backward. Products run on the
+//! rayon pool through `gemm`'s own row/column split.
+//!
+//! Outputs that the product overwrites entirely are not initialised first.
+//!
+//! CPU only by design (a GPU library multiplies its own way): models choose it where
+//! [`supports`] says yes (`models::nn::linear_opt`) and compose `matmul` and the bias add
+//! elsewhere.
+
+#[cfg(test)]
+mod tests;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use crate::kernels::bias::SumRows;
+use crate::kernels::cpu::fastmath::Real;
+use crate::kernels::cpu::raw::gemm::{gemm_into, Mat};
+use crate::kernels::cpu::raw::output_vec;
+use crate::kernels::cpu::rows::{by_dtype, repeat_rows, with_last};
+use crate::kernels::Support;
+
+/// Where the fused linear layer runs: the CPU only.
+pub const SUPPORT: Support = Support {
+    cpu: &[DType::F32, DType::F64],
+    cuda: &[],
+};
+
+/// Whether [`linear`] runs on `x`, `w` and the optional bias `b` (one dtype, the CPU).
+pub fn supports(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
+    match b {
+        Some(b) => SUPPORT.admits_together(x, &[w, b]),
+        None => SUPPORT.admits_together(x, &[w]),
+    }
+}
+
+/// `x @ w + b` (`b` optional) for `x [.., in]` of any rank >= 1 whose leading dims fold into
+/// rows without a copy (any contiguous tensor, a column slice, ...; others are made
+/// contiguous) and `w [in, out]` of any strides, where [`supports`]. The result is a contiguous `[.., out]`: no reshape nodes are added to
+/// the graph, so the backward accumulates no extra full-size gradients.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let inp = x.dims().last().copied().unwrap_or(0);
+    let (w_in, out) = w.dims2()?;
+    if x.rank() == 0 || w_in != inp {
+        bail!("fused linear: x {:?} @ w [{w_in}, {out}]: inner dims differ", x.dims())
+    }
+    let x = if rows_fold(x.layout()) {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    match b {
+        Some(b) => {
+            if b.dims() != [out] {
+                bail!("fused linear: bias {:?} must be [{out}]", b.dims())
+            }
+            x.apply_op3(w, &b.contiguous()?, Linear)
+        }
+        None => x.apply_op2(w, Linear),
+    }
+}
+
+/// Whether the leading dims of `l` fold into one row dim (each stride is the next one times
+/// the next dim, ignoring dims of size 1).
+fn rows_fold(l: &Layout) -> bool {
+    let (dims, stride) = (l.dims(), l.stride());
+    let r = dims.len();
+    if r <= 2 {
+        return true;
+    }
+    let mut expect = stride[r - 2];
+    let mut size = dims[r - 2];
+    for i in (0..r - 2).rev() {
+        expect *= size;
+        if dims[i] > 1 && stride[i] != expect {
+            return false;
+        }
+        size = dims[i];
+    }
+    true
+}
+
+/// The forward op: `CustomOp3` with a bias, `CustomOp2` without.
+struct Linear;
+/// `dy [rows, out] @ w^T` (args `dy`, `w`).
+struct InputGrad;
+/// `x^T @ dy` (args `x`, `dy`).
+struct WeightGrad;
+
+/// The `[rows, last dim]` matrix of a tensor in a CPU storage whose leading dims fold into rows
+/// (see [`rows_fold`]); a vector is one row.
+fn mat_of<'a, T: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Mat<'a, T>> {
+    let Some(data) = T::slice(s) else {
+        bail!("fused linear: {what}: expected {:?}, got {:?}", T::DTYPE, s.dtype())
+    };
+    let (dims, stride) = (l.dims(), l.stride());
+    let r = dims.len();
+    if r == 0 || !rows_fold(l) {
+        bail!("fused linear: {what}: expected rows of a matrix, got shape {dims:?} strides {stride:?}")
+    }
+    let rows = dims[..r - 1].iter().product();
+    let rs = if r >= 2 { stride[r - 2] } else { 0 };
+    match Mat::strided(data, l.start_offset(), (rows, dims[r - 1]), (rs, stride[r - 1])) {
+        Some(m) => Ok(m),
+        None => bail!(
+            "fused linear: {what}: layout {dims:?} / {stride:?} from {} reaches past its {} elements",
+            l.start_offset(),
+            data.len()
+        ),
+    }
+}
+
+/// `a @ b` into a fresh row-major vector, first filled with `init` rows when given (the
+/// product is accumulated onto them) and left uninitialised otherwise.
+fn product<T: Real>(a: &Mat<T>, b: &Mat<T>, init: Option<&[T]>) -> Vec<T> {
+    let (m, n) = (a.rows(), b.cols());
+    // With a bias the product accumulates onto its rows; without, it overwrites every element.
+    let mut out = match init {
+        Some(row) => repeat_rows(None, row, m),
+        None => output_vec(m * n),
+    };
+    gemm_into(&mut out, init.is_some(), a, b);
+    out
+}
+
+fn forward<T: Real>(
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    b: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let xm = mat_of::<T>(x.0, x.1, "x")?;
+    let wm = mat_of::<T>(w.0, w.1, "w")?;
+    if xm.cols() != wm.rows() {
+        bail!(
+            "fused linear: x [{}, {}] @ w [{}, {}]",
+            xm.rows(),
+            xm.cols(),
+            wm.rows(),
+            wm.cols()
+        )
+    }
+    let bias = match b {
+        Some((s, l)) => {
+            let Some((start, end)) = l.contiguous_offsets() else {
+                bail!("fused linear: bias: expected a contiguous tensor")
+            };
+            let Some(data) = T::slice(s) else {
+                bail!("fused linear: bias: expected {:?}, got {:?}", T::DTYPE, s.dtype())
+            };
+            if end - start != wm.cols() {
+                bail!(
+                    "fused linear: bias has {} elements, w has {} columns",
+                    end - start,
+                    wm.cols()
+                )
+            }
+            Some(&data[start..end])
+        }
+        None => None,
+    };
+    let out = product(&xm, &wm, bias);
+    Ok((T::storage(out), with_last(x.1.shape(), wm.cols())))
+}
+
+/// The gradients of `y = x w (+ b)` given `dy`: `(dx, dw)`, each only when that argument is
+/// tracked by autograd (the embedding input of a frozen model is not, for instance).
+fn grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = if x.track_op() {
+        Some(dy.apply_op2_no_bwd(w, &InputGrad)?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        Some(x.apply_op2_no_bwd(dy, &WeightGrad)?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype(
+            "fused-linear",
+            &[s1, s2, s3],
+            || forward::<f32>((s1, l1), (s2, l2), Some((s3, l3))),
+            || forward::<f64>((s1, l1), (s2, l2), Some((s3, l3))),
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = grads(x, w, dy)?;
+        let db = if b.track_op() {
+            Some(dy.contiguous()?.apply_op1_no_bwd(&SumRows)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype(
+            "fused-linear",
+            &[s1, s2],
+            || forward::<f32>((s1, l1), (s2, l2), None),
+            || forward::<f64>((s1, l1), (s2, l2), None),
+        )
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        grads(x, w, dy)
+    }
+}
+
+fn input_grad<T: Real>(dy: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout)) -> Result<(CpuStorage, Shape)> {
+    let g = mat_of::<T>(dy.0, dy.1, "dy")?;
+    let wt = mat_of::<T>(w.0, w.1, "w")?.t();
+    if g.cols() != wt.rows() {
+        bail!(
+            "fused linear backward: dy has {} columns, w has {}",
+            g.cols(),
+            wt.rows()
+        )
+    }
+    let out = product(&g, &wt, None);
+    Ok((T::storage(out), with_last(dy.1.shape(), wt.cols())))
+}
+
+fn weight_grad<T: Real>(x: (&CpuStorage, &Layout), dy: (&CpuStorage, &Layout)) -> Result<(CpuStorage, Shape)> {
+    let xt = mat_of::<T>(x.0, x.1, "x")?.t();
+    let g = mat_of::<T>(dy.0, dy.1, "dy")?;
+    if xt.cols() != g.rows() {
+        bail!("fused linear backward: x has {} rows, dy has {}", xt.cols(), g.rows())
+    }
+    let out = product(&xt, &g, None);
+    Ok((T::storage(out), Shape::from((xt.rows(), g.cols()))))
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "fused-linear-dx"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype(
+            "fused-linear-dx",
+            &[s1, s2],
+            || input_grad::<f32>((s1, l1), (s2, l2)),
+            || input_grad::<f64>((s1, l1), (s2, l2)),
+        )
+    }
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "fused-linear-dw"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype(
+            "fused-linear-dw",
+            &[s1, s2],
+            || weight_grad::<f32>((s1, l1), (s2, l2)),
+            || weight_grad::<f64>((s1, l1), (s2, l2)),
+        )
+    }
+}

@@ -1,0 +1,170 @@
+//! Matrix products on the `gemm` crate (the library candle's own CPU matmul uses, with its
+//! AVX-512 kernels turned on in the workspace), over strided views whose bounds are checked
+//! when the view is made, so that the raw-pointer call inside [`gemm_into`] stays in them.
+
+use crate::kernels::cpu::fastmath::Real;
+
+/// A strided 2-D view of a slice: element `(i, j)` is `data[offset + i * rs + j * cs]`, and
+/// every such element lies inside `data` (checked by the constructors: the invariant the
+/// product relies on).
+#[derive(Clone, Copy)]
+pub struct Mat<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T: Real> Mat<'a, T> {
+    /// The `[rows, cols]` view with row stride `rs` and column stride `cs` from `offset`, or
+    /// `None` when an element it covers would lie past the end of `data`.
+    pub fn strided(
+        data: &'a [T],
+        offset: usize,
+        (rows, cols): (usize, usize),
+        (rs, cs): (usize, usize),
+    ) -> Option<Self> {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1)
+                .checked_mul(rs)
+                .and_then(|r| (cols - 1).checked_mul(cs).and_then(|c| r.checked_add(c)))
+                .and_then(|x| x.checked_add(offset))?;
+            if last >= data.len() {
+                return None;
+            }
+        }
+        Some(Mat {
+            data,
+            offset,
+            rows,
+            cols,
+            rs,
+            cs,
+        })
+    }
+
+    /// A row-major contiguous `[rows, cols]` matrix over `data`.
+    ///
+    /// # Panics
+    /// When `data` does not hold exactly `rows * cols` elements.
+    pub fn dense(data: &'a [T], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "matrix size");
+        Mat {
+            data,
+            offset: 0,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose, as a view.
+    pub fn t(&self) -> Self {
+        Mat {
+            data: self.data,
+            offset: self.offset,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+/// `dst [m, n] = (dst if accumulate) + a [m, k] @ b [k, n]` into a row-major slice, spread over
+/// the rayon pool by `gemm`. With `accumulate = false` `dst` is only written, so it may hold
+/// anything on entry (the products write outputs from [`super::output_vec`]).
+///
+/// # Panics
+/// When the inner dims differ or `dst` does not hold `m * n` elements.
+pub fn gemm_into<T: Real>(dst: &mut [T], accumulate: bool, a: &Mat<T>, b: &Mat<T>) {
+    assert!(a.cols == b.rows && dst.len() == a.rows * b.cols, "gemm_into: shapes");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(T::ZERO);
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the constructors of `Mat` checked that every element the strides reach lies
+    // inside `data`; `dst` holds m * n elements with row stride n; `gemm` does not read `dst`
+    // when `read_dst` is false (`dst := beta * a b` then).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr().add(a.offset),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.offset),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A product that overwrites its output must not read it: a NaN-poisoned destination
+    /// (NaN * 0 is NaN, so any read would show) gives the exact product.
+    #[test]
+    fn overwriting_product_never_reads_the_destination() {
+        let (m, k, n) = (70, 33, 41);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32) - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i % 5) as f32) - 2.0).collect();
+        let (am, bm) = (Mat::dense(&a, m, k), Mat::dense(&b, k, n));
+        let mut dst = vec![f32::NAN; m * n];
+        gemm_into(&mut dst, false, &am, &bm);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum();
+                assert_eq!(dst[i * n + j], want, "({i}, {j})");
+            }
+        }
+    }
+
+    #[test]
+    fn strided_views_past_their_storage_are_refused() {
+        let data = [0f64; 12];
+        assert!(Mat::strided(&data, 0, (3, 4), (4, 1)).is_some());
+        assert!(Mat::strided(&data, 1, (3, 4), (4, 1)).is_none());
+        assert!(Mat::strided(&data, 0, (4, 3), (1, 4)).is_some());
+        assert!(Mat::strided(&data, 0, (2, 7), (1, 2)).is_none());
+        assert!(Mat::strided(&data, 99, (0, 4), (4, 1)).is_some());
+    }
+}
