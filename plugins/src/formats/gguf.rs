@@ -195,7 +195,7 @@ mod tests {
             .dequantize(&Device::Cpu)
             .expect("d");
         assert_eq!(w.to_vec2::<f32>().expect("v"), vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
-        let err = g.require_usize("a.f32").err().expect("not an integer").to_string();
+        let err = g.require_usize("a.f32").expect_err("not an integer").to_string();
         assert!(
             err.contains("GGUF file") && err.contains("`a.f32` is not an integer"),
             "{err}"
