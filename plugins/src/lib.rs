@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod data;
+pub mod formats;
 pub mod kernels;
 pub mod losses;
 pub mod models;

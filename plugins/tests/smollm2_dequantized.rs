@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use retort_core::{Params, TapSet, Tokenizer};
-use retort_plugins::models::llama::checkpoint::Source;
 use retort_plugins::models::llama::model::{Llama, Part};
+use retort_plugins::models::llama::Source;
 use retort_plugins::tokenizers::hf::HfTokenizer;
 
 #[test]

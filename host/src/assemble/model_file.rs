@@ -10,7 +10,7 @@ use retort_core::{BuildContext, Error, Params, Registry, Result, Teacher, Tokeni
 /// `transformer` for GPT-2 directories.
 pub fn kind_of(path: &Path) -> Result<&'static str> {
     let what = || format!("--model {}", path.display());
-    if retort_plugins::tokenizers::hf::is_gguf(path) {
+    if retort_plugins::formats::gguf::is_gguf(path) {
         return Ok("llama");
     }
     if !path.is_dir() {

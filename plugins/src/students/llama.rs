@@ -18,9 +18,9 @@ use std::collections::HashMap;
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, Params, Result, Student, Tokenizer};
 
-use crate::models::llama::checkpoint::{load_hf, Source};
+use crate::models::llama::checkpoint::load_hf;
 use crate::models::llama::model::Part;
-use crate::models::llama::{Llama, LlamaConfig, LlamaParams};
+use crate::models::llama::{Llama, LlamaConfig, LlamaParams, Source};
 
 /// `n` teacher blocks out of `total`, evenly spaced, first and last included.
 pub fn spread_layers(n: usize, total: usize) -> Vec<usize> {

@@ -16,9 +16,10 @@
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, FrozenTeacher, Params, Result, Teacher, Tokenizer};
 
-use crate::models::llama::checkpoint::{load_hf, Source};
-use crate::models::llama::gguf::GgufFile;
-use crate::models::llama::{Llama, LlamaConfig, LlamaParams};
+use crate::formats::gguf::GgufFile;
+use crate::models::llama::checkpoint::load_hf;
+use crate::models::llama::gguf;
+use crate::models::llama::{Llama, LlamaConfig, LlamaParams, Source};
 
 /// Loads the frozen model `params` describe.
 pub fn load_frozen(params: &Params, ctx: &BuildContext) -> Result<Llama> {
@@ -38,7 +39,7 @@ pub fn load_frozen(params: &Params, ctx: &BuildContext) -> Result<Llama> {
     let cfg = LlamaConfig::resolve(&p, params, Some(&ck), ctx.vocab_size)?;
     let model = match &src {
         Source::HfDir(dir) => load_hf(cfg, dir, false, &ctx.device)?,
-        Source::Gguf(f) => GgufFile::open(f)?.load_with(cfg, p.dequantize.unwrap_or(false), &ctx.device)?,
+        Source::Gguf(f) => gguf::load(&mut GgufFile::open(f)?, cfg, p.dequantize.unwrap_or(false), &ctx.device)?,
     };
     Ok(model
         .frozen()

@@ -11,7 +11,6 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -23,7 +22,7 @@ use tokenizers::PreTokenizerWrapper;
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, Error, Params, Result, Tokenizer};
 
-use crate::models::llama::gguf::value_usize;
+use crate::formats::gguf::{is_gguf, GgufFile};
 
 /// A `tokenizers` tokenizer with its special ids.
 pub struct HfTokenizer {
@@ -75,12 +74,7 @@ impl HfTokenizer {
             return Self::from_json_file(&path.join("tokenizer.json"));
         }
         if is_gguf(path) {
-            let mut f = std::fs::File::open(path)
-                .map_err(|e| Error::input_failed(format!("tokenizer {}", path.display()), "cannot open", e))?;
-            let content = Content::read(&mut f).map_err(|e| {
-                Error::input_failed(format!("tokenizer {}", path.display()), "not a readable GGUF file", e)
-            })?;
-            return Self::from_gguf(&content, &path.display().to_string());
+            return Self::from_gguf(&GgufFile::open_as(path, format!("tokenizer {}", path.display()))?);
         }
         Self::from_json_file(path)
     }
@@ -120,24 +114,17 @@ impl HfTokenizer {
     }
 
     /// From GGUF metadata (`tokenizer.ggml.model = "gpt2"`: byte-level BPE).
-    pub fn from_gguf(content: &Content, source: &str) -> Result<Self> {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        let source = gguf.path().display().to_string();
         let what = || format!("tokenizer of GGUF {source}");
         let mut inner =
-            tokenizers::Tokenizer::from_gguf(content).map_err(|e| Error::input_failed(what(), "unusable", e))?;
-        let meta = |k: &str| content.metadata.get(k);
-        let id = |keys: &[&str]| {
-            keys.iter()
-                .find_map(|k| meta(k).and_then(value_usize))
-                .map(|v| v as u32)
-        };
-        let pre = match meta("tokenizer.ggml.pre") {
-            Some(Value::String(s)) => s.clone(),
-            _ => "gpt2".into(),
-        };
+            tokenizers::Tokenizer::from_gguf(&gguf.content).map_err(|e| Error::input_failed(what(), "unusable", e))?;
+        let id = |keys: &[&str]| keys.iter().find_map(|k| gguf.meta_usize(k)).map(|v| v as u32);
+        let pre = gguf.meta_str("tokenizer.ggml.pre").unwrap_or("gpt2");
         // candle's builder knows qwen2/llama3; for the GPT-2-regex family set what their
         // tokenizer.json says (no prefix space; SmolLM also splits every digit).
         let byte_level = ByteLevel::new(false, true, true);
-        match pre.as_str() {
+        match pre {
             "qwen2" | "llama3" | "smaug-bpe" | "lfm2" => {}
             "smollm" | "starcoder" | "refact" => {
                 let seq = Sequence::new(vec![Digits::new(true).into(), byte_level.into()]);
@@ -150,7 +137,7 @@ impl HfTokenizer {
                 inner.with_pre_tokenizer(Some(PreTokenizerWrapper::from(byte_level)));
             }
         }
-        let add_bos = matches!(meta("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+        let add_bos = gguf.meta_bool("tokenizer.ggml.add_bos_token") == Some(true);
         Ok(Self::new(
             inner,
             id(&["tokenizer.ggml.bos_token_id"]),
@@ -170,17 +157,6 @@ impl HfTokenizer {
     pub fn source(&self) -> &str {
         &self.source
     }
-}
-
-/// Whether `path` is a file starting with the GGUF magic.
-pub fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    path.is_file()
-        && std::fs::File::open(path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .is_ok()
-        && &magic == b"GGUF"
 }
 
 impl Tokenizer for HfTokenizer {
@@ -240,4 +216,40 @@ inventory::submit! {
         kind: "hf",
         description: "Hugging Face tokenizer from a tokenizer.json, a model directory or GGUF metadata (byte-level BPE)",
         build, params: retort_core::registry::params_schema::<HfParams> }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::gguf;
+    use crate::testing::tiny_bpe_metadata;
+
+    #[test]
+    fn tokenizer_from_gguf_metadata_is_byte_level_bpe_with_specials() {
+        // A GGUF file with the tokenizer's metadata and no tensors: the tokenizer reads nothing else.
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("tok.gguf");
+        gguf::write(&path, &tiny_bpe_metadata(), &[]).expect("save");
+        let t = HfTokenizer::from_path(&path).expect("tokenizer");
+        assert_eq!(t.vocab_size(), 262);
+        assert_eq!(
+            (t.bos_id(), t.eos_id(), t.pad_id(), t.add_bos()),
+            (Some(1), Some(2), Some(2), false)
+        );
+        let ids = t.encode("<|im_start|> the 42").expect("enc");
+        assert_eq!(ids[0], 1);
+        assert!(ids.contains(&261), "`Ġthe` is one token: {ids:?}");
+        // SmolLM's pre-tokenizer splits every digit: "4" and "2" are separate byte tokens.
+        assert_eq!(t.decode(&ids).expect("dec"), "<|im_start|> the 42");
+        assert_eq!(
+            t.decode(&t.encode("hello there").expect("e")).expect("d"),
+            "hello there"
+        );
+        // Written as tokenizer.json and read back, the identity is the same.
+        let json = dir.path().join("tokenizer.json");
+        std::fs::write(&json, t.hf_json().expect("json")).expect("write");
+        let back = HfTokenizer::from_path(&json).expect("back");
+        assert_eq!(back.identity(), t.identity());
+        assert_eq!(back.encode("the 42").expect("e"), t.encode("the 42").expect("e"));
+    }
 }

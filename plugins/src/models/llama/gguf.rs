@@ -1,4 +1,6 @@
-//! GGUF files (llama.cpp): a frozen llama-family model with quantized weights.
+//! A llama-family model in GGUF files (llama.cpp): its architecture from the metadata, its
+//! weights (quantized ones stay quantized for a frozen teacher, or dequantized for a student),
+//! and writing a model back. The file format itself is [`crate::formats::gguf`].
 //!
 //! Names map from llama.cpp's to Hugging Face's (`token_embd` -> `model.embed_tokens`,
 //! `blk.N.attn_q` -> `model.layers.N.self_attn.q_proj`, `blk.N.ffn_gate` -> `mlp.gate_proj`,
@@ -11,19 +13,19 @@
 //! (`ffn_gate_exps` `[experts, rows, cols]`) or one tensor each (`ffn_gate.E`), to
 //! `block_sparse_moe.experts.E.{w1,w2,w3}`.
 
-use std::collections::HashMap;
-use std::fs::File;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use retort_core::{Error, Result};
 
 use super::config::LlamaConfig;
 use super::model::{Llama, Part};
+use crate::formats::gguf::{self, GgufFile};
 
 /// The Hugging Face name of a llama.cpp tensor name, if it is one the model uses.
 pub fn hf_name(gguf: &str) -> Option<String> {
@@ -110,158 +112,111 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{mapped}.{kind}"))
 }
 
-/// An opened GGUF file: its metadata and tensor directory.
-pub struct GgufFile {
-    /// Header: metadata and tensor infos.
-    pub content: Content,
-    file: File,
-    path: std::path::PathBuf,
+/// The model's architecture from the metadata of `g` (`general.architecture` `llama` or `qwen2`).
+pub fn read_config(g: &GgufFile) -> Result<LlamaConfig> {
+    let arch = g.architecture()?;
+    if !matches!(arch.as_str(), "llama" | "qwen2") {
+        return Err(g.error(format!("architecture `{arch}` is not supported (llama, qwen2)")));
+    }
+    let k = |s: &str| format!("{arch}.{s}");
+    let n_experts = g.meta_usize(&k("expert_count")).unwrap_or(0);
+    let n_experts_used = g.meta_usize(&k("expert_used_count")).unwrap_or(2);
+    if n_experts > 0 && !(1..=n_experts).contains(&n_experts_used) {
+        return Err(g.error(format!("expert_used_count {n_experts_used} of {n_experts} experts")));
+    }
+    let n_embd = g.require_usize(&k("embedding_length"))?;
+    let n_head = g.require_usize(&k("attention.head_count"))?;
+    let head_dim = n_embd / n_head.max(1);
+    if let Some(rd) = g.meta_usize(&k("rope.dimension_count")) {
+        if rd != head_dim {
+            return Err(g.error(format!("partial RoPE ({rd} of {head_dim} dims) is not supported")));
+        }
+    }
+    let tensors = &g.content.tensor_infos;
+    let embd = tensors
+        .get("token_embd.weight")
+        .ok_or_else(|| g.error("tensor `token_embd.weight` is missing"))?;
+    let vocab_size = embd.shape.dims()[0];
+    let qwen = arch == "qwen2";
+    Ok(LlamaConfig {
+        vocab_size,
+        context: g.meta_usize(&k("context_length")).unwrap_or(2048),
+        n_layer: g.require_usize(&k("block_count"))?,
+        n_embd,
+        n_head,
+        n_kv_head: g.meta_usize(&k("attention.head_count_kv")).unwrap_or(n_head),
+        intermediate: g.require_usize(&k("feed_forward_length"))?,
+        rope_theta: g.meta_f64(&k("rope.freq_base")).unwrap_or(10_000.0),
+        rope_interleaved: !qwen,
+        rms_norm_eps: g.meta_f64(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        tie_embeddings: !tensors.contains_key("output.weight"),
+        qkv_bias: tensors.contains_key("blk.0.attn_q.bias"),
+        o_bias: tensors.contains_key("blk.0.attn_output.bias"),
+        n_experts,
+        n_experts_used,
+        init_std: 0.02,
+        dtype: DType::F32,
+    })
 }
 
-impl GgufFile {
-    /// Opens and parses the header of `path`.
-    pub fn open(path: &Path) -> Result<Self> {
-        let what = || format!("GGUF file {}", path.display());
-        let mut file = File::open(path).map_err(|e| Error::input_failed(what(), "cannot open", e))?;
-        let content =
-            Content::read(&mut file).map_err(|e| Error::input_failed(what(), "not a readable GGUF file", e))?;
-        Ok(GgufFile {
-            content,
-            file,
-            path: path.to_path_buf(),
-        })
-    }
-
-    fn error(&self, msg: impl Into<String>) -> Error {
-        Error::input(format!("GGUF file {}", self.path.display()), msg)
-    }
-
-    /// [`Self::error`] caused by `source`, which is kept.
-    fn failed(&self, msg: impl Into<String>, source: candle_core::Error) -> Error {
-        Error::input_failed(format!("GGUF file {}", self.path.display()), msg, source)
-    }
-
-    /// Metadata value `key`.
-    pub fn meta(&self, key: &str) -> Option<&Value> {
-        self.content.metadata.get(key)
-    }
-
-    fn meta_u(&self, key: &str) -> Result<usize> {
-        let v = self
-            .meta(key)
-            .ok_or_else(|| self.error(format!("metadata `{key}` is missing")))?;
-        value_usize(v).ok_or_else(|| self.error(format!("metadata `{key}` is not an integer")))
-    }
-
-    fn meta_f(&self, key: &str) -> Option<f64> {
-        match self.meta(key)? {
-            Value::F32(v) => Some(*v as f64),
-            Value::F64(v) => Some(*v),
-            v => value_usize(v).map(|u| u as f64),
-        }
-    }
-
-    /// The architecture in the metadata (`general.architecture`).
-    pub fn architecture(&self) -> Result<String> {
-        match self.meta("general.architecture") {
-            Some(Value::String(s)) => Ok(s.clone()),
-            _ => Err(self.error("metadata `general.architecture` is missing")),
-        }
-    }
-
-    /// The model's architecture from the metadata (`llama` or `qwen2`).
-    pub fn config(&self) -> Result<LlamaConfig> {
-        let arch = self.architecture()?;
-        if !matches!(arch.as_str(), "llama" | "qwen2") {
-            return Err(self.error(format!("architecture `{arch}` is not supported (llama, qwen2)")));
-        }
-        let k = |s: &str| format!("{arch}.{s}");
-        let n_experts = self.meta(&k("expert_count")).and_then(value_usize).unwrap_or(0);
-        let n_experts_used = self.meta(&k("expert_used_count")).and_then(value_usize).unwrap_or(2);
-        if n_experts > 0 && !(1..=n_experts).contains(&n_experts_used) {
-            return Err(self.error(format!("expert_used_count {n_experts_used} of {n_experts} experts")));
-        }
-        let n_embd = self.meta_u(&k("embedding_length"))?;
-        let n_head = self.meta_u(&k("attention.head_count"))?;
-        let head_dim = n_embd / n_head.max(1);
-        if let Some(rd) = self.meta(&k("rope.dimension_count")).and_then(value_usize) {
-            if rd != head_dim {
-                return Err(self.error(format!("partial RoPE ({rd} of {head_dim} dims) is not supported")));
+/// Every weight of `g` the model uses, in Hugging Face names and GGUF row order; quantized
+/// weights stay quantized unless `dequantize` (then every part is a dense f32 tensor).
+fn read_parts(g: &mut GgufFile, dequantize: bool, device: &Device) -> Result<HashMap<String, Part>> {
+    let mut parts = HashMap::new();
+    for name in g.tensor_names() {
+        if let Some((layer, w)) = stacked_experts(&name) {
+            let q = g.tensor(&name, device)?;
+            for (e, part) in split_experts(&q, dequantize, device)?.into_iter().enumerate() {
+                parts.insert(
+                    format!("model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"),
+                    part,
+                );
             }
+            continue;
         }
-        let embd = self
-            .content
-            .tensor_infos
-            .get("token_embd.weight")
-            .ok_or_else(|| self.error("tensor `token_embd.weight` is missing"))?;
-        let vocab_size = embd.shape.dims()[0];
-        let qwen = arch == "qwen2";
-        Ok(LlamaConfig {
-            vocab_size,
-            context: self.meta_u(&k("context_length")).unwrap_or(2048),
-            n_layer: self.meta_u(&k("block_count"))?,
-            n_embd,
-            n_head,
-            n_kv_head: self.meta_u(&k("attention.head_count_kv")).unwrap_or(n_head),
-            intermediate: self.meta_u(&k("feed_forward_length"))?,
-            rope_theta: self.meta_f(&k("rope.freq_base")).unwrap_or(10_000.0),
-            rope_interleaved: !qwen,
-            rms_norm_eps: self.meta_f(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
-            tie_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
-            qkv_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-            o_bias: self.content.tensor_infos.contains_key("blk.0.attn_output.bias"),
-            n_experts,
-            n_experts_used,
-            init_std: 0.02,
-            dtype: DType::F32,
-        })
+        let Some(hf) = hf_name(&name) else {
+            tracing::debug!("GGUF tensor `{name}` is not used");
+            continue;
+        };
+        let q = g.tensor(&name, device)?;
+        let part = if dequantize {
+            Part::Dense(q.dequantize(device)?)
+        } else {
+            Part::Quantized(Arc::new(q))
+        };
+        parts.insert(hf, part);
     }
+    Ok(parts)
+}
 
-    /// Reads tensor `name` (llama.cpp name).
-    pub fn tensor(&mut self, name: &str, device: &Device) -> Result<candle_core::quantized::QTensor> {
-        self.content
-            .tensor(&mut self.file, name, device)
-            .map_err(|e| self.failed(format!("tensor `{name}`"), e))
-    }
+/// Loads the frozen model of `g`. `cfg` is [`read_config`], possibly with a shorter context;
+/// `dequantize` turns every weight into a dense f32 tensor.
+pub fn load(g: &mut GgufFile, cfg: LlamaConfig, dequantize: bool, device: &Device) -> Result<Llama> {
+    let parts = read_parts(g, dequantize, device)?;
+    let src = format!("GGUF {}", g.path().display());
+    Llama::from_parts(cfg, parts, false, device, &src)
+}
 
-    /// Loads the frozen model. `cfg` is [`GgufFile::config`], possibly with a shorter context.
-    pub fn load(&mut self, cfg: LlamaConfig, device: &Device) -> Result<Llama> {
-        self.load_with(cfg, false, device)
+/// Every weight of `g` as a dense tensor in Hugging Face names and row order (dequantized, q/k
+/// rows un-permuted), with the architecture they imply (always Hugging Face RoPE).
+pub fn dense_weights(g: &mut GgufFile, device: &Device) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
+    let mut cfg = read_config(g)?;
+    let mut out = HashMap::new();
+    for (hf, part) in read_parts(g, true, device)? {
+        let Part::Dense(t) = part else {
+            return Err(Error::Runtime(format!("`{hf}` is still quantized after dequantizing")));
+        };
+        let t = if cfg.rope_interleaved && hf.contains("self_attn.q_proj") {
+            super::rope::unpermute_rows(&t, cfg.n_head)?
+        } else if cfg.rope_interleaved && hf.contains("self_attn.k_proj") {
+            super::rope::unpermute_rows(&t, cfg.n_kv_head)?
+        } else {
+            t
+        };
+        out.insert(hf, t);
     }
-
-    /// Loads the frozen model; `dequantize` turns every weight into a dense f32 tensor.
-    pub fn load_with(&mut self, cfg: LlamaConfig, dequantize: bool, device: &Device) -> Result<Llama> {
-        let mut parts = HashMap::new();
-        let names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
-        for name in names {
-            if let Some((layer, w)) = stacked_experts(&name) {
-                let q = self.tensor(&name, device)?;
-                for (e, part) in split_experts(&q, dequantize, device)?.into_iter().enumerate() {
-                    parts.insert(
-                        format!("model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"),
-                        part,
-                    );
-                }
-                continue;
-            }
-            let Some(hf) = hf_name(&name) else {
-                tracing::debug!("GGUF tensor `{name}` is not used");
-                continue;
-            };
-            let q = self
-                .content
-                .tensor(&mut self.file, &name, device)
-                .map_err(|e| self.failed(format!("tensor `{name}`"), e))?;
-            let part = if dequantize {
-                Part::Dense(q.dequantize(device)?)
-            } else {
-                Part::Quantized(Arc::new(q))
-            };
-            parts.insert(hf, part);
-        }
-        let src = format!("GGUF {}", self.path.display());
-        Llama::from_parts(cfg, parts, false, device, &src)
-    }
+    cfg.rope_interleaved = false;
+    Ok((cfg, out))
 }
 
 /// Splits a stacked expert tensor `[experts, rows, cols]` into one part per expert; quantized
@@ -294,7 +249,7 @@ fn split_experts(q: &QTensor, dequantize: bool, device: &Device) -> Result<Vec<P
 /// Writes a trainable `model` as a GGUF file in llama.cpp's layout (`general.architecture =
 /// "llama"`, q/k rows permuted for the interleaved RoPE), matmul weights as `quant` (norms stay
 /// f32), plus `extra` metadata (a tokenizer's `tokenizer.ggml.*`). The inverse of
-/// [`GgufFile::load`].
+/// [`load`].
 pub fn save_gguf(model: &Llama, path: &Path, quant: GgmlDType, extra: &[(String, Value)]) -> Result<()> {
     let c = model.config();
     let u = |v: usize| Value::U32(v as u32);
@@ -320,7 +275,7 @@ pub fn save_gguf(model: &Llama, path: &Path, quant: GgmlDType, extra: &[(String,
     meta.extend(extra.iter().cloned());
     let mut tensors = Vec::new();
     // Experts are written stacked, `blk.N.ffn_{gate,down,up}_exps.weight` `[experts, rows, cols]`.
-    let mut experts: std::collections::BTreeMap<(usize, &str), Vec<candle_core::Tensor>> = Default::default();
+    let mut experts: BTreeMap<(usize, &str), Vec<Tensor>> = Default::default();
     for (name, var) in model.vars() {
         if let Some(rest) = name.strip_prefix("model.layers.").filter(|n| n.contains(".experts.")) {
             let layer: usize = rest.split('.').next().and_then(|l| l.parse().ok()).unwrap_or(0);
@@ -350,55 +305,22 @@ pub fn save_gguf(model: &Llama, path: &Path, quant: GgmlDType, extra: &[(String,
         tensors.push((gname, QTensor::quantize(&t, dtype)?));
     }
     for ((layer, ffn), ts) in experts {
-        let stacked = candle_core::Tensor::stack(&ts, 0)?;
+        let stacked = Tensor::stack(&ts, 0)?;
         tensors.push((
             format!("blk.{layer}.{ffn}_exps.weight"),
             QTensor::quantize(&stacked, quant)?,
         ));
     }
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let temp = retort_core::fsutil::temp_path(path);
-    let mut f = File::create(&temp).map_err(|e| Error::io("creating GGUF file", &temp, e))?;
-    candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
-    drop(f);
-    retort_core::fsutil::commit_temp(&temp, path)
-}
-
-/// An integer metadata value.
-pub fn value_usize(v: &Value) -> Option<usize> {
-    Some(match v {
-        Value::U8(x) => *x as usize,
-        Value::I8(x) => usize::try_from(*x).ok()?,
-        Value::U16(x) => *x as usize,
-        Value::I16(x) => usize::try_from(*x).ok()?,
-        Value::U32(x) => *x as usize,
-        Value::I32(x) => usize::try_from(*x).ok()?,
-        Value::U64(x) => *x as usize,
-        Value::I64(x) => usize::try_from(*x).ok()?,
-        _ => return None,
-    })
+    gguf::write(path, &meta, &tensors)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::models::llama::model::tests::{batch, tiny, tiny_cfg};
-    use crate::tokenizers::hf::HfTokenizer;
-    use retort_core::{Model, TapSet, Tokenizer};
+    use crate::models::llama::test_support::{batch, max_diff, tiny, tiny_cfg};
+    use retort_core::{Model, TapSet};
 
     use crate::testing::tiny_bpe_metadata as tiny_bpe_meta;
-
-    fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-        (a - b)
-            .expect("d")
-            .abs()
-            .expect("a")
-            .max_all()
-            .expect("m")
-            .to_scalar::<f32>()
-            .expect("s")
-    }
 
     #[test]
     fn f32_gguf_round_trip_gives_the_same_logits_with_interleaved_rope() {
@@ -407,9 +329,9 @@ pub(crate) mod tests {
         let path = dir.path().join("tiny.gguf");
         save_gguf(&m, &path, GgmlDType::F32, &tiny_bpe_meta()).expect("save");
         let mut g = GgufFile::open(&path).expect("open");
-        let cfg = g.config().expect("cfg");
+        let cfg = read_config(&g).expect("cfg");
         assert!(cfg.rope_interleaved && cfg.qkv_bias && !cfg.tie_embeddings);
-        let back = g.load(cfg, &Device::Cpu).expect("load");
+        let back = load(&mut g, cfg, false, &Device::Cpu).expect("load");
         let b = batch(6);
         let taps: TapSet = ["attn.1", "hidden.2"].into_iter().collect();
         let (x, y) = (m.forward(&b, &taps).expect("f"), back.forward(&b, &taps).expect("f"));
@@ -418,9 +340,7 @@ pub(crate) mod tests {
         // Attention probabilities are the same: the permutation pairs q and k dims alike.
         assert!(max_diff(x.tap("attn.1").expect("a"), y.tap("attn.1").expect("a")) < 1e-5);
         // And dequantizing + un-permuting gives back the Hugging Face weights.
-        let (dcfg, w) = crate::models::llama::checkpoint::Source::Gguf(path.clone())
-            .dense_weights(&Device::Cpu)
-            .expect("dense");
+        let (dcfg, w) = dense_weights(&mut GgufFile::open(&path).expect("open"), &Device::Cpu).expect("dense");
         assert!(!dcfg.rope_interleaved);
         for (name, var) in m.vars() {
             assert!(max_diff(var.as_tensor(), &w[name]) == 0.0, "{name}");
@@ -435,9 +355,9 @@ pub(crate) mod tests {
         let path = dir.path().join("q8.gguf");
         save_gguf(&m, &path, GgmlDType::Q8_0, &tiny_bpe_meta()).expect("save");
         let mut g = GgufFile::open(&path).expect("open");
-        let cfg = g.config().expect("cfg");
+        let cfg = read_config(&g).expect("cfg");
         assert!(cfg.tie_embeddings);
-        let back = g.load(cfg, &Device::Cpu).expect("load");
+        let back = load(&mut g, cfg, false, &Device::Cpu).expect("load");
         let b = batch(6);
         let d = max_diff(
             &m.forward(&b, &TapSet::none()).expect("f").logits,
@@ -461,9 +381,9 @@ pub(crate) mod tests {
             save_gguf(&m, &path, quant, &tiny_bpe_meta()).expect("save");
             let mut g = GgufFile::open(&path).expect("open");
             assert!(g.content.tensor_infos.contains_key("blk.1.ffn_down_exps.weight"));
-            let cfg = g.config().expect("cfg");
+            let cfg = read_config(&g).expect("cfg");
             assert_eq!((cfg.n_experts, cfg.n_experts_used), (3, 2));
-            let back = g.load(cfg, &Device::Cpu).expect("load").frozen();
+            let back = load(&mut g, cfg, false, &Device::Cpu).expect("load").frozen();
             let b = batch(6);
             let taps: TapSet = ["router_logits.1"].into_iter().collect();
             let (x, y) = (m.forward(&b, &taps).expect("f"), back.forward(&b, &taps).expect("f"));
@@ -472,43 +392,12 @@ pub(crate) mod tests {
             assert!(d < tol, "{quant:?}: logits differ by {d}");
             assert_eq!(y.tap("router_logits.1").expect("r").dims(), &[2, 6, 3]);
             // Dequantized for a student: every expert back in Mixtral's names.
-            let (_, w) = crate::models::llama::checkpoint::Source::Gguf(path.clone())
-                .dense_weights(&Device::Cpu)
-                .expect("dense");
+            let (_, w) = dense_weights(&mut GgufFile::open(&path).expect("open"), &Device::Cpu).expect("dense");
             assert_eq!(
                 w["model.layers.1.block_sparse_moe.experts.2.w2.weight"].dims(),
                 &[32, 64]
             );
         }
-    }
-
-    #[test]
-    fn tokenizer_from_gguf_metadata_is_byte_level_bpe_with_specials() {
-        let m = tiny(serde_json::json!({"vocab_size": 262}));
-        let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("tok.gguf");
-        save_gguf(&m, &path, GgmlDType::F32, &tiny_bpe_meta()).expect("save");
-        let t = HfTokenizer::from_path(&path).expect("tokenizer");
-        assert_eq!(t.vocab_size(), 262);
-        assert_eq!(
-            (t.bos_id(), t.eos_id(), t.pad_id(), t.add_bos()),
-            (Some(1), Some(2), Some(2), false)
-        );
-        let ids = t.encode("<|im_start|> the 42").expect("enc");
-        assert_eq!(ids[0], 1);
-        assert!(ids.contains(&261), "`Ġthe` is one token: {ids:?}");
-        // SmolLM's pre-tokenizer splits every digit: "4" and "2" are separate byte tokens.
-        assert_eq!(t.decode(&ids).expect("dec"), "<|im_start|> the 42");
-        assert_eq!(
-            t.decode(&t.encode("hello there").expect("e")).expect("d"),
-            "hello there"
-        );
-        // Written as tokenizer.json and read back, the identity is the same.
-        let json = dir.path().join("tokenizer.json");
-        std::fs::write(&json, t.hf_json().expect("json")).expect("write");
-        let back = HfTokenizer::from_path(&json).expect("back");
-        assert_eq!(back.identity(), t.identity());
-        assert_eq!(back.encode("the 42").expect("e"), t.encode("the 42").expect("e"));
     }
 
     #[test]

@@ -7,17 +7,18 @@
 //! `model.layers.0.self_attn.q_proj.weight`, ..., `model.norm.weight`, `lm_head.weight`), so a
 //! saved student is a Hugging Face directory. Every op on the training path is differentiable
 //! (see `nn.rs`); weights may instead be quantized GGUF tensors for a frozen teacher.
+//!
+//! The architecture only: fresh weights are drawn in `init.rs`, retort's `Model`/`Student`
+//! contracts are in `traits.rs`, and weights are read and written by `checkpoint.rs` (Hugging
+//! Face directories), `gguf.rs` and `source.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor, Var, D};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, Normal};
 
-use retort_core::{Batch, Error, Model, ModelInfo, Outputs, Result, TapSet};
+use retort_core::{Error, Outputs, Result, TapSet};
 
 use super::config::LlamaConfig;
 use super::linear::{Linear, Weight};
@@ -190,41 +191,24 @@ struct Layer {
 
 /// A llama-family decoder: trainable (dense `Var`s) or frozen (possibly quantized).
 pub struct Llama {
-    cfg: LlamaConfig,
-    vars: Vec<(String, Var)>,
-    embed: Tensor,
+    pub(super) cfg: LlamaConfig,
+    pub(super) vars: Vec<(String, Var)>,
+    pub(super) embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
     head: Linear,
     rope: Rope,
-    n_params: usize,
-    source: String,
-    tokenizer_id: Option<String>,
+    /// Parameters (tied weights counted once).
+    pub(super) n_params: usize,
+    /// Where the weights came from (`fresh`, `from <dir>`, `GGUF <file>`).
+    pub(super) source: String,
+    /// The tokenizer the weights were trained with, when known.
+    pub(super) tokenizer_id: Option<String>,
     /// Frozen: use candle's fused RMSNorm/softmax/RoPE kernels (no backward, not needed).
     fused: bool,
 }
 
 impl Llama {
-    /// A freshly initialised model; the init depends only on `seed` (drawn on the host in f32
-    /// and copied to `device`, so CPU and GPU runs start from the same weights).
-    pub fn init(cfg: LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut parts = HashMap::new();
-        for (name, shape, init) in param_specs(&cfg) {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = match init {
-                Init::Ones => vec![1.0; n],
-                Init::Zeros => vec![0.0; n],
-                Init::Normal(std) => {
-                    let normal = Normal::new(0.0f32, std as f32).map_err(|e| Error::failed("weight init", e))?;
-                    (0..n).map(|_| normal.sample(&mut rng)).collect()
-                }
-            };
-            parts.insert(name, Part::Dense(Tensor::from_vec(data, shape, device)?));
-        }
-        Self::from_parts(cfg, parts, true, device, "fresh")
-    }
-
     /// Builds the model from named parts (checked against [`param_specs`]). `trainable` wraps
     /// every weight in a `Var` (all parts must be dense); otherwise quantized parts stay
     /// quantized. `source` describes where the weights came from.
@@ -571,133 +555,12 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
         .reshape((b, kv * n, t, d))?)
 }
 
-impl Model for Llama {
-    fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs> {
-        self.forward_ids(&batch.input_ids, taps)
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn context_len(&self) -> usize {
-        self.cfg.context
-    }
-
-    fn num_params(&self) -> usize {
-        self.n_params
-    }
-
-    fn available_taps(&self) -> Vec<String> {
-        let mut v = vec!["logits".to_string()];
-        v.extend((0..=self.cfg.n_layer).map(|i| format!("hidden.{i}")));
-        v.extend((0..self.cfg.n_layer).map(|i| format!("attn.{i}")));
-        if self.cfg.n_experts > 0 {
-            v.extend((0..self.cfg.n_layer).map(|i| format!("router_logits.{i}")));
-        }
-        v
-    }
-
-    fn describe(&self) -> String {
-        let c = &self.cfg;
-        let moe = if c.n_experts > 0 {
-            format!(" moe {}x top-{}", c.n_experts, c.n_experts_used)
-        } else {
-            String::new()
-        };
-        format!(
-            "llama {}L/{}d/{}h/{}kv mlp {}{moe} ctx {} vocab {} ({} params, {})",
-            c.n_layer,
-            c.n_embd,
-            c.n_head,
-            c.n_kv_head,
-            c.intermediate,
-            c.context,
-            c.vocab_size,
-            self.n_params,
-            self.source
-        )
-    }
-
-    fn info(&self) -> ModelInfo {
-        ModelInfo {
-            layers: self.cfg.n_layer,
-            hidden: self.cfg.n_embd,
-            heads: self.cfg.n_head,
-            vocab: self.cfg.vocab_size,
-            context: self.cfg.context,
-            dtype: self.embed.dtype(),
-        }
-    }
-
-    fn tokenizer_identity(&self) -> Option<String> {
-        self.tokenizer_id.clone()
-    }
-}
-
-impl retort_core::Student for Llama {
-    fn vars(&self) -> Vec<(String, Var)> {
-        self.vars.clone()
-    }
-
-    fn save(&self, dir: &std::path::Path) -> Result<()> {
-        super::checkpoint::save_hf(self, dir)
-    }
-
-    fn config_json(&self) -> serde_json::Value {
-        self.cfg.to_hf_json()
-    }
-}
-
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::losses::ce::cross_entropy;
-    use retort_core::Params;
-
-    /// A tiny config from JSON params (vocab 11).
-    pub(crate) fn tiny_cfg(extra: serde_json::Value) -> LlamaConfig {
-        let mut v = serde_json::json!({"n_layer": 2, "n_embd": 8, "n_head": 4, "n_kv_head": 2, "intermediate": 12,
-                                       "context": 16, "vocab_size": 11, "init_std": 0.3, "rope_theta": 100.0});
-        for (k, x) in extra.as_object().expect("object") {
-            v[k] = x.clone();
-        }
-        let params = Params::new("student", v.as_object().expect("object").clone());
-        let p: super::super::LlamaParams = params.parse().expect("parse");
-        LlamaConfig::resolve(&p, &params, None, None).expect("resolve")
-    }
-
-    pub(crate) fn tiny(extra: serde_json::Value) -> Llama {
-        let mut m = Llama::init(tiny_cfg(extra), 7, &Device::Cpu).expect("init");
-        // Norm weights and biases start at 1 and 0; perturb them so every gradient path is generic.
-        // Seeded (candle's `randn_like` is not): with random noise the MoE router of the tiny
-        // model now and then never picked one expert, and that expert got no gradient.
-        let mut rng = ChaCha8Rng::seed_from_u64(11);
-        let normal = Normal::new(0.0f32, 0.2).expect("normal");
-        for (n, v) in &m.vars {
-            if !n.ends_with("proj.weight") && !n.contains("embed") && !n.contains("lm_head") && !n.contains("moe") {
-                let noise: Vec<f32> = (0..v.elem_count()).map(|_| normal.sample(&mut rng)).collect();
-                let noise = Tensor::from_vec(noise, v.dims(), v.device())
-                    .and_then(|t| t.to_dtype(v.dtype()))
-                    .and_then(|t| t + v.as_tensor())
-                    .expect("noise");
-                v.set(&noise).expect("set");
-            }
-        }
-        m.source = "test".into();
-        m
-    }
-
-    pub(crate) fn batch(t: usize) -> Batch {
-        let ids: Vec<u32> = (0..2 * t).map(|i| ((i * 5 + 3) % 11) as u32).collect();
-        let tg: Vec<u32> = (0..2 * t).map(|i| ((i * 3 + 1) % 11) as u32).collect();
-        Batch {
-            input_ids: Tensor::from_vec(ids, (2, t), &Device::Cpu).expect("ids"),
-            targets: Tensor::from_vec(tg, (2, t), &Device::Cpu).expect("tg"),
-            mask: None,
-            source: None,
-        }
-    }
+    use crate::models::llama::test_support::{batch, max_diff, tiny};
+    use retort_core::{Batch, Model};
 
     fn loss(m: &Llama, b: &Batch) -> Tensor {
         let out = m.forward(b, &TapSet::none()).expect("fwd");
@@ -803,14 +666,7 @@ pub(crate) mod tests {
                 .expect("step");
             assert_eq!(cache.pos(), 6);
             let inc = Tensor::cat(&[a, b, c], 1).expect("cat");
-            let d = (full - inc)
-                .expect("d")
-                .abs()
-                .expect("a")
-                .max_all()
-                .expect("m")
-                .to_scalar::<f32>()
-                .expect("s");
+            let d = max_diff(&full, &inc);
             assert!(d < 1e-5, "frozen {frozen}: {d}");
         }
     }
@@ -832,14 +688,7 @@ pub(crate) mod tests {
             .logits
             .narrow(1, 0, 3)
             .expect("n");
-        let d = (a - b)
-            .expect("d")
-            .abs()
-            .expect("a")
-            .max_all()
-            .expect("m")
-            .to_scalar::<f32>()
-            .expect("s");
+        let d = max_diff(&a, &b);
         assert!(d < 1e-6, "{d}");
     }
 }
