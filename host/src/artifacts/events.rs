@@ -35,7 +35,7 @@ pub enum Event {
     /// The best evaluation of a phase under early stopping (the weights kept).
     Best(BestRecord),
     /// The run's final report.
-    Report(ReportRecord),
+    Report(Box<ReportRecord>),
     /// A record of a kind this version does not know (written by a plugin or a newer retort).
     #[serde(other)]
     Other,

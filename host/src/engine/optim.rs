@@ -145,36 +145,20 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(self.t);
         let bc2 = 1.0 - b2.powi(self.t);
         for (s, g) in self.params.iter_mut().zip(grads) {
-            let plr = lr * s.p.lr_mult;
-            let w = s.p.var.as_tensor();
-            if adamw::usable(w, &g, &s.m, &s.v) {
-                // One fused pass on CPU f32/f64 (`kernels::adamw`), the same formula as below.
-                let step = adamw::AdamWStep {
-                    beta1: b1,
-                    beta2: b2,
-                    bias_correction1: bc1,
-                    bias_correction2: bc2,
-                    eps: self.cfg.eps,
-                    lr: plr,
-                    weight_decay: s.p.weight_decay,
-                    grad_scale: scale,
-                };
-                let (w2, m, v) = adamw::adamw_update(w, &g, &s.m, &s.v, step)?;
-                s.p.var.set(&w2)?;
-                (s.m, s.v) = (m, v);
-                continue;
-            }
-            let g = if scale != 1.0 { (g * scale)? } else { g };
-            s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
-            s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let denom = ((&s.v / bc2)?.sqrt()? + self.cfg.eps)?;
-            let update = ((&s.m / bc1)? / denom)?;
-            let decayed = if s.p.weight_decay > 0.0 {
-                (w * (1.0 - plr * s.p.weight_decay))?
-            } else {
-                w.clone()
+            // One fused pass on CPU f32/f64, candle ops elsewhere (`kernels::adamw`).
+            let step = adamw::AdamWStep {
+                beta1: b1,
+                beta2: b2,
+                bias_correction1: bc1,
+                bias_correction2: bc2,
+                eps: self.cfg.eps,
+                lr: lr * s.p.lr_mult,
+                weight_decay: s.p.weight_decay,
+                grad_scale: scale,
             };
-            s.p.var.set(&(decayed - (update * plr)?)?)?;
+            let (w, m, v) = adamw::adamw_update(s.p.var.as_tensor(), &g, &s.m, &s.v, step)?;
+            s.p.var.set(&w)?;
+            (s.m, s.v) = (m, v);
         }
         Ok(())
     }

@@ -123,11 +123,11 @@ pub fn fidelity(
         let (eids, elps) = topk_rows(&logits, k)?;
         let (mut cids, mut clps) = (Vec::new(), Vec::new());
         store.read_window(&mut st, Split::Val, w, k, &mut cids, &mut clps)?;
-        for t in 0..seq_len {
+        for (t, &lse) in lse.iter().enumerate().take(seq_len) {
             let (top, row) = (t * k..(t + 1) * k, t * v..(t + 1) * v);
             sums.add(&TokenRow {
                 logits: &dense[row],
-                lse: lse[t],
+                lse,
                 cached: (&cids[top.clone()], &clps[top.clone()]),
                 exact: (&eids[top.clone()], &elps[top]),
             });

@@ -208,7 +208,7 @@ impl<'p, 'r> Session<'p, 'r> {
             );
         }
         self.recorder
-            .record(&Event::Report(ReportRecord { report: report.clone() }))?;
+            .record(&Event::Report(Box::new(ReportRecord { report: report.clone() })))?;
         self.recorder.finish()
     }
 }

@@ -4,8 +4,7 @@
 //! With `g' = s g` (`s` the clipping scale):
 //! `m' = b1 m + (1 - b1) g'`, `v' = b2 v + (1 - b2) g'^2`,
 //! `w' = w (1 - lr wd) - lr (m' / bc1) / (sqrt(v' / bc2) + eps)`, where `bc1 = 1 - b1^t` and
-//! `bc2 = 1 - b2^t`: the formula of [`composite::update`] (the composed update of the host's
-//! optimizer), in the same element type (the two agree to rounding: candle divides by a scalar
+//! `bc2 = 1 - b2^t`: the formula of [`composite::update`] (the composed update), in the same element type (the two agree to rounding: candle divides by a scalar
 //! as a multiply by its reciprocal).
 //!
 //! Not a graph node (an optimizer step is not differentiated): a CUDA implementation would be a
@@ -54,12 +53,6 @@ pub fn supports(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
     SUPPORT.admits_together(w, &[g, m, v])
         && all.iter().all(|t| t.is_contiguous())
         && all.iter().all(|t| t.elem_count() == w.elem_count())
-}
-
-/// The name the host's optimizer uses for [`supports`] (kept until it switches to
-/// [`adamw_update`] alone).
-pub fn usable(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
-    supports(w, g, m, v)
 }
 
 /// `(w', m', v')` of one AdamW step (see the module doc), each shaped like `w`: the fused pass
