@@ -603,15 +603,7 @@ impl Student for Transformer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    /// Mean cross-entropy of `logits` against `targets` (the loss the gradient tests use).
-    fn cross_entropy(
-        logits: &Tensor,
-        targets: &Tensor,
-        _mask: Option<&Tensor>,
-        eps: f64,
-    ) -> candle_core::Result<Tensor> {
-        crate::kernels::cross_entropy::per_token(logits, targets, eps)?.mean_all()
-    }
+    use crate::testing::mean_cross_entropy as cross_entropy;
 
     fn tiny(dtype: &str, act: &str) -> Transformer {
         let params = Params::new(

@@ -558,16 +558,8 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    /// Mean cross-entropy of `logits` against `targets` (the loss the gradient tests use).
-    fn cross_entropy(
-        logits: &Tensor,
-        targets: &Tensor,
-        _mask: Option<&Tensor>,
-        eps: f64,
-    ) -> candle_core::Result<Tensor> {
-        crate::kernels::cross_entropy::per_token(logits, targets, eps)?.mean_all()
-    }
     use crate::models::llama::test_support::{batch, max_diff, tiny};
+    use crate::testing::mean_cross_entropy as cross_entropy;
     use retort_core::{Batch, Model};
 
     fn loss(m: &Llama, b: &Batch) -> Tensor {
