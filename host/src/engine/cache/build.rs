@@ -31,7 +31,7 @@ pub struct CacheOptions {
     #[arg(long, default_value_t = 131072)]
     pub shard_tokens: usize,
     /// Windows per teacher forward pass (default: train.batch_size).
-    #[arg(long = "batch")]
+    #[arg(long = "batch", value_name = "WINDOWS")]
     pub batch_windows: Option<usize>,
     /// Record this id as the teacher's identity instead of hashing its checkpoint.
     #[arg(long)]
