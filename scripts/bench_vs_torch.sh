@@ -11,6 +11,8 @@
 #   FEATURES=blas            cargo features for the retort build (blas: OpenBLAS matmuls,
 #                            needs libopenblas-dev)
 #   RETORT_KD_STEP=PATH      another build of the kd_step example (e.g. of an older commit)
+#   RETORT_KD_STEP_BEFORE=PATH  also time this build in every round, before the others, and
+#                            print before/after (a change measured side by side in one series)
 #   TORCH_THREADS=N          override the reference script's torch.set_num_threads(2)
 #   MODE=train               time the teacher (4L/128) trained alone with cross-entropy on both
 #                            sides (the reference script's `train` mode) instead of the KD step
@@ -33,8 +35,15 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   have_torch=0
 fi
 [ -f "$ref" ] || { echo "no PyTorch reference script at $ref" >&2; have_torch=0; }
-r_ms=(); t_ms=()
+before="${RETORT_KD_STEP_BEFORE:-}"
+r_ms=(); t_ms=(); b_ms=()
 for i in $(seq 1 "$rounds"); do
+  if [ -n "$before" ]; then
+    out=$(KD_MODE="$mode" "$before" "$steps")
+    line=$(head -1 <<<"$out")
+    echo "round $i before: $line"
+    b_ms+=("$(sed -E 's/.*median ([0-9.]+) ms\/step.*/\1/' <<<"$line")")
+  fi
   out=$(KD_MODE="$mode" "$bin" "$steps")
   line=$(head -1 <<<"$out")
   echo "round $i retort: $line"
@@ -57,8 +66,13 @@ done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 rm=$(median "${r_ms[@]}")
 echo "retort median of round medians: $rm ms/step ($(awk -v m="$rm" 'BEGIN{printf "%.0f", 16*128/(m/1000)}') tok/s)"
+if [ -n "$before" ]; then
+  bm=$(median "${b_ms[@]}")
+  echo "before median of round medians: $bm ms/step; after/before time $(awk -v a="$rm" -v b="$bm" 'BEGIN{printf "%.3f", a/b}')"
+fi
 if [ "$have_torch" = 1 ]; then
   tm=$(median "${t_ms[@]}")
   echo "torch  median of round medians: $tm ms/step ($(awk -v m="$tm" 'BEGIN{printf "%.0f", 16*128/(m/1000)}') tok/s)"
   echo "throughput ratio retort/torch: $(awk -v r="$rm" -v t="$tm" 'BEGIN{printf "%.2f", t/r}')x"
+  [ -z "$before" ] || echo "throughput ratio before/torch: $(awk -v r="$bm" -v t="$tm" 'BEGIN{printf "%.2f", t/r}')x"
 fi

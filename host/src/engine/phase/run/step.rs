@@ -8,7 +8,6 @@ use crate::artifacts::checkpoint::{self, Snapshot, Tensors};
 use crate::artifacts::events::{EarlyStopRecord, EvalRecord, Event, Recorder, SkipRecord, StageEndRecord, TrainRecord};
 use crate::artifacts::report::EvalResult;
 use crate::engine::optim::GradNorms;
-
 use crate::engine::phase::early_stopping::Verdict;
 use crate::engine::phase::gradient::{Gradient, StepGradient, StepInput};
 use crate::engine::phase::stage_cursor::{ActiveStage, Step};
@@ -34,6 +33,7 @@ pub(in crate::engine::phase) struct Applied {
     elapsed_s: f64,
     tokens_per_s: f64,
 }
+
 impl PhaseRun<'_> {
     /// One optimizer step: its gradient, then the update, or a skip when something is not
     /// finite.
