@@ -1,4 +1,5 @@
 use super::*;
+use crate::kernels::test_util::values;
 use candle_core::{Device, Var};
 
 #[test]
@@ -23,16 +24,10 @@ fn matches_broadcast_add_values_and_gradients() {
                 .and_then(|l| l.sum_all())
                 .and_then(|l| l.backward())
                 .expect("bwd");
-            let f = |t: &Tensor| -> Vec<f64> {
-                t.to_dtype(DType::F64)
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1())
-                    .expect("v")
-            };
             vec![
-                f(&y),
-                f(g.get(x.as_tensor()).expect("dx")),
-                f(g.get(b.as_tensor()).expect("db")),
+                values(&y),
+                values(g.get(x.as_tensor()).expect("dx")),
+                values(g.get(b.as_tensor()).expect("db")),
             ]
         };
         let (a, c) = (run(true), run(false));

@@ -1,5 +1,6 @@
 use super::composite;
 use super::*;
+use crate::kernels::test_util::values;
 use candle_core::{Device, Var};
 
 #[test]
@@ -15,8 +16,7 @@ fn matches_candle_gelu_values_and_gradients() {
                 .and_then(|l| l.sum_all())
                 .and_then(|l| l.backward())
                 .expect("bwd");
-            let f = |t: &Tensor| -> Vec<f64> { t.to_dtype(DType::F64).and_then(|t| t.to_vec1()).expect("v") };
-            (f(&y), f(g.get(x.as_tensor()).expect("grad")))
+            (values(&y), values(g.get(x.as_tensor()).expect("grad")))
         };
         let (fy, fg) = run(fused(x.as_tensor()).expect("fused"));
         let (cy, cg) = run(composite::gelu(x.as_tensor()).expect("candle"));

@@ -1,4 +1,5 @@
 use super::*;
+use crate::kernels::test_util::values;
 use candle_core::{Device, Var};
 use rand::{Rng, SeedableRng};
 
@@ -24,17 +25,11 @@ fn matches_composite_values_and_all_gradients() {
                 .and_then(|l| l.sum_all())
                 .and_then(|l| l.backward())
                 .expect("bwd");
-            let f = |t: &Tensor| -> Vec<f64> {
-                t.to_dtype(DType::F64)
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1())
-                    .expect("v")
-            };
             vec![
-                f(&y),
-                f(grads.get(x.as_tensor()).expect("dx")),
-                f(grads.get(w.as_tensor()).expect("dw")),
-                f(grads.get(b.as_tensor()).expect("db")),
+                values(&y),
+                values(grads.get(x.as_tensor()).expect("dx")),
+                values(grads.get(w.as_tensor()).expect("dw")),
+                values(grads.get(b.as_tensor()).expect("db")),
             ]
         };
         let (fu, co) = (run(true), run(false));

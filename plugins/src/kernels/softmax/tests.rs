@@ -1,5 +1,6 @@
 use super::composite::{causal_mask, causal_softmax, softmax_last};
 use super::*;
+use crate::kernels::test_util::values;
 use candle_core::{DType, Device, Var};
 use rand::{Rng, SeedableRng};
 
@@ -27,13 +28,7 @@ fn matches_composite_values_and_gradients_plain_and_causal() {
                     .and_then(|l| l.sum_all())
                     .and_then(|l| l.backward())
                     .expect("bwd");
-                let f = |t: &Tensor| -> Vec<f64> {
-                    t.to_dtype(DType::F64)
-                        .and_then(|t| t.flatten_all())
-                        .and_then(|t| t.to_vec1())
-                        .expect("v")
-                };
-                (f(&y), f(g.get(x.as_tensor()).expect("grad")))
+                (values(&y), values(g.get(x.as_tensor()).expect("grad")))
             };
             let ((fy, fg), (cy, cg)) = (run(true), run(false));
             let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
