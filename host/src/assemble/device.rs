@@ -3,12 +3,24 @@
 use candle_core::Device;
 use retort_core::{Error, Result};
 
+/// What this build can do about a device that did not open.
+fn build_hint(spec: &str) -> &'static str {
+    match spec {
+        "metal" => "this build has no Metal backend",
+        _ if !cfg!(feature = "cuda") => "this build has no CUDA backend: build with `--features cuda`",
+        _ => "this CUDA build found no usable GPU or driver: check `nvidia-smi` and that libcuda.so.1 is NVIDIA's",
+    }
+}
+
 /// Parses `cpu`, `cuda`, `cuda:N` or `metal`; a device this build cannot use is a config error.
 pub fn parse_device(spec: &str) -> Result<Device> {
     let unavailable = |e: candle_core::Error| {
+        // Only the error's first line: candle appends a backtrace when RUST_BACKTRACE is set.
+        let reason = e.to_string();
+        let reason = reason.lines().next().unwrap_or_default();
         Error::config(
             "run.device",
-            format!("device \"{spec}\" is not available: {e} (the CUDA build needs `--features cuda`)"),
+            format!("device \"{spec}\" is not available: {reason} ({})", build_hint(spec)),
         )
     };
     match spec {
@@ -27,5 +39,38 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             "run.device",
             format!("expected \"cpu\", \"cuda\", \"cuda:N\" or \"metal\", got \"{other}\""),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_and_malformed_devices() {
+        assert!(parse_device("cpu").expect("cpu").is_cpu());
+        for bad in ["gpu", "cuda:x", "cuda:-1"] {
+            let e = parse_device(bad).expect_err(bad).to_string();
+            assert!(e.contains("run.device"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_cuda_device_that_does_not_open_says_what_this_build_lacks() {
+        // On a machine with a GPU and a CUDA build this opens; everywhere else the message
+        // must say why not for this build, in one line (no backtrace).
+        match parse_device("cuda") {
+            Ok(d) => assert!(d.is_cuda()),
+            Err(e) => {
+                let e = e.to_string();
+                let hint = if cfg!(feature = "cuda") {
+                    "found no usable GPU"
+                } else {
+                    "--features cuda"
+                };
+                assert!(e.contains(hint) && e.contains("run.device"), "{e}");
+                assert!(!e.contains("backtrace"), "{e}");
+            }
+        }
     }
 }

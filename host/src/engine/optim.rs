@@ -58,8 +58,13 @@ impl AdamW {
             .into_iter()
             .filter(|p| p.lr_mult > 0.0)
             .map(|p| {
-                let z = p.var.as_tensor().zeros_like()?;
-                Ok(ParamState { m: z.clone(), v: z, p })
+                // Two buffers: on a GPU the update writes both moments in place.
+                let w = p.var.as_tensor();
+                Ok(ParamState {
+                    m: w.zeros_like()?,
+                    v: w.zeros_like()?,
+                    p,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW {
@@ -121,9 +126,23 @@ impl AdamW {
 
     /// Global and per-group L2 norms of `grads`.
     pub fn norms(&self, grads: &[Tensor]) -> Result<GradNorms> {
+        // The squared sums stay on the gradients' device; one transfer for all of them (on a
+        // GPU, one synchronisation per step instead of one per parameter).
+        let squares = self
+            .params
+            .iter()
+            .zip(grads)
+            .map(|(_, g)| g.to_dtype(DType::F64)?.sqr()?.sum_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let squares = match squares.first() {
+            Some(_) => Tensor::stack(&squares, 0)?
+                .to_device(&candle_core::Device::Cpu)?
+                .to_vec1::<f64>()?,
+            None => Vec::new(),
+        };
         let mut per_group = vec![0.0f64; self.groups];
-        for (s, g) in self.params.iter().zip(grads) {
-            per_group[s.p.group] += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        for (s, sq) in self.params.iter().zip(squares) {
+            per_group[s.p.group] += sq;
         }
         let total = per_group.iter().sum::<f64>().sqrt();
         Ok(GradNorms {
@@ -145,7 +164,8 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(self.t);
         let bc2 = 1.0 - b2.powi(self.t);
         for (s, g) in self.params.iter_mut().zip(grads) {
-            // One fused pass on CPU f32/f64, candle ops elsewhere (`kernels::adamw`).
+            // One fused pass on CPU and CUDA f32/f64 (in place on CUDA), candle ops elsewhere
+            // (`kernels::adamw`).
             let step = adamw::AdamWStep {
                 beta1: b1,
                 beta2: b2,
@@ -156,9 +176,7 @@ impl AdamW {
                 weight_decay: s.p.weight_decay,
                 grad_scale: scale,
             };
-            let (w, m, v) = adamw::adamw_update(s.p.var.as_tensor(), &g, &s.m, &s.v, step)?;
-            s.p.var.set(&w)?;
-            (s.m, s.v) = (m, v);
+            adamw::adamw_step(&s.p.var, &g, &mut s.m, &mut s.v, step)?;
         }
         Ok(())
     }

@@ -9,7 +9,8 @@
 //!
 //! # The map
 //!
-//! One folder per op, each laid out the same way:
+//! One folder per op, each laid out the same way (and `cuda.rs` + `<op>.cu` where the op has a
+//! CUDA implementation, see below):
 //!
 //! - `mod.rs`: the op's formula and gradient, its public entry functions, its `SUPPORT` table
 //!   and `supports(...)`, the op's `CustomOp` impls (the graph node: `name`, `bwd`, and one
@@ -40,24 +41,30 @@
 //!
 //! # Supports
 //!
-//! Each op states what its fused implementations run on in a [`Support`] table
-//! (`SUPPORT: Support { cpu: &[F32, F64], cuda: &[] }` for every op today) and checks anything
-//! else it needs in `supports` (e.g. operands of one dtype on one device). Where an op is not
+//! Each op states what its fused implementations run on in a [`Support`] table (e.g.
+//! `SUPPORT: Support { cpu: &[F32, F64], cuda: CUDA_FLOATS }`) and checks anything else it
+//! needs in `supports` (e.g. operands of one dtype on one device). Where an op is not
 //! supported it runs its composite, so every op works on every device candle has.
 //!
-//! # Adding a CUDA implementation
+//! # CUDA (feature `cuda`)
 //!
-//! As in candle-nn's `ops.rs`: in the op's folder, a `cuda.rs` (and its `.cu` kernel, compiled
-//! to PTX by a build script and loaded by name) with the device body; in the op's `CustomOp`
-//! impl in `mod.rs`, a `cuda_fwd` beside `cpu_fwd` behind the `cuda` feature (each impl marks
-//! the spot); and the dtypes it takes in the `cuda` entry of the op's `SUPPORT` table. Callers
-//! change nothing.
+//! The loss ops (`divergence`, `topk_divergence`, `cross_entropy`) and `adamw` have CUDA
+//! implementations: in the op's folder, `<op>.cu` (the kernels, compiled to `compute_80` PTX
+//! by `plugins/build.rs`) and `cuda.rs` (the launch: operand views, output buffers, grid), and
+//! in `mod.rs` a `cuda_fwd` beside `cpu_fwd`; `cuda/` holds the PTX modules, the shared
+//! device code (`common.cuh`: conversions, fixed-order reductions, online log-sum-exp) and the
+//! launch itself (`cuda/raw.rs`, the CUDA side's only `unsafe` code). On CUDA, half-precision
+//! logits keep their row statistics in f32 ([`stats_dtype`]). Adding one to another op follows
+//! the same pattern; callers change nothing.
+//! The other ops run as candle's composed CUDA ops on a GPU (CUDA II).
 
 pub mod adamw;
 pub mod attention;
 pub mod bias;
 pub mod cpu;
 pub mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod divergence;
 pub mod gelu;
 pub mod layer_norm;
@@ -67,7 +74,7 @@ mod support;
 pub mod swiglu;
 pub mod topk_divergence;
 
-pub use support::Support;
+pub use support::{stats_dtype, Support, CUDA_FLOATS};
 
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,25 @@
 
 use candle_core::{DType, Tensor};
 
+/// The dtypes of the CUDA implementations of the loss kernels (in a build with the `cuda`
+/// feature; none without it).
+#[cfg(feature = "cuda")]
+pub const CUDA_FLOATS: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
+/// The dtypes of the CUDA implementations of the loss kernels (none: no `cuda` feature).
+#[cfg(not(feature = "cuda"))]
+pub const CUDA_FLOATS: &[DType] = &[];
+
+/// The dtype of a fused op's per-row statistics (and of its other real-valued inputs, such as
+/// teacher log-probs) for operands of `dtype`: f64 for f64, f32 otherwise (half-precision
+/// logits keep their row statistics in f32).
+pub fn stats_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// The dtypes an op's fused implementation takes on each device kind: every op's `SUPPORT`
 /// table (one line), which its `supports` reads. Off the table the op runs its composite. A
 /// CUDA implementation of an op adds the dtypes its `cuda_fwd` takes to that op's `cuda` list.

@@ -7,15 +7,18 @@
 //! `bc2 = 1 - b2^t`: the formula of [`composite::update`] (the composed update), in the same element type (the two agree to rounding: candle divides by a scalar
 //! as a multiply by its reciprocal).
 //!
-//! Not a graph node (an optimizer step is not differentiated): a CUDA implementation would be a
-//! `cuda.rs` beside `cpu.rs`, chosen in `fused` by the parameter's device.
+//! Not a graph node (an optimizer step is not differentiated): [`adamw_step`] picks the
+//! implementation by the parameter's device. On the CPU the fused pass writes new tensors; on
+//! a GPU one kernel (`adamw.cu`, `cuda.rs`) updates the parameter and both moments in place.
 
 pub mod composite;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 #[cfg(test)]
 mod tests;
 
-use candle_core::{bail, DType, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor, Var};
 
 use super::Support;
 
@@ -43,8 +46,13 @@ pub struct AdamWStep {
 /// Where the fused update runs.
 pub const SUPPORT: Support = Support {
     cpu: &[DType::F32, DType::F64],
-    cuda: &[],
+    cuda: CUDA_DTYPES,
 };
+
+#[cfg(feature = "cuda")]
+const CUDA_DTYPES: &[DType] = &[DType::F32, DType::F64];
+#[cfg(not(feature = "cuda"))]
+const CUDA_DTYPES: &[DType] = &[];
 
 /// Whether the fused update runs on these tensors: one supported device and dtype, contiguous,
 /// of one element count.
@@ -64,9 +72,24 @@ pub fn adamw_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWStep
     composite::update(w, g, m, v, s)
 }
 
+/// One AdamW step of parameter `w` with gradient `g` and moments `m`, `v` (see the module
+/// doc): on a GPU where [`supports`], one in-place kernel over `w`, `m` and `v` (the moments
+/// must be tensors of their own, sharing no storage); elsewhere [`adamw_update`]'s new tensors
+/// replace them (`w` by [`Var::set`]).
+pub fn adamw_step(w: &Var, g: &Tensor, m: &mut Tensor, v: &mut Tensor, s: AdamWStep) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if w.device().is_cuda() && supports(w, g, m, v) {
+        return cuda::update_in_place(w, g, m, v, s);
+    }
+    let (w2, m2, v2) = adamw_update(w.as_tensor(), g, m, v, s)?;
+    w.set(&w2)?;
+    (*m, *v) = (m2, v2);
+    Ok(())
+}
+
 /// The fused pass; an error off the [`SUPPORT`] table.
 fn fused(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWStep) -> Result<(Tensor, Tensor, Tensor)> {
-    if !supports(w, g, m, v) {
+    if !supports(w, g, m, v) || !w.device().is_cpu() {
         bail!("fused adamw: expected contiguous CPU f32/f64 tensors of one size and dtype")
     }
     cpu::update(w, g, m, v, s)

@@ -9,6 +9,8 @@
 
 pub mod composite;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 #[cfg(test)]
 mod tests;
 
@@ -19,7 +21,7 @@ use super::Support;
 /// Where the fused cross-entropy runs.
 pub const SUPPORT: Support = Support {
     cpu: &[DType::F32, DType::F64],
-    cuda: &[],
+    cuda: super::CUDA_FLOATS,
 };
 
 /// Whether the fused cross-entropy runs on `logits` (the targets are integer ids, taken as
@@ -73,7 +75,16 @@ impl CustomOp2 for CeFwd {
         cpu::fwd(self.eps, s1, l1, s2, l2)
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::fwd(self.eps, s1, l1, s2, l2)
+    }
 
     fn bwd(&self, z: &Tensor, y: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.narrow(D::Minus1, 0, 1)?;
@@ -100,5 +111,16 @@ impl CustomOp3 for CeBwd {
         cpu::bwd(self.eps, [(s1, l1), (s2, l2), (s3, l3)])
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::bwd(self.eps, [(s1, l1), (s2, l2), (s3, l3)])
+    }
 }

@@ -22,6 +22,8 @@ pub mod composite;
 mod cpu;
 #[cfg(target_arch = "x86_64")]
 mod cpu_avx512;
+#[cfg(feature = "cuda")]
+mod cuda;
 #[cfg(test)]
 mod tests;
 
@@ -46,7 +48,7 @@ const COLS: usize = 4;
 /// Where the fused divergences run.
 pub const SUPPORT: Support = Support {
     cpu: &[DType::F32, DType::F64],
-    cuda: &[],
+    cuda: super::CUDA_FLOATS,
 };
 
 /// Whether the fused divergences run on `student` logits against `teacher` logits on the same
@@ -147,7 +149,16 @@ impl CustomOp2 for DivergenceFwd {
         cpu::fwd(self, s1, l1, s2, l2)
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::fwd(self, s1, l1, s2, l2)
+    }
 
     fn bwd(&self, zs: &Tensor, zt: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Only column 0 (D) of the output is ever read downstream; its gradient is all that
@@ -174,5 +185,16 @@ impl CustomOp3 for DivergenceBwd {
         cpu::bwd(self, [(s1, l1), (s2, l2), (s3, l3)])
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::bwd(self, [(s1, l1), (s2, l2), (s3, l3)])
+    }
 }

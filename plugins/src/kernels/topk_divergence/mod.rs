@@ -20,6 +20,8 @@
 
 pub mod composite;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 #[cfg(test)]
 mod tests;
 
@@ -44,7 +46,7 @@ const EPS: f64 = 1e-12;
 /// Where the fused top-k KL runs.
 pub const SUPPORT: Support = Support {
     cpu: &[DType::F32, DType::F64],
-    cuda: &[],
+    cuda: super::CUDA_FLOATS,
 };
 
 /// Whether the fused top-k KL runs on `student` logits (the teacher's ids are taken as `u32`,
@@ -54,7 +56,7 @@ pub fn supports(student: &Tensor) -> bool {
 }
 
 /// Per-token top-k KL `[..]` of student logits `[.., V]` against teacher `ids` and log-probs
-/// `lpt` `[.., k]` (an entry with `lpt = -inf` is skipped), differentiable w.r.t. the student
+/// `lpt` `[.., k]` (taken in [`stats_dtype`](super::stats_dtype) of the logits) (an entry with `lpt = -inf` is skipped), differentiable w.r.t. the student
 /// only: the fused op where [`supports`], else [`composite::per_token`].
 pub fn per_token(student: &Tensor, ids: &Tensor, lpt: &Tensor, tail: TopkTail, t: f64) -> Result<Tensor> {
     if supports(student) {
@@ -67,7 +69,7 @@ pub fn per_token(student: &Tensor, ids: &Tensor, lpt: &Tensor, tail: TopkTail, t
 fn fused(student: &Tensor, ids: &Tensor, lpt: &Tensor, tail: TopkTail, t: f64) -> Result<Tensor> {
     let zs = student.contiguous()?;
     let ids = ids.to_dtype(DType::U32)?.contiguous()?;
-    let lpt = lpt.detach().to_dtype(zs.dtype())?.contiguous()?;
+    let lpt = lpt.detach().to_dtype(super::stats_dtype(zs.dtype()))?.contiguous()?;
     let (sd, id) = (zs.dims(), ids.dims());
     if sd.len() != id.len() || sd[..sd.len() - 1] != id[..id.len() - 1] || ids.dims() != lpt.dims() {
         bail!(
@@ -111,7 +113,18 @@ impl CustomOp3 for TopkFwd {
         cpu::fwd(self, [(s1, l1), (s2, l2), (s3, l3)])
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::fwd(self, [(s1, l1), (s2, l2), (s3, l3)])
+    }
 
     fn bwd(
         &self,
@@ -152,5 +165,16 @@ impl CustomOp3 for TopkBwd {
         cpu::bwd(self, [(s1, l1), (s2, l2), (s3, l3)])
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::bwd(self, [(s1, l1), (s2, l2), (s3, l3)])
+    }
 }

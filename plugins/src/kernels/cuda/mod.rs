@@ -1,0 +1,121 @@
+//! What the kernels' CUDA implementations share (feature `cuda`): the PTX modules compiled from
+//! each op's `.cu` file by `plugins/build.rs`, the launch (in [`raw`]), and the plumbing every
+//! `cuda.rs` needs (operand views, kernel names by dtype, the one-block-per-row grid).
+//!
+//! The kernels are written for `compute_80` (portable PTX that the driver compiles for the GPU
+//! at load: Ampere, Hopper and later) and launched on candle's stream, so they are ordered with
+//! candle's own ops. `common.cuh` holds the device code they share: conversions (math in f32,
+//! f64 for f64 storage), fixed-order warp/block reductions (no atomics: results do not depend
+//! on scheduling) and the online log-sum-exp.
+
+mod raw;
+#[cfg(test)]
+mod tests;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::{CudaDType, CudaStorage};
+use candle_core::{bail, DType, Layout, Result};
+
+pub(crate) use raw::{launch, output, update_in_place};
+
+/// The generated `pub const NAME: &str` PTX of every `.cu` file of the kernels.
+#[allow(missing_docs)]
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
+
+/// A PTX module: its name in candle's module cache and its text.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Module {
+    /// Unique name in the device's module cache.
+    pub name: &'static str,
+    /// The PTX.
+    pub ptx: &'static str,
+}
+
+/// `divergence/divergence.cu`.
+pub(crate) const DIVERGENCE: Module = Module {
+    name: "retort-divergence",
+    ptx: ptx::DIVERGENCE,
+};
+/// `topk_divergence/topk_divergence.cu`.
+pub(crate) const TOPK_DIVERGENCE: Module = Module {
+    name: "retort-topk-divergence",
+    ptx: ptx::TOPK_DIVERGENCE,
+};
+/// `cross_entropy/cross_entropy.cu`.
+pub(crate) const CROSS_ENTROPY: Module = Module {
+    name: "retort-cross-entropy",
+    ptx: ptx::CROSS_ENTROPY,
+};
+/// `adamw/adamw.cu`.
+pub(crate) const ADAMW: Module = Module {
+    name: "retort-adamw",
+    ptx: ptx::ADAMW,
+};
+
+/// Every module, for the tests.
+#[cfg(test)]
+pub(crate) const MODULES: [Module; 4] = [DIVERGENCE, TOPK_DIVERGENCE, CROSS_ENTROPY, ADAMW];
+
+/// `$f::<T, A>(args..)` for the logits' dtype `$dtype`: `T` the element type, `A` the type of
+/// the row statistics (f32, f64 for f64); an error naming `$what` for other dtypes.
+macro_rules! by_float_dtype {
+    ($dtype:expr, $what:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32, f32>($($arg),*),
+            candle_core::DType::F64 => $f::<f64, f64>($($arg),*),
+            candle_core::DType::F16 => $f::<half::f16, f32>($($arg),*),
+            candle_core::DType::BF16 => $f::<half::bf16, f32>($($arg),*),
+            other => candle_core::bail!("{}: no CUDA kernel for {other:?}", $what),
+        }
+    };
+}
+pub(crate) use by_float_dtype;
+
+/// The name of `base`'s instance for `dtype` (`divergence_fwd_bf16`, ...).
+pub(crate) fn kernel(base: &str, dtype: DType) -> Result<String> {
+    let suffix = match dtype {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("{base}: no CUDA kernel for {other:?}"),
+    };
+    Ok(format!("{base}_{suffix}"))
+}
+
+/// One block per row of `width` elements: 128 threads for narrow rows, up to 512 for wide ones.
+pub(crate) fn rows_config(rows: usize, width: usize) -> Result<LaunchConfig> {
+    let Ok(blocks) = u32::try_from(rows) else {
+        bail!("{rows} rows exceed one CUDA grid")
+    };
+    let threads = match width {
+        w if w >= 16_384 => 512,
+        w if w >= 2_048 => 256,
+        _ => 128,
+    };
+    Ok(LaunchConfig {
+        grid_dim: (blocks.max(1), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// The row width as the kernels' `int`.
+pub(crate) fn width(v: usize) -> Result<i32> {
+    i32::try_from(v).or_else(|_| bail!("a row of {v} elements exceeds the CUDA kernels' limit"))
+}
+
+/// The contiguous elements of operand `what` as a view of its storage.
+pub(crate) fn view<'a, T: CudaDType + DeviceRepr>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let slice = s.as_cuda_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(slice.slice(start..end)),
+        None => bail!("{what}: expected a contiguous tensor"),
+    }
+}

@@ -1,0 +1,205 @@
+//! The CUDA kernels: their PTX holds every entry point the `cuda.rs` files launch (checked on
+//! any machine), and, where a GPU opens, each fused op on it agrees with the f64 composite on
+//! the CPU (values and gradients). Without a GPU the device checks say so and pass.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use super::MODULES;
+use crate::kernels::adamw::{self, AdamWStep};
+use crate::kernels::divergence::{self, Divergence};
+use crate::kernels::test_util::values;
+use crate::kernels::topk_divergence::{self, TopkTail};
+use crate::kernels::{cross_entropy, stats_dtype};
+
+#[test]
+fn every_module_holds_the_kernels_its_rust_side_launches() {
+    let expect: [(&str, &[&str]); 4] = [
+        ("retort-divergence", &["divergence_fwd", "divergence_bwd"]),
+        ("retort-topk-divergence", &["topk_fwd", "topk_bwd"]),
+        ("retort-cross-entropy", &["ce_fwd", "ce_bwd"]),
+        ("retort-adamw", &["adamw"]),
+    ];
+    for (module, (name, kernels)) in MODULES.iter().zip(expect) {
+        assert_eq!(module.name, name);
+        assert!(module.ptx.contains(".target sm_80"), "{name}: not compute_80 PTX");
+        let dtypes: &[&str] = if name == "retort-adamw" {
+            &["f32", "f64"]
+        } else {
+            &["f32", "f64", "f16", "bf16"]
+        };
+        for k in kernels {
+            for d in dtypes {
+                let entry = format!(".entry {k}_{d}(");
+                assert!(module.ptx.contains(&entry), "{name} lacks `{entry}`");
+            }
+        }
+    }
+}
+
+/// The first GPU, or `None` (and a note) where none opens.
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("no CUDA device opens ({e}): the GPU checks are skipped");
+            None
+        }
+    }
+}
+
+/// Deterministic pseudo-random values in `[-scale, scale)`.
+fn noise(n: usize, seed: u64, scale: f64) -> Vec<f64> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// `(f(z) [rows], d(sum_r w_r f(z)_r)/dz)` as f64 values.
+fn value_and_grad(f: &dyn Fn(&Tensor) -> Result<Tensor>, z: &Tensor, w: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
+    let var = Var::from_tensor(z)?;
+    let out = f(var.as_tensor())?;
+    let loss = (out.to_dtype(DType::F64)? * w.to_dtype(DType::F64)?.to_device(out.device())?)?.sum_all()?;
+    let grads = loss.backward()?;
+    let g = grads.get(var.as_tensor()).expect("a gradient").clone();
+    Ok((values(&out), values(&g)))
+}
+
+/// Normwise relative error `max|x - r| / max|r|`, infinite where `x` is not finite and `r` is.
+fn error(x: &[f64], r: &[f64]) -> f64 {
+    assert_eq!(x.len(), r.len());
+    let scale = r.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    x.iter().zip(r).fold(0f64, |m, (a, b)| {
+        if b.is_finite() && !a.is_finite() {
+            f64::INFINITY
+        } else {
+            m.max((a - b).abs() / scale)
+        }
+    })
+}
+
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e-10,
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        _ => 2e-2,
+    }
+}
+
+/// Checks `op` on the GPU in each dtype against `op` on the CPU in f64 (the composite there:
+/// `reference`), for logits `[rows, v]` and row weights with zeros.
+fn check(
+    gpu: &Device,
+    what: &str,
+    op: &dyn Fn(&Tensor) -> Result<Tensor>,
+    reference: &dyn Fn(&Tensor) -> Result<Tensor>,
+) {
+    let (rows, v) = (7, 3001);
+    let z = Tensor::from_vec(noise(rows * v, 1, 4.0), (rows, v), &Device::Cpu).expect("z");
+    let w: Vec<f64> = noise(rows, 2, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(i, x)| if i % 3 == 0 { 0.0 } else { x.abs() })
+        .collect();
+    let w = Tensor::from_vec(w, rows, &Device::Cpu).expect("w");
+    for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+        // The reference sees the same rounded inputs.
+        let zd = z.to_dtype(dtype).expect("cast");
+        let (rv, rg) = value_and_grad(reference, &zd.to_dtype(DType::F64).expect("f64"), &w).expect("reference");
+        let (gv, gg) = value_and_grad(op, &zd.to_device(gpu).expect("to gpu"), &w).expect(what);
+        let (ev, eg) = (error(&gv, &rv), error(&gg, &rg));
+        assert!(
+            ev <= tolerance(dtype) && eg <= tolerance(dtype),
+            "{what} {dtype:?}: value error {ev:e}, gradient error {eg:e}"
+        );
+    }
+}
+
+#[test]
+fn divergences_on_the_gpu_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let teacher = Tensor::from_vec(noise(7 * 3001, 3, 4.0), (7, 3001), &Device::Cpu).expect("zt");
+    for kind in [Divergence::Forward, Divergence::Reverse, Divergence::Jsd(0.3)] {
+        for t in [1.0, 2.0] {
+            let on = |z: &Tensor| {
+                let zt = teacher.to_dtype(z.dtype())?.to_device(z.device())?;
+                divergence::per_token(z, &zt, t, kind)
+            };
+            let reference = |z: &Tensor| divergence::composite::per_token(z, &teacher, t, kind);
+            check(&gpu, &format!("{kind:?} T={t}"), &on, &reference);
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_on_the_gpu_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let targets: Vec<u32> = (0..7u32).map(|i| (i * 409) % 3001).collect();
+    let y = Tensor::new(targets.as_slice(), &Device::Cpu).expect("y");
+    for eps in [0.0, 0.1] {
+        let on = |z: &Tensor| cross_entropy::per_token(z, &y.to_device(z.device())?, eps);
+        let reference = |z: &Tensor| cross_entropy::composite::per_token(z, &y, eps);
+        check(&gpu, &format!("ce eps={eps}"), &on, &reference);
+    }
+}
+
+#[test]
+fn topk_on_the_gpu_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let k = 12;
+    let ids: Vec<u32> = (0..7 * k as u32).map(|i| (i * 7919) % 3001).collect();
+    let ids = Tensor::from_vec(ids, (7, k), &Device::Cpu).expect("ids");
+    // Teacher log-probs of a proper distribution over k + 1 outcomes; one entry marked -inf
+    // per row as the union marks duplicates.
+    let lp: Vec<f64> = noise(7 * k, 5, 2.0)
+        .iter()
+        .enumerate()
+        .map(|(i, x)| if i % k == 3 { f64::NEG_INFINITY } else { x - 4.0 })
+        .collect();
+    let lpt = Tensor::from_vec(lp, (7, k), &Device::Cpu).expect("lpt");
+    for tail in [TopkTail::Bucket, TopkTail::Renormalize] {
+        for t in [1.0, 2.0] {
+            let on = |z: &Tensor| {
+                let dev = z.device();
+                let l = lpt.to_dtype(stats_dtype(z.dtype()))?.to_device(dev)?;
+                topk_divergence::per_token(z, &ids.to_device(dev)?, &l, tail, t)
+            };
+            let reference = |z: &Tensor| topk_divergence::composite::per_token(z, &ids, &lpt, tail, t);
+            check(&gpu, &format!("topk {tail:?} T={t}"), &on, &reference);
+        }
+    }
+}
+
+#[test]
+fn adamw_on_the_gpu_matches_the_cpu_in_place() {
+    let Some(gpu) = gpu() else { return };
+    let n = 70_001;
+    let t = |seed, scale| Tensor::from_vec(noise(n, seed, scale), n, &Device::Cpu).expect("t");
+    let (w, g, m, v) = (t(1, 1.0), t(2, 0.1), t(3, 0.01), t(4, 0.001).abs().expect("abs"));
+    let s = AdamWStep {
+        beta1: 0.9,
+        beta2: 0.95,
+        bias_correction1: 0.1,
+        bias_correction2: 0.05,
+        eps: 1e-8,
+        lr: 1e-3,
+        weight_decay: 0.1,
+        grad_scale: 0.5,
+    };
+    for dtype in [DType::F32, DType::F64] {
+        let c = |x: &Tensor| x.to_dtype(dtype).expect("cast");
+        let (rw, rm, rv) = adamw::composite::update(&c(&w), &c(&g), &c(&m), &c(&v), s).expect("reference");
+        let on = |x: &Tensor| c(x).to_device(&gpu).expect("to gpu");
+        let wv = Var::from_tensor(&on(&w)).expect("var");
+        let (mut gm, mut gv) = (on(&m), on(&v));
+        adamw::adamw_step(&wv, &on(&g), &mut gm, &mut gv, s).expect("step");
+        for (got, want, name) in [(wv.as_tensor(), &rw, "w"), (&gm, &rm, "m"), (&gv, &rv, "v")] {
+            let e = error(&values(got), &values(want));
+            assert!(e <= tolerance(dtype), "adamw {dtype:?} {name}: error {e:e}");
+        }
+    }
+}

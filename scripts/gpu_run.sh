@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The GPU check, run on a GPU machine from the repository root after scripts/gpu_pack.sh made
+# gpu/ here (the machine needs no Rust toolchain and no network; Python with PyTorch and
+# transformers, and NVIDIA's CUDA 13 libraries as Python packages or system libraries).
+# Under 8 minutes on an H100/H200:
+#   1. where the binary's libraries come from (`ldd`), the GPU (`nvidia-smi`);
+#   2. `retort selftest --device cuda`: every fused op against its composite;
+#   3. the quickstart on cuda and on the CPU, side by side: val losses must agree within 1e-3;
+#   4. the SmolLM2-shaped KD step (teacher 30 blocks, 4-block student, batch 8 x 256, f32) with
+#      retort on cuda, then with transformers + PyTorch eager on the same GPU: tokens/s, peak
+#      memory, and their ratio.
+# Writes everything to $OUT (default /tmp/retort-gpu): gpu_run.log, selftest.txt, summary.json.
+#
+#   scripts/gpu_run.sh [--quick]      # --quick: selftest only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/retort-gpu}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_run.log") 2>&1
+PY="${PYTHON:-python3}"
+quick=0
+[[ "${1:-}" == "--quick" ]] && quick=1
+say() { printf '\n== %s (%s s)\n' "$*" "$SECONDS"; }
+
+say "binary"
+bin=/tmp/retort-bin/retort
+mkdir -p /tmp/retort-bin
+[[ -f gpu/retort.xz ]] || { echo "gpu/retort.xz missing: run scripts/gpu_pack.sh first"; exit 2; }
+if command -v xz >/dev/null; then
+  xz -dc gpu/retort.xz >"$bin"
+else
+  "$PY" -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' gpu/retort.xz "$bin"
+fi
+chmod +x "$bin"
+echo "commit $(cat gpu/COMMIT 2>/dev/null)"
+
+# NVIDIA's libraries: the Python packages' (site-packages/nvidia/*/lib), then the system's.
+libs=$("$PY" - <<'PYEOF'
+import glob, os, site
+roots = site.getsitepackages() + [site.getusersitepackages()]
+want = ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcudart.so.13", "libnvrtc.so.13", "libnccl.so.2"]
+dirs = []
+for r in roots:
+    for w in want:
+        for f in glob.glob(os.path.join(r, "nvidia", "**", w), recursive=True):
+            d = os.path.dirname(f)
+            if d not in dirs:
+                dirs.append(d)
+print(":".join(dirs))
+PYEOF
+)
+export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:/usr/local/nvidia/lib64:/usr/local/nvidia/lib"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+ldd "$bin" | grep -E 'cuda|cublas|curand|nvrtc|nccl|not found'
+if ldd "$bin" | grep -q 'stubs'; then echo "the driver stand-ins are on the library path: stop"; exit 1; fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+
+say "selftest --device cuda"
+timeout 240 "$bin" selftest --device cuda | tee "$OUT/selftest.txt"
+selftest_rc=${PIPESTATUS[0]}
+echo "selftest exit code $selftest_rc"
+((quick)) && exit "$selftest_rc"
+
+say "quickstart on cuda and on the CPU (side by side)"
+rm -rf /tmp/qs-cuda /tmp/qs-cpu
+(timeout 200 "$bin" run --quiet --out /tmp/qs-cpu >"$OUT/quickstart_cpu.txt" 2>&1; echo "cpu exit $?" >>"$OUT/quickstart_cpu.txt") &
+cpu_pid=$!
+timeout 200 "$bin" run --quiet --out /tmp/qs-cuda --set run.device=cuda 2>&1 | tee "$OUT/quickstart_cuda.txt"
+echo "cuda exit ${PIPESTATUS[0]}"
+wait "$cpu_pid"
+cat "$OUT/quickstart_cpu.txt"
+
+say "SmolLM2-shaped teacher (random weights) for both sides"
+rm -rf /tmp/retort-smollm2
+timeout 120 "$PY" scripts/gpu/torch_kd_smollm2.py --save-teacher /tmp/retort-smollm2 &&
+  cp gpu/smollm2/tokenizer.json /tmp/retort-smollm2/
+
+say "retort KD step on cuda (batch 8 x 256, f32)"
+rm -rf /tmp/kd-cuda
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >/tmp/retort-mem.txt &
+mem_pid=$!
+timeout 240 "$bin" run scripts/gpu/smollm2_kd.toml --quiet --out /tmp/kd-cuda \
+  --set data.path=gpu/tinyshakespeare.txt --set data.tokenizer.path=gpu/smollm2/tokenizer.json \
+  --set teacher.checkpoint=/tmp/retort-smollm2 2>&1 | tail -40
+echo "retort exit ${PIPESTATUS[0]}"
+kill "$mem_pid" 2>/dev/null
+echo "retort peak GPU memory used (MiB, whole device): $(sort -n /tmp/retort-mem.txt | tail -1)"
+
+say "transformers + PyTorch eager, same shapes, same GPU"
+timeout 150 "$PY" scripts/gpu/torch_kd_smollm2.py --teacher /tmp/retort-smollm2 --steps 20 --dtype f32 | tee "$OUT/torch_f32.json"
+timeout 100 "$PY" scripts/gpu/torch_kd_smollm2.py --teacher /tmp/retort-smollm2 --steps 20 --dtype bf16 | tee "$OUT/torch_bf16.json"
+
+say "summary"
+"$PY" - "$OUT" <<'PYEOF'
+import json, os, sys
+out = sys.argv[1]
+def load(p):
+    try:
+        return json.load(open(p))
+    except Exception as e:
+        return {"error": str(e)}
+def leaves(x, path=""):
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from leaves(v, f"{path}.{k}" if path else k)
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from leaves(v, f"{path}[{i}]")
+    else:
+        yield path, x
+summary = {}
+qs = {d: dict(leaves(load(f"/tmp/qs-{d}/report.json"))) for d in ("cuda", "cpu")}
+vals = {k: (qs["cuda"].get(k), v) for k, v in qs["cpu"].items()
+        if "val" in k and "loss" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+summary["quickstart_val_loss_cuda_vs_cpu"] = vals
+diffs = [abs(a - b) for a, b in vals.values() if isinstance(a, (int, float))]
+summary["quickstart_max_val_loss_diff"] = max(diffs) if diffs else None
+kd = dict(leaves(load("/tmp/kd-cuda/report.json")))
+tps = {k: v for k, v in kd.items() if k.endswith("tokens_per_s")}
+summary["retort_kd_tokens_per_s"] = tps
+for dt in ("f32", "bf16"):
+    try:
+        summary[f"torch_{dt}"] = json.loads(open(f"{out}/torch_{dt}.json").read().strip().splitlines()[-1])
+    except Exception as e:
+        summary[f"torch_{dt}"] = {"error": str(e)}
+r = [v for v in tps.values() if isinstance(v, (int, float))]
+t = summary["torch_f32"].get("tokens_per_s")
+if r and t:
+    summary["retort_over_torch_f32"] = round(max(r) / t, 3)
+json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
+print(json.dumps(summary, indent=1))
+PYEOF
+say "done"
