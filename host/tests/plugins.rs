@@ -32,6 +32,12 @@ fn plugin_dir() -> PathBuf {
             "--target-dir",
         ])
         .arg(target)
+        // A plugin must be built with the host's features (its ABI fingerprint names them).
+        .args(if cfg!(feature = "cuda") {
+            &["--features", "retort-sdk/cuda"][..]
+        } else {
+            &[]
+        })
         .current_dir(&root)
         .status()
         .expect("run cargo build");

@@ -25,6 +25,16 @@ pub fn sdk_path() -> PathBuf {
     p.canonicalize().unwrap_or(p)
 }
 
+/// The retort-sdk features of this binary, as a dependency's `features = [...]` (the ABI
+/// fingerprint names the features: a plugin of a CUDA build is built with `cuda`).
+fn sdk_features() -> &'static str {
+    if cfg!(feature = "cuda") {
+        r#", features = ["cuda"]"#
+    } else {
+        ""
+    }
+}
+
 fn pascal(kind: &str) -> String {
     kind.split('_')
         .filter(|p| !p.is_empty())
@@ -71,6 +81,7 @@ pub fn new_plugin(name: &str, kind: PluginKind, dir: &Path) -> Result<PathBuf> {
             .replace("{Type}", &pascal(&kind_name))
             .replace("{lib_path}", &lib_path)
             .replace("{sdk_path}", &sdk_path().display().to_string())
+            .replace("{sdk_features}", sdk_features())
             .replace("{category}", if kind == PluginKind::Loss { "loss" } else { "router" })
     };
     std::fs::create_dir_all(root.join("src")).map_err(|e| Error::io("creating plugin directory", &root, e))?;

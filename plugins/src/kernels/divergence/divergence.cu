@@ -10,30 +10,47 @@ using namespace retort;
 
 enum Kind { FORWARD = 0, REVERSE = 1, JSD = 2, SKEW_FORWARD = 3, SKEW_REVERSE = 4, TVD = 5 };
 
-// The second sweep's per-element terms: adds to `d` and `aux` (see mod.rs).
+// `p * x`, 0 where `p == 0` (the limit at a `-inf` logit), NaN where `p` is NaN.
+template <typename A> __device__ __forceinline__ A pmul0(A p, A x) { return p == A(0) ? A(0) : p * x; }
+
+// The skew mixture relative to its own side `p` (log-prob `l`; the other side `lo`):
+// `w = (1 - alpha) p_o / p` (the ratio capped at 1e30), `q = m / p = alpha + w`. The skew KLs
+// take `ln(m / p) = ln q` rather than `ln m - ln p`, which loses f32 digits (as on the CPU).
+template <typename A> struct Skew {
+  A p, po, w, q;
+};
+template <typename A> __device__ __forceinline__ Skew<A> skew(A alpha, A l, A lo) {
+  Skew<A> k;
+  k.p = exp_(l);
+  k.po = exp_(lo);
+  const A ratio = k.po / k.p;
+  k.w = (A(1) - alpha) * (ratio > A(1e30) ? A(1e30) : ratio);
+  k.q = alpha + k.w;
+  return k;
+}
+
+// The second sweep's per-element terms: adds to `d` and `aux` (see mod.rs and terms.rs: the
+// same evaluation as the CPU rows).
 template <typename A>
 __device__ __forceinline__ void second_terms(int kind, A param, A ls, A lt, A& d, A& aux) {
-  const A ps = exp_(ls), pt = exp_(lt);
   if (kind == JSD) {
+    const A ps = exp_(ls), pt = exp_(lt);
     const A bt = param, bs = A(1) - param;
     const A lm = log_(bt * pt + bs * ps);
-    const A gs = pmul(ps, ls - lm);
-    d += bt * pmul(pt, lt - lm) + bs * gs;
-    aux += bs * gs;
-  } else if (kind == SKEW_FORWARD) {
-    const A m = param * pt + (A(1) - param) * ps;
-    if (m > A(0)) {
-      d += pmul(pt, lt - log_(m));
-      aux += ps * (pt / m);
-    }
-  } else if (kind == SKEW_REVERSE) {
-    const A m = param * ps + (A(1) - param) * pt;
-    if (m > A(0)) {
-      const A lm = log_(m);
-      d += pmul(ps, ls - lm);
-      aux += pmul(ps, ls - lm - param * ps / m);
-    }
+    const A gs = bs * pmul(ps, ls - lm);
+    d += bt * pmul(pt, lt - lm) + gs;
+    aux += gs;
+  } else if (kind == SKEW_FORWARD) {  // d = p_t (lt - ln m), a = p_s p_t / m
+    const Skew<A> k = skew(param, lt, ls);
+    d += pmul0(k.p, -log_(k.q));
+    aux += pmul0(k.po, A(1) / k.q);
+  } else if (kind == SKEW_REVERSE) {  // d = p_s (ls - ln m), a = p_s (ls - ln m + (1 - alpha) p_t / m)
+    const Skew<A> k = skew(param, ls, lt);
+    const A x = -log_(k.q);
+    d += pmul0(k.p, x);
+    aux += pmul0(k.p, x + k.w / k.q);
   } else {  // TVD
+    const A ps = exp_(ls), pt = exp_(lt);
     const A diff = pt - ps;
     d += A(0.5) * (diff >= A(0) ? diff : -diff);
     aux += ps * (diff >= A(0) ? A(-1) : A(1));
@@ -82,26 +99,29 @@ __device__ void divergence_fwd(const T* zs, const T* zt, typename Acc<T>::type* 
 // dD/da_u / (the row's incoming gradient) for one element (see mod.rs).
 template <typename A>
 __device__ __forceinline__ A grad_term(int kind, A param, A ls, A lt, A d, A aux) {
-  const A ps = exp_(ls), pt = exp_(lt);
   switch (kind) {
     case FORWARD:
-      return ps - pt;
-    case REVERSE:
+      return exp_(ls) - exp_(lt);
+    case REVERSE: {
+      const A ps = exp_(ls);
       return pmul(ps, ls - lt - d);
+    }
     case JSD: {
-      const A bs = A(1) - param;
+      const A ps = exp_(ls), pt = exp_(lt), bs = A(1) - param;
       return pmul(ps, bs * (ls - log_(param * pt + bs * ps)) - aux);
     }
     case SKEW_FORWARD: {
-      const A m = param * pt + (A(1) - param) * ps;
-      return m > A(0) ? -(A(1) - param) * ps * (pt / m - aux) : A(0);
+      const Skew<A> k = skew(param, lt, ls);
+      return -((A(1) - param) * pmul0(k.po, A(1) / k.q - aux));
     }
     case SKEW_REVERSE: {
-      const A m = param * ps + (A(1) - param) * pt;
-      return m > A(0) ? pmul(ps, ls - log_(m) - param * ps / m - aux) : A(0);
+      const Skew<A> k = skew(param, ls, lt);
+      return pmul0(k.p, -log_(k.q) + k.w / k.q - aux);
     }
-    default:  // TVD
+    default: {  // TVD
+      const A ps = exp_(ls), pt = exp_(lt);
       return A(0.5) * ps * ((pt - ps >= A(0) ? A(-1) : A(1)) - aux);
+    }
   }
 }
 
