@@ -13,7 +13,7 @@
 //! - skew forward(alpha), `m = alpha p_t + (1 - alpha) p_s`: `D = KL(p_t || m)`,
 //!   `dD/da_u = -(1 - alpha) p_s,u (r_u - aux)` with `r_v = p_t,v / m_v`, `aux = sum_v p_s,v r_v`;
 //! - skew reverse(alpha), `m = alpha p_s + (1 - alpha) p_t`: `D = KL(p_s || m)`,
-//!   `dD/da_u = p_s,u (k_u - aux)` with `k_v = ls_v - ln m_v - alpha p_s,v / m_v`,
+//!   `dD/da_u = p_s,u (k_u - aux)` with `k_v = dD/dp_s,v = ls_v - ln m_v + (1 - alpha) p_t,v / m_v`,
 //!   `aux = sum_v p_s,v k_v`;
 //! - tvd: `D = 0.5 sum_v |p_t,v - p_s,v|`, `dD/da_u = 0.5 p_s,u (sigma_u - aux)` with
 //!   `sigma_v = -1` where `p_t,v >= p_s,v`, else `+1` (the derivative of `|p_t - p_s|` w.r.t.
