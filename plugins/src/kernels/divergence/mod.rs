@@ -68,7 +68,7 @@ impl Divergence {
         Ok(match self {
             Divergence::Jsd(b) if b <= 0.0 => Divergence::Forward,
             Divergence::Jsd(b) if b >= 1.0 => Divergence::Reverse,
-            Divergence::SkewForward(a) | Divergence::SkewReverse(a) if !(a < 1.0) => {
+            Divergence::SkewForward(a) | Divergence::SkewReverse(a) if a >= 1.0 || a.is_nan() => {
                 bail!("skew KL alpha {a} is not in [0, 1)")
             }
             Divergence::SkewForward(a) if a <= 0.0 => Divergence::Forward,
