@@ -1,9 +1,8 @@
-//! The divergence rows (forward KL, reverse KL, JSD: the kinds of [`Avx512Kind`]; skew KL and
-//! TVD have only the generic rows) for f32 with AVX-512 FMA intrinsics: the
-//! same formulas, sweeps and f64 block accumulation as the generic rows of `cpu.rs`, with the
-//! 13-instruction
-//! [`exp_ps`] and the FMA [`ln_ps`] (the generic rows spend most of their time in the
-//! uncontracted Cephes `exp`/`ln`) and the gradient written with non-temporal stores (no
+//! The divergence rows for f32 with AVX-512 FMA intrinsics, for the kinds of [`Avx512Kind`]
+//! only (forward KL, reverse KL, JSD; skew KL and TVD have only the generic rows): the same
+//! formulas, sweeps and f64 block accumulation as the generic rows of `cpu.rs`, with the
+//! 13-instruction [`exp_ps`] and the FMA [`ln_ps`] (the generic rows spend most of their time
+//! in the uncontracted Cephes `exp`/`ln`) and the gradient written with non-temporal stores (no
 //! read-for-ownership of the 4 bytes per element the backward writes).
 
 use std::arch::x86_64::*;
