@@ -47,6 +47,16 @@ impl Tempered {
         Ok((divergence::per_token(&zs, &zt, t, kind)?, t))
     }
 
+    /// Per-token divergence `[b, s]` at the step's temperature: the divergence op ([`Self::fused`])
+    /// when `fused`, else its composite from [`Self::log_probs`] (the reference, `fused = false`).
+    pub fn per_token(&self, ctx: &StepContext, kind: FusedKind, fused: bool) -> Result<(Tensor, f64)> {
+        if fused {
+            return self.fused(ctx, kind);
+        }
+        let (ls, lt, t) = self.log_probs(ctx)?;
+        Ok((divergence::composite::from_log_probs(&ls, &lt, kind)?, t))
+    }
+
     /// Student and teacher log-probabilities at the step's temperature, `[b, s, v]` each.
     pub fn log_probs(&self, ctx: &StepContext) -> Result<(Tensor, Tensor, f64)> {
         let teacher = ctx

@@ -5,7 +5,11 @@
 //! `KL(p_s || alpha * p_s + (1 - alpha) * p_t)`. Mixing a little of the target distribution
 //! into the second argument bounds the divergence and stabilises its gradient; `alpha = 0` is
 //! plain (forward or reverse) KL. `L = s * mean_tokens`, `s = T^2` only if `scale_by_t2`
-//! (default false: DistiLLM uses no temperature).
+//! (default false: DistiLLM uses no temperature). `alpha` may be a schedule.
+//!
+//! Computed by the fused divergence op (`kernels::divergence`, `SkewForward` / `SkewReverse`:
+//! one kernel over the logits on CPU f32/f64, its composite elsewhere); `fused = false`
+//! composes candle ops over the full log-probabilities (the reference).
 //!
 //! ```toml
 //! [[loss]]
@@ -14,14 +18,14 @@
 //! alpha = 0.1
 //! ```
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use serde::Deserialize;
 
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, LossTerm, Params, Progress, Result, Scalar, ScalarSpec, StepContext};
 
-use super::logit::{one, Tempered};
-use crate::kernels::divergence::composite::log_mix;
+use super::logit::{one, yes, Tempered};
+use crate::kernels::divergence::Divergence as FusedKind;
 
 /// Which argument is skewed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
@@ -31,6 +35,16 @@ pub enum Direction {
     Forward,
     /// `KL(p_s || alpha p_s + (1 - alpha) p_t)`.
     Reverse,
+}
+
+impl Direction {
+    /// The divergence op's kind for skew `alpha`.
+    fn kind(self, alpha: f64) -> FusedKind {
+        match self {
+            Direction::Forward => FusedKind::SkewForward(alpha),
+            Direction::Reverse => FusedKind::SkewReverse(alpha),
+        }
+    }
 }
 
 /// Params of `skew_kl`.
@@ -49,6 +63,9 @@ pub struct SkewParams {
     /// Multiply by `T^2`. Default false.
     #[serde(default)]
     pub scale_by_t2: bool,
+    /// Use the fused kernel (default true); `false` composes candle ops.
+    #[serde(default = "yes")]
+    pub fused: bool,
 }
 
 fn forward() -> Direction {
@@ -63,22 +80,13 @@ pub struct SkewKl {
     direction: Direction,
     alpha: Scalar,
     tempered: Tempered,
+    fused: bool,
 }
 
 impl LossTerm for SkewKl {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
-        let (ls, lt, t) = self.tempered.log_probs(ctx)?;
-        let alpha = self.alpha.at(ctx.progress);
-        let (lp, lq) = match self.direction {
-            Direction::Forward => (&lt, &ls),
-            Direction::Reverse => (&ls, &lt),
-        };
-        let lm = if alpha > 0.0 {
-            log_mix(lp, lq, alpha)?
-        } else {
-            lq.clone()
-        };
-        let per_token = (lp.exp()? * (lp - lm)?)?.sum(D::Minus1)?;
+        let kind = self.direction.kind(self.alpha.at(ctx.progress));
+        let (per_token, t) = self.tempered.per_token(ctx, kind, self.fused)?;
         self.tempered.reduce(&per_token, ctx, t)
     }
     fn needs_teacher(&self) -> bool {
@@ -103,6 +111,7 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
         direction: p.direction,
         alpha,
         tempered: Tempered::new(params, ctx, &p.temperature, p.scale_by_t2)?,
+        fused: p.fused,
     }))
 }
 
@@ -154,6 +163,21 @@ mod tests {
             )
             .expect("build");
             check_gradient(term.as_ref());
+        }
+    }
+
+    #[test]
+    fn fused_matches_composite_with_weights_mask_and_temperature() {
+        for (dir, alpha, t) in [
+            ("forward", 0.1, 1.0),
+            ("reverse", 0.5, 2.5),
+            ("forward", 0.9, 2.5),
+            ("reverse", 0.0, 1.0),
+        ] {
+            check_fused_matches_composite(
+                super::build,
+                serde_json::json!({"direction": dir, "alpha": alpha, "temperature": t, "scale_by_t2": true}),
+            );
         }
     }
 

@@ -5,33 +5,45 @@
 //! `L = s * mean_tokens 0.5 * sum_v |p_t(v) - p_s(v)|`, `p = softmax(z / T)`, `s = T^2` only if
 //! `scale_by_t2` (default false). Bounded in `[0, 1]` per token.
 //!
+//! Computed by the fused divergence op (`kernels::divergence`, `Tvd`: one kernel over the
+//! logits on CPU f32/f64, its composite elsewhere); `fused = false` composes candle ops over
+//! the full log-probabilities (the reference, [`tvd_per_token`]).
+//!
 //! ```toml
 //! [[loss]]
 //! kind = "tvd"
 //! temperature = 1.0
 //! ```
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, LossTerm, Params, Result};
 
-use super::logit::{DivergenceTerm, TemperatureParams};
+use crate::kernels::divergence::{composite, Divergence as FusedKind};
 
-/// Per-token `0.5 * sum_v |p_t - p_s|`.
+use super::logit::{DivergenceTerm, FusableParams};
+
+/// Per-token `0.5 * sum_v |p_t - p_s|` from tempered log-probabilities.
 pub fn tvd_per_token(ls: &Tensor, lt: &Tensor) -> Result<Tensor> {
-    Ok(((lt.exp()? - ls.exp()?)?.abs()?.sum(D::Minus1)? * 0.5)?)
+    Ok(composite::tvd(ls, lt)?)
 }
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
-    Ok(Box::new(DivergenceTerm::build(params, ctx, tvd_per_token, false)?))
+    Ok(Box::new(DivergenceTerm::build_fusable(
+        params,
+        ctx,
+        tvd_per_token,
+        FusedKind::Tvd,
+        false,
+    )?))
 }
 
 inventory::submit! {
     Factory::<dyn LossTerm> {
         kind: "tvd",
         description: "total variation distance 0.5 * sum |p_t - p_s| between teacher and student",
-        build, params: retort_core::registry::params_schema::<TemperatureParams> }
+        build, params: retort_core::registry::params_schema::<FusableParams> }
 }
 
 #[cfg(test)]
@@ -56,5 +68,12 @@ mod tests {
     fn gradient_matches_finite_difference() {
         let term = build_term(super::build, serde_json::json!({})).expect("build");
         check_gradient(term.as_ref());
+    }
+
+    #[test]
+    fn fused_matches_composite_with_weights_mask_and_temperature() {
+        for t in [1.0, 2.5] {
+            check_fused_matches_composite(super::build, serde_json::json!({ "temperature": t }));
+        }
     }
 }

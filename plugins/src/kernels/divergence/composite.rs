@@ -29,6 +29,9 @@ pub fn from_log_probs(ls: &Tensor, lt: &Tensor, kind: Divergence) -> Result<Tens
         Divergence::Forward => forward_kl(ls, lt),
         Divergence::Reverse => reverse_kl(ls, lt),
         Divergence::Jsd(beta) => jsd(ls, lt, beta),
+        Divergence::SkewForward(alpha) => skew_kl(lt, ls, alpha),
+        Divergence::SkewReverse(alpha) => skew_kl(ls, lt, alpha),
+        Divergence::Tvd => tvd(ls, lt),
     }
 }
 
@@ -58,6 +61,21 @@ pub fn jsd(ls: &Tensor, lt: &Tensor, beta: f64) -> Result<Tensor> {
     }
     let lm = log_mix(lt, ls, beta)?;
     (kl(lt, &lm)? * beta)? + (kl(ls, &lm)? * (1.0 - beta))?
+}
+
+/// Skew KL `KL(p || alpha p + (1 - alpha) q)` from `lp = log p`, `lq = log q`; plain
+/// `KL(p || q)` at `alpha <= 0` (DistiLLM's forward skew KL is `skew_kl(lt, ls, alpha)`, its
+/// reverse `skew_kl(ls, lt, alpha)`).
+pub fn skew_kl(lp: &Tensor, lq: &Tensor, alpha: f64) -> Result<Tensor> {
+    if alpha > 0.0 {
+        return kl(lp, &log_mix(lp, lq, alpha)?);
+    }
+    kl(lp, lq)
+}
+
+/// Total variation distance `0.5 sum_v |p_t - p_s|`.
+pub fn tvd(ls: &Tensor, lt: &Tensor) -> Result<Tensor> {
+    (lt.exp()? - ls.exp()?)?.abs()?.sum(D::Minus1)? * 0.5
 }
 
 /// `log(w_a * exp(a) + (1 - w_a) * exp(b))` elementwise, stable for log-probabilities.

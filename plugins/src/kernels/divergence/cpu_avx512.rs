@@ -1,13 +1,13 @@
-//! The divergence rows (forward KL, reverse KL, JSD) for f32 with AVX-512 FMA intrinsics: the
-//! same formulas, sweeps and f64 block accumulation as the generic rows of `cpu.rs`, with the
-//! 13-instruction
-//! [`exp_ps`] and the FMA [`ln_ps`] (the generic rows spend most of their time in the
-//! uncontracted Cephes `exp`/`ln`) and the gradient written with non-temporal stores (no
+//! The divergence rows for f32 with AVX-512 FMA intrinsics, for the kinds of [`Avx512Kind`]
+//! only (forward KL, reverse KL, JSD; skew KL and TVD have only the generic rows): the same
+//! formulas, sweeps and f64 block accumulation as the generic rows of `cpu.rs`, with the
+//! 13-instruction [`exp_ps`] and the FMA [`ln_ps`] (the generic rows spend most of their time
+//! in the uncontracted Cephes `exp`/`ln`) and the gradient written with non-temporal stores (no
 //! read-for-ownership of the 4 bytes per element the backward writes).
 
 use std::arch::x86_64::*;
 
-use super::Divergence;
+use super::cpu::Avx512Kind;
 use crate::kernels::cpu::fastmath::BLOCK;
 use crate::kernels::cpu::raw::avx512::{self as v, exp_ps, ln_ps, pmul_ps, W};
 
@@ -16,8 +16,8 @@ use crate::kernels::cpu::raw::avx512::{self as v, exp_ps, ln_ps, pmul_ps, W};
 /// sweep brought the row pair in) prefetches it into L2 line by line, so that the next max
 /// sweep does not wait on memory with the vector units idle.
 #[target_feature(enable = "avx512f,fma")]
-pub(super) fn fwd_row(kind: Divergence, it: f32, zs: &[f32], zt: &[f32], next: (&[f32], &[f32]), out: &mut [f32]) {
-    let reverse = kind == Divergence::Reverse;
+pub(super) fn fwd_row(kind: Avx512Kind, it: f32, zs: &[f32], zt: &[f32], next: (&[f32], &[f32]), out: &mut [f32]) {
+    let reverse = kind == Avx512Kind::Reverse;
     let (ma, mb) = (v::row_max(zs) * it, v::row_max(zt) * it);
     let (itv, mav, mbv) = (_mm512_set1_ps(it), _mm512_set1_ps(ma), _mm512_set1_ps(mb));
     let n = zs.len().min(zt.len());
@@ -53,9 +53,9 @@ pub(super) fn fwd_row(kind: Divergence, it: f32, zs: &[f32], zt: &[f32], next: (
     let (lsa, lsb) = (sa.ln(), sb.ln());
     let (lse_a, lse_b) = ((ma as f64 + lsa) as f32, (mb as f64 + lsb) as f32);
     let (d, aux) = match kind {
-        Divergence::Forward => (sx / sb - lsb + lsa, 0.0),
-        Divergence::Reverse => (sx / sa - lsa + lsb, 0.0),
-        Divergence::Jsd(beta) => jsd_sums(beta, it, zs, zt, lse_a, lse_b),
+        Avx512Kind::Forward => (sx / sb - lsb + lsa, 0.0),
+        Avx512Kind::Reverse => (sx / sa - lsa + lsb, 0.0),
+        Avx512Kind::Jsd(beta) => jsd_sums(beta, it, zs, zt, lse_a, lse_b),
     };
     out[0] = d as f32;
     out[1] = lse_a;
@@ -103,16 +103,16 @@ fn jsd_sums(beta: f64, it: f32, zs: &[f32], zt: &[f32], lse_a: f32, lse_b: f32) 
 
 /// `g * dD/dz_s` for one row, `aux = (D, lse_a, lse_b, aux, g)` (as the generic `bwd_row`).
 #[target_feature(enable = "avx512f,fma")]
-pub(super) fn bwd_row(kind: Divergence, it: f32, zs: &[f32], zt: &[f32], aux: &[f32], out: &mut [f32]) {
+pub(super) fn bwd_row(kind: Avx512Kind, it: f32, zs: &[f32], zt: &[f32], aux: &[f32], out: &mut [f32]) {
     let (d, s1) = (_mm512_set1_ps(aux[0]), _mm512_set1_ps(aux[3]));
     // One monomorphised sweep per kind: a `match` inside the loop cost the forward KL's
     // backward 40%.
     match kind {
-        Divergence::Forward => bwd_sweep(it, zs, zt, aux, out, |ls, lt| _mm512_sub_ps(exp_ps(ls), exp_ps(lt))),
-        Divergence::Reverse => bwd_sweep(it, zs, zt, aux, out, |ls, lt| {
+        Avx512Kind::Forward => bwd_sweep(it, zs, zt, aux, out, |ls, lt| _mm512_sub_ps(exp_ps(ls), exp_ps(lt))),
+        Avx512Kind::Reverse => bwd_sweep(it, zs, zt, aux, out, |ls, lt| {
             pmul_ps(exp_ps(ls), _mm512_sub_ps(_mm512_sub_ps(ls, lt), d))
         }),
-        Divergence::Jsd(beta) => {
+        Avx512Kind::Jsd(beta) => {
             let (bt, bs) = (_mm512_set1_ps(beta as f32), _mm512_set1_ps((1.0 - beta) as f32));
             // p_s,u ((1 - beta)(ls_u - lm_u) - s1)
             bwd_sweep(it, zs, zt, aux, out, |ls, lt| {

@@ -16,6 +16,9 @@ fn code(kind: Divergence) -> (i32, f64) {
         Divergence::Forward => (0, 0.0),
         Divergence::Reverse => (1, 0.0),
         Divergence::Jsd(beta) => (2, beta),
+        Divergence::SkewForward(alpha) => (3, alpha),
+        Divergence::SkewReverse(alpha) => (4, alpha),
+        Divergence::Tvd => (5, 0.0),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Fused per-token divergences between tempered student and teacher distributions, with their
-//! gradient w.r.t. the student logits: forward KL, reverse KL and generalized JSD.
+//! gradient w.r.t. the student logits: forward KL, reverse KL, generalized JSD, forward and
+//! reverse skew KL, and the total variation distance.
 //!
 //! With `a = z_s / T`, `b = z_t / T`, `ls = log_softmax(a)`, `lt = log_softmax(b)`,
 //! `p_s = e^ls`, `p_t = e^lt`, per row (token):
@@ -8,15 +9,26 @@
 //! - reverse: `D = sum_v p_s (ls - lt)`, `dD/da_u = p_s,u (ls_u - lt_u - D)`;
 //! - jsd(beta), `m = beta p_t + (1 - beta) p_s`:
 //!   `D = beta KL(p_t || m) + (1 - beta) KL(p_s || m)`,
-//!   `dD/da_u = p_s,u (g_u - sum_v p_s,v g_v)` with `g_v = (1 - beta)(ls_v - ln m_v)`;
+//!   `dD/da_u = p_s,u (g_u - aux)` with `g_v = (1 - beta)(ls_v - ln m_v)`, `aux = sum_v p_s,v g_v`;
+//! - skew forward(alpha), `m = alpha p_t + (1 - alpha) p_s`: `D = KL(p_t || m)`,
+//!   `dD/da_u = -(1 - alpha) p_s,u (r_u - aux)` with `r_v = p_t,v / m_v`, `aux = sum_v p_s,v r_v`;
+//! - skew reverse(alpha), `m = alpha p_s + (1 - alpha) p_t`: `D = KL(p_s || m)`,
+//!   `dD/da_u = p_s,u (k_u - aux)` with `k_v = dD/dp_s,v = ls_v - ln m_v + (1 - alpha) p_t,v / m_v`,
+//!   `aux = sum_v p_s,v k_v`;
+//! - tvd: `D = 0.5 sum_v |p_t,v - p_s,v|`, `dD/da_u = 0.5 p_s,u (sigma_u - aux)` with
+//!   `sigma_v = -1` where `p_t,v >= p_s,v`, else `+1` (the derivative of `|p_t - p_s|` w.r.t.
+//!   `p_s` with candle's `sign(0) = +1`), `aux = sum_v p_s,v sigma_v`;
 //!
-//! and `dD/dz_s = dD/da / T`. The teacher gets no gradient.
+//! and `dD/dz_s = dD/da / T`. The teacher gets no gradient. Terms with `p = 0` (a `-inf`
+//! logit) count as 0, their limit.
 //!
-//! Forward: per row, one pass for both maxima and one for the `exp` sums (plus one for JSD);
-//! the output is `[.., 4]` = `(D, lse_a, lse_b, aux)` so that the backward pass is a single
-//! sweep that writes `grad_D * dD/dz_s`. Sums are accumulated in f64; rows run in parallel.
-//! Nothing `[rows, vocab]`-sized is kept between forward and backward. On AVX-512 CPUs the f32
-//! rows run in intrinsics (`cpu_avx512.rs`).
+//! Forward: per row, one pass for both maxima and one for the `exp` sums, plus one for the
+//! kinds with an `aux` (JSD, skew KL, TVD), which need both log-normalisers first; the output
+//! is `[.., 4]` = `(D, lse_a, lse_b, aux)` (`aux = 0` for forward and reverse KL) so that the
+//! backward pass is a single sweep that writes `grad_D * dD/dz_s`. Sums are accumulated in
+//! f64; rows run in parallel. Nothing `[rows, vocab]`-sized is kept between forward and
+//! backward. On AVX-512 CPUs the f32 rows of forward KL, reverse KL and JSD run in intrinsics
+//! (`cpu_avx512.rs`); skew KL and TVD run the generic rows (`cpu.rs`) on every CPU.
 
 pub mod composite;
 mod cpu;
@@ -24,6 +36,7 @@ mod cpu;
 mod cpu_avx512;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod terms;
 #[cfg(test)]
 mod tests;
 
@@ -40,6 +53,31 @@ pub enum Divergence {
     Reverse,
     /// Generalized JSD with `0 < beta < 1` (use `Forward`/`Reverse` at the ends).
     Jsd(f64),
+    /// Skew KL `KL(p_t || alpha p_t + (1 - alpha) p_s)` with `alpha` in `[0, 1)` (`Forward` at
+    /// `alpha <= 0`; the fused op refuses `alpha >= 1`).
+    SkewForward(f64),
+    /// Skew KL `KL(p_s || alpha p_s + (1 - alpha) p_t)` with `alpha` in `[0, 1)` (`Reverse` at
+    /// `alpha <= 0`; the fused op refuses `alpha >= 1`).
+    SkewReverse(f64),
+    /// Total variation distance `0.5 sum_v |p_t,v - p_s,v|`.
+    Tvd,
+}
+
+impl Divergence {
+    /// The kind the fused op computes: JSD's ends and skew KL at `alpha <= 0` become forward
+    /// or reverse KL; an error for a skew `alpha >= 1` (or NaN).
+    fn canonical(self) -> Result<Self> {
+        Ok(match self {
+            Divergence::Jsd(b) if b <= 0.0 => Divergence::Forward,
+            Divergence::Jsd(b) if b >= 1.0 => Divergence::Reverse,
+            Divergence::SkewForward(a) | Divergence::SkewReverse(a) if a >= 1.0 || a.is_nan() => {
+                bail!("skew KL alpha {a} is not in [0, 1)")
+            }
+            Divergence::SkewForward(a) if a <= 0.0 => Divergence::Forward,
+            Divergence::SkewReverse(a) if a <= 0.0 => Divergence::Reverse,
+            k => k,
+        })
+    }
 }
 
 /// Columns of the forward's output: `(D, lse_a, lse_b, aux)` per row.
@@ -106,11 +144,7 @@ fn check_shapes(student: &Tensor, teacher: &Tensor) -> Result<()> {
 /// Both logit tensors contiguous in the student's dtype, and the forward op.
 fn prepare(student: &Tensor, teacher: &Tensor, t: f64, kind: Divergence) -> Result<(Tensor, Tensor, DivergenceFwd)> {
     check_shapes(student, teacher)?;
-    let kind = match kind {
-        Divergence::Jsd(b) if b <= 0.0 => Divergence::Forward,
-        Divergence::Jsd(b) if b >= 1.0 => Divergence::Reverse,
-        k => k,
-    };
+    let kind = kind.canonical()?;
     let zs = student.contiguous()?;
     let zt = teacher.detach().to_dtype(zs.dtype())?.contiguous()?;
     Ok((zs, zt, DivergenceFwd { kind, inv_t: 1.0 / t }))
