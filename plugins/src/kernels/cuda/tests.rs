@@ -123,7 +123,14 @@ fn check(
 fn divergences_on_the_gpu_match_the_cpu() {
     let Some(gpu) = gpu() else { return };
     let teacher = Tensor::from_vec(noise(7 * 3001, 3, 4.0), (7, 3001), &Device::Cpu).expect("zt");
-    for kind in [Divergence::Forward, Divergence::Reverse, Divergence::Jsd(0.3)] {
+    for kind in [
+        Divergence::Forward,
+        Divergence::Reverse,
+        Divergence::Jsd(0.3),
+        Divergence::SkewForward(0.1),
+        Divergence::SkewReverse(0.9),
+        Divergence::Tvd,
+    ] {
         for t in [1.0, 2.0] {
             let on = |z: &Tensor| {
                 let zt = teacher.to_dtype(z.dtype())?.to_device(z.device())?;
