@@ -5,7 +5,9 @@
 //! An [`Op`] names its inputs and their [`Role`]s, its fused entry (the dispatching one the
 //! models and losses call), its composite, and the reference: the composite, except for the
 //! attention, whose composite calls the dispatching (fused where supported) softmax, so its
-//! reference is composed of the softmax's composite here.
+//! reference is composed of the softmax's composite here, and GELU, whose composite (candle's
+//! `gelu`) has a backward with 6-digit constants, so its reference is composed of `tanh` and
+//! products here.
 
 use std::rc::Rc;
 
@@ -141,7 +143,11 @@ pub fn plan(device: &Device, opts: &SelftestOptions) -> Vec<Group> {
             groups.push(Group {
                 op: op.clone(),
                 dims: LARGE.to_vec(),
-                dtypes: dtypes.iter().copied().filter(|d| matches!(d, DType::F32 | DType::BF16)).collect(),
+                dtypes: dtypes
+                    .iter()
+                    .copied()
+                    .filter(|d| matches!(d, DType::F32 | DType::BF16))
+                    .collect(),
                 large: true,
             });
         }
@@ -209,7 +215,14 @@ const ATTENTION_SHAPES: &[&[usize]] = &[&[2, 2, 16, 8], &[1, 3, 33, 16]];
 const ATTENTION_DEVICE_SHAPES: &[&[usize]] = &[&[4, 16, 1024, 64]];
 
 /// The defaults of an op of one output, the first input's shape the case's, row-wise.
-fn op(name: &'static str, variant: String, inputs: InputsFn, supports: fn(&[Tensor]) -> bool, fused: OpFn, composite: OpFn) -> Op {
+pub fn op(
+    name: &'static str,
+    variant: String,
+    inputs: InputsFn,
+    supports: fn(&[Tensor]) -> bool,
+    fused: OpFn,
+    composite: OpFn,
+) -> Op {
     Op {
         name,
         variant,
@@ -252,7 +265,14 @@ fn divergence(kind: Divergence, t: f64) -> Op {
         shapes: LOGIT_SHAPES,
         device_shapes: LOGIT_DEVICE_SHAPES,
         large: kind == Divergence::Forward && t == 1.0,
-        ..op("divergence", format!("{kind:?} T={t}"), inputs, supports, fused, composite)
+        ..op(
+            "divergence",
+            format!("{kind:?} T={t}"),
+            inputs,
+            supports,
+            fused,
+            composite,
+        )
     }
 }
 
@@ -284,7 +304,14 @@ fn topk(tail: TopkTail, t: f64) -> Op {
         traffic: if tail == TopkTail::Bucket { 3.0 } else { 1.0 },
         shapes: LOGIT_SHAPES,
         device_shapes: LOGIT_DEVICE_SHAPES,
-        ..op("topk_divergence", format!("{tail:?} T={t}"), inputs, supports, fused, composite)
+        ..op(
+            "topk_divergence",
+            format!("{tail:?} T={t}"),
+            inputs,
+            supports,
+            fused,
+            composite,
+        )
     }
 }
 
@@ -314,7 +341,14 @@ fn cross_entropy(eps: f64) -> Op {
         shapes: LOGIT_SHAPES,
         device_shapes: LOGIT_DEVICE_SHAPES,
         large: eps == 0.0,
-        ..op("cross_entropy", format!("eps={eps}"), inputs, supports, fused, composite)
+        ..op(
+            "cross_entropy",
+            format!("eps={eps}"),
+            inputs,
+            supports,
+            fused,
+            composite,
+        )
     }
 }
 
@@ -331,7 +365,14 @@ fn softmax_last() -> Op {
     Op {
         shapes: &[&[32, 1000], &[4, 3, 77]],
         device_shapes: &[&[4096, 4096]],
-        ..op("softmax", "last dim".into(), Box::new(single_input), supports, fused, composite)
+        ..op(
+            "softmax",
+            "last dim".into(),
+            Box::new(single_input),
+            supports,
+            fused,
+            composite,
+        )
     }
 }
 
@@ -393,7 +434,14 @@ fn layer_norm() -> Op {
     let inputs: InputsFn = Box::new(|d| norm_inputs(d, true));
     Op {
         rowwise: false,
-        ..op("layer_norm", format!("eps={LN_EPS}"), inputs, supports, fused, composite)
+        ..op(
+            "layer_norm",
+            format!("eps={LN_EPS}"),
+            inputs,
+            supports,
+            fused,
+            composite,
+        )
     }
 }
 
@@ -415,12 +463,31 @@ fn rms_norm() -> Op {
     }
 }
 
+/// GELU (tanh approximation) `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))` composed of
+/// elementary candle ops: the reference, since candle's `gelu` (the composite) differentiates
+/// with 6-digit constants (about 2e-7 relative).
+fn gelu_reference(x: &Tensor) -> Result<Tensor> {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let u = ((x + ((x.sqr()? * x)? * 0.044_715)?)? * c)?;
+    (x * 0.5)? * (u.tanh()? + 1.0)?
+}
+
 /// `gelu::gelu` (tanh approximation).
 fn gelu() -> Op {
     let supports = |x: &[Tensor]| x.first().is_some_and(gelu::supports);
     let fused = one(|x| gelu::gelu(&args::<1>(x)?[0]));
     let composite = one(|x| gelu::composite::gelu(&args::<1>(x)?[0]));
-    op("gelu", "tanh".into(), Box::new(single_input), supports, fused, composite)
+    Op {
+        reference: one(|x| gelu_reference(&args::<1>(x)?[0])),
+        ..op(
+            "gelu",
+            "tanh".into(),
+            Box::new(single_input),
+            supports,
+            fused,
+            composite,
+        )
+    }
 }
 
 /// `swiglu::swiglu`: forward reads `g`, `u`, writes `y`; backward reads `g`, `u`, `dy`, writes
@@ -452,7 +519,11 @@ fn bias() -> Op {
     let inputs: InputsFn = Box::new(|d| {
         Ok(vec![
             Input::new("x", Role::Grad, logits(d, 1)?),
-            Input::new("bias", Role::Grad, normal(&d[d.len().saturating_sub(1)..], 0.0, 1.0, 2)?),
+            Input::new(
+                "bias",
+                Role::Grad,
+                normal(&d[d.len().saturating_sub(1)..], 0.0, 1.0, 2)?,
+            ),
         ])
     });
     let supports = |x: &[Tensor]| args::<2>(x).is_ok_and(|[x, b]| bias::supports(x, b));
@@ -488,7 +559,11 @@ fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Res
 /// The causal mask `[T, T]` of attention inputs `[B, H, T, d]`.
 fn attention_mask(d: &[usize]) -> Result<Input> {
     let t = d.get(2).copied().unwrap_or(1);
-    Ok(Input::new("mask", Role::Const, softmax::causal_mask(t, DType::F32, &Device::Cpu)?))
+    Ok(Input::new(
+        "mask",
+        Role::Const,
+        softmax::causal_mask(t, DType::F32, &Device::Cpu)?,
+    ))
 }
 
 /// `attention::causal_attention` of `q`, `k`, `v` `[B, H, T, d]`: forward reads `q`, `k`, `v`,
@@ -553,7 +628,12 @@ fn attention_packed() -> Op {
     let unpack = |x: &[Tensor]| -> Result<(Tensor, usize, f64, Tensor)> {
         let [qkv, m] = args::<2>(x)?;
         let (b, t, three, h, d) = qkv.dims5()?;
-        Ok((qkv.reshape((b, t, three * h * d))?, h, 1.0 / (d as f64).sqrt(), m.clone()))
+        Ok((
+            qkv.reshape((b, t, three * h * d))?,
+            h,
+            1.0 / (d as f64).sqrt(),
+            m.clone(),
+        ))
     };
     let supports = |x: &[Tensor]| x.first().is_some_and(|qkv| attention::supports(qkv, qkv, qkv));
     let fused = one(move |x| {

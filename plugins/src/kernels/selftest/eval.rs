@@ -117,7 +117,11 @@ pub fn cotangents(outputs: &[Tensor], per_token: bool, dtype: DType) -> Result<V
         .iter()
         .enumerate()
         .map(|(i, out)| {
-            let row_len = if per_token { 1 } else { out.dims().last().copied().unwrap_or(1) };
+            let row_len = if per_token {
+                1
+            } else {
+                out.dims().last().copied().unwrap_or(1)
+            };
             row_weights(out.dims(), row_len, 100 + i as u64)?
                 .to_device(out.device())?
                 .to_dtype(dtype)
@@ -127,7 +131,12 @@ pub fn cotangents(outputs: &[Tensor], per_token: bool, dtype: DType) -> Result<V
 
 /// The errors of `fused` (the op's outputs and gradients on `x`) against the op's reference on
 /// `x` cast to f64: `(values, grads)`, one stat per output and per differentiable input.
-pub fn against_reference(op: &Op, x: &Placed, cot: &[Tensor], fused: &Outcome) -> Result<(Vec<ErrorStat>, Vec<ErrorStat>)> {
+pub fn against_reference(
+    op: &Op,
+    x: &Placed,
+    cot: &[Tensor],
+    fused: &Outcome,
+) -> Result<(Vec<ErrorStat>, Vec<ErrorStat>)> {
     let mut values: Vec<ErrorStat> = Vec::new();
     let mut grads: Vec<ErrorStat> = Vec::new();
     for rows in chunks(op, x)? {
@@ -157,10 +166,7 @@ fn chunks(op: &Op, x: &Placed) -> Result<Vec<Option<(usize, usize)>>> {
     if step >= rows {
         return Ok(vec![None]);
     }
-    Ok((0..rows)
-        .step_by(step)
-        .map(|s| Some((s, step.min(rows - s))))
-        .collect())
+    Ok((0..rows).step_by(step).map(|s| Some((s, step.min(rows - s)))).collect())
 }
 
 /// The error of each of `xs` (rows `rows`) against its reference.
@@ -195,7 +201,10 @@ mod tests {
     #[test]
     fn gradients_are_those_of_the_cotangent_weighted_sum() {
         // y = x * c0 (c0 constant): dL/dx = cot * c0.
-        let inputs = [input("x", Role::Grad, &[1.0, 2.0, 3.0]), input("c", Role::Const, &[2.0, 2.0, 2.0])];
+        let inputs = [
+            input("x", Role::Grad, &[1.0, 2.0, 3.0]),
+            input("c", Role::Const, &[2.0, 2.0, 2.0]),
+        ];
         let x = Placed::new(&inputs, &Device::Cpu, DType::F64).expect("placed");
         let f: OpFn = Rc::new(|x: &[Tensor]| Ok(vec![(&x[0] * &x[1])?]));
         let cot = [Tensor::new(&[0.5f64, 0.0, 1.0], &Device::Cpu).expect("cot")];
@@ -219,7 +228,9 @@ mod tests {
         let out = Tensor::zeros((40, 3), DType::F32, &Device::Cpu).expect("out");
         let per_row = cotangents(std::slice::from_ref(&out), false, DType::F64).expect("cot");
         let rows: Vec<Vec<f64>> = per_row[0].to_vec2().expect("rows");
-        assert!(rows.iter().all(|r| r.iter().all(|&x| x == 0.0) || r.iter().all(|&x| x > 0.0)));
+        assert!(rows
+            .iter()
+            .all(|r| r.iter().all(|&x| x == 0.0) || r.iter().all(|&x| x > 0.0)));
         assert!(rows.iter().any(|r| r[0] == 0.0) && rows.iter().any(|r| r[0] > 0.0));
         assert_eq!(per_row[0].dtype(), DType::F64);
     }

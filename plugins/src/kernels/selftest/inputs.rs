@@ -118,7 +118,9 @@ mod tests {
         let zero = rows.iter().filter(|r| r.iter().all(|&x| x == 0.0)).count();
         assert!((70..130).contains(&zero), "{zero} zero rows of 400");
         assert!(w.iter().all(|&x| (0.0..=1.0).contains(&x)));
-        assert!(rows.iter().all(|r| r.iter().all(|&x| x == 0.0) || r.iter().all(|&x| x > 0.0)));
+        assert!(rows
+            .iter()
+            .all(|r| r.iter().all(|&x| x == 0.0) || r.iter().all(|&x| x > 0.0)));
     }
 
     #[test]

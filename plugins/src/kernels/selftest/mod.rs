@@ -89,7 +89,11 @@ pub fn run(device: &Device, opts: &SelftestOptions) -> Result<SelftestReport> {
 }
 
 /// [`run`], telling `progress` where it is.
-pub fn run_with(device: &Device, opts: &SelftestOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<SelftestReport> {
+pub fn run_with(
+    device: &Device,
+    opts: &SelftestOptions,
+    mut progress: impl FnMut(Progress<'_>),
+) -> Result<SelftestReport> {
     let groups = cases::plan(device, opts);
     let total = groups.iter().map(|g| g.dtypes.len()).sum();
     let mut reports = Vec::with_capacity(total);
@@ -210,7 +214,11 @@ impl Checked {
     fn into_report(self, label: CaseLabel, op: &Op, inputs: &[Input], dtype: DType) -> CaseReport {
         let tol = tolerance(dtype);
         let named = |names: Vec<String>, stats: Vec<ErrorStat>| -> Vec<Measured> {
-            names.into_iter().zip(stats).map(|(name, error)| Measured { name, error }).collect()
+            names
+                .into_iter()
+                .zip(stats)
+                .map(|(name, error)| Measured { name, error })
+                .collect()
         };
         let value_names = op.outputs.iter().map(|s| s.to_string()).collect();
         let grad_names = inputs
@@ -236,6 +244,119 @@ impl Checked {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Tensor;
+    use std::rc::Rc;
+
+    use cases::{InputsFn, OpFn};
+
+    /// `x^2` of `x` `[8, 5]`, with `fused` as its fused entry.
+    fn square(fused: OpFn, supports: fn(&[Tensor]) -> bool) -> Vec<CaseReport> {
+        let inputs: InputsFn = Box::new(|d| {
+            Ok(vec![Input {
+                name: "x",
+                role: Role::Grad,
+                host: inputs::normal(d, 0.0, 1.0, 1)?,
+            }])
+        });
+        let composite: OpFn = Rc::new(|x: &[Tensor]| Ok(vec![x[0].sqr()?]));
+        let group = Group {
+            op: Rc::new(cases::op("square", "test".into(), inputs, supports, fused, composite)),
+            dims: vec![8, 5],
+            dtypes: vec![DType::F32, DType::F64],
+            large: false,
+        };
+        let inputs = (group.op.inputs)(&group.dims).expect("inputs");
+        group
+            .dtypes
+            .iter()
+            .map(|&d| {
+                let label = CaseLabel {
+                    op: "square",
+                    variant: "test".into(),
+                    dtype: dtype_name(d),
+                    shape: group.dims.clone(),
+                };
+                run_case(&Device::Cpu, &group, &inputs, d, label)
+            })
+            .collect()
+    }
+
+    fn statuses(reports: &[CaseReport]) -> Vec<Status> {
+        reports.iter().map(|r| r.status).collect()
+    }
+
+    fn yes(_: &[Tensor]) -> bool {
+        true
+    }
+
+    #[test]
+    fn the_exact_op_passes_with_errors_and_timings() {
+        let r = square(Rc::new(|x: &[Tensor]| Ok(vec![(&x[0] * &x[0])?])), yes);
+        assert_eq!(statuses(&r), [Status::Pass, Status::Pass]);
+        assert_eq!(r[0].values[0].name, "y");
+        assert_eq!(r[0].grads[0].name, "dx");
+        assert!(
+            r[0].values[0].error.abs > 0.0,
+            "f32 against f64 has rounding: {:?}",
+            r[0].values
+        );
+        assert!(r[0]
+            .timing
+            .as_ref()
+            .is_some_and(|t| t.fused_ms > 0.0 && t.composite_ms.is_some()));
+    }
+
+    #[test]
+    fn a_perturbed_value_fails() {
+        let r = square(Rc::new(|x: &[Tensor]| Ok(vec![(x[0].sqr()? * (1.0 + 1e-4))?])), yes);
+        assert_eq!(statuses(&r), [Status::Fail, Status::Fail]);
+        assert!(r[0].values[0].error.rel > 1e-5 && r[0].note.is_none(), "{:?}", r[0]);
+    }
+
+    #[test]
+    fn a_perturbed_gradient_fails_with_exact_values() {
+        // y = x^2 + 1e-3 (x - x): the same values, the gradient off by 1e-3.
+        let r = square(
+            Rc::new(|x: &[Tensor]| Ok(vec![(x[0].sqr()? + ((&x[0] - x[0].detach())? * 1e-3)?)?])),
+            yes,
+        );
+        assert_eq!(statuses(&r), [Status::Fail, Status::Fail]);
+        assert!(r[1].values[0].error.within(1e-10), "{:?}", r[1].values);
+        assert!(!r[1].grads[0].error.within(1e-5), "{:?}", r[1].grads);
+    }
+
+    #[test]
+    fn a_nan_fails() {
+        let r = square(Rc::new(|x: &[Tensor]| Ok(vec![(x[0].sqr()? + f64::NAN)?])), yes);
+        assert_eq!(statuses(&r), [Status::Fail, Status::Fail]);
+        assert_eq!(r[0].values[0].error.non_finite, 40);
+    }
+
+    #[test]
+    fn an_unsupported_op_is_composite_only() {
+        let r = square(Rc::new(|x: &[Tensor]| Ok(vec![x[0].sqr()?])), |_| false);
+        assert_eq!(statuses(&r), [Status::CompositeOnly, Status::CompositeOnly]);
+        assert!(r[0].values.is_empty() && r[0].timing.is_none());
+        let report = SelftestReport::new("cpu".into(), r);
+        assert!(report.ok() && report.summary.passed == 0);
+    }
+
+    #[test]
+    fn an_op_that_errors_or_panics_fails_with_its_message() {
+        let r = square(Rc::new(|_: &[Tensor]| candle_core::bail!("no kernel")), yes);
+        assert_eq!(statuses(&r), [Status::Fail, Status::Fail]);
+        assert!(
+            r[0].note.as_deref().is_some_and(|n| n.contains("no kernel")),
+            "{:?}",
+            r[0].note
+        );
+        let r = square(Rc::new(|_: &[Tensor]| panic!("index out of bounds")), yes);
+        assert_eq!(statuses(&r), [Status::Fail, Status::Fail]);
+        assert!(r[0]
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("panicked: index out of bounds")));
+    }
 
     #[test]
     fn a_panic_is_an_error() {

@@ -165,7 +165,11 @@ fn worst(ms: &[Measured]) -> String {
     let abs = ms.iter().map(|m| m.error.abs).fold(0.0, f64::max);
     let rel = ms.iter().map(|m| m.error.rel).fold(0.0, f64::max);
     let non_finite: usize = ms.iter().map(|m| m.error.non_finite).sum();
-    let bad = if non_finite > 0 { format!(" +{non_finite} NaN/inf") } else { String::new() };
+    let bad = if non_finite > 0 {
+        format!(" +{non_finite} NaN/inf")
+    } else {
+        String::new()
+    };
     format!("{abs:.1e} / {rel:.1e}{bad}")
 }
 
@@ -179,7 +183,16 @@ impl fmt::Display for SelftestReport {
         writeln!(
             f,
             "{:<15} {:<18} {:<5} {:<13} {:<14} {:<21} {:<21} {:>10} {:>10} {:>8}",
-            "op", "case", "dtype", "shape", "status", "value abs / rel", "grad abs / rel", "fused ms", "comp. ms", "GB/s"
+            "op",
+            "case",
+            "dtype",
+            "shape",
+            "status",
+            "value abs / rel",
+            "grad abs / rel",
+            "fused ms",
+            "comp. ms",
+            "GB/s"
         )?;
         for c in &self.cases {
             let status = match c.status {
@@ -235,7 +248,10 @@ mod tests {
 
     #[test]
     fn the_verdict_fails_on_any_failure_and_composite_only_is_neither() {
-        let r = SelftestReport::new("cpu".into(), vec![case(Status::Pass, 1e-7), case(Status::CompositeOnly, 0.0)]);
+        let r = SelftestReport::new(
+            "cpu".into(),
+            vec![case(Status::Pass, 1e-7), case(Status::CompositeOnly, 0.0)],
+        );
         assert!(r.ok());
         assert_eq!(
             r.summary,
@@ -245,9 +261,17 @@ mod tests {
                 composite_only: 1
             }
         );
-        assert!(r.verdict().contains("PASS: 1 passed, 0 failed, 1 composite only"), "{}", r.verdict());
+        assert!(
+            r.verdict().contains("PASS: 1 passed, 0 failed, 1 composite only"),
+            "{}",
+            r.verdict()
+        );
         let only = SelftestReport::new("cuda:0".into(), vec![case(Status::CompositeOnly, 0.0)]);
-        assert!(only.ok() && only.verdict().contains("no fused op runs"), "{}", only.verdict());
+        assert!(
+            only.ok() && only.verdict().contains("no fused op runs"),
+            "{}",
+            only.verdict()
+        );
         let bad = SelftestReport::new("cpu".into(), vec![case(Status::Pass, 0.0), case(Status::Fail, 0.1)]);
         assert!(!bad.ok() && bad.verdict().contains("FAIL"), "{}", bad.verdict());
     }
@@ -257,7 +281,10 @@ mod tests {
         let r = SelftestReport::new("cpu".into(), vec![case(Status::Pass, 2e-7), case(Status::Fail, 0.5)]);
         let table = r.to_string();
         assert_eq!(table.lines().count(), 3, "{table}");
-        assert!(table.contains("divergence") && table.contains("4x10") && table.contains("FAIL"), "{table}");
+        assert!(
+            table.contains("divergence") && table.contains("4x10") && table.contains("FAIL"),
+            "{table}"
+        );
         assert!(table.contains("2.0e-7"), "{table}");
         let json = serde_json::to_value(&r).expect("json");
         assert_eq!(json["device"], "cpu");
