@@ -137,9 +137,20 @@ pub fn against_reference(
     cot: &[Tensor],
     fused: &Outcome,
 ) -> Result<(Vec<ErrorStat>, Vec<ErrorStat>)> {
+    against_reference_by(op, x, cot, fused, CHUNK_ELEMS)
+}
+
+/// [`against_reference`] in chunks of about `budget` elements of the first input.
+fn against_reference_by(
+    op: &Op,
+    x: &Placed,
+    cot: &[Tensor],
+    fused: &Outcome,
+    budget: usize,
+) -> Result<(Vec<ErrorStat>, Vec<ErrorStat>)> {
     let mut values: Vec<ErrorStat> = Vec::new();
     let mut grads: Vec<ErrorStat> = Vec::new();
-    for rows in chunks(op, x)? {
+    for rows in chunks(op, x, budget)? {
         let xr = x.reference(rows)?;
         let cr = cot
             .iter()
@@ -154,15 +165,15 @@ pub fn against_reference(
     Ok((values, grads))
 }
 
-/// The row ranges the reference runs on: chunks of about [`CHUNK_ELEMS`] elements of the first
-/// input where the op is row-wise, else all of it at once (`[None]`).
-fn chunks(op: &Op, x: &Placed) -> Result<Vec<Option<(usize, usize)>>> {
+/// The row ranges the reference runs on: chunks of about `budget` elements of the first input
+/// where the op is row-wise, else all of it at once (`[None]`).
+fn chunks(op: &Op, x: &Placed, budget: usize) -> Result<Vec<Option<(usize, usize)>>> {
     let Some(first) = x.tensors.first().filter(|_| op.rowwise) else {
         return Ok(vec![None]);
     };
     let rows = first.dim(0)?;
     let per_row = (first.elem_count() / rows.max(1)).max(1);
-    let step = (CHUNK_ELEMS / per_row).max(1);
+    let step = (budget / per_row).max(1);
     if step >= rows {
         return Ok(vec![None]);
     }
@@ -221,6 +232,34 @@ mod tests {
         let out = evaluate(&f, &x, &[]).expect("eval");
         assert!(out.grads.is_empty() && out.values.len() == 2);
         assert_eq!(out.values[0].dtype(), DType::F32);
+    }
+
+    #[test]
+    fn the_reference_by_chunks_of_rows_measures_as_at_once() {
+        let opts = super::super::SelftestOptions {
+            filter: Some("divergence".into()),
+            ..Default::default()
+        };
+        let group = super::super::cases::plan(&Device::Cpu, &opts)
+            .into_iter()
+            .find(|g| g.op.name == "divergence" && g.dims.len() == 3)
+            .expect("a divergence of [B, T, V]");
+        let op = &group.op;
+        let x = Placed::new(&(op.inputs)(&group.dims).expect("inputs"), &Device::Cpu, DType::F32).expect("x");
+        let cot = cotangents(&(op.fused)(&x.tensors).expect("fwd"), op.per_token, DType::F32).expect("cot");
+        let fused = evaluate(&op.fused, &x, &cot).expect("fused");
+        let rows = group.dims[0];
+        let per_row = x.tensors[0].elem_count() / rows;
+        assert_eq!(chunks(op, &x, per_row).expect("chunks").len(), rows);
+        assert_eq!(chunks(op, &x, CHUNK_ELEMS).expect("chunks"), [None]);
+        let whole = against_reference_by(op, &x, &cot, &fused, CHUNK_ELEMS).expect("whole");
+        let by_rows = against_reference_by(op, &x, &cot, &fused, per_row).expect("by rows");
+        assert_eq!((whole.0.len(), whole.1.len()), (1, 1));
+        for (a, b) in whole.0.iter().chain(&whole.1).zip(by_rows.0.iter().chain(&by_rows.1)) {
+            assert!(a.abs > 0.0, "f32 against f64 has rounding");
+            let close = |p: f64, q: f64| (p - q).abs() <= 1e-12 * p.abs();
+            assert!(close(a.abs, b.abs) && close(a.rel, b.rel), "{a:?} vs {b:?}");
+        }
     }
 
     #[test]
