@@ -40,7 +40,7 @@ fn every_fused_op_passes_against_its_reference_on_the_cpu() {
     let cases = json["cases"].as_array().expect("cases");
     assert_eq!(json["summary"]["passed"].as_u64(), Some(cases.len() as u64));
     let families = op_names();
-    assert_eq!(families.len(), 11, "{families:?}");
+    assert!(families.len() >= 11, "{families:?}");
     for family in families {
         for dtype in ["f32", "f64"] {
             let passing = cases
