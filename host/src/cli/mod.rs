@@ -13,6 +13,7 @@ mod new_plugin;
 mod plot;
 mod plugins;
 mod run;
+mod selftest;
 
 use std::ffi::OsString;
 
@@ -58,6 +59,9 @@ pub enum Command {
     /// List every registered plugin kind by category (built-ins, `RETORT_PLUGIN_PATH`, and the
     /// `[plugins]` of CONFIG if given).
     Plugins(plugins::PluginsArgs),
+    /// Check every fused kernel against its composed reference (values and gradients) on a
+    /// device, with timings; exit 1 on a mismatch.
+    Selftest(selftest::SelftestArgs),
 }
 
 /// Entry point of the binary: parses `std::env::args_os()` and returns the exit code.
@@ -98,6 +102,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::NewPlugin(a) => a.run(),
         Command::Plot(a) => a.run(),
         Command::Plugins(a) => a.run(),
+        Command::Selftest(a) => a.run(),
     }
 }
 

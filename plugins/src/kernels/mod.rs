@@ -69,6 +69,7 @@ pub mod divergence;
 pub mod gelu;
 pub mod layer_norm;
 pub mod rms_norm;
+pub mod selftest;
 pub mod softmax;
 mod support;
 pub mod swiglu;
