@@ -53,7 +53,7 @@
 //! by `plugins/build.rs`) and `cuda.rs` (the launch: operand views, output buffers, grid), and
 //! in `mod.rs` a `cuda_fwd` beside `cpu_fwd`; `cuda/` holds the PTX modules, the shared
 //! device code (`common.cuh`: conversions, fixed-order reductions, online log-sum-exp) and the
-//! launch itself (`cuda/raw.rs`, the CUDA side's only `unsafe` code). On CUDA, half-precision
+//! launch itself (`cuda/raw.rs`, the only raw code of the CUDA side). On CUDA, half-precision
 //! logits keep their row statistics in f32 ([`stats_dtype`]). Adding one to another op follows
 //! the same pattern; callers change nothing.
 //! The other ops run as candle's composed CUDA ops on a GPU (CUDA II).

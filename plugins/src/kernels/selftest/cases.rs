@@ -22,7 +22,14 @@ use crate::kernels::{attention, bias, cross_entropy, gelu, layer_norm, rms_norm,
 
 /// The divergences checked, each at every temperature of [`TEMPERATURES`]; a new kind is one
 /// more entry.
-const DIVERGENCES: &[Divergence] = &[Divergence::Forward, Divergence::Reverse, Divergence::Jsd(0.5)];
+const DIVERGENCES: &[Divergence] = &[
+    Divergence::Forward,
+    Divergence::Reverse,
+    Divergence::Jsd(0.5),
+    Divergence::SkewForward(0.1),
+    Divergence::SkewReverse(0.1),
+    Divergence::Tvd,
+];
 
 /// Temperatures of the divergences and of the renormalized top-k KL.
 const TEMPERATURES: &[f64] = &[1.0, 2.0];
@@ -721,7 +728,8 @@ mod tests {
         assert!((s.bias_correction2 - (1.0 - s.beta2.powi(10))).abs() < 1e-15);
     }
 
-    /// Every op folder of `kernels/` (not `cpu/`, the CPU-only code, nor this one) is a family.
+    /// Every op folder of `kernels/` (not `cpu/` and `cuda/`, the code of one device, nor this
+    /// one) is a family.
     #[test]
     fn every_op_folder_is_a_family() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -732,7 +740,7 @@ mod tests {
             .map(|e| e.expect("entry").path())
             .filter(|p| p.is_dir())
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .filter(|n| n != "cpu" && n != "selftest")
+            .filter(|n| !["cpu", "cuda", "selftest"].contains(&n.as_str()))
             .collect();
         folders.sort();
         let mut names = op_names();
