@@ -1,5 +1,6 @@
 //! `retort selftest` as a user runs it: the JSON on stdout with every op family passing, the
-//! exit codes, and `--device cuda` refused in a build without CUDA.
+//! exit codes, and a CUDA device that does not open refused as a user error saying what this
+//! build lacks.
 
 use std::process::{Command, Output};
 
@@ -47,13 +48,21 @@ fn selftest_prints_a_table_and_the_verdict() {
     );
 }
 
+/// Without the CUDA build no CUDA device opens; with it, not on a machine without a GPU, and
+/// not `cuda:63` anywhere.
 #[test]
-fn selftest_on_cuda_without_the_cuda_build_is_a_user_error() {
-    for device in ["cuda", "cuda:1"] {
+fn a_cuda_device_that_does_not_open_is_a_user_error() {
+    let (devices, hint): (&[&str], _) = if cfg!(feature = "cuda") {
+        let no_gpu = candle_core::Device::new_cuda(0).is_err();
+        (if no_gpu { &["cuda", "cuda:63"] } else { &["cuda:63"] }, "nvidia-smi")
+    } else {
+        (&["cuda", "cuda:1"], "--features cuda")
+    };
+    for device in devices {
         let o = retort(&["selftest", "--device", device]);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "stderr: {err}");
-        assert!(err.contains("--device") && err.contains("--features cuda"), "{err}");
+        assert!(err.contains("--device") && err.contains(hint), "{err}");
         assert!(!err.contains("panicked"), "{err}");
     }
     let o = retort(&["selftest", "--device", "tpu"]);

@@ -8,7 +8,10 @@ fn build_hint(spec: &str) -> &'static str {
     match spec {
         "metal" => "this build has no Metal backend",
         _ if !cfg!(feature = "cuda") => "this build has no CUDA backend: build with `--features cuda`",
-        _ => "this CUDA build found no usable GPU or driver: check `nvidia-smi` and that libcuda.so.1 is NVIDIA's",
+        _ => {
+            "this CUDA build could not open it: check `nvidia-smi` (the GPUs and their numbers) and that \
+             libcuda.so.1 is NVIDIA's driver"
+        }
     }
 }
 
@@ -64,7 +67,7 @@ mod tests {
             Err(e) => {
                 let e = e.to_string();
                 let hint = if cfg!(feature = "cuda") {
-                    "found no usable GPU"
+                    "could not open it: check `nvidia-smi`"
                 } else {
                     "--features cuda"
                 };

@@ -6,7 +6,7 @@
 //! `w = w (1 - lr m wd) - lr m (mom / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`.
 //! A group with `m = 0` is frozen: its parameters get no optimizer state and are never written.
 
-use candle_core::{backprop::GradStore, DType, Tensor};
+use candle_core::{backprop::GradStore, Tensor};
 use retort_plugins::kernels::adamw;
 
 use retort_core::{Error, Result};
@@ -126,20 +126,8 @@ impl AdamW {
 
     /// Global and per-group L2 norms of `grads`.
     pub fn norms(&self, grads: &[Tensor]) -> Result<GradNorms> {
-        // The squared sums stay on the gradients' device; one transfer for all of them (on a
-        // GPU, one synchronisation per step instead of one per parameter).
-        let squares = self
-            .params
-            .iter()
-            .zip(grads)
-            .map(|(_, g)| g.to_dtype(DType::F64)?.sqr()?.sum_all())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let squares = match squares.first() {
-            Some(_) => Tensor::stack(&squares, 0)?
-                .to_device(&candle_core::Device::Cpu)?
-                .to_vec1::<f64>()?,
-            None => Vec::new(),
-        };
+        // On a GPU one reduction for all the gradients and one transfer (`kernels::adamw`).
+        let squares = adamw::sum_squares(grads)?;
         let mut per_group = vec![0.0f64; self.groups];
         for (s, sq) in self.params.iter().zip(squares) {
             per_group[s.p.group] += sq;
@@ -163,20 +151,35 @@ impl AdamW {
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let bc1 = 1.0 - b1.powi(self.t);
         let bc2 = 1.0 - b2.powi(self.t);
-        for (s, g) in self.params.iter_mut().zip(grads) {
-            // One fused pass on CPU and CUDA f32/f64 (in place on CUDA), candle ops elsewhere
-            // (`kernels::adamw`).
+        // One fused update per set of parameters sharing a learning rate and a decay: on a GPU
+        // one in-place kernel launch for the set, on the CPU one fused pass per parameter
+        // (`kernels::adamw`).
+        let mut sets: Vec<((u64, u64), Vec<adamw::AdamWSlot<'_>>)> = Vec::new();
+        for (s, g) in self.params.iter_mut().zip(&grads) {
+            let key = (s.p.lr_mult.to_bits(), s.p.weight_decay.to_bits());
+            let slot = adamw::AdamWSlot {
+                w: &s.p.var,
+                g,
+                m: &mut s.m,
+                v: &mut s.v,
+            };
+            match sets.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, set)) => set.push(slot),
+                None => sets.push((key, vec![slot])),
+            }
+        }
+        for ((lr_mult, weight_decay), mut set) in sets {
             let step = adamw::AdamWStep {
                 beta1: b1,
                 beta2: b2,
                 bias_correction1: bc1,
                 bias_correction2: bc2,
                 eps: self.cfg.eps,
-                lr: lr * s.p.lr_mult,
-                weight_decay: s.p.weight_decay,
+                lr: lr * f64::from_bits(lr_mult),
+                weight_decay: f64::from_bits(weight_decay),
                 grad_scale: scale,
             };
-            adamw::adamw_step(&s.p.var, &g, &mut s.m, &mut s.v, step)?;
+            adamw::adamw_group_step(&mut set, step)?;
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
-//! The AdamW update composed of candle ops.
+//! The AdamW update and the gradients' sums of squares composed of candle ops.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::AdamWStep;
 
@@ -21,4 +21,17 @@ pub fn update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWStep) -> R
         w.clone()
     };
     Ok(((w - (update * s.lr)?)?, m, v))
+}
+
+/// `sum(x^2)` of each of `xs` in f64 by candle ops on their device; one transfer to the host
+/// for all of them (on a GPU, one synchronisation instead of one per tensor).
+pub fn sum_squares(xs: &[Tensor]) -> Result<Vec<f64>> {
+    if xs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sums = xs
+        .iter()
+        .map(|x| x.to_dtype(DType::F64)?.sqr()?.sum_all())
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&sums, 0)?.to_device(&Device::Cpu)?.to_vec1()
 }

@@ -1,5 +1,6 @@
-//! The CPU AdamW update: chunks of 16,384 elements on the rayon pool, in the parameter's
-//! element type.
+//! The CPU AdamW update and the gradients' sums of squares: chunks of 16,384 elements on the
+//! rayon pool (the update in the parameter's element type, the sums in f64 added in chunk
+//! order).
 
 use candle_core::{bail, DType, Result, Storage, Tensor, WithDType};
 use rayon::prelude::*;
@@ -76,4 +77,28 @@ fn typed<T: Real + WithDType>(
     drop(guards);
     let out = |x: Vec<T>| Tensor::from_vec(x, w.shape(), w.device());
     Ok((out(w2)?, out(m2)?, out(v2)?))
+}
+
+/// `sum(x^2)` of each of `xs` (contiguous CPU f32/f64 tensors) in f64.
+pub(super) fn sum_squares(xs: &[Tensor]) -> Result<Vec<f64>> {
+    xs.iter()
+        .map(|x| match x.dtype() {
+            DType::F32 => typed_sum_squares::<f32>(x),
+            DType::F64 => typed_sum_squares::<f64>(x),
+            other => bail!("sum of squares: unsupported dtype {other:?}"),
+        })
+        .collect()
+}
+
+fn typed_sum_squares<T: Real + WithDType>(x: &Tensor) -> Result<f64> {
+    let (st, l) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*st else {
+        bail!("sum of squares: expected a CPU tensor")
+    };
+    let xs = slice::<T>(cpu, l, "sum of squares operand")?;
+    let partial: Vec<f64> = xs
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| WithDType::to_f64(v).powi(2)).sum())
+        .collect();
+    Ok(partial.iter().sum())
 }

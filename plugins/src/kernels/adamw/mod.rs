@@ -7,9 +7,11 @@
 //! `bc2 = 1 - b2^t`: the formula of [`composite::update`] (the composed update), in the same element type (the two agree to rounding: candle divides by a scalar
 //! as a multiply by its reciprocal).
 //!
-//! Not a graph node (an optimizer step is not differentiated): [`adamw_step`] picks the
-//! implementation by the parameter's device. On the CPU the fused pass writes new tensors; on
-//! a GPU one kernel (`adamw.cu`, `cuda.rs`) updates the parameter and both moments in place.
+//! Not a graph node (an optimizer step is not differentiated): [`adamw_step`] and
+//! [`adamw_group_step`] pick the implementation by the parameters' device. On the CPU the fused
+//! pass writes new tensors; on a GPU one kernel launch (`adamw.cu`, `cuda.rs`) updates every
+//! parameter of a group and both its moments in place. [`sum_squares`] is the reduction of the
+//! global-norm clipping that comes before the step: one launch for all the gradients on a GPU.
 
 pub mod composite;
 mod cpu;
@@ -49,6 +51,12 @@ pub const SUPPORT: Support = Support {
     cuda: CUDA_DTYPES,
 };
 
+/// Where [`sum_squares`] runs fused.
+pub const SUM_SQUARES_SUPPORT: Support = Support {
+    cpu: &[DType::F32, DType::F64],
+    cuda: super::CUDA_FLOATS,
+};
+
 #[cfg(feature = "cuda")]
 const CUDA_DTYPES: &[DType] = &[DType::F32, DType::F64];
 #[cfg(not(feature = "cuda"))]
@@ -77,20 +85,78 @@ pub fn adamw_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWStep
 /// must be tensors of their own, sharing no storage); elsewhere [`adamw_update`]'s new tensors
 /// replace them (`w` by [`Var::set`]).
 pub fn adamw_step(w: &Var, g: &Tensor, m: &mut Tensor, v: &mut Tensor, s: AdamWStep) -> Result<()> {
+    adamw_group_step(&mut [AdamWSlot { w, g, m, v }], s)
+}
+
+/// One parameter of a group step: the parameter, its gradient and its two moments.
+pub struct AdamWSlot<'a> {
+    /// The parameter.
+    pub w: &'a Var,
+    /// Its gradient.
+    pub g: &'a Tensor,
+    /// Its first moment.
+    pub m: &'a mut Tensor,
+    /// Its second moment.
+    pub v: &'a mut Tensor,
+}
+
+/// One AdamW step of a group of parameters that share the step's scalars (one learning rate,
+/// one decay): on a GPU, where every slot [`supports`] in one dtype, one kernel launch updates
+/// them all in place (the moments must be tensors of their own); elsewhere [`adamw_step`]'s
+/// path per slot.
+pub fn adamw_group_step(slots: &mut [AdamWSlot<'_>], s: AdamWStep) -> Result<()> {
     #[cfg(feature = "cuda")]
-    if w.device().is_cuda() && supports(w, g, m, v) {
-        return cuda::update_in_place(w, g, m, v, s);
+    if let Some(first) = slots.first() {
+        let on_gpu = |x: &AdamWSlot<'_>| {
+            x.w.device().is_cuda() && x.w.dtype() == first.w.dtype() && supports(x.w, x.g, x.m, x.v)
+        };
+        if slots.iter().all(on_gpu) {
+            let group: Vec<[&Tensor; 4]> = slots.iter().map(|x| [x.w.as_tensor(), x.g, &*x.m, &*x.v]).collect();
+            return cuda::update_group(&group, s);
+        }
     }
-    let (w2, m2, v2) = adamw_update(w.as_tensor(), g, m, v, s)?;
-    w.set(&w2)?;
-    (*m, *v) = (m2, v2);
+    for x in slots.iter_mut() {
+        let (w, m, v) = adamw_update(x.w.as_tensor(), x.g, x.m, x.v, s)?;
+        x.w.set(&w)?;
+        (*x.m, *x.v) = (m, v);
+    }
     Ok(())
 }
 
-/// The fused pass; an error off the [`SUPPORT`] table.
+/// `sum(x^2)` of each of `xs` in f64, on the host: the squared norms of the gradient-norm
+/// clipping. Fused where [`sum_squares_supports`]: on the CPU one pass per tensor, on a GPU one
+/// kernel launch for all and one transfer (`adamw.cu`); elsewhere [`composite::sum_squares`].
+pub fn sum_squares(xs: &[Tensor]) -> Result<Vec<f64>> {
+    if !sum_squares_supports(xs) {
+        return composite::sum_squares(xs);
+    }
+    #[cfg(feature = "cuda")]
+    if xs.first().is_some_and(|x| x.device().is_cuda()) {
+        return cuda::sum_squares(&xs.iter().collect::<Vec<_>>());
+    }
+    cpu::sum_squares(xs)
+}
+
+/// Whether [`sum_squares`] runs fused on `xs`: contiguous tensors of one dtype and device of
+/// [`SUM_SQUARES_SUPPORT`].
+pub fn sum_squares_supports(xs: &[Tensor]) -> bool {
+    xs.split_first().is_some_and(|(first, rest)| {
+        SUM_SQUARES_SUPPORT.admits_together(first, &rest.iter().collect::<Vec<_>>())
+            && xs.iter().all(Tensor::is_contiguous)
+    })
+}
+
+/// The fused pass: new tensors (on a GPU, the in-place kernel on copies); an error off the
+/// [`SUPPORT`] table.
 fn fused(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWStep) -> Result<(Tensor, Tensor, Tensor)> {
-    if !supports(w, g, m, v) || !w.device().is_cpu() {
-        bail!("fused adamw: expected contiguous CPU f32/f64 tensors of one size and dtype")
+    if !supports(w, g, m, v) {
+        bail!("fused adamw: expected contiguous f32/f64 tensors of one size, dtype and device")
+    }
+    #[cfg(feature = "cuda")]
+    if w.device().is_cuda() {
+        let (w, m, v) = (w.copy()?, m.copy()?, v.copy()?);
+        cuda::update_group(&[[&w, g, &m, &v]], s)?;
+        return Ok((w, m, v));
     }
     cpu::update(w, g, m, v, s)
 }

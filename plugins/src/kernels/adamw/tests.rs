@@ -87,3 +87,67 @@ fn dispatch_follows_the_support_table() {
     let (w2, _, _) = adamw_update(&half, &half, &half, &half, s).expect("composite");
     assert_eq!(w2.dtype(), DType::BF16);
 }
+
+#[test]
+fn sums_of_squares_are_those_of_the_definition() {
+    let dev = Device::Cpu;
+    let a = Tensor::new(&[1f32, -2.0, 3.0], &dev).expect("a");
+    let b = Tensor::new(&[[0.5f64, -1.5]], &dev).expect("b");
+    let c = Tensor::new(&[3f32, 4.0], &dev)
+        .and_then(|t| t.to_dtype(DType::BF16))
+        .expect("c");
+    // Mixed dtypes: composed.
+    assert!(!sum_squares_supports(&[a.clone(), b.clone()]));
+    assert_eq!(sum_squares(&[a, b, c]).expect("sums"), vec![14.0, 2.5, 25.0]);
+    assert!(sum_squares(&[]).expect("none").is_empty());
+    // Fused: several chunks, against the composite.
+    let big: Vec<Tensor> = [100_003usize, 3]
+        .iter()
+        .map(|&n| Tensor::arange(0f32, n as f32, &dev).and_then(|t| (t * 1e-3)?.cos()))
+        .collect::<Result<_>>()
+        .expect("big");
+    assert!(sum_squares_supports(&big));
+    let (fused, composed) = (
+        sum_squares(&big).expect("fused"),
+        composite::sum_squares(&big).expect("composite"),
+    );
+    for (x, y) in fused.iter().zip(&composed) {
+        assert!((x - y).abs() <= 1e-12 * y.abs(), "{x} vs {y}");
+    }
+}
+
+/// A group step is the step of each of its parameters (on the CPU, one fused pass each).
+#[test]
+fn a_group_step_is_the_step_of_each_parameter() {
+    let dev = Device::Cpu;
+    let s = first_step(0.1);
+    let make = |n: usize, seed: f64| {
+        let x = Tensor::arange(0f64, n as f64, &dev).expect("x");
+        (&x * seed).and_then(|t| t.sin()).expect("sin")
+    };
+    let params = [(make(5, 0.3), make(5, 0.7)), (make(11, 1.1), make(11, 0.2))];
+    let mut grouped: Vec<(Var, Tensor, Tensor)> = params
+        .iter()
+        .map(|(w, _)| {
+            (
+                Var::from_tensor(w).expect("var"),
+                w.zeros_like().expect("m"),
+                w.zeros_like().expect("v"),
+            )
+        })
+        .collect();
+    let mut slots: Vec<AdamWSlot<'_>> = grouped
+        .iter_mut()
+        .zip(&params)
+        .map(|((w, m, v), (_, g))| AdamWSlot { w: &*w, g, m, v })
+        .collect();
+    adamw_group_step(&mut slots, s).expect("group step");
+    for ((w, m, v), (w0, g)) in grouped.iter().zip(&params) {
+        let (m0, v0) = (w0.zeros_like().expect("m"), w0.zeros_like().expect("v"));
+        let (w1, m1, v1) = adamw_update(w0, g, &m0, &v0, s).expect("single");
+        for (a, b) in [(w.as_tensor(), &w1), (m, &m1), (v, &v1)] {
+            let a: Vec<f64> = a.to_vec1().expect("a");
+            assert_eq!(a, b.to_vec1::<f64>().expect("b"));
+        }
+    }
+}

@@ -16,7 +16,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConf
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{bail, DType, Layout, Result};
 
-pub(crate) use raw::{launch, output, update_in_place};
+pub(crate) use raw::{address_table, group_config, launch, output, update_group_in_place, MAX_GROUP};
 
 /// The generated `pub const NAME: &str` PTX of every `.cu` file of the kernels.
 #[allow(missing_docs)]

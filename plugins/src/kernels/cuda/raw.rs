@@ -1,5 +1,6 @@
 //! All of the CUDA side's `unsafe` code, each block with the reason it is sound: the kernel
-//! launch, the uninitialised output buffer, and the optimizer's in-place update.
+//! launch, the uninitialised output buffer, and the optimizer's in-place update (with the
+//! device-address tables of the group kernels).
 #![allow(unsafe_code)]
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig};
@@ -37,59 +38,92 @@ macro_rules! launch {
 }
 pub(crate) use launch;
 
-/// Runs `kernel` of `module` over `w`, `g`, `m`, `v` (contiguous CUDA tensors of `T`, one
-/// length `n`): the kernel writes `w`, `m` and `v` in place; its parameters are
-/// `(w, g, m, v, n: size_t, scalars: 8 x double)`.
-pub(crate) fn update_in_place<T: CudaDType + DeviceRepr>(
+/// Runs `kernel` of `module` once over a group of `[w, g, m, v]` quadruples (contiguous CUDA
+/// tensors of `T` from their start, one length per quadruple, on one device): the kernel writes
+/// every `w`, `m` and `v` in place. Its parameters are `(table, count: unsigned, scalars: 8 x
+/// double)`, `table` the [`address_table`] of the ws, gs, ms and vs.
+pub(crate) fn update_group_in_place<T: CudaDType + DeviceRepr>(
     module: Module,
     kernel: &str,
-    [w, g, m, v]: [&Tensor; 4],
+    group: &[[&Tensor; 4]],
     s: [f64; 8],
 ) -> Result<()> {
-    let guards = [w, g, m, v].map(|t| t.storage_and_layout());
-    let mut slices = Vec::with_capacity(4);
-    let mut device = None;
-    for (storage, layout) in &guards {
-        let Storage::Cuda(cs) = &**storage else {
+    if group
+        .iter()
+        .any(|[w, g, m, v]| [g, m, v].iter().any(|t| t.elem_count() != w.elem_count()))
+    {
+        bail!("{kernel}: a parameter, its gradient and its moments differ in size")
+    }
+    for chunk in group.chunks(MAX_GROUP) {
+        let operands: Vec<Vec<&Tensor>> = (0..4).map(|k| chunk.iter().map(|q| q[k]).collect()).collect();
+        let (table, dev) = address_table::<T>(kernel, &operands)?;
+        let mut buffers = table[..4 * chunk.len()].to_vec();
+        buffers.sort_unstable();
+        buffers.dedup();
+        if buffers.len() != 4 * chunk.len() {
+            bail!("{kernel}: the parameters, their gradients and their moments must be separate buffers")
+        }
+        let longest = chunk.iter().map(|q| q[0].elem_count()).max().unwrap_or(0);
+        let cfg = group_config(chunk.len(), longest, 65_535);
+        let count = chunk.len() as u32;
+        let table = dev.clone_htod(&table)?;
+        // The kernel writes through the handles of the ws, ms and vs although only read locks
+        // were held while their addresses were taken: the optimizer owns the moments alone, and
+        // each w is a parameter it is updating (the same write `Var::set` makes); the write is
+        // ordered on candle's stream after every op queued before it, and nothing reads these
+        // buffers on another stream. The tensors outlive this call; a buffer freed later is
+        // freed in stream order, after the kernel.
+        launch!(
+            dev,
+            module,
+            kernel,
+            cfg,
+            [&table, &count, &s[0], &s[1], &s[2], &s[3], &s[4], &s[5], &s[6], &s[7]]
+        );
+    }
+    Ok(())
+}
+
+/// Tensors per launch of a group kernel: one grid row (`blockIdx.y`) each.
+pub(crate) const MAX_GROUP: usize = 65_535;
+
+/// The grid of a group kernel: `count` rows of up to `max_blocks` blocks of 256 threads, as
+/// many as the longest tensor (`longest` elements) fills.
+pub(crate) fn group_config(count: usize, longest: usize, max_blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (longest.div_ceil(256).clamp(1, max_blocks) as u32, count as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The table of a group kernel, `table[k * count + t]`: the device address of operand `k` of
+/// tensor `t` (`operands[k][t]`: contiguous CUDA tensors of `T` from their start), then the
+/// element count of each `operands[0][t]`; with the tensors' device (one for all: checked).
+pub(crate) fn address_table<T: CudaDType + DeviceRepr>(
+    kernel: &str,
+    operands: &[Vec<&Tensor>],
+) -> Result<(Vec<u64>, CudaDevice)> {
+    let mut table = Vec::new();
+    let mut device: Option<CudaDevice> = None;
+    for tensor in operands.iter().flatten() {
+        let (storage, layout) = tensor.storage_and_layout();
+        let Storage::Cuda(cs) = &*storage else {
             bail!("{kernel}: expected CUDA tensors")
         };
         if layout.start_offset() != 0 || !layout.is_contiguous() {
             bail!("{kernel}: expected contiguous tensors from their start")
         }
-        slices.push(cs.as_cuda_slice::<T>()?);
-        device = Some(cs.device.clone());
+        if device.as_ref().is_some_and(|d| d.id() != cs.device.id()) {
+            bail!("{kernel}: the tensors are on different devices")
+        }
+        let dev = device.get_or_insert_with(|| cs.device.clone());
+        let stream = dev.cuda_stream();
+        table.push(cs.as_cuda_slice::<T>()?.device_ptr(&stream).0);
     }
     let Some(dev) = device else {
         bail!("{kernel}: no operands")
     };
-    let stream = dev.cuda_stream();
-    let mut addresses: Vec<u64> = slices.iter().map(|s| s.device_ptr(&stream).0).collect();
-    addresses.sort_unstable();
-    addresses.dedup();
-    if addresses.len() != 4 {
-        bail!("{kernel}: the parameter, its gradient and its two moments must be four separate buffers")
-    }
-    let n = w.elem_count();
-    if [g, m, v].iter().any(|t| t.elem_count() != n) {
-        bail!("{kernel}: operands differ in size")
-    }
-    let n_arg = n as u64;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // The kernel writes through the handles of `w`, `m` and `v` although only read locks are
-    // held: the optimizer owns `m` and `v` alone, and `w` is the parameter it is updating (the
-    // same write `Var::set` makes); the write is ordered on candle's stream after every op
-    // queued before it, and nothing reads these buffers on another stream.
-    let [sw, sg, sm, sv] = [slices[0], slices[1], slices[2], slices[3]];
-    launch!(
-        dev,
-        module,
-        kernel,
-        cfg,
-        [sw, sg, sm, sv, &n_arg, &s[0], &s[1], &s[2], &s[3], &s[4], &s[5], &s[6], &s[7]]
-    );
-    Ok(())
+    table.extend(operands[0].iter().map(|t| t.elem_count() as u64));
+    Ok((table, dev))
 }

@@ -17,17 +17,17 @@ fn every_module_holds_the_kernels_its_rust_side_launches() {
         ("retort-divergence", &["divergence_fwd", "divergence_bwd"]),
         ("retort-topk-divergence", &["topk_fwd", "topk_bwd"]),
         ("retort-cross-entropy", &["ce_fwd", "ce_bwd"]),
-        ("retort-adamw", &["adamw"]),
+        ("retort-adamw", &["adamw", "sum_squares"]),
     ];
     for (module, (name, kernels)) in MODULES.iter().zip(expect) {
         assert_eq!(module.name, name);
         assert!(module.ptx.contains(".target sm_80"), "{name}: not compute_80 PTX");
-        let dtypes: &[&str] = if name == "retort-adamw" {
-            &["f32", "f64"]
-        } else {
-            &["f32", "f64", "f16", "bf16"]
-        };
         for k in kernels {
+            let dtypes: &[&str] = if *k == "adamw" {
+                &["f32", "f64"]
+            } else {
+                &["f32", "f64", "f16", "bf16"]
+            };
             for d in dtypes {
                 let entry = format!(".entry {k}_{d}(");
                 assert!(module.ptx.contains(&entry), "{name} lacks `{entry}`");
@@ -209,4 +209,98 @@ fn adamw_on_the_gpu_matches_the_cpu_in_place() {
             assert!(e <= tolerance(dtype), "adamw {dtype:?} {name}: error {e:e}");
         }
     }
+}
+
+/// The scalars of the group checks: step 10 with decay and clipping.
+const GROUP_STEP: AdamWStep = AdamWStep {
+    beta1: 0.9,
+    beta2: 0.95,
+    bias_correction1: 0.651_321_559_9,
+    bias_correction2: 0.401_263_060_6,
+    eps: 1e-8,
+    lr: 1e-2,
+    weight_decay: 0.1,
+    grad_scale: 0.7,
+};
+
+#[test]
+fn a_group_of_parameters_updated_in_one_launch_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let sizes = [70_001, 7, 300_000];
+    let t = |n, seed, scale| Tensor::from_vec(noise(n, seed, scale), n, &Device::Cpu).expect("t");
+    for dtype in [DType::F32, DType::F64] {
+        let c = |x: &Tensor| x.to_dtype(dtype).expect("cast");
+        let on = |x: &Tensor| c(x).to_device(&gpu).expect("to gpu");
+        let host: Vec<[Tensor; 4]> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let seed = 10 * i as u64;
+                let v = t(n, seed + 4, 0.001).abs().expect("abs");
+                [t(n, seed + 1, 1.0), t(n, seed + 2, 0.1), t(n, seed + 3, 0.01), v]
+            })
+            .collect();
+        let mut state: Vec<(Var, Tensor, Tensor)> = host
+            .iter()
+            .map(|[w, _, m, v]| (Var::from_tensor(&on(w)).expect("var"), on(m), on(v)))
+            .collect();
+        let grads: Vec<Tensor> = host.iter().map(|q| on(&q[1])).collect();
+        let mut slots: Vec<adamw::AdamWSlot<'_>> = state
+            .iter_mut()
+            .zip(&grads)
+            .map(|((w, m, v), g)| adamw::AdamWSlot { w: &*w, g, m, v })
+            .collect();
+        adamw::adamw_group_step(&mut slots, GROUP_STEP).expect("group step");
+        for ((w, m, v), [hw, hg, hm, hv]) in state.iter().zip(&host) {
+            let (rw, rm, rv) = adamw::composite::update(&c(hw), &c(hg), &c(hm), &c(hv), GROUP_STEP).expect("reference");
+            for (got, want, name) in [(w.as_tensor(), &rw, "w"), (m, &rm, "m"), (v, &rv, "v")] {
+                let e = error(&values(got), &values(want));
+                assert!(
+                    e <= tolerance(dtype),
+                    "group adamw {dtype:?} {name}[{}]: error {e:e}",
+                    got.elem_count()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn moments_sharing_a_buffer_are_refused() {
+    let Some(gpu) = gpu() else { return };
+    let w = Var::from_tensor(&Tensor::ones(100, DType::F32, &gpu).expect("w")).expect("var");
+    let g = Tensor::ones(100, DType::F32, &gpu).expect("g");
+    let mut m = Tensor::zeros(100, DType::F32, &gpu).expect("m");
+    let mut v = m.clone();
+    let err = adamw::adamw_step(&w, &g, &mut m, &mut v, GROUP_STEP).expect_err("shared moments");
+    assert!(err.to_string().contains("separate buffers"), "{err}");
+}
+
+#[test]
+fn sums_of_squares_on_the_gpu_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let sizes = [1_000_003, 5, 70_001];
+    for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+        let host: Vec<Tensor> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Tensor::from_vec(noise(n, i as u64, 3.0), n, &Device::Cpu).and_then(|t| t.to_dtype(dtype)))
+            .collect::<Result<_>>()
+            .expect("inputs");
+        let want = adamw::composite::sum_squares(&host).expect("reference");
+        let on: Vec<Tensor> = host.iter().map(|x| x.to_device(&gpu).expect("to gpu")).collect();
+        let got = adamw::sum_squares(&on).expect("sums");
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            // Both in f64 over the same (rounded) values, summed in another order.
+            assert!((a - b).abs() <= 1e-12 * b.abs(), "{dtype:?} tensor {i}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn a_group_grid_has_a_row_per_tensor_and_blocks_for_the_longest() {
+    let cfg = super::group_config(3, 1_000, 64);
+    assert_eq!((cfg.grid_dim, cfg.block_dim), ((4, 3, 1), (256, 1, 1)));
+    assert_eq!(super::group_config(2, 10_000_000, 64).grid_dim, (64, 2, 1));
+    assert_eq!(super::group_config(1, 0, 64).grid_dim, (1, 1, 1));
 }

@@ -11,7 +11,7 @@
 
 use std::rc::Rc;
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
 
 use super::inputs::{class_ids, logits, normal, topk_union};
 use super::SelftestOptions;
@@ -193,6 +193,8 @@ fn all_ops() -> Vec<Op> {
         attention(),
         attention_packed(),
         adamw(),
+        adamw_group(),
+        sum_squares(),
     ]);
     ops
 }
@@ -713,6 +715,102 @@ fn adamw() -> Op {
             supports,
             update(adamw::adamw_update),
             update(adamw::composite::update),
+        )
+    }
+}
+
+/// The shapes of a group of three tensors for a case of shape `d`: `d`, 7 elements, and a
+/// third of `d`'s elements plus one (so the group's tensors differ in size and alignment).
+fn group_shapes(d: &[usize]) -> [Vec<usize>; 3] {
+    let n: usize = d.iter().product();
+    [d.to_vec(), vec![7], vec![n / 3 + 1]]
+}
+
+/// `adamw::adamw_group_step` over three parameters of different sizes (one kernel launch on a
+/// GPU): `w`, `m`, `v` of each after the step, against the composed update of each.
+fn adamw_group() -> Op {
+    const NAMES: [&str; 12] = ["w1", "g1", "m1", "v1", "w2", "g2", "m2", "v2", "w3", "g3", "m3", "v3"];
+    let inputs: InputsFn = Box::new(|d| {
+        let mut x = Vec::with_capacity(12);
+        for (i, dims) in group_shapes(d).iter().enumerate() {
+            let seed = 10 * i as u64;
+            x.push(normal(dims, 0.0, 1.0, seed + 1)?);
+            x.push(normal(dims, 0.0, 1.0, seed + 2)?);
+            x.push(normal(dims, 0.0, 0.1, seed + 3)?);
+            x.push(normal(dims, 0.0, 0.1, seed + 4)?.sqr()?);
+        }
+        Ok(NAMES
+            .iter()
+            .zip(x)
+            .map(|(&n, t)| Input::new(n, Role::Const, t))
+            .collect())
+    });
+    let supports = |x: &[Tensor]| {
+        x.chunks(4)
+            .all(|q| matches!(q, [w, g, m, v] if adamw::supports(w, g, m, v)))
+    };
+    let fused: OpFn = Rc::new(|x| {
+        let mut state = x
+            .chunks(4)
+            .map(|q| Ok((Var::from_tensor(&q[0].copy()?)?, q[2].copy()?, q[3].copy()?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut slots: Vec<adamw::AdamWSlot<'_>> = state
+            .iter_mut()
+            .zip(x.chunks(4))
+            .map(|((w, m, v), q)| adamw::AdamWSlot { w: &*w, g: &q[1], m, v })
+            .collect();
+        adamw::adamw_group_step(&mut slots, ADAMW_STEP)?;
+        Ok(state.into_iter().flat_map(|(w, m, v)| [w.into_inner(), m, v]).collect())
+    });
+    let composite: OpFn = Rc::new(|x| {
+        let mut out = Vec::with_capacity(9);
+        for q in x.chunks(4) {
+            let (w, m, v) = adamw::composite::update(&q[0], &q[1], &q[2], &q[3], ADAMW_STEP)?;
+            out.extend([w, m, v]);
+        }
+        Ok(out)
+    });
+    Op {
+        outputs: &["w1'", "m1'", "v1'", "w2'", "m2'", "v2'", "w3'", "m3'", "v3'"],
+        rowwise: false,
+        traffic: 7.0 * 4.0 / 3.0,
+        shapes: &[&[10_000], &[100, 37]],
+        device_shapes: &[&[1 << 24]],
+        ..op("adamw", "group of 3".into(), inputs, supports, fused, composite)
+    }
+}
+
+/// `adamw::sum_squares` (the gradient-norm reduction) of three tensors of different sizes: one
+/// sum per tensor, in f64.
+fn sum_squares() -> Op {
+    let inputs: InputsFn = Box::new(|d| {
+        let shapes = group_shapes(d);
+        Ok(vec![
+            Input::new("x1", Role::Const, normal(&shapes[0], 0.0, 1.0, 1)?),
+            Input::new("x2", Role::Const, normal(&shapes[1], 0.0, 1.0, 2)?),
+            Input::new("x3", Role::Const, normal(&shapes[2], 0.0, 1.0, 3)?),
+        ])
+    });
+    let supports = adamw::sum_squares_supports;
+    let sums = |f: fn(&[Tensor]) -> Result<Vec<f64>>| -> OpFn {
+        Rc::new(move |x| {
+            let s = f(x)?;
+            Ok(vec![Tensor::from_vec(s, x.len(), &Device::Cpu)?])
+        })
+    };
+    Op {
+        outputs: &["sums"],
+        rowwise: false,
+        traffic: 4.0 / 3.0,
+        shapes: &[&[10_000], &[100, 37]],
+        device_shapes: &[&[1 << 24]],
+        ..op(
+            "adamw",
+            "sum of squares".into(),
+            inputs,
+            supports,
+            sums(adamw::sum_squares),
+            sums(adamw::composite::sum_squares),
         )
     }
 }
