@@ -380,6 +380,34 @@ pub struct TrainSection {
     pub ema_decay: Option<f64>,
     /// Early stopping of the student and baseline on an evaluation metric. Default: off.
     pub early_stopping: Option<EarlyStoppingSpec>,
+    /// The logit terms fused with the student's output head (`[train.lm_head]`).
+    pub lm_head: LmHeadSpec,
+}
+
+/// `[train.lm_head]`: computing the logit terms fused with the student's output head, in chunks
+/// of tokens, so that the `[tokens, vocabulary]` logits of the step never exist whole.
+///
+/// Used when every term of the objective has a per-token form (the logit terms: `kl`,
+/// `reverse_kl`, `jsd`, `skew_kl`, `tvd`, `topk_kl`, `ce`), the student offers its head (the
+/// built-in `transformer` and `llama` students) and the router weighs without reading the step
+/// (`static`, `curriculum`); `retort check` says which path a run takes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmHeadSpec {
+    /// Fuse when the objective allows it. Default true; `false` always computes the full logits.
+    pub fused: bool,
+    /// Tokens per chunk; 0 picks them from the vocabulary so that one chunk's logits take about
+    /// 16 MiB (at least 16 tokens). Default 0.
+    pub chunk_tokens: usize,
+}
+
+impl Default for LmHeadSpec {
+    fn default() -> Self {
+        LmHeadSpec {
+            fused: true,
+            chunk_tokens: 0,
+        }
+    }
 }
 
 /// Where training windows start (`train.windows`).
@@ -439,6 +467,7 @@ impl Default for TrainSection {
             max_consecutive_skips: 10,
             ema_decay: None,
             early_stopping: None,
+            lm_head: LmHeadSpec::default(),
         }
     }
 }

@@ -39,7 +39,7 @@ pub use registry::{BuildContext, Category, Entry, Factory, Registry};
 pub use router::{Router, TermSignals};
 pub use scalar::{Scalar, ScalarSpec};
 pub use schedule::Schedule;
-pub use taps::{Outputs, TapSet};
+pub use taps::{Outputs, TapSet, LM_HEAD_TAP};
 
 /// Re-export of the candle version retort is built against, so plugins use the same one.
 pub use candle_core as candle;

@@ -42,6 +42,12 @@ impl StepContext<'_> {
         };
         Ok(ops::masked_mean(per_token, weights.as_ref())?)
     }
+
+    /// `scale * token_mean(v)`: a term's value from its [`LossTerm::per_token`] form `(v, scale)`.
+    pub fn scaled_token_mean(&self, (per_token, scale): (Tensor, f64)) -> Result<Tensor> {
+        let mean = self.token_mean(&per_token)?;
+        Ok(if scale == 1.0 { mean } else { (mean * scale)? })
+    }
 }
 
 /// One term of the training objective.
@@ -68,6 +74,31 @@ pub trait LossTerm: Send + Sync {
     /// optimised with the student and are not part of the exported student.
     fn vars(&self) -> Vec<(String, Var)> {
         Vec::new()
+    }
+    /// Whether the term is `scale * ctx.token_mean(v)` (or `scale * masked_mean(v, mask)`, see
+    /// [`LossTerm::router_token_weighted`]) with `v [batch, seq]` a function of each
+    /// token's own student logits, teacher outputs and target (the logit terms), computed by
+    /// [`LossTerm::per_token`]. Such terms can run fused with the student's output head, on
+    /// chunks of tokens, without the full logits ever existing (`kernels::lm_head`). Default
+    /// false.
+    fn per_token_form(&self) -> bool {
+        false
+    }
+    /// Whether the term's token mean weighs tokens by the router's token weights as well as by
+    /// the padding mask (`StepContext::token_mean`: the distillation terms), or by the mask
+    /// only (`ce`: `ops::masked_mean(v, mask)`). Read with [`LossTerm::per_token`]. Default true.
+    fn router_token_weighted(&self) -> bool {
+        true
+    }
+    /// `(v, scale)` with `v [batch, seq]` the term's per-token values (differentiable w.r.t. the
+    /// student logits) and `scale` the factor after the token mean (e.g. `T^2`), so that
+    /// [`LossTerm::compute`] is `scale * ctx.token_mean(v)`. Only called when
+    /// [`LossTerm::per_token_form`] is true; `ctx.batch.mask` and `ctx.token_weights` are then
+    /// `None` (the caller weighs the tokens, see [`LossTerm::router_token_weighted`]).
+    fn per_token(&self, _ctx: &StepContext) -> Result<(Tensor, f64)> {
+        Err(crate::Error::Runtime(
+            "this loss term has no per-token form (per_token_form is false)".into(),
+        ))
     }
     /// Effective values of the term's scheduled parameters at `progress` (e.g.
     /// `("temperature", 2.4)`), logged in the metrics every logged step.

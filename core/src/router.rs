@@ -9,7 +9,8 @@ use crate::{Progress, Result, StepContext};
 pub struct TermSignals<'a> {
     /// Term names (`kl`, `ce`, or the configured `name`).
     pub names: &'a [String],
-    /// Term values of this step (before weighting).
+    /// Term values of this step (before weighting); all NaN for a router whose
+    /// [`Router::reads_step_outputs`] is false when the engine weighs before computing.
     pub values: &'a [f64],
     /// Configured weights (schedules evaluated at this step).
     pub base_weights: &'a [f64],
@@ -29,6 +30,15 @@ pub trait Router: Send {
     }
     /// Weights for this step, one per term.
     fn weights(&mut self, signals: &TermSignals) -> Result<Vec<f64>>;
+    /// Whether the router reads what a step computes: the terms' values in
+    /// [`Router::weights`] (`TermSignals::values`) or the models' outputs in
+    /// [`Router::prepare`]. A router that reads neither (its weights depend on the progress and
+    /// the configured weights only) is asked for its weights before the terms are computed, with
+    /// `values` all NaN, which lets the engine fuse the terms with the student's output head.
+    /// Default: true.
+    fn reads_step_outputs(&self) -> bool {
+        true
+    }
     /// Called once at assembly with the term names; a router that refers to terms by name
     /// rejects unknown names here (as a config error under `router`).
     fn check_terms(&self, _names: &[String]) -> Result<()> {

@@ -14,6 +14,17 @@ use candle_core::Tensor;
 
 use crate::{Error, Result};
 
+/// The tap asking a model for its output head's input instead of its logits, for losses fused
+/// with the head (`kernels::lm_head`): the request `lm_head` yields `lm_head.hidden`
+/// `[batch, seq, width]` (the head's input, after the final norm) and `lm_head.weight`
+/// `[vocab, width]` (the head, `logits = hidden W^T`; a student's is its trainable tensor), and
+/// the logits are then `[batch, seq, 0]`: never computed.
+pub const LM_HEAD_TAP: &str = "lm_head";
+/// The head's input, `[batch, seq, width]`, under the [`LM_HEAD_TAP`] request.
+pub const LM_HEAD_HIDDEN: &str = "lm_head.hidden";
+/// The head's weight, `[vocab, width]`, under the [`LM_HEAD_TAP`] request.
+pub const LM_HEAD_WEIGHT: &str = "lm_head.weight";
+
 /// The tap name requesting a teacher's top-`k` distribution.
 pub fn topk_tap(k: usize) -> String {
     format!("topk.{k}")
@@ -102,6 +113,12 @@ impl Outputs {
                 have.join(", ")
             ))
         })
+    }
+
+    /// `(hidden [batch, seq, width], weight [vocab, width])` of the output head, when the
+    /// forward pass was asked for [`LM_HEAD_TAP`].
+    pub fn lm_head(&self) -> Option<(&Tensor, &Tensor)> {
+        Some((self.taps.get(LM_HEAD_HIDDEN)?, self.taps.get(LM_HEAD_WEIGHT)?))
     }
 
     /// The same outputs cut off from the autograd graph (for frozen teachers).

@@ -68,6 +68,7 @@ pub(crate) mod cuda;
 pub mod divergence;
 pub mod gelu;
 pub mod layer_norm;
+pub mod lm_head;
 pub mod rms_norm;
 pub mod selftest;
 pub mod softmax;

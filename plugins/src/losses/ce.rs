@@ -59,6 +59,21 @@ pub fn composite_cross_entropy(
 }
 
 impl LossTerm for CrossEntropy {
+    fn per_token_form(&self) -> bool {
+        true
+    }
+    fn router_token_weighted(&self) -> bool {
+        false
+    }
+    fn per_token(&self, ctx: &StepContext) -> Result<(Tensor, f64)> {
+        let (logits, targets, eps) = (&ctx.student.logits, &ctx.batch.targets, self.label_smoothing);
+        let per_token = if self.fused {
+            cross_entropy::per_token(logits, targets, eps)?
+        } else {
+            cross_entropy::composite::per_token(logits, targets, eps)?
+        };
+        Ok((per_token, 1.0))
+    }
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
         let f = if self.fused {
             cross_entropy

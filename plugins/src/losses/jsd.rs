@@ -59,14 +59,20 @@ pub fn jsd_per_token(ls: &Tensor, lt: &Tensor, beta: f64) -> Result<Tensor> {
 
 impl LossTerm for Jsd {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
+        ctx.scaled_token_mean(self.per_token(ctx)?)
+    }
+    fn per_token_form(&self) -> bool {
+        true
+    }
+    fn per_token(&self, ctx: &StepContext) -> Result<(Tensor, f64)> {
         let beta = self.beta.at(ctx.progress);
-        if self.fused {
-            let (per_token, t) = self.tempered.fused(ctx, FusedKind::Jsd(beta))?;
-            return self.tempered.reduce(&per_token, ctx, t);
-        }
-        let (ls, lt, t) = self.tempered.log_probs(ctx)?;
-        let per_token = jsd_per_token(&ls, &lt, beta)?;
-        self.tempered.reduce(&per_token, ctx, t)
+        let (per_token, t) = if self.fused {
+            self.tempered.fused(ctx, FusedKind::Jsd(beta))?
+        } else {
+            let (ls, lt, t) = self.tempered.log_probs(ctx)?;
+            (jsd_per_token(&ls, &lt, beta)?, t)
+        };
+        Ok((per_token, self.tempered.scale(t)))
     }
     fn needs_teacher(&self) -> bool {
         true

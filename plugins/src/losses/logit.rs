@@ -67,11 +67,13 @@ impl Tempered {
         Ok((ls, lt, t))
     }
 
-    /// Mean of `per_token` over the counted tokens ([`StepContext::token_mean`]: weighted by
-    /// the mask and the router's token weights), times `T^2` when scaling is on.
-    pub fn reduce(&self, per_token: &Tensor, ctx: &StepContext, t: f64) -> Result<Tensor> {
-        let mean = ctx.token_mean(per_token)?;
-        Ok(if self.scale_by_t2 { (mean * (t * t))? } else { mean })
+    /// The factor after the token mean at temperature `t`: `T^2` when scaling is on, else 1.
+    pub fn scale(&self, t: f64) -> f64 {
+        if self.scale_by_t2 {
+            t * t
+        } else {
+            1.0
+        }
     }
 
     /// `[("temperature", T)]` for the metrics.
@@ -124,13 +126,20 @@ impl DivergenceTerm {
 
 impl LossTerm for DivergenceTerm {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
-        if let Some(kind) = self.fused {
-            let (per_token, t) = self.tempered.fused(ctx, kind)?;
-            return self.tempered.reduce(&per_token, ctx, t);
-        }
-        let (ls, lt, t) = self.tempered.log_probs(ctx)?;
-        let per_token = (self.divergence)(&ls, &lt)?;
-        self.tempered.reduce(&per_token, ctx, t)
+        ctx.scaled_token_mean(self.per_token(ctx)?)
+    }
+    fn per_token_form(&self) -> bool {
+        true
+    }
+    fn per_token(&self, ctx: &StepContext) -> Result<(Tensor, f64)> {
+        let (per_token, t) = match self.fused {
+            Some(kind) => self.tempered.fused(ctx, kind)?,
+            None => {
+                let (ls, lt, t) = self.tempered.log_probs(ctx)?;
+                ((self.divergence)(&ls, &lt)?, t)
+            }
+        };
+        Ok((per_token, self.tempered.scale(t)))
     }
     fn needs_teacher(&self) -> bool {
         true

@@ -85,9 +85,15 @@ pub struct SkewKl {
 
 impl LossTerm for SkewKl {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
+        ctx.scaled_token_mean(self.per_token(ctx)?)
+    }
+    fn per_token_form(&self) -> bool {
+        true
+    }
+    fn per_token(&self, ctx: &StepContext) -> Result<(Tensor, f64)> {
         let kind = self.direction.kind(self.alpha.at(ctx.progress));
         let (per_token, t) = self.tempered.per_token(ctx, kind, self.fused)?;
-        self.tempered.reduce(&per_token, ctx, t)
+        Ok((per_token, self.tempered.scale(t)))
     }
     fn needs_teacher(&self) -> bool {
         true

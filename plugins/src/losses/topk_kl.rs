@@ -219,6 +219,12 @@ pub fn union_with_student(
 
 impl LossTerm for TopkKl {
     fn compute(&self, ctx: &StepContext) -> Result<Tensor> {
+        ctx.scaled_token_mean(self.per_token(ctx)?)
+    }
+    fn per_token_form(&self) -> bool {
+        true
+    }
+    fn per_token(&self, ctx: &StepContext) -> Result<(Tensor, f64)> {
         let teacher = ctx
             .teacher
             .ok_or_else(|| Error::Runtime("topk_kl needs teacher outputs".into()))?;
@@ -246,7 +252,7 @@ impl LossTerm for TopkKl {
             } else {
                 topk_divergence::per_token(&zs, ids, lpt, tail, t)?
             };
-            return self.tempered.reduce(&per_token, ctx, t);
+            return Ok((per_token, self.tempered.scale(t)));
         }
         let ls_full = ops::log_softmax(&(as_float(&ctx.student.logits)? / t)?)?;
         let per_token = if self.union_student {
@@ -255,7 +261,7 @@ impl LossTerm for TopkKl {
         } else {
             topk_per_token(&ls_full, ids, lpt, None, self.tail, t)?
         };
-        self.tempered.reduce(&per_token, ctx, t)
+        Ok((per_token, self.tempered.scale(t)))
     }
     fn needs_teacher(&self) -> bool {
         true

@@ -11,6 +11,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
+use retort_core::LM_HEAD_TAP;
+
+use crate::models::lm_head_outputs;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -497,6 +500,10 @@ impl Model for Transformer {
             }
         }
         let x = self.norm(&x, &self.ln_f, self.cfg.layer_norm_eps)?;
+        if taps.contains(LM_HEAD_TAP) {
+            // The head is the token embedding: logits = x wte^T.
+            return Ok(lm_head_outputs(x, self.wte.clone(), out)?);
+        }
         let logits = x
             .reshape((b * t, d))
             .and_then(|x| matmul(&x, &self.wte.t()?))?
@@ -520,6 +527,7 @@ impl Model for Transformer {
         let mut v = vec!["logits".to_string()];
         v.extend((0..=self.cfg.n_layer).map(|i| format!("hidden.{i}")));
         v.extend((0..self.cfg.n_layer).map(|i| format!("attn.{i}")));
+        v.push(LM_HEAD_TAP.to_string());
         v
     }
 

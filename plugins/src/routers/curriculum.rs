@@ -97,6 +97,9 @@ impl CurriculumRouter {
 }
 
 impl Router for CurriculumRouter {
+    fn reads_step_outputs(&self) -> bool {
+        false
+    }
     fn weights(&mut self, s: &TermSignals) -> Result<Vec<f64>> {
         let p = s.progress.fraction();
         self.gates = s.names.iter().map(|n| (n.clone(), self.gate(n, p))).collect();

@@ -18,6 +18,9 @@ pub struct StaticRouter;
 struct NoParams {}
 
 impl Router for StaticRouter {
+    fn reads_step_outputs(&self) -> bool {
+        false
+    }
     fn weights(&mut self, signals: &TermSignals) -> Result<Vec<f64>> {
         Ok(signals.base_weights.to_vec())
     }

@@ -18,12 +18,13 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor, Var, D};
 
-use retort_core::{Error, Outputs, Result, TapSet};
+use retort_core::{Error, Outputs, Result, TapSet, LM_HEAD_TAP};
 
 use super::config::LlamaConfig;
 use super::linear::{Linear, Weight};
 use super::rope::Rope;
 use crate::kernels::{attention, rms_norm::rms_norm, softmax::causal_mask, softmax::softmax_last, swiglu};
+use crate::models::lm_head_outputs;
 use crate::models::nn::matmul;
 
 /// How a parameter is initialised.
@@ -452,6 +453,15 @@ impl Llama {
         Ok((l.o.forward(&y)?, want_probs.then_some(probs)))
     }
 
+    /// The output head's weight `[vocab, width]` when it is dense and has no bias (what the
+    /// [`LM_HEAD_TAP`] request hands out); `None` for a quantized head.
+    pub fn dense_head(&self) -> Option<&Tensor> {
+        match (&self.head.weight, &self.head.bias) {
+            (Weight::Dense(w), None) => Some(w),
+            _ => None,
+        }
+    }
+
     /// Forward pass over token ids `[batch, seq]`: logits `[batch, seq, vocab]` and the taps
     /// asked for (`hidden.{i}`, `attn.{i}`, `router_logits.{i}`).
     pub fn forward_ids(&self, ids: &Tensor, taps: &TapSet) -> Result<Outputs> {
@@ -521,6 +531,9 @@ impl Llama {
             }
         }
         let x = rms_norm(&x, &self.norm)?;
+        if let Some(w) = self.dense_head().filter(|_| taps.contains(LM_HEAD_TAP)) {
+            return Ok(lm_head_outputs(x, w.clone(), out)?);
+        }
         let logits = self.head.forward(&x)?;
         if let Some(c) = cache {
             c.pos += t;

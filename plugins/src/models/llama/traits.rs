@@ -35,6 +35,9 @@ impl Model for Llama {
         if self.cfg.n_experts > 0 {
             v.extend((0..self.cfg.n_layer).map(|i| format!("router_logits.{i}")));
         }
+        if self.dense_head().is_some() {
+            v.push(retort_core::LM_HEAD_TAP.to_string());
+        }
         v
     }
 

@@ -1,0 +1,201 @@
+//! The chunk loop of [`fused_loss`].
+
+use candle_core::{DType, Tensor, Var};
+
+use retort_core::{Batch, Error, LossTerm, Outputs, Result, StepContext};
+
+use super::inject::Precomputed;
+use super::weight_grad::WeightGrad;
+use crate::models::nn::matmul;
+
+/// One term of the objective with its weight for this step.
+pub struct HeadTerm<'a> {
+    /// The term; its [`LossTerm::per_token_form`] must be true.
+    pub term: &'a dyn LossTerm,
+    /// Its weight `w_k` (0: computed for its value, left out of the gradient).
+    pub weight: f64,
+}
+
+/// What [`fused_loss`] returns.
+pub struct HeadLoss {
+    /// `sum_k w_k term_k`, rank 0, attached to the student's head input and weight.
+    pub total: Tensor,
+    /// Each term's value (`term_k`, unweighted), as `LossTerm::compute` would give it.
+    pub values: Vec<f64>,
+}
+
+/// The objective of `terms` over the step `ctx`, whose student outputs hold the head
+/// (`Outputs::lm_head`, the `lm_head` tap), in chunks of `chunk` tokens (see the module doc).
+/// The teacher (`ctx.teacher`) hands its dense logits, its head (then its logits are made
+/// chunk by chunk too), or only taps (`topk.{k}`) with logits `[b, s, 0]`.
+pub fn fused_loss(terms: &[HeadTerm], ctx: &StepContext, chunk: usize) -> Result<HeadLoss> {
+    let (hidden, weight) = ctx
+        .student
+        .lm_head()
+        .ok_or_else(|| Error::Runtime("the fused LM-head loss needs the student's `lm_head` tap".into()))?;
+    if terms.iter().any(|t| !t.term.per_token_form()) {
+        return Err(Error::Runtime(
+            "the fused LM-head loss got a term without a per-token form".into(),
+        ));
+    }
+    let (b, s, width) = hidden.dims3()?;
+    let (n, vocab) = (b * s, weight.dim(0)?);
+    let h = hidden.detach().reshape((n, width))?;
+    let w = weight.detach();
+    let tokens = TokenWeights::of(ctx, ctx.token_weights, n, h.dtype())?;
+    let mask_only = TokenWeights::of(ctx, None, n, h.dtype())?;
+    let rows = Rows::new(ctx, b * s)?;
+    let mut grad_w = WeightGrad::zeros((vocab, width), w.dtype(), w.device());
+    let mut grad_h = Vec::new();
+    let mut sums = vec![0f64; terms.len()];
+    let chunk = chunk.max(1);
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let hc = h.narrow(0, start, len)?;
+        let zs = Var::from_tensor(&matmul(&hc, &w.t()?)?.reshape((1, len, vocab))?)?;
+        let teacher = rows.teacher(start, len)?;
+        let batch = rows.batch(start, len)?;
+        let student = Outputs::logits_only(zs.as_tensor().clone());
+        let cctx = StepContext {
+            batch: &batch,
+            student: &student,
+            teacher: teacher.as_ref(),
+            progress: ctx.progress,
+            token_weights: None,
+        };
+        let (routed, masked) = (tokens.chunk(start, len)?, mask_only.chunk(start, len)?);
+        let mut total: Option<Tensor> = None;
+        for (k, t) in terms.iter().enumerate() {
+            let (v, factor) = t.term.per_token(&cctx)?;
+            let scale = if t.term.router_token_weighted() {
+                &routed
+            } else {
+                &masked
+            };
+            let part = (v.to_dtype(scale.dtype())? * scale)?.sum_all()?;
+            sums[k] += factor * part.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if t.weight != 0.0 {
+                let wp = (part * (t.weight * factor))?;
+                total = Some(match total {
+                    Some(x) => (x + wp)?,
+                    None => wp,
+                });
+            }
+        }
+        let g = match total {
+            Some(total) => total.backward()?.remove(zs.as_tensor()),
+            None => None,
+        };
+        let g = match g {
+            Some(g) => g.reshape((len, vocab))?.to_dtype(w.dtype())?,
+            None => Tensor::zeros((len, vocab), w.dtype(), w.device())?,
+        };
+        grad_h.push(matmul(&g, &w)?);
+        grad_w.add(&g, &hc)?;
+    }
+    let total: f64 = terms.iter().zip(&sums).map(|(t, v)| t.weight * v).sum();
+    let grad_hidden = Tensor::cat(&grad_h, 0)?
+        .reshape((b, s, width))?
+        .to_dtype(hidden.dtype())?;
+    let grad_weight = grad_w.finish((vocab, width), w.dtype(), w.device())?;
+    let value = Tensor::new(total, hidden.device())?.to_dtype(hidden.dtype())?;
+    let total = Precomputed {
+        value,
+        grad_hidden,
+        grad_weight: grad_weight.to_dtype(weight.dtype())?,
+    }
+    .attach(hidden, weight)?;
+    Ok(HeadLoss { total, values: sums })
+}
+
+/// `omega_i / D` per token (see the module doc).
+struct TokenWeights(Tensor);
+
+impl TokenWeights {
+    /// From the step's mask and the router's token weights `router`.
+    fn of(ctx: &StepContext, router: Option<&Tensor>, n: usize, dtype: DType) -> Result<Self> {
+        let dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let device = ctx.student.logits.device();
+        let omega = match (router, ctx.batch.mask.as_ref()) {
+            (Some(r), Some(m)) => Some((r.to_dtype(dtype)? * m.to_dtype(dtype)?)?),
+            (Some(r), None) => Some(r.to_dtype(dtype)?),
+            (None, m) => m.map(|m| m.to_dtype(dtype)).transpose()?,
+        };
+        let scaled = match omega {
+            None => Tensor::full(1.0 / n as f64, n, device)?.to_dtype(dtype)?,
+            Some(o) => {
+                let o = o.flatten_all()?;
+                let d = o.sum_all()?.maximum(1.0)?;
+                o.broadcast_div(&d)?
+            }
+        };
+        Ok(TokenWeights(scaled))
+    }
+
+    /// The weights of tokens `start..start + len`, `[1, len]`.
+    fn chunk(&self, start: usize, len: usize) -> Result<Tensor> {
+        Ok(self.0.narrow(0, start, len)?.reshape((1, len))?)
+    }
+}
+
+/// The step's per-token tensors flattened to rows, cut into chunks.
+struct Rows<'a> {
+    ctx: &'a StepContext<'a>,
+    n: usize,
+    /// The teacher's head `(hidden [N, H_t], weight [V, H_t])`, when it handed it.
+    teacher_head: Option<(Tensor, Tensor)>,
+}
+
+impl<'a> Rows<'a> {
+    fn new(ctx: &'a StepContext<'a>, n: usize) -> Result<Self> {
+        let teacher_head = match ctx.teacher.and_then(Outputs::lm_head) {
+            Some((h, w)) => {
+                let ht = h.dim(2)?;
+                Some((h.reshape((n, ht))?, w.clone()))
+            }
+            None => None,
+        };
+        Ok(Rows { ctx, n, teacher_head })
+    }
+
+    /// `x [b, s, ...]` as `[1, len, ...]` for rows `start..start + len`.
+    fn cut(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        let mut dims = x.dims()[2..].to_vec();
+        let flat = x.reshape([vec![self.n], dims.clone()].concat())?;
+        dims.insert(0, len);
+        dims.insert(0, 1);
+        Ok(flat.narrow(0, start, len)?.reshape(dims)?)
+    }
+
+    fn batch(&self, start: usize, len: usize) -> Result<Batch> {
+        let b = self.ctx.batch;
+        Ok(Batch {
+            input_ids: self.cut(&b.input_ids, start, len)?,
+            targets: self.cut(&b.targets, start, len)?,
+            mask: None,
+            source: None,
+        })
+    }
+
+    /// The teacher's outputs for the chunk: its logits rows (made by its head when it handed
+    /// it) and every other tap's rows.
+    fn teacher(&self, start: usize, len: usize) -> Result<Option<Outputs>> {
+        let Some(t) = self.ctx.teacher else {
+            return Ok(None);
+        };
+        let logits = match &self.teacher_head {
+            Some((h, w)) => {
+                let z = matmul(&h.narrow(0, start, len)?, &w.t()?)?;
+                z.reshape((1, len, w.dim(0)?))?
+            }
+            None => self.cut(&t.logits, start, len)?,
+        };
+        let mut out = Outputs::logits_only(logits);
+        for (name, tap) in &t.taps {
+            if !name.starts_with("lm_head.") && tap.rank() >= 2 && tap.dims()[..2] == t.logits.dims()[..2] {
+                out.taps.insert(name.clone(), self.cut(tap, start, len)?);
+            }
+        }
+        Ok(Some(out))
+    }
+}

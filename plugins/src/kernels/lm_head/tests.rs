@@ -1,0 +1,330 @@
+//! The fused LM-head loss against the unfused path (full logits `h W^T`, each term's
+//! `compute`, candle's backward): values and gradients w.r.t. the head's input and weight, for
+//! every logit term, with a padding mask, router token weights, `T != 1`, several chunk sizes,
+//! and each form of teacher (dense logits, its head, its top-k only).
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use retort_core::registry::Factory;
+use retort_core::taps::{LM_HEAD_HIDDEN, LM_HEAD_WEIGHT};
+use retort_core::{Batch, BuildContext, LossTerm, Outputs, Params, Progress, Registry, StepContext};
+
+use super::{chunk_tokens, fused_loss, HeadTerm};
+
+const B: usize = 2;
+const S: usize = 5;
+const H: usize = 6;
+const V: usize = 40;
+const K: usize = 8;
+
+fn registry() -> Registry {
+    let mut reg = Registry::empty();
+    for f in inventory::iter::<Factory<dyn retort_core::Schedule>> {
+        reg.schedules.register(f, "built-in").expect("schedule");
+    }
+    reg
+}
+
+fn term(kind: &str, params: serde_json::Value, sparse: bool) -> Box<dyn LossTerm> {
+    let reg = registry();
+    let mut ctx = BuildContext::new(&reg, Device::Cpu, 0);
+    ctx.teacher_topk = sparse.then_some(K);
+    let f = inventory::iter::<Factory<dyn LossTerm>>
+        .into_iter()
+        .find(|f| f.kind == kind)
+        .expect("kind");
+    let p = Params::new("loss[0]", params.as_object().expect("object").clone());
+    (f.build)(&p, &ctx).expect("build")
+}
+
+/// The teacher's side of the step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum TeacherForm {
+    /// Dense logits (and the `topk.K` taps).
+    Dense,
+    /// Its head's input and weight (and the `topk.K` taps).
+    Head,
+    /// Only `topk.K` (a cached teacher): logits `[b, s, 0]`.
+    Sparse,
+}
+
+struct Fixture {
+    hidden: Tensor,
+    weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    mask: Tensor,
+    token_weights: Tensor,
+    targets: Tensor,
+}
+
+fn fixture(dtype: DType) -> Fixture {
+    let dev = Device::Cpu;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut draw = |dims: &[usize], scale: f64| -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+        Tensor::from_vec(v, dims, &dev)
+            .and_then(|t| t.to_dtype(dtype))
+            .expect("draw")
+    };
+    let (hidden, weight) = (draw(&[B, S, H], 1.0), draw(&[V, H], 1.0));
+    let (teacher_hidden, teacher_weight) = (draw(&[B, S, H + 2], 1.0), draw(&[V, H + 2], 1.0));
+    let token_weights = draw(&[B, S], 2.0).abs().expect("abs");
+    let mask = Tensor::new(&[[1f64, 1., 0., 1., 1.], [1., 1., 1., 0., 0.]], &dev)
+        .and_then(|m| m.to_dtype(dtype))
+        .expect("mask");
+    let targets: Vec<u32> = (0..B * S).map(|i| ((i * 13 + 5) % V) as u32).collect();
+    let targets = Tensor::from_vec(targets, (B, S), &dev).expect("targets");
+    Fixture {
+        hidden,
+        weight,
+        teacher_hidden,
+        teacher_weight,
+        mask,
+        token_weights,
+        targets,
+    }
+}
+
+fn teacher_outputs(f: &Fixture, form: TeacherForm) -> Outputs {
+    let zt = f
+        .teacher_hidden
+        .broadcast_matmul(&f.teacher_weight.t().expect("t"))
+        .expect("zt");
+    let (ids, lp) = retort_core::model::dense_topk(&zt, K).expect("topk");
+    let mut out = match form {
+        TeacherForm::Dense => Outputs::logits_only(zt),
+        TeacherForm::Head => {
+            let mut o = Outputs::logits_only(Tensor::zeros((B, S, 0), zt.dtype(), zt.device()).expect("z"));
+            o.taps.insert(LM_HEAD_HIDDEN.into(), f.teacher_hidden.clone());
+            o.taps.insert(LM_HEAD_WEIGHT.into(), f.teacher_weight.clone());
+            o
+        }
+        TeacherForm::Sparse => Outputs::logits_only(Tensor::zeros((B, S, 0), zt.dtype(), zt.device()).expect("z")),
+    };
+    out.taps.insert(format!("topk.{K}.ids"), ids);
+    out.taps.insert(format!("topk.{K}.logprobs"), lp);
+    out
+}
+
+/// `(total, values, dL/dhidden, dL/dweight)`, fused in chunks of `chunk` or (`None`) unfused.
+fn run(
+    terms: &[(&dyn LossTerm, f64)],
+    f: &Fixture,
+    form: TeacherForm,
+    weighted: bool,
+    chunk: Option<usize>,
+) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (h, w) = (
+        Var::from_tensor(&f.hidden).expect("h"),
+        Var::from_tensor(&f.weight).expect("w"),
+    );
+    let batch = Batch {
+        input_ids: f.targets.clone(),
+        targets: f.targets.clone(),
+        mask: weighted.then(|| f.mask.clone()),
+        source: None,
+    };
+    let teacher = teacher_outputs(f, form);
+    let student = match chunk {
+        Some(_) => {
+            let mut o = Outputs::logits_only(Tensor::zeros((B, S, 0), f.hidden.dtype(), &Device::Cpu).expect("z"));
+            o.taps.insert(LM_HEAD_HIDDEN.into(), h.as_tensor().clone());
+            o.taps.insert(LM_HEAD_WEIGHT.into(), w.as_tensor().clone());
+            o
+        }
+        None => Outputs::logits_only(
+            h.as_tensor()
+                .broadcast_matmul(&w.as_tensor().t().expect("t"))
+                .expect("z"),
+        ),
+    };
+    let dense_teacher;
+    let teacher = match (chunk, form) {
+        // The unfused path sees the teacher's logits made whole.
+        (None, TeacherForm::Head) => {
+            dense_teacher = teacher_outputs(f, TeacherForm::Dense);
+            &dense_teacher
+        }
+        _ => &teacher,
+    };
+    let ctx = StepContext {
+        batch: &batch,
+        student: &student,
+        teacher: Some(teacher),
+        progress: Progress::new(3, 10),
+        token_weights: weighted.then_some(&f.token_weights),
+    };
+    let (total, values) = match chunk {
+        Some(c) => {
+            let ht: Vec<HeadTerm> = terms.iter().map(|(t, w)| HeadTerm { term: *t, weight: *w }).collect();
+            let l = fused_loss(&ht, &ctx, c).expect("fused");
+            (l.total, l.values)
+        }
+        None => {
+            let vals: Vec<Tensor> = terms.iter().map(|(t, _)| t.compute(&ctx).expect("compute")).collect();
+            let mut total = (vals[0].clone() * terms[0].1).expect("w");
+            for (v, (_, w)) in vals.iter().zip(terms).skip(1) {
+                total = (total + (v * *w).expect("w")).expect("sum");
+            }
+            let values = vals.iter().map(|v| scalar(v)).collect();
+            (total, values)
+        }
+    };
+    let grads = total.backward().expect("backward");
+    let flat = |t: &Tensor| -> Vec<f64> {
+        grads
+            .get(t)
+            .expect("gradient")
+            .to_dtype(DType::F64)
+            .and_then(|g| g.flatten_all())
+            .and_then(|g| g.to_vec1())
+            .expect("vec")
+    };
+    (scalar(&total), values, flat(h.as_tensor()), flat(w.as_tensor()))
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.to_scalar::<f64>())
+        .expect("scalar")
+}
+
+fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) {
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+    assert!(scale > 1e-12, "{what}: all zero");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * scale, "{what}[{i}]: fused {x} vs unfused {y}");
+    }
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+}
+
+fn check(terms: &[(&dyn LossTerm, f64)], form: TeacherForm, label: &str) {
+    for dtype in [DType::F64, DType::F32] {
+        let f = fixture(dtype);
+        let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
+        for weighted in [true, false] {
+            let (t0, v0, gh0, gw0) = run(terms, &f, form, weighted, None);
+            for chunk in [1, 3, 4, B * S, 64] {
+                let what = format!("{label} {form:?} {dtype:?} weighted={weighted} chunk={chunk}");
+                let (t1, v1, gh1, gw1) = run(terms, &f, form, weighted, Some(chunk));
+                assert_close(&format!("{what} total"), &[t1], &[t0], tol);
+                assert_close(&format!("{what} values"), &v1, &v0, tol);
+                assert_close(&format!("{what} d/dhidden"), &gh1, &gh0, tol);
+                assert_close(&format!("{what} d/dweight"), &gw1, &gw0, tol);
+            }
+        }
+    }
+}
+
+fn dense_terms() -> Vec<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    vec![
+        ("kl", json!({"temperature": 2.0})),
+        ("kl", json!({"temperature": 1.5, "fused": false})),
+        ("reverse_kl", json!({"temperature": 1.5})),
+        ("jsd", json!({"beta": 0.3, "temperature": 2.0})),
+        ("skew_kl", json!({"alpha": 0.2, "temperature": 2.0})),
+        ("skew_kl", json!({"alpha": 0.4, "direction": "reverse"})),
+        ("tvd", json!({"temperature": 1.0})),
+        ("topk_kl", json!({"k": K, "tail": "renormalize", "temperature": 2.0})),
+        ("topk_kl", json!({"k": K})),
+        ("topk_kl", json!({"k": K, "union_student": true})),
+        ("ce", json!({"label_smoothing": 0.1})),
+        ("ce", json!({"fused": false})),
+    ]
+}
+
+#[test]
+fn every_logit_term_matches_the_unfused_path() {
+    for (kind, params) in dense_terms() {
+        let t = term(kind, params.clone(), false);
+        for form in [TeacherForm::Dense, TeacherForm::Head] {
+            check(&[(t.as_ref(), 0.7)], form, &format!("{kind} {params}"));
+        }
+    }
+}
+
+#[test]
+fn a_weighted_sum_of_terms_matches_the_unfused_path() {
+    use serde_json::json;
+    let kl = term("kl", json!({"temperature": 2.0}), false);
+    let ce = term("ce", json!({}), false);
+    let jsd = term("jsd", json!({"beta": 0.5}), false);
+    let zero = term("tvd", json!({}), false);
+    let terms: Vec<(&dyn LossTerm, f64)> = vec![
+        (kl.as_ref(), 0.7),
+        (ce.as_ref(), 0.3),
+        (jsd.as_ref(), 1.5),
+        (zero.as_ref(), 0.0),
+    ];
+    for form in [TeacherForm::Dense, TeacherForm::Head] {
+        check(&terms, form, "kl + ce + jsd + 0 tvd");
+    }
+}
+
+#[test]
+fn a_teacher_with_only_its_top_k_matches_the_unfused_path() {
+    use serde_json::json;
+    // `kl` against a cached teacher is the top-k KL with the uniform tail.
+    let kl = term("kl", json!({"temperature": 2.0}), true);
+    let topk = term("topk_kl", json!({"k": K}), true);
+    let ce = term("ce", json!({}), true);
+    check(
+        &[(kl.as_ref(), 0.5), (topk.as_ref(), 0.2), (ce.as_ref(), 0.3)],
+        TeacherForm::Sparse,
+        "sparse",
+    );
+}
+
+#[test]
+fn chunk_size_follows_the_vocabulary() {
+    assert_eq!(chunk_tokens(100, 49_152), 100);
+    assert_eq!(chunk_tokens(0, 49_152), (16 << 20) / (4 * 49_152));
+    assert_eq!(chunk_tokens(0, 10_000_000), 16);
+}
+
+/// A term without a per-token form.
+struct Whole;
+
+impl LossTerm for Whole {
+    fn compute(&self, ctx: &StepContext) -> retort_core::Result<Tensor> {
+        Ok(ctx.student.logits.sum_all()?)
+    }
+    fn needs_teacher(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn a_term_without_a_per_token_form_is_refused() {
+    let f = fixture(DType::F32);
+    let mut student = Outputs::logits_only(Tensor::zeros((B, S, 0), DType::F32, &Device::Cpu).expect("z"));
+    student.taps.insert(LM_HEAD_HIDDEN.into(), f.hidden.clone());
+    student.taps.insert(LM_HEAD_WEIGHT.into(), f.weight.clone());
+    let batch = Batch {
+        input_ids: f.targets.clone(),
+        targets: f.targets.clone(),
+        mask: None,
+        source: None,
+    };
+    let ctx = StepContext {
+        batch: &batch,
+        student: &student,
+        teacher: None,
+        progress: Progress::new(0, 1),
+        token_weights: None,
+    };
+    let err = fused_loss(
+        &[HeadTerm {
+            term: &Whole,
+            weight: 1.0,
+        }],
+        &ctx,
+        4,
+    )
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("per-token form"), "{err}");
+}
