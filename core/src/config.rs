@@ -396,8 +396,8 @@ pub struct TrainSection {
 pub struct LmHeadSpec {
     /// Fuse when the objective allows it. Default true; `false` always computes the full logits.
     pub fused: bool,
-    /// Tokens per chunk; 0 picks them from the vocabulary so that one chunk's logits take about
-    /// 16 MiB (at least 16 tokens). Default 0.
+    /// Tokens per chunk; 0 picks 256, or fewer where one chunk's f32 logits would pass 128 MiB
+    /// (vocabularies above 131,072; at least 16). Default 0.
     pub chunk_tokens: usize,
 }
 

@@ -135,3 +135,34 @@ pub fn mean_cross_entropy(
 ) -> candle_core::Result<candle_core::Tensor> {
     crate::kernels::cross_entropy::per_token(logits, targets, eps)?.mean_all()
 }
+
+/// Asserts that `model`'s [`retort_core::LM_HEAD_TAP`] hands out the head of its plain forward
+/// pass: `lm_head.hidden W^T` equals the logits (within `tol`), and the logits are then
+/// `[batch, seq, 0]`.
+///
+/// # Panics
+/// On a mismatch or a missing tap.
+#[allow(clippy::expect_used)]
+pub fn check_lm_head_tap(model: &dyn retort_core::Model, batch: &retort_core::Batch, tol: f64) {
+    use candle_core::DType;
+    let plain = model
+        .forward(batch, &retort_core::TapSet::none())
+        .expect("forward")
+        .logits;
+    let taps: retort_core::TapSet = [retort_core::LM_HEAD_TAP].into_iter().collect();
+    let out = model.forward(batch, &taps).expect("forward with the head");
+    let (b, s, v) = plain.dims3().expect("logits");
+    assert_eq!(out.logits.dims(), &[b, s, 0]);
+    let (hidden, weight) = out.lm_head().expect("the lm_head taps");
+    let z = hidden
+        .broadcast_matmul(&weight.t().expect("t"))
+        .and_then(|z| z.reshape((b, s, v)))
+        .expect("hidden W^T");
+    let diff = (z - &plain)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.to_dtype(DType::F64))
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f64>())
+        .expect("difference");
+    assert!(diff <= tol, "hidden W^T differs from the logits by {diff}");
+}

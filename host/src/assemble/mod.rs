@@ -54,6 +54,8 @@ pub struct Pipeline<'r> {
     pub student_description: String,
     /// Student parameter count.
     pub student_params: usize,
+    /// The taps the student can produce.
+    pub student_taps: Vec<String>,
 }
 
 /// What a training phase needs, built fresh for it (routers and schedules keep state).
@@ -103,6 +105,7 @@ impl<'r> Pipeline<'r> {
         Ok(Pipeline {
             student_description: student.describe(),
             student_params: student.num_params(),
+            student_taps: student.available_taps(),
             hard_labels: TermSlot::hard_labels(&ctx)?,
             config,
             registry,
@@ -161,6 +164,11 @@ impl<'r> Pipeline<'r> {
             early_stopping: None,
             with_teacher: false,
         }))
+    }
+
+    /// A fresh router of the distillation (the configured kind).
+    pub fn router(&self) -> Result<Box<dyn Router>> {
+        build_router(&self.config, &self.context(seeds::student_init(self.config.run.seed)))
     }
 
     /// The distillation of the student: the configured objective, router and stages.

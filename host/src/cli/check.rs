@@ -6,6 +6,7 @@ use retort_core::Result;
 
 use super::common::ConfigArgs;
 use crate::assemble::{Pipeline, TeacherPlan};
+use crate::engine::phase::HeadPath;
 
 /// Arguments of `retort check`.
 #[derive(Debug, Args)]
@@ -40,6 +41,15 @@ impl CheckArgs {
             .collect();
         println!("  loss:     {}", terms.join(" + "));
         println!("  router:   {}", p.config.router.kind);
+        let path = HeadPath::choose(
+            &p.config.train.lm_head,
+            &p.terms,
+            p.router()?.as_ref(),
+            &p.student_taps,
+            p.vocab_size,
+            p.config.train.batch_size * p.config.train.seq_len,
+        );
+        println!("  logits:   {path}");
         let t = &p.config.train;
         println!(
             "  budget:   {} steps x {} windows x {} tokens",

@@ -637,6 +637,13 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_lm_head_tap_hands_out_the_head_of_the_logits() {
+        let m = tiny("f64", "gelu");
+        assert!(m.available_taps().iter().any(|t| t == LM_HEAD_TAP));
+        crate::testing::check_lm_head_tap(&m, &batch(5), 1e-12);
+    }
+
     fn loss(m: &Transformer, b: &Batch) -> Tensor {
         let out = m.forward(b, &TapSet::none()).expect("fwd");
         cross_entropy(&out.logits, &b.targets, None, 0.0).expect("ce")

@@ -4,11 +4,17 @@
 
 use candle_core::{DType, Tensor};
 
-use retort_core::{Batch, Error, Progress, Result, Router, StepContext, Student, TapSet, Teacher, TermSignals};
+use retort_core::config::LmHeadSpec;
+use retort_core::{
+    Batch, Error, Progress, Result, Router, StepContext, Student, TapSet, Teacher, TermSignals, LM_HEAD_TAP,
+};
+use retort_plugins::kernels::lm_head::{fused_loss, HeadTerm, WeightGradient};
 
 use crate::assemble::TermSlot;
 use crate::engine::batching::TrainBatcher;
 use crate::engine::optim::{AdamW, GradNorms};
+
+use super::HeadPath;
 
 /// What one step's micro-batches produced.
 pub(super) enum Gradient {
@@ -56,22 +62,37 @@ pub(super) struct Objective<'a> {
     teacher_taps: TapSet,
     names: Vec<String>,
     reads_features: Vec<bool>,
+    /// Tokens per chunk of the fused LM-head path; `None`: the full logits.
+    fused_chunk: Option<usize>,
 }
 
 /// The terms of one micro-batch, still attached to the graph, or the first non-finite one.
 enum TermValues {
-    Finite { values: Vec<Tensor>, scalars: Vec<f64> },
+    Finite { graph: Graph, scalars: Vec<f64> },
     NonFinite { what: String, value: f64 },
+}
+
+/// What a micro-batch's terms left in the graph.
+enum Graph {
+    /// Each term, unweighted (the full-logits path).
+    Terms(Vec<Tensor>),
+    /// `sum_i w_i * term_i` already (the fused LM-head path), attached to the student's head
+    /// input, and the head's weight with its gradient, added to the weight's by the caller.
+    Weighted(Tensor, Option<(Tensor, Tensor)>),
 }
 
 impl<'a> Objective<'a> {
     /// The objective of `terms`; an error if a term reads a teacher and there is none.
+    /// `lm_head` decides whether the terms run fused with the student's head ([`HeadPath`]) on
+    /// micro-batches of `tokens`.
     pub fn new(
         label: &'a str,
         terms: &'a [TermSlot],
         router: Box<dyn Router>,
         student: &'a dyn Student,
         teacher: Option<&'a dyn Teacher>,
+        lm_head: &LmHeadSpec,
+        tokens: usize,
     ) -> Result<Self> {
         let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
         if needs_teacher && teacher.is_none() {
@@ -79,16 +100,40 @@ impl<'a> Objective<'a> {
                 "phase `{label}` has a term that needs a teacher, and none was given"
             )));
         }
+        let teacher = teacher.filter(|_| needs_teacher);
+        let path = HeadPath::choose(
+            lm_head,
+            terms,
+            router.as_ref(),
+            &student.available_taps(),
+            student.vocab_size(),
+            tokens,
+        );
+        let fused_chunk = match path {
+            HeadPath::Fused { chunk } => Some(chunk),
+            HeadPath::Full(_) => None,
+        };
+        let mut student_taps: TapSet = terms.iter().flat_map(|t| t.term.student_taps()).collect();
+        let mut teacher_taps: TapSet = terms.iter().flat_map(|t| t.term.teacher_taps()).collect();
+        if fused_chunk.is_some() {
+            student_taps.insert(LM_HEAD_TAP);
+            // A teacher that hands its head has its logits made chunk by chunk too; its other
+            // taps (top-k) are made from its whole logits, so then it hands the logits.
+            if teacher_taps.is_empty() && teacher.is_some_and(|t| t.supports_tap(LM_HEAD_TAP)) {
+                teacher_taps.insert(LM_HEAD_TAP);
+            }
+        }
         Ok(Objective {
             label,
             terms,
             router,
             student,
-            teacher: teacher.filter(|_| needs_teacher),
-            student_taps: terms.iter().flat_map(|t| t.term.student_taps()).collect(),
-            teacher_taps: terms.iter().flat_map(|t| t.term.teacher_taps()).collect(),
+            teacher,
+            student_taps,
+            teacher_taps,
             names: terms.iter().map(|t| t.name.clone()).collect(),
             reads_features: terms.iter().map(|t| !t.term.student_taps().is_empty()).collect(),
+            fused_chunk,
         })
     }
 
@@ -100,21 +145,30 @@ impl<'a> Objective<'a> {
     /// One step over `accum` micro-batches drawn from `batcher` (all of them are drawn, even
     /// after a non-finite value, so that the batch stream stays aligned with an uninterrupted
     /// run). The router weighs once per step, on the first micro-batch's values.
+    /// On the fused LM-head path the router weighs before the terms are computed (it reads
+    /// none of their values, [`Router::reads_step_outputs`]).
     pub fn gradient(&mut self, batcher: &mut TrainBatcher, opt: &AdamW, step: StepInput) -> Result<Gradient> {
-        let (values, scalars) = match self.terms_on(&batcher.next_batch()?, step.progress)? {
-            TermValues::Finite { values, scalars } => (values, scalars),
+        let early = match self.fused_chunk {
+            Some(_) => Some(self.route(&vec![f64::NAN; self.terms.len()], step.base_weights, step.progress)?),
+            None => None,
+        };
+        let (graph, scalars) = match self.terms_on(&batcher.next_batch()?, step.progress, early.as_deref())? {
+            TermValues::Finite { graph, scalars } => (graph, scalars),
             TermValues::NonFinite { what, value } => {
                 batcher.skip(step.accum - 1);
                 return Ok(Gradient::NonFinite { what, value });
             }
         };
-        let weights = self.route(&scalars, step.base_weights, step.progress)?;
-        let grads = self.backward(&values, &weights, opt, &step)?;
+        let weights = match early {
+            Some(w) => w,
+            None => self.route(&scalars, step.base_weights, step.progress)?,
+        };
+        let grads = self.backward(graph, &weights, opt, &step)?;
         let mut sum = StepGradient::first(grads, &scalars, weights, step.accum);
         for drawn in 2..=step.accum {
-            match self.terms_on(&batcher.next_batch()?, step.progress)? {
-                TermValues::Finite { values, scalars } => {
-                    let grads = self.backward(&values, &sum.weights, opt, &step)?;
+            match self.terms_on(&batcher.next_batch()?, step.progress, Some(&sum.weights))? {
+                TermValues::Finite { graph, scalars } => {
+                    let grads = self.backward(graph, &sum.weights, opt, &step)?;
                     sum.add(grads, &scalars, step.accum)?;
                 }
                 TermValues::NonFinite { what, value } => {
@@ -133,8 +187,9 @@ impl<'a> Objective<'a> {
         Ok(Gradient::Finite(sum))
     }
 
-    /// Teacher and student forward on `batch`, the router's token weights, every term.
-    fn terms_on(&mut self, batch: &Batch, progress: Progress) -> Result<TermValues> {
+    /// Teacher and student forward on `batch`, the router's token weights, every term (fused
+    /// with the student's head, weighed by `weights`, on the fused path).
+    fn terms_on(&mut self, batch: &Batch, progress: Progress, weights: Option<&[f64]>) -> Result<TermValues> {
         let t_out = match self.teacher {
             Some(t) => Some(t.forward(batch, &self.teacher_taps)?),
             None => None,
@@ -149,15 +204,33 @@ impl<'a> Objective<'a> {
         };
         let token_weights = self.router.prepare(&ctx)?.map(|w| w.detach());
         ctx.token_weights = token_weights.as_ref();
-        let values: Vec<Tensor> = self.terms.iter().map(|t| t.term.compute(&ctx)).collect::<Result<_>>()?;
-        let scalars: Vec<f64> = values.iter().map(scalar).collect::<Result<_>>()?;
+        let (graph, scalars) = match (self.fused_chunk, weights) {
+            (Some(chunk), Some(weights)) => {
+                let terms: Vec<HeadTerm> = self
+                    .terms
+                    .iter()
+                    .zip(weights)
+                    .map(|(t, &weight)| HeadTerm {
+                        term: t.term.as_ref(),
+                        weight,
+                    })
+                    .collect();
+                let loss = fused_loss(&terms, &ctx, chunk, WeightGradient::Returned)?;
+                (Graph::Weighted(loss.total, loss.weight_grad), loss.values)
+            }
+            _ => {
+                let values: Vec<Tensor> = self.terms.iter().map(|t| t.term.compute(&ctx)).collect::<Result<_>>()?;
+                let scalars: Vec<f64> = values.iter().map(scalar).collect::<Result<_>>()?;
+                (Graph::Terms(values), scalars)
+            }
+        };
         if let Some(i) = scalars.iter().position(|v| !v.is_finite()) {
             return Ok(TermValues::NonFinite {
                 what: format!("loss term `{}`", self.names[i]),
                 value: scalars[i],
             });
         }
-        Ok(TermValues::Finite { values, scalars })
+        Ok(TermValues::Finite { graph, scalars })
     }
 
     /// The router's weights for this step.
@@ -181,17 +254,27 @@ impl<'a> Objective<'a> {
 
     /// The gradients of `sum_i (w_i / accum) * term_i` over the terms with a non-zero weight:
     /// summed over the micro-batches, they are those of the mean over the whole effective batch.
-    fn backward(&self, values: &[Tensor], weights: &[f64], opt: &AdamW, step: &StepInput) -> Result<Vec<Tensor>> {
+    fn backward(&self, graph: Graph, weights: &[f64], opt: &AdamW, step: &StepInput) -> Result<Vec<Tensor>> {
         let mut total: Option<Tensor> = None;
-        for (v, wi) in values.iter().zip(weights) {
-            if *wi == 0.0 {
-                continue;
+        let mut weight_grad = None;
+        match graph {
+            Graph::Weighted(t, wg) if weights.iter().any(|w| *w != 0.0) => {
+                total = Some(if step.accum == 1 { t } else { (t / step.accum as f64)? });
+                weight_grad = wg;
             }
-            let wv = (v * (*wi / step.accum as f64))?;
-            total = Some(match total {
-                Some(t) => (t + wv)?,
-                None => wv,
-            });
+            Graph::Weighted(..) => {}
+            Graph::Terms(values) => {
+                for (v, wi) in values.iter().zip(weights) {
+                    if *wi == 0.0 {
+                        continue;
+                    }
+                    let wv = (v * (*wi / step.accum as f64))?;
+                    total = Some(match total {
+                        Some(t) => (t + wv)?,
+                        None => wv,
+                    });
+                }
+            }
         }
         let total = total.ok_or_else(|| {
             Error::Runtime(format!(
@@ -199,7 +282,17 @@ impl<'a> Objective<'a> {
                 self.label, step.stage
             ))
         })?;
-        opt.collect_grads(&total.backward()?)
+        let mut grads = total.backward()?;
+        if let Some((w, g)) = weight_grad {
+            let g = if step.accum == 1 { g } else { (g / step.accum as f64)? };
+            // A tied head also has the embedding's gradient.
+            let g = match grads.remove(&w) {
+                Some(x) => (x + g)?,
+                None => g,
+            };
+            grads.insert(&w, g);
+        }
+        opt.collect_grads(&grads)
     }
 }
 

@@ -14,6 +14,7 @@ mod early_stopping;
 mod ema;
 mod evaluation;
 mod gradient;
+mod head_path;
 mod run;
 mod skip_guard;
 mod stage_cursor;
@@ -30,6 +31,7 @@ use crate::artifacts::report::PhaseStats;
 use crate::assemble::{Stage, TermSlot};
 
 pub use checkpointing::CheckpointPolicy;
+pub use head_path::HeadPath;
 pub use state::{BestState, PhaseState};
 
 use run::{PhaseRun, StepOutcome};

@@ -16,19 +16,40 @@ pub struct HeadTerm<'a> {
     pub weight: f64,
 }
 
+/// Where `dL/dW` goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightGradient {
+    /// Into the graph: the loss is attached to the head's weight too, and candle's backward
+    /// sums its gradient like any other (zero-filling a `[V, H]` first, then adding).
+    InGraph,
+    /// Back to the caller ([`HeadLoss::weight_grad`]), who adds it to the weight's gradient
+    /// itself: the loss is attached to the head's input only. Saves two `[V, H]` buffers.
+    Returned,
+}
+
 /// What [`fused_loss`] returns.
 pub struct HeadLoss {
-    /// `sum_k w_k term_k`, rank 0, attached to the student's head input and weight.
+    /// `sum_k w_k term_k`, rank 0, attached to the student's head input (and weight, for
+    /// [`WeightGradient::InGraph`]).
     pub total: Tensor,
     /// Each term's value (`term_k`, unweighted), as `LossTerm::compute` would give it.
     pub values: Vec<f64>,
+    /// `(W, dL/dW)` for [`WeightGradient::Returned`]: the caller adds `dL/dW`, times the
+    /// gradient flowing into `total`, to `W`'s gradient.
+    pub weight_grad: Option<(Tensor, Tensor)>,
 }
 
 /// The objective of `terms` over the step `ctx`, whose student outputs hold the head
 /// (`Outputs::lm_head`, the `lm_head` tap), in chunks of `chunk` tokens (see the module doc).
 /// The teacher (`ctx.teacher`) hands its dense logits, its head (then its logits are made
-/// chunk by chunk too), or only taps (`topk.{k}`) with logits `[b, s, 0]`.
-pub fn fused_loss(terms: &[HeadTerm], ctx: &StepContext, chunk: usize) -> Result<HeadLoss> {
+/// chunk by chunk too), or only taps (`topk.{k}`) with logits `[b, s, 0]`. `dL/dW` goes where
+/// `weight_gradient` says.
+pub fn fused_loss(
+    terms: &[HeadTerm],
+    ctx: &StepContext,
+    chunk: usize,
+    weight_gradient: WeightGradient,
+) -> Result<HeadLoss> {
     let (hidden, weight) = ctx
         .student
         .lm_head()
@@ -97,15 +118,25 @@ pub fn fused_loss(terms: &[HeadTerm], ctx: &StepContext, chunk: usize) -> Result
     let grad_hidden = Tensor::cat(&grad_h, 0)?
         .reshape((b, s, width))?
         .to_dtype(hidden.dtype())?;
-    let grad_weight = grad_w.finish((vocab, width), w.dtype(), w.device())?;
+    let grad_weight = grad_w
+        .finish((vocab, width), w.dtype(), w.device())?
+        .to_dtype(weight.dtype())?;
     let value = Tensor::new(total, hidden.device())?.to_dtype(hidden.dtype())?;
+    let (in_graph, weight_grad) = match weight_gradient {
+        WeightGradient::InGraph => (Some(grad_weight), None),
+        WeightGradient::Returned => (None, Some((weight.clone(), grad_weight))),
+    };
     let total = Precomputed {
         value,
         grad_hidden,
-        grad_weight: grad_weight.to_dtype(weight.dtype())?,
+        grad_weight: in_graph,
     }
     .attach(hidden, weight)?;
-    Ok(HeadLoss { total, values: sums })
+    Ok(HeadLoss {
+        total,
+        values: sums,
+        weight_grad,
+    })
 }
 
 /// `omega_i / D` per token (see the module doc).

@@ -28,18 +28,23 @@ mod chunks;
 mod inject;
 mod weight_grad;
 
-pub use chunks::{fused_loss, HeadLoss, HeadTerm};
+pub use chunks::{fused_loss, HeadLoss, HeadTerm, WeightGradient};
 
-/// Bytes one chunk's student logits may take when the chunk size is left to [`chunk_tokens`].
-pub const CHUNK_LOGIT_BYTES: usize = 16 << 20;
+/// Tokens per chunk when the size is left to [`chunk_tokens`]: each chunk adds `dL/dW`'s
+/// `[V, H]` once more to the memory traffic, so chunks much smaller than this cost time.
+pub const AUTO_CHUNK_TOKENS: usize = 256;
 
-/// Tokens per chunk: `requested` when non-zero, else as many as keep one chunk's f32 logits
-/// within [`CHUNK_LOGIT_BYTES`] (at least 16).
+/// Bytes one chunk's f32 student logits may take when the size is left to [`chunk_tokens`].
+pub const CHUNK_LOGIT_BYTES: usize = 128 << 20;
+
+/// Tokens per chunk: `requested` when non-zero, else [`AUTO_CHUNK_TOKENS`], or fewer (at least
+/// 16) where one chunk's f32 logits would pass [`CHUNK_LOGIT_BYTES`] (vocabularies above
+/// 131,072).
 pub fn chunk_tokens(requested: usize, vocab: usize) -> usize {
     if requested > 0 {
         return requested;
     }
-    (CHUNK_LOGIT_BYTES / (4 * vocab.max(1))).max(16)
+    (CHUNK_LOGIT_BYTES / (4 * vocab.max(1))).clamp(16, AUTO_CHUNK_TOKENS)
 }
 
 #[cfg(test)]

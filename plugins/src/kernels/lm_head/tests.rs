@@ -9,7 +9,7 @@ use retort_core::registry::Factory;
 use retort_core::taps::{LM_HEAD_HIDDEN, LM_HEAD_WEIGHT};
 use retort_core::{Batch, BuildContext, LossTerm, Outputs, Params, Progress, Registry, StepContext};
 
-use super::{chunk_tokens, fused_loss, HeadTerm};
+use super::{chunk_tokens, fused_loss, HeadTerm, WeightGradient};
 
 const B: usize = 2;
 const S: usize = 5;
@@ -108,13 +108,14 @@ fn teacher_outputs(f: &Fixture, form: TeacherForm) -> Outputs {
     out
 }
 
-/// `(total, values, dL/dhidden, dL/dweight)`, fused in chunks of `chunk` or (`None`) unfused.
+/// `(total, values, dL/dhidden, dL/dweight)`, fused in chunks of `chunk` (`dL/dW` in the graph
+/// or returned and added to the gradients, as the engine does) or (`None`) unfused.
 fn run(
     terms: &[(&dyn LossTerm, f64)],
     f: &Fixture,
     form: TeacherForm,
     weighted: bool,
-    chunk: Option<usize>,
+    chunk: Option<(usize, WeightGradient)>,
 ) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>) {
     let (h, w) = (
         Var::from_tensor(&f.hidden).expect("h"),
@@ -156,10 +157,13 @@ fn run(
         progress: Progress::new(3, 10),
         token_weights: weighted.then_some(&f.token_weights),
     };
+    let mut weight_grad = None;
     let (total, values) = match chunk {
-        Some(c) => {
+        Some((c, mode)) => {
             let ht: Vec<HeadTerm> = terms.iter().map(|(t, w)| HeadTerm { term: *t, weight: *w }).collect();
-            let l = fused_loss(&ht, &ctx, c).expect("fused");
+            let l = fused_loss(&ht, &ctx, c, mode).expect("fused");
+            assert_eq!(l.weight_grad.is_some(), mode == WeightGradient::Returned);
+            weight_grad = l.weight_grad;
             (l.total, l.values)
         }
         None => {
@@ -172,7 +176,11 @@ fn run(
             (total, values)
         }
     };
-    let grads = total.backward().expect("backward");
+    let mut grads = total.backward().expect("backward");
+    if let Some((w, g)) = weight_grad {
+        assert!(grads.get(&w).is_none(), "dL/dW was returned and is in the graph too");
+        grads.insert(&w, g);
+    }
     let flat = |t: &Tensor| -> Vec<f64> {
         grads
             .get(t)
@@ -206,9 +214,10 @@ fn check(terms: &[(&dyn LossTerm, f64)], form: TeacherForm, label: &str) {
         let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
         for weighted in [true, false] {
             let (t0, v0, gh0, gw0) = run(terms, &f, form, weighted, None);
-            for chunk in [1, 3, 4, B * S, 64] {
-                let what = format!("{label} {form:?} {dtype:?} weighted={weighted} chunk={chunk}");
-                let (t1, v1, gh1, gw1) = run(terms, &f, form, weighted, Some(chunk));
+            let modes = [WeightGradient::InGraph, WeightGradient::Returned];
+            for (chunk, mode) in [1, 3, 4, B * S, 64].into_iter().zip(modes.iter().cycle()) {
+                let what = format!("{label} {form:?} {dtype:?} weighted={weighted} chunk={chunk} {mode:?}");
+                let (t1, v1, gh1, gw1) = run(terms, &f, form, weighted, Some((chunk, *mode)));
                 assert_close(&format!("{what} total"), &[t1], &[t0], tol);
                 assert_close(&format!("{what} values"), &v1, &v0, tol);
                 assert_close(&format!("{what} d/dhidden"), &gh1, &gh0, tol);
@@ -281,8 +290,10 @@ fn a_teacher_with_only_its_top_k_matches_the_unfused_path() {
 #[test]
 fn chunk_size_follows_the_vocabulary() {
     assert_eq!(chunk_tokens(100, 49_152), 100);
-    assert_eq!(chunk_tokens(0, 49_152), (16 << 20) / (4 * 49_152));
-    assert_eq!(chunk_tokens(0, 10_000_000), 16);
+    assert_eq!(chunk_tokens(0, 49_152), 256);
+    assert_eq!(chunk_tokens(0, 128_256), 256);
+    assert_eq!(chunk_tokens(0, 262_144), 128);
+    assert_eq!(chunk_tokens(0, 100_000_000), 16);
 }
 
 /// A term without a per-token form.
@@ -323,6 +334,7 @@ fn a_term_without_a_per_token_form_is_refused() {
         }],
         &ctx,
         4,
+        WeightGradient::InGraph,
     )
     .err()
     .expect("refused");

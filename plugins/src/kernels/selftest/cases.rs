@@ -62,7 +62,8 @@ pub struct Input {
 }
 
 impl Input {
-    fn new(name: &'static str, role: Role, host: Tensor) -> Self {
+    /// An input.
+    pub fn new(name: &'static str, role: Role, host: Tensor) -> Self {
         Self { name, role, host }
     }
 }
@@ -195,6 +196,7 @@ fn all_ops() -> Vec<Op> {
         adamw(),
         adamw_group(),
         sum_squares(),
+        super::head::lm_head_loss(),
     ]);
     ops
 }

@@ -16,7 +16,8 @@
 //!
 //! A case that errors or panics is reported as failed with its message; the run goes on.
 //!
-//! - `cases.rs`: the case list (ops, variants, shapes, dtypes);
+//! - `cases.rs`: the case list (ops, variants, shapes, dtypes); `head.rs`: the fused LM-head
+//!   loss's case;
 //! - `inputs.rs`: seeded random inputs, made on the host;
 //! - `eval.rs`: placing inputs, outputs and gradients, the reference by row chunks;
 //! - `compare.rs`: the error measures and tolerances;
@@ -26,6 +27,7 @@
 mod cases;
 mod compare;
 mod eval;
+mod head;
 mod inputs;
 mod report;
 mod timing;

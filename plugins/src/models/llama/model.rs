@@ -617,6 +617,18 @@ mod tests {
     }
 
     #[test]
+    fn the_lm_head_tap_hands_out_the_head_of_the_logits() {
+        for extra in [
+            serde_json::json!({"dtype": "f64", "tie_embeddings": false}),
+            serde_json::json!({"dtype": "f64"}),
+        ] {
+            let m = tiny(extra);
+            assert!(m.available_taps().iter().any(|t| t == LM_HEAD_TAP));
+            crate::testing::check_lm_head_tap(&m, &batch(5), 1e-12);
+        }
+    }
+
+    #[test]
     fn taps_have_the_transformer_names_and_shapes() {
         let m = tiny(serde_json::json!({"n_experts": 2, "n_experts_used": 1}));
         let b = batch(4);
