@@ -8,7 +8,10 @@
 #   3. the quickstart on cuda and on the CPU, side by side: val losses must agree within 1e-3;
 #   4. the SmolLM2-shaped KD step (teacher 30 blocks, 4-block student, batch 8 x 256, f32) with
 #      retort on cuda, then with transformers + PyTorch eager on the same GPU: tokens/s, peak
-#      memory, and their ratio.
+#      memory, and their ratio;
+#   5. the loss region fused with the LM head and not (`lm_head_memory`, bf16, 0.7 kl + 0.3 ce)
+#      at N = 8192, H = 4096, V = 128256 and at N = 1024: time, and the device's peak memory
+#      (nvidia-smi) over what it held before.
 # Writes everything to $OUT (default /tmp/retort-gpu): gpu_run.log, selftest.txt, summary.json.
 #
 #   scripts/gpu_run.sh [--quick]      # --quick: selftest only
@@ -89,6 +92,26 @@ echo "retort peak GPU memory used (MiB, whole device): $(sort -n /tmp/retort-mem
 say "transformers + PyTorch eager, same shapes, same GPU"
 timeout 150 "$PY" scripts/gpu/torch_kd_smollm2.py --teacher /tmp/retort-smollm2 --steps 20 --dtype f32 | tee "$OUT/torch_f32.json"
 timeout 100 "$PY" scripts/gpu/torch_kd_smollm2.py --teacher /tmp/retort-smollm2 --steps 20 --dtype bf16 | tee "$OUT/torch_bf16.json"
+
+say "fused LM-head loss on cuda, bf16 (N x H x V)"
+lmh=/tmp/retort-bin/lm_head_memory
+if [[ -f gpu/lm_head_memory.xz ]]; then
+  "$PY" -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' gpu/lm_head_memory.xz "$lmh"
+  chmod +x "$lmh"
+  for shape in "8192 4096 128256" "1024 4096 128256"; do
+    for mode in --fused --unfused; do
+      before=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+      nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 >/tmp/lmh-mem.txt &
+      mem_pid=$!
+      # shellcheck disable=SC2086
+      timeout 120 "$lmh" $shape $mode --device cuda --dtype bf16 --reps 5 2>&1 | tee -a "$OUT/lm_head.txt"
+      kill "$mem_pid" 2>/dev/null
+      echo "  device memory: $before MiB before, peak $(sort -n /tmp/lmh-mem.txt | tail -1) MiB" | tee -a "$OUT/lm_head.txt"
+    done
+  done
+else
+  echo "gpu/lm_head_memory.xz missing (an older pack): skipped"
+fi
 
 say "summary"
 "$PY" - "$OUT" <<'PYEOF'

@@ -5,8 +5,7 @@ use candle_core::{DType, Tensor, Var};
 use retort_core::{Batch, Error, LossTerm, Outputs, Result, StepContext};
 
 use super::inject::Precomputed;
-use super::weight_grad::WeightGrad;
-use crate::models::nn::matmul;
+use super::weight_grad::{product as matmul, WeightGrad};
 
 /// One term of the objective with its weight for this step.
 pub struct HeadTerm<'a> {

@@ -172,7 +172,7 @@ fn run(
             for (v, (_, w)) in vals.iter().zip(terms).skip(1) {
                 total = (total + (v * *w).expect("w")).expect("sum");
             }
-            let values = vals.iter().map(|v| scalar(v)).collect();
+            let values = vals.iter().map(scalar).collect();
             (total, values)
         }
     };

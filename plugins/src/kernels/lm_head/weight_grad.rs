@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Result, Storage, Tensor};
 
 use crate::kernels::cpu::fastmath::Real;
+use crate::kernels::cpu::linear;
 use crate::kernels::cpu::raw::gemm::{gemm_into, Mat};
 use crate::kernels::cpu::rows::slice;
 
@@ -33,7 +34,7 @@ impl WeightGrad {
             WeightGrad::F32(acc, _) => add_in_place(acc, g, h),
             WeightGrad::F64(acc, _) => add_in_place(acc, g, h),
             WeightGrad::Tensor(acc) => {
-                let p = crate::models::nn::matmul(&g.t()?, h)?;
+                let p = product(&g.t()?, h)?;
                 *acc = Some(match acc.take() {
                     Some(a) => (a + p)?,
                     None => p,
@@ -52,6 +53,15 @@ impl WeightGrad {
             WeightGrad::Tensor(None) => Tensor::zeros(dims, dtype, device),
         }
     }
+}
+
+/// `a @ b` for matrices: the CPU linear kernel (`gemm`, the operands' strides read in place)
+/// where it runs, candle's `matmul` elsewhere (cuBLAS on CUDA).
+pub fn product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if linear::supports(a, b, None) {
+        return linear::linear(a, b, None);
+    }
+    a.matmul(b)
 }
 
 /// `acc [V, H] += g^T h` by one `gemm` call.
