@@ -12,7 +12,7 @@
 use candle_core::{Var, D};
 
 use retort_core::model::dense_topk;
-use retort_core::taps::parse_topk_tap;
+use retort_core::taps::{parse_topk_tap, LM_HEAD_WEIGHT};
 use retort_core::{Batch, Error, Model, ModelInfo, Outputs, Result, Student, TapSet, Teacher, Tokenizer};
 
 /// Checks that `who`'s tokenizer (if its checkpoint names one) is the data's.
@@ -72,6 +72,16 @@ pub fn fit_student(s: Box<dyn Student>, data_vocab: usize) -> Result<Box<dyn Stu
     })
 }
 
+/// `out` narrowed to the first `vocab` outputs: its logits, or the rows of its head's weight when
+/// it handed its head (the `lm_head` tap; logits `[b, s, 0]` then).
+fn narrow(mut out: Outputs, vocab: usize) -> Result<Outputs> {
+    match out.taps.get_mut(LM_HEAD_WEIGHT) {
+        Some(w) => *w = w.narrow(0, 0, vocab)?,
+        None => out.logits = out.logits.narrow(D::Minus1, 0, vocab)?,
+    }
+    Ok(out)
+}
+
 /// A teacher with a padded vocabulary, narrowed to the first `vocab` logits (top-k taps are
 /// computed after narrowing).
 pub struct NarrowedTeacher {
@@ -82,8 +92,7 @@ pub struct NarrowedTeacher {
 impl Teacher for NarrowedTeacher {
     fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs> {
         let inner_taps: TapSet = taps.iter().filter(|t| parse_topk_tap(t).is_none()).collect();
-        let mut out = self.inner.forward(batch, &inner_taps)?;
-        out.logits = out.logits.narrow(D::Minus1, 0, self.vocab)?;
+        let mut out = narrow(self.inner.forward(batch, &inner_taps)?, self.vocab)?;
         for k in taps.iter().filter_map(parse_topk_tap) {
             let (ids, logprobs) = dense_topk(&out.logits, k)?;
             out.taps.insert(format!("topk.{k}.ids"), ids);
@@ -132,9 +141,7 @@ pub struct NarrowedStudent {
 
 impl Model for NarrowedStudent {
     fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs> {
-        let mut out = self.inner.forward(batch, taps)?;
-        out.logits = out.logits.narrow(D::Minus1, 0, self.vocab)?;
-        Ok(out)
+        narrow(self.inner.forward(batch, taps)?, self.vocab)
     }
     fn vocab_size(&self) -> usize {
         self.vocab
@@ -171,5 +178,51 @@ impl Student for NarrowedStudent {
     }
     fn config_json(&self) -> serde_json::Value {
         self.inner.config_json()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+    use retort_core::{BuildContext, FrozenTeacher, Params, LM_HEAD_TAP};
+
+    /// A transformer of 20 output rows, in f64.
+    fn padded_student() -> Box<dyn Student> {
+        let registry = crate::builtin_registry().expect("registry");
+        let mut ctx = BuildContext::new(&registry, Device::Cpu, 3);
+        ctx.vocab_size = Some(20);
+        let params = serde_json::json!({"n_layer": 1, "n_embd": 8, "n_head": 2, "context": 8, "dtype": "f64"});
+        let params = Params::new("student", params.as_object().expect("object").clone());
+        registry.students.build("transformer", &params, &ctx).expect("student")
+    }
+
+    fn batch() -> Batch {
+        let ids = Tensor::new(&[[1u32, 15, 7, 0]], &Device::Cpu).expect("ids");
+        Batch {
+            input_ids: ids.clone(),
+            targets: ids,
+            mask: None,
+            source: None,
+        }
+    }
+
+    #[test]
+    fn a_narrowed_student_hands_the_first_rows_of_its_head() {
+        let s = fit_student(padded_student(), 16).expect("fit");
+        assert_eq!(s.vocab_size(), 16);
+        retort_plugins::testing::check_lm_head_tap(s.as_ref(), &batch(), 1e-12);
+    }
+
+    #[test]
+    fn a_narrowed_teacher_hands_the_first_rows_of_its_head() {
+        let t = fit_teacher(Box::new(FrozenTeacher(padded_student())), 16).expect("fit");
+        let head: TapSet = [LM_HEAD_TAP].into_iter().collect();
+        let out = t.forward(&batch(), &head).expect("forward");
+        let (_, w) = out.lm_head().expect("the head");
+        assert_eq!(w.dims(), &[16, 8]);
+        assert_eq!(out.logits.dims(), &[1, 4, 0]);
+        let plain = t.forward(&batch(), &TapSet::none()).expect("forward");
+        assert_eq!(plain.logits.dims(), &[1, 4, 16]);
     }
 }

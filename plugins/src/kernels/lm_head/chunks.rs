@@ -23,6 +23,8 @@ pub enum WeightGradient {
     InGraph,
     /// Back to the caller ([`HeadLoss::weight_grad`]), who adds it to the weight's gradient
     /// itself: the loss is attached to the head's input only. Saves two `[V, H]` buffers.
+    /// Only for a weight that is a variable's tensor; any other (e.g. rows of a padded head,
+    /// narrowed) goes [`WeightGradient::InGraph`], so its gradient reaches the variable.
     Returned,
 }
 
@@ -122,8 +124,8 @@ pub fn fused_loss(
         .to_dtype(weight.dtype())?;
     let value = Tensor::new(total, hidden.device())?.to_dtype(hidden.dtype())?;
     let (in_graph, weight_grad) = match weight_gradient {
-        WeightGradient::InGraph => (Some(grad_weight), None),
-        WeightGradient::Returned => (None, Some((weight.clone(), grad_weight))),
+        WeightGradient::Returned if weight.is_variable() => (None, Some((weight.clone(), grad_weight))),
+        _ => (Some(grad_weight), None),
     };
     let total = Precomputed {
         value,

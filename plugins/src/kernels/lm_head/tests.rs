@@ -340,3 +340,62 @@ fn a_term_without_a_per_token_form_is_refused() {
     .expect("refused");
     assert!(err.to_string().contains("per-token form"), "{err}");
 }
+
+#[test]
+fn the_rows_of_a_padded_head_get_their_gradient_through_the_graph() {
+    let f = fixture(DType::F64);
+    let pad = Tensor::ones((5, H), DType::F64, &Device::Cpu).expect("pad");
+    let padded = Var::from_tensor(&Tensor::cat(&[&f.weight, &pad], 0).expect("cat")).expect("var");
+    let h = Var::from_tensor(&f.hidden).expect("h");
+    let ce = term("ce", serde_json::json!({}), false);
+    let batch = Batch {
+        input_ids: f.targets.clone(),
+        targets: f.targets.clone(),
+        mask: None,
+        source: None,
+    };
+    // The head's first V rows, as a padded vocabulary is narrowed: not a variable's tensor.
+    let rows = padded.as_tensor().narrow(0, 0, V).expect("rows");
+    let grads = |fused: bool| -> Vec<f64> {
+        let student = if fused {
+            let mut o = Outputs::logits_only(Tensor::zeros((B, S, 0), DType::F64, &Device::Cpu).expect("z"));
+            o.taps.insert(LM_HEAD_HIDDEN.into(), h.as_tensor().clone());
+            o.taps.insert(LM_HEAD_WEIGHT.into(), rows.clone());
+            o
+        } else {
+            Outputs::logits_only(h.as_tensor().broadcast_matmul(&rows.t().expect("t")).expect("z"))
+        };
+        let ctx = StepContext {
+            batch: &batch,
+            student: &student,
+            teacher: None,
+            progress: Progress::new(0, 1),
+            token_weights: None,
+        };
+        let total = if fused {
+            let l = fused_loss(
+                &[HeadTerm {
+                    term: ce.as_ref(),
+                    weight: 1.0,
+                }],
+                &ctx,
+                3,
+                WeightGradient::Returned,
+            )
+            .expect("fused");
+            assert!(l.weight_grad.is_none(), "a narrowed head's gradient stays in the graph");
+            l.total
+        } else {
+            ce.compute(&ctx).expect("ce")
+        };
+        let g = total.backward().expect("backward");
+        g.get(padded.as_tensor())
+            .expect("the padded head's gradient")
+            .flatten_all()
+            .and_then(|g| g.to_vec1())
+            .expect("vec")
+    };
+    let (fused, full) = (grads(true), grads(false));
+    assert_close("padded head", &fused, &full, 1e-10);
+    assert!(fused[V * H..].iter().all(|&x| x == 0.0), "padding rows get no gradient");
+}
