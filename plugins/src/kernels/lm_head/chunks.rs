@@ -64,9 +64,8 @@ pub fn fused_loss(
     let (n, vocab) = (b * s, weight.dim(0)?);
     let h = hidden.detach().reshape((n, width))?;
     let w = weight.detach();
-    let tokens = TokenWeights::of(ctx, ctx.token_weights, n, h.dtype())?;
-    let mask_only = TokenWeights::of(ctx, None, n, h.dtype())?;
-    let rows = Rows::new(ctx, b * s)?;
+    let tokens = TokenWeights::of(ctx, n, h.dtype())?;
+    let rows = Rows::new(ctx, n)?;
     let mut grad_w = WeightGrad::zeros((vocab, width), w.dtype(), w.device());
     let mut grad_h = Vec::new();
     let mut sums = vec![0f64; terms.len()];
@@ -75,8 +74,7 @@ pub fn fused_loss(
         let len = chunk.min(n - start);
         let hc = h.narrow(0, start, len)?;
         let zs = Var::from_tensor(&matmul(&hc, &w.t()?)?.reshape((1, len, vocab))?)?;
-        let teacher = rows.teacher(start, len)?;
-        let batch = rows.batch(start, len)?;
+        let (teacher, batch) = (rows.teacher(start, len)?, rows.batch(start, len)?);
         let student = Outputs::logits_only(zs.as_tensor().clone());
         let cctx = StepContext {
             batch: &batch,
@@ -85,26 +83,7 @@ pub fn fused_loss(
             progress: ctx.progress,
             token_weights: None,
         };
-        let (routed, masked) = (tokens.chunk(start, len)?, mask_only.chunk(start, len)?);
-        let mut total: Option<Tensor> = None;
-        for (k, t) in terms.iter().enumerate() {
-            let (v, factor) = t.term.per_token(&cctx)?;
-            let scale = if t.term.router_token_weighted() {
-                &routed
-            } else {
-                &masked
-            };
-            let part = (v.to_dtype(scale.dtype())? * scale)?.sum_all()?;
-            sums[k] += factor * part.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if t.weight != 0.0 {
-                let wp = (part * (t.weight * factor))?;
-                total = Some(match total {
-                    Some(x) => (x + wp)?,
-                    None => wp,
-                });
-            }
-        }
-        let g = match total {
+        let g = match chunk_terms(terms, &cctx, &tokens.chunk(start, len)?, &mut sums)? {
             Some(total) => total.backward()?.remove(zs.as_tensor()),
             None => None,
         };
@@ -140,12 +119,54 @@ pub fn fused_loss(
     })
 }
 
-/// `omega_i / D` per token (see the module doc).
-struct TokenWeights(Tensor);
+/// The terms on one chunk (`ctx`, token weights `w`): adds each term's share of its value to
+/// `sums`, and returns `sum_k w_k s_k sum_i omega_i v_k / D` over the chunk, whose gradient
+/// w.r.t. the chunk's logits is the chunk's `G` (`None` when every weight is 0).
+fn chunk_terms(terms: &[HeadTerm], ctx: &StepContext, w: &ChunkWeights, sums: &mut [f64]) -> Result<Option<Tensor>> {
+    let mut total: Option<Tensor> = None;
+    for (k, t) in terms.iter().enumerate() {
+        let (v, factor) = t.term.per_token(ctx)?;
+        let scale = if t.term.router_token_weighted() {
+            &w.routed
+        } else {
+            &w.masked
+        };
+        let part = (v.to_dtype(scale.dtype())? * scale)?.sum_all()?;
+        sums[k] += factor * part.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if t.weight != 0.0 {
+            let wp = (part * (t.weight * factor))?;
+            total = Some(match total {
+                Some(x) => (x + wp)?,
+                None => wp,
+            });
+        }
+    }
+    Ok(total)
+}
+
+/// `omega_i / D` per token (see the module doc), with the router's token weights (`routed`,
+/// for the distillation terms) and without (`masked`, for `ce`), `[N]` each.
+struct TokenWeights {
+    routed: Tensor,
+    masked: Tensor,
+}
+
+/// [`TokenWeights`] of one chunk, `[1, len]` each.
+struct ChunkWeights {
+    routed: Tensor,
+    masked: Tensor,
+}
 
 impl TokenWeights {
+    fn of(ctx: &StepContext, n: usize, dtype: DType) -> Result<Self> {
+        Ok(TokenWeights {
+            routed: Self::scaled(ctx, ctx.token_weights, n, dtype)?,
+            masked: Self::scaled(ctx, None, n, dtype)?,
+        })
+    }
+
     /// From the step's mask and the router's token weights `router`.
-    fn of(ctx: &StepContext, router: Option<&Tensor>, n: usize, dtype: DType) -> Result<Self> {
+    fn scaled(ctx: &StepContext, router: Option<&Tensor>, n: usize, dtype: DType) -> Result<Tensor> {
         let dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
         let device = ctx.student.logits.device();
         let omega = match (router, ctx.batch.mask.as_ref()) {
@@ -153,20 +174,23 @@ impl TokenWeights {
             (Some(r), None) => Some(r.to_dtype(dtype)?),
             (None, m) => m.map(|m| m.to_dtype(dtype)).transpose()?,
         };
-        let scaled = match omega {
+        Ok(match omega {
             None => Tensor::full(1.0 / n as f64, n, device)?.to_dtype(dtype)?,
             Some(o) => {
                 let o = o.flatten_all()?;
                 let d = o.sum_all()?.maximum(1.0)?;
                 o.broadcast_div(&d)?
             }
-        };
-        Ok(TokenWeights(scaled))
+        })
     }
 
-    /// The weights of tokens `start..start + len`, `[1, len]`.
-    fn chunk(&self, start: usize, len: usize) -> Result<Tensor> {
-        Ok(self.0.narrow(0, start, len)?.reshape((1, len))?)
+    /// The weights of tokens `start..start + len`.
+    fn chunk(&self, start: usize, len: usize) -> Result<ChunkWeights> {
+        let cut = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, start, len)?.reshape((1, len))?) };
+        Ok(ChunkWeights {
+            routed: cut(&self.routed)?,
+            masked: cut(&self.masked)?,
+        })
     }
 }
 
