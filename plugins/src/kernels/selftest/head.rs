@@ -136,8 +136,11 @@ pub fn lm_head_loss() -> Op {
     Op {
         outputs: &["L"],
         rowwise: false,
-        traffic: 0.0,
-        shapes: &[&[70, 16, 300]],
+        // Seven `[N, V]` sweeps (the student's and the teacher's logits written and read, their
+        // gradient written and read twice) per element of `hidden [N, H]`, at V / H = 256 / 3,
+        // the ratio of every shape here (SmolLM2's).
+        traffic: 7.0 * 256.0 / 3.0,
+        shapes: &[&[70, 12, 1024], &[33, 6, 512]],
         device_shapes: &[&[2048, 576, 49_152]],
         ..op(
             "lm_head",
