@@ -19,9 +19,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use retort_core::registry::Factory;
 use retort_core::taps::{LM_HEAD_HIDDEN, LM_HEAD_WEIGHT};
-use retort_core::{Batch, BuildContext, LossTerm, Outputs, Params, Progress, Registry, StepContext};
+use retort_core::{Batch, LossTerm, Outputs, Progress, StepContext};
 use retort_plugins::kernels::lm_head::{chunk_tokens, fused_loss, HeadTerm, WeightGradient};
 use retort_plugins::models::nn::matmul;
 
@@ -44,22 +43,7 @@ fn random(rng: &mut ChaCha8Rng, dims: (usize, usize), scale: f32) -> Result<Tens
 }
 
 fn fixture() -> Result<Fixture> {
-    retort_plugins::link();
-    let mut reg = Registry::empty();
-    for f in retort_core::inventory::iter::<Factory<dyn retort_core::Schedule>> {
-        reg.schedules.register(f, "built-in")?;
-    }
-    let ctx = BuildContext::new(&reg, Device::Cpu, 0);
-    let build = |kind: &str, p: serde_json::Value| -> Result<Box<dyn LossTerm>> {
-        let f = retort_core::inventory::iter::<Factory<dyn LossTerm>>
-            .into_iter()
-            .find(|f| f.kind == kind)
-            .with_context(|| format!("no loss kind {kind}"))?;
-        Ok((f.build)(
-            &Params::new("loss", p.as_object().context("object")?.clone()),
-            &ctx,
-        )?)
-    };
+    let build = retort_plugins::testing::loss_term;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let ids: Vec<u32> = (0..N).map(|i| ((i * 7919) % V) as u32).collect();
     let ids = Tensor::from_vec(ids, (1, N), &Device::Cpu)?;

@@ -23,9 +23,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use retort_core::registry::Factory;
 use retort_core::taps::{LM_HEAD_HIDDEN, LM_HEAD_WEIGHT};
-use retort_core::{Batch, BuildContext, LossTerm, Outputs, Params, Progress, Registry, StepContext};
+use retort_core::{Batch, LossTerm, Outputs, Progress, StepContext};
 use retort_plugins::kernels::lm_head::{chunk_tokens, fused_loss, HeadTerm, WeightGradient};
 use retort_plugins::models::nn::matmul;
 
@@ -85,21 +84,7 @@ fn place(args: &[String]) -> Result<Place> {
 }
 
 fn terms() -> Result<Vec<(Box<dyn LossTerm>, f64)>> {
-    let mut reg = Registry::empty();
-    for f in retort_core::inventory::iter::<Factory<dyn retort_core::Schedule>> {
-        reg.schedules.register(f, "built-in")?;
-    }
-    let ctx = BuildContext::new(&reg, Device::Cpu, 0);
-    let build = |kind: &str, p: serde_json::Value| -> Result<Box<dyn LossTerm>> {
-        let f = retort_core::inventory::iter::<Factory<dyn LossTerm>>
-            .into_iter()
-            .find(|f| f.kind == kind)
-            .with_context(|| format!("no loss kind {kind}"))?;
-        Ok((f.build)(
-            &Params::new("loss", p.as_object().context("object")?.clone()),
-            &ctx,
-        )?)
-    };
+    let build = retort_plugins::testing::loss_term;
     Ok(vec![
         (build("kl", serde_json::json!({"temperature": 2.0}))?, 0.7),
         (build("ce", serde_json::json!({}))?, 0.3),

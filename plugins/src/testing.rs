@@ -166,3 +166,26 @@ pub fn check_lm_head_tap(model: &dyn retort_core::Model, batch: &retort_core::Ba
         .expect("difference");
     assert!(diff <= tol, "hidden W^T differs from the logits by {diff}");
 }
+
+/// The built-in loss term `kind` with `params` (a JSON object), built with the built-in
+/// schedules on the CPU and nothing known of the models: for tests, benches and examples.
+///
+/// # Errors
+/// An unknown kind, params that are not an object, or the term's own refusal.
+pub fn loss_term(kind: &str, params: serde_json::Value) -> Result<Box<dyn retort_core::LossTerm>> {
+    use retort_core::registry::Factory;
+    crate::link();
+    let mut reg = retort_core::Registry::empty();
+    for f in inventory::iter::<Factory<dyn retort_core::Schedule>> {
+        reg.schedules.register(f, "built-in")?;
+    }
+    let ctx = retort_core::BuildContext::new(&reg, Device::Cpu, 0);
+    let f = inventory::iter::<Factory<dyn retort_core::LossTerm>>
+        .into_iter()
+        .find(|f| f.kind == kind)
+        .ok_or_else(|| retort_core::Error::Runtime(format!("no loss kind `{kind}`")))?;
+    let serde_json::Value::Object(p) = params else {
+        return Err(retort_core::Error::Runtime("loss params must be a JSON object".into()));
+    };
+    (f.build)(&Params::new("loss", p), &ctx)
+}
