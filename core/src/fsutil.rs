@@ -33,10 +33,15 @@ pub fn commit_temp(temp: &Path, path: &Path) -> Result<()> {
 /// Writes `bytes` to `path` atomically (temp file + fsync + rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let temp = temp_path(path);
-    let mut f = File::create(&temp).map_err(|e| Error::io("creating file", &temp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io("writing file", &temp, e))?;
-    drop(f);
-    commit_temp(&temp, path)
+    let written = File::create(&temp)
+        .map_err(|e| Error::io("creating file", &temp, e))
+        .and_then(|mut f| f.write_all(bytes).map_err(|e| Error::io("writing file", path, e)))
+        .and_then(|()| commit_temp(&temp, path));
+    if written.is_err() {
+        // A full disk leaves no half-written temp file behind; the old `path` is untouched.
+        let _ = fs::remove_file(&temp);
+    }
+    written
 }
 
 #[cfg(test)]

@@ -92,8 +92,11 @@ fn model_bytes(dir: &Path, phase: &str) -> Vec<u8> {
     std::fs::read(dir.join(phase).join("model.safetensors")).expect("model")
 }
 
-/// Starts a run and SIGKILLs it once `metrics.jsonl` shows `phase` at `step` or later.
+/// Starts a run and SIGKILLs it once `metrics.jsonl` shows `phase` at `step` or later (for a
+/// new run replacing an old one, once its own `run.json` is in place).
 fn run_and_kill(cwd: &Path, out: &str, args: &[&str], phase: &str, step: u64) {
+    let mark = cwd.join(out).join("run.json");
+    let old_mark = std::fs::read(&mark).ok().filter(|_| !args.contains(&"--resume"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_retort"))
         .args(args)
         .current_dir(cwd)
@@ -104,11 +107,13 @@ fn run_and_kill(cwd: &Path, out: &str, args: &[&str], phase: &str, step: u64) {
     let metrics = cwd.join(out).join("metrics.jsonl");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let reached = std::fs::read_to_string(&metrics).unwrap_or_default().lines().any(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .map(|m| m["event"] == "train" && m["phase"] == phase && m["step"].as_u64() >= Some(step))
-                .unwrap_or(false)
-        });
+        let replaced = old_mark.is_none() || std::fs::read(&mark).ok() != old_mark;
+        let reached = replaced
+            && std::fs::read_to_string(&metrics).unwrap_or_default().lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .map(|m| m["event"] == "train" && m["phase"] == phase && m["step"].as_u64() >= Some(step))
+                    .unwrap_or(false)
+            });
         if reached {
             break;
         }
@@ -203,4 +208,166 @@ fn a_corrupted_checkpoint_is_refused_unless_falling_back_is_asked_for() {
         comparable_metrics(&tmp.path().join("whole")),
         comparable_metrics(&tmp.path().join("cut"))
     );
+}
+
+/// The entries of `root`, sorted (none when it does not exist).
+fn checkpoint_dirs(root: &Path) -> Vec<std::path::PathBuf> {
+    if !root.exists() {
+        return Vec::new();
+    }
+    let mut dirs: Vec<_> = std::fs::read_dir(root)
+        .expect("ls")
+        .map(|e| e.expect("e").path())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// The `run_id` field of a JSON file (`run.json`, a checkpoint's `state.json`).
+fn run_id(file: &Path) -> String {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).expect("read")).expect("json");
+    v["run_id"].as_str().expect("run_id").to_string()
+}
+
+fn every_line_is_json(dir: &Path) {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
+    for (i, line) in text.lines().enumerate() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "metrics.jsonl line {} is not JSON: {line}",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn force_replaces_the_old_run_whole_and_a_stray_checkpoint_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = CONFIG.replace("baseline = true", "baseline = false");
+    std::fs::write(tmp.path().join("c.toml"), &config).expect("config");
+    let reseeded = ["--set", "run.seed=12"];
+    let whole = [&["run", "c.toml", "--out", "whole", "--quiet"][..], &reseeded].concat();
+    let o = retort(&whole, tmp.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // An old run, killed in its student phase with checkpoints on disk.
+    run_and_kill(
+        tmp.path(),
+        "r",
+        &["run", "c.toml", "--out", "r", "--quiet"],
+        "student",
+        40,
+    );
+    let old = checkpoint_dirs(&tmp.path().join("r/checkpoints/student"))
+        .pop()
+        .expect("a checkpoint");
+    let stray = tmp.path().join("stray");
+    std::fs::rename(&old, &stray).expect("keep the old run's newest checkpoint aside");
+
+    // Replaced by another run (another seed), killed early in its student phase.
+    let old_id = run_id(&tmp.path().join("r/run.json"));
+    let forced = [&["run", "c.toml", "--out", "r", "--force", "--quiet"][..], &reseeded].concat();
+    run_and_kill(tmp.path(), "r", &forced, "student", 3);
+    assert_ne!(run_id(&tmp.path().join("r/run.json")), old_id);
+    for dir in checkpoint_dirs(&tmp.path().join("r/checkpoints/student")) {
+        assert_ne!(run_id(&dir.join("state.json")), old_id, "--force left {}", dir.display());
+    }
+
+    // A checkpoint of the old run put back is refused on resume, naming it.
+    let root = tmp.path().join("r/checkpoints/student");
+    std::fs::create_dir_all(&root).expect("mkdir");
+    let planted = root.join(old.file_name().expect("name"));
+    std::fs::rename(&stray, &planted).expect("plant");
+    let o = retort(&["run", "--resume", "r", "--quiet"], tmp.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("was written by run"), "{err}");
+
+    std::fs::remove_dir_all(&planted).expect("remove");
+    let o = retort(&["run", "--resume", "r", "--quiet"], tmp.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    every_line_is_json(&tmp.path().join("r"));
+    assert!(model_bytes(&tmp.path().join("whole"), "student") == model_bytes(&tmp.path().join("r"), "student"));
+    assert_eq!(
+        comparable_metrics(&tmp.path().join("whole")),
+        comparable_metrics(&tmp.path().join("r"))
+    );
+}
+
+/// `retort run --resume DIR` with the size of any file it writes limited to `limit` bytes
+/// (RLIMIT_FSIZE, SIGXFSZ ignored: a write past the limit fails with EFBIG, as on a full disk).
+fn resume_with_file_size_limit(cwd: &Path, dir: &str, limit: u64) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_retort"));
+    cmd.args(["run", "--resume", dir, "--quiet"]).current_dir(cwd);
+    #[allow(unsafe_code)]
+    // SAFETY: between fork and exec the closure calls only the async-signal-safe `signal` and
+    // `setrlimit`, touching no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: limit as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("spawn retort")
+}
+
+fn snapshot(dirs: &[std::path::PathBuf]) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    dirs.iter()
+        .flat_map(|d| checkpoint_dirs(d))
+        .map(|f| {
+            let bytes = std::fs::read(&f).expect("read");
+            (f, bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_exits_1() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = CONFIG
+        .replace("baseline = true", "baseline = false")
+        .replace("n_layer = 1\nn_embd = 16", "n_layer = 1\nn_embd = 64");
+    std::fs::write(tmp.path().join("c.toml"), &config).expect("config");
+    run_and_kill(
+        tmp.path(),
+        "r",
+        &["run", "c.toml", "--out", "r", "--quiet"],
+        "student",
+        40,
+    );
+    let root = tmp.path().join("r/checkpoints/student");
+    let before_dirs = checkpoint_dirs(&root);
+    let before = snapshot(&before_dirs);
+    let largest = before.iter().map(|(_, b)| b.len() as u64).max().expect("files");
+    let metrics = std::fs::metadata(tmp.path().join("r/metrics.jsonl"))
+        .expect("metrics")
+        .len();
+    let limit = largest - 1;
+    assert!(
+        metrics * 2 < limit,
+        "the test needs checkpoint files larger than the log: {metrics} vs {limit}"
+    );
+
+    let o = resume_with_file_size_limit(tmp.path(), "r", limit);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("checkpoints/student") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert_eq!(checkpoint_dirs(&root), before_dirs, "the checkpoints on disk changed");
+    assert!(snapshot(&before_dirs) == before, "a previous checkpoint was altered");
+
+    // The previous checkpoint is whole: the run resumes from it.
+    let o = retort(&["run", "--resume", "r", "--quiet"], tmp.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    every_line_is_json(&tmp.path().join("r"));
 }

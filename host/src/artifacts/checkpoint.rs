@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use retort_core::{fsutil, Error, Result};
+
+use super::digest::sha256_file;
 
 /// Named tensors, as one safetensors file holds them.
 pub type Tensors = HashMap<String, Tensor>;
@@ -200,46 +201,50 @@ fn verify(path: &Path, want: &str) -> Result<()> {
     Ok(())
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = fs::read(path).map_err(|e| Error::io("reading checkpoint file", path, e))?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// Writes every file of `snapshot` into a fresh temporary directory under `root`, then renames
 /// it to `root/name` (moving an existing one aside first, so that a kill leaves the old or the
-/// new one whole).
+/// new one whole). A failed write (a full disk, a read-only directory) removes the temporary
+/// directory and leaves the previous checkpoints as they were.
 fn write_dir<S: Serialize>(root: &Path, name: &str, snapshot: &Snapshot<S>) -> Result<PathBuf> {
     fs::create_dir_all(root).map_err(|e| Error::io("creating checkpoint directory", root, e))?;
     let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| Error::io("removing stale temp checkpoint", &tmp, e))?;
     }
-    fs::create_dir_all(&tmp).map_err(|e| Error::io("creating temp checkpoint", &tmp, e))?;
+    let final_dir = root.join(name);
+    let written = fill(&tmp, snapshot).and_then(|()| replace_dir(root, &tmp, &final_dir, name));
+    if written.is_err() && tmp.exists() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    written?;
+    if let Ok(d) = fs::File::open(root) {
+        let _ = d.sync_all();
+    }
+    Ok(final_dir)
+}
+
+/// The files of `snapshot` in the new directory `dir`: tensors, state, manifest, each synced.
+fn fill<S: Serialize>(dir: &Path, snapshot: &Snapshot<S>) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io("creating temp checkpoint", dir, e))?;
     let mut manifest = Manifest {
         sha256: BTreeMap::new(),
     };
     for (stem, tensors) in &snapshot.tensors {
         let file = format!("{stem}.safetensors");
-        let path = tmp.join(&file);
-        candle_core::safetensors::save(tensors, &path)?;
+        let path = dir.join(&file);
+        candle_core::safetensors::save(tensors, &path)
+            .map_err(|e| Error::failed(format!("writing checkpoint file {}", path.display()), e))?;
         fs::File::open(&path)
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io("syncing checkpoint file", &path, e))?;
         manifest.sha256.insert(file, sha256_file(&path)?);
     }
-    let state = serde_json::to_vec_pretty(snapshot.state)
-        .map_err(|e| retort_core::Error::failed("serialising checkpoint state", e))?;
-    fsutil::write_atomic(&tmp.join(STATE), &state)?;
-    manifest.sha256.insert(STATE.into(), sha256_file(&tmp.join(STATE))?);
-    let json = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| retort_core::Error::failed("serialising checkpoint manifest", e))?;
-    fsutil::write_atomic(&tmp.join(MANIFEST), &json)?;
-    let final_dir = root.join(name);
-    replace_dir(root, &tmp, &final_dir, name)?;
-    if let Ok(d) = fs::File::open(root) {
-        let _ = d.sync_all();
-    }
-    Ok(final_dir)
+    let state =
+        serde_json::to_vec_pretty(snapshot.state).map_err(|e| Error::failed("serialising checkpoint state", e))?;
+    fsutil::write_atomic(&dir.join(STATE), &state)?;
+    manifest.sha256.insert(STATE.into(), sha256_file(&dir.join(STATE))?);
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::failed("serialising checkpoint manifest", e))?;
+    fsutil::write_atomic(&dir.join(MANIFEST), &json)
 }
 
 fn replace_dir(root: &Path, tmp: &Path, final_dir: &Path, name: &str) -> Result<()> {
@@ -250,7 +255,11 @@ fn replace_dir(root: &Path, tmp: &Path, final_dir: &Path, name: &str) -> Result<
     }
     let old = root.join(format!(".{name}.old-{}", std::process::id()));
     rename(final_dir, &old)?;
-    rename(tmp, final_dir)?;
+    if let Err(e) = rename(tmp, final_dir) {
+        // Put the previous one back under its name before reporting.
+        let _ = fs::rename(&old, final_dir);
+        return Err(e);
+    }
     fs::remove_dir_all(&old).map_err(|e| Error::io("removing replaced checkpoint", &old, e))
 }
 

@@ -4,6 +4,7 @@
 //! assembly or the command line.
 
 pub mod checkpoint;
+pub mod digest;
 pub mod events;
 pub mod export;
 mod lenient;

@@ -7,6 +7,7 @@ mod checks;
 pub mod config;
 pub mod device;
 pub mod model_file;
+pub mod observers;
 mod param_groups;
 pub mod plugin_loader;
 pub mod seeds;
@@ -102,6 +103,7 @@ impl<'r> Pipeline<'r> {
         fix_window_sampling(&mut config, &teacher)?;
         let terms = terms::build(&config, &ctx, student.as_ref())?;
         check_objective(&config, &ctx, student.as_ref(), &terms, &teacher)?;
+        observers::validate(&config, &ctx)?;
         Ok(Pipeline {
             student_description: student.describe(),
             student_params: student.num_params(),

@@ -28,7 +28,7 @@ impl RunArgs {
     pub fn run(mut self) -> Result<()> {
         if let Some(dir) = &self.options.resume {
             // A resumed run uses the configuration it was started with, as resolved then.
-            self.config.config = Some(RunDir::resolved_config(dir)?);
+            self.config.config = Some(RunDir::open(dir)?.resolved_config());
         }
         let (cfg, origin, registry) = self.config.load()?;
         let pipeline = Pipeline::assemble(cfg, &registry).map_err(|e| origin.annotate(e))?;

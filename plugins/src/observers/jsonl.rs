@@ -52,6 +52,12 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Observer>> {
         .run_dir
         .as_ref()
         .ok_or_else(|| params.error("kind", "jsonl needs a run directory"))?;
+    if !is_plain_file_name(&p.file) {
+        return Err(params.error(
+            "file",
+            format!("expected a file name inside the run directory (no `/`, `..` or absolute path), got `{}`", p.file),
+        ));
+    }
     let path = dir.join(&p.file);
     let f = OpenOptions::new()
         .create(true)
@@ -64,6 +70,28 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Observer>> {
     }))
 }
 
+/// One normal path component: the observer writes inside the run directory only.
+fn is_plain_file_name(name: &str) -> bool {
+    let mut parts = std::path::Path::new(name).components();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    )
+}
+
 inventory::submit! {
     Factory::<dyn Observer> { kind: "jsonl", description: "one JSON object per record in <run dir>/metrics.jsonl", build, params: retort_core::registry::params_schema::<JsonlParams> }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_only_inside_the_run_directory() {
+        assert!(is_plain_file_name("metrics.jsonl"));
+        for bad in ["../metrics.jsonl", "/tmp/m.jsonl", "sub/m.jsonl", "..", ""] {
+            assert!(!is_plain_file_name(bad), "{bad}");
+        }
+    }
 }

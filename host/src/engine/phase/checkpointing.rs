@@ -2,16 +2,22 @@
 
 use std::path::PathBuf;
 
+use retort_core::Result;
+
+use crate::artifacts::run_dir::{mark_log, LogMark};
+
 /// Where and how often a phase writes resumable checkpoints.
 #[derive(Debug, Clone)]
 pub struct CheckpointPolicy {
     /// `checkpoints/<phase>` of the run.
     pub root: PathBuf,
+    /// The run's id, written into every checkpoint.
+    pub run_id: String,
     /// Every this many steps (0: only at stage boundaries).
     pub every: usize,
     /// Keep the newest this many.
     pub keep: usize,
-    /// The metrics file whose length each checkpoint records (truncated to it on resume).
+    /// The metrics file whose mark each checkpoint records (cut back to it on resume).
     pub metrics: Option<PathBuf>,
 }
 
@@ -23,11 +29,11 @@ impl CheckpointPolicy {
         (self.every > 0 && done.is_multiple_of(self.every) && done != total) || ends_a_stage_before_the_last
     }
 
-    /// The length of the metrics file now (0 without one).
-    pub fn metrics_len(&self) -> u64 {
+    /// Where the metrics file stands now (an empty mark without one).
+    pub fn metrics_mark(&self) -> Result<LogMark> {
         match &self.metrics {
-            Some(m) => std::fs::metadata(m).map(|md| md.len()).unwrap_or(0),
-            None => 0,
+            Some(m) => mark_log(m),
+            None => Ok(LogMark::default()),
         }
     }
 }
@@ -40,6 +46,7 @@ mod tests {
     fn due_every_n_steps_but_the_last_and_at_inner_stage_ends() {
         let p = CheckpointPolicy {
             root: PathBuf::from("x"),
+            run_id: String::new(),
             every: 10,
             keep: 2,
             metrics: None,

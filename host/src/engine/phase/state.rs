@@ -4,10 +4,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifacts::events::EarlyState;
 use crate::artifacts::report::StageStats;
+use crate::artifacts::run_dir::LogMark;
 
 /// Everything besides tensors that a phase needs to continue exactly where it was.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PhaseState {
+    /// Id of the run that wrote the checkpoint (a resume refuses another run's).
+    pub run_id: String,
     /// Phase label.
     pub phase: String,
     /// Steps done (the next step index).
@@ -24,8 +27,8 @@ pub struct PhaseState {
     pub consecutive_skips: usize,
     /// Total loss of every applied step so far.
     pub losses: Vec<f64>,
-    /// Length of `metrics.jsonl` in bytes when the checkpoint was taken.
-    pub metrics_len: u64,
+    /// `metrics.jsonl` when the checkpoint was taken (cut back to it on resume).
+    pub metrics: LogMark,
     /// Early stopping's record so far, when it is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early: Option<EarlyState>,

@@ -60,22 +60,10 @@ impl<'p, 'r> Session<'p, 'r> {
     /// validation windows.
     pub fn open(pipeline: &'p Pipeline<'r>, origin: &ConfigOrigin, opts: &RunOptions) -> Result<Self> {
         let cfg = &pipeline.config;
-        let (dir, progress, resume) = match &opts.resume {
-            Some(path) => reopen(pipeline, path, opts.resume_from_last_good)?,
-            None => {
-                let path = opts
-                    .out
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.run.name));
-                let dir = RunDir::create(&path, opts.force)?;
-                dir.write_resolved_config(cfg, &origin.label())?;
-                (dir, RunProgress::default(), None)
-            }
-        };
-        let recorder = Recorder::new(observers(pipeline, &dir)?);
         let data = pipeline.data.as_ref();
         tracing::info!("data: {}", data.describe());
         let (eval, seq_len) = (&cfg.eval, cfg.train.seq_len);
+        // Everything that can refuse the run does so before the directory is touched.
         let val = val_batches(
             data.tokens(Split::Val),
             eval.batches,
@@ -83,6 +71,18 @@ impl<'p, 'r> Session<'p, 'r> {
             seq_len,
             &pipeline.device,
         )?;
+        let (dir, progress, resume) = match &opts.resume {
+            Some(path) => reopen(pipeline, path, opts.resume_from_last_good)?,
+            None => {
+                let path = opts
+                    .out
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.run.name));
+                let dir = RunDir::create(&path, opts.force, cfg, &origin.label())?;
+                (dir, RunProgress::default(), None)
+            }
+        };
+        let recorder = Recorder::new(observers(pipeline, &dir)?);
         Ok(Session {
             pipeline,
             dir,
@@ -184,6 +184,7 @@ impl<'p, 'r> Session<'p, 'r> {
                 early_stopping: setup.early_stopping,
                 checkpoints: Some(CheckpointPolicy {
                     root: self.dir.checkpoints(label),
+                    run_id: self.dir.run_id().to_string(),
                     every: cfg.train.checkpoint_every,
                     keep: cfg.train.keep_checkpoints,
                     metrics: Some(self.dir.metrics()),
@@ -228,23 +229,31 @@ fn reopen(
     };
     let resume: Option<Checkpoint<PhaseState>> =
         checkpoint::latest(&dir.checkpoints(next), &pipeline.device, last_good)?;
-    let len = match &resume {
-        Some(c) => c.state.metrics_len,
-        None => progress.metrics_len(),
+    if let Some(c) = &resume {
+        if c.state.run_id != dir.run_id() {
+            return Err(Error::input(
+                format!("resume from checkpoint {}", c.dir.display()),
+                format!(
+                    "was written by run {}, not by the run in this directory ({}); remove it",
+                    c.state.run_id,
+                    dir.run_id()
+                ),
+            ));
+        }
+    }
+    let mark = match &resume {
+        Some(c) => c.state.metrics.clone(),
+        None => progress.metrics_mark(),
     };
-    dir.truncate_metrics(len)?;
+    dir.restore_metrics(&mark)?;
     Ok((dir, progress, resume))
 }
 
 /// The configured observers, writing into the run directory.
 fn observers(pipeline: &Pipeline, dir: &RunDir) -> Result<Vec<Box<dyn Observer>>> {
-    let mut ctx = pipeline.context(pipeline.config.run.seed);
-    ctx.run_dir = Some(dir.path().to_path_buf());
-    let specs = pipeline.config.observers.iter().enumerate();
-    specs
-        .map(|(i, o)| {
-            let params = o.params_at(&format!("observers[{i}]"));
-            pipeline.registry.observers.build(&o.kind, &params, &ctx)
-        })
-        .collect()
+    crate::assemble::observers::build(
+        &pipeline.config,
+        &pipeline.context(pipeline.config.run.seed),
+        dir.path(),
+    )
 }

@@ -282,6 +282,7 @@ impl PhaseRun<'_> {
         }
         let (optimizer, adam_t) = stage.opt.export_state();
         let state = PhaseState {
+            run_id: policy.run_id.clone(),
             phase: self.label.to_string(),
             step: step.done,
             adam_t,
@@ -290,7 +291,7 @@ impl PhaseRun<'_> {
             skipped: self.skips.skipped,
             consecutive_skips: self.skips.consecutive,
             losses: self.losses.clone(),
-            metrics_len: policy.metrics_len(),
+            metrics: policy.metrics_mark()?,
             early: self.early.as_ref().map(|e| e.state.clone()),
             stages: self.stages.clone(),
         };

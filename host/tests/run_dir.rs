@@ -1,0 +1,126 @@
+//! The run-directory rule end to end: retort writes only into an empty directory or one it
+//! marked as a run, and a run refused for its config writes nothing.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const TINY: &str = r#"
+[run]
+name = "dir"
+[data]
+kind = "synthetic"
+vocab = 16
+train_tokens = 4000
+val_tokens = 400
+[teacher]
+kind = "transformer"
+n_layer = 1
+n_embd = 16
+n_head = 2
+context = 8
+[teacher.pretrain]
+steps = 3
+[student]
+kind = "transformer"
+n_layer = 1
+n_embd = 8
+n_head = 2
+context = 8
+[train]
+steps = 3
+batch_size = 2
+seq_len = 8
+[eval]
+batches = 1
+batch_size = 2
+baseline = false
+"#;
+
+fn retort(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_retort"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RETORT_LOG")
+        .output()
+        .expect("spawn retort")
+}
+
+fn assert_user_error(o: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    for n in needles {
+        assert!(err.contains(n), "expected `{n}` in: {err}");
+    }
+}
+
+/// Every file under `dir` with its bytes, sorted by path.
+fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("ls") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).expect("rel").display().to_string();
+                out.push((rel, std::fs::read(&p).expect("read")));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_directory_of_models_that_is_not_a_run_is_never_written() {
+    let d = tempfile::tempdir().expect("tmp");
+    std::fs::write(d.path().join("c.toml"), TINY).expect("config");
+    let out = d.path().join("models");
+    for m in ["teacher", "student"] {
+        std::fs::create_dir_all(out.join(m)).expect("mkdir");
+        std::fs::write(out.join(m).join("model.safetensors"), format!("{m} weights")).expect("w");
+        std::fs::write(out.join(m).join("config.json"), "{}").expect("w");
+    }
+    std::fs::write(out.join("README"), "my models").expect("w");
+    let before = tree(&out);
+    for extra in [&[][..], &["--force"][..]] {
+        let args = [&["run", "c.toml", "--out", "models", "--quiet"][..], extra].concat();
+        let o = retort(&args, d.path());
+        assert_user_error(&o, &["models", "not a retort run", "README"]);
+        assert!(tree(&out) == before, "a file in the directory changed");
+    }
+}
+
+#[test]
+fn a_refused_config_writes_nothing_and_check_refuses_it_as_run_does() {
+    let d = tempfile::tempdir().expect("tmp");
+    let bad_kind = format!("{TINY}\n[[observers]]\nkind = \"nope\"\n");
+    let bad_key = format!("{TINY}\n[[observers]]\nkind = \"jsonl\"\nfiel = \"m.jsonl\"\n");
+    for (config, needle) in [(&bad_kind, "unknown observer kind `nope`"), (&bad_key, "fiel")] {
+        std::fs::write(d.path().join("c.toml"), config).expect("config");
+        assert_user_error(&retort(&["check", "c.toml"], d.path()), &[needle, "observers[0]"]);
+        let o = retort(&["run", "c.toml", "--out", "out", "--quiet"], d.path());
+        assert_user_error(&o, &[needle]);
+        assert!(!d.path().join("out").exists(), "a refused run created its directory");
+    }
+    // The corrected config runs into the same --out.
+    std::fs::write(d.path().join("c.toml"), TINY).expect("config");
+    let o = retort(&["run", "c.toml", "--out", "out", "--quiet"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(d.path().join("out/run.json").is_file());
+}
+
+#[test]
+fn an_edited_resolved_config_is_refused_on_resume() {
+    let d = tempfile::tempdir().expect("tmp");
+    std::fs::write(d.path().join("c.toml"), TINY).expect("config");
+    let o = retort(&["run", "c.toml", "--out", "out", "--quiet"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg = d.path().join("out/config.resolved.toml");
+    let text = std::fs::read_to_string(&cfg).expect("read");
+    std::fs::write(&cfg, text.replace("steps = 3", "steps = 4")).expect("edit");
+    let o = retort(&["run", "--resume", "out", "--quiet"], d.path());
+    assert_user_error(&o, &["config.resolved.toml", "changed after the run started"]);
+}
