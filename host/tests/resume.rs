@@ -270,7 +270,12 @@ fn force_replaces_the_old_run_whole_and_a_stray_checkpoint_is_refused() {
     run_and_kill(tmp.path(), "r", &forced, "student", 3);
     assert_ne!(run_id(&tmp.path().join("r/run.json")), old_id);
     for dir in checkpoint_dirs(&tmp.path().join("r/checkpoints/student")) {
-        assert_ne!(run_id(&dir.join("state.json")), old_id, "--force left {}", dir.display());
+        assert_ne!(
+            run_id(&dir.join("state.json")),
+            old_id,
+            "--force left {}",
+            dir.display()
+        );
     }
 
     // A checkpoint of the old run put back is refused on resume, naming it.

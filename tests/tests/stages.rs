@@ -132,9 +132,12 @@ fn rewind_to(run_dir: &Path, step: usize) {
     let progress_path = run_dir.join("progress.json");
     let mut progress: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&progress_path).expect("progress")).expect("json");
-    let completed = progress["completed"].as_object_mut().expect("completed");
+    let completed = progress["progress"]["completed"].as_object_mut().expect("completed");
     completed.remove("student");
     completed.remove("baseline");
+    // The record carries the digest of its body: seal the rewound one.
+    let body = serde_json::to_vec(&progress["progress"]).expect("json");
+    progress["sha256"] = serde_json::json!(sha256_hex(&body));
     std::fs::write(&progress_path, serde_json::to_vec(&progress).expect("json")).expect("write");
     for d in ["student", "baseline", "checkpoints/baseline"] {
         let _ = std::fs::remove_dir_all(run_dir.join(d));
@@ -151,15 +154,18 @@ fn rewind_to(run_dir: &Path, step: usize) {
     }
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Records the checksum of a rewritten `state.json` in its checkpoint's manifest (which covers
 /// it), so that the marked checkpoint is a valid one.
 fn seal_state(state_path: &Path, bytes: &[u8]) {
-    use sha2::Digest;
     let manifest_path = state_path.with_file_name("manifest.json");
     let mut manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&manifest_path).expect("manifest")).expect("json");
-    let hex: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
-    manifest["sha256"]["state.json"] = serde_json::json!(hex);
+    manifest["sha256"]["state.json"] = serde_json::json!(sha256_hex(bytes));
     std::fs::write(&manifest_path, serde_json::to_vec(&manifest).expect("json")).expect("write");
 }
 

@@ -5,11 +5,12 @@ use std::path::Path;
 
 use retort_core::{Result, Student, Tokenizer};
 
-/// Saves `model` into `dir` and, when the data's tokenizer can be written as a Hugging Face
+/// Saves `model` into `dir` with the record of its tokenizer (`retort_tokenizer.json`) and, when the data's tokenizer can be written as a Hugging Face
 /// `tokenizer.json`, writes it beside the weights (and its special ids into
 /// `generation_config.json` if the model wrote one).
 pub fn save_with_tokenizer(model: &dyn Student, dir: &Path, tokenizer: &dyn Tokenizer) -> Result<()> {
     model.save(dir)?;
+    super::tokenizer_record::write(dir, tokenizer)?;
     let Some(json) = tokenizer.hf_json() else {
         return Ok(());
     };

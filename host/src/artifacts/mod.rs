@@ -13,3 +13,4 @@ pub mod plugin_crate;
 pub mod progress;
 pub mod report;
 pub mod run_dir;
+pub mod tokenizer_record;

@@ -112,8 +112,11 @@ impl RunProgress {
     }
 }
 
+/// SHA-256 of the body's compact JSON, taken through `serde_json::Value` so that a reader who
+/// parses the file and re-serialises its `progress` gets the same bytes.
 fn body_digest(progress: &RunProgress) -> Result<String> {
-    let body = serde_json::to_vec(progress).map_err(|e| Error::failed("serialising run progress", e))?;
+    let failed = |e| Error::failed("serialising run progress", e);
+    let body = serde_json::to_value(progress).and_then(|v| serde_json::to_vec(&v)).map_err(failed)?;
     Ok(sha256_hex(&body))
 }
 

@@ -14,6 +14,7 @@ pub mod seeds;
 mod stages;
 mod teacher;
 mod terms;
+pub mod tokenizer_identity;
 pub mod vocab;
 
 use std::path::Path;
@@ -30,6 +31,7 @@ pub use terms::TermSlot;
 
 use device::parse_device;
 use teacher::ResolvedTeacher;
+use vocab::RowProof;
 
 /// A validated pipeline.
 pub struct Pipeline<'r> {
@@ -57,6 +59,8 @@ pub struct Pipeline<'r> {
     pub student_params: usize,
     /// The taps the student can produce.
     pub student_taps: Vec<String>,
+    /// What is known of the student's output rows (whether padding may be narrowed).
+    pub student_rows: RowProof,
 }
 
 /// What a training phase needs, built fresh for it (routers and schedules keep state).
@@ -95,7 +99,7 @@ impl<'r> Pipeline<'r> {
         let vocab_size = data.tokenizer().vocab_size();
         checks::data_lengths(data.as_ref(), config.train.seq_len)?;
         ctx.vocab_size = Some(vocab_size);
-        let student = checked_student(&config, &ctx, data.as_ref())?;
+        let (student, student_rows) = checked_student(&config, &ctx, data.as_ref())?;
         let teacher = teacher::resolve(&config, &ctx, data.as_ref())?;
         ctx.student = Some(student.info());
         ctx.teacher = Some(teacher.info);
@@ -108,6 +112,7 @@ impl<'r> Pipeline<'r> {
             student_description: student.describe(),
             student_params: student.num_params(),
             student_taps: student.available_taps(),
+            student_rows,
             hard_labels: TermSlot::hard_labels(&ctx)?,
             config,
             registry,
@@ -229,7 +234,7 @@ impl<'r> Pipeline<'r> {
             &self.config.student.params_at("student"),
             &self.context(seed),
         )?;
-        vocab::fit_student(s, self.vocab_size)
+        vocab::fit_student(s, self.vocab_size, self.student_rows)
     }
 
     /// The student (or baseline) saved in `dir` by a finished phase; its weights replace any
@@ -246,7 +251,7 @@ impl<'r> Pipeline<'r> {
             &Params::new("student", params),
             &self.context(self.config.run.seed),
         )?;
-        vocab::fit_student(s, self.vocab_size)
+        vocab::fit_student(s, self.vocab_size, RowProof::ThisData)
     }
 
     /// The teacher pretrained into `dir` (logits narrowed to the data's vocabulary if padded).
@@ -254,22 +259,28 @@ impl<'r> Pipeline<'r> {
         let params = teacher::load_params(&self.config, Some(dir));
         let ctx = self.context(self.config.run.seed);
         let t = self.registry.teachers.build(&self.config.teacher.kind, &params, &ctx)?;
-        vocab::fit_teacher(t, self.vocab_size)
+        vocab::fit_teacher(t, self.vocab_size, RowProof::ThisData)
     }
 }
 
 /// The student built once to validate params, tokenizer, vocabulary and context.
-fn checked_student(config: &RunConfig, ctx: &BuildContext, data: &dyn DataSource) -> Result<Box<dyn Student>> {
+fn checked_student(
+    config: &RunConfig,
+    ctx: &BuildContext,
+    data: &dyn DataSource,
+) -> Result<(Box<dyn Student>, RowProof)> {
     let student = ctx
         .registry
         .students
         .build(&config.student.kind, &config.student.params_at("student"), ctx)?;
-    vocab::check_tokenizer("student", student.tokenizer_identity(), data.tokenizer())?;
+    let checkpoint = tokenizer_identity::checkpoint_of(&config.student.params);
+    let identity = tokenizer_identity::of_checkpoint(student.tokenizer_identity(), checkpoint.as_deref())?;
+    let proof = vocab::check_tokenizer("student", identity, data.tokenizer(), checkpoint.is_some())?;
     let vocab = data.tokenizer().vocab_size();
-    let student = vocab::fit_student(student, vocab)?;
+    let student = vocab::fit_student(student, vocab, proof)?;
     let (v, c) = (student.vocab_size(), student.context_len());
     checks::model_fits("student", v, c, vocab, config.train.seq_len)?;
-    Ok(student)
+    Ok((student, proof))
 }
 
 /// A teacher with outputs for aligned windows only fixes the window sampling.

@@ -9,6 +9,7 @@ use retort_core::config::RunConfig;
 use retort_core::{BuildContext, DataSource, Error, FrozenTeacher, ModelInfo, Params, Result, ScalarSpec, Teacher};
 
 use super::checks::model_fits;
+use super::tokenizer_identity::{checkpoint_of, of_checkpoint};
 use super::vocab::{check_tokenizer, fit_teacher};
 
 /// How the run obtains its teacher.
@@ -72,8 +73,10 @@ fn load(config: &RunConfig, ctx: &BuildContext, data: &dyn DataSource) -> Result
         .registry
         .teachers
         .build(&config.teacher.kind, &load_params(config, None), ctx)?;
-    check_tokenizer("teacher", teacher.tokenizer_identity(), data.tokenizer())?;
-    let teacher = fit_teacher(teacher, ctx.require_vocab("teacher")?)?;
+    let checkpoint = checkpoint_of(&config.teacher.params);
+    let identity = of_checkpoint(teacher.tokenizer_identity(), checkpoint.as_deref())?;
+    let proof = check_tokenizer("teacher", identity, data.tokenizer(), checkpoint.is_some())?;
+    let teacher = fit_teacher(teacher, ctx.require_vocab("teacher")?, proof)?;
     teacher.check_data(data, config.train.seq_len)?;
     Ok(ResolvedTeacher {
         plan: TeacherPlan::Load,

@@ -15,9 +15,28 @@ use retort_core::model::dense_topk;
 use retort_core::taps::{parse_topk_tap, LM_HEAD_WEIGHT};
 use retort_core::{Batch, Error, Model, ModelInfo, Outputs, Result, Student, TapSet, Teacher, Tokenizer};
 
-/// Checks that `who`'s tokenizer (if its checkpoint names one) is the data's.
-pub fn check_tokenizer(who: &str, model_tokenizer: Option<String>, data: &dyn Tokenizer) -> Result<()> {
-    match model_tokenizer {
+/// What is known of the token ids a model's output rows stand for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowProof {
+    /// Built for this data (fresh, or trained by this run): rows past the data's vocabulary are
+    /// padding no input or target ever uses.
+    ThisData,
+    /// Loaded from a checkpoint trained with the data's tokenizer (same identity).
+    SameTokenizer,
+    /// Loaded from a checkpoint that does not say which tokenizer it was trained with.
+    Unknown,
+}
+
+/// Checks that `who`'s tokenizer (`identity`, when its checkpoint says) is the data's, and says
+/// what that proves of its rows. A checkpoint that names no tokenizer is accepted with a
+/// warning (its rows must then match the data's vocabulary exactly).
+pub fn check_tokenizer(
+    who: &str,
+    identity: Option<String>,
+    data: &dyn Tokenizer,
+    from_checkpoint: bool,
+) -> Result<RowProof> {
+    match identity {
         Some(id) if id != data.identity() => Err(Error::Incompatible(format!(
             "the {who}'s tokenizer `{id}` (from its checkpoint) differs from the data's tokenizer `{}` \
              ({} tokens); tokenize the data with the {who}'s tokenizer, e.g. \
@@ -25,14 +44,30 @@ pub fn check_tokenizer(who: &str, model_tokenizer: Option<String>, data: &dyn To
             data.identity(),
             data.vocab_size()
         ))),
-        _ => Ok(()),
+        Some(_) => Ok(RowProof::SameTokenizer),
+        None if from_checkpoint => {
+            tracing::warn!(
+                "the {who}'s checkpoint does not say which tokenizer it was trained with (no tokenizer.json \
+                 or retort_tokenizer.json beside its weights): retort cannot check it against the data's"
+            );
+            Ok(RowProof::Unknown)
+        }
+        None => Ok(RowProof::ThisData),
     }
 }
 
-fn rows_check(who: &str, rows: usize, data_vocab: usize) -> Result<bool> {
+fn rows_check(who: &str, rows: usize, data_vocab: usize, proof: RowProof) -> Result<bool> {
     if rows < data_vocab {
         return Err(Error::Incompatible(format!(
             "the {who} has a vocabulary of {rows} tokens, the data's tokenizer has {data_vocab}"
+        )));
+    }
+    if rows > data_vocab && proof == RowProof::Unknown {
+        return Err(Error::Incompatible(format!(
+            "the {who} has {rows} output rows, the data's tokenizer {data_vocab} tokens, and its checkpoint \
+             does not say which tokenizer it was trained with: nothing proves that rows {data_vocab}..{rows} \
+             are unused padding. Put the tokenizer.json it was trained with beside its weights, or \
+             tokenize the data with it (data.tokenizer = {{ kind = \"hf\", path = ... }})"
         )));
     }
     if rows > data_vocab {
@@ -44,13 +79,14 @@ fn rows_check(who: &str, rows: usize, data_vocab: usize) -> Result<bool> {
     Ok(rows > data_vocab)
 }
 
-/// The teacher as the pipeline uses it: logits narrowed to `data_vocab` if padded.
-pub fn fit_teacher(t: Box<dyn Teacher>, data_vocab: usize) -> Result<Box<dyn Teacher>> {
+/// The teacher as the pipeline uses it: logits narrowed to `data_vocab` if padded (and `proof`
+/// allows it).
+pub fn fit_teacher(t: Box<dyn Teacher>, data_vocab: usize, proof: RowProof) -> Result<Box<dyn Teacher>> {
     if t.sparse_topk().is_some() {
         // A stored top-k cannot be narrowed; its vocabulary is checked against the data's.
         return Ok(t);
     }
-    Ok(if rows_check("teacher", t.vocab_size(), data_vocab)? {
+    Ok(if rows_check("teacher", t.vocab_size(), data_vocab, proof)? {
         Box::new(NarrowedTeacher {
             inner: t,
             vocab: data_vocab,
@@ -60,9 +96,10 @@ pub fn fit_teacher(t: Box<dyn Teacher>, data_vocab: usize) -> Result<Box<dyn Tea
     })
 }
 
-/// The student as the pipeline uses it: logits narrowed to `data_vocab` if padded.
-pub fn fit_student(s: Box<dyn Student>, data_vocab: usize) -> Result<Box<dyn Student>> {
-    Ok(if rows_check("student", s.vocab_size(), data_vocab)? {
+/// The student as the pipeline uses it: logits narrowed to `data_vocab` if padded (and `proof`
+/// allows it).
+pub fn fit_student(s: Box<dyn Student>, data_vocab: usize, proof: RowProof) -> Result<Box<dyn Student>> {
+    Ok(if rows_check("student", s.vocab_size(), data_vocab, proof)? {
         Box::new(NarrowedStudent {
             inner: s,
             vocab: data_vocab,
@@ -209,14 +246,29 @@ mod tests {
 
     #[test]
     fn a_narrowed_student_hands_the_first_rows_of_its_head() {
-        let s = fit_student(padded_student(), 16).expect("fit");
+        let s = fit_student(padded_student(), 16, RowProof::ThisData).expect("fit");
         assert_eq!(s.vocab_size(), 16);
         retort_plugins::testing::check_lm_head_tap(s.as_ref(), &batch(), 1e-12);
     }
 
     #[test]
+    fn padding_is_narrowed_only_when_the_rows_are_proven_unused() {
+        let err = fit_student(padded_student(), 16, RowProof::Unknown)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("nothing proves that rows 16..20"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+        let t = Box::new(FrozenTeacher(padded_student()));
+        assert!(fit_teacher(t, 16, RowProof::Unknown).is_err());
+        assert!(
+            fit_student(padded_student(), 20, RowProof::Unknown).is_ok(),
+            "no padding: accepted"
+        );
+    }
+
+    #[test]
     fn a_narrowed_teacher_hands_the_first_rows_of_its_head() {
-        let t = fit_teacher(Box::new(FrozenTeacher(padded_student())), 16).expect("fit");
+        let t = fit_teacher(Box::new(FrozenTeacher(padded_student())), 16, RowProof::SameTokenizer).expect("fit");
         let head: TapSet = [LM_HEAD_TAP].into_iter().collect();
         let out = t.forward(&batch(), &head).expect("forward");
         let (_, w) = out.lm_head().expect("the head");
