@@ -14,6 +14,7 @@ pub mod data;
 pub mod error;
 pub mod fsutil;
 pub mod loss;
+pub mod memory;
 pub mod model;
 pub mod observer;
 pub mod ops;

@@ -116,7 +116,9 @@ impl RunProgress {
 /// parses the file and re-serialises its `progress` gets the same bytes.
 fn body_digest(progress: &RunProgress) -> Result<String> {
     let failed = |e| Error::failed("serialising run progress", e);
-    let body = serde_json::to_value(progress).and_then(|v| serde_json::to_vec(&v)).map_err(failed)?;
+    let body = serde_json::to_value(progress)
+        .and_then(|v| serde_json::to_vec(&v))
+        .map_err(failed)?;
     Ok(sha256_hex(&body))
 }
 

@@ -6,6 +6,8 @@
 mod checks;
 pub mod config;
 pub mod device;
+mod head_path;
+mod memory;
 pub mod model_file;
 pub mod observers;
 mod param_groups;
@@ -24,6 +26,8 @@ use candle_core::Device;
 use retort_core::config::{EarlyStoppingSpec, RunConfig, WindowSampling};
 use retort_core::{BuildContext, DataSource, Error, Params, Registry, Result, Router, Student, Teacher};
 
+pub use head_path::HeadPath;
+pub use memory::MemoryEstimate;
 pub use param_groups::{assign_groups, decays, GroupedParam};
 pub use stages::{student_steps, Stage};
 pub use teacher::TeacherPlan;
@@ -61,6 +65,8 @@ pub struct Pipeline<'r> {
     pub student_taps: Vec<String>,
     /// What is known of the student's output rows (whether padding may be narrowed).
     pub student_rows: RowProof,
+    /// The memory the run needs on its device.
+    pub memory: MemoryEstimate,
 }
 
 /// What a training phase needs, built fresh for it (routers and schedules keep state).
@@ -108,11 +114,14 @@ impl<'r> Pipeline<'r> {
         let terms = terms::build(&config, &ctx, student.as_ref())?;
         check_objective(&config, &ctx, student.as_ref(), &terms, &teacher)?;
         observers::validate(&config, &ctx)?;
+        let memory = estimate_memory(&config, &ctx, student.as_ref(), &terms, &teacher)?;
+        memory.check()?;
         Ok(Pipeline {
             student_description: student.describe(),
             student_params: student.num_params(),
             student_taps: student.available_taps(),
             student_rows,
+            memory,
             hard_labels: TermSlot::hard_labels(&ctx)?,
             config,
             registry,
@@ -281,6 +290,45 @@ fn checked_student(
     let (v, c) = (student.vocab_size(), student.context_len());
     checks::model_fits("student", v, c, vocab, config.train.seq_len)?;
     Ok((student, proof))
+}
+
+/// The run's memory estimate from the models' shapes, the batch and the logits' path.
+fn estimate_memory(
+    config: &RunConfig,
+    ctx: &BuildContext,
+    student: &dyn Student,
+    terms: &[TermSlot],
+    teacher: &ResolvedTeacher,
+) -> Result<MemoryEstimate> {
+    let t = &config.train;
+    let router = build_router(config, ctx)?;
+    let taps = student.available_taps();
+    let path = HeadPath::choose(
+        &t.lm_head,
+        terms,
+        router.as_ref(),
+        &taps,
+        student.vocab_size(),
+        t.batch_size * t.seq_len,
+    );
+    let head_chunk = match path {
+        HeadPath::Fused { chunk } => Some(chunk),
+        HeadPath::Full(_) => None,
+    };
+    let size = |info, params| memory::ModelSize { info, params };
+    let work = memory::Workload {
+        batch: t.batch_size,
+        seq_len: t.seq_len,
+        head_chunk,
+        ema: t.ema_decay.is_some(),
+    };
+    Ok(MemoryEstimate::new(
+        size(student.info(), student.num_params()),
+        teacher.model().map(|m| size(m.info(), m.num_params())),
+        matches!(teacher.plan, TeacherPlan::Pretrain { .. }),
+        work,
+        &ctx.device,
+    ))
 }
 
 /// A teacher with outputs for aligned windows only fixes the window sampling.

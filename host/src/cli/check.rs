@@ -5,8 +5,7 @@ use clap::Args;
 use retort_core::Result;
 
 use super::common::ConfigArgs;
-use crate::assemble::{Pipeline, TeacherPlan};
-use crate::engine::phase::HeadPath;
+use crate::assemble::{HeadPath, Pipeline, TeacherPlan};
 
 /// Arguments of `retort check`.
 #[derive(Debug, Args)]
@@ -50,6 +49,7 @@ impl CheckArgs {
             p.config.train.batch_size * p.config.train.seq_len,
         );
         println!("  logits:   {path}");
+        println!("  memory:   {}", p.memory);
         let t = &p.config.train;
         println!(
             "  budget:   {} steps x {} windows x {} tokens",

@@ -55,7 +55,10 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Observer>> {
     if !is_plain_file_name(&p.file) {
         return Err(params.error(
             "file",
-            format!("expected a file name inside the run directory (no `/`, `..` or absolute path), got `{}`", p.file),
+            format!(
+                "expected a file name inside the run directory (no `/`, `..` or absolute path), got `{}`",
+                p.file
+            ),
         ));
     }
     let path = dir.join(&p.file);

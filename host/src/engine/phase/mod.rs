@@ -14,7 +14,6 @@ mod early_stopping;
 mod ema;
 mod evaluation;
 mod gradient;
-mod head_path;
 mod run;
 mod skip_guard;
 mod stage_cursor;
@@ -30,8 +29,8 @@ use crate::artifacts::events::Recorder;
 use crate::artifacts::report::PhaseStats;
 use crate::assemble::{Stage, TermSlot};
 
+pub use crate::assemble::HeadPath;
 pub use checkpointing::CheckpointPolicy;
-pub use head_path::HeadPath;
 pub use state::{BestState, PhaseState};
 
 use run::{PhaseRun, StepOutcome};

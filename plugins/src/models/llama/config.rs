@@ -117,6 +117,26 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// Parameters of the model (embedding, blocks with every expert, norms, untied head).
+    pub fn param_count(&self) -> u128 {
+        let (e, v, l) = (self.n_embd as u128, self.vocab_size as u128, self.n_layer as u128);
+        let hd = self.head_dim() as u128;
+        let attention = e * hd * (self.n_head as u128 + 2 * self.n_kv_head as u128) + hd * self.n_head as u128 * e;
+        let experts = (self.n_experts as u128).max(1);
+        let mlp = 3 * e * self.intermediate as u128 * experts + e * self.n_experts as u128;
+        let head = if self.tie_embeddings { 0 } else { v * e };
+        v * e + l * (attention + mlp + 2 * e) + e + head
+    }
+
+    /// `self`, unless its parameters cannot fit in this host's memory (a failed allocation
+    /// aborts the process: refuse first).
+    fn checked_size(self, params: &Params) -> Result<Self> {
+        let bytes = self.param_count().saturating_mul(self.dtype.size_in_bytes() as u128);
+        let what = format!("a llama of {} parameters", self.param_count());
+        retort_core::memory::ensure_host_can_allocate(params.path(), &what, bytes)?;
+        Ok(self)
+    }
+
     /// Width of one head.
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
@@ -225,7 +245,7 @@ impl LlamaConfig {
         params.require_positive("rms_norm_eps", rms_norm_eps)?;
         let init_std = p.init_std.or(c.map(|c| c.init_std)).unwrap_or(0.02);
         params.require_positive("init_std", init_std)?;
-        Ok(LlamaConfig {
+        LlamaConfig {
             vocab_size,
             context,
             n_layer,
@@ -243,7 +263,8 @@ impl LlamaConfig {
             n_experts_used,
             init_std,
             dtype,
-        })
+        }
+        .checked_size(params)
     }
 
     /// Hugging Face `config.json`: `LlamaForCausalLM` (`Qwen2ForCausalLM` with q/k/v biases only,

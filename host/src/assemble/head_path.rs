@@ -7,7 +7,7 @@ use retort_core::config::LmHeadSpec;
 use retort_core::{Router, LM_HEAD_TAP};
 use retort_plugins::kernels::lm_head::chunk_tokens;
 
-use crate::assemble::TermSlot;
+use super::TermSlot;
 
 /// The path of a phase's logit terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
