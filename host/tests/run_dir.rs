@@ -124,3 +124,27 @@ fn an_edited_resolved_config_is_refused_on_resume() {
     let o = retort(&["run", "--resume", "out", "--quiet"], d.path());
     assert_user_error(&o, &["config.resolved.toml", "changed after the run started"]);
 }
+
+#[test]
+fn a_resume_on_changed_data_is_refused() {
+    let d = tempfile::tempdir().expect("tmp");
+    let text = TINY.replace(
+        "kind = \"synthetic\"\nvocab = 16\ntrain_tokens = 4000\nval_tokens = 400",
+        "kind = \"text\"\npath = \"corpus.txt\"",
+    );
+    std::fs::write(d.path().join("c.toml"), text).expect("config");
+    std::fs::write(
+        d.path().join("corpus.txt"),
+        "to be or not to be, that is the question\n".repeat(30),
+    )
+    .expect("corpus");
+    let o = retort(&["run", "c.toml", "--out", "out", "--quiet"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::write(
+        d.path().join("corpus.txt"),
+        "to be or not to be, that is the answer!\n".repeat(30),
+    )
+    .expect("corpus");
+    let o = retort(&["run", "--resume", "out", "--quiet"], d.path());
+    assert_user_error(&o, &["the data changed since the run started"]);
+}

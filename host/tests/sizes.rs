@@ -26,9 +26,24 @@ fn assert_refused(o: &Output, needles: &[&str]) {
 fn absurd_models_and_batches_are_refused_with_their_key() {
     let d = tempfile::tempdir().expect("tmp");
     for command in ["check", "run"] {
-        let o = retort(&[command, "--set", "student.n_embd=1000000", "--set", "run.name=x"], d.path());
-        assert_refused(&o, &["`student`", "more than this host has in all", "--set student.n_embd"]);
-        let o = retort(&[command, "--set", "teacher.n_layer=100000", "--set", "teacher.n_embd=8192"], d.path());
+        let o = retort(
+            &[command, "--set", "student.n_embd=1000000", "--set", "run.name=x"],
+            d.path(),
+        );
+        assert_refused(
+            &o,
+            &["`student`", "more than this host has in all", "--set student.n_embd"],
+        );
+        let o = retort(
+            &[
+                command,
+                "--set",
+                "teacher.n_layer=100000",
+                "--set",
+                "teacher.n_embd=8192",
+            ],
+            d.path(),
+        );
         assert_refused(&o, &["`teacher`"]);
         let o = retort(&[command, "--set", "train.batch_size=100000000"], d.path());
         assert_refused(&o, &["`train.batch_size`", "activations"]);
@@ -42,6 +57,12 @@ fn check_prints_the_memory_estimate() {
     let o = retort(&["check"], d.path());
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
-    let line = out.lines().find(|l| l.trim_start().starts_with("memory:")).expect("a memory line");
-    assert!(line.contains("at peak") && line.contains("AdamW") && line.contains("free of"), "{line}");
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("memory:"))
+        .expect("a memory line");
+    assert!(
+        line.contains("at peak") && line.contains("AdamW") && line.contains("free of"),
+        "{line}"
+    );
 }

@@ -54,6 +54,8 @@ struct RunMark {
     run_id: String,
     /// SHA-256 of `config.resolved.toml` as written.
     config_sha256: String,
+    /// Fingerprint of the data the run trains on (tokenizer and token streams).
+    data_fingerprint: String,
     /// The retort that started the run.
     retort_version: String,
 }
@@ -73,13 +75,15 @@ pub struct LogMark {
 pub struct RunDir {
     path: PathBuf,
     run_id: String,
+    data_fingerprint: String,
 }
 
 impl RunDir {
-    /// Claims `path` for a new run of `config` (whose source is `source`): an absent or empty
-    /// directory, or one holding a run when `force` (the old run is moved aside and deleted).
-    /// Writes `config.resolved.toml`, then the mark with a fresh run id.
-    pub fn create(path: &Path, force: bool, config: &RunConfig, source: &str) -> Result<Self> {
+    /// Claims `path` for a new run of `config` (whose source is `source`) on the data of
+    /// `data_fingerprint`: an absent or empty directory, or one holding a run when `force` (the
+    /// old run is moved aside and deleted). Writes `config.resolved.toml`, then the mark with a
+    /// fresh run id.
+    pub fn create(path: &Path, force: bool, config: &RunConfig, source: &str, data_fingerprint: &str) -> Result<Self> {
         claim(path, force)?;
         let resolved =
             toml::to_string_pretty(config).map_err(|e| Error::failed("serialising the resolved config", e))?;
@@ -88,6 +92,7 @@ impl RunDir {
         let mark = RunMark {
             run_id: format!("{:032x}", rand::random::<u128>()),
             config_sha256: sha256_hex(text.as_bytes()),
+            data_fingerprint: data_fingerprint.to_string(),
             retort_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let json = serde_json::to_vec_pretty(&mark).map_err(|e| Error::failed("serialising run.json", e))?;
@@ -95,6 +100,7 @@ impl RunDir {
         Ok(RunDir {
             path: path.to_path_buf(),
             run_id: mark.run_id,
+            data_fingerprint: mark.data_fingerprint,
         })
     }
 
@@ -120,7 +126,24 @@ impl RunDir {
         Ok(RunDir {
             path: path.to_path_buf(),
             run_id: mark.run_id,
+            data_fingerprint: mark.data_fingerprint,
         })
+    }
+
+    /// Refuses to resume on data other than the run started with (an edited corpus, another
+    /// tokenizer).
+    pub fn verify_data(&self, fingerprint: &str) -> Result<()> {
+        if fingerprint == self.data_fingerprint {
+            return Ok(());
+        }
+        Err(resume_error(
+            &self.path,
+            format!(
+                "the data changed since the run started (fingerprint {fingerprint}, {MARK} says {}): \
+                 a resumed run must train on the data it started with; restore it, or start a new run",
+                self.data_fingerprint
+            ),
+        ))
     }
 
     /// The directory.
@@ -303,7 +326,7 @@ mod tests {
     }
 
     fn create(path: &Path, force: bool) -> Result<RunDir> {
-        RunDir::create(path, force, &config(), "test")
+        RunDir::create(path, force, &config(), "test", "data-1")
     }
 
     #[test]
@@ -352,7 +375,11 @@ mod tests {
         assert!(err.to_string().contains("is not a retort run directory"), "{err}");
         let run = d.path().join("r");
         let made = create(&run, false).expect("fresh");
-        assert_eq!(RunDir::open(&run).expect("open").run_id(), made.run_id());
+        let opened = RunDir::open(&run).expect("open");
+        assert_eq!(opened.run_id(), made.run_id());
+        opened.verify_data("data-1").expect("same data");
+        let err = opened.verify_data("data-2").expect_err("other data");
+        assert!(err.to_string().contains("the data changed"), "{err}");
         let cfg = run.join(RESOLVED_CONFIG);
         let text = std::fs::read_to_string(&cfg).expect("r");
         std::fs::write(&cfg, text.replace("seed = ", "seed = 9")).expect("w");
