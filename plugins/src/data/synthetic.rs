@@ -159,6 +159,19 @@ pub fn generate(p: &SyntheticParams, seed: u64, n: usize) -> Result<(Vec<u32>, f
     Ok((out, nll / n.max(1) as f64))
 }
 
+/// Refuses sizes this host cannot hold before generating: the source's tables (two `f64` per
+/// entry of `regimes x vocab^3`) and the token stream (generated twice: the stream, and again
+/// for the oracle's loss).
+fn check_sizes(p: &SyntheticParams, params: &Params) -> Result<()> {
+    let v = p.vocab as u128;
+    let tables = 16 * p.regimes as u128 * v * v * v;
+    let what = format!("the source's tables ({} regimes x vocab^3 entries)", p.regimes);
+    retort_core::memory::ensure_host_can_allocate(&params.key_path("regimes"), &what, tables)?;
+    let tokens = 2 * 4 * (p.train_tokens as u128 + p.val_tokens as u128);
+    let what = format!("{} + {} tokens", p.train_tokens, p.val_tokens);
+    retort_core::memory::ensure_host_can_allocate(&params.key_path("train_tokens"), &what, tokens)
+}
+
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
     let p: SyntheticParams = params.parse()?;
     if !(2..=4096).contains(&p.vocab) {
@@ -184,6 +197,7 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
     if p.train_tokens == 0 || p.val_tokens == 0 {
         return Err(params.error("train_tokens", "train_tokens and val_tokens must be >= 1"));
     }
+    check_sizes(&p, params)?;
     let seed = p.seed.unwrap_or(ctx.seed);
     let (mut all, _) = generate(&p, seed, p.train_tokens + p.val_tokens)?;
     let val = all.split_off(p.train_tokens);
@@ -216,6 +230,22 @@ inventory::submit! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_this_host_cannot_hold_are_refused_before_generating() {
+        let registry = retort_core::Registry::empty();
+        let ctx = BuildContext::new(&registry, candle_core::Device::Cpu, 1);
+        for (key, value) in [
+            ("regimes", 1_000_000_000_000u64),
+            ("train_tokens", 1_000_000_000_000_000),
+        ] {
+            let mut m = serde_json::Map::new();
+            m.insert(key.into(), value.into());
+            let err = build(&Params::new("data", m), &ctx).err().expect("refused");
+            assert_eq!(err.exit_code(), 2);
+            assert!(err.to_string().contains(&format!("data.{key}")), "{err}");
+        }
+    }
 
     fn params() -> SyntheticParams {
         serde_json::from_value(serde_json::json!({"vocab": 16, "train_tokens": 5000, "val_tokens": 500}))
