@@ -4,12 +4,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn retort(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_retort"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RETORT_LOG")
-        .output()
-        .expect("spawn retort")
+    retort_env(args, cwd, &[])
 }
 
 fn stderr(o: &Output) -> String {
@@ -345,4 +340,83 @@ fn eval_reports_the_loss_of_a_model_file_on_text() {
     assert!(loss > 4.0 && loss < 7.0, "{loss}");
     let o = retort(&["eval", "--model", g, "--data", "missing.txt"], tmp.path());
     assert_user_error(&o, &["--data missing.txt"]);
+}
+
+/// `retort` with extra environment variables.
+fn retort_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_retort"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RETORT_LOG")
+        .envs(env.iter().copied())
+        .output()
+        .expect("spawn retort")
+}
+
+/// 1-based line of the `nth` (0-based) line of `text` that starts with `prefix`.
+fn line_of(text: &str, prefix: &str, nth: usize) -> usize {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with(prefix))
+        .nth(nth)
+        .map(|(i, _)| i + 1)
+        .expect("line in config")
+}
+
+#[test]
+fn non_finite_numbers_are_refused_with_their_key_path() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort(&["check", "c.toml", "--set", "train.ema_decay=nan"], d.path());
+    assert_user_error(&o, &["train.ema_decay", "finite", "--set train.ema_decay=nan"]);
+    let o = retort(
+        &[
+            "check",
+            "c.toml",
+            "--set",
+            "loss[0].weight={ kind = \"linear\", start = inf, end = 1.0 }",
+        ],
+        d.path(),
+    );
+    assert_user_error(&o, &["loss[0].weight.start", "finite", "--set loss[0].weight="]);
+    let o = retort_env(
+        &["check", "c.toml"],
+        d.path(),
+        &[("RETORT_TRAIN__WEIGHT_DECAY", "1.0e999")],
+    );
+    assert_user_error(&o, &["train.weight_decay", "finite", "RETORT_TRAIN__WEIGHT_DECAY"]);
+    // An optional plugin param and an optional stage override in the file.
+    let text = TINY.replace("context = 8\n[[loss]]", "context = 8\nlayer_norm_eps = nan\n[[loss]]");
+    let f = setup(&text, Some(&corpus()));
+    let line = line_of(&text, "layer_norm_eps", 0);
+    assert_user_error(
+        &retort(&["check", "c.toml"], f.path()),
+        &["student.layer_norm_eps", "finite", &format!("c.toml:{line}")],
+    );
+    let text = format!("{TINY}[[stages]]\nsteps = 3\nweight_decay = -inf\n");
+    let f = setup(&text, Some(&corpus()));
+    let line = line_of(&text, "weight_decay", 0);
+    assert_user_error(
+        &retort(&["check", "c.toml"], f.path()),
+        &["stages[0].weight_decay", "finite", &format!("c.toml:{line}")],
+    );
+}
+
+#[test]
+fn environment_overrides_reach_list_elements_and_errors_name_their_source() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort_env(&["check", "c.toml"], d.path(), &[("RETORT_LOSS__0__TEMPERATURE", "3")]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = retort_env(&["check", "c.toml"], d.path(), &[("RETORT_LOSS__0__TEMPERATURE", "-1")]);
+    assert_user_error(&o, &["loss[0].temperature", "RETORT_LOSS__0__TEMPERATURE"]);
+    let o = retort_env(&["check", "c.toml"], d.path(), &[("RETORT_LOSS__5__TEMPERATURE", "3")]);
+    assert_user_error(&o, &["RETORT_LOSS__5__TEMPERATURE", "out of range"]);
+    let o = retort(&["check", "c.toml", "--set", "bogus.x=1"], d.path());
+    assert_user_error(&o, &["unknown field `bogus`", "--set bogus.x=1"]);
+    let text = TINY.replace("batches = 1\nbatch_size = 2", "batches = 1\nbatch_size = 0");
+    let f = setup(&text, Some(&corpus()));
+    let line = line_of(&text, "batch_size", 1);
+    assert_user_error(
+        &retort(&["check", "c.toml"], f.path()),
+        &["eval.batch_size", &format!("c.toml:{line})")],
+    );
 }
