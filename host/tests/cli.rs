@@ -420,3 +420,25 @@ fn environment_overrides_reach_list_elements_and_errors_name_their_source() {
         &["eval.batch_size", &format!("c.toml:{line})")],
     );
 }
+
+#[test]
+fn number_or_schedule_values_say_what_they_accept() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort(&["check", "c.toml", "--set", "loss[0].weight=abc"], d.path());
+    assert_user_error(
+        &o,
+        &[
+            "loss[0].weight",
+            "expected a number or a schedule table",
+            "got a string \"abc\"",
+            "--set loss[0].weight=abc",
+        ],
+    );
+    let text = TINY.replace("temperature = 2.0", "temperature = { start = 3.0, end = 2.0 }");
+    let f = setup(&text, Some(&corpus()));
+    let line = line_of(&text, "temperature", 0);
+    assert_user_error(
+        &retort(&["check", "c.toml"], f.path()),
+        &["loss[0].temperature", "without `kind`", &format!("c.toml:{line}")],
+    );
+}
