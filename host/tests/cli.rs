@@ -442,3 +442,34 @@ fn number_or_schedule_values_say_what_they_accept() {
         &["loss[0].temperature", "without `kind`", &format!("c.toml:{line}")],
     );
 }
+
+#[test]
+fn loss_weights_are_refused_below_zero_anywhere_over_training() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort(&["check", "c.toml", "--set", "loss[1].weight=-0.5"], d.path());
+    assert_user_error(&o, &["loss[1].weight", ">= 0", "-0.5"]);
+    let o = retort(
+        &[
+            "check",
+            "c.toml",
+            "--set",
+            "loss[0].weight={ kind = \"linear\", start = 1.0, end = -1.0 }",
+        ],
+        d.path(),
+    );
+    assert_user_error(&o, &["loss[0].weight", ">= 0", "% of training"]);
+    let text = format!("{TINY}[[stages]]\nsteps = 3\nloss_weights = {{ ce = -1.0 }}\n");
+    let f = setup(&text, Some(&corpus()));
+    assert_user_error(
+        &retort(&["check", "c.toml"], f.path()),
+        &["stages[0].loss_weights.ce", ">= 0"],
+    );
+}
+
+#[test]
+fn two_loss_terms_with_one_name_are_refused() {
+    let text = format!("{TINY}[[loss]]\nkind = \"ce\"\nname = \"kl\"\n");
+    let d = setup(&text, Some(&corpus()));
+    let o = retort(&["check", "c.toml"], d.path());
+    assert_user_error(&o, &["`kl`", "loss[0]", "loss[2]", "name = "]);
+}
