@@ -473,3 +473,26 @@ fn two_loss_terms_with_one_name_are_refused() {
     let o = retort(&["check", "c.toml"], d.path());
     assert_user_error(&o, &["`kl`", "loss[0]", "loss[2]", "name = "]);
 }
+
+#[test]
+fn user_errors_show_no_backtrace_even_when_asked() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let gguf = tmp.path().join("tiny.gguf");
+    retort_plugins::testing::write_tiny_gguf(&gguf, 262, candle_core::quantized::GgmlDType::F32, 1).expect("gguf");
+    let bytes = std::fs::read(&gguf).expect("read");
+    std::fs::write(tmp.path().join("cut.gguf"), &bytes[..bytes.len() / 2]).expect("write");
+    std::fs::write(tmp.path().join("t.txt"), "the theme of the thing. ".repeat(40)).expect("w");
+    let o = retort_env(
+        &["eval", "--model", "cut.gguf", "--data", "t.txt", "--seq-len", "8"],
+        tmp.path(),
+        &[("RUST_BACKTRACE", "1")],
+    );
+    assert_user_error(&o, &["cut.gguf"]);
+    let err = stderr(&o);
+    assert!(
+        !err.contains("backtrace")
+            && !err.contains("Error::bt")
+            && !err.lines().any(|l| l.trim_start().starts_with("0: ")),
+        "{err}"
+    );
+}
