@@ -496,3 +496,62 @@ fn user_errors_show_no_backtrace_even_when_asked() {
         "{err}"
     );
 }
+
+/// A text corpus tokenized with the tiny GGUF's tokenizer, which is also the teacher.
+const GGUF_TEACHER: &str = r#"
+[run]
+name = "cache"
+[data]
+kind = "text"
+path = "corpus.txt"
+val_fraction = 0.2
+tokenizer = { kind = "hf", path = "tiny.gguf" }
+[teacher]
+kind = "llama"
+checkpoint = "tiny.gguf"
+[student]
+kind = "llama"
+n_layer = 1
+n_embd = 16
+n_head = 2
+context = 16
+[train]
+steps = 2
+batch_size = 2
+seq_len = 16
+"#;
+
+#[test]
+fn cache_outputs_are_refused_the_same_way_as_run_outputs() {
+    let d = setup(GGUF_TEACHER, Some(&"the theme of the thing. ".repeat(40)));
+    let gguf = d.path().join("tiny.gguf");
+    retort_plugins::testing::write_tiny_gguf(&gguf, 262, candle_core::quantized::GgmlDType::F32, 1).expect("gguf");
+    std::fs::write(d.path().join("afile"), "x").expect("w");
+    let o = retort(&["cache", "c.toml", "--out", "afile", "--k", "4", "--quiet"], d.path());
+    assert_user_error(&o, &["afile", "not a directory"]);
+    let o = retort(&["run", "c.toml", "--out", "afile", "--quiet"], d.path());
+    assert_user_error(&o, &["afile", "not a directory"]);
+
+    let o = retort(&["cache", "c.toml", "--out", "kc", "--k", "4", "--quiet"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let export = ["cache", "export", "kc", "--out", "ex", "--windows", "2"];
+    let o = retort(&export, d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let ids = d.path().join("ex/ids.u32");
+    std::fs::write(&ids, b"mine").expect("w");
+    let o = retort(&export, d.path());
+    assert_user_error(&o, &["ids.u32", "--force"]);
+    assert_eq!(std::fs::read(&ids).expect("ids"), b"mine");
+    let o = retort(&[&export[..], &["--force"]].concat(), d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&ids).expect("ids").len(), 2 * 16 * 4 * 4);
+}
+
+#[test]
+fn plot_refuses_a_garbage_metrics_file_naming_its_line() {
+    let d = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir(d.path().join("r")).expect("dir");
+    std::fs::write(d.path().join("r/metrics.jsonl"), b"\n\xff\xfe garbage\n").expect("w");
+    let o = retort(&["plot", "r"], d.path());
+    assert_user_error(&o, &["metrics.jsonl:2"]);
+}
