@@ -555,3 +555,38 @@ fn plot_refuses_a_garbage_metrics_file_naming_its_line() {
     let o = retort(&["plot", "r"], d.path());
     assert_user_error(&o, &["metrics.jsonl:2"]);
 }
+
+#[test]
+fn generate_and_eval_refuse_what_the_model_cannot_take() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let g = tmp.path().join("tiny.gguf");
+    retort_plugins::testing::write_tiny_gguf(&g, 262, candle_core::quantized::GgmlDType::F32, 1).expect("gguf");
+    let o = retort(
+        &["generate", "--model", "tiny.gguf", "--prompt", "the", "--context", "0"],
+        tmp.path(),
+    );
+    assert_user_error(&o, &["--context", ">= 1", "got 0"]);
+    let small = tmp.path().join("small.gguf");
+    retort_plugins::testing::write_tiny_gguf(&small, 100, candle_core::quantized::GgmlDType::F32, 1).expect("gguf");
+    std::fs::write(tmp.path().join("t.txt"), "the theme of the thing. ".repeat(40)).expect("w");
+    let o = retort(
+        &[
+            "eval",
+            "--model",
+            "small.gguf",
+            "--data",
+            "t.txt",
+            "--seq-len",
+            "8",
+            "--val-fraction",
+            "1",
+        ],
+        tmp.path(),
+    );
+    assert_user_error(&o, &["small.gguf", "100", "262"]);
+    let o = retort(
+        &["generate", "--model", "small.gguf", "--prompt", "the theme"],
+        tmp.path(),
+    );
+    assert_user_error(&o, &["small.gguf", "100", "262"]);
+}
