@@ -7,6 +7,27 @@ fn retort(args: &[&str], cwd: &Path) -> Output {
     retort_env(args, cwd, &[])
 }
 
+/// `retort` with extra environment variables.
+fn retort_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_retort"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RETORT_LOG")
+        .envs(env.iter().copied())
+        .output()
+        .expect("spawn retort")
+}
+
+/// 1-based line of the `nth` (0-based) line of `text` that starts with `prefix`.
+fn line_of(text: &str, prefix: &str, nth: usize) -> usize {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with(prefix))
+        .nth(nth)
+        .map(|(i, _)| i + 1)
+        .expect("line in config")
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -342,27 +363,6 @@ fn eval_reports_the_loss_of_a_model_file_on_text() {
     assert_user_error(&o, &["--data missing.txt"]);
 }
 
-/// `retort` with extra environment variables.
-fn retort_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_retort"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RETORT_LOG")
-        .envs(env.iter().copied())
-        .output()
-        .expect("spawn retort")
-}
-
-/// 1-based line of the `nth` (0-based) line of `text` that starts with `prefix`.
-fn line_of(text: &str, prefix: &str, nth: usize) -> usize {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| l.starts_with(prefix))
-        .nth(nth)
-        .map(|(i, _)| i + 1)
-        .expect("line in config")
-}
-
 #[test]
 fn non_finite_numbers_are_refused_with_their_key_path() {
     let d = setup(TINY, Some(&corpus()));
@@ -399,6 +399,37 @@ fn non_finite_numbers_are_refused_with_their_key_path() {
         &retort(&["check", "c.toml"], f.path()),
         &["stages[0].weight_decay", "finite", &format!("c.toml:{line}")],
     );
+}
+
+#[test]
+fn loss_weights_are_refused_below_zero_anywhere_over_training() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort(&["check", "c.toml", "--set", "loss[1].weight=-0.5"], d.path());
+    assert_user_error(&o, &["loss[1].weight", ">= 0", "-0.5"]);
+    let o = retort(
+        &[
+            "check",
+            "c.toml",
+            "--set",
+            "loss[0].weight={ kind = \"linear\", start = 1.0, end = -1.0 }",
+        ],
+        d.path(),
+    );
+    assert_user_error(&o, &["loss[0].weight", ">= 0", "% of training"]);
+    let text = format!("{TINY}[[stages]]\nsteps = 3\nloss_weights = {{ ce = -1.0 }}\n");
+    let f = setup(&text, Some(&corpus()));
+    assert_user_error(
+        &retort(&["check", "c.toml"], f.path()),
+        &["stages[0].loss_weights.ce", ">= 0"],
+    );
+}
+
+#[test]
+fn two_loss_terms_with_one_name_are_refused() {
+    let text = format!("{TINY}[[loss]]\nkind = \"ce\"\nname = \"kl\"\n");
+    let d = setup(&text, Some(&corpus()));
+    let o = retort(&["check", "c.toml"], d.path());
+    assert_user_error(&o, &["`kl`", "loss[0]", "loss[2]", "name = "]);
 }
 
 #[test]
@@ -441,37 +472,6 @@ fn number_or_schedule_values_say_what_they_accept() {
         &retort(&["check", "c.toml"], f.path()),
         &["loss[0].temperature", "without `kind`", &format!("c.toml:{line}")],
     );
-}
-
-#[test]
-fn loss_weights_are_refused_below_zero_anywhere_over_training() {
-    let d = setup(TINY, Some(&corpus()));
-    let o = retort(&["check", "c.toml", "--set", "loss[1].weight=-0.5"], d.path());
-    assert_user_error(&o, &["loss[1].weight", ">= 0", "-0.5"]);
-    let o = retort(
-        &[
-            "check",
-            "c.toml",
-            "--set",
-            "loss[0].weight={ kind = \"linear\", start = 1.0, end = -1.0 }",
-        ],
-        d.path(),
-    );
-    assert_user_error(&o, &["loss[0].weight", ">= 0", "% of training"]);
-    let text = format!("{TINY}[[stages]]\nsteps = 3\nloss_weights = {{ ce = -1.0 }}\n");
-    let f = setup(&text, Some(&corpus()));
-    assert_user_error(
-        &retort(&["check", "c.toml"], f.path()),
-        &["stages[0].loss_weights.ce", ">= 0"],
-    );
-}
-
-#[test]
-fn two_loss_terms_with_one_name_are_refused() {
-    let text = format!("{TINY}[[loss]]\nkind = \"ce\"\nname = \"kl\"\n");
-    let d = setup(&text, Some(&corpus()));
-    let o = retort(&["check", "c.toml"], d.path());
-    assert_user_error(&o, &["`kl`", "loss[0]", "loss[2]", "name = "]);
 }
 
 #[test]
