@@ -25,7 +25,7 @@ for k in 16 64 128; do
   "$bin" cache inspect "$out/sqrt_k$k" --bench-read --config "$config" "${sets[@]}"
 done
 if "$py" -c "import h5py, numpy" 2>/dev/null; then
-  "$bin" cache export "$out/f32_k128" --out "$out/export" --split train
+  "$bin" cache export "$out/f32_k128" --out "$out/export" --split train --force
   "$py" scripts/seed_cache_size.py "$out/export"
 else
   echo "note: $py cannot import numpy and h5py; skipping the seed-design measurement" >&2

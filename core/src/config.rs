@@ -303,11 +303,12 @@ pub struct PretrainSection {
 pub struct LossSpec {
     /// Registered loss kind.
     pub kind: String,
-    /// Weight of the term in `total = sum_i weight_i * term_i`: a number or a schedule.
-    /// Default 1.0.
+    /// Weight of the term in `total = sum_i weight_i * term_i`: a number or a schedule, >= 0
+    /// over all of training unless the term declares signed weights. Default 1.0.
     #[serde(default = "one")]
     pub weight: ScalarSpec,
-    /// Name in metrics (default: the kind, suffixed with its index if repeated).
+    /// Name in metrics and in `[[stages]] loss_weights`, unique among the terms (default: the
+    /// kind, suffixed with its index if repeated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// The kind's parameters.

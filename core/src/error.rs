@@ -156,6 +156,25 @@ impl Error {
         )
     }
 
+    /// The error without the backtraces candle attaches to its errors when `RUST_BACKTRACE` is
+    /// set (in its own errors, and in those kept as sources, at any depth): a user error is
+    /// printed as a message, never with stack frames.
+    pub fn without_backtrace(self) -> Self {
+        match self {
+            Error::Candle(e) => Error::Candle(strip_candle(e)),
+            Error::InputFailed { what, message, source } => Error::InputFailed {
+                what,
+                message,
+                source: strip_source(source),
+            },
+            Error::Failed { context, source } => Error::Failed {
+                context,
+                source: strip_source(source),
+            },
+            other => other,
+        }
+    }
+
     /// Process exit code: 2 for user errors, 1 for runtime failures.
     pub fn exit_code(&self) -> i32 {
         if self.is_user_error() {
@@ -163,6 +182,35 @@ impl Error {
         } else {
             1
         }
+    }
+}
+
+/// A boxed source without candle backtraces (a candle error, or a retort error holding one).
+fn strip_source(source: BoxError) -> BoxError {
+    let source = match source.downcast::<candle_core::Error>() {
+        Ok(e) => return Box::new(strip_candle(*e)),
+        Err(other) => other,
+    };
+    match source.downcast::<Error>() {
+        Ok(e) => Box::new(e.without_backtrace()),
+        Err(other) => other,
+    }
+}
+
+/// A candle error without its backtrace layers.
+fn strip_candle(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as C;
+    match e {
+        C::WithBacktrace { inner, .. } => strip_candle(*inner),
+        C::Context { inner, context } => C::Context {
+            inner: Box::new(strip_candle(*inner)),
+            context,
+        },
+        C::WithPath { inner, path } => C::WithPath {
+            inner: Box::new(strip_candle(*inner)),
+            path,
+        },
+        other => other,
     }
 }
 
@@ -177,6 +225,31 @@ mod tests {
         assert_eq!(Error::Runtime("nan".into()).exit_code(), 1);
         let msg = Error::config("loss[1].temperature", "expected a number > 0, got -1").to_string();
         assert!(msg.contains("loss[1].temperature") && msg.contains("expected"), "{msg}");
+    }
+
+    #[test]
+    fn backtraces_are_stripped_at_any_depth() {
+        let with_bt = || candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("bad tensor".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert!(Error::Candle(with_bt()).to_string().contains("bad tensor\n"));
+        let nested = Error::input_failed(
+            "model x",
+            "unreadable",
+            Error::input_failed("file", "tensor", with_bt()),
+        );
+        let direct = Error::Candle(with_bt().context("loading"));
+        for e in [nested, direct, Error::failed("reading", with_bt())] {
+            let kind = e.exit_code();
+            let stripped = e.without_backtrace();
+            let msg = stripped.to_string();
+            assert!(
+                msg.contains("bad tensor") && !msg.contains("bad tensor\n") && !msg.contains("at "),
+                "{msg}"
+            );
+            assert_eq!(stripped.exit_code(), kind);
+        }
     }
 
     #[test]

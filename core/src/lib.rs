@@ -11,6 +11,7 @@
 pub mod batch;
 pub mod config;
 pub mod data;
+pub mod de;
 pub mod error;
 pub mod fsutil;
 pub mod loss;

@@ -100,6 +100,11 @@ pub trait LossTerm: Send + Sync {
             "this loss term has no per-token form (per_token_form is false)".into(),
         ))
     }
+    /// Whether the term's weight may be negative (a term meant to be maximised). Otherwise its
+    /// weight, a number or a schedule, must be >= 0 over all of training. Default false.
+    fn signed_weights(&self) -> bool {
+        false
+    }
     /// Effective values of the term's scheduled parameters at `progress` (e.g.
     /// `("temperature", 2.4)`), logged in the metrics every logged step.
     fn scalars(&self, _progress: Progress) -> Vec<(String, f64)> {

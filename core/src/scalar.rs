@@ -5,19 +5,92 @@
 //! temperature = { kind = "linear", start = 3.0, end = 2.0 }
 //! ```
 
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use crate::config::ComponentSpec;
+use crate::de::expected_got;
 use crate::{BuildContext, Error, Progress, Result, Schedule};
 
 /// Config form: a number or a schedule component.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum ScalarSpec {
     /// A constant.
     Number(f64),
     /// A registered schedule kind with its params.
     Schedule(ComponentSpec),
+}
+
+/// What a number-or-schedule value accepts, for messages.
+const EXPECTED: &str = "a number or a schedule table { kind = \"linear\", ... }";
+
+/// A finite number, or a table with a string `kind`; anything else is refused saying so.
+impl<'de> Deserialize<'de> for ScalarSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(ScalarVisitor)
+    }
+}
+
+struct ScalarVisitor;
+
+impl<'de> Visitor<'de> for ScalarVisitor {
+    type Value = ScalarSpec;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(EXPECTED)
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<ScalarSpec, E> {
+        if v.is_finite() {
+            Ok(ScalarSpec::Number(v))
+        } else {
+            Err(E::custom(format!("expected a finite number, got {v}")))
+        }
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<ScalarSpec, E> {
+        Ok(ScalarSpec::Number(v as f64))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<ScalarSpec, E> {
+        Ok(ScalarSpec::Number(v as f64))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<ScalarSpec, E> {
+        Err(expected_got(EXPECTED, Unexpected::Str(v)))
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> std::result::Result<ScalarSpec, E> {
+        Err(expected_got(EXPECTED, Unexpected::Bool(v)))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> std::result::Result<ScalarSpec, E> {
+        Err(expected_got(EXPECTED, Unexpected::Unit))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> std::result::Result<ScalarSpec, A::Error> {
+        Err(expected_got(EXPECTED, Unexpected::Seq))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> std::result::Result<ScalarSpec, A::Error> {
+        let mut table = Map::new();
+        while let Some((k, v)) = access.next_entry::<String, Value>()? {
+            table.insert(k, v);
+        }
+        match table.get("kind") {
+            Some(Value::String(_)) => ComponentSpec::deserialize(Value::Object(table))
+                .map(ScalarSpec::Schedule)
+                .map_err(de::Error::custom),
+            Some(other) => Err(de::Error::custom(format!(
+                "expected {EXPECTED}; got a table whose `kind` is {other} (a schedule's name is a string)"
+            ))),
+            None => Err(de::Error::custom(format!(
+                "expected {EXPECTED}; got a table without `kind` (the schedule's name)"
+            ))),
+        }
+    }
 }
 
 /// `0.5`, or `linear(end=1.0, start=3.0)` for a schedule.
@@ -132,6 +205,27 @@ mod tests {
         let s: ScalarSpec =
             serde_json::from_value(serde_json::json!({"kind": "linear", "start": 3.0, "end": 2.0})).expect("table");
         assert!(matches!(s, ScalarSpec::Schedule(ref c) if c.kind == "linear"));
+    }
+
+    #[test]
+    fn anything_else_is_refused_saying_what_is_accepted() {
+        let msg = |v: serde_json::Value| {
+            serde_json::from_value::<ScalarSpec>(v)
+                .expect_err("must fail")
+                .to_string()
+        };
+        let m = msg(serde_json::json!("abc"));
+        assert!(
+            m.contains("expected a number or a schedule table { kind = \"linear\", ... }; got a string \"abc\""),
+            "{m}"
+        );
+        assert!(msg(serde_json::json!([1.0])).contains("got a list"));
+        assert!(msg(serde_json::json!({"start": 1.0})).contains("without `kind`"));
+        assert!(msg(serde_json::json!({"kind": 3})).contains("`kind` is 3"));
+        use serde::de::IntoDeserializer;
+        let nan: serde::de::value::F64Deserializer<serde::de::value::Error> = f64::NAN.into_deserializer();
+        let m = ScalarSpec::deserialize(nan).expect_err("nan").to_string();
+        assert!(m.contains("finite"), "{m}");
     }
 
     #[test]

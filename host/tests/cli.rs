@@ -4,12 +4,28 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn retort(args: &[&str], cwd: &Path) -> Output {
+    retort_env(args, cwd, &[])
+}
+
+/// `retort` with extra environment variables.
+fn retort_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_retort"))
         .args(args)
         .current_dir(cwd)
         .env_remove("RETORT_LOG")
+        .envs(env.iter().copied())
         .output()
         .expect("spawn retort")
+}
+
+/// 1-based line of the `nth` (0-based) line of `text` that starts with `prefix`.
+fn line_of(text: &str, prefix: &str, nth: usize) -> usize {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with(prefix))
+        .nth(nth)
+        .map(|(i, _)| i + 1)
+        .expect("line in config")
 }
 
 fn stderr(o: &Output) -> String {
@@ -345,4 +361,232 @@ fn eval_reports_the_loss_of_a_model_file_on_text() {
     assert!(loss > 4.0 && loss < 7.0, "{loss}");
     let o = retort(&["eval", "--model", g, "--data", "missing.txt"], tmp.path());
     assert_user_error(&o, &["--data missing.txt"]);
+}
+
+#[test]
+fn non_finite_numbers_are_refused_with_their_key_path() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort(&["check", "c.toml", "--set", "train.ema_decay=nan"], d.path());
+    assert_user_error(&o, &["train.ema_decay", "finite", "--set train.ema_decay=nan"]);
+    let o = retort(
+        &[
+            "check",
+            "c.toml",
+            "--set",
+            "loss[0].weight={ kind = \"linear\", start = inf, end = 1.0 }",
+        ],
+        d.path(),
+    );
+    assert_user_error(&o, &["loss[0].weight.start", "finite", "--set loss[0].weight="]);
+    let o = retort_env(
+        &["check", "c.toml"],
+        d.path(),
+        &[("RETORT_TRAIN__WEIGHT_DECAY", "1.0e999")],
+    );
+    assert_user_error(&o, &["train.weight_decay", "finite", "RETORT_TRAIN__WEIGHT_DECAY"]);
+    // An optional plugin param and an optional stage override in the file.
+    let text = TINY.replace("context = 8\n[[loss]]", "context = 8\nlayer_norm_eps = nan\n[[loss]]");
+    let f = setup(&text, Some(&corpus()));
+    let line = line_of(&text, "layer_norm_eps", 0);
+    assert_user_error(
+        &retort(&["check", "c.toml"], f.path()),
+        &["student.layer_norm_eps", "finite", &format!("c.toml:{line}")],
+    );
+    let text = format!("{TINY}[[stages]]\nsteps = 3\nweight_decay = -inf\n");
+    let f = setup(&text, Some(&corpus()));
+    let line = line_of(&text, "weight_decay", 0);
+    assert_user_error(
+        &retort(&["check", "c.toml"], f.path()),
+        &["stages[0].weight_decay", "finite", &format!("c.toml:{line}")],
+    );
+}
+
+#[test]
+fn loss_weights_are_refused_below_zero_anywhere_over_training() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort(&["check", "c.toml", "--set", "loss[1].weight=-0.5"], d.path());
+    assert_user_error(&o, &["loss[1].weight", ">= 0", "-0.5"]);
+    let o = retort(
+        &[
+            "check",
+            "c.toml",
+            "--set",
+            "loss[0].weight={ kind = \"linear\", start = 1.0, end = -1.0 }",
+        ],
+        d.path(),
+    );
+    assert_user_error(&o, &["loss[0].weight", ">= 0", "% of training"]);
+    let text = format!("{TINY}[[stages]]\nsteps = 3\nloss_weights = {{ ce = -1.0 }}\n");
+    let f = setup(&text, Some(&corpus()));
+    assert_user_error(
+        &retort(&["check", "c.toml"], f.path()),
+        &["stages[0].loss_weights.ce", ">= 0"],
+    );
+}
+
+#[test]
+fn two_loss_terms_with_one_name_are_refused() {
+    let text = format!("{TINY}[[loss]]\nkind = \"ce\"\nname = \"kl\"\n");
+    let d = setup(&text, Some(&corpus()));
+    let o = retort(&["check", "c.toml"], d.path());
+    assert_user_error(&o, &["`kl`", "loss[0]", "loss[2]", "name = "]);
+}
+
+#[test]
+fn environment_overrides_reach_list_elements_and_errors_name_their_source() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort_env(&["check", "c.toml"], d.path(), &[("RETORT_LOSS__0__TEMPERATURE", "3")]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = retort_env(&["check", "c.toml"], d.path(), &[("RETORT_LOSS__0__TEMPERATURE", "-1")]);
+    assert_user_error(&o, &["loss[0].temperature", "RETORT_LOSS__0__TEMPERATURE"]);
+    let o = retort_env(&["check", "c.toml"], d.path(), &[("RETORT_LOSS__5__TEMPERATURE", "3")]);
+    assert_user_error(&o, &["RETORT_LOSS__5__TEMPERATURE", "out of range"]);
+    let o = retort(&["check", "c.toml", "--set", "bogus.x=1"], d.path());
+    assert_user_error(&o, &["unknown field `bogus`", "--set bogus.x=1"]);
+    let text = TINY.replace("batches = 1\nbatch_size = 2", "batches = 1\nbatch_size = 0");
+    let f = setup(&text, Some(&corpus()));
+    let line = line_of(&text, "batch_size", 1);
+    assert_user_error(
+        &retort(&["check", "c.toml"], f.path()),
+        &["eval.batch_size", &format!("c.toml:{line})")],
+    );
+}
+
+#[test]
+fn number_or_schedule_values_say_what_they_accept() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort(&["check", "c.toml", "--set", "loss[0].weight=abc"], d.path());
+    assert_user_error(
+        &o,
+        &[
+            "loss[0].weight",
+            "expected a number or a schedule table",
+            "got a string \"abc\"",
+            "--set loss[0].weight=abc",
+        ],
+    );
+    let text = TINY.replace("temperature = 2.0", "temperature = { start = 3.0, end = 2.0 }");
+    let f = setup(&text, Some(&corpus()));
+    let line = line_of(&text, "temperature", 0);
+    assert_user_error(
+        &retort(&["check", "c.toml"], f.path()),
+        &["loss[0].temperature", "without `kind`", &format!("c.toml:{line}")],
+    );
+}
+
+#[test]
+fn user_errors_show_no_backtrace_even_when_asked() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let gguf = tmp.path().join("tiny.gguf");
+    retort_plugins::testing::write_tiny_gguf(&gguf, 262, candle_core::quantized::GgmlDType::F32, 1).expect("gguf");
+    let bytes = std::fs::read(&gguf).expect("read");
+    std::fs::write(tmp.path().join("cut.gguf"), &bytes[..bytes.len() / 2]).expect("write");
+    std::fs::write(tmp.path().join("t.txt"), "the theme of the thing. ".repeat(40)).expect("w");
+    let o = retort_env(
+        &["eval", "--model", "cut.gguf", "--data", "t.txt", "--seq-len", "8"],
+        tmp.path(),
+        &[("RUST_BACKTRACE", "1")],
+    );
+    assert_user_error(&o, &["cut.gguf"]);
+    let err = stderr(&o);
+    assert!(
+        !err.contains("backtrace")
+            && !err.contains("Error::bt")
+            && !err.lines().any(|l| l.trim_start().starts_with("0: ")),
+        "{err}"
+    );
+}
+
+/// A text corpus tokenized with the tiny GGUF's tokenizer, which is also the teacher.
+const GGUF_TEACHER: &str = r#"
+[run]
+name = "cache"
+[data]
+kind = "text"
+path = "corpus.txt"
+val_fraction = 0.2
+tokenizer = { kind = "hf", path = "tiny.gguf" }
+[teacher]
+kind = "llama"
+checkpoint = "tiny.gguf"
+[student]
+kind = "llama"
+n_layer = 1
+n_embd = 16
+n_head = 2
+context = 16
+[train]
+steps = 2
+batch_size = 2
+seq_len = 16
+"#;
+
+#[test]
+fn cache_outputs_are_refused_the_same_way_as_run_outputs() {
+    let d = setup(GGUF_TEACHER, Some(&"the theme of the thing. ".repeat(40)));
+    let gguf = d.path().join("tiny.gguf");
+    retort_plugins::testing::write_tiny_gguf(&gguf, 262, candle_core::quantized::GgmlDType::F32, 1).expect("gguf");
+    std::fs::write(d.path().join("afile"), "x").expect("w");
+    let o = retort(&["cache", "c.toml", "--out", "afile", "--k", "4", "--quiet"], d.path());
+    assert_user_error(&o, &["afile", "not a directory"]);
+    let o = retort(&["run", "c.toml", "--out", "afile", "--quiet"], d.path());
+    assert_user_error(&o, &["afile", "not a directory"]);
+
+    let o = retort(&["cache", "c.toml", "--out", "kc", "--k", "4", "--quiet"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let export = ["cache", "export", "kc", "--out", "ex", "--windows", "2"];
+    let o = retort(&export, d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let ids = d.path().join("ex/ids.u32");
+    std::fs::write(&ids, b"mine").expect("w");
+    let o = retort(&export, d.path());
+    assert_user_error(&o, &["ids.u32", "--force"]);
+    assert_eq!(std::fs::read(&ids).expect("ids"), b"mine");
+    let o = retort(&[&export[..], &["--force"]].concat(), d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&ids).expect("ids").len(), 2 * 16 * 4 * 4);
+}
+
+#[test]
+fn plot_refuses_a_garbage_metrics_file_naming_its_line() {
+    let d = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir(d.path().join("r")).expect("dir");
+    std::fs::write(d.path().join("r/metrics.jsonl"), b"\n\xff\xfe garbage\n").expect("w");
+    let o = retort(&["plot", "r"], d.path());
+    assert_user_error(&o, &["metrics.jsonl:2"]);
+}
+
+#[test]
+fn generate_and_eval_refuse_what_the_model_cannot_take() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let g = tmp.path().join("tiny.gguf");
+    retort_plugins::testing::write_tiny_gguf(&g, 262, candle_core::quantized::GgmlDType::F32, 1).expect("gguf");
+    let o = retort(
+        &["generate", "--model", "tiny.gguf", "--prompt", "the", "--context", "0"],
+        tmp.path(),
+    );
+    assert_user_error(&o, &["--context", ">= 1", "got 0"]);
+    let small = tmp.path().join("small.gguf");
+    retort_plugins::testing::write_tiny_gguf(&small, 100, candle_core::quantized::GgmlDType::F32, 1).expect("gguf");
+    std::fs::write(tmp.path().join("t.txt"), "the theme of the thing. ".repeat(40)).expect("w");
+    let o = retort(
+        &[
+            "eval",
+            "--model",
+            "small.gguf",
+            "--data",
+            "t.txt",
+            "--seq-len",
+            "8",
+            "--val-fraction",
+            "1",
+        ],
+        tmp.path(),
+    );
+    assert_user_error(&o, &["small.gguf", "100", "262"]);
+    let o = retort(
+        &["generate", "--model", "small.gguf", "--prompt", "the theme"],
+        tmp.path(),
+    );
+    assert_user_error(&o, &["small.gguf", "100", "262"]);
 }

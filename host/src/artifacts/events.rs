@@ -242,13 +242,41 @@ impl Recorder {
 /// naming the file and line.
 pub fn read_events(dir: &Path) -> Result<Vec<Event>> {
     let p = dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::io("reading metrics", &p, e))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| Error::input_failed(format!("{}:{}", p.display(), i + 1), "not a metrics record", e))
-        })
-        .collect()
+    let bytes = std::fs::read(&p).map_err(|e| Error::io("reading metrics", &p, e))?;
+    let mut events = Vec::new();
+    for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        let at = || format!("{}:{}", p.display(), i + 1);
+        let line = std::str::from_utf8(line).map_err(|e| Error::input_failed(at(), "not UTF-8 text", e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        events.push(serde_json::from_str(line).map_err(|e| Error::input_failed(at(), "not a metrics record", e))?);
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_lines_are_input_errors_naming_file_and_line() {
+        let d = tempfile::tempdir().expect("tmp");
+        let metrics = d.path().join("metrics.jsonl");
+        for (text, line, what) in [
+            (&b"\n\n\xff\xfe\n"[..], 3, "not UTF-8"),
+            (&b"\nnot json\n"[..], 2, "not a metrics record"),
+        ] {
+            std::fs::write(&metrics, text).expect("w");
+            let err = read_events(d.path()).expect_err("garbage");
+            assert_eq!(err.exit_code(), 2);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&format!("metrics.jsonl:{line}")) && msg.contains(what),
+                "{msg}"
+            );
+        }
+        std::fs::write(&metrics, "\n  \n").expect("w");
+        assert!(read_events(d.path()).expect("blank lines").is_empty());
+    }
 }

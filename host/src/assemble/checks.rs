@@ -36,11 +36,10 @@ pub(super) fn train_and_eval(t: &TrainSection, eval: &EvalSection) -> Result<()>
             format!("expected a number in [0, 1), got {d}"),
         ));
     }
-    if eval.batches == 0 || eval.batch_size == 0 {
-        return Err(Error::config(
-            "eval.batches",
-            "eval.batches and eval.batch_size must be >= 1",
-        ));
+    for (key, v) in [("eval.batches", eval.batches), ("eval.batch_size", eval.batch_size)] {
+        if v == 0 {
+            return Err(Error::config(key, "expected an integer >= 1, got 0"));
+        }
     }
     Ok(())
 }

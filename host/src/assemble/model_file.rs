@@ -45,7 +45,23 @@ pub fn load_model_file(
         mp.insert("context".into(), context.unwrap_or(2048).into());
     }
     let model = registry.teachers.build(kind, &Params::new("model", mp), &ctx)?;
+    check_vocab(path, model.vocab_size(), tokenizer.vocab_size())?;
     Ok((model, tokenizer))
+}
+
+/// The model at `path` has an embedding row for every token of its tokenizer (a padded model
+/// may have more).
+pub fn check_vocab(path: &Path, rows: usize, tokens: usize) -> Result<()> {
+    if rows < tokens {
+        return Err(Error::input(
+            format!("--model {}", path.display()),
+            format!(
+                "its embedding has {rows} rows, fewer than the {tokens} tokens of its tokenizer: a token id past \
+                 row {rows} has no embedding (is the tokenizer the model's own?)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The tokenizer that comes with the model at `path`.
@@ -64,4 +80,23 @@ pub fn load_tokenizer(registry: &Registry, path: &Path, ctx: &BuildContext) -> R
             e,
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fewer_rows_than_tokens_are_refused_naming_both() {
+        let p = Path::new("m.gguf");
+        assert!(check_vocab(p, 262, 262).is_ok());
+        assert!(check_vocab(p, 320, 262).is_ok());
+        let err = check_vocab(p, 100, 262).expect_err("short embedding");
+        assert_eq!(err.exit_code(), 2);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--model m.gguf") && msg.contains("100 rows") && msg.contains("262 tokens"),
+            "{msg}"
+        );
+    }
 }

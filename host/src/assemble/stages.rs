@@ -129,7 +129,7 @@ fn stage_weights(
             Some(spec) => {
                 let path = format!("{key}.loss_weights.{}", slot.name);
                 let s = spec.build(&path, ctx)?;
-                s.check(&path, f64::is_finite, "a finite number")?;
+                super::terms::check_weight(&s, &path, slot.term.signed_weights())?;
                 s
             }
             None => config.loss[j].weight.build(&format!("loss[{j}].weight"), ctx)?,

@@ -2,7 +2,8 @@
 //! `run` that parses, calls into the engine and prints. Nothing else happens here.
 //!
 //! Exit codes: 0 success; 2 bad config, input or usage (the message names the key path and
-//! where the value came from); 1 runtime failure. User errors never print a panic.
+//! where the value came from); 1 runtime failure. User errors never print a panic or a
+//! backtrace.
 
 mod cache;
 mod check;
@@ -86,9 +87,20 @@ where
     match dispatch(cli.command) {
         Ok(()) => 0,
         Err(e) => {
+            let e = printable(e);
             eprintln!("error: {e}");
             e.exit_code()
         }
+    }
+}
+
+/// A user error without the stack frames candle captures when `RUST_BACKTRACE` is set; a
+/// runtime failure keeps them, for a bug report.
+fn printable(e: retort_core::Error) -> retort_core::Error {
+    if e.is_user_error() {
+        e.without_backtrace()
+    } else {
+        e
     }
 }
 

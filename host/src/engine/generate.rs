@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use retort_core::{Batch, Error, Params, Registry, Result, TapSet};
 
-use crate::assemble::model_file::{kind_of, load_model_file, load_tokenizer};
+use crate::assemble::model_file::{check_vocab, kind_of, load_model_file, load_tokenizer};
 use retort_plugins::models::generate::{generate, Sampling};
 
 /// Options of `retort generate`.
@@ -42,6 +42,18 @@ pub struct GenerateOptions {
 }
 
 impl GenerateOptions {
+    /// An input error for `--context 0`.
+    fn check_context(&self) -> Result<()> {
+        match self.context {
+            Some(0) => Err(Error::input(
+                "--context",
+                "expected an integer >= 1 (tokens fed to the model at once; more than the model's context are cut \
+                 to it), got 0",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// How to sample; an input error for a temperature that is not a number >= 0.
     fn sampling(&self) -> Result<Sampling> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
@@ -87,6 +99,11 @@ fn generate_llama(
     mp.insert("checkpoint".into(), opts.model.display().to_string().into());
     mp.insert("context".into(), opts.context.unwrap_or(2048).into());
     let model = retort_plugins::teachers::llama::load_frozen(&Params::new("model", mp), &ctx)?;
+    check_vocab(
+        &opts.model,
+        retort_core::Model::vocab_size(&model),
+        tokenizer.vocab_size(),
+    )?;
     let prompt = prompt_ids(tokenizer.as_ref(), &opts.prompt)?;
     let t0 = Instant::now();
     let out = retort_plugins::models::generate::generate_cached(&model, &prompt, tokenizer.eos_id(), sampling, device)?;
@@ -110,6 +127,7 @@ fn prompt_ids(tokenizer: &dyn retort_core::Tokenizer, text: &str) -> Result<Vec<
 
 /// Loads the model and its tokenizer and samples a continuation of the prompt.
 pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Generated> {
+    opts.check_context()?;
     let sampling = opts.sampling()?;
     let device = crate::assemble::device::parse_device(&opts.device)?;
     if kind_of(&opts.model)? == "llama" {

@@ -251,6 +251,12 @@ fn first_difference(old: &CacheHeader, new: &CacheHeader) -> String {
 /// or other files are refused unless `force`, which removes the cache files first.
 fn prepare_destination(dir: &Path, header: &CacheHeader, force: bool, resume: bool) -> Result<()> {
     let what = || format!("cache directory {}", dir.display());
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::input(
+            what(),
+            "exists and is not a directory; choose another --out",
+        ));
+    }
     if dir.join(super::store::HEADER_FILE).exists() {
         let old = CacheHeader::read(dir);
         let same = old.as_ref().is_ok_and(|o| o == header);

@@ -18,19 +18,80 @@
 //! ]
 //! ```
 
+use serde::de::{self, Deserializer, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;
 
+use retort_core::de::expected_got;
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, Error, Params, Result, Router, TermSignals};
 
 /// Terms of a phase.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum PhaseTerms {
     /// `"all"`.
     All(String),
     /// Named terms.
     Names(Vec<String>),
+}
+
+/// What a phase's `terms` accepts, for messages.
+const TERMS_EXPECTED: &str = "\"all\" or a list of term names";
+
+/// `"all"` or a list of names; anything else is refused saying so.
+impl<'de> Deserialize<'de> for PhaseTerms {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(TermsVisitor)
+    }
+}
+
+struct TermsVisitor;
+
+impl<'de> Visitor<'de> for TermsVisitor {
+    type Value = PhaseTerms;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(TERMS_EXPECTED)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<PhaseTerms, E> {
+        match v {
+            "all" => Ok(PhaseTerms::All(v.to_string())),
+            _ => Err(expected_got(TERMS_EXPECTED, Unexpected::Str(v))),
+        }
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<PhaseTerms, A::Error> {
+        let mut names = Vec::new();
+        while let Some(n) = seq.next_element::<String>()? {
+            names.push(n);
+        }
+        Ok(PhaseTerms::Names(names))
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> std::result::Result<PhaseTerms, E> {
+        Err(expected_got(TERMS_EXPECTED, Unexpected::Bool(v)))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<PhaseTerms, E> {
+        Err(expected_got(TERMS_EXPECTED, Unexpected::Signed(v)))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<PhaseTerms, E> {
+        Err(expected_got(TERMS_EXPECTED, Unexpected::Unsigned(v)))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<PhaseTerms, E> {
+        Err(expected_got(TERMS_EXPECTED, Unexpected::Float(v)))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> std::result::Result<PhaseTerms, E> {
+        Err(expected_got(TERMS_EXPECTED, Unexpected::Unit))
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> std::result::Result<PhaseTerms, A::Error> {
+        Err(expected_got(TERMS_EXPECTED, Unexpected::Map))
+    }
 }
 
 /// One phase.
@@ -144,14 +205,6 @@ fn build(params: &Params, _: &BuildContext) -> Result<Box<dyn Router>> {
                 format!("expected increasing values in (0, 1], got {}", ph.until),
             ));
         }
-        if let PhaseTerms::All(s) = &ph.terms {
-            if s != "all" {
-                return Err(params.error(
-                    &format!("phases[{i}].terms"),
-                    format!("expected a list of term names or \"all\", got \"{s}\""),
-                ));
-            }
-        }
         prev = ph.until;
     }
     if prev != 1.0 {
@@ -219,6 +272,31 @@ mod tests {
         assert!((w[2] - 0.25).abs() < 1e-9, "{w:?}");
         assert_eq!(at(&mut r, 100), vec![1.0, 2.0, 0.5]);
         assert!(r.scalars().iter().any(|(k, _)| k == "gate.ce"));
+    }
+
+    #[test]
+    fn terms_that_are_neither_all_nor_names_say_what_is_accepted() {
+        let r = retort_core::Registry::empty();
+        let ctx = BuildContext::new(&r, candle_core::Device::Cpu, 0);
+        for (terms, got) in [
+            (serde_json::json!("most"), "got a string \"most\""),
+            (serde_json::json!(3), "got the number 3"),
+        ] {
+            let p = Params::new(
+                "router",
+                serde_json::json!({"phases": [{"until": 1.0, "terms": terms}]})
+                    .as_object()
+                    .expect("o")
+                    .clone(),
+            );
+            let err = build(&p, &ctx).err().expect("must fail").to_string();
+            assert!(
+                err.contains("router.phases[0].terms")
+                    && err.contains("expected \"all\" or a list of term names")
+                    && err.contains(got),
+                "{err}"
+            );
+        }
     }
 
     #[test]

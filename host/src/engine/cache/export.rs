@@ -1,7 +1,7 @@
 //! `retort cache recode` and `retort cache export`: a cache re-encoded without the teacher, and
 //! its top-k as raw arrays for tools outside retort.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -55,6 +55,32 @@ pub struct ExportOptions {
     /// Windows to export at most.
     #[arg(long, default_value_t = 1_000_000)]
     pub windows: usize,
+    /// Replace the arrays of an earlier export at --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The files an export writes.
+const EXPORT_FILES: [&str; 3] = ["ids.u32", "logprobs.f32", "meta.json"];
+
+/// `out` can take an export: a directory (or nothing yet) without an earlier export's files,
+/// unless `force`.
+fn check_export_destination(out: &Path, force: bool) -> Result<()> {
+    let what = || format!("--out {}", out.display());
+    if out.exists() && !out.is_dir() {
+        return Err(Error::input(what(), "exists and is not a directory"));
+    }
+    let found: Vec<&str> = EXPORT_FILES.into_iter().filter(|f| out.join(f).exists()).collect();
+    if !found.is_empty() && !force {
+        return Err(Error::input(
+            what(),
+            format!(
+                "already holds {}; choose another --out, or pass --force to replace them",
+                found.join(", ")
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn parse_split(s: &str) -> std::result::Result<Split, String> {
@@ -70,6 +96,7 @@ fn parse_split(s: &str) -> std::result::Result<Split, String> {
 /// tools outside retort (e.g. `scripts/seed_cache_size.py`).
 pub fn export(opts: &ExportOptions) -> Result<Value> {
     let (path, out, split, windows) = (opts.path.as_path(), opts.out.as_path(), opts.split, opts.windows);
+    check_export_destination(out, opts.force)?;
     let store = LogitStore::open(path)?;
     let h = store.header();
     let n = windows.min(h.split(split).windows);
@@ -86,4 +113,27 @@ pub fn export(opts: &ExportOptions) -> Result<Value> {
     let meta = json!({"tokens": n * h.seq_len, "k": h.k, "vocab": h.vocab, "values": h.values.name(), "split": split, "source": path.display().to_string()});
     retort_core::fsutil::write_atomic(&out.join("meta.json"), meta.to_string().as_bytes())?;
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_earlier_export_or_a_file_is_refused_without_force() {
+        let d = tempfile::tempdir().expect("tmp");
+        assert!(check_export_destination(&d.path().join("new"), false).is_ok());
+        assert!(check_export_destination(d.path(), false).is_ok());
+        std::fs::write(d.path().join("meta.json"), "{}").expect("w");
+        let err = check_export_destination(d.path(), false).expect_err("earlier export");
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("meta.json") && err.to_string().contains("--force"),
+            "{err}"
+        );
+        assert!(check_export_destination(d.path(), true).is_ok());
+        let file = d.path().join("meta.json");
+        let err = check_export_destination(&file, true).expect_err("a file");
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
 }
