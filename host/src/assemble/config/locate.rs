@@ -35,8 +35,9 @@ impl ConfigOrigin {
 
     /// A human location of key path `path`: `set by --set ...`, `set by environment variable
     /// RETORT_...`, or `file:line`. An override that set the key (or a table holding it) comes
-    /// first, then the file's line of the key; an override that set a key inside it (an
-    /// unknown section `--set bogus.x=1`) before the line of the nearest key the file has.
+    /// first, then the file's line of the key (with an override of a key inside it, if any); an
+    /// override that set a key inside it (an unknown section `--set bogus.x=1`) before the line
+    /// of the nearest key the file has.
     pub fn locate(&self, path: &str) -> String {
         let key = dotted(path);
         let sets = || {
@@ -59,7 +60,12 @@ impl ConfigOrigin {
         }
         let line = self.toml_text.as_deref().and_then(|t| toml_line(t, path));
         if let Some((line, true)) = line {
-            return format!("{}:{line}", self.label());
+            let here = format!("{}:{line}", self.label());
+            // An error about a whole table (`student`) whose keys were overridden names both.
+            return match set_by(&inside) {
+                Some(found) => format!("{here}; inside it, {found}"),
+                None => here,
+            };
         }
         if let Some(found) = set_by(&inside) {
             return found;
@@ -195,7 +201,10 @@ mod tests {
             o.locate("train.lm_head"),
             "set by environment variable RETORT_TRAIN__LM_HEAD__FUSED"
         );
-        // The file has `loss[0]`: a set inside it does not take the blame for the whole term.
-        assert_eq!(o.locate("loss[0]"), "c.toml:8");
+        // The file has `loss[0]`: its line, and the set inside it that may be the cause.
+        assert_eq!(
+            o.locate("loss[0]"),
+            "c.toml:8; inside it, set by --set loss[0].temperature=3"
+        );
     }
 }
