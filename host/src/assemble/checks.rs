@@ -1,8 +1,24 @@
 //! Checks of single config values and of one component against the data, made before anything
 //! trains; each failure names the key path and what was expected.
 
-use retort_core::config::{EvalSection, TrainSection};
+use retort_core::config::{EvalSection, RunSection, TrainSection};
 use retort_core::{DataSource, Error, Result, Split};
+
+/// `run.name` names the run directory `runs/<name>`: one plain path component.
+pub(super) fn run_name(run: &RunSection) -> Result<()> {
+    let mut parts = std::path::Path::new(&run.name).components();
+    match (parts.next(), parts.next()) {
+        (Some(std::path::Component::Normal(_)), None) => Ok(()),
+        _ => Err(Error::config(
+            "run.name",
+            format!(
+                "expected a plain name for the run directory runs/<name> (no `/`, `..` or absolute \
+                 path; choose the directory with --out), got {:?}",
+                run.name
+            ),
+        )),
+    }
+}
 
 /// `[train]` and `[eval]` values that no component checks itself.
 pub(super) fn train_and_eval(t: &TrainSection, eval: &EvalSection) -> Result<()> {
@@ -101,4 +117,22 @@ pub(super) fn early_stopping(t: &TrainSection) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_name_is_one_plain_path_component() {
+        let named = |name: &str| RunSection {
+            name: name.into(),
+            ..RunSection::default()
+        };
+        assert!(run_name(&named("my-run_2")).is_ok());
+        for bad in ["", ".", "..", "../x", "a/b", "/tmp/x"] {
+            let err = run_name(&named(bad)).expect_err(bad);
+            assert!(err.to_string().contains("run.name"), "{err}");
+        }
+    }
 }

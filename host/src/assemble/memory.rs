@@ -198,35 +198,37 @@ impl fmt::Display for MemoryEstimate {
     }
 }
 
-fn bytes(n: u128) -> u64 {
-    n.min(u64::MAX as u128) as u64
+/// Sizes are computed in `f64`: exact below 2^53, and saturating (never overflowing) for
+/// the absurd sizes this estimate exists to refuse.
+fn bytes(n: f64) -> u64 {
+    n as u64
 }
 
 fn training_state(m: ModelSize, ema: bool) -> u64 {
-    let copies = if ema { 5 } else { 4 };
-    bytes(copies * m.params as u128 * m.info.dtype.size_in_bytes() as u128)
+    let copies = if ema { 5.0 } else { 4.0 };
+    bytes(copies * m.params as f64 * m.info.dtype.size_in_bytes() as f64)
 }
 
 /// Bytes one block keeps for the backward pass of a micro-batch.
-fn block_activations(m: ModelSize, work: Workload) -> u128 {
-    let (b, s) = (work.batch as u128, work.seq_len as u128);
-    let (h, a) = (m.info.hidden as u128, m.info.heads as u128);
-    let half_d = m.info.dtype.size_in_bytes() as u128;
+fn block_activations(m: ModelSize, work: Workload) -> f64 {
+    let (b, s) = (work.batch as f64, work.seq_len as f64);
+    let (h, a) = (m.info.hidden as f64, m.info.heads as f64);
+    let half_d = m.info.dtype.size_in_bytes() as f64 / 2.0;
     // 34 T h + 5 a s T values of d/2 bytes (Korthikanti et al.).
-    (34 * b * s * h + 5 * a * s * s * b) * half_d / 2
+    (34.0 * b * s * h + 5.0 * a * s * s * b) * half_d
 }
 
 fn activations(m: ModelSize, work: Workload, head_chunk: Option<usize>) -> u64 {
-    let tokens = (work.batch * work.seq_len) as u128;
-    let logit_rows = head_chunk.map(|c| (c as u128).min(tokens)).unwrap_or(tokens);
-    let logits = 3 * logit_rows * m.info.vocab as u128 * 4;
-    bytes(m.info.layers as u128 * block_activations(m, work) + logits)
+    let tokens = work.batch as f64 * work.seq_len as f64;
+    let logit_rows = head_chunk.map(|c| (c as f64).min(tokens)).unwrap_or(tokens);
+    let logits = 3.0 * logit_rows * m.info.vocab as f64 * 4.0;
+    bytes(m.info.layers as f64 * block_activations(m, work) + logits)
 }
 
 fn frozen_teacher(t: ModelSize, work: Workload) -> u64 {
-    let tokens = (work.batch * work.seq_len) as u128;
-    let weights = t.params as u128 * t.info.dtype.size_in_bytes() as u128;
-    bytes(weights + block_activations(t, work) + 2 * tokens * t.info.vocab as u128 * 4)
+    let tokens = work.batch as f64 * work.seq_len as f64;
+    let weights = t.params as f64 * t.info.dtype.size_in_bytes() as f64;
+    bytes(weights + block_activations(t, work) + 2.0 * tokens * t.info.vocab as f64 * 4.0)
 }
 
 #[cfg(test)]

@@ -96,6 +96,7 @@ impl<'r> Pipeline<'r> {
     pub fn assemble(mut config: RunConfig, registry: &'r Registry) -> Result<Self> {
         teacher::fill_init_from_teacher(&mut config);
         let device = parse_device(&config.run.device)?;
+        checks::run_name(&config.run)?;
         checks::train_and_eval(&config.train, &config.eval)?;
         let mut ctx = BuildContext::new(registry, device.clone(), config.run.seed);
         config.train.lr.build_positive("train.lr", &ctx)?;
@@ -309,7 +310,7 @@ fn estimate_memory(
         router.as_ref(),
         &taps,
         student.vocab_size(),
-        t.batch_size * t.seq_len,
+        t.batch_size.saturating_mul(t.seq_len),
     );
     let head_chunk = match path {
         HeadPath::Fused { chunk } => Some(chunk),

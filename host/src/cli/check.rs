@@ -46,7 +46,7 @@ impl CheckArgs {
             p.router()?.as_ref(),
             &p.student_taps,
             p.vocab_size,
-            p.config.train.batch_size * p.config.train.seq_len,
+            p.config.train.batch_size.saturating_mul(p.config.train.seq_len),
         );
         println!("  logits:   {path}");
         println!("  memory:   {}", p.memory);

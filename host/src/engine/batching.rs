@@ -93,7 +93,9 @@ pub fn val_batches(
     device: &Device,
 ) -> Result<Vec<Batch>> {
     check_len(tokens, seq_len, "validation split")?;
-    let n_windows = aligned_windows(tokens.len(), seq_len).min(batches * batch_size).max(1);
+    let n_windows = aligned_windows(tokens.len(), seq_len)
+        .min(batches.saturating_mul(batch_size))
+        .max(1);
     let starts: Vec<usize> = (0..n_windows).map(|i| i * seq_len).collect();
     starts
         .chunks(batch_size)

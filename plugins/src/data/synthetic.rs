@@ -164,7 +164,7 @@ pub fn generate(p: &SyntheticParams, seed: u64, n: usize) -> Result<(Vec<u32>, f
 /// for the oracle's loss).
 fn check_sizes(p: &SyntheticParams, params: &Params) -> Result<()> {
     let v = p.vocab as u128;
-    let tables = 16 * p.regimes as u128 * v * v * v;
+    let tables = (16 * v * v * v).saturating_mul(p.regimes as u128);
     let what = format!("the source's tables ({} regimes x vocab^3 entries)", p.regimes);
     retort_core::memory::ensure_host_can_allocate(&params.key_path("regimes"), &what, tables)?;
     let tokens = 2 * 4 * (p.train_tokens as u128 + p.val_tokens as u128);

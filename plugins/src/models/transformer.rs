@@ -187,16 +187,17 @@ impl TransformerConfig {
 
     /// Parameters of the model: embeddings, blocks (attention, MLP of 4x, two LayerNorms),
     /// final LayerNorm; the head is tied.
-    pub fn param_count(&self) -> u128 {
-        let (e, v, l) = (self.n_embd as u128, self.vocab_size as u128, self.n_layer as u128);
-        (v + self.context as u128) * e + l * (12 * e * e + 13 * e) + 2 * e
+    /// In `f64`: exact below 2^53, never overflowing for the absurd sizes it exists to refuse.
+    pub fn param_count(&self) -> f64 {
+        let (e, v, l) = (self.n_embd as f64, self.vocab_size as f64, self.n_layer as f64);
+        (v + self.context as f64) * e + l * (12.0 * e * e + 13.0 * e) + 2.0 * e
     }
 
     /// `self`, unless its parameters cannot fit in this host's memory (a failed allocation
     /// aborts the process: refuse first).
     fn checked_size(self, params: &Params) -> Result<Self> {
-        let bytes = self.param_count().saturating_mul(self.dtype.size_in_bytes() as u128);
-        let what = format!("a transformer of {} parameters", self.param_count());
+        let bytes = (self.param_count() * self.dtype.size_in_bytes() as f64) as u128;
+        let what = format!("a transformer of {:.3e} parameters", self.param_count());
         retort_core::memory::ensure_host_can_allocate(params.path(), &what, bytes)?;
         Ok(self)
     }

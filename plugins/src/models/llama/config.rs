@@ -118,21 +118,22 @@ pub struct LlamaConfig {
 
 impl LlamaConfig {
     /// Parameters of the model (embedding, blocks with every expert, norms, untied head).
-    pub fn param_count(&self) -> u128 {
-        let (e, v, l) = (self.n_embd as u128, self.vocab_size as u128, self.n_layer as u128);
-        let hd = self.head_dim() as u128;
-        let attention = e * hd * (self.n_head as u128 + 2 * self.n_kv_head as u128) + hd * self.n_head as u128 * e;
-        let experts = (self.n_experts as u128).max(1);
-        let mlp = 3 * e * self.intermediate as u128 * experts + e * self.n_experts as u128;
-        let head = if self.tie_embeddings { 0 } else { v * e };
-        v * e + l * (attention + mlp + 2 * e) + e + head
+    /// In `f64`: exact below 2^53, never overflowing for the absurd sizes it exists to refuse.
+    pub fn param_count(&self) -> f64 {
+        let (e, v, l) = (self.n_embd as f64, self.vocab_size as f64, self.n_layer as f64);
+        let (hd, heads, kv) = (self.head_dim() as f64, self.n_head as f64, self.n_kv_head as f64);
+        let attention = e * hd * (heads + 2.0 * kv) + hd * heads * e;
+        let experts = (self.n_experts as f64).max(1.0);
+        let mlp = 3.0 * e * self.intermediate as f64 * experts + e * self.n_experts as f64;
+        let head = if self.tie_embeddings { 0.0 } else { v * e };
+        v * e + l * (attention + mlp + 2.0 * e) + e + head
     }
 
     /// `self`, unless its parameters cannot fit in this host's memory (a failed allocation
     /// aborts the process: refuse first).
     fn checked_size(self, params: &Params) -> Result<Self> {
-        let bytes = self.param_count().saturating_mul(self.dtype.size_in_bytes() as u128);
-        let what = format!("a llama of {} parameters", self.param_count());
+        let bytes = (self.param_count() * self.dtype.size_in_bytes() as f64) as u128;
+        let what = format!("a llama of {:.3e} parameters", self.param_count());
         retort_core::memory::ensure_host_can_allocate(params.path(), &what, bytes)?;
         Ok(self)
     }
