@@ -136,7 +136,9 @@ pub fn read_config(g: &GgufFile) -> Result<LlamaConfig> {
     let embd = tensors
         .get("token_embd.weight")
         .ok_or_else(|| g.error("tensor `token_embd.weight` is missing"))?;
-    let vocab_size = embd.shape.dims()[0];
+    let Some(&vocab_size) = embd.shape.dims().first() else {
+        return Err(g.error("tensor `token_embd.weight` has no dimensions"));
+    };
     let qwen = arch == "qwen2";
     Ok(LlamaConfig {
         vocab_size,
@@ -231,6 +233,9 @@ fn split_experts(q: &QTensor, dequantize: bool, device: &Device) -> Result<Vec<P
     if dequantize || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
         let t = q.dequantize(device)?;
         return (0..n).map(|e| Ok(Part::Dense(t.get(e)?))).collect();
+    }
+    if n == 0 {
+        return Err(Error::Runtime("stacked experts of shape [0, ..]: no experts".into()));
     }
     let bytes = q.data()?;
     let per = bytes.len() / n;
