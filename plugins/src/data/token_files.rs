@@ -486,4 +486,62 @@ mod tests {
             "{err}"
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::fuzz::config())]
+
+        /// Arbitrary bytes as a token file of either width, widened beside it or in a cache
+        /// directory: refused naming the file, or read back exactly, every id in the vocabulary.
+        #[test]
+        fn arbitrary_token_files_are_refused_naming_the_file_or_read_exactly(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            u32_ids: bool,
+            cache: bool,
+        ) {
+            let d = tempfile::tempdir().expect("tmp");
+            let (train, val) = (d.path().join("train.bin"), d.path().join("val.bin"));
+            // Small ids (< 10) are likely, so that some files are valid.
+            let bytes: Vec<u8> = bytes.iter().map(|b| if b % 3 == 0 { b % 10 } else { *b }).collect();
+            std::fs::write(&train, &bytes).expect("w");
+            write_u16(&val, &[1, 2]);
+            let width = if u32_ids { IdWidth::U32 } else { IdWidth::U16 };
+            let cache_dir = d.path().join("cache");
+            let opened = TokenFileSource::open(&train, &val, width, tok(), cache.then_some(cache_dir.as_path()));
+            if let Some(src) = crate::fuzz::user_error_naming(opened, &train.display().to_string())? {
+                let want: Vec<u32> = if u32_ids {
+                    bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+                } else {
+                    bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect()
+                };
+                proptest::prop_assert_eq!(src.tokens(Split::Train), &want[..]);
+                proptest::prop_assert!(want.iter().all(|&i| i < 10));
+            }
+        }
+
+    }
+
+    proptest::proptest! {
+        // Few cases: each writes and syncs six sidecars.
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..crate::fuzz::config() })]
+
+        /// Corpora that share file names, sizes and one cache directory each read their own ids.
+        #[test]
+        fn same_named_corpora_read_their_own_ids(
+            a in proptest::collection::vec(0u16..10, 1..20),
+            seed in 0u16..10,
+        ) {
+            let d = tempfile::tempdir().expect("tmp");
+            let cache = d.path().join("cache");
+            let b: Vec<u16> = a.iter().map(|i| (i + seed) % 10).collect();
+            for (name, ids) in [("a", &a), ("b", &b), ("a", &a)] {
+                let dir = d.path().join(name);
+                std::fs::create_dir_all(&dir).expect("mkdir");
+                write_u16(&dir.join("train.bin"), ids);
+                write_u16(&dir.join("val.bin"), ids);
+                let src = open_u16(&dir.join("train.bin"), &dir.join("val.bin"), Some(&cache)).expect("open");
+                let want: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+                proptest::prop_assert_eq!(src.tokens(Split::Train), &want[..]);
+            }
+        }
+    }
 }
