@@ -47,11 +47,12 @@ impl ConfigOrigin {
         let norm = |s: &str| s.replace('[', ".").replace(']', "");
         let key = norm(path);
         let within = |p: &str| key == p || key.starts_with(&format!("{p}."));
-        if let Some(s) = self
-            .sets
-            .iter()
-            .rev()
-            .find(|s| s.split_once('=').is_some_and(|(k, _)| within(&norm(k.trim()))))
+        // A `--set` that wrote the key or a table above it; else one that wrote below it (an
+        // unknown key `a` from `--set a.b=1`).
+        let set_key = |s: &&String| s.split_once('=').map(|(k, _)| norm(k.trim()));
+        let below = |p: &str| p.starts_with(&format!("{key}."));
+        if let Some(s) = (self.sets.iter().rev().find(|s| set_key(s).is_some_and(|k| within(&k))))
+            .or_else(|| self.sets.iter().rev().find(|s| set_key(s).is_some_and(|k| below(&k))))
         {
             return format!("set by --set {s}");
         }
@@ -191,6 +192,9 @@ fn parse_set_value(raw: &str) -> Value {
     }
 }
 
+/// Most parts of a `--set` key path (a deeper one would nest values past what the stack holds).
+const MAX_SET_DEPTH: usize = 32;
+
 /// Applies one `key.path=value` to `root`.
 fn apply_set(root: &mut Value, set: &str) -> Result<()> {
     let usage = |m: String| Error::config("--set", m);
@@ -198,6 +202,13 @@ fn apply_set(root: &mut Value, set: &str) -> Result<()> {
         .split_once('=')
         .ok_or_else(|| usage(format!("expected KEY=VALUE, got `{set}`")))?;
     let segs = path_segments(key.trim()).ok_or_else(|| usage(format!("malformed key path `{key}`")))?;
+    if segs.len() > MAX_SET_DEPTH {
+        return Err(usage(format!(
+            "key path of {} parts (at most {MAX_SET_DEPTH}): `{}...`",
+            segs.len(),
+            key.chars().take(40).collect::<String>()
+        )));
+    }
     let value = parse_set_value(raw.trim());
     let mut node = root;
     for (i, seg) in segs.iter().enumerate() {
@@ -373,6 +384,14 @@ mod tests {
             err.contains("train.steps") && err.contains("--set train.steps=abc"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_unknown_section_made_by_a_set_points_at_the_set() {
+        let err = load(None, &["trian.steps=3".into()])
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("`trian`") && err.contains("--set trian.steps=3"), "{err}");
     }
 
     #[test]
