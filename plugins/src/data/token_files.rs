@@ -85,13 +85,16 @@ fn ids(m: &Mmap) -> &[u32] {
     bytemuck::try_cast_slice(&m[..]).unwrap_or(&[])
 }
 
-/// The `uint16` ids of `src` are exactly the `uint32` ids of `sidecar`.
+/// The `uint16` ids of `src` are exactly the `uint32` ids of `sidecar` (both maps, so aligned;
+/// little-endian machines only, checked at open).
 fn same_ids(src: &[u8], sidecar: &[u8]) -> bool {
-    sidecar.len() == 2 * src.len()
-        && src
-            .chunks_exact(2)
-            .zip(sidecar.chunks_exact(4))
-            .all(|(a, b)| a == &b[..2] && b[2..] == [0, 0])
+    match (
+        bytemuck::try_cast_slice::<u8, u16>(src),
+        bytemuck::try_cast_slice::<u8, u32>(sidecar),
+    ) {
+        (Ok(a), Ok(b)) => a.len() == b.len() && a.iter().zip(b).all(|(&x, &y)| u32::from(x) == y),
+        _ => false,
+    }
 }
 
 /// The widened copy of the `uint16` file `src`: `<name>.<xxh3-128 of its bytes>.u32` in
