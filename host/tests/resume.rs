@@ -215,9 +215,11 @@ fn checkpoint_dirs(root: &Path) -> Vec<std::path::PathBuf> {
     if !root.exists() {
         return Vec::new();
     }
+    // Hidden entries are what a killed checkpoint write left (a resume tidies them).
     let mut dirs: Vec<_> = std::fs::read_dir(root)
         .expect("ls")
         .map(|e| e.expect("e").path())
+        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
         .collect();
     dirs.sort();
     dirs
@@ -296,6 +298,56 @@ fn force_replaces_the_old_run_whole_and_a_stray_checkpoint_is_refused() {
     assert_eq!(
         comparable_metrics(&tmp.path().join("whole")),
         comparable_metrics(&tmp.path().join("r"))
+    );
+}
+
+#[test]
+fn a_run_being_written_is_not_resumed_or_replaced_by_a_second_process() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    std::fs::write(tmp.path().join("c.toml"), CONFIG).expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_retort"))
+        .args([
+            "run",
+            "c.toml",
+            "--out",
+            "r",
+            "--quiet",
+            "--set",
+            "teacher.pretrain.steps=100000000",
+        ])
+        .current_dir(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !tmp.path().join("r/metrics.jsonl").exists() {
+        assert!(child.try_wait().expect("wait").is_none(), "the run ended early");
+        assert!(Instant::now() < deadline, "timed out waiting for the run to start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let second = [
+        &["run", "--resume", "r", "--quiet"][..],
+        &["run", "c.toml", "--out", "r", "--force", "--quiet"][..],
+    ];
+    for args in second {
+        let o = retort(args, tmp.path());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("another retort process is writing this run"), "{err}");
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    assert!(
+        tmp.path().join("r/metrics.jsonl").exists(),
+        "the refused second runs deleted nothing"
+    );
+    let o = retort(&["run", "c.toml", "--out", "r", "--force", "--quiet"], tmp.path());
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "a killed run's lock is released: {}",
+        String::from_utf8_lossy(&o.stderr)
     );
 }
 

@@ -4,6 +4,8 @@
 pub mod cache;
 pub mod data;
 pub mod formats;
+#[cfg(test)]
+pub(crate) mod fuzz;
 pub mod kernels;
 pub mod losses;
 pub mod models;

@@ -96,7 +96,18 @@ fn memory_mapped_token_files_train_exactly_like_the_same_tokens_from_text() {
     std::fs::create_dir_all(&bin_dir).expect("mkdir");
     let b = run_in(&registry, &bin_dir, &config(&tokens, &gguf), &[], false).expect("token-file run");
     assert!(b.report.data.contains("memory-mapped"), "{}", b.report.data);
-    assert!(tmp.path().join("cache/train.bin.u32").is_file());
+    // The sidecar is keyed by the content of its source: `train.bin.<xxh3-128>.u32`.
+    let sidecars: Vec<String> = std::fs::read_dir(tmp.path().join("cache"))
+        .expect("cache dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        sidecars
+            .iter()
+            .any(|n| n.starts_with("train.bin.") && n.ends_with(".u32") && n.len() == 46),
+        "{sidecars:?}"
+    );
     let load = |d: &Path| candle_core::safetensors::load(d.join("student/model.safetensors"), &Device::Cpu).expect("w");
     let (wa, wb) = (load(&a.dir), load(&b.dir));
     for (name, t) in &wa {

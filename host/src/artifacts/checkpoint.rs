@@ -119,6 +119,67 @@ pub fn list(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// Tidies what a killed writer left under `root` (call only while holding the run's lock): a
+/// checkpoint moved aside (`.<name>.old-<pid>`) whose replacement never took its place is put
+/// back, one that was replaced is deleted, and half-written ones (`.<name>.tmp-<pid>`) are
+/// deleted.
+pub fn recover(root: &Path) -> Result<()> {
+    if !root.is_dir() {
+        return Ok(());
+    }
+    for entry in fs::read_dir(root).map_err(|e| Error::io("listing checkpoints", root, e))? {
+        let path = entry.map_err(|e| Error::io("listing checkpoints", root, e))?.path();
+        let Some(leftover) = path.file_name().and_then(|n| Leftover::parse(&n.to_string_lossy())) else {
+            continue;
+        };
+        let target = root.join(leftover.name());
+        if matches!(leftover, Leftover::MovedAside(_)) && !target.exists() {
+            fs::rename(&path, &target).map_err(|e| Error::io("restoring a checkpoint moved aside", &target, e))?;
+            tracing::warn!(
+                "restored checkpoint {} (a killed run had moved it aside)",
+                target.display()
+            );
+        } else {
+            fs::remove_dir_all(&path).map_err(|e| Error::io("removing a killed run's leftover", &path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// A directory a killed checkpoint write left behind, by the checkpoint's name.
+enum Leftover {
+    /// `.<name>.tmp-<pid>`: being written.
+    HalfWritten(String),
+    /// `.<name>.old-<pid>`: the previous `<name>`, moved aside to be replaced.
+    MovedAside(String),
+}
+
+impl Leftover {
+    fn parse(file_name: &str) -> Option<Self> {
+        let rest = file_name.strip_prefix('.')?;
+        let (stem, pid) = rest.rsplit_once('-')?;
+        if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let (name, kind) = stem.rsplit_once('.')?;
+        let valid = name == BEST
+            || name
+                .strip_prefix(STEP_PREFIX)
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        match kind {
+            "tmp" if valid => Some(Leftover::HalfWritten(name.to_string())),
+            "old" if valid => Some(Leftover::MovedAside(name.to_string())),
+            _ => None,
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Leftover::HalfWritten(n) | Leftover::MovedAside(n) => n,
+        }
+    }
+}
+
 /// The newest valid step checkpoint under `root`. A corrupted newest one is an error, unless
 /// `fall_back`, which skips to the previous good one (saying so).
 pub fn latest<S: DeserializeOwned>(root: &Path, device: &Device, fall_back: bool) -> Result<Option<Checkpoint<S>>> {
@@ -333,5 +394,43 @@ mod tests {
             "{err}"
         );
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn recover_puts_back_what_a_kill_moved_aside_and_drops_half_written_ones() {
+        let d = tempfile::tempdir().expect("tmp");
+        let root = d.path().join("ck");
+        write(&root, 10, 3);
+        let state = State {
+            step: 10,
+            note: "best".into(),
+        };
+        let model = tensors(1.0);
+        write_best(
+            &root,
+            &Snapshot {
+                state: &state,
+                tensors: vec![("model", &model)],
+            },
+        )
+        .expect("best");
+        // Killed between moving best/ aside and renaming its replacement in; and mid-write.
+        fs::rename(root.join("best"), root.join(".best.old-77")).expect("aside");
+        fs::create_dir_all(root.join(".best.tmp-77")).expect("half");
+        fs::create_dir_all(root.join(".step-00000020.tmp-78")).expect("half");
+        fs::write(root.join(".notes.tmp-1"), b"not ours").expect("w");
+        recover(&root).expect("recover");
+        let mut names: Vec<String> = fs::read_dir(&root)
+            .expect("ls")
+            .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".notes.tmp-1", "best", "step-00000010"]);
+        let best: Checkpoint<State> = load_best(&root, &Device::Cpu).expect("load").expect("best");
+        assert_eq!(best.state, state);
+        // A replaced one, already superseded, is deleted.
+        fs::create_dir_all(root.join(".step-00000010.old-5")).expect("old");
+        recover(&root).expect("recover");
+        assert!(!root.join(".step-00000010.old-5").exists());
     }
 }

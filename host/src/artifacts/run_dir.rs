@@ -15,9 +15,12 @@
 //! The rule: retort writes only into a directory that is empty or absent, or that it marked
 //! as its own (`run.json`). `--force` replaces a marked run whole: the old directory is
 //! renamed aside in one step, then deleted. A directory holding anything else is never
-//! written to, `--force` or not.
+//! written to, `--force` or not. One process at a time writes a run: it holds an exclusive
+//! lock on `.lock` while it runs, and a second `run --resume` or `--force` of it is refused.
 
+use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -30,11 +33,13 @@ use super::digest::{sha256_file, sha256_hex, sha256_prefix};
 pub const MARK: &str = "run.json";
 const RESOLVED_CONFIG: &str = "config.resolved.toml";
 const METRICS: &str = "metrics.jsonl";
+const LOCK: &str = ".lock";
 
 /// What a run writes at its top level: a directory holding only these (and no mark) is an
 /// unfinished run of an older retort, which `--force` may replace.
 const RUN_ENTRIES: &[&str] = &[
     MARK,
+    LOCK,
     RESOLVED_CONFIG,
     METRICS,
     "progress.json",
@@ -76,6 +81,8 @@ pub struct RunDir {
     path: PathBuf,
     run_id: String,
     data_fingerprint: String,
+    /// Held (locked) as long as any clone of this lives.
+    _lock: Arc<Option<File>>,
 }
 
 impl RunDir {
@@ -84,7 +91,7 @@ impl RunDir {
     /// old run is moved aside and deleted). Writes `config.resolved.toml`, then the mark with a
     /// fresh run id.
     pub fn create(path: &Path, force: bool, config: &RunConfig, source: &str, data_fingerprint: &str) -> Result<Self> {
-        claim(path, force)?;
+        let lock = claim(path, force)?;
         let resolved =
             toml::to_string_pretty(config).map_err(|e| Error::failed("serialising the resolved config", e))?;
         let text = format!("# Resolved config of this run (source: {source}).\n{resolved}");
@@ -101,6 +108,7 @@ impl RunDir {
             path: path.to_path_buf(),
             run_id: mark.run_id,
             data_fingerprint: mark.data_fingerprint,
+            _lock: Arc::new(lock),
         })
     }
 
@@ -108,6 +116,7 @@ impl RunDir {
     /// the mark's checksum.
     pub fn open(path: &Path) -> Result<Self> {
         let mark = read_mark(path)?;
+        let lock = lock(path, || resume_error(path, in_use()))?;
         let config = path.join(RESOLVED_CONFIG);
         if !config.is_file() {
             return Err(resume_error(path, format!("{RESOLVED_CONFIG} is missing")));
@@ -127,6 +136,7 @@ impl RunDir {
             path: path.to_path_buf(),
             run_id: mark.run_id,
             data_fingerprint: mark.data_fingerprint,
+            _lock: Arc::new(lock),
         })
     }
 
@@ -247,17 +257,49 @@ fn out_error(path: &Path, message: String) -> Error {
     Error::input(format!("out dir {}", path.display()), message)
 }
 
-/// Makes `path` an empty directory this run may write into, or refuses.
-fn claim(path: &Path, force: bool) -> Result<()> {
+/// The message for a run directory another process is writing.
+fn in_use() -> String {
+    format!("another retort process is writing this run (it holds {LOCK}); wait for it to end or stop it")
+}
+
+/// An exclusive lock on `path/.lock`, or `busy()` if another process holds it. `None` where the
+/// file system cannot lock (a warning says the run is unguarded).
+fn lock(path: &Path, busy: impl FnOnce() -> Error) -> Result<Option<File>> {
+    let file = path.join(LOCK);
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&file)
+        .map_err(|e| Error::io("opening the run's lock file", &file, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(TryLockError::WouldBlock) => Err(busy()),
+        Err(TryLockError::Error(e)) => {
+            tracing::warn!(
+                "cannot lock {} ({e}): nothing stops a second process writing this run",
+                file.display()
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Makes `path` an empty directory this run may write into, locked, or refuses.
+fn claim(path: &Path, force: bool) -> Result<Option<File>> {
+    let fresh = |path: &Path| {
+        std::fs::create_dir_all(path).map_err(|e| Error::io("creating run directory", path, e))?;
+        lock(path, || out_error(path, in_use()))
+    };
     if !path.exists() {
-        return std::fs::create_dir_all(path).map_err(|e| Error::io("creating run directory", path, e));
+        return fresh(path);
     }
     if !path.is_dir() {
         return Err(out_error(path, "exists and is not a directory".into()));
     }
     let entries = entry_names(path)?;
     if entries.is_empty() {
-        return Ok(());
+        return fresh(path);
     }
     let marked = entries.iter().any(|e| e == MARK);
     let foreign: Vec<&String> = entries.iter().filter(|e| !RUN_ENTRIES.contains(&e.as_str())).collect();
@@ -279,7 +321,10 @@ fn claim(path: &Path, force: bool) -> Result<()> {
                 .into(),
         ));
     }
-    replace(path)
+    // The old run's lock, held while it is moved aside: a run still writing is not replaced.
+    let _old = lock(path, || out_error(path, in_use()))?;
+    replace(path)?;
+    fresh(path)
 }
 
 /// Moves the old run aside in one rename, recreates the directory, then deletes the old run.
@@ -340,8 +385,17 @@ mod tests {
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("--force"), "{err}");
         assert_eq!(std::fs::read_to_string(run.join("report.json")).expect("r"), "{}");
+        let busy = create(&run, true)
+            .expect_err("the first run still holds it")
+            .to_string();
+        assert!(busy.contains("another retort process"), "{busy}");
+        let busy = RunDir::open(&run).expect_err("held").to_string();
+        assert!(busy.contains("another retort process"), "{busy}");
+        assert!(run.join("report.json").exists(), "a refused --force deletes nothing");
+        let first_id = first.run_id().to_string();
+        drop(first);
         let second = create(&run, true).expect("forced");
-        assert_ne!(first.run_id(), second.run_id());
+        assert_ne!(first_id, second.run_id());
         assert!(!run.join("checkpoints").exists(), "the old run's checkpoints are gone");
         assert!(!run.join("report.json").exists());
         let names = entry_names(d.path()).expect("ls");
@@ -374,12 +428,13 @@ mod tests {
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("is not a retort run directory"), "{err}");
         let run = d.path().join("r");
-        let made = create(&run, false).expect("fresh");
+        let made = create(&run, false).expect("fresh").run_id().to_string();
         let opened = RunDir::open(&run).expect("open");
-        assert_eq!(opened.run_id(), made.run_id());
+        assert_eq!(opened.run_id(), made);
         opened.verify_data("data-1").expect("same data");
         let err = opened.verify_data("data-2").expect_err("other data");
         assert!(err.to_string().contains("the data changed"), "{err}");
+        drop(opened);
         let cfg = run.join(RESOLVED_CONFIG);
         let text = std::fs::read_to_string(&cfg).expect("r");
         std::fs::write(&cfg, text.replace("seed = ", "seed = 9")).expect("w");

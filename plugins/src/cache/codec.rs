@@ -228,9 +228,19 @@ pub fn decode_frame(
     lp_out: &mut Vec<f32>,
 ) -> Result<()> {
     let bad = |what: &str| Error::Runtime(format!("corrupt cache frame: {what}"));
-    let tail_len = tokens * coding.tail_bytes();
-    let values_len = tokens * k * coding.value_bytes();
-    if frame.len() < tail_len + values_len {
+    if k == 0 || k_out > k || k > u16::MAX as usize {
+        return Err(Error::Runtime(format!(
+            "decode_frame: top-{k_out} of {k} entries per token (k: 1 to 65,535)"
+        )));
+    }
+    // Every entry has a value and at least one byte of id gap.
+    let tail_len = tokens.checked_mul(coding.tail_bytes());
+    let values_len = tokens.checked_mul(k).and_then(|e| e.checked_mul(coding.value_bytes()));
+    let (Some(tail_len), Some(values_len)) = (tail_len, values_len) else {
+        return Err(bad("its size overflows"));
+    };
+    let min_len = tail_len.checked_add(values_len).and_then(|n| n.checked_add(tokens * k));
+    if min_len.is_none_or(|n| frame.len() < n) {
         return Err(bad("shorter than its values"));
     }
     let (tails, rest) = frame.split_at(tail_len);
@@ -245,16 +255,16 @@ pub fn decode_frame(
     let mut row_ids = vec![0u32; k];
     let mut counts = [0u16; 256];
     let mut order = vec![0u16; k];
-    if k > u16::MAX as usize {
-        return Err(Error::Runtime(format!("decode_frame: k = {k} is over 65,535")));
-    }
     for t in 0..tokens {
         let mut rank: Option<u32> = None;
         for id in row_ids.iter_mut() {
             let g = get_varint(gaps, &mut pos).ok_or_else(|| bad("truncated id gaps"))?;
             let r = match rank {
                 None => g,
-                Some(p) => p.checked_add(g + 1).ok_or_else(|| bad("id rank overflows"))?,
+                Some(p) => p
+                    .checked_add(g)
+                    .and_then(|r| r.checked_add(1))
+                    .ok_or_else(|| bad("id rank overflows"))?,
             };
             rank = Some(r);
             *id = *id_of_rank
@@ -507,5 +517,32 @@ mod tests {
             &mut ol
         )
         .is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::fuzz::config())]
+
+        /// Any bytes, with any shape and coding, decode or are an error; nothing panics.
+        #[test]
+        fn arbitrary_frames_never_panic(
+            frame in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            tokens in 0usize..5,
+            k in 0usize..6,
+            k_out in 0usize..7,
+            coding in proptest::sample::select(vec![
+                ValueCoding::F32,
+                ValueCoding::Sqrt { levels: 1 },
+                ValueCoding::Sqrt { levels: 255 },
+                ValueCoding::Sqrt { levels: 256 },
+                ValueCoding::Sqrt { levels: 65535 },
+            ]),
+            table in proptest::collection::vec(0u32..100, 0..20),
+        ) {
+            let (mut oi, mut ol) = (Vec::new(), Vec::new());
+            if decode_frame(&frame, tokens, k, k_out, coding, &ValueLut::new(coding), &table, &mut oi, &mut ol).is_ok() {
+                proptest::prop_assert_eq!(oi.len(), tokens * k_out);
+                proptest::prop_assert_eq!(ol.len(), tokens * k_out);
+            }
+        }
     }
 }

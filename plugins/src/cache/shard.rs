@@ -211,12 +211,13 @@ impl Shard {
         let coding_field = u32_at(&map, 32);
         let coding = ValueCoding::from_id(coding_field & !RAW_FRAMES)
             .ok_or_else(|| corrupt(format!("unknown value coding {coding_field}")))?;
+        let split = match u32_at(&map, 12) {
+            0 => Split::Train,
+            1 => Split::Val,
+            s => return Err(corrupt(format!("unknown split {s}"))),
+        };
         let spec = ShardSpec {
-            split: if u32_at(&map, 12) == 0 {
-                Split::Train
-            } else {
-                Split::Val
-            },
+            split,
             index: u32_at(&map, 16),
             k: u32_at(&map, 20),
             seq_len: u32_at(&map, 24),
@@ -240,7 +241,19 @@ impl Shard {
             return Err(corrupt("the frame index runs past the end".into()));
         }
         let id_bytes = if spec.vocab <= 1 << 16 { 2 } else { 4 };
-        let table = zstd::bulk::decompress(&map[HEADER_LEN..offsets_at], table_len * id_bytes)
+        // The table holds distinct ids of the vocabulary: its length bounds what is allocated.
+        if table_len > spec.vocab as usize {
+            return Err(corrupt(format!(
+                "a frequency table of {table_len} ids for a vocabulary of {}",
+                spec.vocab
+            )));
+        }
+        let mut table = Vec::new();
+        table
+            .try_reserve_exact(table_len * id_bytes)
+            .map_err(|e| Error::input_failed(what(), "cannot allocate the frequency table", e))?;
+        zstd::bulk::Decompressor::new()
+            .and_then(|mut d| d.decompress_to_buffer(&map[HEADER_LEN..offsets_at], &mut table))
             .map_err(|e| Error::input_failed(what(), format!("frequency table ({hint})"), e))?;
         if table.len() != table_len * id_bytes {
             return Err(corrupt("frequency table has the wrong length".into()));
@@ -299,22 +312,35 @@ impl Shard {
         ids: &mut Vec<u32>,
         lps: &mut Vec<f32>,
     ) -> Result<()> {
-        let at = || format!("cache shard {}: window {w}", self.path.display());
-        let bad = |m: String| Error::Runtime(format!("{}: {m}", at()));
+        let what = || format!("cache shard {}", self.path.display());
+        let hint = "the shard is corrupt: delete it and rerun `retort cache` to rebuild it";
+        let bad = |m: String| Error::input(what(), format!("window {w}: {m}; {hint}"));
         if w >= self.spec.windows as usize {
-            return Err(bad(format!("outside the shard's {} windows", self.spec.windows)));
+            return Err(Error::Runtime(format!(
+                "{}: window {w} is outside the shard's {} windows",
+                what(),
+                self.spec.windows
+            )));
         }
         let a = u64_at(&self.map, self.offsets_at + 8 * w) as usize;
         let b = u64_at(&self.map, self.offsets_at + 8 * (w + 1)) as usize;
         let frame = &self.map[self.frames_at + a..self.frames_at + b];
         let (t, k) = (self.spec.seq_len as usize, self.spec.k as usize);
         let frame: &[u8] = if self.spec.compressed {
-            let cap = t * (self.spec.coding.tail_bytes() + k * (self.spec.coding.value_bytes() + 5));
+            // At most 5 bytes of id gap per entry; a frame that decodes to more is refused.
+            let per_token = k
+                .checked_mul(self.spec.coding.value_bytes() + 5)
+                .and_then(|b| b.checked_add(self.spec.coding.tail_bytes()));
+            let cap = per_token
+                .and_then(|b| b.checked_mul(t))
+                .ok_or_else(|| bad(format!("{t} tokens of top-{k} overflow")))?;
             scratch.clear();
-            scratch.reserve(cap);
+            scratch
+                .try_reserve(cap)
+                .map_err(|e| Error::input_failed(what(), format!("window {w}: cannot allocate {cap} bytes"), e))?;
             decompressor
                 .decompress_to_buffer(frame, scratch)
-                .map_err(|e| Error::failed(format!("{}: zstd", at()), e))?;
+                .map_err(|e| Error::input_failed(what(), format!("window {w}: zstd ({hint})"), e))?;
             scratch
         } else {
             frame
@@ -330,13 +356,15 @@ impl Shard {
             ids,
             lps,
         )
-        .map_err(|e| Error::failed(at(), e))
+        .map_err(|e| bad(e.to_string()))
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::fuzz::{self, user_error_naming};
+    use proptest::prelude::*;
 
     fn spec(windows: u32) -> ShardSpec {
         ShardSpec {
@@ -409,5 +437,95 @@ mod tests {
         other.k = 8;
         let e = Shard::open(&path, &other).err().expect("mismatch refused");
         assert!(e.to_string().contains("another cache"), "{e}");
+    }
+
+    /// A valid shard of `windows` windows of [`data`] with `coding`, compressed or not.
+    pub(crate) fn shard_bytes(s: &ShardSpec) -> Vec<u8> {
+        let (ids, lps) = data(s.windows as usize);
+        encode_shard(s, &ids, &lps, 3).expect("encode")
+    }
+
+    /// The shard's checksum and end marker recomputed over `body` (a shard less its last 16
+    /// bytes), so that damage reaches the structural checks behind the checksum.
+    fn resealed(body: &[u8]) -> Vec<u8> {
+        let mut b = body.to_vec();
+        let sum = xxh3_64(&b);
+        b.extend_from_slice(&sum.to_le_bytes());
+        b.extend_from_slice(END);
+        b
+    }
+
+    /// Opens `bytes` as the shard `s` and reads every window: each step succeeds or is a user
+    /// error naming the file.
+    fn open_and_read(bytes: &[u8], s: &ShardSpec) -> std::result::Result<(), TestCaseError> {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join(shard_file_name(s.split, s.index));
+        std::fs::write(&path, bytes).expect("write");
+        let file = path.display().to_string();
+        let Some(shard) = user_error_naming(Shard::open(&path, s), &file)? else {
+            return Ok(());
+        };
+        let mut dec = zstd::bulk::Decompressor::new().expect("zstd");
+        let (mut scratch, mut ids, mut lps) = (Vec::new(), Vec::new(), Vec::new());
+        for w in 0..s.windows as usize {
+            user_error_naming(
+                shard.read_window(w, s.k as usize, &mut dec, &mut scratch, &mut ids, &mut lps),
+                &file,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn specs() -> impl Strategy<Value = ShardSpec> {
+        let coding = prop_oneof![
+            Just(ValueCoding::F32),
+            Just(ValueCoding::Sqrt { levels: 200 }),
+            Just(ValueCoding::Sqrt { levels: 300 }),
+        ];
+        (coding, any::<bool>(), 1u32..4).prop_map(|(coding, compressed, windows)| ShardSpec {
+            coding,
+            compressed,
+            ..spec(windows)
+        })
+    }
+
+    #[test]
+    fn a_huge_frequency_table_length_is_refused_before_allocating() {
+        let s = spec(2);
+        let mut b = shard_bytes(&s);
+        b[48..52].copy_from_slice(&u32::MAX.to_le_bytes());
+        let n = b.len();
+        let b = resealed(&b[..n - 16]);
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("s.shard");
+        std::fs::write(&path, &b).expect("write");
+        let e = Shard::open(&path, &s).err().expect("refused");
+        assert!(e.to_string().contains("frequency table of 4294967295 ids"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    proptest! {
+        #![proptest_config(fuzz::config())]
+
+        /// Arbitrary bytes (half after the shard magic) are refused naming the file.
+        #[test]
+        fn arbitrary_bytes_are_refused_naming_the_file(bytes in fuzz::bytes_after(MAGIC, 300)) {
+            open_and_read(&bytes, &spec(1))?;
+        }
+
+        /// A damaged shard is refused naming the file (mostly by its checksum).
+        #[test]
+        fn damaged_shards_are_refused_naming_the_file(s in specs(), edits in fuzz::edits(3)) {
+            open_and_read(&fuzz::apply(&shard_bytes(&s), &edits), &s)?;
+        }
+
+        /// A shard damaged under a valid checksum (as by a faulty writer) is refused naming the
+        /// file when opened or when a window is read, or reads.
+        #[test]
+        fn damaged_shards_with_a_valid_checksum_are_refused_naming_the_file(s in specs(), edits in fuzz::edits(3)) {
+            let good = shard_bytes(&s);
+            let body = fuzz::apply(&good[..good.len() - 16], &edits);
+            open_and_read(&resealed(&body), &s)?;
+        }
     }
 }

@@ -157,12 +157,22 @@ impl CacheHeader {
                 ),
             ));
         }
-        if h.k == 0 || h.k > h.vocab || h.seq_len == 0 || h.windows_per_shard == 0 {
+        let fits = |n: usize| u32::try_from(n).is_ok();
+        let windows_ok = |s: &SplitInfo| s.windows == s.tokens.saturating_sub(1) / h.seq_len.max(1);
+        if h.k == 0
+            || h.k > h.vocab
+            || h.seq_len == 0
+            || h.windows_per_shard == 0
+            || ![h.vocab, h.seq_len, h.windows_per_shard].into_iter().all(fits)
+            || !windows_ok(&h.train)
+            || !windows_ok(&h.val)
+        {
             return Err(Error::input(
                 path.display().to_string(),
                 format!(
-                    "inconsistent header: k {} vocab {} seq_len {} windows_per_shard {}",
-                    h.k, h.vocab, h.seq_len, h.windows_per_shard
+                    "inconsistent header: k {} vocab {} seq_len {} windows_per_shard {} (each 1 to 2^32 - 1, \
+                     k at most vocab), windows {} of {} train and {} of {} val tokens (expected (tokens - 1) / seq_len)",
+                    h.k, h.vocab, h.seq_len, h.windows_per_shard, h.train.windows, h.train.tokens, h.val.windows, h.val.tokens
                 ),
             ));
         }
@@ -292,5 +302,144 @@ impl ReadState {
             decompressor: zstd::bulk::Decompressor::new().map_err(|e| Error::failed("zstd", e))?,
             scratch: Vec::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::shard::tests::shard_bytes;
+    use crate::fuzz::{self, user_error_naming};
+    use proptest::prelude::*;
+
+    /// A cache of 3 train windows (2 shards) and 1 val window of 5 tokens, top-4 of 50.
+    fn write_cache(dir: &Path) -> CacheHeader {
+        let split = |tokens: usize| SplitInfo {
+            tokens,
+            windows: (tokens - 1) / 5,
+            fingerprint: "xxh3-128:0".into(),
+        };
+        let h = CacheHeader {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            k: 4,
+            vocab: 50,
+            values: ValueCoding::Sqrt { levels: 200 },
+            zstd_level: 3,
+            seq_len: 5,
+            windows_per_shard: 2,
+            teacher: TeacherIdentity {
+                id: "declared:test".into(),
+                describe: "test".into(),
+                params: 0,
+            },
+            tokenizer: "test".into(),
+            train: split(16),
+            val: split(6),
+            recoded_from: None,
+        };
+        for (split, shards) in [(Split::Train, 2), (Split::Val, 1)] {
+            for i in 0..shards {
+                let s = h.shard_spec(split, i);
+                std::fs::write(dir.join(shard_file_name(split, i as u32)), shard_bytes(&s)).expect("shard");
+            }
+        }
+        h.write(dir).expect("header");
+        h
+    }
+
+    /// Opens the cache in `dir` and reads every window: each step succeeds or is a user error
+    /// naming the cache directory.
+    fn open_and_read(dir: &Path) -> std::result::Result<(), TestCaseError> {
+        let name = dir.display().to_string();
+        let Some(store) = user_error_naming(LogitStore::open(dir), &name)? else {
+            return Ok(());
+        };
+        let mut state = ReadState::new().expect("state");
+        let (mut ids, mut lps) = (Vec::new(), Vec::new());
+        let h = store.header().clone();
+        for split in [Split::Train, Split::Val] {
+            for w in 0..h.split(split).windows {
+                user_error_naming(store.read_window(&mut state, split, w, h.k, &mut ids, &mut lps), &name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every leaf of `v` (a JSON pointer to it).
+    fn leaves(v: &serde_json::Value, at: String, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => m.iter().for_each(|(k, v)| leaves(v, format!("{at}/{k}"), out)),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .for_each(|(i, v)| leaves(v, format!("{at}/{i}"), out)),
+            _ => out.push(at),
+        }
+    }
+
+    /// Values that a header's fields must not take unchecked.
+    fn odd_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::json;
+        prop_oneof![
+            Just(json!(0)),
+            Just(json!(1)),
+            Just(json!(-1)),
+            Just(json!(u32::MAX)),
+            Just(json!(1u64 << 32)),
+            Just(json!(u64::MAX)),
+            Just(json!(1.5)),
+            Just(json!("x")),
+            Just(json!(null)),
+            (0u64..100).prop_map(|n| json!(n)),
+        ]
+    }
+
+    #[test]
+    fn a_valid_cache_reads_and_a_truncating_header_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let h = write_cache(dir.path());
+        assert!(open_and_read(dir.path()).is_ok());
+        assert_eq!(LogitStore::open(dir.path()).expect("open").header(), &h);
+        // k beyond 32 bits would have been cut to a shard's u32 field.
+        let mut big = h.clone();
+        big.k = (1 << 32) + 4;
+        big.vocab = (1 << 33) + 50;
+        big.write(dir.path()).expect("header");
+        let e = LogitStore::open(dir.path()).err().expect("refused");
+        assert!(e.to_string().contains("inconsistent header"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    proptest! {
+        #![proptest_config(fuzz::config())]
+
+        /// One field of header.json set to an odd value: refused naming the cache, or it reads.
+        #[test]
+        fn odd_header_fields_are_refused_naming_the_cache(pick in any::<prop::sample::Index>(), value in odd_value()) {
+            let dir = tempfile::tempdir().expect("tmp");
+            write_cache(dir.path());
+            let path = dir.path().join(HEADER_FILE);
+            let mut v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+            let mut all = Vec::new();
+            leaves(&v, String::new(), &mut all);
+            if let Some(slot) = v.pointer_mut(&all[pick.index(all.len())]) {
+                *slot = value;
+            }
+            std::fs::write(&path, serde_json::to_string(&v).expect("json")).expect("write");
+            open_and_read(dir.path())?;
+        }
+
+        /// header.json damaged as bytes: refused naming the cache, or it reads.
+        #[test]
+        fn damaged_headers_are_refused_naming_the_cache(edits in fuzz::edits(3)) {
+            let dir = tempfile::tempdir().expect("tmp");
+            write_cache(dir.path());
+            let path = dir.path().join(HEADER_FILE);
+            let good = std::fs::read(&path).expect("read");
+            std::fs::write(&path, fuzz::apply(&good, &edits)).expect("write");
+            open_and_read(dir.path())?;
+        }
     }
 }

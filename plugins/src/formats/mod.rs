@@ -2,3 +2,4 @@
 //! share one file). Formats know no plugin: categories import them, never the reverse.
 
 pub mod gguf;
+pub mod safetensors;

@@ -351,8 +351,7 @@ impl Transformer {
                 format!("{} is missing", file.display()),
             ));
         }
-        let loaded = candle_core::safetensors::load(&file, device)
-            .map_err(|e| Error::input_failed(format!("checkpoint {}", file.display()), "unreadable safetensors", e))?;
+        let loaded = crate::formats::safetensors::load(&file, device, &format!("checkpoint {}", dir.display()))?;
         let mut tensors = HashMap::new();
         for (name, shape, _) in param_specs(&cfg) {
             let t = loaded.get(&name).ok_or_else(|| {

@@ -252,4 +252,23 @@ mod tests {
         assert_eq!(back.identity(), t.identity());
         assert_eq!(back.encode("the 42").expect("e"), t.encode("the 42").expect("e"));
     }
+
+    proptest::proptest! {
+        // Half the cases: building a byte-level BPE takes a few milliseconds.
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: crate::fuzz::CASES / 2, ..crate::fuzz::config() })]
+
+        /// The tokenizer of a damaged GGUF file is refused naming the file, or it works.
+        #[test]
+        fn damaged_gguf_tokenizers_are_refused_naming_the_file(edits in crate::fuzz::edits(3)) {
+            let dir = tempfile::tempdir().expect("tmp");
+            let path = dir.path().join("tok.gguf");
+            gguf::write(&path, &tiny_bpe_metadata(), &[]).expect("save");
+            let good = std::fs::read(&path).expect("read");
+            std::fs::write(&path, crate::fuzz::apply(&good, &edits)).expect("write");
+            let file = path.display().to_string();
+            if let Some(t) = crate::fuzz::user_error_naming(HfTokenizer::from_path(&path), &file)? {
+                let _ = t.encode("<|im_start|> the 42").and_then(|ids| t.decode(&ids));
+            }
+        }
+    }
 }

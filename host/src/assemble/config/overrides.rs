@@ -105,7 +105,15 @@ pub(super) fn apply_set(root: &mut Value, set_arg: &str) -> Result<()> {
         .split_once('=')
         .ok_or_else(|| usage(format!("expected KEY=VALUE, got `{set_arg}`")))?;
     let segments = path_segments(key.trim()).ok_or_else(|| usage(format!("malformed key path `{key}`")))?;
-    set(root, &segments, parse_set_value(raw.trim())).map_err(|m| usage(format!("`{key}`: {m}")))
+    set(root, &segments, parse_set_value(raw.trim())).map_err(|m| usage(format!("`{}`: {m}", shortened(key))))
+}
+
+/// `key` as an error shows it: at most 60 characters.
+fn shortened(key: &str) -> String {
+    match key.char_indices().nth(60) {
+        Some((i, _)) => format!("{}...", &key[..i]),
+        None => key.to_string(),
+    }
 }
 
 /// Parses the value of a `--set`: a TOML value (`3`, `2.5`, `nan`, `true`, `"x"`, `[1, 2]`),
@@ -121,8 +129,21 @@ fn parse_set_value(raw: &str) -> Value {
         .unwrap_or_else(|| Value::from(raw.to_string()))
 }
 
+/// Most parts of an override's key path (a deeper one would nest values past what the stack holds).
+const MAX_KEY_DEPTH: usize = 32;
+
 /// Puts `value` at `segments` under `root`; a message saying what is wrong otherwise.
 fn set(root: &mut Value, segments: &[Segment], value: Value) -> std::result::Result<(), String> {
+    if segments.len() > MAX_KEY_DEPTH {
+        return Err(format!(
+            "a key path of {} parts (at most {MAX_KEY_DEPTH})",
+            segments.len()
+        ));
+    }
+    set_within(root, segments, value)
+}
+
+fn set_within(root: &mut Value, segments: &[Segment], value: Value) -> std::result::Result<(), String> {
     let Some((first, rest)) = segments.split_first() else {
         *root = value;
         return Ok(());
@@ -134,7 +155,7 @@ fn set(root: &mut Value, segments: &[Segment], value: Value) -> std::result::Res
                 return Ok(());
             }
             let child = dict.entry(k.clone()).or_insert_with(|| Dict::new().into());
-            set(child, rest, value)
+            set_within(child, rest, value)
         }
         (Segment::Index(i), Value::Array(_, list)) => set_element(list, *i, rest, value),
         (Segment::Key(k), Value::Array(_, list)) => match k.parse::<usize>() {
@@ -151,7 +172,7 @@ fn set_element(list: &mut [Value], i: usize, rest: &[Segment], value: Value) -> 
     let slot = list
         .get_mut(i)
         .ok_or_else(|| format!("index [{i}] is out of range (the list has {len} entries)"))?;
-    set(slot, rest, value)
+    set_within(slot, rest, value)
 }
 
 #[cfg(test)]
@@ -235,5 +256,17 @@ mod tests {
         assert_eq!(j["train"]["lr"]["kind"], "linear");
         let err = apply_set(&mut t, "loss[9].weight=1").expect_err("range").to_string();
         assert!(err.contains("out of range") && err.contains("--set"), "{err}");
+    }
+
+    #[test]
+    fn a_key_path_deeper_than_the_limit_is_refused_not_a_stack_overflow() {
+        let mut t = tree("");
+        let deep = vec!["a"; 100_000].join(".");
+        let err = apply_set(&mut t, &format!("{deep}=1"))
+            .expect_err("too deep")
+            .to_string();
+        assert!(err.contains("100000 parts") && err.contains("--set"), "{err}");
+        assert!(err.len() < 300, "the key is shortened: {err}");
+        apply_set(&mut t, &format!("{}=1", vec!["b"; 32].join("."))).expect("32 parts are fine");
     }
 }

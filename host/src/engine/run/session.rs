@@ -228,6 +228,7 @@ fn reopen(
     let Some(next) = next else {
         return Ok((dir, progress, None));
     };
+    checkpoint::recover(&dir.checkpoints(next))?;
     let resume: Option<Checkpoint<PhaseState>> =
         checkpoint::latest(&dir.checkpoints(next), &pipeline.device, last_good)?;
     if let Some(c) = &resume {

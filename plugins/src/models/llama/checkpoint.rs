@@ -43,8 +43,7 @@ pub fn load_safetensors(dir: &Path, device: &Device) -> Result<HashMap<String, T
     };
     let mut all = HashMap::new();
     for f in files {
-        let t = candle_core::safetensors::load(&f, device)
-            .map_err(|e| Error::input_failed(what(), format!("unreadable safetensors {}", f.display()), e))?;
+        let t = crate::formats::safetensors::load(&f, device, &what())?;
         all.extend(t);
     }
     Ok(all)

@@ -136,7 +136,9 @@ pub fn read_config(g: &GgufFile) -> Result<LlamaConfig> {
     let embd = tensors
         .get("token_embd.weight")
         .ok_or_else(|| g.error("tensor `token_embd.weight` is missing"))?;
-    let vocab_size = embd.shape.dims()[0];
+    let Some(&vocab_size) = embd.shape.dims().first() else {
+        return Err(g.error("tensor `token_embd.weight` has no dimensions"));
+    };
     let qwen = arch == "qwen2";
     Ok(LlamaConfig {
         vocab_size,
@@ -231,6 +233,9 @@ fn split_experts(q: &QTensor, dequantize: bool, device: &Device) -> Result<Vec<P
     if dequantize || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
         let t = q.dequantize(device)?;
         return (0..n).map(|e| Ok(Part::Dense(t.get(e)?))).collect();
+    }
+    if n == 0 {
+        return Err(Error::Runtime("stacked experts of shape [0, ..]: no experts".into()));
     }
     let bytes = q.data()?;
     let per = bytes.len() / n;
@@ -398,6 +403,48 @@ pub(crate) mod tests {
                 &[32, 64]
             );
         }
+    }
+
+    proptest::proptest! {
+        // A model per case: fewer cases.
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: crate::fuzz::CASES / 4, ..crate::fuzz::config() })]
+
+        /// A damaged llama GGUF: its header and config are refused naming the file, or they
+        /// read; building the model then succeeds or fails (a context_length of billions
+        /// cannot get its RoPE tables: a runtime error), and nothing panics or aborts.
+        #[test]
+        fn damaged_model_files_are_refused_naming_the_file(edits in crate::fuzz::edits(3)) {
+            let dir = tempfile::tempdir().expect("tmp");
+            let path = dir.path().join("m.gguf");
+            let m = tiny(serde_json::json!({"vocab_size": 262}));
+            save_gguf(&m, &path, GgmlDType::F32, &[]).expect("save");
+            let good = std::fs::read(&path).expect("read");
+            std::fs::write(&path, crate::fuzz::apply(&good, &edits)).expect("write");
+            let file = path.display().to_string();
+            let Some(mut g) = crate::fuzz::user_error_naming(GgufFile::open(&path), &file)? else {
+                return Ok(());
+            };
+            if let Some(cfg) = crate::fuzz::user_error_naming(read_config(&g), &file)? {
+                let _ = load(&mut g, cfg, false, &Device::Cpu);
+            }
+        }
+    }
+
+    #[test]
+    fn an_absurd_context_is_an_error_not_an_abort() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("m.gguf");
+        save_gguf(
+            &tiny(serde_json::json!({"vocab_size": 262})),
+            &path,
+            GgmlDType::F32,
+            &[],
+        )
+        .expect("save");
+        let mut g = GgufFile::open(&path).expect("open");
+        let mut cfg = read_config(&g).expect("cfg");
+        cfg.context = usize::MAX / 2;
+        assert!(load(&mut g, cfg, false, &Device::Cpu).is_err());
     }
 
     #[test]

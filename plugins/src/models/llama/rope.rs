@@ -27,8 +27,19 @@ impl Rope {
         device: &Device,
     ) -> Result<Self> {
         let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(context * half);
-        let mut sin = Vec::with_capacity(context * half);
+        // The context may come from a checkpoint's metadata: a fallible allocation, so that an
+        // absurd one is an error rather than an abort.
+        let n = context
+            .checked_mul(half)
+            .ok_or_else(|| candle_core::Error::Msg(format!("RoPE tables of {context} x {half} overflow")))?;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for table in [&mut cos, &mut sin] {
+            table.try_reserve_exact(n).map_err(|_| {
+                candle_core::Error::Msg(format!(
+                    "RoPE tables for a context of {context} tokens cannot be allocated: set a shorter `context`"
+                ))
+            })?;
+        }
         for p in 0..context {
             for i in 0..half {
                 // Computed in f32 like Hugging Face and candle-transformers, so the angles agree.
