@@ -126,7 +126,7 @@ fn set_arg() -> impl Strategy<Value = String> {
 #[test]
 fn a_deep_set_key_is_refused_not_a_stack_overflow() {
     let deep = format!("loss[0].params{}=1", ".x".repeat(100_000));
-    let err = load(None, &[deep]).err().expect("refused");
+    let err = load(None, &[deep]).expect_err("refused");
     assert_eq!(err.exit_code(), 2);
     assert!(err.to_string().contains("--set"), "{err}");
 }
@@ -142,7 +142,7 @@ fn deeply_nested_config_files_are_refused_not_a_stack_overflow() {
     ] {
         let path = dir.path().join(name);
         std::fs::write(&path, text).expect("write");
-        let err = load(Some(&path), &[]).err().expect("refused");
+        let err = load(Some(&path), &[]).expect_err("refused");
         assert_eq!(err.exit_code(), 2, "{name}");
         assert!(err.to_string().contains(name), "{err}");
     }

@@ -128,7 +128,7 @@ mod tests {
         assert_eq!(t["w"].dims(), &[2, 3]);
         let refuse = |bytes: &[u8], want: &str| {
             std::fs::write(&path, bytes).expect("write");
-            let err = load(&path, &Device::Cpu, "checkpoint x").err().expect("refused");
+            let err = load(&path, &Device::Cpu, "checkpoint x").expect_err("refused");
             let msg = err.to_string();
             assert!(msg.contains("m.safetensors") && msg.contains(want), "{msg}");
             assert_eq!(err.exit_code(), 2);
