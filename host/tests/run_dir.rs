@@ -148,3 +148,38 @@ fn a_resume_on_changed_data_is_refused() {
     let o = retort(&["run", "--resume", "out", "--quiet"], d.path());
     assert_user_error(&o, &["the data changed since the run started"]);
 }
+
+#[test]
+fn a_resume_with_a_changed_teacher_checkpoint_is_refused() {
+    let d = tempfile::tempdir().expect("tmp");
+    std::fs::write(d.path().join("c.toml"), TINY).expect("config");
+    let o = retort(&["run", "c.toml", "--out", "one", "--quiet"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let from_checkpoint = TINY.replace(
+        "kind = \"transformer\"\nn_layer = 1\nn_embd = 16\nn_head = 2\ncontext = 8\n[teacher.pretrain]\nsteps = 3\n",
+        "kind = \"transformer\"\ncheckpoint = \"one/teacher\"\n",
+    );
+    assert_ne!(from_checkpoint, TINY);
+    std::fs::write(d.path().join("t.toml"), from_checkpoint).expect("config");
+    let o = retort(&["run", "t.toml", "--out", "two", "--quiet"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = retort(&["run", "--resume", "two", "--quiet"], d.path());
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "unchanged: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // Other weights of the same shapes: the teacher still loads, the resume is refused.
+    let weights = d.path().join("one/teacher/model.safetensors");
+    let mut bytes = std::fs::read(&weights).expect("weights");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&weights, bytes).expect("edit");
+    let o = retort(&["run", "--resume", "two", "--quiet"], d.path());
+    assert_user_error(
+        &o,
+        &["model file one/teacher/model.safetensors changed since the run started"],
+    );
+}

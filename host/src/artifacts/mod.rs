@@ -13,4 +13,5 @@ pub mod plugin_crate;
 pub mod progress;
 pub mod report;
 pub mod run_dir;
+pub mod run_inputs;
 pub mod tokenizer_record;

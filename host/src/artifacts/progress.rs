@@ -178,7 +178,8 @@ mod tests {
     }
 
     fn run_with_a_finished_phase(root: &Path) -> RunDir {
-        let dir = RunDir::create(&root.join("r"), false, &Default::default(), "test", "d").expect("create");
+        let dir =
+            RunDir::create(&root.join("r"), false, &Default::default(), "test", &Default::default()).expect("create");
         std::fs::create_dir_all(dir.model("student")).expect("mkdir");
         std::fs::write(dir.model("student").join("model.safetensors"), b"weights").expect("w");
         RunProgress::load(&dir)
@@ -211,7 +212,14 @@ mod tests {
         let d = tempfile::tempdir().expect("tmp");
         let dir = run_with_a_finished_phase(d.path());
         let record = std::fs::read(dir.path().join(FILE)).expect("r");
-        let other = RunDir::create(&d.path().join("o"), false, &Default::default(), "test", "d").expect("create");
+        let other = RunDir::create(
+            &d.path().join("o"),
+            false,
+            &Default::default(),
+            "test",
+            &Default::default(),
+        )
+        .expect("create");
         std::fs::write(other.path().join(FILE), record).expect("w");
         let err = RunProgress::load(&other).expect_err("another run's record");
         assert!(err.to_string().contains("belongs to run"), "{err}");

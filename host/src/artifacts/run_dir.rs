@@ -18,6 +18,7 @@
 //! written to, `--force` or not. One process at a time writes a run: it holds an exclusive
 //! lock on `.lock` while it runs, and a second `run --resume` or `--force` of it is refused.
 
+use std::collections::BTreeMap;
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use retort_core::config::RunConfig;
 use retort_core::{fsutil, Error, Result};
 
 use super::digest::{sha256_file, sha256_hex, sha256_prefix};
+use super::run_inputs::RunInputs;
 
 /// The file that marks a directory as a retort run.
 pub const MARK: &str = "run.json";
@@ -61,6 +63,10 @@ struct RunMark {
     config_sha256: String,
     /// Fingerprint of the data the run trains on (tokenizer and token streams).
     data_fingerprint: String,
+    /// Fingerprints of the model files the run loads (absent in runs of retort <= 0.4.0 that
+    /// did not record them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    model_files: Option<BTreeMap<String, String>>,
     /// The retort that started the run.
     retort_version: String,
 }
@@ -80,17 +86,19 @@ pub struct LogMark {
 pub struct RunDir {
     path: PathBuf,
     run_id: String,
-    data_fingerprint: String,
+    /// The inputs recorded when the run started; whether model files were recorded.
+    inputs: RunInputs,
+    models_recorded: bool,
     /// Held (locked) as long as any clone of this lives.
     _lock: Arc<Option<File>>,
 }
 
 impl RunDir {
-    /// Claims `path` for a new run of `config` (whose source is `source`) on the data of
-    /// `data_fingerprint`: an absent or empty directory, or one holding a run when `force` (the
+    /// Claims `path` for a new run of `config` (whose source is `source`) reading `inputs`:
+    /// an absent or empty directory, or one holding a run when `force` (the
     /// old run is moved aside and deleted). Writes `config.resolved.toml`, then the mark with a
     /// fresh run id.
-    pub fn create(path: &Path, force: bool, config: &RunConfig, source: &str, data_fingerprint: &str) -> Result<Self> {
+    pub fn create(path: &Path, force: bool, config: &RunConfig, source: &str, inputs: &RunInputs) -> Result<Self> {
         let lock = claim(path, force)?;
         let resolved =
             toml::to_string_pretty(config).map_err(|e| Error::failed("serialising the resolved config", e))?;
@@ -99,7 +107,8 @@ impl RunDir {
         let mark = RunMark {
             run_id: format!("{:032x}", rand::random::<u128>()),
             config_sha256: sha256_hex(text.as_bytes()),
-            data_fingerprint: data_fingerprint.to_string(),
+            data_fingerprint: inputs.data.clone(),
+            model_files: Some(inputs.model_files.clone()),
             retort_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let json = serde_json::to_vec_pretty(&mark).map_err(|e| Error::failed("serialising run.json", e))?;
@@ -107,7 +116,8 @@ impl RunDir {
         Ok(RunDir {
             path: path.to_path_buf(),
             run_id: mark.run_id,
-            data_fingerprint: mark.data_fingerprint,
+            inputs: inputs.clone(),
+            models_recorded: true,
             _lock: Arc::new(lock),
         })
     }
@@ -135,25 +145,22 @@ impl RunDir {
         Ok(RunDir {
             path: path.to_path_buf(),
             run_id: mark.run_id,
-            data_fingerprint: mark.data_fingerprint,
+            models_recorded: mark.model_files.is_some(),
+            inputs: RunInputs {
+                data: mark.data_fingerprint,
+                model_files: mark.model_files.unwrap_or_default(),
+            },
             _lock: Arc::new(lock),
         })
     }
 
-    /// Refuses to resume on data other than the run started with (an edited corpus, another
-    /// tokenizer).
-    pub fn verify_data(&self, fingerprint: &str) -> Result<()> {
-        if fingerprint == self.data_fingerprint {
-            return Ok(());
+    /// Refuses to resume on inputs other than the run started with (an edited corpus, another
+    /// tokenizer, a changed teacher checkpoint).
+    pub fn verify_inputs(&self, now: &RunInputs) -> Result<()> {
+        match self.inputs.difference(now, self.models_recorded) {
+            None => Ok(()),
+            Some(message) => Err(resume_error(&self.path, message)),
         }
-        Err(resume_error(
-            &self.path,
-            format!(
-                "the data changed since the run started (fingerprint {fingerprint}, {MARK} says {}): \
-                 a resumed run must train on the data it started with; restore it, or start a new run",
-                self.data_fingerprint
-            ),
-        ))
     }
 
     /// The directory.
@@ -370,8 +377,15 @@ mod tests {
         RunConfig::default()
     }
 
+    fn data(fingerprint: &str) -> RunInputs {
+        RunInputs {
+            data: fingerprint.into(),
+            ..RunInputs::default()
+        }
+    }
+
     fn create(path: &Path, force: bool) -> Result<RunDir> {
-        RunDir::create(path, force, &config(), "test", "data-1")
+        RunDir::create(path, force, &config(), "test", &data("data-1"))
     }
 
     #[test]
@@ -431,8 +445,8 @@ mod tests {
         let made = create(&run, false).expect("fresh").run_id().to_string();
         let opened = RunDir::open(&run).expect("open");
         assert_eq!(opened.run_id(), made);
-        opened.verify_data("data-1").expect("same data");
-        let err = opened.verify_data("data-2").expect_err("other data");
+        opened.verify_inputs(&data("data-1")).expect("same data");
+        let err = opened.verify_inputs(&data("data-2")).expect_err("other data");
         assert!(err.to_string().contains("the data changed"), "{err}");
         drop(opened);
         let cfg = run.join(RESOLVED_CONFIG);

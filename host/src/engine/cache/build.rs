@@ -13,6 +13,7 @@ use retort_core::{Error, Result};
 use retort_plugins::cache::{build_cache, BuildOptions, BuildSummary};
 
 use super::{live_teacher, CodingArgs};
+use crate::artifacts::digest::checkpoint_files;
 use crate::assemble::Pipeline;
 
 /// Options of `retort cache` (building), besides the config.
@@ -102,18 +103,7 @@ fn checkpoint_hash(checkpoint: Option<&Value>) -> Result<String> {
     };
     let path = Path::new(path);
     let mut h = Sha256::new();
-    let mut files = Vec::new();
-    if path.is_dir() {
-        for e in std::fs::read_dir(path).map_err(|e| Error::io("listing", path, e))? {
-            let e = e.map_err(|e| Error::io("listing", path, e))?;
-            if e.path().is_file() {
-                files.push(e.path());
-            }
-        }
-        files.sort();
-    } else {
-        files.push(path.to_path_buf());
-    }
+    let files = checkpoint_files(path)?;
     let mut buf = vec![0u8; 1 << 20];
     for f in files {
         h.update(

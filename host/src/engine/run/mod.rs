@@ -1,6 +1,7 @@
 //! `retort run`: pretrain the teacher if needed, distill the student, train the scratch
 //! baseline, evaluate all three, write the run directory.
 
+mod inputs;
 mod session;
 mod summary;
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::Tensor;
 
-use retort_core::{Batch, DataSource, Error, Observer, Result, Split, Student, TapSet, Teacher};
+use retort_core::{Batch, Error, Observer, Result, Split, Student, TapSet, Teacher};
 
 use crate::artifacts::checkpoint::{self, Checkpoint};
 use crate::artifacts::events::{Event, Recorder, ReportRecord};
@@ -19,6 +19,7 @@ use crate::engine::batching::val_batches;
 use crate::engine::evaluate::{evaluate, teacher_eval_logits};
 use crate::engine::phase::{train_phase, CheckpointPolicy, Phase, PhaseState};
 
+use super::inputs::run_inputs;
 use super::RunOptions;
 
 /// The teacher of the run, with its logits on the validation windows.
@@ -78,7 +79,7 @@ impl<'p, 'r> Session<'p, 'r> {
                     .out
                     .clone()
                     .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.run.name));
-                let dir = RunDir::create(&path, opts.force, cfg, &origin.label(), &data_fingerprint(data))?;
+                let dir = RunDir::create(&path, opts.force, cfg, &origin.label(), &run_inputs(pipeline)?)?;
                 (dir, RunProgress::default(), None)
             }
         };
@@ -222,7 +223,7 @@ fn reopen(
     last_good: bool,
 ) -> Result<(RunDir, RunProgress, Option<Checkpoint<PhaseState>>)> {
     let dir = RunDir::open(path)?;
-    dir.verify_data(&data_fingerprint(pipeline.data.as_ref()))?;
+    dir.verify_inputs(&run_inputs(pipeline)?)?;
     let progress = RunProgress::load(&dir)?;
     let next = pipeline.phases().into_iter().find(|p| progress.completed(p).is_none());
     let Some(next) = next else {
@@ -249,23 +250,6 @@ fn reopen(
     };
     dir.restore_metrics(&mark)?;
     Ok((dir, progress, resume))
-}
-
-/// XXH3-128 of the data's tokenizer identity and token streams (both splits), in hex.
-fn data_fingerprint(data: &dyn DataSource) -> String {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(data.tokenizer().identity().as_bytes());
-    for split in [Split::Train, Split::Val] {
-        let tokens = data.tokens(split);
-        h.update(&(tokens.len() as u64).to_le_bytes());
-        let mut bytes = Vec::with_capacity(4 << 16);
-        for chunk in tokens.chunks(1 << 16) {
-            bytes.clear();
-            bytes.extend(chunk.iter().flat_map(|t| t.to_le_bytes()));
-            h.update(&bytes);
-        }
-    }
-    format!("xxh3:{:032x}", h.digest128())
 }
 
 /// The configured observers, writing into the run directory.
