@@ -9,8 +9,18 @@ use figment::value::{Dict, Value};
 
 use retort_core::{Error, Result};
 
-/// Environment variables with the `RETORT_` prefix that are not config keys.
-const NON_CONFIG_ENV: &[&str] = &["log", "plugin_path"];
+/// Environment variables with the `RETORT_` prefix that are not config keys: retort's own
+/// (`RETORT_LOG`, `RETORT_PLUGIN_PATH`) and those the scripts in `scripts/` read, which a user
+/// may have exported.
+const NON_CONFIG_ENV: &[&str] = &[
+    "log",
+    "plugin_path",
+    "cuda_prefix",
+    "smollm2_gguf",
+    "text",
+    "kd_step",
+    "kd_step_before",
+];
 
 /// One step of a key path.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,6 +244,9 @@ mod tests {
 
     #[test]
     fn non_config_variables_are_not_overrides() {
+        for var in ["RETORT_CUDA_PREFIX", "RETORT_TEXT", "RETORT_SMOLLM2_GGUF", "RETORT_KD_STEP"] {
+            assert_eq!(EnvOverride::new(var, "/some/path"), None, "{var} is read by a script");
+        }
         assert_eq!(EnvOverride::new("RETORT_LOG", "debug"), None);
         assert_eq!(EnvOverride::new("RETORT_PLUGIN_PATH", "x"), None);
         assert_eq!(EnvOverride::new("RETORT_A____B", "x"), None);
