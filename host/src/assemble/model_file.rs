@@ -73,18 +73,54 @@ pub fn load_tokenizer(registry: &Registry, path: &Path, ctx: &BuildContext) -> R
             .cloned()
             .unwrap_or_default(),
     );
-    registry.tokenizers.build("hf", &tok_params, ctx).map_err(|e| {
-        Error::input_failed(
-            format!("--model {}", path.display()),
-            "no usable tokenizer with the model (GGUF metadata or tokenizer.json)",
-            e,
-        )
-    })
+    let what = || format!("--model {}", path.display());
+    let err = match registry.tokenizers.build("hf", &tok_params, ctx) {
+        Ok(t) => return Ok(t),
+        Err(e) => e,
+    };
+    let recorded = path.is_dir() && !path.join("tokenizer.json").exists();
+    if let Some(identity) = recorded
+        .then(|| crate::artifacts::tokenizer_record::read(path))
+        .transpose()?
+        .flatten()
+    {
+        return Err(Error::input(
+            what(),
+            format!(
+                "it was trained with tokenizer `{identity}`, which is not stored with it (a char-level \
+                 vocabulary comes from its training text); evaluate it in a run config as \
+                 `teacher.checkpoint` with the data it was trained on"
+            ),
+        ));
+    }
+    Err(Error::input_failed(
+        what(),
+        "no usable tokenizer with the model (GGUF metadata or tokenizer.json)",
+        err,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_model_whose_tokenizer_is_only_recorded_says_so() {
+        let d = tempfile::tempdir().expect("tmp");
+        let t = retort_plugins::tokenizers::char_level::CharTokenizer::from_corpus("abc");
+        crate::artifacts::tokenizer_record::write(d.path(), &t).expect("record");
+        let registry = crate::builtin_registry().expect("registry");
+        let ctx = BuildContext::new(&registry, candle_core::Device::Cpu, 0);
+        let err = load_tokenizer(&registry, d.path(), &ctx)
+            .err()
+            .expect("no tokenizer.json");
+        assert_eq!(err.exit_code(), 2);
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&t.identity()) && msg.contains("teacher.checkpoint"),
+            "{msg}"
+        );
+    }
 
     #[test]
     fn fewer_rows_than_tokens_are_refused_naming_both() {

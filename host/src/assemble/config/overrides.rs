@@ -164,6 +164,12 @@ fn set_within(root: &mut Value, segments: &[Segment], value: Value) -> std::resu
                 dict.insert(k.clone(), value);
                 return Ok(());
             }
+            if let (None, Some(Segment::Index(i))) = (dict.get(k), rest.first()) {
+                return Err(format!(
+                    "`{k}` is not in the config, so it has no element [{i}] to set (a built-in default applies \
+                     only where the key is absent): write `{k}` in the config file, or set it whole"
+                ));
+            }
             let child = dict.entry(k.clone()).or_insert_with(|| Dict::new().into());
             set_within(child, rest, value)
         }
@@ -244,7 +250,12 @@ mod tests {
 
     #[test]
     fn non_config_variables_are_not_overrides() {
-        for var in ["RETORT_CUDA_PREFIX", "RETORT_TEXT", "RETORT_SMOLLM2_GGUF", "RETORT_KD_STEP"] {
+        for var in [
+            "RETORT_CUDA_PREFIX",
+            "RETORT_TEXT",
+            "RETORT_SMOLLM2_GGUF",
+            "RETORT_KD_STEP",
+        ] {
             assert_eq!(EnvOverride::new(var, "/some/path"), None, "{var} is read by a script");
         }
         assert_eq!(EnvOverride::new("RETORT_LOG", "debug"), None);
@@ -269,6 +280,18 @@ mod tests {
         assert_eq!(j["train"]["lr"]["kind"], "linear");
         let err = apply_set(&mut t, "loss[9].weight=1").expect_err("range").to_string();
         assert!(err.contains("out of range") && err.contains("--set"), "{err}");
+    }
+
+    #[test]
+    fn an_element_of_an_absent_list_is_explained() {
+        let mut t = tree("[train]\nsteps = 3\n");
+        let err = apply_set(&mut t, "loss[0].temperature=3")
+            .expect_err("no list")
+            .to_string();
+        assert!(
+            err.contains("`loss` is not in the config") && err.contains("set it whole"),
+            "{err}"
+        );
     }
 
     #[test]
