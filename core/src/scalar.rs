@@ -184,6 +184,17 @@ impl ScalarSpec {
         Ok(s)
     }
 
+    /// Builds and checks a softmax temperature: within [`TEMPERATURE_RANGE`] everywhere.
+    pub fn build_temperature(&self, path: &str, ctx: &BuildContext) -> Result<Scalar> {
+        let s = self.build(path, ctx)?;
+        let (lo, hi) = TEMPERATURE_RANGE;
+        let what = format!(
+            "a temperature in [{lo}, {hi}] (beyond it, logits / T or the T^2 gradient scale leave the range of f32)"
+        );
+        s.check(path, |v| (lo..=hi).contains(&v), &what)?;
+        Ok(s)
+    }
+
     /// Builds and checks `lo <= value <= hi` everywhere.
     pub fn build_in(&self, path: &str, ctx: &BuildContext, lo: f64, hi: f64) -> Result<Scalar> {
         let s = self.build(path, ctx)?;
@@ -191,6 +202,10 @@ impl ScalarSpec {
         Ok(s)
     }
 }
+
+/// The softmax temperatures a loss accepts: wide enough for every published recipe
+/// (InfoNCE's 0.01-0.1, KD's 1-20), narrow enough that f32 stays finite.
+pub const TEMPERATURE_RANGE: (f64, f64) = (1e-3, 1e3);
 
 #[cfg(test)]
 mod tests {

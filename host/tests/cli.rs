@@ -120,7 +120,7 @@ fn wrong_type_and_bad_values_are_config_errors() {
     let o = retort(&["check", "c.toml", "--set", "train.steps=lots"], d.path());
     assert_user_error(&o, &["train.steps", "--set train.steps=lots"]);
     let o = retort(&["check", "c.toml", "--set", "loss[0].temperature=-1"], d.path());
-    assert_user_error(&o, &["loss[0].temperature", "> 0"]);
+    assert_user_error(&o, &["loss[0].temperature", "in [0.001, 1000]"]);
     let o = retort(&["check", "c.toml", "--set", "loss[0].temperature=0"], d.path());
     assert_user_error(&o, &["loss[0].temperature"]);
     let d2 = setup(

@@ -38,7 +38,7 @@ pub struct ContrastiveParams {
     pub teacher_layer: Option<usize>,
     /// Embedding width. Default: the teacher's hidden width.
     pub dim: Option<usize>,
-    /// InfoNCE temperature `tau > 0`: a number or a schedule. Default 0.1.
+    /// InfoNCE temperature `tau` in [0.001, 1000]: a number or a schedule. Default 0.1.
     #[serde(default = "d_tau")]
     pub temperature: ScalarSpec,
     /// Average both directions. Default false.
@@ -175,7 +175,7 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn LossTerm>> {
         teacher_layer,
         student_head,
         teacher_head,
-        temperature: p.temperature.build_positive(&params.key_path("temperature"), ctx)?,
+        temperature: p.temperature.build_temperature(&params.key_path("temperature"), ctx)?,
         symmetric: p.symmetric,
     }))
 }

@@ -146,10 +146,13 @@ mod tests {
     }
 
     #[test]
-    fn rejects_non_positive_temperature_even_inside_a_schedule() {
+    fn rejects_temperatures_outside_the_f32_range_even_inside_a_schedule() {
         for t in [
             serde_json::json!(0.0),
             serde_json::json!(-1.0),
+            serde_json::json!(1e-30),
+            serde_json::json!(1e30),
+            serde_json::json!({"kind": "linear", "start": 2.0, "end": 5000.0}),
             serde_json::json!({"kind": "linear", "start": 2.0, "end": -1.0}),
         ] {
             let err = build_term(super::build, serde_json::json!({ "temperature": t }))

@@ -19,7 +19,7 @@ impl Tempered {
     /// Builds from a term's `temperature` and `scale_by_t2` params.
     pub fn new(params: &Params, ctx: &BuildContext, temperature: &ScalarSpec, scale_by_t2: bool) -> Result<Self> {
         Ok(Tempered {
-            temperature: temperature.build_positive(&params.key_path("temperature"), ctx)?,
+            temperature: temperature.build_temperature(&params.key_path("temperature"), ctx)?,
             scale_by_t2,
         })
     }
@@ -163,7 +163,7 @@ pub fn tempered_log_probs(student: &Tensor, teacher: &Tensor, t: f64) -> Result<
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemperatureParams {
-    /// Softmax temperature `T > 0`: a number or a schedule. Default 1.0.
+    /// Softmax temperature `T` in [0.001, 1000]: a number or a schedule. Default 1.0.
     #[serde(default = "one")]
     pub temperature: ScalarSpec,
     /// Multiply by `T^2`; the default depends on the term.
@@ -174,7 +174,7 @@ pub struct TemperatureParams {
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FusableParams {
-    /// Softmax temperature `T > 0`: a number or a schedule. Default 1.0.
+    /// Softmax temperature `T` in [0.001, 1000]: a number or a schedule. Default 1.0.
     #[serde(default = "one")]
     pub temperature: ScalarSpec,
     /// Multiply by `T^2`; the default depends on the term.
