@@ -9,6 +9,7 @@
 mod finite;
 mod locate;
 mod overrides;
+mod tables;
 
 use std::path::Path;
 
@@ -60,10 +61,17 @@ pub fn load_with_env(file: Option<&Path>, env: &[EnvOverride], sets: &[String]) 
     }
     finite::check(&tree).map_err(|e| origin.annotate(e))?;
     let value = serde_json::to_value(&tree).map_err(|e| Error::failed("converting the config", e))?;
-    let cfg = serde_path_to_error::deserialize::<_, RunConfig>(value).map_err(|e| {
-        let path = e.path().to_string();
-        origin.annotate(Error::config(path, e.into_inner().to_string()))
-    })?;
+    let as_json = |cfg: &RunConfig| serde_json::to_value(cfg).map_err(|e| Error::failed("converting the config", e));
+    let cfg = match serde_path_to_error::deserialize::<_, RunConfig>(value.clone()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            // A list given for a section fails inside it, at a confusing place: say so first.
+            tables::check(&value, &as_json(&RunConfig::default())?).map_err(|e| origin.annotate(e))?;
+            let path = e.path().to_string();
+            return Err(origin.annotate(Error::config(path, e.into_inner().to_string())));
+        }
+    };
+    tables::check(&value, &as_json(&cfg)?).map_err(|e| origin.annotate(e))?;
     Ok((cfg, origin))
 }
 
@@ -223,5 +231,19 @@ mod tests {
             .expect_err("must fail")
             .to_string()
             .contains("unknown format"));
+    }
+
+    #[test]
+    fn a_section_given_as_a_list_is_refused_not_read_positionally() {
+        let err = load(None, &["train=[1, 2]".into()]).expect_err("list").to_string();
+        assert!(err.contains("`train`: expected a table of keys, got a list"), "{err}");
+        let d = tempfile::tempdir().expect("tmp");
+        let file = d.path().join("c.toml");
+        std::fs::write(&file, "[train]\nsteps = 3\n[[eval]]\nbatches = 1\n").expect("w");
+        let err = load(Some(&file), &[]).expect_err("array of tables").to_string();
+        assert!(
+            err.contains("`eval`: expected a table of keys") && err.contains("c.toml:3"),
+            "{err}"
+        );
     }
 }
