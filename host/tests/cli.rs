@@ -589,4 +589,9 @@ fn generate_and_eval_refuse_what_the_model_cannot_take() {
         tmp.path(),
     );
     assert_user_error(&o, &["small.gguf", "100", "262"]);
+    let o = retort(
+        &["eval", "--model", "tiny.gguf", "--data", "t.txt", "--seq-len", "100000"],
+        tmp.path(),
+    );
+    assert_user_error(&o, &["--seq-len", "lower --seq-len"]);
 }

@@ -59,6 +59,19 @@ pub fn run_eval(registry: &Registry, opts: &EvalOptions) -> Result<(EvalResult, 
     })?;
     let ids = tokenizer.encode(&text)?;
     let start = ((ids.len() as f64) * (1.0 - opts.val_fraction)).round() as usize;
+    let held_out = ids.len() - start.min(ids.len());
+    if held_out <= opts.seq_len {
+        return Err(Error::input(
+            "--seq-len",
+            format!(
+                "the last {} of --data {} is {held_out} tokens, fewer than one window of {} plus its target: \
+                 lower --seq-len or raise --val-fraction",
+                opts.val_fraction,
+                opts.data.display(),
+                opts.seq_len
+            ),
+        ));
+    }
     let batches = val_batches(&ids[start..], opts.batches, opts.batch_size, opts.seq_len, &device)?;
     let t0 = Instant::now();
     let r = evaluate(&|_, b| Ok(model.forward(b, &TapSet::none())?.logits), &batches, None)?;
