@@ -1,6 +1,7 @@
-//! Atomic file writes: a crash never leaves a half-written file under the final name.
+//! Atomic file writes (a crash never leaves a half-written file under the final name), and the
+//! lock that keeps a second process out of a directory being written.
 
-use std::fs::{self, File};
+use std::fs::{self, File, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -44,6 +45,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     written
 }
 
+/// The lock file of a directory a process writes (a run directory, a logit cache).
+pub const LOCK_FILE: &str = ".lock";
+
+/// An exclusive lock on `dir/.lock`, held until the returned file is dropped (or the process
+/// ends, killed or not); `busy()` if another process holds it. `None`, with a warning, where
+/// the file system cannot lock.
+pub fn lock_dir(dir: &Path, busy: impl FnOnce() -> Error) -> Result<Option<File>> {
+    let path = dir.join(LOCK_FILE);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("opening the lock file", &path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Err(busy()),
+        Err(TryLockError::Error(e)) => {
+            tracing::warn!(
+                "cannot lock {} ({e}): nothing keeps a second process out",
+                path.display()
+            );
+            Ok(None)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +90,18 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
         fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_locked_directory_is_busy_until_its_lock_is_dropped() {
+        let d = std::env::temp_dir().join(format!("retort-lock-{}", std::process::id()));
+        fs::create_dir_all(&d).expect("mkdir");
+        let busy = || Error::input("dir", "busy");
+        let held = lock_dir(&d, busy).expect("first");
+        let err = lock_dir(&d, busy).expect_err("held");
+        assert_eq!(err.exit_code(), 2);
+        drop(held);
+        lock_dir(&d, busy).expect("released");
+        fs::remove_dir_all(&d).expect("rm");
     }
 }

@@ -531,6 +531,24 @@ fn cache_outputs_are_refused_the_same_way_as_run_outputs() {
     assert_user_error(&o, &["afile", "not a directory"]);
     let o = retort(&["run", "c.toml", "--out", "afile", "--quiet"], d.path());
     assert_user_error(&o, &["afile", "not a directory"]);
+    std::fs::create_dir(d.path().join("models")).expect("mkdir");
+    std::fs::write(d.path().join("models/header.json"), "mine").expect("w");
+    std::fs::write(d.path().join("models/notes.txt"), "mine").expect("w");
+    for force in [&[][..], &["--force"][..]] {
+        let args = [
+            &["cache", "c.toml", "--out", "models", "--k", "4", "--quiet"][..],
+            force,
+        ]
+        .concat();
+        let o = retort(&args, d.path());
+        assert_user_error(&o, &["models", "notes.txt", "not a cache's"]);
+    }
+    assert_eq!(
+        std::fs::read_dir(d.path().join("models")).expect("ls").count(),
+        2,
+        "nothing added"
+    );
+    assert_eq!(std::fs::read(d.path().join("models/header.json")).expect("r"), b"mine");
 
     let o = retort(&["cache", "c.toml", "--out", "kc", "--k", "4", "--quiet"], d.path());
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));

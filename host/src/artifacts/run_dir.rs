@@ -19,7 +19,7 @@
 //! lock on `.lock` while it runs, and a second `run --resume` or `--force` of it is refused.
 
 use std::collections::BTreeMap;
-use std::fs::{File, TryLockError};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -35,7 +35,7 @@ use super::run_inputs::RunInputs;
 pub const MARK: &str = "run.json";
 const RESOLVED_CONFIG: &str = "config.resolved.toml";
 const METRICS: &str = "metrics.jsonl";
-const LOCK: &str = ".lock";
+const LOCK: &str = fsutil::LOCK_FILE;
 
 /// What a run writes at its top level: a directory holding only these (and no mark) is an
 /// unfinished run of an older retort, which `--force` may replace.
@@ -126,7 +126,7 @@ impl RunDir {
     /// the mark's checksum.
     pub fn open(path: &Path) -> Result<Self> {
         let mark = read_mark(path)?;
-        let lock = lock(path, || resume_error(path, in_use()))?;
+        let lock = fsutil::lock_dir(path, || resume_error(path, in_use()))?;
         let config = path.join(RESOLVED_CONFIG);
         if !config.is_file() {
             return Err(resume_error(path, format!("{RESOLVED_CONFIG} is missing")));
@@ -269,34 +269,11 @@ fn in_use() -> String {
     format!("another retort process is writing this run (it holds {LOCK}); wait for it to end or stop it")
 }
 
-/// An exclusive lock on `path/.lock`, or `busy()` if another process holds it. `None` where the
-/// file system cannot lock (a warning says the run is unguarded).
-fn lock(path: &Path, busy: impl FnOnce() -> Error) -> Result<Option<File>> {
-    let file = path.join(LOCK);
-    let f = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&file)
-        .map_err(|e| Error::io("opening the run's lock file", &file, e))?;
-    match f.try_lock() {
-        Ok(()) => Ok(Some(f)),
-        Err(TryLockError::WouldBlock) => Err(busy()),
-        Err(TryLockError::Error(e)) => {
-            tracing::warn!(
-                "cannot lock {} ({e}): nothing stops a second process writing this run",
-                file.display()
-            );
-            Ok(None)
-        }
-    }
-}
-
 /// Makes `path` an empty directory this run may write into, locked, or refuses.
 fn claim(path: &Path, force: bool) -> Result<Option<File>> {
     let fresh = |path: &Path| {
         std::fs::create_dir_all(path).map_err(|e| Error::io("creating run directory", path, e))?;
-        lock(path, || out_error(path, in_use()))
+        fsutil::lock_dir(path, || out_error(path, in_use()))
     };
     if !path.exists() {
         return fresh(path);
@@ -329,7 +306,7 @@ fn claim(path: &Path, force: bool) -> Result<Option<File>> {
         ));
     }
     // The old run's lock, held while it is moved aside: a run still writing is not replaced.
-    let _old = lock(path, || out_error(path, in_use()))?;
+    let _old = fsutil::lock_dir(path, || out_error(path, in_use()))?;
     replace(path)?;
     fresh(path)
 }

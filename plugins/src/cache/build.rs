@@ -2,6 +2,7 @@
 //! finished shard is written atomically, so a killed build keeps its finished shards and redoes
 //! only the one it was working on.
 
+use std::fs::File;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -127,7 +128,7 @@ pub fn recode_cache(
         recoded_from: Some(format!("{} ({}, top-{})", src.display(), old.values.name(), old.k)),
         ..old.clone()
     };
-    prepare_destination(dst, &header, force, false)?;
+    let _lock = prepare_destination(dst, &header, force, false)?;
     let mut state = super::ReadState::new()?;
     for split in [Split::Train, Split::Val] {
         for index in 0..header.split(split).shards(header.windows_per_shard) {
@@ -161,7 +162,7 @@ pub fn build_cache(
         ));
     }
     let header = header_for(teacher, data, opts)?;
-    prepare_destination(dir, &header, opts.force, true)?;
+    let _lock = prepare_destination(dir, &header, opts.force, true)?;
 
     let total = header.train.windows * header.seq_len + header.val.windows * header.seq_len;
     let mut done = 0usize;
@@ -246,10 +247,12 @@ fn first_difference(old: &CacheHeader, new: &CacheHeader) -> String {
     walk("", &o, &n).unwrap_or_else(|| "header differs".into())
 }
 
-/// Makes `dir` ready to receive the cache `header` describes, and writes the header. A cache
-/// with the same header is kept when `resume` (its finished shards are reused); another cache
-/// or other files are refused unless `force`, which removes the cache files first.
-fn prepare_destination(dir: &Path, header: &CacheHeader, force: bool, resume: bool) -> Result<()> {
+/// Makes `dir` ready to receive the cache `header` describes, locks it against a second writer
+/// (the lock is returned: hold it while writing) and writes the header. A cache with the same
+/// header is kept when `resume` (its finished shards are reused); another cache is refused
+/// unless `force`, which removes its files first; a directory holding anything but a cache is
+/// refused, `force` or not.
+fn prepare_destination(dir: &Path, header: &CacheHeader, force: bool, resume: bool) -> Result<Option<File>> {
     let what = || format!("cache directory {}", dir.display());
     if dir.exists() && !dir.is_dir() {
         return Err(Error::input(
@@ -257,6 +260,25 @@ fn prepare_destination(dir: &Path, header: &CacheHeader, force: bool, resume: bo
             "exists and is not a directory; choose another --out",
         ));
     }
+    let foreign = foreign_entries(dir)?;
+    if !foreign.is_empty() {
+        return Err(Error::input(
+            what(),
+            format!(
+                "holds files that are not a cache's ({}); a cache is written only into an empty directory or \
+                 over a cache, --force or not: choose another --out",
+                foreign.join(", ")
+            ),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
+    let busy = || {
+        Error::input(
+            what(),
+            "another retort process is writing this cache; wait for it to end or stop it",
+        )
+    };
+    let lock = retort_core::fsutil::lock_dir(dir, busy)?;
     if dir.join(super::store::HEADER_FILE).exists() {
         let old = CacheHeader::read(dir);
         let same = old.as_ref().is_ok_and(|o| o == header);
@@ -277,14 +299,36 @@ fn prepare_destination(dir: &Path, header: &CacheHeader, force: bool, resume: bo
             }
             remove_cache_files(dir)?;
         }
-    } else if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false) && !force {
-        return Err(Error::input(
-            what(),
-            "exists, is not empty and holds no cache; choose another --out or pass --force",
-        ));
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
-    header.write(dir)
+    header.write(dir)?;
+    Ok(lock)
+}
+
+/// Whether `name` is a file a cache directory holds: its header, shards, their temp files and
+/// the lock.
+fn is_cache_entry(name: &str) -> bool {
+    name == super::store::HEADER_FILE
+        || name == retort_core::fsutil::LOCK_FILE
+        || name.ends_with(".shard")
+        || name.contains(".shard.tmp-")
+        || name.starts_with(&format!(".{}.tmp-", super::store::HEADER_FILE))
+}
+
+/// The first few entries of `dir` that are not a cache's (none when `dir` is absent).
+fn foreign_entries(dir: &Path) -> Result<Vec<String>> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut foreign = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io("listing", dir, e))? {
+        let name = entry.map_err(|e| Error::io("listing", dir, e))?.file_name();
+        let name = name.to_string_lossy();
+        if !is_cache_entry(&name) && foreign.len() < 5 {
+            foreign.push(name.into_owned());
+        }
+    }
+    foreign.sort();
+    Ok(foreign)
 }
 
 /// Removes the header, shards and leftover temp files of a cache in `dir`.
