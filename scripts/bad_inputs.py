@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Tries retort as a careless user would: every key of a config set to wrong values, garbage
-model/data/tokenizer/cache files, odd command lines. Flags any case that panics, prints a
+model/data/tokenizer/cache files, odd command lines, resumes of a run with damaged files. Flags any case that panics, prints a
 backtrace, exits with a code other than 0/2 (1 is reported: a runtime fault should be rare
 here), refuses without naming anything, or changes a file that was already on disk.
 
@@ -12,6 +12,7 @@ if anything was flagged; VERBOSE=1 also lists the accepted cases.
 """
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,34 @@ from pathlib import Path
 VALUES = ["", "-1", "0", "1e300", "-1e300", "nan", "inf", "18446744073709551616", "x", "[]",
           "{}", "true", "[1, 2]", "{ kind = \"nope\" }", "1.5", "\"\"", "/nonexistent/x"]
 TIMEOUT_S = 120
+TINY_RUN = """
+[data]
+kind = "synthetic"
+vocab = 16
+train_tokens = 4000
+val_tokens = 400
+[teacher]
+kind = "transformer"
+n_layer = 1
+n_embd = 16
+n_head = 2
+context = 8
+[teacher.pretrain]
+steps = 3
+[student]
+kind = "transformer"
+n_layer = 1
+n_embd = 8
+n_head = 2
+context = 8
+[train]
+steps = 3
+batch_size = 2
+seq_len = 8
+[eval]
+batches = 1
+batch_size = 2
+"""
 
 
 def leaves(table, prefix=""):
@@ -79,9 +108,10 @@ class Sweep:
         self.runtime = []
         self.accepted = []
 
-    def case(self, name, args, setup=None):
+    def case(self, name, args, setup=None, may_write=False):
         """Runs retort with args in a fresh directory holding c.toml, a precious file tree
-        and whatever setup(dir) writes; checks the verdict and that nothing changed."""
+        and whatever setup(dir) writes; checks the verdict and that nothing changed (unless
+        the command succeeded and may_write)."""
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "c.toml").write_text(self.config)
             (Path(d) / "precious").mkdir()
@@ -93,7 +123,7 @@ class Sweep:
             after = {k: v for k, v in snapshot(d).items() if k in before}
             self.cases += 1
             why = verdict(rc, err)
-            if after != before:
+            if after != before and not (may_write and rc == 0):
                 why = "changed " + ", ".join(k for k in before if before[k] != after.get(k))
             last = err.strip().splitlines()[-1][:160] if err.strip() else ""
             if why:
@@ -152,6 +182,50 @@ class Sweep:
             self.case(f"generate {flags}", ["generate", "--model", "m.gguf", "--prompt", "x", *flags],
                       writers["gguf garbage"])
 
+    def run_dirs(self):
+        """Resumes of a finished run whose files were damaged: each is refused and changes
+        nothing (only the undamaged control may succeed and rewrite its report)."""
+        with tempfile.TemporaryDirectory() as base:
+            base = Path(base)
+            (base / "c.toml").write_text(TINY_RUN)
+            rc, err = run(self.retort, ["run", "c.toml", "--out", "r", "--quiet"], base)
+            if rc != 0:
+                self.flagged.append(f"tiny run: exit {rc} | {err.strip()[-160:]}")
+                return
+
+            def edit(rel, change):
+                def damage(d):
+                    shutil.copytree(base / "r", d / "r")
+                    if change is not None:
+                        change(d / "r" / rel)
+                return damage
+
+            def flip_last(p):
+                b = bytearray(p.read_bytes())
+                b[-1] ^= 1
+                p.write_bytes(bytes(b))
+
+            damages = {
+                "nothing (control)": (".", None),
+                "run.json garbage": ("run.json", lambda p: p.write_text("{")),
+                "run.json run id changed": ("run.json", lambda p: p.write_text(
+                    p.read_text().replace('"run_id": "', '"run_id": "0'))),
+                "config.resolved.toml edited": ("config.resolved.toml", lambda p: p.write_text(
+                    p.read_text() + "\n# edited\n")),
+                "config.resolved.toml deleted": ("config.resolved.toml", lambda p: p.unlink()),
+                "progress.json garbage": ("progress.json", lambda p: p.write_bytes(os.urandom(64))),
+                "progress.json step changed": ("progress.json", lambda p: p.write_text(
+                    p.read_text().replace('"steps": ', '"steps": 1'))),
+                "student weights flipped": ("student/model.safetensors", flip_last),
+                "teacher removed": ("teacher", shutil.rmtree),
+                # Cut inside the first phase (a cut tail after the last phase is rewritten).
+                "metrics.jsonl cut": ("metrics.jsonl", lambda p: p.write_bytes(p.read_bytes()[:20])),
+                ".lock a directory": (".lock", lambda p: (p.unlink(), p.mkdir())),
+            }
+            for name, (rel, change) in damages.items():
+                self.case(f"resume after {name}", ["run", "--resume", "r", "--quiet"], edit(rel, change),
+                          may_write=change is None)
+
     def report(self):
         for line in self.flagged:
             print("FLAGGED", line)
@@ -172,6 +246,7 @@ def main():
     sweep = Sweep(sys.argv[1], config)
     sweep.config_keys()
     sweep.files()
+    sweep.run_dirs()
     sys.exit(sweep.report())
 
 

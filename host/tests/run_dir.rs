@@ -183,3 +183,27 @@ fn a_resume_with_a_changed_teacher_checkpoint_is_refused() {
         &["model file one/teacher/model.safetensors changed since the run started"],
     );
 }
+
+#[test]
+fn a_finished_run_whose_metrics_were_cut_is_refused_on_resume() {
+    let d = tempfile::tempdir().expect("tmp");
+    std::fs::write(d.path().join("c.toml"), TINY).expect("config");
+    let o = retort(&["run", "c.toml", "--out", "out", "--quiet"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = d.path().join("out/metrics.jsonl");
+    let whole = std::fs::read(&metrics).expect("metrics");
+    let o = retort(&["run", "--resume", "out", "--quiet"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let events = |b: &[u8]| String::from_utf8_lossy(b).lines().count();
+    assert_eq!(
+        events(&std::fs::read(&metrics).expect("metrics")),
+        events(&whole),
+        "a finished run resumed rewrites its final events, not appends them"
+    );
+
+    std::fs::write(&metrics, &whole[..20]).expect("cut inside the first phase's records");
+    let before = tree(d.path());
+    let o = retort(&["run", "--resume", "out", "--quiet"], d.path());
+    assert_user_error(&o, &["metrics.jsonl", "does not begin with"]);
+    assert_eq!(tree(d.path()), before, "a refused resume changes nothing");
+}

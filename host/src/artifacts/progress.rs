@@ -54,9 +54,9 @@ impl RunProgress {
             });
         }
         let what = format!("run progress {}", p.display());
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io("reading run progress", &p, e))?;
+        let bytes = std::fs::read(&p).map_err(|e| Error::io("reading run progress", &p, e))?;
         let file: ProgressFile =
-            serde_json::from_str(&text).map_err(|e| Error::input_failed(what.clone(), "corrupted", e))?;
+            serde_json::from_slice(&bytes).map_err(|e| Error::input_failed(what.clone(), "corrupted", e))?;
         if body_digest(&file.progress)? != file.sha256 {
             return Err(Error::input(what, "checksum mismatch: the file was altered"));
         }
@@ -200,6 +200,10 @@ mod tests {
         std::fs::write(&file, text.replacen("\"steps\": 3", "\"steps\": 4", 1)).expect("w");
         let err = RunProgress::load(&dir).expect_err("altered record");
         assert!(err.to_string().contains("checksum"), "{err}");
+        std::fs::write(&file, b"\xff\xfe not even text").expect("w");
+        let err = RunProgress::load(&dir).expect_err("garbage");
+        assert!(err.to_string().contains("corrupted"), "{err}");
+        assert_eq!(err.exit_code(), 2, "a damaged file is an input error");
         std::fs::write(&file, text).expect("w");
         std::fs::write(dir.model("student").join("model.safetensors"), b"other").expect("w");
         let err = RunProgress::load(&dir).expect_err("altered model");

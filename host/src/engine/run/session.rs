@@ -227,6 +227,8 @@ fn reopen(
     let progress = RunProgress::load(&dir)?;
     let next = pipeline.phases().into_iter().find(|p| progress.completed(p).is_none());
     let Some(next) = next else {
+        // A finished run: its metrics are still checked and cut back to the last phase's end.
+        dir.restore_metrics(&progress.metrics_mark())?;
         return Ok((dir, progress, None));
     };
     checkpoint::recover(&dir.checkpoints(next))?;
