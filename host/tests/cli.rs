@@ -1,22 +1,7 @@
 //! The `retort` binary: exit codes and messages for bad input, and the quick commands.
 
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn retort(args: &[&str], cwd: &Path) -> Output {
-    retort_env(args, cwd, &[])
-}
-
-/// `retort` with extra environment variables.
-fn retort_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_retort"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RETORT_LOG")
-        .envs(env.iter().copied())
-        .output()
-        .expect("spawn retort")
-}
+mod common;
+use common::{assert_user_error, retort, retort_env, stderr};
 
 /// 1-based line of the `nth` (0-based) line of `text` that starts with `prefix`.
 fn line_of(text: &str, prefix: &str, nth: usize) -> usize {
@@ -26,23 +11,6 @@ fn line_of(text: &str, prefix: &str, nth: usize) -> usize {
         .nth(nth)
         .map(|(i, _)| i + 1)
         .expect("line in config")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Asserts exit code 2, no panic, and that stderr contains every needle.
-fn assert_user_error(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "panic: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "expected `{n}` in: {err}");
-    }
 }
 
 const TINY: &str = r#"

@@ -5,6 +5,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::retort;
+
 const CONFIG: &str = r#"
 [run]
 name = "resume"
@@ -62,14 +65,6 @@ baseline = true
 batches = 2
 batch_size = 8
 "#;
-
-fn retort(args: &[&str], cwd: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_retort"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("spawn retort")
-}
 
 /// Metrics without the fields that measure time (they differ between any two runs).
 fn comparable_metrics(dir: &Path) -> Vec<serde_json::Value> {

@@ -2,7 +2,9 @@
 //! marked as a run, and a run refused for its config writes nothing.
 
 use std::path::Path;
-use std::process::{Command, Output};
+
+mod common;
+use common::{assert_user_error, retort};
 
 const TINY: &str = r#"
 [run]
@@ -35,24 +37,6 @@ batches = 1
 batch_size = 2
 baseline = false
 "#;
-
-fn retort(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_retort"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RETORT_LOG")
-        .output()
-        .expect("spawn retort")
-}
-
-fn assert_user_error(o: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    for n in needles {
-        assert!(err.contains(n), "expected `{n}` in: {err}");
-    }
-}
 
 /// Every file under `dir` with its bytes, sorted by path.
 fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {

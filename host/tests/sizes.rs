@@ -1,17 +1,10 @@
 //! Sizes that cannot fit are refused at assembly with the key and the estimate, before any
 //! allocation could abort the process; `check` prints the estimate.
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn retort(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_retort"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RETORT_LOG")
-        .output()
-        .expect("spawn retort")
-}
+mod common;
+use common::retort;
 
 fn assert_refused(o: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&o.stderr);

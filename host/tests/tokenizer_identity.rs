@@ -2,7 +2,10 @@
 //! is a plain Hugging Face directory (`transformer`) and for a character-level tokenizer.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
+use common::{assert_user_error, retort};
 
 const CONFIG: &str = r#"
 [run]
@@ -33,24 +36,6 @@ batches = 1
 batch_size = 2
 baseline = false
 "#;
-
-fn retort(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_retort"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RETORT_LOG")
-        .output()
-        .expect("spawn retort")
-}
-
-fn assert_user_error(o: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    for n in needles {
-        assert!(err.contains(n), "expected `{n}` in: {err}");
-    }
-}
 
 /// A run on `corpus` whose pretrained teacher lands in `<dir>/first/teacher`.
 fn pretrained_teacher(dir: &Path, corpus: &str) -> std::path::PathBuf {
