@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Tries retort as a careless user would: every key of a config set to wrong values, garbage
-model/data/tokenizer/cache files, odd command lines, resumes of a run with damaged files. Flags any case that panics, prints a
+model/data/tokenizer/cache files, odd command lines, resumes of a run with damaged files, bad
+values for the flags of eval, generate, cache and selftest. Flags any case that panics, prints a
 backtrace, exits with a code other than 0/2 (1 is reported: a runtime fault should be rare
 here), refuses without naming anything, or changes a file that was already on disk.
 
@@ -11,6 +12,7 @@ run, so the sweep takes a few minutes. Prints one line per flagged case and a su
 if anything was flagged; VERBOSE=1 also lists the accepted cases.
 """
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +23,7 @@ from pathlib import Path
 
 VALUES = ["", "-1", "0", "1e300", "-1e300", "nan", "inf", "18446744073709551616", "x", "[]",
           "{}", "true", "[1, 2]", "{ kind = \"nope\" }", "1.5", "\"\"", "/nonexistent/x"]
+FLAG_VALUES = ["0", "-1", "nan", "inf", "1e30", "x", "", "99999999999999999999", "cuda:7"]
 TIMEOUT_S = 120
 TINY_RUN = """
 [data]
@@ -226,6 +229,51 @@ class Sweep:
                 self.case(f"resume after {name}", ["run", "--resume", "r", "--quiet"], edit(rel, change),
                           may_write=change is None)
 
+    def flags(self):
+        """Every numeric or device flag of eval, generate, cache and selftest given bad values,
+        on a real (tiny, word-level) model trained here first."""
+        with tempfile.TemporaryDirectory() as base:
+            base = Path(base)
+            words = " ".join(f"w{i % 97} w{(i * 7) % 89}" for i in range(4000))
+            (base / "corpus.txt").write_text(words)
+            vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(sorted(set(words.split())))}}
+            (base / "tok.json").write_text(json.dumps({
+                "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+                "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"},
+                "post_processor": None, "decoder": None,
+                "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}}))
+            (base / "c.toml").write_text(TINY_RUN.replace(
+                'kind = "synthetic"\nvocab = 16\ntrain_tokens = 4000\nval_tokens = 400',
+                'kind = "text"\npath = "corpus.txt"\ntokenizer = { kind = "hf", path = "tok.json" }'))
+            rc, err = run(self.retort, ["run", "c.toml", "--out", "r", "--quiet"], base)
+            if rc != 0:
+                self.flagged.append(f"word-level run: exit {rc} | {err.strip()[-160:]}")
+                return
+
+            def files(d):
+                shutil.copytree(base / "r" / "student", d / "m")
+                shutil.copy(base / "corpus.txt", d / "corpus.txt")
+                shutil.copy(base / "tok.json", d / "tok.json")
+                (d / "k.toml").write_text((base / "c.toml").read_text().replace(
+                    "[teacher.pretrain]\nsteps = 3\n", "").replace(
+                    'kind = "transformer"\nn_layer = 1\nn_embd = 16\nn_head = 2\ncontext = 8',
+                    'kind = "transformer"\ncheckpoint = "m"', 1))
+
+            commands = {
+                ("eval", "--model", "m", "--data", "corpus.txt", "--seq-len", "8"):
+                    ["--val-fraction", "--seq-len", "--batch-size", "--batches", "--device"],
+                ("generate", "--model", "m", "--prompt", "w1 w2", "--max-tokens", "3"):
+                    ["--max-tokens", "--temperature", "--top-p", "--seed", "--device", "--context"],
+                ("cache", "k.toml", "--out", "kc", "--quiet"):
+                    ["--k", "--values", "--max-kl", "--levels", "--zstd-level", "--shard-tokens", "--batch"],
+                ("selftest",): ["--device", "--filter"],
+            }
+            for base_args, flags in commands.items():
+                for flag in flags:
+                    for value in FLAG_VALUES:
+                        self.case(f"{base_args[0]} {flag} {value!r}", [*base_args, flag, value], files,
+                                  may_write=True)
+
     def report(self):
         for line in self.flagged:
             print("FLAGGED", line)
@@ -247,6 +295,7 @@ def main():
     sweep.config_keys()
     sweep.files()
     sweep.run_dirs()
+    sweep.flags()
     sys.exit(sweep.report())
 
 

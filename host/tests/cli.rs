@@ -499,6 +499,8 @@ fn cache_outputs_are_refused_the_same_way_as_run_outputs() {
     assert_user_error(&o, &["afile", "not a directory"]);
     let o = retort(&["run", "c.toml", "--out", "afile", "--quiet"], d.path());
     assert_user_error(&o, &["afile", "not a directory"]);
+    let o = retort(&["cache", "c.toml", "--out", "kc", "--batch", "0", "--quiet"], d.path());
+    assert_user_error(&o, &["--batch", "expected an integer >= 1"]);
     std::fs::create_dir(d.path().join("models")).expect("mkdir");
     std::fs::write(d.path().join("models/header.json"), "mine").expect("w");
     std::fs::write(d.path().join("models/notes.txt"), "mine").expect("w");
