@@ -174,6 +174,21 @@ class Sweep:
         self.case("garbage tokenizer.json", ["check", "c.toml", "--set", "data.kind=text", "--set",
                                              "data.path=c.toml", "--set", "data.tokenizer={kind=\"hf\", "
                                              "path=\"tok.json\"}"], tok)
+        jsonl_cases = {
+            "not JSON": "{\"text\": \"a\"}\nnot json\n",
+            "no text field": "{\"body\": \"a\"}\n",
+            "a number for text": "{\"text\": 3}\n",
+            "empty": "",
+            "binary": garbage,
+        }
+        for name, body in jsonl_cases.items():
+            write = (lambda d, b=body: (d / "d.jsonl").write_bytes(b if isinstance(b, bytes) else b.encode()))
+            self.case(f"jsonl data {name}", ["check", "c.toml", "--set", "data={kind=\"jsonl\", path=\"d.jsonl\", "
+                                             "tokenizer={kind=\"char\"}}"], write)
+        tree = lambda d: ((d / "texts").mkdir(), (d / "texts/a.txt").write_text("to be or not " * 300),
+                          (d / "texts/b.bin").write_bytes(garbage))
+        self.case("text directory with a binary file", ["check", "c.toml", "--set", "data={kind=\"text\", "
+                                                        "path=\"texts\", tokenizer={kind=\"char\"}}"], tree)
         cache = lambda d: ((d / "cache").mkdir(), (d / "cache/header.json").write_text("{\"v\": 1}"))
         self.case("garbage cache", ["check", "c.toml", "--set", "teacher={kind=\"cached\", path=\"cache\"}"], cache)
         self.case("cache inspect garbage", ["cache", "inspect", "cache"], cache)
