@@ -268,6 +268,18 @@ fn generate_continues_a_prompt_from_a_gguf_file_deterministically() {
     assert!(stderr(&a).contains("generated in"), "{}", stderr(&a));
     let b = retort(&args, tmp.path());
     assert_eq!(String::from_utf8_lossy(&b.stdout), out, "same seed, same text");
+    let batched = retort(&[&args[..], &["--batch", "3", "--top-k", "50"]].concat(), tmp.path());
+    assert_eq!(batched.status.code(), Some(0), "{}", stderr(&batched));
+    let text = String::from_utf8_lossy(&batched.stdout).into_owned();
+    let samples: Vec<&str> = text.split("--- sample ").skip(1).collect();
+    assert_eq!(samples.len(), 3, "{text}");
+    let first = samples[0].split_once("---\n").expect("rule").1;
+    let alone = retort(&[&args[..], &["--top-k", "50"]].concat(), tmp.path());
+    assert_eq!(
+        first,
+        String::from_utf8_lossy(&alone.stdout),
+        "sample 1 of a batch is the lone sample"
+    );
     let greedy = retort(
         &["generate", "--model", g, "--prompt", "the", "--max-tokens", "3"],
         tmp.path(),

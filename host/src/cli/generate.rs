@@ -15,11 +15,18 @@ pub struct GenerateArgs {
 }
 
 impl GenerateArgs {
-    /// Prints the prompt and its continuation (and the speed on stderr).
+    /// Prints the prompt and its continuation, each sample under a numbered rule when there
+    /// are several (and the speed on stderr).
     pub fn run(self) -> Result<()> {
         let registry = crate::builtin_registry()?;
         let g = run_generate(&registry, &self.options)?;
-        println!("{}{}", self.options.prompt, g.text);
+        let several = g.texts.len() > 1;
+        for (i, text) in g.texts.iter().enumerate() {
+            if several {
+                println!("--- sample {} ---", i + 1);
+            }
+            println!("{}{}", self.options.prompt, text);
+        }
         eprintln!(
             "{}: {} prompt tokens, {} generated in {:.2}s ({:.1} tokens/s)",
             g.model,

@@ -10,7 +10,15 @@ use candle_core::Tensor;
 use retort_core::{Batch, Error, Params, Registry, Result, TapSet};
 
 use crate::assemble::model_file::{check_vocab, kind_of, load_model_file, load_tokenizer};
-use retort_plugins::models::generate::{generate, Sampling};
+use retort_plugins::models::generate::{sample_batch, CachedDecoder, Decoder, Sampling, WindowDecoder};
+
+/// A count flag's value: an integer >= 1.
+fn at_least_one(raw: &str) -> std::result::Result<usize, String> {
+    match raw.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected an integer >= 1, got `{raw}`")),
+    }
+}
 
 /// Options of `retort generate`.
 #[derive(Debug, Clone, clap::Args)]
@@ -30,6 +38,13 @@ pub struct GenerateOptions {
     /// Nucleus sampling: keep the most likely tokens summing to P.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// Sample among the K most likely tokens only (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Continuations of the prompt sampled at once, in one batch (sample `i` draws from stream
+    /// `i` of the seed, so it does not depend on the batch size).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    pub batch: usize,
     /// Seed of the sampling stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -66,6 +81,7 @@ impl GenerateOptions {
             max_tokens: self.max_tokens,
             temperature: self.temperature,
             top_p: self.top_p,
+            top_k: self.top_k,
             seed: self.seed,
         })
     }
@@ -74,11 +90,11 @@ impl GenerateOptions {
 /// What a generation produced.
 #[derive(Debug, Clone)]
 pub struct Generated {
-    /// The decoded continuation (without the prompt).
-    pub text: String,
+    /// The decoded continuations (without the prompt), one per sample.
+    pub texts: Vec<String>,
     /// Prompt length in tokens.
     pub prompt_tokens: usize,
-    /// Generated tokens.
+    /// Generated tokens, all samples together.
     pub tokens: usize,
     /// Wall time of the generation in seconds (model loading excluded).
     pub seconds: f64,
@@ -106,13 +122,49 @@ fn generate_llama(
     )?;
     let prompt = prompt_ids(tokenizer.as_ref(), &opts.prompt)?;
     let t0 = Instant::now();
-    let out = retort_plugins::models::generate::generate_cached(&model, &prompt, tokenizer.eos_id(), sampling, device)?;
+    let outs = sample(
+        &mut CachedDecoder::new(&model),
+        opts,
+        &prompt,
+        tokenizer.eos_id(),
+        sampling,
+        device,
+    )?;
+    finish(
+        tokenizer.as_ref(),
+        &outs,
+        prompt.len(),
+        t0,
+        format!("{} (KV cache)", retort_core::Model::describe(&model)),
+    )
+}
+
+/// `opts.batch` continuations of `prompt`.
+fn sample(
+    decoder: &mut dyn Decoder,
+    opts: &GenerateOptions,
+    prompt: &[u32],
+    eos: Option<u32>,
+    sampling: &Sampling,
+    device: &candle_core::Device,
+) -> Result<Vec<Vec<u32>>> {
+    sample_batch(decoder, &vec![prompt.to_vec(); opts.batch], eos, sampling, device)
+}
+
+/// The decoded samples and their counts.
+fn finish(
+    tokenizer: &dyn retort_core::Tokenizer,
+    outs: &[Vec<u32>],
+    prompt_tokens: usize,
+    t0: Instant,
+    model: String,
+) -> Result<Generated> {
     Ok(Generated {
-        text: tokenizer.decode(&out)?,
-        prompt_tokens: prompt.len(),
-        tokens: out.len(),
+        texts: outs.iter().map(|o| tokenizer.decode(o)).collect::<Result<_>>()?,
+        prompt_tokens,
+        tokens: outs.iter().map(Vec::len).sum(),
         seconds: t0.elapsed().as_secs_f64(),
-        model: format!("{} (KV cache)", retort_core::Model::describe(&model)),
+        model,
     })
 }
 
@@ -146,12 +198,7 @@ pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Gener
         Ok(model.forward(&batch, &TapSet::none())?.logits)
     };
     let t0 = Instant::now();
-    let out = generate(&forward, &prompt, context, tokenizer.eos_id(), &sampling, &device)?;
-    Ok(Generated {
-        text: tokenizer.decode(&out)?,
-        prompt_tokens: prompt.len(),
-        tokens: out.len(),
-        seconds: t0.elapsed().as_secs_f64(),
-        model: model.describe(),
-    })
+    let mut decoder = WindowDecoder::new(&forward, context);
+    let outs = sample(&mut decoder, opts, &prompt, tokenizer.eos_id(), &sampling, &device)?;
+    finish(tokenizer.as_ref(), &outs, prompt.len(), t0, model.describe())
 }

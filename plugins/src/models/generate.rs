@@ -1,7 +1,9 @@
-//! Autoregressive sampling from any model's next-token logits: greedy at temperature 0, else
-//! softmax at temperature `T` restricted to the smallest top-p nucleus, drawn from a seeded
-//! ChaCha8 stream. [`generate`] works with any model and re-runs the window every step;
-//! [`generate_cached`] decodes a llama incrementally with a key/value cache.
+//! Autoregressive sampling from any model's next-token logits, many sequences at once: greedy
+//! at temperature 0, else softmax at temperature `T` restricted to the `top_k` most likely
+//! tokens and the smallest top-p nucleus, drawn from a seeded ChaCha8 stream per sequence
+//! (stream `i` for sequence `i`, so a sequence's tokens do not depend on the batch it is in).
+//! A [`Decoder`] feeds the model: [`WindowDecoder`] works with any model and re-runs the window
+//! every step; [`CachedDecoder`] decodes a llama incrementally with a key/value cache.
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -18,6 +20,8 @@ pub struct Sampling {
     pub temperature: f64,
     /// Nucleus: sample among the most likely tokens whose probabilities sum to `top_p`.
     pub top_p: f64,
+    /// Sample among the `top_k` most likely tokens only; 0 = no limit.
+    pub top_k: usize,
     /// Seed of the sampling stream.
     pub seed: u64,
 }
@@ -28,6 +32,7 @@ impl Default for Sampling {
             max_tokens: 32,
             temperature: 0.0,
             top_p: 1.0,
+            top_k: 0,
             seed: 0,
         }
     }
@@ -54,9 +59,10 @@ pub fn pick(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
     let z: f64 = p.iter().map(|x| x.1).sum();
     p.iter_mut().for_each(|x| x.1 /= z);
     p.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let limit = if s.top_k == 0 { p.len() } else { s.top_k.min(p.len()) };
     let mut kept = 0;
     let mut mass = 0.0;
-    for (_, q) in &p {
+    for (_, q) in &p[..limit] {
         kept += 1;
         mass += q;
         if mass >= s.top_p {
@@ -74,9 +80,160 @@ pub fn pick(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
     p[kept - 1].0
 }
 
-/// Extends `prompt` by up to `s.max_tokens` tokens, stopping after `eos`. `forward` maps ids
-/// `[1, seq]` to logits `[1, seq, vocab]`; windows longer than `context` keep their last
-/// `context` tokens. Returns the generated ids (without the prompt).
+/// A model decoding sequences of equal length in lockstep.
+pub trait Decoder {
+    /// Consumes `new` (`[batch, t]`: the prompts first, then one token per sequence per step)
+    /// and returns the logits of the next token of every sequence, `[batch, vocab]`.
+    fn next_logits(&mut self, new: &Tensor) -> Result<Tensor>;
+}
+
+/// Any model: every step re-runs the last `context` tokens of every sequence.
+pub struct WindowDecoder<'a> {
+    forward: &'a dyn Fn(&Tensor) -> Result<Tensor>,
+    context: usize,
+    ids: Option<Tensor>,
+}
+
+impl<'a> WindowDecoder<'a> {
+    /// `forward` maps ids `[batch, seq]` to logits `[batch, seq, vocab]`; windows longer than
+    /// `context` keep their last `context` tokens.
+    pub fn new(forward: &'a dyn Fn(&Tensor) -> Result<Tensor>, context: usize) -> Self {
+        WindowDecoder {
+            forward,
+            context: context.max(1),
+            ids: None,
+        }
+    }
+}
+
+impl Decoder for WindowDecoder<'_> {
+    fn next_logits(&mut self, new: &Tensor) -> Result<Tensor> {
+        let ids = match self.ids.take() {
+            Some(old) => Tensor::cat(&[&old, new], 1)?,
+            None => new.clone(),
+        };
+        let len = ids.dim(1)?;
+        let start = len.saturating_sub(self.context);
+        let logits = (self.forward)(&ids.narrow(1, start, len - start)?)?;
+        self.ids = Some(ids);
+        let t = logits.dim(1)?;
+        Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+}
+
+/// A llama with a key/value cache: the prompts run once, then one token per step. When the
+/// cache reaches the context, decoding restarts from the last half-context of tokens.
+pub struct CachedDecoder<'a> {
+    model: &'a crate::models::llama::Llama,
+    cache: crate::models::llama::model::KvCache,
+    ids: Option<Tensor>,
+}
+
+impl<'a> CachedDecoder<'a> {
+    /// An empty cache for `model` (frozen: no gradient is kept).
+    pub fn new(model: &'a crate::models::llama::Llama) -> Self {
+        CachedDecoder {
+            model,
+            cache: model.new_cache(),
+            ids: None,
+        }
+    }
+}
+
+impl Decoder for CachedDecoder<'_> {
+    fn next_logits(&mut self, new: &Tensor) -> Result<Tensor> {
+        use retort_core::Model;
+        let context = self.model.context_len();
+        let first = self.ids.is_none();
+        let ids = match self.ids.take() {
+            Some(old) => Tensor::cat(&[&old, new], 1)?,
+            None => new.clone(),
+        };
+        let len = ids.dim(1)?;
+        let mut feed = new.clone();
+        if self.cache.pos() + new.dim(1)? > context {
+            self.cache = self.model.new_cache();
+            let keep = if first { context } else { (context / 2).max(1) }.min(len);
+            feed = ids.narrow(1, len - keep, keep)?;
+        }
+        let logits = self.model.forward_cached(&feed, &mut self.cache)?;
+        self.ids = Some(ids);
+        let t = logits.dim(1)?;
+        Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+}
+
+/// Refuses what cannot be sampled: no prompt, prompts of different lengths, an empty one, a
+/// nucleus outside (0, 1].
+fn check(prompts: &[Vec<u32>], s: &Sampling) -> Result<()> {
+    let Some(first) = prompts.first() else {
+        return Err(Error::input("prompt", "no prompt to continue"));
+    };
+    if first.is_empty() {
+        return Err(Error::input("prompt", "is empty after tokenization"));
+    }
+    if let Some(other) = prompts.iter().find(|p| p.len() != first.len()) {
+        return Err(Error::input(
+            "prompt",
+            format!(
+                "prompts decoded together must have one length: {} and {} tokens",
+                first.len(),
+                other.len()
+            ),
+        ));
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return Err(Error::input(
+            "--top-p",
+            format!("expected a number in (0, 1], got {}", s.top_p),
+        ));
+    }
+    Ok(())
+}
+
+/// Extends each of `prompts` (one length) by up to `s.max_tokens` tokens, each sequence
+/// stopping after `eos`. Returns the generated ids of each (without its prompt).
+pub fn sample_batch(
+    decoder: &mut dyn Decoder,
+    prompts: &[Vec<u32>],
+    eos: Option<u32>,
+    s: &Sampling,
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
+    check(prompts, s)?;
+    let b = prompts.len();
+    let mut rngs: Vec<ChaCha8Rng> = (0..b as u64)
+        .map(|i| {
+            let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+            rng.set_stream(i);
+            rng
+        })
+        .collect();
+    let mut out = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    let mut new = Tensor::from_vec(prompts.concat(), (b, prompts[0].len()), device)?;
+    for _ in 0..s.max_tokens {
+        let logits: Vec<Vec<f32>> = decoder.next_logits(&new)?.to_dtype(DType::F32)?.to_vec2()?;
+        let mut next = Vec::with_capacity(b);
+        for (i, row) in logits.iter().enumerate() {
+            if done[i] {
+                next.push(eos.unwrap_or(0));
+                continue;
+            }
+            let id = pick(row, s, &mut rngs[i]) as u32;
+            out[i].push(id);
+            done[i] = Some(id) == eos;
+            next.push(id);
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        new = Tensor::from_vec(next, (b, 1), device)?;
+    }
+    Ok(out)
+}
+
+/// [`sample_batch`] of one prompt with any model through [`WindowDecoder`].
 pub fn generate(
     forward: &dyn Fn(&Tensor) -> Result<Tensor>,
     prompt: &[u32],
@@ -85,37 +242,11 @@ pub fn generate(
     s: &Sampling,
     device: &Device,
 ) -> Result<Vec<u32>> {
-    if prompt.is_empty() {
-        return Err(Error::input("prompt", "is empty after tokenization"));
-    }
-    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        return Err(Error::input(
-            "--top-p",
-            format!("expected a number in (0, 1], got {}", s.top_p),
-        ));
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
-    let mut ids = prompt.to_vec();
-    let mut out = Vec::new();
-    for _ in 0..s.max_tokens {
-        let start = ids.len().saturating_sub(context);
-        let window = Tensor::new(&ids[start..], device)?.unsqueeze(0)?;
-        let logits = forward(&window)?;
-        let t = logits.dim(1)?;
-        let last: Vec<f32> = logits.get(0)?.get(t - 1)?.to_dtype(DType::F32)?.to_vec1()?;
-        let next = pick(&last, s, &mut rng) as u32;
-        ids.push(next);
-        out.push(next);
-        if Some(next) == eos {
-            break;
-        }
-    }
-    Ok(out)
+    let mut decoder = WindowDecoder::new(forward, context);
+    Ok(sample_batch(&mut decoder, &[prompt.to_vec()], eos, s, device)?.remove(0))
 }
 
-/// [`generate`] for a llama with a key/value cache: the prompt is run once, then one token per
-/// step. When the cache reaches the context, decoding restarts from the last half-context
-/// of tokens.
+/// [`sample_batch`] of one prompt with a llama through [`CachedDecoder`].
 pub fn generate_cached(
     model: &crate::models::llama::Llama,
     prompt: &[u32],
@@ -123,41 +254,8 @@ pub fn generate_cached(
     s: &Sampling,
     device: &Device,
 ) -> Result<Vec<u32>> {
-    use retort_core::Model;
-    if prompt.is_empty() {
-        return Err(Error::input("prompt", "is empty after tokenization"));
-    }
-    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        return Err(Error::input(
-            "--top-p",
-            format!("expected a number in (0, 1], got {}", s.top_p),
-        ));
-    }
-    let context = model.context_len();
-    let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
-    let mut ids = prompt.to_vec();
-    let mut pending: Vec<u32> = prompt[prompt.len().saturating_sub(context)..].to_vec();
-    let mut cache = model.new_cache();
-    let mut out = Vec::new();
-    for _ in 0..s.max_tokens {
-        if cache.pos() + pending.len() > context {
-            cache = model.new_cache();
-            let keep = (context / 2).max(1);
-            pending = ids[ids.len().saturating_sub(keep)..].to_vec();
-        }
-        let x = Tensor::new(pending.as_slice(), device)?.unsqueeze(0)?;
-        let logits = model.forward_cached(&x, &mut cache)?;
-        let t = logits.dim(1)?;
-        let last: Vec<f32> = logits.get(0)?.get(t - 1)?.to_dtype(DType::F32)?.to_vec1()?;
-        let next = pick(&last, s, &mut rng) as u32;
-        ids.push(next);
-        out.push(next);
-        pending = vec![next];
-        if Some(next) == eos {
-            break;
-        }
-    }
-    Ok(out)
+    let mut decoder = CachedDecoder::new(model);
+    Ok(sample_batch(&mut decoder, &[prompt.to_vec()], eos, s, device)?.remove(0))
 }
 
 #[cfg(test)]
@@ -201,6 +299,7 @@ mod tests {
                 temperature: 0.9,
                 top_p: 0.8,
                 seed: 4,
+                ..Sampling::default()
             },
         ] {
             let f = |x: &Tensor| Ok(m.forward_ids(x, &TapSet::none())?.logits);
@@ -233,5 +332,113 @@ mod tests {
         assert_eq!(out, vec![2, 3, 4]);
         let out = generate(&f, &[1], 4, None, &Sampling { max_tokens: 6, ..s }, &Device::Cpu).expect("gen");
         assert_eq!(out, vec![2, 3, 4, 0, 1, 2]);
+    }
+
+    /// A tiny frozen llama for the batch tests.
+    fn tiny_llama() -> crate::models::llama::Llama {
+        crate::testing::llama(
+            serde_json::json!({"n_layer": 2, "n_embd": 16, "n_head": 4, "n_kv_head": 2, "context": 12,
+                               "vocab_size": 20, "init_std": 0.5}),
+            9,
+        )
+        .expect("model")
+        .frozen()
+    }
+
+    #[test]
+    fn a_sequence_samples_the_same_tokens_whatever_else_is_in_its_batch() {
+        use retort_core::{Model, TapSet};
+        let m = tiny_llama();
+        let prompts = vec![vec![3, 1, 4], vec![1, 5, 9], vec![2, 6, 5], vec![3, 5, 8]];
+        let sampled = Sampling {
+            max_tokens: 16,
+            temperature: 0.9,
+            top_p: 0.9,
+            top_k: 6,
+            seed: 7,
+        };
+        for s in [
+            Sampling {
+                max_tokens: 16,
+                ..Sampling::default()
+            },
+            sampled,
+        ] {
+            let all = sample_batch(&mut CachedDecoder::new(&m), &prompts, None, &s, &Device::Cpu).expect("batch");
+            for i in 0..prompts.len() {
+                let fewer =
+                    sample_batch(&mut CachedDecoder::new(&m), &prompts[..=i], None, &s, &Device::Cpu).expect("fewer");
+                assert_eq!(fewer[i], all[i], "sequence {i} depends on its batch ({s:?})");
+            }
+            let f = |x: &Tensor| Ok(m.forward_ids(x, &TapSet::none())?.logits);
+            let window = sample_batch(
+                &mut WindowDecoder::new(&f, m.context_len()),
+                &prompts,
+                None,
+                &s,
+                &Device::Cpu,
+            )
+            .expect("window");
+            // Identical while the window fits the context (12 - 3 prompt tokens = 9).
+            for (w, c) in window.iter().zip(&all) {
+                assert_eq!(&w[..9], &c[..9], "{s:?}");
+            }
+            assert_ne!(all[0], all[1], "different prompts, different continuations");
+        }
+    }
+
+    #[test]
+    fn each_sequence_stops_at_its_own_eos() {
+        // A "model" whose next token is always (last id + 1) mod 5.
+        let f = |ids: &Tensor| -> Result<Tensor> {
+            let (b, t) = ids.dims2()?;
+            let v: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+            let rows: Vec<f32> = v
+                .iter()
+                .flat_map(|&x| (0..5).map(move |j| if j == (x + 1) % 5 { 10.0 } else { 0.0 }))
+                .collect();
+            Ok(Tensor::from_vec(rows, (b, t, 5), &Device::Cpu)?)
+        };
+        let s = Sampling {
+            max_tokens: 10,
+            ..Sampling::default()
+        };
+        let out = sample_batch(
+            &mut WindowDecoder::new(&f, 4),
+            &[vec![1], vec![3], vec![0]],
+            Some(4),
+            &s,
+            &Device::Cpu,
+        )
+        .expect("gen");
+        assert_eq!(out, vec![vec![2, 3, 4], vec![4], vec![1, 2, 3, 4]]);
+        let err = sample_batch(
+            &mut WindowDecoder::new(&f, 4),
+            &[vec![1], vec![1, 2]],
+            None,
+            &s,
+            &Device::Cpu,
+        )
+        .expect_err("two lengths");
+        assert!(err.to_string().contains("one length"), "{err}");
+    }
+
+    #[test]
+    fn top_k_restricts_the_support() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let logits = [0.0f32, 3.0, 1.0, 2.9, 2.8];
+        let s = Sampling {
+            temperature: 5.0,
+            top_k: 2,
+            ..Sampling::default()
+        };
+        let mut seen = [0usize; 5];
+        for _ in 0..400 {
+            seen[pick(&logits, &s, &mut rng)] += 1;
+        }
+        assert_eq!(seen[0] + seen[2] + seen[4], 0, "{seen:?}");
+        assert!(seen[1] > 0 && seen[3] > 0, "{seen:?}");
+        let one = Sampling { top_k: 1, ..s };
+        assert!((0..50).all(|_| pick(&logits, &one, &mut rng) == 1));
     }
 }
