@@ -12,14 +12,6 @@ use retort_core::{Batch, Error, Params, Registry, Result, TapSet};
 use crate::assemble::model_file::{check_vocab, kind_of, load_model_file, load_tokenizer};
 use retort_plugins::models::generate::{sample_batch, CachedDecoder, Decoder, Sampling, WindowDecoder};
 
-/// A count flag's value: an integer >= 1.
-fn at_least_one(raw: &str) -> std::result::Result<usize, String> {
-    match raw.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("expected an integer >= 1, got `{raw}`")),
-    }
-}
-
 /// Options of `retort generate`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateOptions {
@@ -43,7 +35,7 @@ pub struct GenerateOptions {
     pub top_k: usize,
     /// Continuations of the prompt sampled at once, in one batch (sample `i` draws from stream
     /// `i` of the seed, so it does not depend on the batch size).
-    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 1, value_parser = crate::engine::flags::at_least_one)]
     pub batch: usize,
     /// Seed of the sampling stream.
     #[arg(long, default_value_t = 0)]

@@ -2,13 +2,15 @@
 //!
 //! - [`run`]: a whole run, phase after phase, resumable, ending in the report.
 //! - [`phase`]: one training phase, the loop over stages and steps.
-//! - [`optim`], [`batching`], [`evaluate`], [`pool`]: what the loop uses.
+//! - [`optim`], [`batching`], [`evaluate`], [`pool`]: what the loop uses; [`flags`]: parsers of
+//!   the commands' flag values.
 //! - [`cache`], [`generate`], [`model_eval`]: the other commands' work (the teacher logit cache,
 //!   text generation, a model file's loss on a text).
 
 pub mod batching;
 pub mod cache;
 pub mod evaluate;
+pub mod flags;
 pub mod generate;
 pub mod model_eval;
 pub mod optim;

@@ -16,14 +16,6 @@ use super::{live_teacher, CodingArgs};
 use crate::artifacts::digest::checkpoint_files;
 use crate::assemble::Pipeline;
 
-/// A count flag's value: an integer >= 1.
-fn at_least_one(raw: &str) -> std::result::Result<usize, String> {
-    match raw.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("expected an integer >= 1, got `{raw}`")),
-    }
-}
-
 /// Options of `retort cache` (building), besides the config.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CacheOptions {
@@ -40,7 +32,7 @@ pub struct CacheOptions {
     #[arg(long, default_value_t = 131072)]
     pub shard_tokens: usize,
     /// Windows per teacher forward pass (default: train.batch_size).
-    #[arg(long = "batch", value_name = "WINDOWS", value_parser = at_least_one)]
+    #[arg(long = "batch", value_name = "WINDOWS", value_parser = crate::engine::flags::at_least_one)]
     pub batch_windows: Option<usize>,
     /// Record this id as the teacher's identity instead of hashing its checkpoint.
     #[arg(long)]
