@@ -20,6 +20,19 @@ pub(super) fn run_name(run: &RunSection) -> Result<()> {
     }
 }
 
+/// A loss term's or a stage's `name` at `key`: an identifier (letters, digits, `_`, `-`, `.`;
+/// 1 to 64 of them), as metrics, reports and `stages.loss_weights.<name>` use it as a key.
+pub(super) fn identifier(key: &str, name: &str) -> Result<()> {
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if (1..=64).contains(&name.len()) && name.chars().all(valid) {
+        return Ok(());
+    }
+    Err(Error::config(
+        key,
+        format!("expected a name of 1 to 64 letters, digits, `_`, `-` or `.` (it keys metrics), got {name:?}"),
+    ))
+}
+
 /// `[train]` and `[eval]` values that no component checks itself.
 pub(super) fn train_and_eval(t: &TrainSection, eval: &EvalSection) -> Result<()> {
     for (key, v) in [
@@ -133,6 +146,17 @@ mod tests {
         for bad in ["", ".", "..", "../x", "a/b", "/tmp/x"] {
             let err = run_name(&named(bad)).expect_err(bad);
             assert!(err.to_string().contains("run.name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn names_are_identifiers() {
+        for ok in ["kl", "hidden_mse-2", "stage.1"] {
+            identifier("loss[0].name", ok).expect(ok);
+        }
+        for bad in ["", "a/b", "two words", &"x".repeat(65)] {
+            let err = identifier("loss[0].name", bad).expect_err(bad).to_string();
+            assert!(err.contains("loss[0].name"), "{err}");
         }
     }
 }

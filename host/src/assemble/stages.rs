@@ -154,6 +154,9 @@ pub(super) fn check(config: &RunConfig, terms: &[TermSlot], vars: &[(String, Var
                 "expected an integer >= 1, got 0",
             ));
         }
+        if let Some(name) = &st.name {
+            super::checks::identifier(&format!("{key}.name"), name)?;
+        }
         if !stage_names.insert(st.name_or_default(i)) {
             return Err(Error::config(
                 format!("{key}.name"),

@@ -58,6 +58,9 @@ pub(super) fn build(config: &RunConfig, ctx: &BuildContext, student: &dyn Studen
                 ),
             ));
         }
+        if let Some(name) = &spec.name {
+            super::checks::identifier(&format!("{path}.name"), name)?;
+        }
         let repeated = config.loss.iter().filter(|s| s.kind == spec.kind).count() > 1;
         let name = spec.name.clone().unwrap_or_else(|| match repeated {
             true => format!("{}_{i}", spec.kind),
