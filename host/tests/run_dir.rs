@@ -6,7 +6,8 @@ use std::path::Path;
 mod common;
 use common::{assert_user_error, retort};
 
-const TINY: &str = r#"
+const TINY: &str = concat!(
+    r#"
 [run]
 name = "dir"
 [data]
@@ -14,29 +15,9 @@ kind = "synthetic"
 vocab = 16
 train_tokens = 4000
 val_tokens = 400
-[teacher]
-kind = "transformer"
-n_layer = 1
-n_embd = 16
-n_head = 2
-context = 8
-[teacher.pretrain]
-steps = 3
-[student]
-kind = "transformer"
-n_layer = 1
-n_embd = 8
-n_head = 2
-context = 8
-[train]
-steps = 3
-batch_size = 2
-seq_len = 8
-[eval]
-batches = 1
-batch_size = 2
-baseline = false
-"#;
+"#,
+    tiny_models!()
+);
 
 /// Every file under `dir` with its bytes, sorted by path.
 fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {

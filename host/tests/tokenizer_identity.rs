@@ -7,35 +7,16 @@ use std::process::Output;
 mod common;
 use common::{assert_user_error, retort};
 
-const CONFIG: &str = r#"
+const CONFIG: &str = concat!(
+    r#"
 [run]
 name = "tok"
 [data]
 kind = "text"
 path = "corpus.txt"
-[teacher]
-kind = "transformer"
-n_layer = 1
-n_embd = 16
-n_head = 2
-context = 8
-[teacher.pretrain]
-steps = 2
-[student]
-kind = "transformer"
-n_layer = 1
-n_embd = 8
-n_head = 2
-context = 8
-[train]
-steps = 2
-batch_size = 2
-seq_len = 8
-[eval]
-batches = 1
-batch_size = 2
-baseline = false
-"#;
+"#,
+    tiny_models!()
+);
 
 /// A run on `corpus` whose pretrained teacher lands in `<dir>/first/teacher`.
 fn pretrained_teacher(dir: &Path, corpus: &str) -> std::path::PathBuf {

@@ -4,6 +4,38 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// The sections after `[data]` of a run that takes a second: a 1-layer teacher pretrained for 3
+/// steps, a 1-layer student distilled for 3, one evaluation batch, no baseline. Used as
+/// `concat!(HEADER, tiny_models!())`.
+#[macro_export]
+macro_rules! tiny_models {
+    () => {
+        r#"[teacher]
+kind = "transformer"
+n_layer = 1
+n_embd = 16
+n_head = 2
+context = 8
+[teacher.pretrain]
+steps = 3
+[student]
+kind = "transformer"
+n_layer = 1
+n_embd = 8
+n_head = 2
+context = 8
+[train]
+steps = 3
+batch_size = 2
+seq_len = 8
+[eval]
+batches = 1
+batch_size = 2
+baseline = false
+"#
+    };
+}
+
 /// `retort args` in `cwd` (without the caller's `RETORT_LOG`).
 pub fn retort(args: &[&str], cwd: &Path) -> Output {
     retort_env(args, cwd, &[])
