@@ -38,6 +38,9 @@ pub struct RunConfig {
     /// Stages of the student's training, run in order; each overrides parts of `[train]` and
     /// the loss weights. Default: none (one stage of `train.steps` with `[train]` as it is).
     pub stages: Vec<StageSpec>,
+    /// Distillation on sampled sequences (`[on_policy]`). Default: none (every step trains on
+    /// the data's windows).
+    pub on_policy: Option<OnPolicySection>,
 }
 
 /// One `[[stages]]` entry: a stretch of the student's training with its own budget,
@@ -190,6 +193,7 @@ impl Default for RunConfig {
             observers: vec![ComponentSpec::new("jsonl")],
             plugins: PluginsSection::default(),
             stages: Vec::new(),
+            on_policy: None,
         }
     }
 }
@@ -324,6 +328,74 @@ impl LossSpec {
     /// Its params, located at key path `path`.
     pub fn params_at(&self, path: &str) -> Params {
         Params::new(path, self.params.clone())
+    }
+}
+
+/// `[on_policy]`: the student learns from sequences sampled during training, scored token by
+/// token by the teacher: generalized KD (GKD, Agarwal et al. 2024: a fraction `lambda` of the
+/// steps on the student's own samples), on-policy reverse KL (the `sampled_reverse_kl` term at
+/// `lambda = 1`), or sequence-level KD (Kim & Rush 2016, `seq_kd`: on the teacher's samples).
+///
+/// On an on-policy step every training window keeps its first `prompt_tokens` tokens as the
+/// prompt; the sampler continues each prompt by up to `max_new_tokens` tokens (stopping at the
+/// tokenizer's end-of-sequence token); the teacher scores the sampled windows in one forward
+/// pass and the configured terms apply to the sampled tokens only (prompt, padding and tokens
+/// after the end of sequence are masked out). Which steps are on-policy, and every sample, is
+/// fixed by the run seed and the step, so a resumed run samples what an uninterrupted one does.
+///
+/// ```toml
+/// [on_policy]
+/// lambda = 0.5
+/// prompt_tokens = 16
+/// temperature = 1.0
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnPolicySection {
+    /// Fraction of the student's optimizer steps trained on sampled sequences, in `[0, 1]`:
+    /// step `s` (counted from 0) is on-policy when `floor((s + 1) * lambda) > floor(s * lambda)`,
+    /// so the on-policy steps are spread evenly. 0 trains exactly as without `[on_policy]`.
+    /// Default 0.5.
+    pub lambda: f64,
+    /// Tokens at the start of each training window kept as the prompt, in
+    /// `[1, train.seq_len]`. Default: `train.seq_len / 2`.
+    pub prompt_tokens: Option<usize>,
+    /// Tokens sampled after each prompt at most, in `[1, train.seq_len + 1 - prompt_tokens]`
+    /// (a sampled window is `prompt_tokens + max_new_tokens - 1` tokens long). Default: the
+    /// largest.
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 is greedy. Default 1.0 (the estimators of on-policy
+    /// divergences assume samples from the model's own distribution: temperature 1, no
+    /// top-p or top-k).
+    pub temperature: f64,
+    /// Nucleus: sample among the most likely tokens whose probabilities sum to `top_p`, in
+    /// `(0, 1]`. Default 1.0.
+    pub top_p: f64,
+    /// Sample among the `top_k` most likely tokens only; 0 is no limit. Default 0.
+    pub top_k: usize,
+    /// Sample from the teacher instead of the student: sequence-level KD (Kim & Rush 2016).
+    /// Default false.
+    pub seq_kd: bool,
+    /// Stop a sample at the tokenizer's end-of-sequence token (when it has one). Default true.
+    pub stop_at_eos: bool,
+    /// Also train the student off-policy (`lambda = 0`: same init, same batches, same budget,
+    /// phase `offpolicy`) and compare the two in the report. Default true.
+    pub compare_off_policy: bool,
+}
+
+impl Default for OnPolicySection {
+    fn default() -> Self {
+        OnPolicySection {
+            lambda: 0.5,
+            prompt_tokens: None,
+            max_new_tokens: None,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seq_kd: false,
+            stop_at_eos: true,
+            compare_off_policy: true,
+        }
     }
 }
 

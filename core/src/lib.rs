@@ -12,6 +12,7 @@ pub mod batch;
 pub mod config;
 pub mod data;
 pub mod de;
+pub mod decode;
 pub mod error;
 pub mod fsutil;
 pub mod loss;
@@ -30,6 +31,7 @@ pub mod taps;
 
 pub use batch::{Batch, BatchSource};
 pub use data::{DataSource, Split, Tokenizer};
+pub use decode::Decoder;
 pub use error::{BoxError, Error, Result};
 pub use loss::{LossTerm, StepContext};
 pub use model::{FrozenTeacher, Model, ModelInfo, Student, Teacher};

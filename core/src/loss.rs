@@ -100,6 +100,13 @@ pub trait LossTerm: Send + Sync {
             "this loss term has no per-token form (per_token_form is false)".into(),
         ))
     }
+    /// Whether the term's estimator assumes that the batch's targets were sampled from the
+    /// student itself (an on-policy term such as `sampled_reverse_kl`): the run then refuses it
+    /// unless every step trains on the student's samples (`[on_policy]` with `lambda = 1` and
+    /// `seq_kd = false`). Default false.
+    fn needs_student_samples(&self) -> bool {
+        false
+    }
     /// Whether the term's weight may be negative (a term meant to be maximised). Otherwise its
     /// weight, a number or a schedule, must be >= 0 over all of training. Default false.
     fn signed_weights(&self) -> bool {

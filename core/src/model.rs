@@ -45,6 +45,12 @@ pub trait Model: Send + Sync {
     fn tokenizer_identity(&self) -> Option<String> {
         None
     }
+    /// An incremental decoder of this model (a key/value cache), used to sample from it; `None`
+    /// (the default) when it has none: samplers then re-run the window every token. Decoding
+    /// needs no gradient.
+    fn decoder(&self) -> Option<Box<dyn crate::Decoder + '_>> {
+        None
+    }
 }
 
 /// A trainable model.
@@ -100,6 +106,10 @@ pub trait Teacher: Send + Sync {
     /// assembly. Default: nothing to check.
     fn check_data(&self, _data: &dyn crate::DataSource, _seq_len: usize) -> Result<()> {
         Ok(())
+    }
+    /// An incremental decoder of the teacher, as [`Model::decoder`]. Default `None`.
+    fn decoder(&self) -> Option<Box<dyn crate::Decoder + '_>> {
+        None
     }
 }
 
@@ -193,5 +203,8 @@ impl<M: Model + ?Sized> Teacher for FrozenTeacher<M> {
     }
     fn tokenizer_identity(&self) -> Option<String> {
         self.0.tokenizer_identity()
+    }
+    fn decoder(&self) -> Option<Box<dyn crate::Decoder + '_>> {
+        self.0.decoder()
     }
 }

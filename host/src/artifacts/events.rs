@@ -122,6 +122,27 @@ pub struct TrainRecord {
     pub elapsed_s: f64,
     /// Steps skipped so far.
     pub skipped_total: usize,
+    /// What the on-policy steps since the previous train record sampled (none: no step did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_policy: Option<OnPolicyRecord>,
+}
+
+/// The `on_policy` object of a train record: the on-policy steps since the previous record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OnPolicyRecord {
+    /// On-policy steps since the previous record.
+    pub steps: usize,
+    /// Mean sampled tokens per sequence.
+    pub completion_len: f64,
+    /// Fraction of the samples that ended with the end-of-sequence token.
+    pub eos_rate: f64,
+    /// The teacher's mean `-log p` of the sampled tokens (nats per token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_nll: Option<f64>,
+    /// Sampled tokens per second of sampling.
+    pub rollout_tokens_per_s: f64,
+    /// Fraction of the on-policy steps' wall time spent sampling.
+    pub generation_share: f64,
 }
 
 /// `skip`: a step with a non-finite loss or gradient.

@@ -219,6 +219,10 @@ pub struct Report {
     pub student: ModelReport,
     /// The same student trained from scratch on hard labels, same budget; `null` if disabled.
     pub baseline: Option<ModelReport>,
+    /// An on-policy run's student trained off-policy (`lambda = 0`), same init, batches and
+    /// budget (`on_policy.compare_off_policy`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub off_policy: Option<ModelReport>,
     /// The distillation phase (the contract's `train` block).
     pub train: TrainReport,
     /// `baseline.val_loss - student.val_loss`: what distillation gained (positive is better).
@@ -260,7 +264,14 @@ impl Report {
             ));
         };
         row("teacher", &self.teacher);
-        row("student (distilled)", &self.student);
+        let distilled = match &self.off_policy {
+            Some(_) => "student (on-policy)",
+            None => "student (distilled)",
+        };
+        row(distilled, &self.student);
+        if let Some(o) = &self.off_policy {
+            row("student (off-policy)", o);
+        }
         if let Some(b) = &self.baseline {
             row("baseline (scratch)", b);
         }

@@ -10,6 +10,7 @@ mod head_path;
 mod memory;
 pub mod model_file;
 pub mod observers;
+mod on_policy;
 mod param_groups;
 pub mod plugin_loader;
 pub mod seeds;
@@ -28,6 +29,7 @@ use retort_core::{BuildContext, DataSource, Error, Params, Registry, Result, Rou
 
 pub use head_path::HeadPath;
 pub use memory::MemoryEstimate;
+pub use on_policy::OnPolicyPlan;
 pub use param_groups::{assign_groups, decays, GroupedParam};
 pub use stages::{student_steps, Stage};
 pub use teacher::TeacherPlan;
@@ -67,6 +69,8 @@ pub struct Pipeline<'r> {
     pub student_rows: RowProof,
     /// The memory the run needs on its device.
     pub memory: MemoryEstimate,
+    /// How the distillation samples (`[on_policy]`), if it does.
+    pub on_policy: Option<OnPolicyPlan>,
 }
 
 /// What a training phase needs, built fresh for it (routers and schedules keep state).
@@ -89,6 +93,8 @@ pub struct PhaseSetup<'p> {
     pub early_stopping: Option<&'p EarlyStoppingSpec>,
     /// Whether the phase sees the teacher (its terms, and agreement and KL in evaluations).
     pub with_teacher: bool,
+    /// Which steps train on samples, and how they are drawn.
+    pub on_policy: Option<&'p OnPolicyPlan>,
 }
 
 impl<'r> Pipeline<'r> {
@@ -114,6 +120,7 @@ impl<'r> Pipeline<'r> {
         fix_window_sampling(&mut config, &teacher)?;
         let terms = terms::build(&config, &ctx, student.as_ref())?;
         check_objective(&config, &ctx, student.as_ref(), &terms, &teacher)?;
+        let on_policy = OnPolicyPlan::resolve(&config, &terms, teacher.loaded.as_deref(), data.tokenizer())?;
         observers::validate(&config, &ctx)?;
         let memory = estimate_memory(&config, &ctx, student.as_ref(), &terms, &teacher)?;
         memory.check()?;
@@ -132,6 +139,7 @@ impl<'r> Pipeline<'r> {
             teacher_plan: teacher.plan,
             teacher: teacher.loaded,
             terms,
+            on_policy,
         })
     }
 
@@ -154,6 +162,9 @@ impl<'r> Pipeline<'r> {
             phases.push("teacher");
         }
         phases.push("student");
+        if self.compares_off_policy() {
+            phases.push("offpolicy");
+        }
         if self.config.eval.baseline {
             phases.push("baseline");
         }
@@ -180,6 +191,7 @@ impl<'r> Pipeline<'r> {
             eval_every: cfg.train.eval_every.unwrap_or(0),
             early_stopping: None,
             with_teacher: false,
+            on_policy: None,
         }))
     }
 
@@ -201,7 +213,29 @@ impl<'r> Pipeline<'r> {
             eval_every: self.student_eval_every(),
             early_stopping: self.config.train.early_stopping.as_ref(),
             with_teacher: true,
+            on_policy: self.on_policy.as_ref(),
         })
+    }
+
+    /// Whether the run also trains the student off-policy to compare it with the on-policy one
+    /// (`on_policy.compare_off_policy`, when some steps sample).
+    pub fn compares_off_policy(&self) -> bool {
+        let samples = self.on_policy.as_ref().is_some_and(|p| p.lambda > 0.0);
+        samples && self.config.on_policy.as_ref().is_some_and(|s| s.compare_off_policy)
+    }
+
+    /// The off-policy reference of an on-policy run: the distillation as configured on the
+    /// data's windows only (phase `offpolicy`: same init, batches and budget). `None` unless
+    /// [`Pipeline::compares_off_policy`].
+    pub fn off_policy_reference(&self) -> Result<Option<PhaseSetup<'_>>> {
+        if !self.compares_off_policy() {
+            return Ok(None);
+        }
+        Ok(Some(PhaseSetup {
+            label: "offpolicy",
+            on_policy: None,
+            ..self.distillation()?
+        }))
     }
 
     /// The scratch baseline: the same student, init and batches on hard labels, with the same
@@ -224,6 +258,7 @@ impl<'r> Pipeline<'r> {
             eval_every: self.student_eval_every(),
             early_stopping: cfg.train.early_stopping.as_ref(),
             with_teacher: true,
+            on_policy: None,
         }))
     }
 

@@ -19,3 +19,9 @@ pub fn student_init(seed: u64) -> u64 {
 pub fn student_batches(seed: u64) -> u64 {
     seed ^ 0x5700_de17_0000_0004
 }
+
+/// Samples of on-policy steps (mixed with the step and micro-batch, see
+/// [`crate::assemble::OnPolicyPlan::sample_seed`]).
+pub fn on_policy_samples(seed: u64) -> u64 {
+    seed ^ 0x5700_de17_0000_0005
+}

@@ -13,7 +13,7 @@ use candle_core::{Var, D};
 
 use retort_core::model::dense_topk;
 use retort_core::taps::{parse_topk_tap, LM_HEAD_WEIGHT};
-use retort_core::{Batch, Error, Model, ModelInfo, Outputs, Result, Student, TapSet, Teacher, Tokenizer};
+use retort_core::{Batch, Decoder, Error, Model, ModelInfo, Outputs, Result, Student, TapSet, Teacher, Tokenizer};
 
 /// What is known of the token ids a model's output rows stand for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +167,27 @@ impl Teacher for NarrowedTeacher {
     fn tokenizer_identity(&self) -> Option<String> {
         self.inner.tokenizer_identity()
     }
+    fn decoder(&self) -> Option<Box<dyn Decoder + '_>> {
+        NarrowedDecoder::wrap(self.inner.decoder()?, self.vocab)
+    }
+}
+
+/// The decoder of a model with a padded vocabulary, its logits narrowed to the first `vocab`.
+struct NarrowedDecoder<'a> {
+    inner: Box<dyn Decoder + 'a>,
+    vocab: usize,
+}
+
+impl<'a> NarrowedDecoder<'a> {
+    fn wrap(inner: Box<dyn Decoder + 'a>, vocab: usize) -> Option<Box<dyn Decoder + 'a>> {
+        Some(Box::new(NarrowedDecoder { inner, vocab }))
+    }
+}
+
+impl Decoder for NarrowedDecoder<'_> {
+    fn next_logits(&mut self, new: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        Ok(self.inner.next_logits(new)?.narrow(D::Minus1, 0, self.vocab)?)
+    }
 }
 
 /// A student with a padded vocabulary, narrowed to the first `vocab` logits (the padded rows
@@ -203,6 +224,9 @@ impl Model for NarrowedStudent {
     }
     fn tokenizer_identity(&self) -> Option<String> {
         self.inner.tokenizer_identity()
+    }
+    fn decoder(&self) -> Option<Box<dyn Decoder + '_>> {
+        NarrowedDecoder::wrap(self.inner.decoder()?, self.vocab)
     }
 }
 

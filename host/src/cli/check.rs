@@ -60,6 +60,16 @@ impl CheckArgs {
         for (i, st) in p.config.stages.iter().enumerate() {
             println!("  stage {}: {} ({} steps)", i + 1, st.name_or_default(i), st.steps);
         }
+        if let Some(plan) = &p.on_policy {
+            let steps = p.student_steps();
+            let sampled = (0..steps).filter(|&s| plan.on_step(s)).count();
+            let reference = if p.compares_off_policy() {
+                ", and an off-policy reference (phase `offpolicy`)"
+            } else {
+                ""
+            };
+            println!("  samples:  {sampled} of {steps} steps on {plan}{reference}");
+        }
         Ok(())
     }
 }

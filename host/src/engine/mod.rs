@@ -16,4 +16,5 @@ pub mod model_eval;
 pub mod optim;
 pub mod phase;
 pub mod pool;
+pub mod rollout;
 pub mod run;

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use retort_core::Decoder;
 use retort_core::{Error, Result};
 
 /// How to pick each next token.
@@ -78,13 +79,6 @@ pub fn pick(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
         }
     }
     p[kept - 1].0
-}
-
-/// A model decoding sequences of equal length in lockstep.
-pub trait Decoder {
-    /// Consumes `new` (`[batch, t]`: the prompts first, then one token per sequence per step)
-    /// and returns the logits of the next token of every sequence, `[batch, vocab]`.
-    fn next_logits(&mut self, new: &Tensor) -> Result<Tensor>;
 }
 
 /// Any model: every step re-runs the last `context` tokens of every sequence.

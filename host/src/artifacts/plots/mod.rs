@@ -100,6 +100,7 @@ mod tests {
             tokens_per_s: 0.0,
             elapsed_s: 0.0,
             skipped_total: 0,
+            on_policy: None,
         })
     }
 

@@ -2,6 +2,8 @@
 //! the terms, weighed by the router, `total = sum_i w_i * term_i / accum` backpropagated and
 //! the gradients summed, or the first non-finite quantity met on the way.
 
+use std::time::Instant;
+
 use candle_core::{DType, Tensor};
 
 use retort_core::config::LmHeadSpec;
@@ -13,6 +15,7 @@ use retort_plugins::kernels::lm_head::{fused_loss, HeadTerm, WeightGradient};
 use crate::assemble::TermSlot;
 use crate::engine::batching::TrainBatcher;
 use crate::engine::optim::{AdamW, GradNorms};
+use crate::engine::rollout::{teacher_nll, Rollout, RolloutTotals};
 
 use super::HeadPath;
 
@@ -39,6 +42,8 @@ pub(super) struct StepGradient {
     pub term_values: Vec<f64>,
     /// The weights the router chose (on the first micro-batch).
     pub weights: Vec<f64>,
+    /// What the samples of an on-policy step came to (`None`: the step trained on the data).
+    pub rollout: Option<RolloutTotals>,
 }
 
 impl StepGradient {
@@ -64,6 +69,8 @@ pub(super) struct Objective<'a> {
     reads_features: Vec<bool>,
     /// Tokens per chunk of the fused LM-head path; `None`: the full logits.
     fused_chunk: Option<usize>,
+    /// The sampler of on-policy steps, when the phase has any.
+    rollout: Option<Rollout<'a>>,
 }
 
 /// The terms of one micro-batch, still attached to the graph, or the first non-finite one.
@@ -84,7 +91,8 @@ enum Graph {
 impl<'a> Objective<'a> {
     /// The objective of `terms`; an error if a term reads a teacher and there is none.
     /// `lm_head` decides whether the terms run fused with the student's head ([`HeadPath`]) on
-    /// micro-batches of `tokens`.
+    /// micro-batches of `tokens`. On-policy steps train on what `rollout` samples.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         label: &'a str,
         terms: &'a [TermSlot],
@@ -93,6 +101,7 @@ impl<'a> Objective<'a> {
         teacher: Option<&'a dyn Teacher>,
         lm_head: &LmHeadSpec,
         tokens: usize,
+        rollout: Option<Rollout<'a>>,
     ) -> Result<Self> {
         let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
         if needs_teacher && teacher.is_none() {
@@ -134,6 +143,7 @@ impl<'a> Objective<'a> {
             names: terms.iter().map(|t| t.name.clone()).collect(),
             reads_features: terms.iter().map(|t| !t.term.student_taps().is_empty()).collect(),
             fused_chunk,
+            rollout,
         })
     }
 
@@ -148,11 +158,21 @@ impl<'a> Objective<'a> {
     /// On the fused LM-head path the router weighs before the terms are computed (it reads
     /// none of their values, [`Router::reads_step_outputs`]).
     pub fn gradient(&mut self, batcher: &mut TrainBatcher, opt: &AdamW, step: StepInput) -> Result<Gradient> {
+        let started = Instant::now();
+        let mut rollout = self
+            .rollout
+            .as_ref()
+            .filter(|r| r.on_step(step.index))
+            .map(|_| RolloutTotals {
+                steps: 1,
+                ..RolloutTotals::default()
+            });
         let early = match self.fused_chunk {
             Some(_) => Some(self.route(&vec![f64::NAN; self.terms.len()], step.base_weights, step.progress)?),
             None => None,
         };
-        let (graph, scalars) = match self.terms_on(&batcher.next_batch()?, step.progress, early.as_deref())? {
+        let batch = self.next_batch(batcher, step.index, 0, rollout.as_mut())?;
+        let (graph, scalars) = match self.terms_on(&batch, step.progress, early.as_deref(), rollout.as_mut())? {
             TermValues::Finite { graph, scalars } => (graph, scalars),
             TermValues::NonFinite { what, value } => {
                 batcher.skip(step.accum - 1);
@@ -166,7 +186,8 @@ impl<'a> Objective<'a> {
         let grads = self.backward(graph, &weights, opt, &step)?;
         let mut sum = StepGradient::first(grads, &scalars, weights, step.accum);
         for drawn in 2..=step.accum {
-            match self.terms_on(&batcher.next_batch()?, step.progress, Some(&sum.weights))? {
+            let batch = self.next_batch(batcher, step.index, drawn - 1, rollout.as_mut())?;
+            match self.terms_on(&batch, step.progress, Some(&sum.weights), rollout.as_mut())? {
                 TermValues::Finite { graph, scalars } => {
                     let grads = self.backward(graph, &sum.weights, opt, &step)?;
                     sum.add(grads, &scalars, step.accum)?;
@@ -177,6 +198,10 @@ impl<'a> Objective<'a> {
                 }
             }
         }
+        if let Some(r) = rollout.as_mut() {
+            r.step_seconds = started.elapsed().as_secs_f64();
+        }
+        sum.rollout = rollout;
         sum.norms = opt.norms(&sum.grads)?;
         if !sum.norms.total.is_finite() {
             return Ok(Gradient::NonFinite {
@@ -187,13 +212,43 @@ impl<'a> Objective<'a> {
         Ok(Gradient::Finite(sum))
     }
 
+    /// The next micro-batch (`micro` of step `index`): the batcher's windows, or on an on-policy
+    /// step (`rollout` given) the windows sampled from their prompts, counted in `rollout`.
+    fn next_batch(
+        &self,
+        batcher: &mut TrainBatcher,
+        index: usize,
+        micro: usize,
+        rollout: Option<&mut RolloutTotals>,
+    ) -> Result<Batch> {
+        let batch = batcher.next_batch()?;
+        let (Some(sampler), Some(totals)) = (self.rollout.as_ref(), rollout) else {
+            return Ok(batch);
+        };
+        let (sampled, got) = sampler.sample(&batch, index, micro)?;
+        totals.add(&got);
+        Ok(sampled)
+    }
+
     /// Teacher and student forward on `batch`, the router's token weights, every term (fused
-    /// with the student's head, weighed by `weights`, on the fused path).
-    fn terms_on(&mut self, batch: &Batch, progress: Progress, weights: Option<&[f64]>) -> Result<TermValues> {
+    /// with the student's head, weighed by `weights`, on the fused path). On an on-policy step
+    /// the teacher's score of the sampled tokens is added to `rollout`.
+    fn terms_on(
+        &mut self,
+        batch: &Batch,
+        progress: Progress,
+        weights: Option<&[f64]>,
+        rollout: Option<&mut RolloutTotals>,
+    ) -> Result<TermValues> {
         let t_out = match self.teacher {
             Some(t) => Some(t.forward(batch, &self.teacher_taps)?),
             None => None,
         };
+        if let (Some(out), Some(totals)) = (t_out.as_ref(), rollout) {
+            let (nll, tokens) = teacher_nll(out, batch)?;
+            totals.teacher_nll += nll;
+            totals.scored_tokens += tokens;
+        }
         let s_out = self.student.forward(batch, &self.student_taps)?;
         let mut ctx = StepContext {
             batch,
@@ -306,6 +361,8 @@ pub(super) struct StepInput<'s> {
     pub progress: Progress,
     /// The terms' configured weights at this step (what the router starts from).
     pub base_weights: &'s [f64],
+    /// The step's index in the phase, from 0 (which steps sample, and the samples' seeds).
+    pub index: usize,
 }
 
 impl StepGradient {
@@ -316,6 +373,7 @@ impl StepGradient {
             norms: GradNorms::default(),
             term_values: vec![0.0; scalars.len()],
             weights,
+            rollout: None,
         };
         s.add_values(scalars, accum);
         s

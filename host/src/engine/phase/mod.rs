@@ -4,7 +4,9 @@
 //! A phase runs its stages in order; each stage gets a fresh AdamW (or, resumed inside it, the
 //! checkpoint's). One step: batch -> teacher forward (no grad, only if a term needs it) ->
 //! student forward (with the taps the terms asked for) -> each term -> router weights ->
-//! `total = sum_i w_i * term_i` -> backward -> AdamW (clipped) -> metrics. A step whose loss or
+//! `total = sum_i w_i * term_i` -> backward -> AdamW (clipped) -> metrics. On an on-policy step
+//! ([`OnPolicyPlan`]) the batch's windows are first continued by the sampler (`engine::rollout`)
+//! and the step trains on the sampled tokens. A step whose loss or
 //! gradient is not finite is skipped (no update), and then nothing else happens at that step.
 //! After an applied step, in this order: the train record (every `log_every`), the periodic
 //! evaluation (and early stopping), the stage's end (multi-stage phases), the checkpoint.
@@ -30,6 +32,7 @@ use crate::artifacts::report::PhaseStats;
 use crate::assemble::{Stage, TermSlot};
 
 pub use crate::assemble::HeadPath;
+use crate::assemble::OnPolicyPlan;
 pub use checkpointing::CheckpointPolicy;
 pub use state::{BestState, PhaseState};
 
@@ -67,6 +70,8 @@ pub struct Phase<'a> {
     pub resume: Option<Checkpoint<PhaseState>>,
     /// Show a progress bar.
     pub progress_bar: bool,
+    /// Which steps train on samples, and how they are drawn (`None`: every step on the data).
+    pub on_policy: Option<&'a OnPolicyPlan>,
 }
 
 /// Runs `phase` over the training split of `data`, sending its records to `recorder`, on

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::artifacts::events::EarlyState;
 use crate::artifacts::report::StageStats;
 use crate::artifacts::run_dir::LogMark;
+use crate::engine::rollout::RolloutTotals;
 
 /// Everything besides tensors that a phase needs to continue exactly where it was.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -35,6 +36,9 @@ pub struct PhaseState {
     /// The stages of the phase begun so far.
     #[serde(default)]
     pub stages: Vec<StageStats>,
+    /// What the on-policy steps since the last train record sampled.
+    #[serde(default)]
+    pub rollouts: RolloutTotals,
 }
 
 /// What `best/` holds besides the best weights.

@@ -51,20 +51,18 @@ pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> 
     let loaded_teacher = pipeline.teacher.take();
     let mut session = Session::open(&pipeline, origin, opts)?;
     let teacher = session.obtain_teacher(loaded_teacher)?;
-    let student = session.train_student(pipeline.distillation()?, &teacher)?;
-    let baseline = match pipeline.baseline()? {
-        Some(setup) => Some(session.train_student(setup, &teacher)?),
-        None => None,
+    let students = summary::Students {
+        student: session.train_student(pipeline.distillation()?, &teacher)?,
+        off_policy: match pipeline.off_policy_reference()? {
+            Some(setup) => Some(session.train_student(setup, &teacher)?),
+            None => None,
+        },
+        baseline: match pipeline.baseline()? {
+            Some(setup) => Some(session.train_student(setup, &teacher)?),
+            None => None,
+        },
     };
-    let report = summary::report(
-        &pipeline,
-        origin,
-        &session,
-        &teacher,
-        &student,
-        baseline.as_ref(),
-        started,
-    );
+    let report = summary::report(&pipeline, origin, &session, &teacher, &students, started);
     session.finish(&report)?;
     Ok(RunOutcome {
         dir: session.dir().path().to_path_buf(),

@@ -192,6 +192,7 @@ impl<'p, 'r> Session<'p, 'r> {
                 }),
                 resume: self.resume.take_if(|c| c.state.phase == label),
                 progress_bar: self.options.progress,
+                on_policy: setup.on_policy,
             },
             self.pipeline.data.as_ref(),
             &mut self.recorder,

@@ -8,16 +8,30 @@ use crate::assemble::Pipeline;
 
 use super::session::{Session, StudentOutcome, TeacherOutcome};
 
+/// The students a run trained after its teacher.
+pub(super) struct Students {
+    /// The distilled student.
+    pub student: StudentOutcome,
+    /// The off-policy reference of an on-policy run.
+    pub off_policy: Option<StudentOutcome>,
+    /// The scratch baseline.
+    pub baseline: Option<StudentOutcome>,
+}
+
 /// The report of a finished run.
 pub(super) fn report(
     pipeline: &Pipeline,
     origin: &ConfigOrigin,
     session: &Session,
     teacher: &TeacherOutcome,
-    student: &StudentOutcome,
-    baseline: Option<&StudentOutcome>,
+    students: &Students,
     started: Instant,
 ) -> Report {
+    let (student, off_policy, baseline) = (
+        &students.student,
+        students.off_policy.as_ref(),
+        students.baseline.as_ref(),
+    );
     let cfg = &pipeline.config;
     let teacher_loss = Some(teacher.eval.val_loss);
     let model_report = |s: &StudentOutcome| {
@@ -52,6 +66,7 @@ pub(super) fn report(
         ),
         student: model_report(student),
         baseline: baseline.map(model_report),
+        off_policy: off_policy.map(model_report),
         train: TrainReport::from(&student.stats),
         distillation_gain: baseline.map(|b| b.eval.val_loss - student.eval.val_loss),
         eval_tokens: student.eval.tokens,

@@ -421,6 +421,9 @@ impl Llama {
         let cached = cache.is_some().then_some(());
         let (k, v) = match cache {
             Some(slot) => {
+                // Decoding keeps no gradient: a cache attached to a trained model's graph would
+                // hold every step's activations.
+                let (k, v) = (k.detach(), v.detach());
                 let (k, v) = match slot.take() {
                     Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
                     None => (k, v),

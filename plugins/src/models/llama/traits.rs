@@ -76,6 +76,10 @@ impl Model for Llama {
     fn tokenizer_identity(&self) -> Option<String> {
         self.tokenizer_id.clone()
     }
+
+    fn decoder(&self) -> Option<Box<dyn retort_core::Decoder + '_>> {
+        Some(Box::new(crate::models::generate::CachedDecoder::new(self)))
+    }
 }
 
 impl Student for Llama {

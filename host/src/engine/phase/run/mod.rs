@@ -19,6 +19,7 @@ use crate::artifacts::report::StageStats;
 use crate::assemble::assign_groups;
 use crate::engine::batching::TrainBatcher;
 use crate::engine::optim::{AdamW, AdamWConfig};
+use crate::engine::rollout::{Rollout, RolloutTotals, SampleModel};
 
 use super::checkpointing::CheckpointPolicy;
 use super::early_stopping::EarlyStopping;
@@ -60,10 +61,13 @@ pub(super) struct PhaseRun<'a> {
     started: Instant,
     bar: ProgressBar,
     stopped_early_at: Option<usize>,
+    /// What the on-policy steps since the last train record sampled.
+    rollouts: RolloutTotals,
 }
 impl<'a> PhaseRun<'a> {
     /// Sets the phase up, continuing from `phase.resume` when given.
     pub fn start(phase: Phase<'a>, data: &'a dyn DataSource) -> Result<Self> {
+        let rollout = rollout_of(&phase)?;
         let plan = StagePlan::new(phase.label, phase.stages, phase.train)?;
         let device = student_device(phase.student)?;
         let train = phase.train;
@@ -93,6 +97,7 @@ impl<'a> PhaseRun<'a> {
                 phase.teacher,
                 &train.lm_head,
                 train.batch_size * train.seq_len,
+                rollout,
             )?,
             batcher,
             eval: PhaseEval::new(phase.val, phase.val_teacher, phase.eval_every, plan.total()),
@@ -111,6 +116,7 @@ impl<'a> PhaseRun<'a> {
             first_step: 0,
             started: Instant::now(),
             stopped_early_at: None,
+            rollouts: RolloutTotals::default(),
         };
         if let Some(ck) = phase.resume {
             run.resume_from(ck, &device)?;
@@ -142,6 +148,7 @@ impl<'a> PhaseRun<'a> {
             consecutive: ck.state.consecutive_skips,
         };
         self.first_step = ck.state.step;
+        self.rollouts = std::mem::take(&mut ck.state.rollouts);
         self.resume_early_stopping(ck.state.early.take(), device)?;
         self.resumed_optimizer = Some((ck.take_tensors("optimizer"), ck.state.adam_t));
         tracing::info!(
@@ -264,6 +271,25 @@ impl<'a> PhaseRun<'a> {
             step,
         }
     }
+}
+
+/// The sampler of the phase's on-policy steps: from the student, or from the teacher for
+/// sequence-level KD.
+fn rollout_of<'a>(phase: &Phase<'a>) -> Result<Option<Rollout<'a>>> {
+    let Some(plan) = phase.on_policy else {
+        return Ok(None);
+    };
+    let model = match (plan.seq_kd, phase.teacher) {
+        (false, _) => SampleModel::Student(phase.student),
+        (true, Some(t)) => SampleModel::Teacher(t),
+        (true, None) => {
+            return Err(Error::Runtime(format!(
+                "phase `{}` samples from the teacher (on_policy.seq_kd) and has none",
+                phase.label
+            )))
+        }
+    };
+    Ok(Some(Rollout::new(plan, model)))
 }
 
 /// The model tensors of `ck` for `vars`, in their order.

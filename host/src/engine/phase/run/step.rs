@@ -54,6 +54,7 @@ impl PhaseRun<'_> {
             accum: stage.accum,
             progress: step.progress,
             base_weights: &base_weights,
+            index: step.done - 1,
         };
         let gradient = self.objective.gradient(&mut self.batcher, &stage.opt, input)?;
         if let Some(s) = self.stages.last_mut() {
@@ -90,7 +91,11 @@ impl PhaseRun<'_> {
             norms,
             term_values,
             weights,
+            rollout,
         } = g;
+        if let Some(r) = &rollout {
+            self.rollouts.add(r);
+        }
         stage.opt.step(grads, lr, norms.total)?;
         if let Some(ema) = self.ema.as_mut() {
             ema.update(&self.model_vars)?;
@@ -114,7 +119,7 @@ impl PhaseRun<'_> {
     }
 
     /// The train record, every `log_every` steps and at the end of every stage.
-    pub fn log_if_due(&self, stage: &ActiveStage, step: Step, a: &Applied, rec: &mut Recorder) -> Result<()> {
+    pub fn log_if_due(&mut self, stage: &ActiveStage, step: Step, a: &Applied, rec: &mut Recorder) -> Result<()> {
         let every = self.train.log_every;
         let due = every > 0
             && (step.done.is_multiple_of(every) || step.done == self.plan.total() || stage.ends_at(step.done));
@@ -146,6 +151,7 @@ impl PhaseRun<'_> {
             tokens_per_s: a.tokens_per_s,
             elapsed_s: a.elapsed_s,
             skipped_total: self.skips.skipped,
+            on_policy: std::mem::take(&mut self.rollouts).record(),
         }))
     }
 
@@ -294,6 +300,7 @@ impl PhaseRun<'_> {
             metrics: policy.metrics_mark()?,
             early: self.early.as_ref().map(|e| e.state.clone()),
             stages: self.stages.clone(),
+            rollouts: self.rollouts.clone(),
         };
         let snapshot = Snapshot {
             state: &state,

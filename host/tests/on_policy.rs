@@ -1,0 +1,182 @@
+//! `[on_policy]` end to end: `lambda = 0` is the off-policy run bit for bit; on-policy steps
+//! train on samples, report what they sampled, and the report compares the two students;
+//! sequence-level KD samples from the teacher; bad values are refused with the key path.
+
+use std::path::Path;
+
+mod common;
+use common::{assert_user_error, retort};
+
+const BASE: &str = r#"
+[run]
+name = "op"
+seed = 5
+
+[data]
+kind = "synthetic"
+vocab = 16
+train_tokens = 20000
+val_tokens = 2000
+
+[teacher]
+kind = "transformer"
+n_layer = 2
+n_embd = 32
+n_head = 2
+context = 16
+
+[teacher.pretrain]
+steps = 40
+lr = 1e-2
+
+[student]
+kind = "transformer"
+n_layer = 1
+n_embd = 16
+n_head = 2
+context = 16
+
+[[loss]]
+kind = "reverse_kl"
+weight = 0.5
+
+[[loss]]
+kind = "ce"
+weight = 0.5
+
+[train]
+steps = 30
+batch_size = 4
+seq_len = 16
+lr = 1e-2
+log_every = 3
+grad_accum = 2
+
+[eval]
+batches = 2
+batch_size = 4
+baseline = false
+"#;
+
+fn run(dir: &Path, name: &str, config: &str) -> std::path::PathBuf {
+    std::fs::write(dir.join(format!("{name}.toml")), config).expect("config");
+    let o = retort(&["run", &format!("{name}.toml"), "--out", name, "--quiet"], dir);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    dir.join(name)
+}
+
+/// The records of `event` of `phase`, without the fields that measure time.
+fn records(run: &Path, event: &str, phase: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|m| m["event"] == event && m["phase"] == phase)
+        .map(|mut m| {
+            let o = m.as_object_mut().expect("object");
+            o.remove("elapsed_s");
+            o.remove("tokens_per_s");
+            m
+        })
+        .collect()
+}
+
+fn model(run: &Path, phase: &str) -> Vec<u8> {
+    std::fs::read(run.join(phase).join("model.safetensors")).expect("model")
+}
+
+#[test]
+fn lambda_zero_trains_exactly_as_without_on_policy() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let off = run(tmp.path(), "off", BASE);
+    let zero = run(tmp.path(), "zero", &format!("{BASE}\n[on_policy]\nlambda = 0.0\n"));
+    assert!(model(&off, "student") == model(&zero, "student"), "weights differ");
+    let (a, b) = (records(&off, "train", "student"), records(&zero, "train", "student"));
+    assert_eq!(a.len(), 10);
+    assert_eq!(a, b);
+    assert!(b.iter().all(|r| r.get("on_policy").is_none()), "no step sampled");
+    assert!(!zero.join("offpolicy").exists(), "nothing to compare at lambda = 0");
+}
+
+#[test]
+fn on_policy_steps_train_on_samples_and_the_report_compares_both_students() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = format!("{BASE}\n[on_policy]\nlambda = 0.5\nprompt_tokens = 6\nmax_new_tokens = 8\n");
+    let dir = run(tmp.path(), "on", &cfg);
+    let train = records(&dir, "train", "student");
+    let sampled: Vec<&serde_json::Value> = train.iter().filter_map(|r| r.get("on_policy")).collect();
+    // Steps 2, 4, ..., 30 sample: 15 of 30, summed into the records every 3 steps.
+    let steps: u64 = sampled.iter().map(|p| p["steps"].as_u64().expect("steps")).sum();
+    assert_eq!(steps, 15, "{sampled:?}");
+    for p in &sampled {
+        // The synthetic tokenizer has no end of sequence: every sample runs to max_new_tokens.
+        assert_eq!(p["completion_len"], 8.0, "{p}");
+        assert_eq!(p["eos_rate"], 0.0, "{p}");
+        let nll = p["sample_nll"].as_f64().expect("the teacher scores the samples");
+        assert!(nll > 0.5 && nll < 16f64.ln() * 2.0, "{nll}");
+        let share = p["generation_share"].as_f64().expect("share");
+        assert!(share > 0.0 && share < 1.0, "{share}");
+    }
+    // The same run trained off-policy is the reference: same init and batches, other weights.
+    let off = records(&dir, "train", "offpolicy");
+    assert_eq!(off.len(), train.len());
+    assert!(off.iter().all(|r| r.get("on_policy").is_none()));
+    assert!(model(&dir, "student") != model(&dir, "offpolicy"));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).expect("report")).expect("json");
+    assert!(report["off_policy"]["val_loss"].as_f64().is_some(), "{report}");
+    let md = std::fs::read_to_string(dir.join("report.md")).expect("md");
+    assert!(
+        md.contains("student (on-policy)") && md.contains("student (off-policy)"),
+        "{md}"
+    );
+}
+
+#[test]
+fn sequence_level_kd_trains_on_the_teachers_samples() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let student = run(
+        tmp.path(),
+        "student_samples",
+        &format!("{BASE}\n[on_policy]\nlambda = 1.0\ncompare_off_policy = false\n"),
+    );
+    let teacher = run(
+        tmp.path(),
+        "teacher_samples",
+        &format!("{BASE}\n[on_policy]\nlambda = 1.0\nseq_kd = true\ncompare_off_policy = false\n"),
+    );
+    assert!(model(&student, "student") != model(&teacher, "student"));
+    let nll = |dir: &Path| -> f64 {
+        let r = records(dir, "train", "student");
+        let last = r.last().expect("a record");
+        last["on_policy"]["sample_nll"].as_f64().expect("nll")
+    };
+    // The teacher finds its own samples likelier than those of a 1-layer student.
+    assert!(nll(&teacher) < nll(&student), "{} vs {}", nll(&teacher), nll(&student));
+}
+
+#[test]
+fn bad_on_policy_values_are_refused_with_their_key() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    for (section, needles) in [
+        ("lambda = 1.5", &["on_policy.lambda", "[0, 1]"][..]),
+        ("lambda = -0.1", &["on_policy.lambda"]),
+        (
+            "prompt_tokens = 0",
+            &["on_policy.prompt_tokens", "[1, train.seq_len = 16]"],
+        ),
+        ("prompt_tokens = 17", &["on_policy.prompt_tokens"]),
+        (
+            "prompt_tokens = 10\nmax_new_tokens = 8",
+            &["on_policy.max_new_tokens", "= 7]"],
+        ),
+        ("temperature = -1.0", &["on_policy.temperature"]),
+        ("top_p = 0.0", &["on_policy.top_p"]),
+        ("lamda = 0.5", &["on_policy.lamda", "lambda"]),
+    ] {
+        std::fs::write(tmp.path().join("c.toml"), format!("{BASE}\n[on_policy]\n{section}\n")).expect("config");
+        let o = retort(&["check", "c.toml"], tmp.path());
+        assert_user_error(&o, needles);
+        assert!(!tmp.path().join("runs").exists());
+    }
+}
