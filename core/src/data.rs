@@ -53,4 +53,18 @@ pub trait DataSource: Send + Sync {
     fn tokens(&self, split: Split) -> &[u32];
     /// One-line human description.
     fn describe(&self) -> String;
+    /// The source's true distribution, when the source knows it (a synthetic generator): exact
+    /// scores of any token sequence, e.g. to measure the true NLL of a student's generations.
+    /// `None` (the default) for sources of real data, whose distribution nobody knows.
+    fn likelihood(&self) -> Option<&dyn SourceLikelihood> {
+        None
+    }
+}
+
+/// The true distribution of a source that knows it (a synthetic generator): exact scores of any token sequence.
+pub trait SourceLikelihood: Send + Sync {
+    /// `-log p(continuation | prompt)` in nats, summed over the continuation's tokens, under the source,
+    /// marginalising whatever the source hides (for `synthetic`: the regime). An error if the prompt is too short
+    /// to condition on or an id is outside the vocabulary.
+    fn continuation_nll(&self, prompt: &[u32], continuation: &[u32]) -> Result<f64>;
 }

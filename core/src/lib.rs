@@ -30,7 +30,7 @@ pub mod schedule;
 pub mod taps;
 
 pub use batch::{Batch, BatchSource};
-pub use data::{DataSource, Split, Tokenizer};
+pub use data::{DataSource, SourceLikelihood, Split, Tokenizer};
 pub use decode::Decoder;
 pub use error::{BoxError, Error, Result};
 pub use loss::{LossTerm, StepContext};
