@@ -556,6 +556,48 @@ pub struct EvalSection {
     pub batches: usize,
     /// Windows per validation batch. Default 16.
     pub batch_size: usize,
+    /// Sample continuations of validation prompts from every model of the run and score them
+    /// (`[eval.generation]`). Default: on, with its defaults, when `[on_policy]` is set; off
+    /// otherwise.
+    pub generation: Option<GenerationEvalSpec>,
+}
+
+/// `[eval.generation]`: what a model *generates*, scored. Prompts are the starts of the first
+/// `prompts` validation windows; every model continues them with the same seed; the report
+/// gives each model's mean completion length, end-of-sequence rate, the teacher's NLL of the
+/// sampled tokens and, for a data source that knows its true distribution (`synthetic`), their
+/// true NLL under the source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerationEvalSpec {
+    /// Prompts (validation windows). Default 64.
+    pub prompts: usize,
+    /// Prompt tokens, in `[1, train.seq_len]`. Default: `on_policy.prompt_tokens`, else
+    /// `train.seq_len / 2`.
+    pub prompt_tokens: Option<usize>,
+    /// Tokens sampled per prompt at most, in `[1, train.seq_len + 1 - prompt_tokens]`.
+    /// Default: `on_policy.max_new_tokens` (unless `prompt_tokens` is set here), else the
+    /// largest.
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 is greedy. Default 1.0.
+    pub temperature: f64,
+    /// Nucleus, in `(0, 1]`. Default 1.0.
+    pub top_p: f64,
+    /// Sample among the `top_k` most likely tokens only; 0 is no limit. Default 0.
+    pub top_k: usize,
+}
+
+impl Default for GenerationEvalSpec {
+    fn default() -> Self {
+        GenerationEvalSpec {
+            prompts: 64,
+            prompt_tokens: None,
+            max_new_tokens: None,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+        }
+    }
 }
 
 impl Default for EvalSection {
@@ -564,6 +606,7 @@ impl Default for EvalSection {
             baseline: true,
             batches: 32,
             batch_size: 16,
+            generation: None,
         }
     }
 }

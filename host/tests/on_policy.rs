@@ -101,7 +101,9 @@ fn lambda_zero_trains_exactly_as_without_on_policy() {
 #[test]
 fn on_policy_steps_train_on_samples_and_the_report_compares_both_students() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = format!("{BASE}\n[on_policy]\nlambda = 0.5\nprompt_tokens = 6\nmax_new_tokens = 8\n");
+    let cfg = format!(
+        "{BASE}\n[eval.generation]\nprompts = 16\n\n[on_policy]\nlambda = 0.5\nprompt_tokens = 6\nmax_new_tokens = 8\n"
+    );
     let dir = run(tmp.path(), "on", &cfg);
     let train = records(&dir, "train", "student");
     let sampled: Vec<&serde_json::Value> = train.iter().filter_map(|r| r.get("on_policy")).collect();
@@ -125,9 +127,19 @@ fn on_policy_steps_train_on_samples_and_the_report_compares_both_students() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("report.json")).expect("report")).expect("json");
     assert!(report["off_policy"]["val_loss"].as_f64().is_some(), "{report}");
+    // Every model's generations are scored by the teacher and by the synthetic source itself.
+    for who in ["teacher", "student", "off_policy"] {
+        let g = &report[who]["generation"];
+        assert_eq!(g["samples"], 16, "{who}: {g}");
+        assert_eq!(g["completion_len"], 8.0, "{who}: {g}");
+        for score in ["teacher_nll", "true_nll"] {
+            let x = g[score].as_f64().unwrap_or_else(|| panic!("{who}: no {score} in {g}"));
+            assert!(x > 0.0 && x < 2.0 * 16f64.ln(), "{who} {score}: {x}");
+        }
+    }
     let md = std::fs::read_to_string(dir.join("report.md")).expect("md");
     assert!(
-        md.contains("student (on-policy)") && md.contains("student (off-policy)"),
+        md.contains("student (on-policy)") && md.contains("student (off-policy)") && md.contains("## Generations"),
         "{md}"
     );
 }
@@ -173,6 +185,15 @@ fn bad_on_policy_values_are_refused_with_their_key() {
         ("temperature = -1.0", &["on_policy.temperature"]),
         ("top_p = 0.0", &["on_policy.top_p"]),
         ("lamda = 0.5", &["on_policy.lamda", "lambda"]),
+        (
+            "[eval.generation]\nprompts = 0",
+            &["eval.generation.prompts", "[1, 125]"],
+        ),
+        ("[eval.generation]\nprompts = 126", &["eval.generation.prompts"]),
+        (
+            "[eval.generation]\nmax_new_tokens = 10",
+            &["eval.generation.max_new_tokens", "= 9]"],
+        ),
     ] {
         std::fs::write(tmp.path().join("c.toml"), format!("{BASE}\n[on_policy]\n{section}\n")).expect("config");
         let o = retort(&["check", "c.toml"], tmp.path());

@@ -116,8 +116,8 @@ pub mod prelude {
     pub use retort_core::ops;
     pub use retort_core::registry::Factory;
     pub use retort_core::{
-        Batch, BuildContext, DataSource, Error, LossTerm, Model, Observer, Outputs, Params, Progress, Registrar,
-        Result, Router, Scalar, ScalarSpec, Schedule, Split, StepContext, Student, TapSet, Teacher, TermSignals,
-        Tokenizer,
+        Batch, BuildContext, DataSource, Decoder, Error, LossTerm, Model, Observer, Outputs, Params, Progress,
+        Registrar, Result, Router, Scalar, ScalarSpec, Schedule, SourceLikelihood, Split, StepContext, Student, TapSet,
+        Teacher, TermSignals, Tokenizer,
     };
 }

@@ -154,6 +154,28 @@ pub struct ModelReport {
     pub gap_to_teacher: Option<f64>,
     /// How it was trained in this run (`None` for a teacher loaded from a checkpoint).
     pub train: Option<TrainReport>,
+    /// What it generates, scored (`[eval.generation]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationResult>,
+}
+
+/// A model's continuations of the validation prompts, scored (`[eval.generation]`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GenerationResult {
+    /// Prompts continued.
+    pub samples: usize,
+    /// Mean sampled tokens per prompt.
+    pub completion_len: f64,
+    /// Fraction of the samples that ended with the end-of-sequence token.
+    pub eos_rate: f64,
+    /// The teacher's mean `-log p` of the sampled tokens, nats/token (absent for a teacher that
+    /// only serves stored outputs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_nll: Option<f64>,
+    /// Their mean `-log p` under the data source's true distribution, nats/token (a source that
+    /// knows it: `synthetic`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub true_nll: Option<f64>,
 }
 
 impl ModelReport {
@@ -174,7 +196,13 @@ impl ModelReport {
             kl_to_teacher: e.kl_to_teacher,
             gap_to_teacher: teacher_loss.map(|t| e.val_loss - t),
             train,
+            generation: None,
         }
+    }
+
+    /// With the scores of what it generates.
+    pub fn with_generation(self, generation: Option<GenerationResult>) -> Self {
+        ModelReport { generation, ..self }
     }
 }
 
@@ -278,6 +306,46 @@ impl Report {
         s
     }
 
+    /// The `## Generations` section: each model's continuations of the validation prompts,
+    /// scored (empty when the run did not evaluate generations).
+    fn generations(&self) -> String {
+        let mut rows = vec![("teacher", &self.teacher)];
+        let student = if self.off_policy.is_some() {
+            "student (on-policy)"
+        } else {
+            "student (distilled)"
+        };
+        rows.push((student, &self.student));
+        rows.extend(self.off_policy.iter().map(|m| ("student (off-policy)", m)));
+        rows.extend(self.baseline.iter().map(|m| ("baseline (scratch)", m)));
+        let scored: Vec<_> = rows.iter().filter_map(|(n, m)| Some((*n, m.generation?))).collect();
+        let Some((_, first)) = scored.first() else {
+            return String::new();
+        };
+        let mut s = format!(
+            "\n## Generations\n\nEach model continues the same {} validation prompts with the same seed. Lower NLL of \
+             its own samples is better: the teacher's NLL says how likely the teacher finds them{}.\n\n\
+             | model | mean length | end-of-sequence rate | teacher NLL of samples | true NLL (source) |\n\
+             |---|---:|---:|---:|---:|\n",
+            first.samples,
+            if first.true_nll.is_some() {
+                "; the true NLL is their likelihood under the data's own source"
+            } else {
+                ""
+            },
+        );
+        for (name, g) in scored {
+            s.push_str(&format!(
+                "| {name} | {:.1} | {:.2} | {} | {} |\n",
+                g.completion_len,
+                g.eos_rate,
+                opt(g.teacher_nll, 4),
+                opt(g.true_nll, 4)
+            ));
+        }
+        s
+    }
+
     /// `report.md`.
     pub fn markdown(&self) -> String {
         let mut s = format!("# retort run `{}`\n\n", self.run.name);
@@ -309,6 +377,7 @@ impl Report {
                 self.train.tokens
             ));
         }
+        s.push_str(&self.generations());
         if self.train.stages.len() > 1 {
             s.push_str("\n## Stages of the distilled student\n\n| stage | steps | first step | peak lr | trainable params | train loss (end) | val loss (end) |\n|---|---:|---:|---:|---:|---:|---:|\n");
             for st in &self.train.stages {

@@ -6,6 +6,7 @@
 mod checks;
 pub mod config;
 pub mod device;
+mod generation;
 mod head_path;
 mod memory;
 pub mod model_file;
@@ -27,6 +28,7 @@ use candle_core::Device;
 use retort_core::config::{EarlyStoppingSpec, RunConfig, WindowSampling};
 use retort_core::{BuildContext, DataSource, Error, Params, Registry, Result, Router, Student, Teacher};
 
+pub use generation::GenerationPlan;
 pub use head_path::HeadPath;
 pub use memory::MemoryEstimate;
 pub use on_policy::OnPolicyPlan;
@@ -71,6 +73,8 @@ pub struct Pipeline<'r> {
     pub memory: MemoryEstimate,
     /// How the distillation samples (`[on_policy]`), if it does.
     pub on_policy: Option<OnPolicyPlan>,
+    /// What the models generate for the report (`[eval.generation]`), if asked.
+    pub generation: Option<GenerationPlan>,
 }
 
 /// What a training phase needs, built fresh for it (routers and schedules keep state).
@@ -121,6 +125,8 @@ impl<'r> Pipeline<'r> {
         let terms = terms::build(&config, &ctx, student.as_ref())?;
         check_objective(&config, &ctx, student.as_ref(), &terms, &teacher)?;
         let on_policy = OnPolicyPlan::resolve(&config, &terms, teacher.loaded.as_deref(), data.tokenizer())?;
+        let val_tokens = data.tokens(retort_core::Split::Val).len();
+        let generation = GenerationPlan::resolve(&config, data.tokenizer(), val_tokens)?;
         observers::validate(&config, &ctx)?;
         let memory = estimate_memory(&config, &ctx, student.as_ref(), &terms, &teacher)?;
         memory.check()?;
@@ -140,6 +146,7 @@ impl<'r> Pipeline<'r> {
             teacher: teacher.loaded,
             terms,
             on_policy,
+            generation,
         })
     }
 

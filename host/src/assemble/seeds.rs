@@ -25,3 +25,8 @@ pub fn student_batches(seed: u64) -> u64 {
 pub fn on_policy_samples(seed: u64) -> u64 {
     seed ^ 0x5700_de17_0000_0005
 }
+
+/// Samples of the generation evaluation (the same for every model of the run).
+pub fn generation_eval(seed: u64) -> u64 {
+    seed ^ 0xe7a1_9e7e_0000_0006
+}

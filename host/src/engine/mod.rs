@@ -12,6 +12,7 @@ pub mod cache;
 pub mod evaluate;
 pub mod flags;
 pub mod generate;
+pub mod generation_eval;
 pub mod model_eval;
 pub mod optim;
 pub mod phase;

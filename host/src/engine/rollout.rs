@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use retort_core::{Batch, Decoder, Error, Outputs, Result, Student, TapSet, Teacher};
 use retort_plugins::kernels::cross_entropy;
-use retort_plugins::models::generate::{sample_batch, WindowDecoder};
+use retort_plugins::models::generate::{sample_batch, Sampling, WindowDecoder};
 
 use crate::artifacts::events::OnPolicyRecord;
 use crate::assemble::OnPolicyPlan;
@@ -51,6 +51,25 @@ impl SampleModel<'_> {
             SampleModel::Teacher(t) => t.context_len(),
         }
     }
+
+    /// The sampled continuations of `prompts` (one length), through the model's own decoder
+    /// (a key/value cache) or, without one, re-running the window every token.
+    pub fn continue_prompts(
+        &self,
+        prompts: &[Vec<u32>],
+        eos: Option<u32>,
+        sampling: &Sampling,
+        device: &Device,
+    ) -> Result<Vec<Vec<u32>>> {
+        let forward = |ids: &Tensor| self.logits(ids);
+        let mut window = WindowDecoder::new(&forward, self.context());
+        let mut own = self.decoder();
+        let decoder: &mut dyn Decoder = match own.as_mut() {
+            Some(d) => d.as_mut(),
+            None => &mut window,
+        };
+        sample_batch(decoder, prompts, eos, sampling, device)
+    }
 }
 
 /// The sampler of a phase's on-policy steps.
@@ -82,14 +101,9 @@ impl<'a> Rollout<'a> {
             .to_dtype(DType::U32)?
             .to_vec2()?;
         let sampling = self.plan.sampling_at(step, micro);
-        let forward = |ids: &Tensor| self.model.logits(ids);
-        let mut window = WindowDecoder::new(&forward, self.model.context());
-        let mut own = self.model.decoder();
-        let decoder: &mut dyn Decoder = match own.as_mut() {
-            Some(d) => d.as_mut(),
-            None => &mut window,
-        };
-        let completions = sample_batch(decoder, &prompts, self.plan.eos, &sampling, &device)?;
+        let completions = self
+            .model
+            .continue_prompts(&prompts, self.plan.eos, &sampling, &device)?;
         let sampled = sampled_batch(&prompts, &completions, self.plan.window(), self.plan.eos, &device)?;
         let totals = RolloutTotals {
             steps: 0,

@@ -11,13 +11,15 @@ use crate::artifacts::checkpoint::{self, Checkpoint};
 use crate::artifacts::events::{Event, Recorder, ReportRecord};
 use crate::artifacts::export::save_with_tokenizer;
 use crate::artifacts::progress::RunProgress;
-use crate::artifacts::report::{EvalResult, PhaseStats, Report};
+use crate::artifacts::report::{EvalResult, GenerationResult, PhaseStats, Report};
 use crate::artifacts::run_dir::RunDir;
 use crate::assemble::config::ConfigOrigin;
 use crate::assemble::{PhaseSetup, Pipeline};
 use crate::engine::batching::val_batches;
 use crate::engine::evaluate::{evaluate, teacher_eval_logits};
+use crate::engine::generation_eval::GenerationEval;
 use crate::engine::phase::{train_phase, CheckpointPolicy, Phase, PhaseState};
+use crate::engine::rollout::SampleModel;
 
 use super::inputs::run_inputs;
 use super::RunOptions;
@@ -32,6 +34,8 @@ pub(super) struct TeacherOutcome {
     pub val_logits: Vec<Tensor>,
     /// Its evaluation.
     pub eval: EvalResult,
+    /// What it generates, scored.
+    pub generation: Option<GenerationResult>,
 }
 
 /// A trained student (or baseline) and its evaluation.
@@ -42,6 +46,8 @@ pub(super) struct StudentOutcome {
     pub stats: PhaseStats,
     /// Its evaluation against the teacher.
     pub eval: EvalResult,
+    /// What it generates, scored.
+    pub generation: Option<GenerationResult>,
 }
 
 /// A run in progress.
@@ -52,6 +58,7 @@ pub(super) struct Session<'p, 'r> {
     resume: Option<Checkpoint<PhaseState>>,
     recorder: Recorder,
     val: Vec<Batch>,
+    generation: Option<GenerationEval<'p>>,
     options: RunOptions,
 }
 
@@ -84,6 +91,17 @@ impl<'p, 'r> Session<'p, 'r> {
             }
         };
         let recorder = Recorder::new(observers(pipeline, &dir)?);
+        let generation = pipeline.generation.as_ref().map(|plan| {
+            let val = data.tokens(Split::Val);
+            GenerationEval::new(
+                plan,
+                val,
+                seq_len,
+                eval.batch_size,
+                data.likelihood(),
+                pipeline.device.clone(),
+            )
+        });
         Ok(Session {
             pipeline,
             dir,
@@ -91,6 +109,7 @@ impl<'p, 'r> Session<'p, 'r> {
             resume,
             recorder,
             val,
+            generation,
             options: opts.clone(),
         })
     }
@@ -118,11 +137,13 @@ impl<'p, 'r> Session<'p, 'r> {
             .collect::<Result<_>>()?;
         let eval = evaluate(&|i, _| Ok(val_logits[i].clone()), &self.val, None)?;
         tracing::info!("teacher val loss {:.4}", eval.val_loss);
+        let generation = self.generations("teacher", SampleModel::Teacher(model.as_ref()), model.as_ref())?;
         Ok(TeacherOutcome {
             model,
             stats,
             val_logits,
             eval,
+            generation,
         })
     }
 
@@ -160,7 +181,29 @@ impl<'p, 'r> Session<'p, 'r> {
             &self.val,
             Some(&teacher.val_logits),
         )?;
-        Ok(StudentOutcome { model, stats, eval })
+        let generation = self.generations(label, SampleModel::Student(model.as_ref()), teacher.model.as_ref())?;
+        Ok(StudentOutcome {
+            model,
+            stats,
+            eval,
+            generation,
+        })
+    }
+
+    /// What `model` generates, scored by `teacher`, when the run evaluates generations.
+    fn generations(&self, label: &str, model: SampleModel, teacher: &dyn Teacher) -> Result<Option<GenerationResult>> {
+        let Some(g) = &self.generation else {
+            return Ok(None);
+        };
+        let r = g.score(model, teacher)?;
+        tracing::info!(
+            "{label} generations: {} samples, mean length {:.1}, teacher NLL {}, true NLL {}",
+            r.samples,
+            r.completion_len,
+            r.teacher_nll.map_or("-".into(), |x| format!("{x:.4}")),
+            r.true_nll.map_or("-".into(), |x| format!("{x:.4}"))
+        );
+        Ok(Some(r))
     }
 
     /// Trains the phase of `setup` (continuing from the resumed checkpoint when it is this

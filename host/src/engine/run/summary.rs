@@ -37,6 +37,7 @@ pub(super) fn report(
     let model_report = |s: &StudentOutcome| {
         let train = Some(TrainReport::from(&s.stats));
         ModelReport::new(s.model.describe(), s.model.num_params(), &s.eval, teacher_loss, train)
+            .with_generation(s.generation)
     };
     Report {
         run: RunInfo {
@@ -63,7 +64,8 @@ pub(super) fn report(
             &teacher.eval,
             None,
             teacher.stats.as_ref().map(TrainReport::from),
-        ),
+        )
+        .with_generation(teacher.generation),
         student: model_report(student),
         baseline: baseline.map(model_report),
         off_policy: off_policy.map(model_report),
