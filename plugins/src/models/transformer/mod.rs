@@ -7,6 +7,10 @@
 //! model directory. Every op is differentiable (see `nn.rs`), and nothing assumes the CPU: the
 //! device comes from the build context.
 
+mod decode;
+
+pub use decode::TransformerDecoder;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -569,6 +573,10 @@ impl Model for Transformer {
             context: self.cfg.context,
             dtype: self.cfg.dtype,
         }
+    }
+
+    fn decoder(&self) -> Option<Box<dyn retort_core::Decoder + '_>> {
+        Some(Box::new(TransformerDecoder::new(self)))
     }
 }
 
