@@ -6,7 +6,7 @@ fn builtins_are_registered() {
     let kinds = |k: Vec<&str>| k.join(" ");
     assert_eq!(
         kinds(r.losses.kinds()),
-        "attention ce contrastive hidden_cosine hidden_mse jsd kl layerwise reverse_kl skew_kl topk_kl tvd"
+        "attention ce contrastive hidden_cosine hidden_mse jsd kl layerwise reverse_kl sampled_reverse_kl skew_kl topk_kl tvd"
     );
     assert_eq!(kinds(r.students.kinds()), "llama transformer");
     assert_eq!(kinds(r.teachers.kinds()), "cached llama transformer");

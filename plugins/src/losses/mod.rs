@@ -10,6 +10,7 @@ pub mod kl;
 pub mod layerwise;
 pub mod logit;
 pub mod reverse_kl;
+pub mod sampled_reverse_kl;
 pub mod skew_kl;
 pub mod topk_kl;
 pub mod tvd;

@@ -242,6 +242,8 @@ fn dense_terms() -> Vec<(&'static str, serde_json::Value)> {
         ("topk_kl", json!({"k": K, "union_student": true})),
         ("ce", json!({"label_smoothing": 0.1})),
         ("ce", json!({"fused": false})),
+        ("sampled_reverse_kl", json!({})),
+        ("sampled_reverse_kl", json!({"fused": false})),
     ]
 }
 
