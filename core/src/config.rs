@@ -461,7 +461,7 @@ pub struct TrainSection {
 /// of tokens, so that the `[tokens, vocabulary]` logits of the step never exist whole.
 ///
 /// Used when every term of the objective has a per-token form (the logit terms: `kl`,
-/// `reverse_kl`, `jsd`, `skew_kl`, `tvd`, `topk_kl`, `ce`), the student offers its head (the
+/// `reverse_kl`, `jsd`, `skew_kl`, `tvd`, `topk_kl`, `sampled_reverse_kl`, `ce`), the student offers its head (the
 /// built-in `transformer` and `llama` students) and the router weighs without reading the step
 /// (`static`, `curriculum`); `retort check` says which path a run takes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -201,3 +201,33 @@ fn bad_on_policy_values_are_refused_with_their_key() {
         assert!(!tmp.path().join("runs").exists());
     }
 }
+
+#[test]
+fn the_sampled_reverse_kl_trains_only_on_the_students_own_samples() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sampled = BASE.replace("kind = \"reverse_kl\"", "kind = \"sampled_reverse_kl\"");
+    assert_ne!(sampled, BASE);
+    for (on_policy, needles) in [
+        (
+            "",
+            &["loss[0]", "sampled_reverse_kl", "there is no [on_policy] section"][..],
+        ),
+        ("[on_policy]\nlambda = 0.5", &["loss[0]", "lambda < 1"]),
+        (
+            "[on_policy]\nlambda = 1.0\nseq_kd = true",
+            &["loss[0]", "samples from the teacher"],
+        ),
+    ] {
+        std::fs::write(tmp.path().join("c.toml"), format!("{sampled}\n{on_policy}\n")).expect("config");
+        assert_user_error(&retort(&["check", "c.toml"], tmp.path()), needles);
+    }
+    let dir = run(
+        tmp.path(),
+        "srkl",
+        &format!("{sampled}\n[on_policy]\nlambda = 1.0\ncompare_off_policy = false\n"),
+    );
+    let train = records(&dir, "train", "student");
+    assert!(train.iter().all(|r| r["on_policy"]["steps"] == 3), "every step samples");
+    let value = |r: &serde_json::Value| r["terms"]["sampled_reverse_kl"].as_f64().expect("term");
+    assert!(train.iter().all(|r| value(r).is_finite()));
+}

@@ -59,6 +59,21 @@ impl OnPolicyPlan {
             };
             check_no_sample_terms(terms, why)?;
         }
+        let truncated = s.temperature != 1.0 || s.top_p < 1.0 || s.top_k > 0;
+        if let Some(t) = terms
+            .iter()
+            .find(|t| t.term.needs_student_samples())
+            .filter(|_| truncated)
+        {
+            tracing::warn!(
+                "term `{}` estimates the reverse KL from samples of the student's own distribution; \
+                 on_policy samples at temperature {} with top-p {} and top-k {}, so its estimate is biased",
+                t.name,
+                s.temperature,
+                s.top_p,
+                s.top_k
+            );
+        }
         Ok(Some(OnPolicyPlan {
             lambda: s.lambda,
             prompt_tokens,

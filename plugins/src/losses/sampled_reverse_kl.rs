@@ -37,6 +37,9 @@
 //! [[loss]]
 //! kind = "sampled_reverse_kl"   # the batch's targets are the student's own samples
 //! weight = 1.0
+//!
+//! [on_policy]
+//! lambda = 1.0                  # required: every step on the student's samples
 //! ```
 
 use candle_core::Tensor;
@@ -112,6 +115,9 @@ impl LossTerm for SampledReverseKl {
         Ok((self.surrogate(ctx)?, 1.0))
     }
     fn needs_teacher(&self) -> bool {
+        true
+    }
+    fn needs_student_samples(&self) -> bool {
         true
     }
 }
