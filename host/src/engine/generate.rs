@@ -46,9 +46,22 @@ pub struct GenerateOptions {
     /// Longest window fed to the model (default: its context, at most 2048 for llama models).
     #[arg(long)]
     pub context: Option<usize>,
+    /// Do not stop at the end-of-sequence token: every sample gets --max-tokens tokens (for
+    /// measuring throughput).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Dequantize a GGUF llama's weights to f32 at load (faster matmuls on CPUs without fast
+    /// quantized kernels, 4-8x the memory).
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 impl GenerateOptions {
+    /// The id samples stop at: the tokenizer's end of sequence, unless `--ignore-eos`.
+    fn eos(&self, tokenizer: &dyn retort_core::Tokenizer) -> Option<u32> {
+        tokenizer.eos_id().filter(|_| !self.ignore_eos)
+    }
+
     /// An input error for `--context 0`.
     fn check_context(&self) -> Result<()> {
         match self.context {
@@ -106,6 +119,9 @@ fn generate_llama(
     let mut mp = serde_json::Map::new();
     mp.insert("checkpoint".into(), opts.model.display().to_string().into());
     mp.insert("context".into(), opts.context.unwrap_or(2048).into());
+    if opts.dequantize {
+        mp.insert("dequantize".into(), true.into());
+    }
     let model = retort_plugins::teachers::llama::load_frozen(&Params::new("model", mp), &ctx)?;
     check_vocab(
         &opts.model,
@@ -118,7 +134,7 @@ fn generate_llama(
         &mut CachedDecoder::new(&model),
         opts,
         &prompt,
-        tokenizer.eos_id(),
+        opts.eos(tokenizer.as_ref()),
         sampling,
         device,
     )?;
@@ -177,6 +193,12 @@ pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Gener
     if kind_of(&opts.model)? == "llama" {
         return generate_llama(registry, opts, &sampling, &device);
     }
+    if opts.dequantize {
+        return Err(Error::input(
+            "--dequantize",
+            format!("applies to GGUF llama models; {} is not one", opts.model.display()),
+        ));
+    }
     let (model, tokenizer) = load_model_file(registry, &opts.model, &device, opts.context)?;
     let prompt = prompt_ids(tokenizer.as_ref(), &opts.prompt)?;
     let context = opts.context.unwrap_or(model.context_len()).min(model.context_len());
@@ -190,7 +212,13 @@ pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Gener
         Ok(model.forward(&batch, &TapSet::none())?.logits)
     };
     let t0 = Instant::now();
-    let mut decoder = WindowDecoder::new(&forward, context);
-    let outs = sample(&mut decoder, opts, &prompt, tokenizer.eos_id(), &sampling, &device)?;
+    let mut window = WindowDecoder::new(&forward, context);
+    // The model's own cache, unless --context asks for a shorter window than the model's.
+    let mut own = model.decoder().filter(|_| context == model.context_len());
+    let decoder: &mut dyn Decoder = match own.as_mut() {
+        Some(d) => d.as_mut(),
+        None => &mut window,
+    };
+    let outs = sample(decoder, opts, &prompt, opts.eos(tokenizer.as_ref()), &sampling, &device)?;
     finish(tokenizer.as_ref(), &outs, prompt.len(), t0, model.describe())
 }

@@ -59,6 +59,11 @@ pub fn pick(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
         .collect();
     let z: f64 = p.iter().map(|x| x.1).sum();
     p.iter_mut().for_each(|x| x.1 /= z);
+    if s.top_k == 0 && s.top_p >= 1.0 {
+        // The whole distribution: no order needed (a sort of the vocabulary per token was a
+        // tenth of a batched decode step).
+        return draw(&p, 1.0, rng);
+    }
     p.sort_by(|a, b| b.1.total_cmp(&a.1));
     let limit = if s.top_k == 0 { p.len() } else { s.top_k.min(p.len()) };
     let mut kept = 0;
@@ -70,15 +75,20 @@ pub fn pick(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
             break;
         }
     }
+    draw(&p[..kept], mass, rng)
+}
+
+/// The index drawn from `(index, probability)` pairs of total `mass` by inverse CDF.
+fn draw(p: &[(usize, f64)], mass: f64, rng: &mut ChaCha8Rng) -> usize {
     let u = rng.random::<f64>() * mass;
     let mut acc = 0.0;
-    for (i, q) in &p[..kept] {
+    for (i, q) in p {
         acc += q;
         if acc >= u {
             return *i;
         }
     }
-    p[kept - 1].0
+    p[p.len() - 1].0
 }
 
 /// Any model: every step re-runs the last `context` tokens of every sequence.

@@ -41,7 +41,8 @@ pub struct Chart {
 pub struct FinalEvals {
     /// The teacher's validation loss.
     pub teacher: Option<f64>,
-    /// `(phase, steps trained, validation loss)` of the student and the baseline.
+    /// `(phase, steps trained, validation loss)` of the student, the off-policy reference and
+    /// the baseline.
     pub students: Vec<(String, f64, f64)>,
 }
 
@@ -52,6 +53,7 @@ impl From<&Report> for FinalEvals {
         };
         let students = [
             Some(("student", &r.student)),
+            r.off_policy.as_ref().map(|o| ("offpolicy", o)),
             r.baseline.as_ref().map(|b| ("baseline", b)),
         ];
         FinalEvals {
@@ -69,6 +71,7 @@ pub fn charts_of(events: &[Event], finals: Option<&FinalEvals>) -> Vec<Chart> {
         t.terms_chart(),
         t.lr_chart(),
         t.knobs_chart(),
+        t.samples_chart(),
         eval_chart(events, finals, &t.boundaries),
     ]
     .into_iter()
@@ -199,13 +202,30 @@ impl<'e> TrainSeries<'e> {
         let title = "Student: term weights (after the router) and scheduled values";
         self.chart("weights_and_schedules.png", title, "value", series)
     }
+
+    /// On-policy runs: the teacher's NLL of the sampled tokens and the share of step time spent
+    /// sampling, per record.
+    fn samples_chart(&self) -> Option<Chart> {
+        let on_policy = |r: &TrainRecord| r.on_policy.clone();
+        let nll = self.points("student", |r| on_policy(r)?.sample_nll);
+        let share = self.points("student", |r| Some(on_policy(r)?.generation_share));
+        let series: Vec<Series> = [
+            line("teacher NLL of the samples (nats/token)", nll),
+            line("share of step time sampling", share),
+        ]
+        .into_iter()
+        .filter(|s| !s.points.is_empty())
+        .collect();
+        let title = "On-policy steps: how the teacher scores the student's samples";
+        self.chart("on_policy.png", title, "value", series)
+    }
 }
 
 /// The periodic and final validation losses of the student and the baseline, with the
 /// teacher's as one horizontal line.
 fn eval_chart(events: &[Event], finals: Option<&FinalEvals>, boundaries: &[(f64, String)]) -> Option<Chart> {
     let mut series = Vec::new();
-    for phase in ["student", "baseline"] {
+    for phase in ["student", "offpolicy", "baseline"] {
         let mut pts: Vec<(f64, f64)> = events
             .iter()
             .filter_map(|e| match e {

@@ -15,6 +15,7 @@
 #[cfg(feature = "blas")]
 pub mod blas_matmul;
 pub mod fastmath;
+pub mod few_rows;
 pub mod gpt2_block;
 pub mod linear;
 pub(crate) mod raw;

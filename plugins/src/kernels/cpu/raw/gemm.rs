@@ -73,6 +73,36 @@ impl<'a, T: Real> Mat<'a, T> {
         }
     }
 
+    /// Distance between rows.
+    pub fn row_stride(&self) -> usize {
+        self.rs
+    }
+
+    /// Distance between columns.
+    pub fn col_stride(&self) -> usize {
+        self.cs
+    }
+
+    /// Row `i` as a slice.
+    ///
+    /// # Panics
+    /// When the columns are not contiguous (`col_stride() != 1`) or `i` is out of range.
+    pub fn row(&self, i: usize) -> &'a [T] {
+        assert!(self.cs == 1 && i < self.rows, "Mat::row: not a contiguous row");
+        let start = self.offset + i * self.rs;
+        &self.data[start..start + self.cols]
+    }
+
+    /// Column `j` as a slice.
+    ///
+    /// # Panics
+    /// When the rows are not contiguous (`row_stride() != 1`) or `j` is out of range.
+    pub fn col(&self, j: usize) -> &'a [T] {
+        assert!(self.rs == 1 && j < self.cols, "Mat::col: not a contiguous column");
+        let start = self.offset + j * self.cs;
+        &self.data[start..start + self.rows]
+    }
+
     /// Rows.
     pub fn rows(&self) -> usize {
         self.rows
@@ -101,6 +131,10 @@ pub fn gemm_into<T: Real>(dst: &mut [T], accumulate: bool, a: &Mat<T>, b: &Mat<T
             dst.fill(T::ZERO);
         }
         return;
+    }
+    if crate::kernels::cpu::few_rows::applies(a, b) {
+        // A few rows against a transposed weight: dot products, the weight read in place.
+        return crate::kernels::cpu::few_rows::few_rows_into(dst, accumulate, a, b);
     }
     let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 {
