@@ -347,6 +347,65 @@ pub fn gemm_rows(
     }
 }
 
+/// `out[j * rows.len() + r] = sum_l rows[r][l] * ws[j][l]`: every row against every weight
+/// row (each row at least as long as the weight rows, which share one length). Blocks of four
+/// weight rows by four rows in sixteen registers, so each pass loads eight vectors for sixteen
+/// FMAs; unmasked loads over the whole 16-lane chunks, a masked one for the tail. The dot
+/// products of [`few_rows`](crate::kernels::cpu::few_rows).
+///
+/// Panics when `out` is shorter than `ws.len() * rows.len()` or the lengths disagree.
+#[target_feature(enable = "avx512f,fma")]
+pub fn dot_rows(rows: &[&[f32]], ws: &[&[f32]], out: &mut [f32]) {
+    let (m, k) = (rows.len(), ws.first().map_or(0, |w| w.len()));
+    let fits = ws.iter().all(|w| w.len() == k) && rows.iter().all(|r| r.len() >= k);
+    assert!(fits && out.len() >= ws.len() * m, "dot_rows: shapes");
+    if m == 0 {
+        return;
+    }
+    let full = k / W * W;
+    let tail = head_mask(k - full);
+    for (jb, wg) in ws.chunks(4).enumerate() {
+        let w = |j: usize| wg[j.min(wg.len() - 1)];
+        let ws4 = [w(0), w(1), w(2), w(3)];
+        for (rb, rg) in rows.chunks(4).enumerate() {
+            let x = |r: usize| rg[r.min(rg.len() - 1)];
+            let xs4 = [x(0), x(1), x(2), x(3)];
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            let mut i = 0;
+            while i < full {
+                // SAFETY: i + 16 <= full <= k, and every row and weight row holds k elements
+                // or more (asserted above).
+                let (wv, xv) = unsafe {
+                    (
+                        ws4.map(|w| _mm512_loadu_ps(w.as_ptr().add(i))),
+                        xs4.map(|x| _mm512_loadu_ps(x.as_ptr().add(i))),
+                    )
+                };
+                for (a, wj) in acc.iter_mut().zip(wv) {
+                    for (b, xr) in a.iter_mut().zip(xv) {
+                        *b = _mm512_fmadd_ps(xr, wj, *b);
+                    }
+                }
+                i += W;
+            }
+            if tail != 0 {
+                let wv = ws4.map(|w| load(w, full, tail, 0.0));
+                let xv = xs4.map(|x| load(x, full, tail, 0.0));
+                for (a, wj) in acc.iter_mut().zip(wv) {
+                    for (b, xr) in a.iter_mut().zip(xv) {
+                        *b = _mm512_fmadd_ps(xr, wj, *b);
+                    }
+                }
+            }
+            for (j, a) in acc.iter().enumerate().take(wg.len()) {
+                for (r, b) in a.iter().enumerate().take(rg.len()) {
+                    out[(jb * 4 + j) * m + rb * 4 + r] = _mm512_reduce_add_ps(*b);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,65 +558,6 @@ mod tests {
                         -1.0
                     };
                     assert_eq!(*x, want, "start {start} n {n} at {j}");
-                }
-            }
-        }
-    }
-}
-
-/// `out[j * rows.len() + r] = sum_l rows[r][l] * ws[j][l]`: every row against every weight
-/// row (each row at least as long as the weight rows, which share one length). Blocks of four
-/// weight rows by four rows in sixteen registers, so each pass loads eight vectors for sixteen
-/// FMAs; unmasked loads over the whole 16-lane chunks, a masked one for the tail. The dot
-/// products of [`few_rows`](crate::kernels::cpu::few_rows).
-///
-/// Panics when `out` is shorter than `ws.len() * rows.len()` or the lengths disagree.
-#[target_feature(enable = "avx512f,fma")]
-pub fn dot_rows(rows: &[&[f32]], ws: &[&[f32]], out: &mut [f32]) {
-    let (m, k) = (rows.len(), ws.first().map_or(0, |w| w.len()));
-    let fits = ws.iter().all(|w| w.len() == k) && rows.iter().all(|r| r.len() >= k);
-    assert!(fits && out.len() >= ws.len() * m, "dot_rows: shapes");
-    if m == 0 {
-        return;
-    }
-    let full = k / W * W;
-    let tail = head_mask(k - full);
-    for (jb, wg) in ws.chunks(4).enumerate() {
-        let w = |j: usize| wg[j.min(wg.len() - 1)];
-        let ws4 = [w(0), w(1), w(2), w(3)];
-        for (rb, rg) in rows.chunks(4).enumerate() {
-            let x = |r: usize| rg[r.min(rg.len() - 1)];
-            let xs4 = [x(0), x(1), x(2), x(3)];
-            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-            let mut i = 0;
-            while i < full {
-                // SAFETY: i + 16 <= full <= k, and every row and weight row holds k elements
-                // or more (asserted above).
-                let (wv, xv) = unsafe {
-                    (
-                        ws4.map(|w| _mm512_loadu_ps(w.as_ptr().add(i))),
-                        xs4.map(|x| _mm512_loadu_ps(x.as_ptr().add(i))),
-                    )
-                };
-                for (a, wj) in acc.iter_mut().zip(wv) {
-                    for (b, xr) in a.iter_mut().zip(xv) {
-                        *b = _mm512_fmadd_ps(xr, wj, *b);
-                    }
-                }
-                i += W;
-            }
-            if tail != 0 {
-                let wv = ws4.map(|w| load(w, full, tail, 0.0));
-                let xv = xs4.map(|x| load(x, full, tail, 0.0));
-                for (a, wj) in acc.iter_mut().zip(wv) {
-                    for (b, xr) in a.iter_mut().zip(xv) {
-                        *b = _mm512_fmadd_ps(xr, wj, *b);
-                    }
-                }
-            }
-            for (j, a) in acc.iter().enumerate().take(wg.len()) {
-                for (r, b) in a.iter().enumerate().take(rg.len()) {
-                    out[(jb * 4 + j) * m + rb * 4 + r] = _mm512_reduce_add_ps(*b);
                 }
             }
         }
