@@ -89,6 +89,10 @@ pub struct StageSpec {
     /// Loss weights by term name (number or schedule); terms not named keep their `weight`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub loss_weights: std::collections::BTreeMap<String, ScalarSpec>,
+    /// Fraction of the stage's steps on samples, in `[0, 1]` (needs `[on_policy]`), e.g. an
+    /// off-policy stage (0) before an on-policy one. Default: `on_policy.lambda`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_policy_lambda: Option<f64>,
 }
 
 impl StageSpec {

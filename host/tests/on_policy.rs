@@ -212,7 +212,7 @@ fn the_sampled_reverse_kl_trains_only_on_the_students_own_samples() {
             "",
             &["loss[0]", "sampled_reverse_kl", "there is no [on_policy] section"][..],
         ),
-        ("[on_policy]\nlambda = 0.5", &["loss[0]", "lambda < 1"]),
+        ("[on_policy]\nlambda = 0.5", &["loss[0]", "on_policy_lambda) < 1"]),
         (
             "[on_policy]\nlambda = 1.0\nseq_kd = true",
             &["loss[0]", "samples from the teacher"],
@@ -230,4 +230,34 @@ fn the_sampled_reverse_kl_trains_only_on_the_students_own_samples() {
     assert!(train.iter().all(|r| r["on_policy"]["steps"] == 3), "every step samples");
     let value = |r: &serde_json::Value| r["terms"]["sampled_reverse_kl"].as_f64().expect("term");
     assert!(train.iter().all(|r| value(r).is_finite()));
+}
+
+#[test]
+fn stages_set_their_own_fraction_of_steps_on_samples() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let stages = "[[stages]]\nname = \"data\"\nsteps = 12\non_policy_lambda = 0.0\n\n\
+                  [[stages]]\nname = \"samples\"\nsteps = 18\non_policy_lambda = 1.0\n";
+    let dir = run(
+        tmp.path(),
+        "staged",
+        &format!("{BASE}\n{stages}\n[on_policy]\nlambda = 0.5\ncompare_off_policy = false\n"),
+    );
+    let train = records(&dir, "train", "student");
+    let sampled = |stage: &str| -> u64 {
+        let of_stage = train.iter().filter(|r| r["stage"] == stage);
+        of_stage.filter_map(|r| r["on_policy"]["steps"].as_u64()).sum()
+    };
+    assert_eq!(sampled("data"), 0, "{train:?}");
+    assert_eq!(sampled("samples"), 18, "{train:?}");
+    std::fs::write(tmp.path().join("c.toml"), format!("{BASE}\n{stages}\n")).expect("config");
+    assert_user_error(
+        &retort(&["check", "c.toml"], tmp.path()),
+        &["stages[0].on_policy_lambda", "[on_policy]"],
+    );
+    let bad = stages.replace("on_policy_lambda = 1.0", "on_policy_lambda = 2.0");
+    std::fs::write(tmp.path().join("c.toml"), format!("{BASE}\n{bad}\n[on_policy]\n")).expect("config");
+    assert_user_error(
+        &retort(&["check", "c.toml"], tmp.path()),
+        &["stages[1].on_policy_lambda", "[0, 1]"],
+    );
 }

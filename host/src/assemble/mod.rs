@@ -227,7 +227,10 @@ impl<'r> Pipeline<'r> {
     /// Whether the run also trains the student off-policy to compare it with the on-policy one
     /// (`on_policy.compare_off_policy`, when some steps sample).
     pub fn compares_off_policy(&self) -> bool {
-        let samples = self.on_policy.as_ref().is_some_and(|p| p.lambda > 0.0);
+        let samples = self
+            .on_policy
+            .as_ref()
+            .is_some_and(|p| p.sampled_steps(&self.config) > 0);
         samples && self.config.on_policy.as_ref().is_some_and(|s| s.compare_off_policy)
     }
 

@@ -51,11 +51,12 @@ impl OnPolicyPlan {
                 ),
             ));
         }
-        if s.lambda < 1.0 || s.seq_kd {
+        let lambdas = super::stages::stage_lambdas(config, s.lambda);
+        if lambdas.iter().any(|&(_, l)| l < 1.0) || s.seq_kd {
             let why = if s.seq_kd {
                 "on_policy.seq_kd = true samples from the teacher"
             } else {
-                "on_policy.lambda < 1 trains some steps on the data"
+                "on_policy.lambda (or a stage's on_policy_lambda) < 1 trains some steps on the data"
             };
             check_no_sample_terms(terms, why)?;
         }
@@ -93,8 +94,22 @@ impl OnPolicyPlan {
     /// Whether step `step` (counted from 0 over the phase) trains on samples: the steps where
     /// `floor(step * lambda)` grows, spread evenly, `lambda` of them in all.
     pub fn on_step(&self, step: usize) -> bool {
-        let at = |s: usize| (s as f64 * self.lambda).floor();
+        Self::samples_at(self.lambda, step)
+    }
+
+    /// Whether step `step` (from 0) of a stretch with fraction `lambda` samples.
+    pub fn samples_at(lambda: f64, step: usize) -> bool {
+        let at = |s: usize| (s as f64 * lambda).floor();
         at(step + 1) > at(step)
+    }
+
+    /// On-policy steps of the student phase of `config`, stage by stage.
+    pub fn sampled_steps(&self, config: &RunConfig) -> usize {
+        let lambdas = super::stages::stage_lambdas(config, self.lambda);
+        let per_stage = lambdas
+            .iter()
+            .map(|&(n, l)| (0..n).filter(|&s| Self::samples_at(l, s)).count());
+        per_stage.sum()
     }
 
     /// Tokens of a sampled window: the prompt and the new tokens but the last (a window's

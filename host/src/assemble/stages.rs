@@ -34,6 +34,9 @@ pub struct Stage {
     pub grad_accum: usize,
     /// Weights of the terms for this stage (`None`: each term's configured weight).
     pub weights: Option<Vec<Scalar>>,
+    /// Fraction of the stage's steps on samples when the phase samples (`None`:
+    /// `on_policy.lambda`).
+    pub on_policy_lambda: Option<f64>,
 }
 
 impl Stage {
@@ -50,6 +53,7 @@ impl Stage {
             grad_clip: train.grad_clip,
             grad_accum: train.grad_accum.max(1),
             weights: None,
+            on_policy_lambda: None,
         }
     }
 }
@@ -109,7 +113,41 @@ fn stage(config: &RunConfig, ctx: &BuildContext, terms: &[TermSlot], i: usize, s
         grad_clip: st.grad_clip.unwrap_or(t.grad_clip),
         grad_accum: st.grad_accum.unwrap_or(t.grad_accum).max(1),
         weights: stage_weights(config, ctx, terms, &key, st)?,
+        on_policy_lambda: stage_lambda(config, &key, st)?,
     })
+}
+
+/// A stage's `on_policy_lambda`, which needs `[on_policy]` and lies in [0, 1].
+fn stage_lambda(config: &RunConfig, key: &str, st: &StageSpec) -> Result<Option<f64>> {
+    let Some(lambda) = st.on_policy_lambda else {
+        return Ok(None);
+    };
+    let key = format!("{key}.on_policy_lambda");
+    if config.on_policy.is_none() {
+        return Err(Error::config(
+            key,
+            "needs an [on_policy] section (how to sample); add one, or remove the key",
+        ));
+    }
+    if !(lambda.is_finite() && (0.0..=1.0).contains(&lambda)) {
+        return Err(Error::config(
+            key,
+            format!("expected the fraction of the stage's steps on samples, a number in [0, 1], got {lambda}"),
+        ));
+    }
+    Ok(Some(lambda))
+}
+
+/// The fraction of the steps on samples of each student stage: its `on_policy_lambda`, else
+/// `lambda` (`on_policy.lambda`).
+pub fn stage_lambdas(config: &RunConfig, lambda: f64) -> Vec<(usize, f64)> {
+    if config.stages.is_empty() {
+        return vec![(config.train.steps, lambda)];
+    }
+    let stages = config.stages.iter();
+    stages
+        .map(|s| (s.steps, s.on_policy_lambda.unwrap_or(lambda)))
+        .collect()
 }
 
 /// A stage's `loss_weights`, each term falling back on its own weight; `None` without any.

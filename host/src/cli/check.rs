@@ -62,7 +62,7 @@ impl CheckArgs {
         }
         if let Some(plan) = &p.on_policy {
             let steps = p.student_steps();
-            let sampled = (0..steps).filter(|&s| plan.on_step(s)).count();
+            let sampled = plan.sampled_steps(&p.config);
             let reference = if p.compares_off_policy() {
                 ", and an off-policy reference (phase `offpolicy`)"
             } else {

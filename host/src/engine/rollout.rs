@@ -84,9 +84,10 @@ impl<'a> Rollout<'a> {
         Rollout { plan, model }
     }
 
-    /// Whether step `step` (from 0) trains on samples.
-    pub fn on_step(&self, step: usize) -> bool {
-        self.plan.on_step(step)
+    /// Whether step `step` (from 0) of a stage whose fraction of steps on samples is
+    /// `lambda` (`None`: `on_policy.lambda`) trains on samples.
+    pub fn on_step(&self, lambda: Option<f64>, step: usize) -> bool {
+        OnPolicyPlan::samples_at(lambda.unwrap_or(self.plan.lambda), step)
     }
 
     /// The sampled windows of micro-batch `micro` of step `step`: the first

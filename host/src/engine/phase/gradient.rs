@@ -162,7 +162,7 @@ impl<'a> Objective<'a> {
         let mut rollout = self
             .rollout
             .as_ref()
-            .filter(|r| r.on_step(step.index))
+            .filter(|r| r.on_step(step.stage_lambda, step.stage_step))
             .map(|_| RolloutTotals {
                 steps: 1,
                 ..RolloutTotals::default()
@@ -361,8 +361,13 @@ pub(super) struct StepInput<'s> {
     pub progress: Progress,
     /// The terms' configured weights at this step (what the router starts from).
     pub base_weights: &'s [f64],
-    /// The step's index in the phase, from 0 (which steps sample, and the samples' seeds).
+    /// The step's index in the phase, from 0 (the samples' seeds).
     pub index: usize,
+    /// The step's index in its stage, from 0, and the stage's fraction of steps on samples
+    /// (`None`: `on_policy.lambda`): which steps sample.
+    pub stage_step: usize,
+    /// See `stage_step`.
+    pub stage_lambda: Option<f64>,
 }
 
 impl StepGradient {

@@ -55,6 +55,8 @@ impl PhaseRun<'_> {
             progress: step.progress,
             base_weights: &base_weights,
             index: step.done - 1,
+            stage_step: step.done - 1 - self.plan.start(stage.index),
+            stage_lambda: def.on_policy_lambda,
         };
         let gradient = self.objective.gradient(&mut self.batcher, &stage.opt, input)?;
         if let Some(s) = self.stages.last_mut() {
