@@ -6,8 +6,7 @@ use candle_core::Tensor;
 
 use retort_core::{Decoder, Result};
 
-use super::{Activation, Block, Transformer};
-use crate::kernels::gelu::gelu;
+use super::{Block, Transformer};
 use crate::models::nn::{linear, matmul};
 
 /// A [`Decoder`] of a transformer (frozen or in training: the cache keeps no gradient).
@@ -89,14 +88,7 @@ fn block_step(
         candle_nn::ops::softmax_last_dim(&scores)?
     };
     let y = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, t, d))?;
-    let x = (x + linear(&y, &blk.attn_proj.0, &blk.attn_proj.1)?)?;
-    let h = m.norm(&x, &blk.ln_2, eps)?;
-    let a = linear(&h, &blk.c_fc.0, &blk.c_fc.1)?;
-    let a = match m.cfg.activation {
-        Activation::Gelu => gelu(&a)?,
-        Activation::Relu => a.relu()?,
-    };
-    Ok((x + linear(&a, &blk.mlp_proj.0, &blk.mlp_proj.1)?)?.detach())
+    Ok(m.after_attention(blk, x, &y)?.detach())
 }
 
 impl Decoder for TransformerDecoder<'_> {

@@ -480,15 +480,20 @@ impl Transformer {
             let y = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, t, d))?;
             (y, Some(probs))
         };
-        let x = (x + linear(&y, &blk.attn_proj.0, &blk.attn_proj.1)?)?;
-        let h = self.norm(&x, &blk.ln_2, eps)?;
+        Ok((self.after_attention(blk, x, &y)?, probs.filter(|_| want_attn)))
+    }
+
+    /// The rest of a block after attention's output `y`: `x + proj(y)`, then the MLP with its
+    /// residual.
+    fn after_attention(&self, blk: &Block, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let x = (x + linear(y, &blk.attn_proj.0, &blk.attn_proj.1)?)?;
+        let h = self.norm(&x, &blk.ln_2, self.cfg.layer_norm_eps)?;
         let a = linear(&h, &blk.c_fc.0, &blk.c_fc.1)?;
         let a = match self.cfg.activation {
             Activation::Gelu => gelu(&a)?,
             Activation::Relu => a.relu()?,
         };
-        let x = (x + linear(&a, &blk.mlp_proj.0, &blk.mlp_proj.1)?)?;
-        Ok((x, probs.filter(|_| want_attn)))
+        Ok((x + linear(&a, &blk.mlp_proj.0, &blk.mlp_proj.1)?)?)
     }
 }
 
