@@ -261,3 +261,36 @@ fn stages_set_their_own_fraction_of_steps_on_samples() {
         &["stages[1].on_policy_lambda", "[0, 1]"],
     );
 }
+
+#[test]
+fn a_teacher_read_from_a_logit_cache_cannot_score_samples() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = run(tmp.path(), "teach", BASE);
+    let data = &BASE[BASE.find("[data]").expect("data")..BASE.find("[teacher]").expect("teacher")];
+    let teacher = dir.join("teacher").display().to_string();
+    let cache = format!(
+        "{data}[teacher]\nkind = \"transformer\"\ncheckpoint = \"{teacher}\"\n\
+         [train]\nseq_len = 16\n"
+    );
+    std::fs::write(tmp.path().join("t.toml"), cache).expect("config");
+    let o = retort(&["cache", "t.toml", "--out", "cache", "--k", "8"], tmp.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let cached = format!(
+        "{data}[teacher]\nkind = \"cached\"\npath = \"cache\"\n\
+         [student]\nkind = \"transformer\"\nn_layer = 1\nn_embd = 16\nn_head = 2\ncontext = 16\n\
+         [[loss]]\nkind = \"topk_kl\"\nk = 8\n[train]\nsteps = 2\nbatch_size = 4\nseq_len = 16\n"
+    );
+    std::fs::write(
+        tmp.path().join("c.toml"),
+        format!("{cached}\n[on_policy]\nlambda = 0.5\n"),
+    )
+    .expect("config");
+    assert_user_error(
+        &retort(&["check", "c.toml"], tmp.path()),
+        &["on_policy", "cannot score sampled sequences"],
+    );
+    // Without [on_policy] the same config is accepted.
+    std::fs::write(tmp.path().join("c.toml"), &cached).expect("config");
+    let o = retort(&["check", "c.toml"], tmp.path());
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+}
