@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use retort_core::{Batch, Error, Params, Registry, Result, TapSet};
 
 use crate::assemble::model_file::{check_vocab, kind_of, load_model_file, load_tokenizer};
-use retort_plugins::models::generate::{sample_batch, CachedDecoder, Decoder, Sampling, WindowDecoder};
+use retort_plugins::models::generate::{sample_batch, Decoder, LlamaDecoder, Sampling, WindowDecoder};
 
 /// Options of `retort generate`.
 #[derive(Debug, Clone, clap::Args)]
@@ -131,7 +131,7 @@ fn generate_llama(
     let prompt = prompt_ids(tokenizer.as_ref(), &opts.prompt)?;
     let t0 = Instant::now();
     let outs = sample(
-        &mut CachedDecoder::new(&model),
+        &mut LlamaDecoder::new(&model),
         opts,
         &prompt,
         opts.eos(tokenizer.as_ref()),

@@ -3,7 +3,8 @@
 //! tokens and the smallest top-p nucleus, drawn from a seeded ChaCha8 stream per sequence
 //! (stream `i` for sequence `i`, so a sequence's tokens do not depend on the batch it is in).
 //! A [`Decoder`] feeds the model: [`WindowDecoder`] works with any model and re-runs the window
-//! every step; [`CachedDecoder`] decodes a llama incrementally with a key/value cache.
+//! every step; [`CachedDecoder`] decodes a model with a key/value cache ([`KvModel`]: the
+//! llama here, the transformer in its module) incrementally.
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -125,29 +126,49 @@ impl Decoder for WindowDecoder<'_> {
     }
 }
 
-/// A llama with a key/value cache: the prompts run once, then one token per step. When the
+/// A model that runs new positions through a key/value cache it owns.
+pub trait KvModel {
+    /// Positions cached.
+    fn cached(&self) -> Result<usize>;
+    /// Empties the cache.
+    fn reset(&mut self);
+    /// Logits `[batch, t, vocab]` of `ids` `[batch, t]` at the next `t` positions, whose keys
+    /// and values are appended to the cache.
+    fn extend(&mut self, ids: &Tensor) -> Result<Tensor>;
+    /// Positions the model attends over at most.
+    fn context(&self) -> usize;
+}
+
+/// A [`KvModel`] as a [`Decoder`]: the prompts run once, then one token per step. When the
 /// cache reaches the context, decoding restarts from the last half-context of tokens.
-pub struct CachedDecoder<'a> {
-    model: &'a crate::models::llama::Llama,
-    cache: crate::models::llama::model::KvCache,
+pub struct CachedDecoder<M> {
+    model: M,
     ids: Option<Tensor>,
 }
 
-impl<'a> CachedDecoder<'a> {
-    /// An empty cache for `model` (frozen: no gradient is kept).
-    pub fn new(model: &'a crate::models::llama::Llama) -> Self {
-        CachedDecoder {
-            model,
-            cache: model.new_cache(),
-            ids: None,
-        }
+impl<M: KvModel> CachedDecoder<M> {
+    /// Decodes through `model` (its cache empty).
+    pub fn with(model: M) -> Self {
+        CachedDecoder { model, ids: None }
     }
 }
 
-impl Decoder for CachedDecoder<'_> {
+/// The [`Decoder`] of a llama.
+pub type LlamaDecoder<'a> = CachedDecoder<LlamaCache<'a>>;
+
+impl<'a> CachedDecoder<LlamaCache<'a>> {
+    /// A llama with an empty cache (frozen or in training: decoding keeps no gradient).
+    pub fn new(model: &'a crate::models::llama::Llama) -> Self {
+        Self::with(LlamaCache {
+            model,
+            cache: model.new_cache(),
+        })
+    }
+}
+
+impl<M: KvModel> Decoder for CachedDecoder<M> {
     fn next_logits(&mut self, new: &Tensor) -> Result<Tensor> {
-        use retort_core::Model;
-        let context = self.model.context_len();
+        let context = self.model.context();
         let first = self.ids.is_none();
         let ids = match self.ids.take() {
             Some(old) => Tensor::cat(&[&old, new], 1)?,
@@ -155,15 +176,36 @@ impl Decoder for CachedDecoder<'_> {
         };
         let len = ids.dim(1)?;
         let mut feed = new.clone();
-        if self.cache.pos() + new.dim(1)? > context {
-            self.cache = self.model.new_cache();
+        if self.model.cached()? + new.dim(1)? > context {
+            self.model.reset();
             let keep = if first { context } else { (context / 2).max(1) }.min(len);
             feed = ids.narrow(1, len - keep, keep)?;
         }
-        let logits = self.model.forward_cached(&feed, &mut self.cache)?;
+        let logits = self.model.extend(&feed)?;
         self.ids = Some(ids);
         let t = logits.dim(1)?;
-        Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?)
+        Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?)
+    }
+}
+
+/// A llama and its key/value cache.
+pub struct LlamaCache<'a> {
+    model: &'a crate::models::llama::Llama,
+    cache: crate::models::llama::model::KvCache,
+}
+
+impl KvModel for LlamaCache<'_> {
+    fn cached(&self) -> Result<usize> {
+        Ok(self.cache.pos())
+    }
+    fn reset(&mut self) {
+        self.cache = self.model.new_cache();
+    }
+    fn extend(&mut self, ids: &Tensor) -> Result<Tensor> {
+        self.model.forward_cached(ids, &mut self.cache)
+    }
+    fn context(&self) -> usize {
+        retort_core::Model::context_len(self.model)
     }
 }
 
@@ -250,7 +292,7 @@ pub fn generate(
     Ok(sample_batch(&mut decoder, &[prompt.to_vec()], eos, s, device)?.remove(0))
 }
 
-/// [`sample_batch`] of one prompt with a llama through [`CachedDecoder`].
+/// [`sample_batch`] of one prompt with a llama through its [`LlamaDecoder`].
 pub fn generate_cached(
     model: &crate::models::llama::Llama,
     prompt: &[u32],
@@ -258,7 +300,7 @@ pub fn generate_cached(
     s: &Sampling,
     device: &Device,
 ) -> Result<Vec<u32>> {
-    let mut decoder = CachedDecoder::new(model);
+    let mut decoder = LlamaDecoder::new(model);
     Ok(sample_batch(&mut decoder, &[prompt.to_vec()], eos, s, device)?.remove(0))
 }
 
@@ -368,10 +410,10 @@ mod tests {
             },
             sampled,
         ] {
-            let all = sample_batch(&mut CachedDecoder::new(&m), &prompts, None, &s, &Device::Cpu).expect("batch");
+            let all = sample_batch(&mut LlamaDecoder::new(&m), &prompts, None, &s, &Device::Cpu).expect("batch");
             for i in 0..prompts.len() {
                 let fewer =
-                    sample_batch(&mut CachedDecoder::new(&m), &prompts[..=i], None, &s, &Device::Cpu).expect("fewer");
+                    sample_batch(&mut LlamaDecoder::new(&m), &prompts[..=i], None, &s, &Device::Cpu).expect("fewer");
                 assert_eq!(fewer[i], all[i], "sequence {i} depends on its batch ({s:?})");
             }
             let f = |x: &Tensor| Ok(m.forward_ids(x, &TapSet::none())?.logits);

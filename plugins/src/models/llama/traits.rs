@@ -78,7 +78,7 @@ impl Model for Llama {
     }
 
     fn decoder(&self) -> Option<Box<dyn retort_core::Decoder + '_>> {
-        Some(Box::new(crate::models::generate::CachedDecoder::new(self)))
+        Some(Box::new(crate::models::generate::LlamaDecoder::new(self)))
     }
 }
 

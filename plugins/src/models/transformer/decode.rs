@@ -4,42 +4,49 @@
 
 use candle_core::Tensor;
 
-use retort_core::{Decoder, Result};
+use retort_core::Result;
 
 use super::{Block, Transformer};
+use crate::models::generate::{CachedDecoder, KvModel};
 use crate::models::nn::{linear, matmul};
 
-/// A [`Decoder`] of a transformer (frozen or in training: the cache keeps no gradient).
-pub struct TransformerDecoder<'a> {
+/// A transformer and its key/value cache.
+pub struct TransformerCache<'a> {
     model: &'a Transformer,
     /// Keys and values per block, `[batch, heads, pos, head_dim]`.
     cache: Vec<Option<(Tensor, Tensor)>>,
-    /// Every token consumed so far, `[batch, len]`.
-    ids: Option<Tensor>,
 }
 
-impl<'a> TransformerDecoder<'a> {
+/// The [`Decoder`] of a transformer (frozen or in training: the cache keeps no gradient).
+pub type TransformerDecoder<'a> = CachedDecoder<TransformerCache<'a>>;
+
+impl<'a> CachedDecoder<TransformerCache<'a>> {
     /// An empty cache for `model`.
     pub fn new(model: &'a Transformer) -> Self {
-        TransformerDecoder {
+        Self::with(TransformerCache {
             model,
             cache: vec![None; model.blocks.len()],
-            ids: None,
-        }
+        })
     }
+}
 
-    fn pos(&self) -> Result<usize> {
+impl KvModel for TransformerCache<'_> {
+    fn cached(&self) -> Result<usize> {
         Ok(match &self.cache[0] {
             Some((k, _)) => k.dim(2)?,
             None => 0,
         })
     }
 
+    fn reset(&mut self) {
+        self.cache = vec![None; self.model.blocks.len()];
+    }
+
     /// Logits `[batch, t, vocab]` of `ids` `[batch, t]` at positions `pos..pos + t`.
-    fn forward(&mut self, ids: &Tensor) -> Result<Tensor> {
+    fn extend(&mut self, ids: &Tensor) -> Result<Tensor> {
         let m = self.model;
         let (b, t) = ids.dims2()?;
-        let pos = self.pos()?;
+        let pos = self.cached()?;
         let d = m.cfg.n_embd;
         let tok = m.wte.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))?;
         let mut x = tok.broadcast_add(&m.wpe.narrow(0, pos, t)?)?.detach();
@@ -49,6 +56,10 @@ impl<'a> TransformerDecoder<'a> {
         let x = m.norm(&x, &m.ln_f, m.cfg.layer_norm_eps)?;
         let logits = matmul(&x.reshape((b * t, d))?, &m.wte.t()?)?;
         Ok(logits.reshape((b, t, m.cfg.vocab_size))?.detach())
+    }
+
+    fn context(&self) -> usize {
+        self.model.cfg.context
     }
 }
 
@@ -91,33 +102,12 @@ fn block_step(
     Ok(m.after_attention(blk, x, &y)?.detach())
 }
 
-impl Decoder for TransformerDecoder<'_> {
-    fn next_logits(&mut self, new: &Tensor) -> Result<Tensor> {
-        let context = self.model.cfg.context;
-        let first = self.ids.is_none();
-        let ids = match self.ids.take() {
-            Some(old) => Tensor::cat(&[&old, new], 1)?,
-            None => new.clone(),
-        };
-        let len = ids.dim(1)?;
-        let mut feed = new.clone();
-        if self.pos()? + new.dim(1)? > context {
-            self.cache = vec![None; self.model.blocks.len()];
-            let keep = if first { context } else { (context / 2).max(1) }.min(len);
-            feed = ids.narrow(1, len - keep, keep)?;
-        }
-        let logits = self.forward(&feed)?;
-        self.ids = Some(ids);
-        let t = logits.dim(1)?;
-        Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::models::generate::{sample_batch, Sampling, WindowDecoder};
     use candle_core::{DType, Device};
+    use retort_core::Decoder;
     use retort_core::{Batch, Model, TapSet};
 
     fn model(activation: &str, dtype: &str) -> Transformer {
