@@ -82,7 +82,7 @@ fn by_y_dy<R>(
 
 /// Strided access to a `[B, H, T, d]` input: element `(b, h, t, 0)` at `at(b, h, t)`.
 #[derive(Clone, Copy)]
-struct View {
+pub(super) struct View {
     start: usize,
     sb: usize,
     sh: usize,
@@ -90,7 +90,7 @@ struct View {
 }
 
 impl View {
-    fn of(l: &Layout) -> Self {
+    pub(super) fn of(l: &Layout) -> Self {
         let s = l.stride();
         View {
             start: l.start_offset(),
@@ -100,7 +100,7 @@ impl View {
         }
     }
     #[inline(always)]
-    fn at(&self, b: usize, h: usize, t: usize) -> usize {
+    pub(super) fn at(&self, b: usize, h: usize, t: usize) -> usize {
         self.start + b * self.sb + h * self.sh + t * self.st
     }
 }
@@ -114,7 +114,7 @@ struct Dims {
     d: usize,
 }
 
-fn storage_of<T: Real>(s: &CpuStorage) -> Result<&[T]> {
+pub(super) fn storage_of<T: Real>(s: &CpuStorage) -> Result<&[T]> {
     match T::slice(s) {
         Some(v) => Ok(v),
         None => bail!("causal attention: expected {:?}, got {:?}", T::DTYPE, s.dtype()),

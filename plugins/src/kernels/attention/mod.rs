@@ -17,6 +17,7 @@
 
 pub mod composite;
 pub(crate) mod cpu;
+pub mod decode;
 #[cfg(test)]
 mod tests;
 

@@ -61,7 +61,7 @@ pub fn few_rows_into<T: Real>(dst: &mut [T], accumulate: bool, a: &Mat<T>, b: &M
 
 /// `out[j * m + i] = dot(rows[i], ws[j])`: in f32 with AVX-512 FMAs where the CPU has them
 /// (LLVM makes the generic loop two lanes wide), else the generic loop.
-fn dots_into<T: Real>(rows: &[&[T]], ws: &[&[T]], out: &mut [T]) {
+pub(crate) fn dots_into<T: Real>(rows: &[&[T]], ws: &[&[T]], out: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
     if as_f32(&out[..0]).is_some() {
         let rows32: Option<Vec<&[f32]>> = rows.iter().map(|r| as_f32(r)).collect();
@@ -89,7 +89,7 @@ fn dots<T: Real>(rows: &[&[T]], ws: &[&[T]], out: &mut [T]) {
 
 /// `sum_l x[l] * w[l]` with [`LANES`] independent partial sums.
 #[inline(always)]
-fn dot<T: Real>(x: &[T], w: &[T]) -> T {
+pub(crate) fn dot<T: Real>(x: &[T], w: &[T]) -> T {
     let mut acc = [T::ZERO; LANES];
     let (xc, wc) = (x.chunks_exact(LANES), w.chunks_exact(LANES));
     let (xr, wr) = (xc.remainder(), wc.remainder());

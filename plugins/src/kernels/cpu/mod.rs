@@ -18,5 +18,6 @@ pub mod fastmath;
 pub mod few_rows;
 pub mod gpt2_block;
 pub mod linear;
+pub mod quant;
 pub(crate) mod raw;
 pub mod rows;

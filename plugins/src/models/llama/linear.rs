@@ -1,17 +1,36 @@
 //! A linear layer in the Hugging Face layout (`weight` `[out, in]`, optional `bias` `[out]`),
-//! dense (trainable, differentiable) or quantized (a frozen GGUF weight run through
-//! `QMatMul`).
+//! dense (trainable, differentiable) or quantized (a frozen GGUF weight: Q4_0, Q4_1 and Q8_0
+//! on the CPU through the block kernels of `kernels::cpu::quant`, any other format or device
+//! through candle's `QMatMul`).
 
-use candle_core::quantized::QMatMul;
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor};
+
+use crate::kernels::cpu::quant::{BlockWeight, QuantMatMul};
 
 /// The weight of a linear layer.
 #[derive(Debug, Clone)]
 pub enum Weight {
     /// A dense `[out, in]` tensor (a `Var`'s tensor when trainable).
     Dense(Tensor),
-    /// A quantized `[out, in]` GGUF tensor; no gradient flows through it.
+    /// A quantized `[out, in]` GGUF weight in a block format the CPU multiplies directly
+    /// (activations stay f32; the weight gets no gradient, the input does).
+    Blocks(QuantMatMul),
+    /// Any other quantized `[out, in]` GGUF tensor; no gradient flows through it.
     Quantized(QMatMul),
+}
+
+impl Weight {
+    /// The frozen weight of a GGUF tensor: [`Weight::Blocks`] where the CPU kernels read its
+    /// format, else candle's `QMatMul`.
+    pub fn quantized(q: Arc<QTensor>) -> Result<Self> {
+        Ok(match BlockWeight::from_qtensor(&q)? {
+            Some(w) => Weight::Blocks(QuantMatMul(Arc::new(w))),
+            None => Weight::Quantized(QMatMul::from_arc(q)?),
+        })
+    }
 }
 
 /// `y = x W^T + b`.
@@ -39,11 +58,12 @@ impl Linear {
             .last()
             .ok_or_else(|| candle_core::Error::Msg("linear: scalar input".into()))?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let q = match &self.weight {
+        let x2 = x.reshape((rows, inp))?;
+        let y = match &self.weight {
             Weight::Dense(w) => return crate::models::nn::linear_opt(x, &w.t()?, self.bias.as_ref()),
-            Weight::Quantized(q) => q,
+            Weight::Blocks(q) => q.forward(&x2)?,
+            Weight::Quantized(q) => q.forward(&x2)?,
         };
-        let y = q.forward(&x.reshape((rows, inp))?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -61,6 +81,7 @@ impl Linear {
         Linear {
             weight: match &self.weight {
                 Weight::Dense(w) => Weight::Dense(w.detach()),
+                Weight::Blocks(q) => Weight::Blocks(q.clone()),
                 Weight::Quantized(q) => Weight::Quantized(q.clone()),
             },
             bias: self.bias.as_ref().map(Tensor::detach),

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use retort_core::{Error, Outputs, Result, TapSet, LM_HEAD_TAP};
@@ -269,7 +269,7 @@ impl Llama {
             };
             let weight = match (dense.get(w), quant.get(w)) {
                 (Some(t), _) => Weight::Dense(t.clone()),
-                (None, Some(q)) => Weight::Quantized(QMatMul::from_arc(q.clone())?),
+                (None, Some(q)) => Weight::quantized(q.clone())?,
                 (None, None) => return Err(Error::Runtime(format!("missing tensor {w}"))),
             };
             Ok(Linear { weight, bias })
@@ -321,7 +321,7 @@ impl Llama {
                 // As llama.cpp and candle-transformers do: the tied head multiplies by the
                 // quantized embedding, the lookup uses its dequantized copy.
                 Some(q) => Linear {
-                    weight: Weight::Quantized(QMatMul::from_arc(q)?),
+                    weight: Weight::quantized(q)?,
                     bias: None,
                 },
                 None => Linear::dense(embed.clone(), None),
@@ -398,7 +398,7 @@ impl Llama {
         mask: Option<&Tensor>,
         want_probs: bool,
         offset: usize,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut candle_nn::kv_cache::KvCache>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, d) = h.dims3()?;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim());
@@ -418,23 +418,20 @@ impl Llama {
         } else {
             (self.rope.apply_at(&q, offset)?, self.rope.apply_at(&k, offset)?)
         };
-        let cached = cache.is_some().then_some(());
+        let cached = cache.is_some();
         let (k, v) = match cache {
-            Some(slot) => {
-                // Decoding keeps no gradient: a cache attached to a trained model's graph would
-                // hold every step's activations.
-                let (k, v) = (k.detach(), v.detach());
-                let (k, v) = match slot.take() {
-                    Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            // Decoding keeps no gradient: a cache attached to a trained model's graph would
+            // hold every step's activations. The cache returns views of its filled part.
+            Some(kv) => kv.append(&k.detach(), &v.detach())?,
             None => (k, v),
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        if cached.is_none() && offset == 0 && !want_probs && attention::supports(&q, &k, &v) {
+        if cached && !want_probs && attention::decode::supports(&q, &k, &v) {
+            // The new positions over the cache: grouped-query heads read in place, no copy.
+            let y = attention::decode::cached_attention(&q, &k, &v, scale)?;
+            return Ok((l.o.forward(&y)?, None));
+        }
+        if !cached && offset == 0 && !want_probs && attention::supports(&q, &k, &v) {
             // The fused kernel on CPU f32/f64: causal over the window, grouped-query heads
             // read in place (no repeated keys and values), no [T, T] tensor.
             let y = attention::fused(&q, &k, &v, scale)?;
@@ -473,8 +470,9 @@ impl Llama {
 
     /// An empty key/value cache for [`Llama::forward_cached`].
     pub fn new_cache(&self) -> KvCache {
+        let capacity = KV_CAPACITY.min(self.cfg.context);
         KvCache {
-            layers: vec![None; self.cfg.n_layer],
+            layers: vec![candle_nn::kv_cache::KvCache::new(2, capacity); self.cfg.n_layer],
             pos: 0,
         }
     }
@@ -545,10 +543,15 @@ impl Llama {
     }
 }
 
-/// Keys and values of every position decoded so far, per layer (`[batch, kv_heads, pos, head_dim]`).
+/// Positions a key/value cache holds before it grows (by as many again): keys and values are
+/// written in place into preallocated tensors, so a decoding step copies only its new ones.
+const KV_CAPACITY: usize = 256;
+
+/// Keys and values of every position decoded so far, per layer (`[batch, kv_heads, pos,
+/// head_dim]` views of candle's preallocated `kv_cache::KvCache`).
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<candle_nn::kv_cache::KvCache>,
     pos: usize,
 }
 

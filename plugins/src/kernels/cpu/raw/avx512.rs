@@ -406,6 +406,55 @@ pub fn dot_rows(rows: &[&[f32]], ws: &[&[f32]], out: &mut [f32]) {
     }
 }
 
+/// GGML 4-bit blocks to floats: block `b` (16 bytes of `q`, element `i` in the low nibble of
+/// byte `i` and element `i + 16` in the high one) becomes `out[32 b..32 b + 32] = d[b] q + m[b]`,
+/// a product then a sum (not a fused multiply-add), as GGML rounds it.
+///
+/// Panics unless `q` holds 16 bytes, `m` one offset and `out` 32 floats per scale in `d`.
+#[target_feature(enable = "avx512f")]
+pub fn dequantize_nibbles(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
+    let nb = d.len();
+    assert!(
+        q.len() == 16 * nb && m.len() == nb && out.len() == 32 * nb,
+        "dequantize_nibbles: shapes"
+    );
+    let low = _mm512_set1_epi32(0x0F);
+    for b in 0..nb {
+        // SAFETY: bytes 16 b..16 b + 16 of q and floats 32 b..32 b + 32 of out exist (asserted).
+        unsafe {
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr().add(16 * b).cast()));
+            let (dv, mv) = (_mm512_set1_ps(d[b]), _mm512_set1_ps(m[b]));
+            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v));
+            let o = out.as_mut_ptr().add(32 * b);
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_mul_ps(lo, dv), mv));
+            _mm512_storeu_ps(o.add(16), _mm512_add_ps(_mm512_mul_ps(hi, dv), mv));
+        }
+    }
+}
+
+/// GGML 8-bit blocks to floats: block `b` (32 signed bytes of `q`) becomes
+/// `out[32 b..32 b + 32] = d[b] q`.
+///
+/// Panics unless `q` holds 32 bytes and `out` 32 floats per scale in `d`.
+#[target_feature(enable = "avx512f")]
+pub fn dequantize_bytes(q: &[u8], d: &[f32], out: &mut [f32]) {
+    let nb = d.len();
+    assert!(q.len() == 32 * nb && out.len() == 32 * nb, "dequantize_bytes: shapes");
+    for b in 0..nb {
+        // SAFETY: bytes 32 b..32 b + 32 of q and floats 32 b..32 b + 32 of out exist (asserted).
+        unsafe {
+            let p = q.as_ptr().add(32 * b);
+            let dv = _mm512_set1_ps(d[b]);
+            let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16).cast())));
+            let o = out.as_mut_ptr().add(32 * b);
+            _mm512_storeu_ps(o, _mm512_mul_ps(lo, dv));
+            _mm512_storeu_ps(o.add(16), _mm512_mul_ps(hi, dv));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

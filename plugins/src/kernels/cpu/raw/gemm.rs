@@ -121,6 +121,12 @@ impl<'a, T: Real> Mat<'a, T> {
 /// # Panics
 /// When the inner dims differ or `dst` does not hold `m * n` elements.
 pub fn gemm_into<T: Real>(dst: &mut [T], accumulate: bool, a: &Mat<T>, b: &Mat<T>) {
+    gemm_into_on(dst, accumulate, a, b, rayon::current_num_threads())
+}
+
+/// [`gemm_into`] on at most `threads` threads of the rayon pool (1: on the calling thread, for
+/// products that are themselves one task of a parallel loop).
+pub fn gemm_into_on<T: Real>(dst: &mut [T], accumulate: bool, a: &Mat<T>, b: &Mat<T>, threads: usize) {
     assert!(a.cols == b.rows && dst.len() == a.rows * b.cols, "gemm_into: shapes");
     let (m, n, k) = (a.rows, b.cols, a.cols);
     if m == 0 || n == 0 {
@@ -136,7 +142,6 @@ pub fn gemm_into<T: Real>(dst: &mut [T], accumulate: bool, a: &Mat<T>, b: &Mat<T
         // A few rows against a transposed weight: dot products, the weight read in place.
         return crate::kernels::cpu::few_rows::few_rows_into(dst, accumulate, a, b);
     }
-    let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
