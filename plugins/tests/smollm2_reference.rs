@@ -6,13 +6,14 @@
 //!     last-position logits, max abs difference; (b) greedy generation from
 //!     "The capital of France is" continues with " Paris".
 //!
-//! Both models multiply by the same Q4_1/Q8_0 weights with `QMatMul`, which quantizes the
-//! *activations* to 8 bits per block of 32 before each product, and a frozen retort model uses
-//! candle's fused RMSNorm/softmax/RoPE kernels as candle-transformers does: the logits are
-//! bit-identical (measured max abs difference 0). Through retort's differentiable compositions
-//! instead (the training path), 1e-7 differences flip some activation roundings and 30 blocks
-//! amplify them to about 0.85 (same argmax, correlation 0.9988). `smollm2_dequantized.rs`
-//! checks the architecture with f32 weights, where both paths agree to 1e-4.
+//! Both models multiply by the same Q4_1/Q8_0 weights, but not the same activations:
+//! candle-transformers' `QMatMul` quantizes the activations to 8 bits per block of 32 before
+//! each product (as llama.cpp does), retort's block kernels (`kernels::cpu::quant`) multiply the
+//! f32 activations by the exactly dequantized weights. Over 30 blocks the 8-bit rounding moves
+//! the logits by up to ~0.7 (measured: same argmax, correlation 0.9992). So (a) also checks
+//! retort's quantized teacher against the same teacher with its weights dequantized to f32:
+//! those agree to float rounding (the order of the sums). `smollm2_dequantized.rs` checks the
+//! architecture against candle-transformers with f32 weights.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -38,11 +39,15 @@ fn smollm2() -> Option<PathBuf> {
 }
 
 fn teacher(path: &PathBuf) -> retort_plugins::models::llama::Llama {
+    load_teacher(path, false)
+}
+
+fn load_teacher(path: &PathBuf, dequantize: bool) -> retort_plugins::models::llama::Llama {
     let registry = retort_core::Registry::empty();
     let ctx = retort_core::BuildContext::new(&registry, Device::Cpu, 0);
     let params = Params::new(
         "teacher",
-        serde_json::json!({"checkpoint": path, "context": 512})
+        serde_json::json!({"checkpoint": path, "context": 512, "dequantize": dequantize})
             .as_object()
             .expect("o")
             .clone(),
@@ -62,8 +67,8 @@ fn smollm2_logits_match_candle_transformers_quantized_llama() {
         .expect("ids")
         .unsqueeze(0)
         .expect("u");
-    let last_of = |taps: &TapSet| -> Vec<f32> {
-        ours.forward_ids(&x, taps)
+    let last_of = |m: &retort_plugins::models::llama::Llama, taps: &TapSet| -> Vec<f32> {
+        m.forward_ids(&x, taps)
             .expect("forward")
             .logits
             .get(0)
@@ -74,16 +79,24 @@ fn smollm2_logits_match_candle_transformers_quantized_llama() {
             .expect("v")
     };
     // Asking for every block's attention probabilities selects the composed attention, which
-    // runs the same ops in the same order as candle-transformers: bit-for-bit comparable.
+    // runs the same ops in the same order as candle-transformers.
     let attn_taps: TapSet = (0..30).map(|i| format!("attn.{i}")).collect();
     let t0 = Instant::now();
-    let last = last_of(&attn_taps);
+    let last = last_of(&ours, &attn_taps);
     let fwd_ours = t0.elapsed();
     // The default path (fused causal attention): the same function in another summation order.
-    // Each block re-quantizes its activations to Q8 for the Q4_1 matmuls, so rounding-level
-    // differences flip some Q8 codes and grow over 30 blocks; the float-level agreement of the
-    // fused kernel is checked by smollm2_dequantized.rs (dequantized weights, no Q8 step).
-    let fused = last_of(&TapSet::none());
+    let fused = last_of(&ours, &TapSet::none());
+    let dense = last_of(&load_teacher(&path, true), &TapSet::none());
+    let max_dense = fused
+        .iter()
+        .zip(&dense)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    println!("quantized vs dequantized teacher: max |logit difference| {max_dense:.3e}");
+    assert!(
+        max_dense < 1e-3,
+        "the block kernels differ from the dequantized weights' product by {max_dense}"
+    );
 
     let mut file = std::fs::File::open(&path).expect("open");
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("gguf");
@@ -126,10 +139,7 @@ fn smollm2_logits_match_candle_transformers_quantized_llama() {
     println!("fused attention: max |logit difference| {max_fused:.3e}, correlation {corr_fused:.6}");
     assert_eq!(argmax(&fused), argmax(&want));
     assert!(corr_fused > 0.999, "fused attention: correlation {corr_fused}");
-    assert!(
-        max_abs < 1e-4 && corr > 0.9999,
-        "max abs logit difference {max_abs}, correlation {corr}"
-    );
+    assert!(corr > 0.999, "max abs logit difference {max_abs}, correlation {corr}");
 }
 
 fn correlation(a: &[f32], b: &[f32]) -> f64 {

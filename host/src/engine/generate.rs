@@ -187,6 +187,12 @@ fn prompt_ids(tokenizer: &dyn retort_core::Tokenizer, text: &str) -> Result<Vec<
 
 /// Loads the model and its tokenizer and samples a continuation of the prompt.
 pub fn run_generate(registry: &Registry, opts: &GenerateOptions) -> Result<Generated> {
+    // On the pool's own threads, so that each kernel splits its loop in place instead of
+    // waking the pool and sleeping (see `pool`).
+    super::pool::on_pool(|| generate_on_pool(registry, opts))
+}
+
+fn generate_on_pool(registry: &Registry, opts: &GenerateOptions) -> Result<Generated> {
     opts.check_context()?;
     let sampling = opts.sampling()?;
     let device = crate::assemble::device::parse_device(&opts.device)?;

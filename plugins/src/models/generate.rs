@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 pub use retort_core::Decoder;
 use retort_core::{Error, Result};
@@ -53,18 +54,25 @@ pub fn pick(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
         return argmax();
     }
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut p: Vec<(usize, f64)> = logits
+    let w: Vec<f64> = logits
         .iter()
-        .enumerate()
-        .map(|(i, &x)| (i, ((x as f64 - max) / s.temperature).exp()))
+        .map(|&x| ((x as f64 - max) / s.temperature).exp())
         .collect();
-    let z: f64 = p.iter().map(|x| x.1).sum();
-    p.iter_mut().for_each(|x| x.1 /= z);
+    let z: f64 = w.iter().sum();
     if s.top_k == 0 && s.top_p >= 1.0 {
-        // The whole distribution: no order needed (a sort of the vocabulary per token was a
-        // tenth of a batched decode step).
-        return draw(&p, 1.0, rng);
+        // The whole distribution: no order needed and no (index, probability) pairs (a sort
+        // of the vocabulary per token was a tenth of a batched decode step).
+        let u = rng.random::<f64>();
+        let mut acc = 0.0;
+        for (i, q) in w.iter().enumerate() {
+            acc += q / z;
+            if acc >= u {
+                return i;
+            }
+        }
+        return w.len() - 1;
     }
+    let mut p: Vec<(usize, f64)> = w.iter().map(|q| q / z).enumerate().collect();
     p.sort_by(|a, b| b.1.total_cmp(&a.1));
     let limit = if s.top_k == 0 { p.len() } else { s.top_k.min(p.len()) };
     let mut kept = 0;
@@ -260,13 +268,19 @@ pub fn sample_batch(
     let mut new = Tensor::from_vec(prompts.concat(), (b, prompts[0].len()), device)?;
     for _ in 0..s.max_tokens {
         let logits: Vec<Vec<f32>> = decoder.next_logits(&new)?.to_dtype(DType::F32)?.to_vec2()?;
+        // Each sequence draws from its own generator: the picks run in parallel.
+        let picks: Vec<Option<u32>> = logits
+            .par_iter()
+            .zip(rngs.par_iter_mut())
+            .zip(done.par_iter())
+            .map(|((row, rng), &d)| (!d).then(|| pick(row, s, rng) as u32))
+            .collect();
         let mut next = Vec::with_capacity(b);
-        for (i, row) in logits.iter().enumerate() {
-            if done[i] {
+        for (i, id) in picks.into_iter().enumerate() {
+            let Some(id) = id else {
                 next.push(eos.unwrap_or(0));
                 continue;
-            }
-            let id = pick(row, s, &mut rngs[i]) as u32;
+            };
             out[i].push(id);
             done[i] = Some(id) == eos;
             next.push(id);

@@ -39,8 +39,11 @@ pub const BLOCK: usize = 32;
 
 /// Weight rows a task of the few-rows product dequantizes at a time (they stay in L1).
 const SUB_TILE: usize = 8;
-/// Weight rows per task.
+/// Weight rows per task of the many-rows product (and of the backward).
 const COL_TILE: usize = 64;
+/// Weight rows per task of the few-rows product: small, so that the short projections of a
+/// decoding step (192 rows for a key/value head group) still split evenly over the pool.
+const FEW_ROWS_TILE: usize = 16;
 /// Activation rows per task of the many-rows product.
 const ROW_CHUNK: usize = 256;
 
@@ -161,9 +164,13 @@ impl BlockWeight {
     pub fn matmul_t<T: Real>(&self, x: &[T], m: usize) -> Vec<T> {
         let (n, k) = (self.rows, self.cols);
         assert_eq!(x.len(), m * k, "quantized matmul: x shape");
-        let chunk = if m <= FEW_ROWS { m.max(1) } else { ROW_CHUNK };
+        let (chunk, tile) = if m <= FEW_ROWS {
+            (m.max(1), FEW_ROWS_TILE)
+        } else {
+            (ROW_CHUNK, COL_TILE)
+        };
         let tasks: Vec<(Range<usize>, Range<usize>)> = ranges(m, chunk)
-            .flat_map(|r| ranges(n, COL_TILE).map(move |c| (r.clone(), c)))
+            .flat_map(|r| ranges(n, tile).map(move |c| (r.clone(), c)))
             .collect();
         let blocks: Vec<Vec<T>> = tasks
             .par_iter()

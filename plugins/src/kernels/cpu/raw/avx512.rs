@@ -397,13 +397,55 @@ pub fn dot_rows(rows: &[&[f32]], ws: &[&[f32]], out: &mut [f32]) {
                     }
                 }
             }
-            for (j, a) in acc.iter().enumerate().take(wg.len()) {
-                for (r, b) in a.iter().enumerate().take(rg.len()) {
-                    out[(jb * 4 + j) * m + rb * 4 + r] = _mm512_reduce_add_ps(*b);
+            let sums = lanes_of(reduce16([
+                acc[0][0], acc[0][1], acc[0][2], acc[0][3], acc[1][0], acc[1][1], acc[1][2], acc[1][3], acc[2][0],
+                acc[2][1], acc[2][2], acc[2][3], acc[3][0], acc[3][1], acc[3][2], acc[3][3],
+            ]));
+            for j in 0..wg.len() {
+                for r in 0..rg.len() {
+                    out[(jb * 4 + j) * m + rb * 4 + r] = sums[j * 4 + r];
                 }
             }
         }
     }
+}
+
+/// The 16 horizontal sums of `v` at once: lane `i` of the result is the sum of the lanes of
+/// `v[i]` (a tree of in-lane and cross-lane shuffles, 45 instructions instead of 16 separate
+/// reductions of ~9).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn reduce16(v: [__m512; 16]) -> __m512 {
+    // Pairs (2i, 2i + 1) interleaved: each 128-bit lane holds two partials of each.
+    let pair = |a: __m512, b: __m512| _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    let t: [__m512; 8] = std::array::from_fn(|i| pair(v[2 * i], v[2 * i + 1]));
+    // Quads: each 128-bit lane holds one partial of each of 4 consecutive inputs.
+    let quad = |a: __m512, b: __m512| {
+        let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+        _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+        )
+    };
+    let q: [__m512; 4] = std::array::from_fn(|i| quad(t[2 * i], t[2 * i + 1]));
+    // Across 128-bit lanes: lanes (0, 1) of `a` and of `b`, then (2, 3).
+    let cross = |a: __m512, b: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+        )
+    };
+    cross(cross(q[0], q[1]), cross(q[2], q[3]))
+}
+
+/// The 16 lanes of `v`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn lanes_of(v: __m512) -> [f32; 16] {
+    let mut out = [0f32; 16];
+    // SAFETY: `out` holds 16 floats.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) };
+    out
 }
 
 /// GGML 4-bit blocks to floats: block `b` (16 bytes of `q`, element `i` in the low nibble of
@@ -463,6 +505,19 @@ mod tests {
     fn lanes(v: __m512) -> [f32; 16] {
         // SAFETY: __m512 and [f32; 16] have the same size.
         unsafe { std::mem::transmute(v) }
+    }
+
+    #[test]
+    fn reduce16_sums_each_input_into_its_lane() {
+        if !available() {
+            return;
+        }
+        let inputs: [[f32; 16]; 16] = std::array::from_fn(|i| std::array::from_fn(|l| (i * 16 + l) as f32 * 0.5 - 7.0));
+        // SAFETY: the CPU has AVX-512F (checked above).
+        let got = unsafe { lanes_of(reduce16(inputs.map(|a| _mm512_loadu_ps(a.as_ptr())))) };
+        for (i, a) in inputs.iter().enumerate() {
+            assert_eq!(got[i], a.iter().sum::<f32>(), "lane {i}");
+        }
     }
 
     #[test]
