@@ -59,6 +59,13 @@ pub trait DataSource: Send + Sync {
     fn likelihood(&self) -> Option<&dyn SourceLikelihood> {
         None
     }
+    /// Prompts the data gives for `split` (e.g. a prompt field of each JSON record), tokenized
+    /// without special tokens, in the data's order: what on-policy steps and the generation
+    /// evaluation continue. `None` (the default): prompts are cut from the start of windows.
+    fn prompts(&self, split: Split) -> Option<&[Vec<u32>]> {
+        let _ = split;
+        None
+    }
 }
 
 /// The true distribution of a source that knows it (a synthetic generator): exact scores of any token sequence.

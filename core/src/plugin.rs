@@ -82,16 +82,15 @@ mod tests {
     }
 
     #[test]
-    fn a_plugin_built_against_sdk_0_4_is_refused() {
-        // 0.5.0 changed trait layouts (Model::decoder, DataSource::likelihood,
-        // LossTerm::needs_student_samples): a 0.4.0 plugin must be refused on the `sdk` field,
-        // not crash.
+    fn a_plugin_built_against_sdk_0_5_is_refused() {
+        // 0.6.0 changed a trait layout (DataSource::prompts): a 0.5.0 plugin must be refused on
+        // the `sdk` field, not crash.
         let ours_sdk = fingerprint_fields(FINGERPRINT)[0];
-        assert_eq!(ours_sdk, ("sdk", "0.5.0"));
-        let theirs = FINGERPRINT.replace("sdk=0.5.0;", "sdk=0.4.0;");
+        assert_eq!(ours_sdk, ("sdk", "0.6.0"));
+        let theirs = FINGERPRINT.replace("sdk=0.6.0;", "sdk=0.5.0;");
         assert_eq!(
             fingerprint_mismatch(FINGERPRINT, &theirs),
-            Some(("sdk", "0.5.0", "0.4.0"))
+            Some(("sdk", "0.6.0", "0.5.0"))
         );
     }
 }

@@ -294,3 +294,48 @@ fn a_teacher_read_from_a_logit_cache_cannot_score_samples() {
     let o = retort(&["check", "c.toml"], tmp.path());
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A `jsonl` source with a `prompt_field`: on-policy steps and the generation evaluation
+/// continue the data's prompts (of several lengths), not the starts of windows.
+#[test]
+fn prompts_given_by_the_data_are_continued() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let lines: Vec<String> = (0..40)
+        .map(|i| {
+            let prompt: String = (0..3 + i % 7).map(|j| ['q', 'r', 's'][(i + j) % 3]).collect();
+            let text: String = (0..30).map(|j| ['a', 'b', 'c', 'd'][(i * j + j / 3) % 4]).collect();
+            serde_json::json!({"prompt": prompt, "text": text}).to_string()
+        })
+        .collect();
+    std::fs::write(tmp.path().join("d.jsonl"), lines.join("\n")).expect("data");
+    let data = "[data]\nkind = \"jsonl\"\npath = \"d.jsonl\"\nprompt_field = \"prompt\"\nseparator = \"|\"\n";
+    let synthetic = BASE[BASE.find("[data]").expect("data")..BASE.find("[teacher]").expect("teacher")].to_string();
+    let base = BASE.replace(&synthetic, &format!("{data}\n"));
+    let on_policy = "[on_policy]\nlambda = 1.0\nprompt_tokens = 6\nmax_new_tokens = 5\n";
+    let cfg = format!("{base}\n[eval.generation]\nprompts = 4\n\n{on_policy}");
+    std::fs::write(tmp.path().join("c.toml"), &cfg).expect("config");
+    let o = retort(&["check", "c.toml"], tmp.path());
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    // 36 training prompts of 3..9 characters, each cut to its last 6.
+    assert!(out.contains("the data's prompts (36 of"), "{out}");
+    let dir = run(tmp.path(), "p", &cfg);
+    let train = records(&dir, "train", "student");
+    let sampled: Vec<&serde_json::Value> = train.iter().filter_map(|r| r.get("on_policy")).collect();
+    let steps: u64 = sampled.iter().map(|p| p["steps"].as_u64().expect("steps")).sum();
+    assert_eq!(steps, 30);
+    assert!(sampled.iter().all(|p| p["completion_len"] == 5.0), "{sampled:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).expect("report")).expect("json");
+    assert_eq!(report["student"]["generation"]["samples"], 4, "{report}");
+    // The evaluation asks at most the validation prompts the data gives.
+    let too_many = cfg.replace("prompts = 4", "prompts = 5");
+    std::fs::write(tmp.path().join("c.toml"), too_many).expect("config");
+    assert_user_error(
+        &retort(&["check", "c.toml"], tmp.path()),
+        &[
+            "eval.generation.prompts",
+            "the data gives 4 non-empty validation prompts",
+        ],
+    );
+}

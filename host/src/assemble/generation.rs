@@ -1,16 +1,21 @@
 //! `[eval.generation]` checked against the run and resolved into what the evaluation samples.
 
 use retort_core::config::{GenerationEvalSpec, RunConfig};
-use retort_core::{Error, Result, Tokenizer};
+use retort_core::{DataSource, Error, Result, Split};
 use retort_plugins::models::generate::Sampling;
+
+use super::prompts::PromptPool;
 
 /// How every model of the run is asked to generate for the report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationPlan {
-    /// Prompts: the starts of the first `prompts` validation windows.
+    /// Prompts: the starts of the first `prompts` validation windows, or as many of the
+    /// data's validation prompts.
     pub prompts: usize,
-    /// Tokens of each prompt.
+    /// Tokens of each prompt (at most, for the data's prompts).
     pub prompt_tokens: usize,
+    /// The validation prompts the data gives (`None`: the starts of windows).
+    pub pool: Option<PromptPool>,
     /// How to sample (the same seed for every model).
     pub sampling: Sampling,
     /// End-of-sequence id a sample stops at.
@@ -19,8 +24,8 @@ pub struct GenerationPlan {
 
 impl GenerationPlan {
     /// The plan of `eval.generation` (by default on, with its defaults, when `[on_policy]` is
-    /// set), or an error naming the key; `val_tokens`: length of the validation split.
-    pub fn resolve(config: &RunConfig, tokenizer: &dyn Tokenizer, val_tokens: usize) -> Result<Option<Self>> {
+    /// set), or an error naming the key; `val_tokens`: length of `data`'s validation split.
+    pub fn resolve(config: &RunConfig, data: &dyn DataSource, val_tokens: usize) -> Result<Option<Self>> {
         let spec = match (&config.eval.generation, &config.on_policy) {
             (Some(s), _) => s.clone(),
             (None, Some(_)) => GenerationEvalSpec::default(),
@@ -38,10 +43,24 @@ impl GenerationPlan {
         if same_prompt && spec.max_new_tokens.is_none() {
             spec.max_new_tokens = on_policy.and_then(|o| o.max_new_tokens);
         }
-        check(&spec, prompt_tokens, seq_len, val_tokens)?;
+        let pool = match data.prompts(Split::Val) {
+            Some(p) => Some(PromptPool::new(p, prompt_tokens).ok_or_else(|| {
+                Error::config(
+                    "eval.generation",
+                    format!("the data ({}) gives no non-empty validation prompt", data.describe()),
+                )
+            })?),
+            None => None,
+        };
+        let available = match &pool {
+            Some(p) => Available::Prompts(p.len()),
+            None => Available::Windows(val_tokens),
+        };
+        check(&spec, prompt_tokens, seq_len, available)?;
         Ok(Some(GenerationPlan {
             prompts: spec.prompts,
             prompt_tokens,
+            pool,
             sampling: Sampling {
                 max_tokens: spec.max_new_tokens.unwrap_or(seq_len + 1 - prompt_tokens),
                 temperature: spec.temperature,
@@ -49,7 +68,7 @@ impl GenerationPlan {
                 top_k: spec.top_k,
                 seed: super::seeds::generation_eval(config.run.seed),
             },
-            eos: tokenizer.eos_id(),
+            eos: data.tokenizer().eos_id(),
         }))
     }
 
@@ -59,17 +78,29 @@ impl GenerationPlan {
     }
 }
 
-fn check(s: &GenerationEvalSpec, prompt_tokens: usize, seq_len: usize, val_tokens: usize) -> Result<()> {
+/// Where the prompts come from: the validation split's windows (its tokens), or the data's own
+/// prompts (their number).
+enum Available {
+    Windows(usize),
+    Prompts(usize),
+}
+
+fn check(s: &GenerationEvalSpec, prompt_tokens: usize, seq_len: usize, available: Available) -> Result<()> {
     let key = |k: &str| format!("eval.generation.{k}");
-    let windows = val_tokens / seq_len;
-    if !(1..=windows).contains(&s.prompts) {
+    let (most, why) = match available {
+        Available::Windows(val_tokens) => (
+            val_tokens / seq_len,
+            format!(
+                "prompts are the starts of validation windows of train.seq_len = {seq_len} tokens, and the \
+                 validation split has {val_tokens} tokens"
+            ),
+        ),
+        Available::Prompts(n) => (n, format!("the data gives {n} non-empty validation prompts")),
+    };
+    if !(1..=most).contains(&s.prompts) {
         return Err(Error::config(
             key("prompts"),
-            format!(
-                "expected an integer in [1, {windows}] (prompts are the starts of validation windows of train.seq_len \
-                 = {seq_len} tokens, and the validation split has {val_tokens} tokens), got {}",
-                s.prompts
-            ),
+            format!("expected an integer in [1, {most}] ({why}), got {}", s.prompts),
         ));
     }
     if !(1..=seq_len).contains(&prompt_tokens) {

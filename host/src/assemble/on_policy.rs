@@ -1,9 +1,10 @@
 //! `[on_policy]` checked against the run and resolved into the plan the training loop follows.
 
 use retort_core::config::{OnPolicySection, RunConfig};
-use retort_core::{Error, Result, Teacher, Tokenizer};
+use retort_core::{DataSource, Error, Result, Split, Teacher};
 use retort_plugins::models::generate::Sampling;
 
+use super::prompts::PromptPool;
 use super::TermSlot;
 
 /// Which steps sample, from which model, how, and what part of each window is the prompt.
@@ -11,8 +12,11 @@ use super::TermSlot;
 pub struct OnPolicyPlan {
     /// Fraction of the steps on sampled sequences.
     pub lambda: f64,
-    /// Prompt tokens (the start of each training window).
+    /// Prompt tokens (the start of each training window), or at most that many of each prompt
+    /// the data gives.
     pub prompt_tokens: usize,
+    /// The training prompts the data gives (`None`: prompts are the starts of the windows).
+    pub prompts: Option<PromptPool>,
     /// How to sample (`max_tokens`: new tokens per prompt at most; the seed is per micro-batch).
     pub sampling: Sampling,
     /// Sample from the teacher (sequence-level KD) instead of the student.
@@ -31,7 +35,7 @@ impl OnPolicyPlan {
         config: &RunConfig,
         terms: &[TermSlot],
         teacher: Option<&dyn Teacher>,
-        tokenizer: &dyn Tokenizer,
+        data: &dyn DataSource,
     ) -> Result<Option<Self>> {
         let Some(s) = &config.on_policy else {
             check_no_sample_terms(terms, "there is no [on_policy] section")?;
@@ -75,9 +79,22 @@ impl OnPolicyPlan {
                 s.top_k
             );
         }
+        let prompts = match data.prompts(Split::Train) {
+            Some(p) => Some(PromptPool::new(p, prompt_tokens).ok_or_else(|| {
+                Error::config(
+                    "on_policy",
+                    format!(
+                        "the data ({}) gives no non-empty training prompt to sample from",
+                        data.describe()
+                    ),
+                )
+            })?),
+            None => None,
+        };
         Ok(Some(OnPolicyPlan {
             lambda: s.lambda,
             prompt_tokens,
+            prompts,
             sampling: Sampling {
                 max_tokens: s.max_new_tokens.unwrap_or(longest),
                 temperature: s.temperature,
@@ -86,7 +103,7 @@ impl OnPolicyPlan {
                 seed: 0,
             },
             seq_kd: s.seq_kd,
-            eos: tokenizer.eos_id().filter(|_| s.stop_at_eos),
+            eos: data.tokenizer().eos_id().filter(|_| s.stop_at_eos),
             seed: super::seeds::on_policy_samples(config.run.seed),
         }))
     }
@@ -136,11 +153,23 @@ impl std::fmt::Display for OnPolicyPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = &self.sampling;
         let who = if self.seq_kd { "teacher" } else { "student" };
-        write!(
-            f,
-            "the {who}'s samples: prompts of {} tokens + up to {} sampled at temperature {}",
-            self.prompt_tokens, s.max_tokens, s.temperature
-        )?;
+        match &self.prompts {
+            Some(pool) => write!(
+                f,
+                "the {who}'s samples: the data's prompts ({} of {:.1} tokens on average, at most {}) + up to {} \
+                 sampled at temperature {}",
+                pool.len(),
+                pool.mean_len(),
+                self.prompt_tokens,
+                s.max_tokens,
+                s.temperature
+            )?,
+            None => write!(
+                f,
+                "the {who}'s samples: prompts of {} tokens + up to {} sampled at temperature {}",
+                self.prompt_tokens, s.max_tokens, s.temperature
+            )?,
+        }
         if s.top_p < 1.0 {
             write!(f, ", top-p {}", s.top_p)?;
         }
@@ -220,6 +249,7 @@ mod tests {
         OnPolicyPlan {
             lambda,
             prompt_tokens: 4,
+            prompts: None,
             sampling: Sampling::default(),
             seq_kd: false,
             eos: None,

@@ -13,15 +13,16 @@ use crate::engine::rollout::{sampled_batch, teacher_nll, SampleModel};
 /// The prompts of the evaluation and how their continuations are scored.
 pub struct GenerationEval<'a> {
     plan: &'a GenerationPlan,
-    prompts: Vec<Vec<u32>>,
-    batch_size: usize,
+    /// The prompts in the batches they are continued in (one length per batch).
+    batches: Vec<Vec<Vec<u32>>>,
     likelihood: Option<&'a dyn SourceLikelihood>,
     device: Device,
 }
 
 impl<'a> GenerationEval<'a> {
     /// Prompts from the starts of the first `plan.prompts` windows of `val` (`seq_len` tokens
-    /// apart), continued `batch_size` at a time on `device`.
+    /// apart), or spread over the data's prompts when the plan has them; continued
+    /// `batch_size` at a time on `device`.
     pub fn new(
         plan: &'a GenerationPlan,
         val: &[u32],
@@ -30,13 +31,18 @@ impl<'a> GenerationEval<'a> {
         likelihood: Option<&'a dyn SourceLikelihood>,
         device: Device,
     ) -> Self {
-        let prompts = (0..plan.prompts)
-            .map(|i| val[i * seq_len..i * seq_len + plan.prompt_tokens].to_vec())
-            .collect();
+        let batches = match &plan.pool {
+            Some(pool) => pool.spread(plan.prompts, batch_size),
+            None => {
+                let prompts: Vec<Vec<u32>> = (0..plan.prompts)
+                    .map(|i| val[i * seq_len..i * seq_len + plan.prompt_tokens].to_vec())
+                    .collect();
+                prompts.chunks(batch_size.max(1)).map(<[_]>::to_vec).collect()
+            }
+        };
         GenerationEval {
             plan,
-            prompts,
-            batch_size: batch_size.max(1),
+            batches,
             likelihood,
             device,
         }
@@ -47,7 +53,7 @@ impl<'a> GenerationEval<'a> {
     pub fn score(&self, model: SampleModel, teacher: &dyn Teacher) -> Result<GenerationResult> {
         let scores_windows = teacher.sparse_topk().is_none() && teacher.aligned_windows().is_none();
         let mut totals = Totals::default();
-        for (chunk, prompts) in self.prompts.chunks(self.batch_size).enumerate() {
+        for (chunk, prompts) in self.batches.iter().enumerate() {
             let mut sampling = self.plan.sampling;
             sampling.seed = sampling.seed.wrapping_add(chunk as u64);
             let completions = model.continue_prompts(prompts, self.plan.eos, &sampling, &self.device)?;

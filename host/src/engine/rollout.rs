@@ -72,6 +72,9 @@ impl SampleModel<'_> {
     }
 }
 
+/// Mixed into a micro-batch's sampling seed to draw its prompts from the data's.
+const PROMPT_DRAW: u64 = 0x5be0_cd19_137e_2179;
+
 /// The sampler of a phase's on-policy steps.
 pub struct Rollout<'a> {
     plan: &'a OnPolicyPlan,
@@ -91,17 +94,21 @@ impl<'a> Rollout<'a> {
     }
 
     /// The sampled windows of micro-batch `micro` of step `step`: the first
-    /// `prompt_tokens` of each row of `batch`, continued by the sampler; and what the samples
-    /// came to.
+    /// `prompt_tokens` of each row of `batch` (or as many prompts drawn from the data's, when
+    /// it gives prompts), continued by the sampler; and what the samples came to.
     pub fn sample(&self, batch: &Batch, step: usize, micro: usize) -> Result<(Batch, RolloutTotals)> {
         let started = Instant::now();
         let device = batch.input_ids.device().clone();
-        let prompts: Vec<Vec<u32>> = batch
-            .input_ids
-            .narrow(1, 0, self.plan.prompt_tokens)?
-            .to_dtype(DType::U32)?
-            .to_vec2()?;
         let sampling = self.plan.sampling_at(step, micro);
+        let prompts: Vec<Vec<u32>> = match &self.plan.prompts {
+            // A stream of its own: the sampler's rows draw from `sampling.seed`'s streams.
+            Some(pool) => pool.draw(batch.input_ids.dim(0)?, sampling.seed ^ PROMPT_DRAW),
+            None => batch
+                .input_ids
+                .narrow(1, 0, self.plan.prompt_tokens)?
+                .to_dtype(DType::U32)?
+                .to_vec2()?,
+        };
         let completions = self
             .model
             .continue_prompts(&prompts, self.plan.eos, &sampling, &device)?;

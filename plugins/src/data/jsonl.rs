@@ -3,12 +3,18 @@
 //! tokenizer's eos; for a tokenizer without one, the encoding of `separator`). The last
 //! `val_fraction` of the documents validate, so no document straddles the split.
 //!
+//! With `prompt_field`, each record also holds a prompt: the document is the prompt followed by
+//! the text (just the prompt when `field` names the prompt field too), and the prompts, tokenized
+//! on their own, are what on-policy steps and the generation evaluation continue
+//! ([`DataSource::prompts`]) instead of the starts of windows.
+//!
 //! ```toml
 //! [data]
 //! kind = "jsonl"
 //! path = "data/corpus.jsonl"     # or a directory: every *.jsonl in it, sorted by name
 //! field = "text"
 //! tokenizer = { kind = "hf", path = "models/SmolLM2-135M-Instruct.Q4_1.gguf" }
+//! prompt_field = "prompt"        # optional
 //! ```
 
 use std::io::BufRead;
@@ -40,6 +46,9 @@ pub struct JsonlParams {
     pub tokenizer: ComponentSpec,
     /// Text placed after each document when the tokenizer has no eos token.
     pub separator: Option<String>,
+    /// The string field holding each record's prompt (see the module docs). Default: none
+    /// (prompts are cut from the start of training windows).
+    pub prompt_field: Option<String>,
 }
 
 fn default_field() -> String {
@@ -70,9 +79,30 @@ fn files(path: &Path, key: &str) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// Every document's text, in order; a bad line is an error naming `file:line`.
-pub fn read_documents(paths: &[PathBuf], field: &str) -> Result<Vec<String>> {
-    let mut docs = Vec::new();
+/// One JSON record: its text, and its prompt when a prompt field is read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The `field` string.
+    pub text: String,
+    /// The `prompt_field` string.
+    pub prompt: Option<String>,
+}
+
+impl Record {
+    /// The document packed into the token stream: the prompt then the text (the prompt alone
+    /// when both come from one field).
+    fn document(&self, same_field: bool) -> String {
+        match &self.prompt {
+            Some(p) if !same_field => format!("{p}{}", self.text),
+            _ => self.text.clone(),
+        }
+    }
+}
+
+/// Every record's `field` (and `prompt_field`), in order; a bad line is an error naming
+/// `file:line` and the missing field.
+pub fn read_records(paths: &[PathBuf], field: &str, prompt_field: Option<&str>) -> Result<Vec<Record>> {
+    let mut records = Vec::new();
     for p in paths {
         let f = std::fs::File::open(p).map_err(|e| Error::io("opening JSONL file", p, e))?;
         for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
@@ -83,16 +113,21 @@ pub fn read_documents(paths: &[PathBuf], field: &str) -> Result<Vec<String>> {
             }
             let v: serde_json::Value =
                 serde_json::from_str(&line).map_err(|e| Error::input_failed(at(), "not a JSON object", e))?;
-            let text = v.get(field).and_then(|t| t.as_str()).ok_or_else(|| {
-                Error::input(
-                    at(),
-                    format!("has no string field `{field}` (set data.field to the field holding the text)"),
-                )
-            })?;
-            docs.push(text.to_string());
+            let string = |name: &str, key: &str| -> Result<String> {
+                v.get(name).and_then(|t| t.as_str()).map(str::to_string).ok_or_else(|| {
+                    Error::input(
+                        at(),
+                        format!("has no string field `{name}` (set data.{key} to the field holding it)"),
+                    )
+                })
+            };
+            records.push(Record {
+                text: string(field, "field")?,
+                prompt: prompt_field.map(|f| string(f, "prompt_field")).transpose()?,
+            });
         }
     }
-    Ok(docs)
+    Ok(records)
 }
 
 /// `docs` tokenized and packed, each followed by `end`.
@@ -109,7 +144,9 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
     let p: JsonlParams = params.parse()?;
     check_val_fraction(params, p.val_fraction)?;
     let paths = files(&p.path, &params.key_path("path"))?;
-    let docs = read_documents(&paths, &p.field)?;
+    let records = read_records(&paths, &p.field, p.prompt_field.as_deref())?;
+    let same_field = p.prompt_field.as_deref() == Some(p.field.as_str());
+    let docs: Vec<String> = records.iter().map(|r| r.document(same_field)).collect();
     if docs.len() < 2 {
         return Err(params.error(
             "path",
@@ -147,13 +184,24 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
     let split = docs.len() - n_val;
     let train = pack(tokenizer.as_ref(), &docs[..split], &end)?;
     let val = pack(tokenizer.as_ref(), &docs[split..], &end)?;
+    let prompts = match &p.prompt_field {
+        Some(_) => Some((
+            prompts_of(tokenizer.as_ref(), &records[..split])?,
+            prompts_of(tokenizer.as_ref(), &records[split..])?,
+        )),
+        None => None,
+    };
     let description = format!(
-        "jsonl {} ({} documents: {split} train / {n_val} val; {} + {} tokens, field `{}`, vocab {})",
+        "jsonl {} ({} documents: {split} train / {n_val} val; {} + {} tokens, field `{}`{}, vocab {})",
         p.path.display(),
         docs.len(),
         train.len(),
         val.len(),
         p.field,
+        p.prompt_field
+            .as_ref()
+            .map(|f| format!(", prompts from `{f}`"))
+            .unwrap_or_default(),
         tokenizer.vocab_size()
     );
     Ok(Box::new(TokenStreams {
@@ -161,7 +209,17 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
         train,
         val,
         description,
+        prompts,
     }))
+}
+
+/// The prompts of `records`, tokenized on their own (no special tokens).
+fn prompts_of(tokenizer: &dyn Tokenizer, records: &[Record]) -> Result<Vec<Vec<u32>>> {
+    records
+        .iter()
+        .filter_map(|r| r.prompt.as_deref())
+        .map(|p| tokenizer.encode(p))
+        .collect()
 }
 
 inventory::submit! {
@@ -200,6 +258,54 @@ mod tests {
         let tok = src.tokenizer();
         assert_eq!(tok.decode(src.tokens(Split::Train)).expect("dec"), "ab|ba|");
         assert_eq!(tok.decode(src.tokens(Split::Val)).expect("dec"), "cab|");
+    }
+
+    #[test]
+    fn a_prompt_field_prefixes_each_document_and_gives_the_prompts_of_each_split() {
+        let d = tempfile::tempdir().expect("tmp");
+        let f = d.path().join("p.jsonl");
+        let lines = [
+            r#"{"prompt": "ab", "text": "c"}"#,
+            r#"{"prompt": "b", "text": "ca"}"#,
+            r#"{"prompt": "cc", "text": "a"}"#,
+        ];
+        std::fs::write(&f, lines.join("\n")).expect("w");
+        let params = serde_json::json!({"separator": "|", "val_fraction": 0.34, "prompt_field": "prompt"});
+        let src = source(&f, params).expect("build");
+        let tok = src.tokenizer();
+        let text = |ids: &[u32]| tok.decode(ids).expect("dec");
+        assert_eq!(text(src.tokens(Split::Train)), "abc|bca|");
+        assert_eq!(text(src.tokens(Split::Val)), "cca|");
+        let train: Vec<String> = src
+            .prompts(Split::Train)
+            .expect("prompts")
+            .iter()
+            .map(|p| text(p))
+            .collect();
+        assert_eq!(train, ["ab", "b"]);
+        let val: Vec<String> = src
+            .prompts(Split::Val)
+            .expect("prompts")
+            .iter()
+            .map(|p| text(p))
+            .collect();
+        assert_eq!(val, ["cc"]);
+        let same =
+            serde_json::json!({"separator": "|", "val_fraction": 0.34, "field": "prompt", "prompt_field": "prompt"});
+        let src = source(&f, same).expect("build");
+        assert_eq!(src.tokenizer().decode(src.tokens(Split::Train)).expect("dec"), "ab|b|");
+        let plain = source(&f, serde_json::json!({"separator": "|"})).expect("build");
+        assert!(plain.prompts(Split::Train).is_none());
+        std::fs::write(&f, format!("{}\n{{\"text\": \"x\"}}\n", lines[0])).expect("w");
+        let err = source(&f, serde_json::json!({"separator": "|", "prompt_field": "prompt"}))
+            .err()
+            .expect("refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("p.jsonl:2") && msg.contains("`prompt`") && msg.contains("data.prompt_field"),
+            "{msg}"
+        );
+        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]

@@ -3,6 +3,9 @@
 
 use retort_core::{DataSource, Params, Result, Split, Tokenizer};
 
+/// Tokenized prompts, one per record.
+pub type Prompts = Vec<Vec<u32>>;
+
 /// A tokenizer with its train and validation streams.
 pub struct TokenStreams {
     /// The tokenizer the ids come from.
@@ -13,6 +16,8 @@ pub struct TokenStreams {
     pub val: Vec<u32>,
     /// One-line description.
     pub description: String,
+    /// Prompts the data gives, `(train, val)`, tokenized (see [`DataSource::prompts`]).
+    pub prompts: Option<(Prompts, Prompts)>,
 }
 
 impl DataSource for TokenStreams {
@@ -27,6 +32,13 @@ impl DataSource for TokenStreams {
     }
     fn describe(&self) -> String {
         self.description.clone()
+    }
+    fn prompts(&self, split: Split) -> Option<&[Vec<u32>]> {
+        let (train, val) = self.prompts.as_ref()?;
+        Some(match split {
+            Split::Train => train,
+            Split::Val => val,
+        })
     }
 }
 

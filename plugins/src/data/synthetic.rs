@@ -371,6 +371,7 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
             train: all,
             val,
             description,
+            prompts: None,
         },
         tables,
     }))

@@ -108,6 +108,7 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn DataSource>> {
         val: ids[split..].to_vec(),
         tokenizer,
         description,
+        prompts: None,
     }))
 }
 

@@ -19,9 +19,14 @@ pub struct ConfigOrigin {
     pub env: Vec<EnvOverride>,
 }
 
-/// `a[1].b` as `a.1.b`.
+/// `a[1].b` as `a.1.b`, indices without leading zeros (`--set loss[00].weight` sets `loss[0]`).
 fn dotted(path: &str) -> String {
-    path.replace('[', ".").replace(']', "")
+    let flat = path.replace('[', ".").replace(']', "");
+    let canonical = |seg: &str| match seg.parse::<u64>() {
+        Ok(i) if seg.bytes().all(|b| b.is_ascii_digit()) => i.to_string(),
+        _ => seg.to_string(),
+    };
+    flat.split('.').map(canonical).collect::<Vec<_>>().join(".")
 }
 
 impl ConfigOrigin {
@@ -193,6 +198,9 @@ mod tests {
         );
         assert_eq!(o.locate("bogus"), "set by --set bogus.x=1");
         assert_eq!(o.locate("loss[0].temperature"), "set by --set loss[0].temperature=3");
+        // An index written with leading zeros is the same element (found by proptest).
+        let zeros = origin(&["loss[00]="], &[]);
+        assert_eq!(zeros.locate("loss[0]"), "set by --set loss[00]=");
         assert_eq!(
             o.locate("eval.batches"),
             "set by environment variable RETORT_EVAL__BATCHES"

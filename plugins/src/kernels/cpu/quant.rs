@@ -95,7 +95,11 @@ impl BlockWeight {
     /// The weight from GGML's raw blocks of `dtype`, or `None` when the format is not
     /// supported or `raw` does not hold `rows x cols` elements of it.
     pub fn from_ggml(dtype: GgmlDType, raw: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if !supported(dtype) || cols == 0 || cols % BLOCK != 0 || raw.len() != rows * cols / BLOCK * dtype.type_size() {
+        if !supported(dtype)
+            || cols == 0
+            || !cols.is_multiple_of(BLOCK)
+            || raw.len() != rows * cols / BLOCK * dtype.type_size()
+        {
             return None;
         }
         let codes = if dtype == GgmlDType::Q8_0 {

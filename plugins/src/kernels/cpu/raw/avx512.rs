@@ -454,6 +454,7 @@ pub fn lanes_of(v: __m512) -> [f32; 16] {
 ///
 /// Panics unless `q` holds 16 bytes, `m` one offset and `out` 32 floats per scale in `d`.
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // `b` also places the block in `q` and `out`
 pub fn dequantize_nibbles(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
     let nb = d.len();
     assert!(
