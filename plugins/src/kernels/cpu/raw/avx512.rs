@@ -484,11 +484,11 @@ pub fn dequantize_nibbles(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
 pub fn dequantize_bytes(q: &[u8], d: &[f32], out: &mut [f32]) {
     let nb = d.len();
     assert!(q.len() == 32 * nb && out.len() == 32 * nb, "dequantize_bytes: shapes");
-    for b in 0..nb {
+    for (b, &db) in d.iter().enumerate() {
         // SAFETY: bytes 32 b..32 b + 32 of q and floats 32 b..32 b + 32 of out exist (asserted).
         unsafe {
             let p = q.as_ptr().add(32 * b);
-            let dv = _mm512_set1_ps(d[b]);
+            let dv = _mm512_set1_ps(db);
             let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())));
             let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16).cast())));
             let o = out.as_mut_ptr().add(32 * b);
