@@ -11,6 +11,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use crate::kernels::cpu::fastmath::exp_shifted_sum;
+
 pub use retort_core::Decoder;
 use retort_core::{Error, Result};
 
@@ -53,26 +55,24 @@ pub fn pick(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> usize {
     if s.temperature <= 0.0 {
         return argmax();
     }
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let w: Vec<f64> = logits
-        .iter()
-        .map(|&x| ((x as f64 - max) / s.temperature).exp())
-        .collect();
-    let z: f64 = w.iter().sum();
+    // e^((x - max) / T), vectorised in f32 (summed in f64).
+    let inv_t = (1.0 / s.temperature) as f32;
+    let mut w: Vec<f32> = logits.iter().map(|&x| x * inv_t).collect();
+    let z = exp_shifted_sum(&mut w);
     if s.top_k == 0 && s.top_p >= 1.0 {
         // The whole distribution: no order needed and no (index, probability) pairs (a sort
         // of the vocabulary per token was a tenth of a batched decode step).
         let u = rng.random::<f64>();
         let mut acc = 0.0;
-        for (i, q) in w.iter().enumerate() {
-            acc += q / z;
+        for (i, &q) in w.iter().enumerate() {
+            acc += q as f64 / z;
             if acc >= u {
                 return i;
             }
         }
         return w.len() - 1;
     }
-    let mut p: Vec<(usize, f64)> = w.iter().map(|q| q / z).enumerate().collect();
+    let mut p: Vec<(usize, f64)> = w.iter().map(|&q| q as f64 / z).enumerate().collect();
     p.sort_by(|a, b| b.1.total_cmp(&a.1));
     let limit = if s.top_k == 0 { p.len() } else { s.top_k.min(p.len()) };
     let mut kept = 0;

@@ -8,7 +8,7 @@ use candle_core::{bail, CpuStorage, Layout, Result, Shape, Storage};
 use rayon::prelude::*;
 
 use super::{AttentionBwd, Packed, PackedBwd};
-use crate::kernels::cpu::fastmath::{reduce2, row_max, sum, Real};
+use crate::kernels::cpu::fastmath::{exp_shifted_sum, reduce2, Real};
 use crate::kernels::cpu::raw::{as_f32, as_f32_mut, avx512_dispatch, output_vec};
 use crate::kernels::cpu::rows::{by_dtype, slice};
 
@@ -240,31 +240,6 @@ fn gather<T: Real>(x: &[T], view: &View, b: usize, h: usize, dm: Dims, out: &mut
             out[ti * ld..ti * ld + d].copy_from_slice(src);
         }
     }
-}
-
-/// `x <- e^(x - max x)` in place; returns the sum of the new values.
-#[inline(always)]
-fn exp_shifted_sum<T: Real>(x: &mut [T]) -> f64 {
-    if let Some(x) = as_f32_mut(x) {
-        return exp_shifted_sum_f32(x);
-    }
-    exp_shifted_sum_loop(x)
-}
-
-avx512_dispatch!(
-    /// [`exp_shifted_sum`] for f32: `raw::avx512::exp_shifted_sum` where the CPU has AVX-512.
-    fn exp_shifted_sum_f32(x: &mut [f32]) -> f64
-        => crate::kernels::cpu::raw::avx512::exp_shifted_sum, else exp_shifted_sum_loop::<f32>
-);
-
-/// [`exp_shifted_sum`]'s generic loop.
-#[inline(always)]
-fn exp_shifted_sum_loop<T: Real>(x: &mut [T]) -> f64 {
-    let m = row_max(x);
-    for v in x.iter_mut() {
-        *v = (*v - m).exp();
-    }
-    sum(x)
 }
 
 /// Row-wise causal softmax of the `R` score rows `s [R, ld]` of queries `i0..i0 + R` (rows at

@@ -289,6 +289,31 @@ pub fn sum<T: Real>(x: &[T]) -> f64 {
     reduce2(x, x, |v, _| [v])[0]
 }
 
+/// `x <- e^(x - max x)` in place; returns the sum of the new values.
+#[inline(always)]
+pub fn exp_shifted_sum<T: Real>(x: &mut [T]) -> f64 {
+    if let Some(x) = crate::kernels::cpu::raw::as_f32_mut(x) {
+        return exp_shifted_sum_f32(x);
+    }
+    exp_shifted_sum_loop(x)
+}
+
+crate::kernels::cpu::raw::avx512_dispatch!(
+    /// [`exp_shifted_sum`] for f32: `raw::avx512::exp_shifted_sum` where the CPU has AVX-512.
+    fn exp_shifted_sum_f32(x: &mut [f32]) -> f64
+        => crate::kernels::cpu::raw::avx512::exp_shifted_sum, else exp_shifted_sum_loop::<f32>
+);
+
+/// [`exp_shifted_sum`]'s generic loop.
+#[inline(always)]
+fn exp_shifted_sum_loop<T: Real>(x: &mut [T]) -> f64 {
+    let m = row_max(x);
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+    }
+    sum(x)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
