@@ -349,9 +349,10 @@ pub fn gemm_rows(
 
 /// `out[j * rows.len() + r] = sum_l rows[r][l] * ws[j][l]`: every row against every weight
 /// row (each row at least as long as the weight rows, which share one length). Blocks of four
-/// weight rows by four rows in sixteen registers, so each pass loads eight vectors for sixteen
-/// FMAs; unmasked loads over the whole 16-lane chunks, a masked one for the tail. The dot
-/// products of [`few_rows`](crate::kernels::cpu::few_rows).
+/// weight rows by up to four rows in sixteen registers, so each pass loads eight vectors for
+/// sixteen FMAs (a last block of fewer rows computes only those); unmasked loads over the whole
+/// 16-lane chunks, a masked one for the tail. The dot products of
+/// [`few_rows`](crate::kernels::cpu::few_rows).
 ///
 /// Panics when `out` is shorter than `ws.len() * rows.len()` or the lengths disagree.
 #[target_feature(enable = "avx512f,fma")]
@@ -362,45 +363,16 @@ pub fn dot_rows(rows: &[&[f32]], ws: &[&[f32]], out: &mut [f32]) {
     if m == 0 {
         return;
     }
-    let full = k / W * W;
-    let tail = head_mask(k - full);
     for (jb, wg) in ws.chunks(4).enumerate() {
         let w = |j: usize| wg[j.min(wg.len() - 1)];
         let ws4 = [w(0), w(1), w(2), w(3)];
         for (rb, rg) in rows.chunks(4).enumerate() {
-            let x = |r: usize| rg[r.min(rg.len() - 1)];
-            let xs4 = [x(0), x(1), x(2), x(3)];
-            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-            let mut i = 0;
-            while i < full {
-                // SAFETY: i + 16 <= full <= k, and every row and weight row holds k elements
-                // or more (asserted above).
-                let (wv, xv) = unsafe {
-                    (
-                        ws4.map(|w| _mm512_loadu_ps(w.as_ptr().add(i))),
-                        xs4.map(|x| _mm512_loadu_ps(x.as_ptr().add(i))),
-                    )
-                };
-                for (a, wj) in acc.iter_mut().zip(wv) {
-                    for (b, xr) in a.iter_mut().zip(xv) {
-                        *b = _mm512_fmadd_ps(xr, wj, *b);
-                    }
-                }
-                i += W;
-            }
-            if tail != 0 {
-                let wv = ws4.map(|w| load(w, full, tail, 0.0));
-                let xv = xs4.map(|x| load(x, full, tail, 0.0));
-                for (a, wj) in acc.iter_mut().zip(wv) {
-                    for (b, xr) in a.iter_mut().zip(xv) {
-                        *b = _mm512_fmadd_ps(xr, wj, *b);
-                    }
-                }
-            }
-            let sums = lanes_of(reduce16([
-                acc[0][0], acc[0][1], acc[0][2], acc[0][3], acc[1][0], acc[1][1], acc[1][2], acc[1][3], acc[2][0],
-                acc[2][1], acc[2][2], acc[2][3], acc[3][0], acc[3][1], acc[3][2], acc[3][3],
-            ]));
+            let sums = match rg.len() {
+                1 => dot_block::<1>(ws4, [rg[0]], k),
+                2 => dot_block::<2>(ws4, [rg[0], rg[1]], k),
+                3 => dot_block::<3>(ws4, [rg[0], rg[1], rg[2]], k),
+                _ => dot_block::<4>(ws4, [rg[0], rg[1], rg[2], rg[3]], k),
+            };
             for j in 0..wg.len() {
                 for r in 0..rg.len() {
                     out[(jb * 4 + j) * m + rb * 4 + r] = sums[j * 4 + r];
@@ -408,6 +380,43 @@ pub fn dot_rows(rows: &[&[f32]], ws: &[&[f32]], out: &mut [f32]) {
             }
         }
     }
+}
+
+/// The `4 x R` dot products of `ws4` and `xs` over their first `k` elements (every slice holds
+/// `k` or more, checked by [`dot_rows`]): lane `4 j + r` of the result, the rest 0.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+fn dot_block<const R: usize>(ws4: [&[f32]; 4], xs: [&[f32]; R], k: usize) -> [f32; 16] {
+    let full = k / W * W;
+    let tail = head_mask(k - full);
+    let mut acc = [[_mm512_setzero_ps(); R]; 4];
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 16 <= full <= k, and every row and weight row holds k elements or more.
+        let (wv, xv) = unsafe {
+            (
+                ws4.map(|w| _mm512_loadu_ps(w.as_ptr().add(i))),
+                xs.map(|x| _mm512_loadu_ps(x.as_ptr().add(i))),
+            )
+        };
+        for (a, wj) in acc.iter_mut().zip(wv) {
+            for (b, xr) in a.iter_mut().zip(xv) {
+                *b = _mm512_fmadd_ps(xr, wj, *b);
+            }
+        }
+        i += W;
+    }
+    if tail != 0 {
+        let wv = ws4.map(|w| load(w, full, tail, 0.0));
+        let xv = xs.map(|x| load(x, full, tail, 0.0));
+        for (a, wj) in acc.iter_mut().zip(wv) {
+            for (b, xr) in a.iter_mut().zip(xv) {
+                *b = _mm512_fmadd_ps(xr, wj, *b);
+            }
+        }
+    }
+    let at = |l: usize| if l % 4 < R { acc[l / 4][l % 4] } else { _mm512_setzero_ps() };
+    lanes_of(reduce16(std::array::from_fn(at)))
 }
 
 /// The 16 horizontal sums of `v` at once: lane `i` of the result is the sum of the lanes of
