@@ -165,7 +165,14 @@ mod tests {
     /// are not multiples of 4, a length with a masked tail, against the f64 product.
     #[test]
     fn f32_blocks_and_tails_agree_with_the_f64_product() {
-        for (m, k, n) in [(7, 100, 70), (16, 576, 9), (1, 17, 3), (4, 16, 4), (2, 33, 5), (6, 64, 7)] {
+        for (m, k, n) in [
+            (7, 100, 70),
+            (16, 576, 9),
+            (1, 17, 3),
+            (4, 16, 4),
+            (2, 33, 5),
+            (6, 64, 7),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 9) as f32 * 0.1 - 0.3).collect();
             let wv: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.2 - 0.5).collect();
             let (xm, wm) = (Mat::dense(&x, m, k), Mat::dense(&wv, n, k).t());

@@ -28,10 +28,10 @@ use rayon::prelude::*;
 
 use super::fastmath::Real;
 use super::few_rows::{dots_into, FEW_ROWS};
-use super::raw::as_f32_mut;
 #[cfg(target_arch = "x86_64")]
 use super::raw::avx512_dispatch;
 use super::raw::gemm::{gemm_into_on, Mat};
+use super::raw::{as_f32, as_f32_mut};
 use super::rows::{by_dtype, slice};
 
 /// Elements per block (every format here).
@@ -46,6 +46,9 @@ const COL_TILE: usize = 64;
 const FEW_ROWS_TILE: usize = 16;
 /// Activation rows per task of the many-rows product.
 const ROW_CHUNK: usize = 256;
+/// Activation rows up to which f32 products multiply the codes directly ([`fused_dots`])
+/// instead of dequantizing tiles: one or a few decoding streams, where unpacking dominates.
+const FUSED_ROWS: usize = 2;
 
 /// How a block's codes are packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,10 +74,11 @@ pub struct BlockWeight {
     rows: usize,
     cols: usize,
     codes: Codes,
-    /// `d` per block, `[rows * cols / 32]`.
-    scale: Vec<f32>,
+    /// `d` per block, `[rows * cols / 32]`, in GGML's half precision (widened in the kernels:
+    /// every byte saved is one fewer to stream per decoded token).
+    scale: Vec<f16>,
     /// `m` per block (empty for [`Codes::Bytes`], whose offset is 0).
-    offset: Vec<f32>,
+    offset: Vec<f16>,
     /// The codes, `bytes_per_block` per block, blocks in row-major order.
     quants: Vec<u8>,
 }
@@ -116,13 +120,18 @@ impl BlockWeight {
             offset: Vec::with_capacity(if codes == Codes::Nibbles { blocks } else { 0 }),
             quants: Vec::with_capacity(blocks * codes.bytes_per_block()),
         };
-        let half_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+        let half_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]);
         for b in raw.chunks_exact(dtype.type_size()) {
             let d = half_at(b, 0);
             w.scale.push(d);
             match dtype {
                 GgmlDType::Q4_0 => {
-                    w.offset.push(-8.0 * d);
+                    // -8 d is exact in half precision unless it overflows
+                    let m = f16::from_f32(-8.0 * d.to_f32());
+                    if m.is_infinite() && d.is_finite() {
+                        return None;
+                    }
+                    w.offset.push(m);
                     w.quants.extend_from_slice(&b[2..]);
                 }
                 GgmlDType::Q4_1 => {
@@ -142,7 +151,7 @@ impl BlockWeight {
 
     /// Bytes held (codes, scales and offsets).
     pub fn bytes(&self) -> usize {
-        self.quants.len() + 4 * (self.scale.len() + self.offset.len())
+        self.quants.len() + 2 * (self.scale.len() + self.offset.len())
     }
 
     /// Rows `rows` of the weight as floats, row-major into `out` (`rows.len() * cols`).
@@ -168,6 +177,11 @@ impl BlockWeight {
     pub fn matmul_t<T: Real>(&self, x: &[T], m: usize) -> Vec<T> {
         let (n, k) = (self.rows, self.cols);
         assert_eq!(x.len(), m * k, "quantized matmul: x shape");
+        if m <= FUSED_ROWS {
+            if let Some(out) = self.fused_matmul_t(x, m) {
+                return out;
+            }
+        }
         let (chunk, tile) = if m <= FEW_ROWS {
             (m.max(1), FEW_ROWS_TILE)
         } else {
@@ -214,6 +228,33 @@ impl BlockWeight {
         out
     }
 
+    /// [`Self::matmul_t`] straight from the codes for f32 `x` of at most `FUSED_ROWS` rows
+    /// (`None` for f64 or without AVX-512): tiles of weight rows over the pool, each writing its
+    /// `[tile, m]` block of the transposed product in place.
+    fn fused_matmul_t<T: Real>(&self, x: &[T], m: usize) -> Option<Vec<T>> {
+        let x = as_f32(x)?;
+        let sums = block_sums(x);
+        let mut out = vec![T::ZERO; m * self.rows];
+        let mut t = vec![0f32; if m == 1 { 0 } else { m * self.rows }];
+        let target = if m == 1 { as_f32_mut(&mut out)? } else { &mut t[..] };
+        let done = target
+            .par_chunks_mut(FEW_ROWS_TILE * m.max(1))
+            .enumerate()
+            .all(|(i, o)| fused_dots(self, x, &sums, i * FEW_ROWS_TILE..i * FEW_ROWS_TILE + o.len() / m, o));
+        if !done {
+            return None;
+        }
+        if m > 1 {
+            let o = as_f32_mut(&mut out)?;
+            for (j, row) in t.chunks_exact(m).enumerate() {
+                for (i, v) in row.iter().enumerate() {
+                    o[i * self.rows + j] = *v;
+                }
+            }
+        }
+        Some(out)
+    }
+
     /// `x [mr, cols] @ W[cols_range]^T` as a row-major `[mr, c.len()]` block; `buf` is the
     /// task's scratch for dequantized rows.
     fn product_block<T: Real>(&self, x: &[T], c: Range<usize>, buf: &mut Vec<T>) -> Vec<T> {
@@ -245,6 +286,11 @@ impl BlockWeight {
     }
 }
 
+/// The sums of `x`'s consecutive blocks of 32 (the factors of the offsets in [`fused_dots`]).
+fn block_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(BLOCK).map(|b| b.iter().sum()).collect()
+}
+
 /// Whether [`BlockWeight`] unpacks `dtype`.
 pub fn supported(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
@@ -259,6 +305,54 @@ fn ranges(len: usize, size: usize) -> impl Iterator<Item = Range<usize>> + Clone
 avx512_dispatch!(fn dequantize_f32(w: &BlockWeight, rows: Range<usize>, out: &mut [f32]) => dequantize_rows_avx512, else dequantize_rows);
 #[cfg(not(target_arch = "x86_64"))]
 use dequantize_rows as dequantize_f32;
+
+#[cfg(target_arch = "x86_64")]
+avx512_dispatch!(fn fused_dots(w: &BlockWeight, x: &[f32], sums: &[f32], c: Range<usize>, out: &mut [f32]) -> bool => fused_dots_avx512, else no_fused_dots);
+#[cfg(not(target_arch = "x86_64"))]
+use no_fused_dots as fused_dots;
+
+/// Without AVX-512 the few-rows product dequantizes tiles: nothing done, `false`.
+fn no_fused_dots(_: &BlockWeight, _: &[f32], _: &[f32], _: Range<usize>, _: &mut [f32]) -> bool {
+    false
+}
+
+/// `out [c.len(), mr] = (x [mr, cols] @ W[c]^T)^T` straight from the codes
+/// (`raw::avx512::block_dots`), for `mr` in `1..=FUSED_ROWS`, given the [`block_sums`] of `x`;
+/// `true` when done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn fused_dots_avx512(w: &BlockWeight, x: &[f32], sums: &[f32], c: Range<usize>, out: &mut [f32]) -> bool {
+    let k = w.cols;
+    let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
+    let ss: Vec<&[f32]> = sums.chunks_exact(k / BLOCK).collect();
+    match xs.len() {
+        1 => fused_rows::<1>(w, [xs[0]], [ss[0]], c, out),
+        2 => fused_rows::<2>(w, [xs[0], xs[1]], [ss[0], ss[1]], c, out),
+        _ => return false,
+    }
+    true
+}
+
+/// [`fused_dots_avx512`] for `R` activation rows with their per-block sums `ss`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn fused_rows<const R: usize>(w: &BlockWeight, xs: [&[f32]; R], ss: [&[f32]; R], c: Range<usize>, out: &mut [f32]) {
+    use super::raw::avx512::block_dots;
+    let nb = w.cols / BLOCK;
+    let bpb = w.codes.bytes_per_block();
+    for (j, row) in c.enumerate() {
+        let blocks = row * nb..(row + 1) * nb;
+        let (q, d) = (
+            &w.quants[blocks.start * bpb..blocks.end * bpb],
+            &w.scale[blocks.clone()],
+        );
+        let sums = match w.codes {
+            Codes::Nibbles => block_dots::<R, false>(q, d, &w.offset[blocks], xs, ss),
+            Codes::Bytes => block_dots::<R, true>(q, d, &[], xs, ss),
+        };
+        out[j * R..(j + 1) * R].copy_from_slice(&sums);
+    }
+}
 
 /// [`dequantize_rows`] with the AVX-512 unpacking of `raw::avx512`.
 #[cfg(target_arch = "x86_64")]
@@ -290,6 +384,7 @@ fn dequantize_rows(w: &BlockWeight, rows: Range<usize>, out: &mut [f32]) {
             let (d, m) = (&w.scale[blocks.clone()], &w.offset[blocks]);
             for (((o, q), d), m) in outs.zip(quants).zip(d).zip(m) {
                 let (lo, hi) = o.split_at_mut(BLOCK / 2);
+                let (d, m) = (d.to_f32(), m.to_f32());
                 for i in 0..BLOCK / 2 {
                     lo[i] = (q[i] & 0x0F) as f32 * d + m;
                     hi[i] = (q[i] >> 4) as f32 * d + m;
@@ -299,7 +394,7 @@ fn dequantize_rows(w: &BlockWeight, rows: Range<usize>, out: &mut [f32]) {
         Codes::Bytes => {
             for ((o, q), d) in outs.zip(quants).zip(&w.scale[blocks]) {
                 for i in 0..BLOCK {
-                    o[i] = q[i] as i8 as f32 * d;
+                    o[i] = q[i] as i8 as f32 * d.to_f32();
                 }
             }
         }
@@ -449,19 +544,35 @@ mod tests {
             BlockWeight::from_ggml(GgmlDType::Q8_0, &[0; 33], 1, 32).is_none(),
             "short data"
         );
+        let mut q4_0 = f16::from_f32(10000.0).to_le_bytes().to_vec();
+        q4_0.extend([0x88; 16]);
+        assert!(
+            BlockWeight::from_ggml(GgmlDType::Q4_0, &q4_0, 1, 32).is_none(),
+            "a Q4_0 scale whose offset -8 d overflows half precision"
+        );
+        q4_0[..2].copy_from_slice(&f16::from_f32(1000.0).to_le_bytes());
+        assert!(BlockWeight::from_ggml(GgmlDType::Q4_0, &q4_0, 1, 32).is_some());
     }
 
-    /// Every row count of both strategies (dot products up to 32 rows, `gemm` tiles above,
-    /// with partial tiles on both axes), f32 and f64, against the dequantized product in f64.
+    /// Every row count of the three strategies (codes multiplied directly up to 4 rows in f32,
+    /// dot products up to 32 rows, `gemm` tiles above, with partial tiles on both axes; odd and
+    /// even block counts, more than 16 blocks a row), f32 and f64, against the dequantized
+    /// product in f64.
     #[test]
     fn the_product_equals_the_dequantized_product() {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let (q, deq) = quantized(dtype, 150, 96);
+        let shapes = [
+            (GgmlDType::Q4_0, 150, 96),
+            (GgmlDType::Q4_1, 150, 96),
+            (GgmlDType::Q8_0, 150, 96),
+        ];
+        let wide = [(GgmlDType::Q4_1, 40, 640), (GgmlDType::Q8_0, 40, 640)];
+        for (dtype, rows, cols) in shapes.into_iter().chain(wide) {
+            let (q, deq) = quantized(dtype, rows, cols);
             let op = QuantMatMul(Arc::new(
                 BlockWeight::from_qtensor(&q).expect("read").expect("supported"),
             ));
-            for m in [1, 3, 16, 32, 33, 300] {
-                let x = Tensor::randn(0f64, 1.0, (m, 96), &Device::Cpu).expect("x");
+            for m in [1, 2, 3, 4, 5, 16, 32, 33, 300] {
+                let x = Tensor::randn(0f64, 1.0, (m, cols), &Device::Cpu).expect("x");
                 let want = x
                     .matmul(&deq.to_dtype(DType::F64).expect("f64").t().expect("t"))
                     .expect("want");

@@ -11,6 +11,8 @@
 
 use std::arch::x86_64::*;
 
+use half::f16;
+
 /// Whether the CPU runs every feature the AVX-512 code is compiled for: AVX-512 F and DQ,
 /// AVX2 and FMA.
 #[inline]
@@ -415,7 +417,13 @@ fn dot_block<const R: usize>(ws4: [&[f32]; 4], xs: [&[f32]; R], k: usize) -> [f3
             }
         }
     }
-    let at = |l: usize| if l % 4 < R { acc[l / 4][l % 4] } else { _mm512_setzero_ps() };
+    let at = |l: usize| {
+        if l % 4 < R {
+            acc[l / 4][l % 4]
+        } else {
+            _mm512_setzero_ps()
+        }
+    };
     lanes_of(reduce16(std::array::from_fn(at)))
 }
 
@@ -457,30 +465,50 @@ pub fn lanes_of(v: __m512) -> [f32; 16] {
     out
 }
 
+/// The first 16 halves of `h` (or all of them, the other lanes 0) widened to a vector.
+#[inline]
+#[target_feature(enable = "avx512f,f16c")]
+pub fn halves(h: &[f16]) -> __m512 {
+    if h.len() >= W {
+        // SAFETY: `h` holds 16 halves or more, the 256 bits loaded.
+        return unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr().cast())) };
+    }
+    // A short tail one by one (a copy into a buffer would call `memcpy` for every group).
+    let mut f = [0f32; W];
+    for (o, v) in f.iter_mut().zip(h) {
+        *o = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(v.to_bits() as i32)));
+    }
+    // SAFETY: `f` holds 16 floats.
+    unsafe { _mm512_loadu_ps(f.as_ptr()) }
+}
+
 /// GGML 4-bit blocks to floats: block `b` (16 bytes of `q`, element `i` in the low nibble of
 /// byte `i` and element `i + 16` in the high one) becomes `out[32 b..32 b + 32] = d[b] q + m[b]`,
 /// a product then a sum (not a fused multiply-add), as GGML rounds it.
 ///
 /// Panics unless `q` holds 16 bytes, `m` one offset and `out` 32 floats per scale in `d`.
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::needless_range_loop)] // `b` also places the block in `q` and `out`
-pub fn dequantize_nibbles(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
+pub fn dequantize_nibbles(q: &[u8], d: &[f16], m: &[f16], out: &mut [f32]) {
     let nb = d.len();
     assert!(
         q.len() == 16 * nb && m.len() == nb && out.len() == 32 * nb,
         "dequantize_nibbles: shapes"
     );
     let low = _mm512_set1_epi32(0x0F);
-    for b in 0..nb {
-        // SAFETY: bytes 16 b..16 b + 16 of q and floats 32 b..32 b + 32 of out exist (asserted).
-        unsafe {
-            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr().add(16 * b).cast()));
-            let (dv, mv) = (_mm512_set1_ps(d[b]), _mm512_set1_ps(m[b]));
-            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
-            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v));
-            let o = out.as_mut_ptr().add(32 * b);
-            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_mul_ps(lo, dv), mv));
-            _mm512_storeu_ps(o.add(16), _mm512_add_ps(_mm512_mul_ps(hi, dv), mv));
+    for g in (0..nb).step_by(W) {
+        let (ds, ms) = (lanes_of(halves(&d[g..])), lanes_of(halves(&m[g..])));
+        for (b, (dg, mg)) in (g..nb).zip(ds.into_iter().zip(ms)) {
+            // SAFETY: bytes 16 b..16 b + 16 of q and floats 32 b..32 b + 32 of out exist
+            // (asserted, b < nb).
+            unsafe {
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr().add(16 * b).cast()));
+                let (dv, mv) = (_mm512_set1_ps(dg), _mm512_set1_ps(mg));
+                let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+                let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v));
+                let o = out.as_mut_ptr().add(32 * b);
+                _mm512_storeu_ps(o, _mm512_add_ps(_mm512_mul_ps(lo, dv), mv));
+                _mm512_storeu_ps(o.add(16), _mm512_add_ps(_mm512_mul_ps(hi, dv), mv));
+            }
         }
     }
 }
@@ -490,20 +518,111 @@ pub fn dequantize_nibbles(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
 ///
 /// Panics unless `q` holds 32 bytes and `out` 32 floats per scale in `d`.
 #[target_feature(enable = "avx512f")]
-pub fn dequantize_bytes(q: &[u8], d: &[f32], out: &mut [f32]) {
+pub fn dequantize_bytes(q: &[u8], d: &[f16], out: &mut [f32]) {
     let nb = d.len();
     assert!(q.len() == 32 * nb && out.len() == 32 * nb, "dequantize_bytes: shapes");
-    for (b, &db) in d.iter().enumerate() {
-        // SAFETY: bytes 32 b..32 b + 32 of q and floats 32 b..32 b + 32 of out exist (asserted).
-        unsafe {
-            let p = q.as_ptr().add(32 * b);
-            let dv = _mm512_set1_ps(db);
-            let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())));
-            let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16).cast())));
-            let o = out.as_mut_ptr().add(32 * b);
-            _mm512_storeu_ps(o, _mm512_mul_ps(lo, dv));
-            _mm512_storeu_ps(o.add(16), _mm512_mul_ps(hi, dv));
+    for g in (0..nb).step_by(W) {
+        for (b, db) in (g..nb).zip(lanes_of(halves(&d[g..]))) {
+            // SAFETY: bytes 32 b..32 b + 32 of q and floats 32 b..32 b + 32 of out exist
+            // (asserted, b < nb).
+            unsafe {
+                let p = q.as_ptr().add(32 * b);
+                let dv = _mm512_set1_ps(db);
+                let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())));
+                let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16).cast())));
+                let o = out.as_mut_ptr().add(32 * b);
+                _mm512_storeu_ps(o, _mm512_mul_ps(lo, dv));
+                _mm512_storeu_ps(o.add(16), _mm512_mul_ps(hi, dv));
+            }
         }
+    }
+}
+
+/// Dot products of one weight row of GGML blocks with `R` activation rows, without
+/// dequantizing it to memory: `out[r] = sum_b d[b] (q_b . x_r[32 b..32 b + 32]) + sum_b m[b]
+/// xsum_r[b]`, where `xsum_r[b]` is the sum of `x_r[32 b..32 b + 32]`. The codes are 32 signed
+/// bytes per block when `BYTES` (GGML Q8_0, `m` unused), else 16 bytes of nibbles (element `i` in
+/// the low nibble of byte `i`, `i + 16` in its high one). Equal to the dot products of the
+/// dequantized row `d q + m` up to the order of the sums.
+///
+/// Panics unless `q` holds the codes of `d.len()` blocks, `m` one offset per block (nibbles),
+/// and every `xs[r]` `32 d.len()` floats and `xsums[r]` `d.len()`.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+pub fn block_dots<const R: usize, const BYTES: bool>(
+    q: &[u8],
+    d: &[f16],
+    m: &[f16],
+    xs: [&[f32]; R],
+    xsums: [&[f32]; R],
+) -> [f32; R] {
+    let nb = d.len();
+    assert!(
+        q.len() == nb * if BYTES { 32 } else { 16 }
+            && (BYTES || m.len() == nb)
+            && xs.iter().all(|x| x.len() >= 32 * nb)
+            && xsums.iter().all(|s| s.len() >= nb),
+        "block_dots: shapes"
+    );
+    let (mut even, mut odd) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+    for g in (0..nb).step_by(W) {
+        let ds = lanes_of(halves(&d[g..]));
+        let end = (g + W).min(nb);
+        let mut b = g;
+        while b + 1 < end {
+            // SAFETY: blocks b and b + 1 lie inside q and every x (asserted, b + 1 < nb).
+            unsafe {
+                even = block_step::<R, BYTES>(q, ds[b - g], xs, b, even);
+                odd = block_step::<R, BYTES>(q, ds[b + 1 - g], xs, b + 1, odd);
+            }
+            b += 2;
+        }
+        if b < end {
+            // SAFETY: block b lies inside q and every x (asserted, b < nb).
+            even = unsafe { block_step::<R, BYTES>(q, ds[b - g], xs, b, even) };
+        }
+        if !BYTES {
+            let (k, mv) = (head_mask(end - g), halves(&m[g..]));
+            for (e, s) in even.iter_mut().zip(xsums) {
+                *e = _mm512_fmadd_ps(mv, load(s, g, k, 0.0), *e);
+            }
+        }
+    }
+    std::array::from_fn(|r| _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r])))
+}
+
+/// `acc[r] += d (q_b . x_r[32 b..32 b + 32])` for block `b` of [`block_dots`].
+///
+/// # Safety
+/// Block `b` must lie inside `q` and every `xs[r]`.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn block_step<const R: usize, const BYTES: bool>(
+    q: &[u8],
+    d: f32,
+    xs: [&[f32]; R],
+    b: usize,
+    mut acc: [__m512; R],
+) -> [__m512; R] {
+    // SAFETY: the caller's contract (the block's codes and 32 floats of each x exist).
+    unsafe {
+        let (lo, hi) = if BYTES {
+            let p = q.as_ptr().add(32 * b);
+            let lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()));
+            let hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16).cast()));
+            (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi))
+        } else {
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr().add(16 * b).cast()));
+            let lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
+            (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)))
+        };
+        let dv = _mm512_set1_ps(d);
+        for (a, x) in acc.iter_mut().zip(xs) {
+            let p = x.as_ptr().add(32 * b);
+            let t = _mm512_fmadd_ps(lo, _mm512_loadu_ps(p), _mm512_mul_ps(hi, _mm512_loadu_ps(p.add(16))));
+            *a = _mm512_fmadd_ps(t, dv, *a);
+        }
+        acc
     }
 }
 
