@@ -83,7 +83,8 @@ pub fn param_specs(c: &LlamaConfig) -> Vec<(String, Vec<usize>, Init)> {
 pub enum Part {
     /// Dense tensor.
     Dense(Tensor),
-    /// Quantized tensor (matmuls run through `QMatMul`; norms and embeddings are dequantized).
+    /// Quantized tensor (matmuls through the CPU block kernels or `QMatMul`, see `linear.rs`;
+    /// norms and embeddings are dequantized).
     Quantized(Arc<QTensor>),
 }
 
