@@ -41,6 +41,10 @@ pub struct RunConfig {
     /// Distillation on sampled sequences (`[on_policy]`). Default: none (every step trains on
     /// the data's windows).
     pub on_policy: Option<OnPolicySection>,
+    /// Data-parallel training across processes (`[parallel]`): the collective backend, the
+    /// gradient buckets and the cross-rank parameter check. Used only when a launcher started
+    /// several ranks (`mpirun`, `srun`, torchrun-style variables); see docs/scaling.md.
+    pub parallel: ParallelSection,
 }
 
 /// One `[[stages]]` entry: a stretch of the student's training with its own budget,
@@ -198,6 +202,7 @@ impl Default for RunConfig {
             plugins: PluginsSection::default(),
             stages: Vec::new(),
             on_policy: None,
+            parallel: ParallelSection::default(),
         }
     }
 }
@@ -401,6 +406,56 @@ impl Default for OnPolicySection {
             compare_off_policy: true,
         }
     }
+}
+
+/// `[parallel]`: data-parallel training. Each of the `W` ranks a launcher started reads its
+/// `train.batch_size / W` windows of every global batch (the windows a single process would
+/// read, in the same order), and the gradients are averaged across ranks before every AdamW
+/// step, so the ranks apply identical updates. Ignored by a single process.
+///
+/// ```toml
+/// [parallel]
+/// backend = "mpi"
+/// bucket_mb = 25
+/// check_every = 50
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelSection {
+    /// Collective backend: `"auto"` (MPI when launched by `mpirun`/`srun`, NCCL for torchrun-
+    /// style variables), `"mpi"`, `"nccl"`, or `"none"` (refuse a multi-rank launch). Default
+    /// `"auto"`.
+    pub backend: ParallelBackend,
+    /// Gradients are averaged in buckets of about this many MiB (one collective call per
+    /// bucket), at least 1. Default 25.
+    pub bucket_mb: usize,
+    /// Compare a checksum of every rank's parameters every this many steps; a rank whose
+    /// parameters differ from rank 0's stops the run. 0 turns the check off. Default 50.
+    pub check_every: usize,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        ParallelSection {
+            backend: ParallelBackend::Auto,
+            bucket_mb: 25,
+            check_every: 50,
+        }
+    }
+}
+
+/// The collective backend of a data-parallel run (`parallel.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParallelBackend {
+    /// Chosen from the launcher's environment.
+    Auto,
+    /// MPI (CPU tensors; the build's `mpi` feature).
+    Mpi,
+    /// NCCL (CUDA tensors; the build's `nccl` feature).
+    Nccl,
+    /// One process only.
+    None,
 }
 
 /// `[train]`: optimisation.

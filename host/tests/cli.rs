@@ -595,3 +595,36 @@ fn generate_and_eval_refuse_what_the_model_cannot_take() {
     );
     assert_user_error(&o, &["--seq-len", "lower --seq-len"]);
 }
+
+/// `retort check --ranks N` reports the data-parallel split and refuses a batch the ranks do
+/// not divide; a launch of several ranks this build cannot join, or that `[parallel]` forbids,
+/// is refused before anything is written.
+#[test]
+fn data_parallel_launches_are_checked_and_refused_clearly() {
+    let d = setup(TINY, Some(&corpus()));
+    let o = retort(&["check", "c.toml", "--ranks", "2"], d.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("parallel: 2 rank(s) (--ranks), 1 windows per rank of each batch, backend mpi"),
+        "{out}"
+    );
+    let o = retort(&["check", "c.toml", "--ranks", "3"], d.path());
+    assert_user_error(&o, &["train.batch_size", "is 2, not a multiple of the 3 ranks"]);
+    let torchrun = [
+        ("WORLD_SIZE", "2"),
+        ("RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29500"),
+    ];
+    let o = retort_env(&["run", "c.toml", "--out", "r"], d.path(), &torchrun);
+    assert_user_error(&o, &["without the `nccl` feature"]);
+    let ompi = [("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_RANK", "0")];
+    let o = retort_env(
+        &["run", "c.toml", "--out", "r", "--set", "parallel.backend=\"none\""],
+        d.path(),
+        &ompi,
+    );
+    assert_user_error(&o, &["parallel.backend", "mpirun (Open MPI) started 2 ranks"]);
+    assert!(!d.path().join("r").exists(), "nothing written");
+}

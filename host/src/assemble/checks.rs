@@ -1,7 +1,7 @@
 //! Checks of single config values and of one component against the data, made before anything
 //! trains; each failure names the key path and what was expected.
 
-use retort_core::config::{EvalSection, RunSection, TrainSection};
+use retort_core::config::{EvalSection, ParallelSection, RunSection, TrainSection};
 use retort_core::{DataSource, Error, Result, Split};
 
 /// `run.name` names the run directory `runs/<name>`: one plain path component.
@@ -31,6 +31,24 @@ pub(super) fn identifier(key: &str, name: &str) -> Result<()> {
         key,
         format!("expected a name of 1 to 64 letters, digits, `_`, `-` or `.` (it keys metrics), got {name:?}"),
     ))
+}
+
+/// A global batch the ranks of a data-parallel run share evenly, and a bucket size.
+pub(super) fn batch_over_ranks(t: &TrainSection, p: &ParallelSection, ranks: usize) -> Result<()> {
+    if p.bucket_mb == 0 {
+        return Err(Error::config("parallel.bucket_mb", "expected an integer >= 1, got 0"));
+    }
+    if ranks > 1 && !t.batch_size.is_multiple_of(ranks) {
+        return Err(Error::config(
+            "train.batch_size",
+            format!(
+                "is {}, not a multiple of the {ranks} ranks this run was launched with: every rank \
+                 reads train.batch_size / ranks windows of each batch",
+                t.batch_size
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `[train]` and `[eval]` values that no component checks itself.

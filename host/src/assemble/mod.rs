@@ -76,6 +76,9 @@ pub struct Pipeline<'r> {
     pub on_policy: Option<OnPolicyPlan>,
     /// What the models generate for the report (`[eval.generation]`), if asked.
     pub generation: Option<GenerationPlan>,
+    /// Data-parallel ranks the run is assembled for (each reads `batch_size / ranks` windows
+    /// of every batch); 1 for one process.
+    pub ranks: usize,
 }
 
 /// What a training phase needs, built fresh for it (routers and schedules keep state).
@@ -103,12 +106,19 @@ pub struct PhaseSetup<'p> {
 }
 
 impl<'r> Pipeline<'r> {
-    /// Builds and checks everything `config` names.
-    pub fn assemble(mut config: RunConfig, registry: &'r Registry) -> Result<Self> {
+    /// Builds and checks everything `config` names, for one process.
+    pub fn assemble(config: RunConfig, registry: &'r Registry) -> Result<Self> {
+        Self::assemble_for(config, registry, 1)
+    }
+
+    /// Builds and checks everything `config` names, for one of `ranks` data-parallel ranks
+    /// (which must divide `train.batch_size`).
+    pub fn assemble_for(mut config: RunConfig, registry: &'r Registry, ranks: usize) -> Result<Self> {
         teacher::fill_init_from_teacher(&mut config);
         let device = parse_device(&config.run.device)?;
         checks::run_name(&config.run)?;
         checks::train_and_eval(&config.train, &config.eval)?;
+        checks::batch_over_ranks(&config.train, &config.parallel, ranks)?;
         let mut ctx = BuildContext::new(registry, device.clone(), config.run.seed);
         config.train.lr.build_positive("train.lr", &ctx)?;
         let data = registry
@@ -129,7 +139,7 @@ impl<'r> Pipeline<'r> {
         let val_tokens = data.tokens(retort_core::Split::Val).len();
         let generation = GenerationPlan::resolve(&config, data.as_ref(), val_tokens)?;
         observers::validate(&config, &ctx)?;
-        let memory = estimate_memory(&config, &ctx, student.as_ref(), &terms, &teacher)?;
+        let memory = estimate_memory(&config, &ctx, student.as_ref(), &terms, &teacher, ranks)?;
         memory.check()?;
         Ok(Pipeline {
             student_description: student.describe(),
@@ -148,6 +158,7 @@ impl<'r> Pipeline<'r> {
             terms,
             on_policy,
             generation,
+            ranks,
         })
     }
 
@@ -339,15 +350,23 @@ fn checked_student(
     Ok((student, proof))
 }
 
-/// The run's memory estimate from the models' shapes, the batch and the logits' path.
+/// Whether `config` can run as `ranks` data-parallel ranks (its batch divides evenly).
+pub fn check_ranks(config: &RunConfig, ranks: usize) -> Result<()> {
+    checks::batch_over_ranks(&config.train, &config.parallel, ranks)
+}
+
+/// The run's memory estimate (of one rank of `ranks`) from the models' shapes, the batch and
+/// the logits' path.
 fn estimate_memory(
     config: &RunConfig,
     ctx: &BuildContext,
     student: &dyn Student,
     terms: &[TermSlot],
     teacher: &ResolvedTeacher,
+    ranks: usize,
 ) -> Result<MemoryEstimate> {
     let t = &config.train;
+    let batch = t.batch_size / ranks.max(1);
     let router = build_router(config, ctx)?;
     let taps = student.available_taps();
     let path = HeadPath::choose(
@@ -356,7 +375,7 @@ fn estimate_memory(
         router.as_ref(),
         &taps,
         student.vocab_size(),
-        t.batch_size.saturating_mul(t.seq_len),
+        batch.saturating_mul(t.seq_len),
     );
     let head_chunk = match path {
         HeadPath::Fused { chunk } => Some(chunk),
@@ -364,7 +383,7 @@ fn estimate_memory(
     };
     let size = |info, params| memory::ModelSize { info, params };
     let work = memory::Workload {
-        batch: t.batch_size,
+        batch,
         seq_len: t.seq_len,
         head_chunk,
         ema: t.ema_decay.is_some(),

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::engine::parallel::launch::Launch;
 use clap::{Args, Subcommand};
 
 use retort_core::Result;
@@ -64,6 +65,17 @@ struct InspectArgs {
 impl CacheArgs {
     /// Runs the subcommand, or builds the cache and says how to train from it.
     pub fn run(mut self) -> Result<()> {
+        let launch = Launch::from_env()?;
+        if launch.ranks() > 1 {
+            return Err(retort_core::Error::input(
+                "this launch",
+                format!(
+                    "{}, and `retort cache` runs as one process (the ranks would write the same \
+                     files): build the cache once, then train from it under the launcher",
+                    launch.describe()
+                ),
+            ));
+        }
         match self.action.take() {
             Some(CacheAction::Inspect(a)) => a.run(),
             Some(CacheAction::Recode(o)) => {

@@ -6,6 +6,7 @@ use retort_core::Result;
 
 use super::common::ConfigArgs;
 use crate::assemble::{HeadPath, Pipeline, TeacherPlan};
+use crate::engine::parallel::launch::{Backend, Launch};
 
 /// Arguments of `retort check`.
 #[derive(Debug, Args)]
@@ -13,12 +14,25 @@ pub struct CheckArgs {
     /// The config to check.
     #[command(flatten)]
     config: ConfigArgs,
+    /// Check for a data-parallel launch of this many ranks (default: the launcher's, when
+    /// `retort check` runs under one; else 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    ranks: Option<u64>,
 }
 
 impl CheckArgs {
     /// Assembles the pipeline (training nothing) and prints what it is made of.
     pub fn run(self) -> Result<()> {
         let (cfg, origin, registry) = self.config.load()?;
+        let launch = Launch::from_env()?;
+        let ranks = self.ranks.map_or(launch.ranks(), |n| n as usize);
+        crate::assemble::check_ranks(&cfg, ranks).map_err(|e| origin.annotate(e))?;
+        let backend = match ranks {
+            1 => "none (one process)".to_string(),
+            _ => Backend::choose(&launch, &cfg.parallel)
+                .map_err(|e| origin.annotate(e))?
+                .describe(),
+        };
         let p = Pipeline::assemble(cfg, &registry).map_err(|e| origin.annotate(e))?;
         println!("config OK ({})", origin.label());
         println!("  data:     {}", p.data.describe());
@@ -56,6 +70,15 @@ impl CheckArgs {
             p.student_steps(),
             t.batch_size,
             t.seq_len
+        );
+        println!(
+            "  parallel: {ranks} rank(s) ({}), {} windows per rank of each batch, backend {backend}",
+            if self.ranks.is_some() {
+                "--ranks".to_string()
+            } else {
+                launch.describe()
+            },
+            t.batch_size / ranks
         );
         for (i, st) in p.config.stages.iter().enumerate() {
             println!("  stage {}: {} ({} steps)", i + 1, st.name_or_default(i), st.steps);

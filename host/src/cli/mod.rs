@@ -86,12 +86,19 @@ where
     init_tracing();
     match dispatch(cli.command) {
         Ok(()) => 0,
-        Err(e) => {
-            let e = printable(e);
-            eprintln!("error: {e}");
-            e.exit_code()
-        }
+        Err(e) => print_error(e, None),
     }
+}
+
+/// Prints `e` (a user error without stack frames; `rank` of a data-parallel run named) and
+/// returns its exit code.
+pub(crate) fn print_error(e: retort_core::Error, rank: Option<usize>) -> i32 {
+    let e = printable(e);
+    match rank {
+        Some(r) => eprintln!("error: rank {r}: {e}"),
+        None => eprintln!("error: {e}"),
+    }
+    e.exit_code()
 }
 
 /// A user error without the stack frames candle captures when `RUST_BACKTRACE` is set; a
@@ -118,9 +125,13 @@ fn dispatch(command: Command) -> Result<()> {
     }
 }
 
+/// Logs at `RETORT_LOG` (default `info`; `warn` on the ranks of a data-parallel run but 0,
+/// whose logs would repeat rank 0's).
 fn init_tracing() {
+    let rank = crate::engine::parallel::launch::Launch::from_env().map_or(0, |l| l.rank());
+    let default = if rank == 0 { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RETORT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,7 +1,8 @@
 //! Windows of the token stream as batches: seeded random windows for training (any start, or
 //! only starts at multiples of the window length: `train.windows = "aligned"`), fixed
 //! consecutive windows for validation. Every batch records where its rows came from
-//! ([`retort_core::BatchSource`]), which a teacher reading stored outputs keys by.
+//! ([`retort_core::BatchSource`]), which a teacher reading stored outputs keys by. In a
+//! data-parallel run every rank draws the same global batches and keeps its [`Shard`] of rows.
 
 use candle_core::Device;
 use rand::{Rng, SeedableRng};
@@ -10,11 +11,16 @@ use rand_chacha::ChaCha8Rng;
 use retort_core::config::WindowSampling;
 use retort_core::{Batch, Error, Result, Split};
 
+use crate::engine::parallel::Shard;
+
 /// Samples training windows uniformly at random; the sequence depends only on the seed, so two
-/// trainings with the same seed see the same batches.
+/// trainings with the same seed see the same batches (and the ranks of a data-parallel run
+/// the rows of the same global batches).
 pub struct TrainBatcher<'a> {
     tokens: &'a [u32],
+    /// Rows of a global batch.
     batch_size: usize,
+    shard: Shard,
     seq_len: usize,
     sampling: WindowSampling,
     rng: ChaCha8Rng,
@@ -22,19 +28,29 @@ pub struct TrainBatcher<'a> {
 }
 
 impl<'a> TrainBatcher<'a> {
-    /// A batcher over `tokens`; errors if the stream is shorter than one window plus its target.
+    /// A batcher over `tokens` of global batches of `batch_size` rows, of which it hands the
+    /// rows of `shard` (which divides `batch_size`); errors if the stream is shorter than one
+    /// window plus its target.
     pub fn new(
         tokens: &'a [u32],
         batch_size: usize,
         seq_len: usize,
         sampling: WindowSampling,
         seed: u64,
+        shard: Shard,
         device: &Device,
     ) -> Result<Self> {
         check_len(tokens, seq_len, "training split")?;
+        if !batch_size.is_multiple_of(shard.ranks) {
+            return Err(Error::config(
+                "train.batch_size",
+                format!("is {batch_size}, not a multiple of the {} ranks", shard.ranks),
+            ));
+        }
         Ok(TrainBatcher {
             tokens,
             batch_size,
+            shard,
             seq_len,
             sampling,
             rng: ChaCha8Rng::seed_from_u64(seed),
@@ -52,9 +68,10 @@ impl<'a> TrainBatcher<'a> {
         self.rng.set_word_pos(pos);
     }
 
-    /// The next batch.
+    /// This rank's rows of the next global batch.
     pub fn next_batch(&mut self) -> Result<Batch> {
-        let starts = self.next_starts();
+        let global = self.next_starts();
+        let starts = self.shard.rows(&global);
         Batch::from_windows(self.tokens, Split::Train, &starts, self.seq_len, &self.device)
     }
 
@@ -65,7 +82,7 @@ impl<'a> TrainBatcher<'a> {
         }
     }
 
-    /// The start offsets of the next batch's windows.
+    /// The start offsets of the next global batch's windows.
     fn next_starts(&mut self) -> Vec<usize> {
         match self.sampling {
             WindowSampling::Random => {
@@ -129,8 +146,9 @@ mod tests {
     #[test]
     fn targets_are_inputs_shifted_by_one_and_seeded() {
         let toks: Vec<u32> = (0..100).collect();
-        let mut a = TrainBatcher::new(&toks, 4, 8, WindowSampling::Random, 9, &Device::Cpu).expect("b");
-        let mut b = TrainBatcher::new(&toks, 4, 8, WindowSampling::Random, 9, &Device::Cpu).expect("b");
+        let whole = Shard::WHOLE;
+        let mut a = TrainBatcher::new(&toks, 4, 8, WindowSampling::Random, 9, whole, &Device::Cpu).expect("b");
+        let mut b = TrainBatcher::new(&toks, 4, 8, WindowSampling::Random, 9, whole, &Device::Cpu).expect("b");
         let x = a.next_batch().expect("x");
         let y = b.next_batch().expect("y");
         let xi: Vec<Vec<u32>> = x.input_ids.to_vec2().expect("v");
@@ -139,6 +157,28 @@ mod tests {
         for (i, t) in xi.iter().zip(&xt) {
             assert!(i.iter().zip(t).all(|(a, b)| a + 1 == *b));
         }
+    }
+
+    /// The ranks' rows, in rank order, are the single process's batch, batch after batch; a
+    /// batch the ranks do not divide is refused.
+    #[test]
+    fn shards_partition_the_global_batch_in_order() {
+        let toks: Vec<u32> = (0..500).collect();
+        let rows = |shard: Shard| {
+            let mut b = TrainBatcher::new(&toks, 6, 8, WindowSampling::Random, 3, shard, &Device::Cpu).expect("b");
+            (0..3)
+                .map(|_| b.next_batch().expect("batch").input_ids.to_vec2::<u32>().expect("v"))
+                .collect::<Vec<_>>()
+        };
+        let whole = rows(Shard::WHOLE);
+        let parts: Vec<_> = (0..3).map(|rank| rows(Shard { rank, ranks: 3 })).collect();
+        for (step, batch) in whole.iter().enumerate() {
+            let joined: Vec<Vec<u32>> = parts.iter().flat_map(|p| p[step].clone()).collect();
+            assert_eq!(&joined, batch);
+        }
+        let four = Shard { rank: 0, ranks: 4 };
+        let e = TrainBatcher::new(&toks, 6, 8, WindowSampling::Random, 3, four, &Device::Cpu).err();
+        assert!(e.expect("refused").to_string().contains("train.batch_size"));
     }
 
     #[test]

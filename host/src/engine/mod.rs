@@ -15,6 +15,7 @@ pub mod generate;
 pub mod generation_eval;
 pub mod model_eval;
 pub mod optim;
+pub mod parallel;
 pub mod phase;
 pub mod pool;
 pub mod rollout;

@@ -218,6 +218,25 @@ pub struct RolloutTotals {
 }
 
 impl RolloutTotals {
+    /// The counts summed over the ranks of `world` (every rank sampled its rows); the wall
+    /// times stay this rank's.
+    pub fn sum_over(&mut self, world: &crate::engine::parallel::World) -> Result<()> {
+        let mut v = [
+            self.samples as f64,
+            self.new_tokens as f64,
+            self.eos as f64,
+            self.teacher_nll,
+            self.scored_tokens as f64,
+        ];
+        world.sum(&mut v)?;
+        self.samples = v[0] as usize;
+        self.new_tokens = v[1] as usize;
+        self.eos = v[2] as usize;
+        self.teacher_nll = v[3];
+        self.scored_tokens = v[4] as usize;
+        Ok(())
+    }
+
     /// Adds `other`.
     pub fn add(&mut self, other: &RolloutTotals) {
         self.steps += other.steps;

@@ -19,6 +19,9 @@ pub struct CheckpointPolicy {
     pub keep: usize,
     /// The metrics file whose mark each checkpoint records (cut back to it on resume).
     pub metrics: Option<PathBuf>,
+    /// Whether this process writes them (rank 0); the other ranks of a data-parallel run only
+    /// read them (`best/` on a resume).
+    pub writes: bool,
 }
 
 impl CheckpointPolicy {
@@ -26,7 +29,8 @@ impl CheckpointPolicy {
     /// `every` steps but the last (the phase's end writes the model itself), and at the end of
     /// every stage but the last (so a resume restarts the next stage as an uninterrupted run).
     pub fn due(&self, done: usize, total: usize, ends_a_stage_before_the_last: bool) -> bool {
-        (self.every > 0 && done.is_multiple_of(self.every) && done != total) || ends_a_stage_before_the_last
+        self.writes
+            && ((self.every > 0 && done.is_multiple_of(self.every) && done != total) || ends_a_stage_before_the_last)
     }
 
     /// Where the metrics file stands now (an empty mark without one).
@@ -50,9 +54,12 @@ mod tests {
             every: 10,
             keep: 2,
             metrics: None,
+            writes: true,
         };
         assert!(p.due(10, 30, false) && p.due(20, 30, false));
         assert!(!p.due(30, 30, false) && !p.due(15, 30, false));
         assert!(p.due(15, 30, true));
+        let reader = CheckpointPolicy { writes: false, ..p };
+        assert!(!reader.due(10, 30, false) && !reader.due(15, 30, true));
     }
 }

@@ -1,6 +1,8 @@
 //! The gradient of one optimizer step: every micro-batch through the teacher, the student and
 //! the terms, weighed by the router, `total = sum_i w_i * term_i / accum` backpropagated and
-//! the gradients summed, or the first non-finite quantity met on the way.
+//! the gradients summed, or the first non-finite quantity met on the way. In a data-parallel
+//! run each micro-batch's term values are averaged across the ranks as soon as they are known
+//! and the step's gradient before its norm, so that every rank routes, skips and updates alike.
 
 use std::time::Instant;
 
@@ -15,6 +17,7 @@ use retort_plugins::kernels::lm_head::{fused_loss, HeadTerm, WeightGradient};
 use crate::assemble::TermSlot;
 use crate::engine::batching::TrainBatcher;
 use crate::engine::optim::{AdamW, GradNorms};
+use crate::engine::parallel::World;
 use crate::engine::rollout::{teacher_nll, Rollout, RolloutTotals};
 
 use super::HeadPath;
@@ -71,6 +74,8 @@ pub(super) struct Objective<'a> {
     fused_chunk: Option<usize>,
     /// The sampler of on-policy steps, when the phase has any.
     rollout: Option<Rollout<'a>>,
+    /// The ranks training together.
+    world: &'a World,
 }
 
 /// The terms of one micro-batch, still attached to the graph, or the first non-finite one.
@@ -91,7 +96,8 @@ enum Graph {
 impl<'a> Objective<'a> {
     /// The objective of `terms`; an error if a term reads a teacher and there is none.
     /// `lm_head` decides whether the terms run fused with the student's head ([`HeadPath`]) on
-    /// micro-batches of `tokens`. On-policy steps train on what `rollout` samples.
+    /// micro-batches of `tokens` (this rank's). On-policy steps train on what `rollout`
+    /// samples. The gradients and values are averaged across the ranks of `world`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         label: &'a str,
@@ -102,6 +108,7 @@ impl<'a> Objective<'a> {
         lm_head: &LmHeadSpec,
         tokens: usize,
         rollout: Option<Rollout<'a>>,
+        world: &'a World,
     ) -> Result<Self> {
         let needs_teacher = terms.iter().any(|t| t.term.needs_teacher());
         if needs_teacher && teacher.is_none() {
@@ -144,6 +151,7 @@ impl<'a> Objective<'a> {
             reads_features: terms.iter().map(|t| !t.term.student_taps().is_empty()).collect(),
             fused_chunk,
             rollout,
+            world,
         })
     }
 
@@ -200,8 +208,10 @@ impl<'a> Objective<'a> {
         }
         if let Some(r) = rollout.as_mut() {
             r.step_seconds = started.elapsed().as_secs_f64();
+            r.sum_over(self.world)?;
         }
         sum.rollout = rollout;
+        sum.grads = self.world.average_gradients(std::mem::take(&mut sum.grads))?;
         sum.norms = opt.norms(&sum.grads)?;
         if !sum.norms.total.is_finite() {
             return Ok(Gradient::NonFinite {
@@ -213,7 +223,8 @@ impl<'a> Objective<'a> {
     }
 
     /// The next micro-batch (`micro` of step `index`): the batcher's windows, or on an on-policy
-    /// step (`rollout` given) the windows sampled from their prompts, counted in `rollout`.
+    /// step (`rollout` given) the windows sampled from their prompts, counted in `rollout` (each
+    /// rank's samples with seeds of their own).
     fn next_batch(
         &self,
         batcher: &mut TrainBatcher,
@@ -225,7 +236,8 @@ impl<'a> Objective<'a> {
         let (Some(sampler), Some(totals)) = (self.rollout.as_ref(), rollout) else {
             return Ok(batch);
         };
-        let (sampled, got) = sampler.sample(&batch, index, micro)?;
+        let seed_slot = micro * self.world.size() + self.world.rank();
+        let (sampled, got) = sampler.sample(&batch, index, seed_slot)?;
         totals.add(&got);
         Ok(sampled)
     }
@@ -279,6 +291,8 @@ impl<'a> Objective<'a> {
                 (Graph::Terms(values), scalars)
             }
         };
+        let mut scalars = scalars;
+        self.world.mean(&mut scalars)?;
         if let Some(i) = scalars.iter().position(|v| !v.is_finite()) {
             return Ok(TermValues::NonFinite {
                 what: format!("loss term `{}`", self.names[i]),

@@ -10,6 +10,11 @@
 //! gradient is not finite is skipped (no update), and then nothing else happens at that step.
 //! After an applied step, in this order: the train record (every `log_every`), the periodic
 //! evaluation (and early stopping), the stage's end (multi-stage phases), the checkpoint.
+//!
+//! In a data-parallel run ([`World`]) every rank runs the same loop on its rows of each batch:
+//! the micro-batches' loss values and the step's gradient are averaged across the ranks
+//! before anything reads them, so every rank takes the same decisions and applies the same
+//! update; only rank 0 writes checkpoints.
 
 mod checkpointing;
 mod early_stopping;
@@ -30,6 +35,7 @@ use crate::artifacts::checkpoint::Checkpoint;
 use crate::artifacts::events::Recorder;
 use crate::artifacts::report::PhaseStats;
 use crate::assemble::{Stage, TermSlot};
+use crate::engine::parallel::World;
 
 pub use crate::assemble::HeadPath;
 use crate::assemble::OnPolicyPlan;
@@ -72,6 +78,8 @@ pub struct Phase<'a> {
     pub progress_bar: bool,
     /// Which steps train on samples, and how they are drawn (`None`: every step on the data).
     pub on_policy: Option<&'a OnPolicyPlan>,
+    /// The ranks training together (one process: [`World::single`]).
+    pub world: &'a World,
 }
 
 /// Runs `phase` over the training split of `data`, sending its records to `recorder`, on

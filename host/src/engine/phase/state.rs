@@ -8,7 +8,7 @@ use crate::artifacts::run_dir::LogMark;
 use crate::engine::rollout::RolloutTotals;
 
 /// Everything besides tensors that a phase needs to continue exactly where it was.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PhaseState {
     /// Id of the run that wrote the checkpoint (a resume refuses another run's).
     pub run_id: String,
@@ -39,6 +39,13 @@ pub struct PhaseState {
     /// What the on-policy steps since the last train record sampled.
     #[serde(default)]
     pub rollouts: RolloutTotals,
+    /// Ranks of the data-parallel run that wrote it (1: one process).
+    #[serde(default = "one")]
+    pub ranks: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// What `best/` holds besides the best weights.

@@ -13,6 +13,7 @@ use retort_core::Result;
 use crate::artifacts::report::Report;
 use crate::assemble::config::ConfigOrigin;
 use crate::assemble::Pipeline;
+use crate::engine::parallel::World;
 
 use session::Session;
 
@@ -46,10 +47,22 @@ pub struct RunOutcome {
 
 /// Runs the whole pipeline: teacher (loaded or pretrained), distilled student, scratch
 /// baseline (same init, same batches, same budget), evaluations, report.
-pub fn run(mut pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> Result<RunOutcome> {
+/// One process.
+pub fn run(pipeline: Pipeline, origin: &ConfigOrigin, opts: &RunOptions) -> Result<RunOutcome> {
+    run_in_world(pipeline, origin, opts, &World::single())
+}
+
+/// [`run`] by every rank of `world` (a data-parallel run, [`crate::engine::parallel`]), rank 0
+/// writing the run directory.
+pub fn run_in_world(
+    mut pipeline: Pipeline,
+    origin: &ConfigOrigin,
+    opts: &RunOptions,
+    world: &World,
+) -> Result<RunOutcome> {
     let started = Instant::now();
     let loaded_teacher = pipeline.teacher.take();
-    let mut session = Session::open(&pipeline, origin, opts)?;
+    let mut session = Session::open(&pipeline, origin, opts, world)?;
     let teacher = session.obtain_teacher(loaded_teacher)?;
     let students = summary::Students {
         student: session.train_student(pipeline.distillation()?, &teacher)?,

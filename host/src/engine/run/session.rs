@@ -18,6 +18,7 @@ use crate::assemble::{PhaseSetup, Pipeline};
 use crate::engine::batching::val_batches;
 use crate::engine::evaluate::{evaluate, teacher_eval_logits};
 use crate::engine::generation_eval::GenerationEval;
+use crate::engine::parallel::World;
 use crate::engine::phase::{train_phase, CheckpointPolicy, Phase, PhaseState};
 use crate::engine::rollout::SampleModel;
 
@@ -60,13 +61,20 @@ pub(super) struct Session<'p, 'r> {
     val: Vec<Batch>,
     generation: Option<GenerationEval<'p>>,
     options: RunOptions,
+    /// The ranks running this session.
+    world: &'p World,
 }
 
 impl<'p, 'r> Session<'p, 'r> {
     /// Creates the run directory (or reopens it to resume: the finished phases, the newest
     /// checkpoint of the next one, the metrics cut back to it), the observers and the
     /// validation windows.
-    pub fn open(pipeline: &'p Pipeline<'r>, origin: &ConfigOrigin, opts: &RunOptions) -> Result<Self> {
+    pub fn open(
+        pipeline: &'p Pipeline<'r>,
+        origin: &ConfigOrigin,
+        opts: &RunOptions,
+        world: &'p World,
+    ) -> Result<Self> {
         let cfg = &pipeline.config;
         let data = pipeline.data.as_ref();
         tracing::info!("data: {}", data.describe());
@@ -79,18 +87,31 @@ impl<'p, 'r> Session<'p, 'r> {
             seq_len,
             &pipeline.device,
         )?;
-        let (dir, progress, resume) = match &opts.resume {
-            Some(path) => reopen(pipeline, path, opts.resume_from_last_good)?,
-            None => {
-                let path = opts
-                    .out
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.run.name));
-                let dir = RunDir::create(&path, opts.force, cfg, &origin.label(), &run_inputs(pipeline)?)?;
-                (dir, RunProgress::default(), None)
-            }
+        let path = match &opts.resume {
+            Some(path) => path.clone(),
+            None => opts
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.run.name)),
         };
-        let recorder = Recorder::new(observers(pipeline, &dir)?);
+        let opened = match (world.is_root(), &opts.resume) {
+            (true, Some(_)) => Some(reopen(pipeline, &path, opts.resume_from_last_good)?),
+            (true, None) => {
+                let dir = RunDir::create(&path, opts.force, cfg, &origin.label(), &run_inputs(pipeline)?)?;
+                Some((dir, RunProgress::default(), None))
+            }
+            (false, _) => None,
+        };
+        // The other ranks read the directory once rank 0 has created or reopened it.
+        world.barrier()?;
+        let (dir, progress, resume) = match opened {
+            Some(opened) => opened,
+            None => follow(pipeline, &path, opts.resume_from_last_good)?,
+        };
+        let recorder = match world.is_root() {
+            true => Recorder::new(observers(pipeline, &dir)?),
+            false => Recorder::none(),
+        };
         let generation = pipeline.generation.as_ref().map(|plan| {
             let val = data.tokens(Split::Val);
             GenerationEval::new(
@@ -111,6 +132,7 @@ impl<'p, 'r> Session<'p, 'r> {
             val,
             generation,
             options: opts.clone(),
+            world,
         })
     }
 
@@ -156,8 +178,12 @@ impl<'p, 'r> Session<'p, 'r> {
         tracing::info!("pretraining teacher: {} for {steps} steps", setup.model.describe());
         let (model, stats) = self.train(setup, None)?;
         let dir = self.dir.model("teacher");
-        save_with_tokenizer(model.as_ref(), &dir, self.pipeline.data.tokenizer())?;
-        self.progress.complete(&self.dir, "teacher", &stats)?;
+        if self.writes() {
+            save_with_tokenizer(model.as_ref(), &dir, self.pipeline.data.tokenizer())?;
+            self.progress.complete(&self.dir, "teacher", &stats)?;
+        }
+        // Every rank loads the teacher rank 0 wrote.
+        self.world.barrier()?;
         Ok((self.pipeline.pretrained_teacher(&dir)?, Some(stats)))
     }
 
@@ -171,8 +197,10 @@ impl<'p, 'r> Session<'p, 'r> {
                 let steps = self.pipeline.student_steps();
                 tracing::info!("training {label}: {} for {steps} steps", setup.model.describe());
                 let (model, stats) = self.train(setup, Some(teacher))?;
-                save_with_tokenizer(model.as_ref(), &self.dir.model(label), self.pipeline.data.tokenizer())?;
-                self.progress.complete(&self.dir, label, &stats)?;
+                if self.writes() {
+                    save_with_tokenizer(model.as_ref(), &self.dir.model(label), self.pipeline.data.tokenizer())?;
+                    self.progress.complete(&self.dir, label, &stats)?;
+                }
                 (model, stats)
             }
         };
@@ -231,11 +259,13 @@ impl<'p, 'r> Session<'p, 'r> {
                     run_id: self.dir.run_id().to_string(),
                     every: cfg.train.checkpoint_every,
                     keep: cfg.train.keep_checkpoints,
-                    metrics: Some(self.dir.metrics()),
+                    metrics: self.writes().then(|| self.dir.metrics()),
+                    writes: self.writes(),
                 }),
                 resume: self.resume.take_if(|c| c.state.phase == label),
                 progress_bar: self.options.progress,
                 on_policy: setup.on_policy,
+                world: self.world,
             },
             self.pipeline.data.as_ref(),
             &mut self.recorder,
@@ -243,8 +273,16 @@ impl<'p, 'r> Session<'p, 'r> {
         Ok((setup.model, stats))
     }
 
-    /// Writes the report and its charts, records it and closes the observers.
+    /// Whether this process writes the run directory (rank 0 of a data-parallel run).
+    fn writes(&self) -> bool {
+        self.world.is_root()
+    }
+
+    /// Writes the report and its charts, records it and closes the observers (rank 0).
     pub fn finish(&mut self, report: &Report) -> Result<()> {
+        if !self.writes() {
+            return self.recorder.finish();
+        }
         report.write(self.dir.path())?;
         // Charts are a convenience: a failure to draw is reported, never fatal to a finished run.
         if let Err(e) = crate::artifacts::plots::plot_and_embed(self.dir.path()) {
@@ -295,6 +333,22 @@ fn reopen(
         None => progress.metrics_mark(),
     };
     dir.restore_metrics(&mark)?;
+    Ok((dir, progress, resume))
+}
+
+/// The run directory rank 0 created or reopened, as another rank reads it: the finished
+/// phases and the checkpoint the next one resumes from (rank 0 has recovered it already).
+fn follow(
+    pipeline: &Pipeline,
+    path: &std::path::Path,
+    last_good: bool,
+) -> Result<(RunDir, RunProgress, Option<Checkpoint<PhaseState>>)> {
+    let dir = RunDir::read(path)?;
+    let progress = RunProgress::load(&dir)?;
+    let resume = match pipeline.phases().into_iter().find(|p| progress.completed(p).is_none()) {
+        Some(next) => checkpoint::latest(&dir.checkpoints(next), &pipeline.device, last_good)?,
+        None => None,
+    };
     Ok((dir, progress, resume))
 }
 

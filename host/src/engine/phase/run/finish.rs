@@ -30,6 +30,16 @@ impl PhaseRun<'_> {
             None => None,
         };
         let wall_s = self.started.elapsed().as_secs_f64();
+        if self.world.size() > 1 {
+            let comm = self.world.comm_seconds() - self.comm_at_start;
+            tracing::info!(
+                "{}: {} ranks, {:.1}% of the phase's {wall_s:.1} s in collectives ({} backend: loss values, gradients)",
+                self.label,
+                self.world.size(),
+                100.0 * comm / wall_s.max(1e-9),
+                self.world.backend()
+            );
+        }
         let tokens = self.plan.tokens_at(steps_run);
         let resumed_tokens = self.plan.tokens_at(self.first_step.min(steps_run));
         Ok(PhaseStats {

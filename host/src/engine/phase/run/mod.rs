@@ -19,6 +19,7 @@ use crate::artifacts::report::StageStats;
 use crate::assemble::assign_groups;
 use crate::engine::batching::TrainBatcher;
 use crate::engine::optim::{AdamW, AdamWConfig};
+use crate::engine::parallel::World;
 use crate::engine::rollout::{Rollout, RolloutTotals, SampleModel};
 
 use super::checkpointing::CheckpointPolicy;
@@ -63,6 +64,10 @@ pub(super) struct PhaseRun<'a> {
     stopped_early_at: Option<usize>,
     /// What the on-policy steps since the last train record sampled.
     rollouts: RolloutTotals,
+    /// The ranks training together.
+    world: &'a World,
+    /// Their time in collectives when the phase started.
+    comm_at_start: f64,
 }
 impl<'a> PhaseRun<'a> {
     /// Sets the phase up, continuing from `phase.resume` when given.
@@ -77,6 +82,7 @@ impl<'a> PhaseRun<'a> {
             train.seq_len,
             train.windows.unwrap_or(WindowSampling::Random),
             phase.batch_seed,
+            phase.world.shard(),
             &device,
         )?;
         let model_vars = phase.student.vars();
@@ -96,9 +102,12 @@ impl<'a> PhaseRun<'a> {
                 phase.student,
                 phase.teacher,
                 &train.lm_head,
-                train.batch_size * train.seq_len,
+                train.batch_size / phase.world.size() * train.seq_len,
                 rollout,
+                phase.world,
             )?,
+            world: phase.world,
+            comm_at_start: phase.world.comm_seconds(),
             batcher,
             eval: PhaseEval::new(phase.val, phase.val_teacher, phase.eval_every, plan.total()),
             bar: progress_bar(phase.label, plan.total(), phase.progress_bar)?,
@@ -126,6 +135,17 @@ impl<'a> PhaseRun<'a> {
 
     /// Puts back everything a checkpoint of this phase saved.
     fn resume_from(&mut self, mut ck: Checkpoint<PhaseState>, device: &Device) -> Result<()> {
+        if ck.state.ranks != self.world.size() {
+            return Err(Error::input(
+                format!("checkpoint {}", ck.dir.display()),
+                format!(
+                    "was written by a run of {} rank(s), and this run has {}: resume it with the \
+                     same number of ranks (each rank's rows of a batch depend on it)",
+                    ck.state.ranks,
+                    self.world.size()
+                ),
+            ));
+        }
         let saved = tensors_of(&ck, &self.all_vars)?;
         for ((_, var), t) in self.all_vars.iter().zip(saved) {
             var.set(&t.to_dtype(var.dtype())?)?;

@@ -99,6 +99,7 @@ impl PhaseRun<'_> {
             self.rollouts.add(r);
         }
         stage.opt.step(grads, lr, norms.total)?;
+        self.world.check_same_parameters(&self.all_vars, step.done)?;
         if let Some(ema) = self.ema.as_mut() {
             ema.update(&self.model_vars)?;
         }
@@ -211,7 +212,7 @@ impl PhaseRun<'_> {
         let Some(e) = self.early.as_mut() else {
             return Ok(());
         };
-        if let Some(policy) = &self.checkpoints {
+        if let Some(policy) = self.checkpoints.as_ref().filter(|p| p.writes) {
             let model: Tensors = self
                 .model_vars
                 .iter()
@@ -303,6 +304,7 @@ impl PhaseRun<'_> {
             early: self.early.as_ref().map(|e| e.state.clone()),
             stages: self.stages.clone(),
             rollouts: self.rollouts.clone(),
+            ranks: self.world.size(),
         };
         let snapshot = Snapshot {
             state: &state,

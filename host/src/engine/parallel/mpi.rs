@@ -1,0 +1,155 @@
+//! The MPI backend (feature `mpi`, through the `mpi` crate over the system's Open MPI or
+//! MPICH). MPI's handles may not cross threads, so one thread owns MPI: it initialises it
+//! (`MPI_THREAD_FUNNELED`), runs every collective the other threads send it, and finalises it
+//! when the world is dropped.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use candle_core::{Device, Tensor};
+use mpi::collective::SystemOperation;
+use mpi::environment::Threading;
+use mpi::traits::{Communicator, CommunicatorCollectives};
+
+use retort_core::{Error, Result};
+
+use super::Collective;
+
+/// One request to the MPI thread, with where its answer goes.
+enum Call {
+    SumF32(Vec<f32>, Sender<Vec<f32>>),
+    SumF64(Vec<f64>, Sender<Vec<f64>>),
+    GatherU64(u64, Sender<Vec<u64>>),
+    Barrier(Sender<()>),
+    Abort(i32),
+}
+
+/// `MPI_COMM_WORLD`, through its thread.
+pub struct MpiCollective {
+    rank: usize,
+    size: usize,
+    calls: Mutex<Option<Sender<Call>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl MpiCollective {
+    /// Initialises MPI on its own thread.
+    pub fn init() -> Result<Self> {
+        let (calls, inbox) = channel::<Call>();
+        let (ready, started) = channel::<Option<(usize, usize)>>();
+        let thread = std::thread::Builder::new()
+            .name("mpi".into())
+            .spawn(move || {
+                let Some((universe, _)) = mpi::initialize_with_threading(Threading::Funneled) else {
+                    let _ = ready.send(None);
+                    return;
+                };
+                let world = universe.world();
+                let _ = ready.send(Some((world.rank() as usize, world.size() as usize)));
+                for call in inbox {
+                    serve(&world, call);
+                }
+            })
+            .map_err(|e| Error::failed("starting the MPI thread", e))?;
+        let Ok(Some((rank, size))) = started.recv() else {
+            return Err(Error::Runtime(
+                "MPI could not be initialised (MPI_Init_thread failed)".into(),
+            ));
+        };
+        Ok(MpiCollective {
+            rank,
+            size,
+            calls: Mutex::new(Some(calls)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Sends `call` (made with the answer's sender) and waits for the answer.
+    fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> Call) -> Result<T> {
+        let (tx, rx) = channel();
+        let sent = match self.calls.lock().ok().and_then(|c| c.clone()) {
+            Some(calls) => calls.send(make(tx)).is_ok(),
+            None => false,
+        };
+        match sent.then(|| rx.recv().ok()).flatten() {
+            Some(answer) => Ok(answer),
+            None => Err(Error::Runtime("the MPI thread has stopped".into())),
+        }
+    }
+}
+
+fn serve(world: &mpi::topology::SimpleCommunicator, call: Call) {
+    match call {
+        Call::SumF32(mine, answer) => {
+            let mut sum = vec![0f32; mine.len()];
+            world.all_reduce_into(&mine[..], &mut sum[..], SystemOperation::sum());
+            let _ = answer.send(sum);
+        }
+        Call::SumF64(mine, answer) => {
+            let mut sum = vec![0f64; mine.len()];
+            world.all_reduce_into(&mine[..], &mut sum[..], SystemOperation::sum());
+            let _ = answer.send(sum);
+        }
+        Call::GatherU64(mine, answer) => {
+            let mut all = vec![0u64; world.size() as usize];
+            world.all_gather_into(&mine, &mut all[..]);
+            let _ = answer.send(all);
+        }
+        Call::Barrier(answer) => {
+            world.barrier();
+            let _ = answer.send(());
+        }
+        Call::Abort(code) => world.abort(code),
+    }
+}
+
+impl Collective for MpiCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn backend(&self) -> &'static str {
+        "mpi"
+    }
+    fn all_reduce_sum(&self, flat: &Tensor) -> Result<Tensor> {
+        let mine = flat.to_vec1::<f32>()?;
+        let n = mine.len();
+        let sum = self.ask(|tx| Call::SumF32(mine, tx))?;
+        let on_host = Tensor::from_vec(sum, n, &Device::Cpu)?;
+        Ok(on_host.to_device(flat.device())?)
+    }
+    fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<()> {
+        let sum = self.ask(|tx| Call::SumF64(values.to_vec(), tx))?;
+        values.copy_from_slice(&sum);
+        Ok(())
+    }
+    fn all_gather_u64(&self, value: u64) -> Result<Vec<u64>> {
+        self.ask(|tx| Call::GatherU64(value, tx))
+    }
+    fn barrier(&self) -> Result<()> {
+        self.ask(Call::Barrier)
+    }
+    fn abort(&self, code: i32) -> ! {
+        if let Some(calls) = self.calls.lock().ok().and_then(|c| c.clone()) {
+            let _ = calls.send(Call::Abort(code));
+        }
+        // MPI_Abort ends this process; should the MPI thread be gone, end it here.
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        std::process::exit(code)
+    }
+}
+
+impl Drop for MpiCollective {
+    /// Finalises MPI: the MPI thread's inbox closes, it leaves its loop and drops the universe.
+    fn drop(&mut self) {
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.take();
+        }
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
