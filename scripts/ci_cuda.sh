@@ -13,7 +13,7 @@ run_tests=1
 
 eval "$(scripts/cuda_toolchain.sh)"
 export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
-features=(--features retort-host/cuda,retort-plugins/cuda)
+features=(--features retort-host/cuda,retort-host/nccl,retort-plugins/cuda)
 # The dynamic-plugin tests build plugin crates with cargo inside the test; in this build that
 # would compile candle's CUDA crates twice more (another feature set, the scaffold's own
 # profile: ~20 minutes on 2 cores). They run in the CPU build (.ci/run's first command); the

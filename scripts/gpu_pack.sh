@@ -16,7 +16,7 @@ text="${RETORT_TEXT:-../shared/data/tinyshakespeare.txt}"
 [[ -f "$gguf" ]] || { echo "gpu_pack: $gguf missing: run scripts/fetch_smollm2.sh" >&2; exit 2; }
 [[ -f "$text" ]] || { echo "gpu_pack: $text missing" >&2; exit 2; }
 
-cargo build --release --features cuda -p retort-host
+cargo build --release --features cuda,nccl -p retort-host
 cargo build --release --features cuda -p retort-plugins --example lm_head_memory
 cargo run --release -q -p retort-plugins --example gguf_tokenizer -- "$gguf" /tmp/retort-tokenizer.json
 

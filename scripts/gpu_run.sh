@@ -9,6 +9,8 @@
 #   4. the SmolLM2-shaped KD step (teacher 30 blocks, 4-block student, batch 8 x 256, f32) with
 #      retort on cuda, then with transformers + PyTorch eager on the same GPU: tokens/s, peak
 #      memory, and their ratio;
+#   4b. the NCCL backend smoke-tested as a world of one rank on the quickstart (its val
+#      losses against the plain cuda run's);
 #   5. the loss region fused with the LM head and not (`lm_head_memory`, bf16, 0.7 kl + 0.3 ce)
 #      at N = 8192, H = 4096, V = 128256 and at N = 1024: time, and the device's peak memory
 #      (nvidia-smi) over what it held before.
@@ -73,6 +75,13 @@ echo "cuda exit ${PIPESTATUS[0]}"
 wait "$cpu_pid"
 cat "$OUT/quickstart_cpu.txt"
 
+say "NCCL smoke test: the quickstart on cuda as a world of one NCCL rank (parameter check every step)"
+rm -rf /tmp/qs-nccl
+WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 \
+  timeout 200 "$bin" run --quiet --out /tmp/qs-nccl --set run.device=cuda \
+  --set 'parallel.backend="nccl"' --set parallel.check_every=1 2>&1 | tee "$OUT/quickstart_nccl.txt"
+echo "nccl exit ${PIPESTATUS[0]}"
+
 say "SmolLM2-shaped teacher (random weights) for both sides"
 rm -rf /tmp/retort-smollm2
 timeout 120 "$PY" scripts/gpu/torch_kd_smollm2.py --save-teacher /tmp/retort-smollm2 &&
@@ -133,6 +142,13 @@ def leaves(x, path=""):
         yield path, x
 summary = {}
 qs = {d: dict(leaves(load(f"/tmp/qs-{d}/report.json"))) for d in ("cuda", "cpu")}
+try:
+    nccl = dict(leaves(load("/tmp/qs-nccl/report.json")))
+    summary["quickstart_nccl_vs_cuda_max_val_loss_diff"] = max(
+        abs(nccl[k] - v) for k, v in qs["cuda"].items()
+        if "val" in k and "loss" in k and isinstance(v, (int, float)) and not isinstance(v, bool))
+except Exception as e:
+    summary["quickstart_nccl"] = {"error": str(e)}
 vals = {k: (qs["cuda"].get(k), v) for k, v in qs["cpu"].items()
         if "val" in k and "loss" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
 summary["quickstart_val_loss_cuda_vs_cpu"] = vals

@@ -295,3 +295,32 @@ fn a_killed_rank_stops_the_other_and_the_run_resumes_to_the_uninterrupted_weight
         assert!(model("killed") == model("whole"), "{phase}: resumed weights differ");
     }
 }
+
+/// On-policy steps: each rank samples continuations of its rows' prompts (seeds of its own),
+/// the ranks still apply identical updates (parameter check at every step), and the steps on
+/// samples are recorded.
+#[test]
+fn on_policy_steps_sample_on_every_rank_and_keep_the_ranks_identical() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = CONFIG.replace(
+        "[parallel]",
+        "[on_policy]\nlambda = 0.5\nprompt_tokens = 4\ncompare_off_policy = false\n[parallel]",
+    );
+    std::fs::write(tmp.path().join("op.toml"), config).expect("config");
+    assert_ok(
+        &mpirun(2, &["run", "op.toml", "--out", "op", "--quiet"], tmp.path()),
+        "on-policy, 2 ranks",
+    );
+    let text = std::fs::read_to_string(tmp.path().join("op/metrics.jsonl")).expect("metrics");
+    let sampled: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["event"] == "train" && m["phase"] == "student" && m["on_policy"].is_object())
+        .collect();
+    // lambda 0.5 over 6 steps: steps 2, 4 and 6 sample, each window up to 8 + 1 - 4 new tokens.
+    let steps: Vec<u64> = sampled.iter().map(|m| m["step"].as_u64().expect("step")).collect();
+    assert_eq!(steps, vec![2, 4, 6]);
+    for m in &sampled {
+        assert_eq!(m["on_policy"]["completion_len"].as_f64(), Some(5.0), "{m}");
+    }
+}

@@ -10,6 +10,7 @@ use retort_plugins::losses::ce::cross_entropy;
 use retort_plugins::losses::kl::kl_per_token;
 
 pub use crate::artifacts::report::EvalResult;
+use crate::engine::parallel::World;
 
 /// Loss cap for perplexity, in nats, so that reports never show infinity.
 pub const PERPLEXITY_LOSS_CAP: f64 = 50.0;
@@ -47,6 +48,17 @@ pub fn evaluate(
     batches: &[Batch],
     teacher_logits: Option<&[Tensor]>,
 ) -> Result<EvalResult> {
+    evaluate_in(logits_of, batches, teacher_logits, &World::single())
+}
+
+/// [`evaluate`] of the ranks of `world` together, each on its own `batches`: the sums of
+/// every rank's batches make one result, the same on every rank.
+pub fn evaluate_in(
+    logits_of: &dyn Fn(usize, &Batch) -> Result<Tensor>,
+    batches: &[Batch],
+    teacher_logits: Option<&[Tensor]>,
+    world: &World,
+) -> Result<EvalResult> {
     let (mut nll, mut kl, mut agree, mut tokens) = (0.0f64, 0.0f64, 0.0f64, 0usize);
     for (i, batch) in batches.iter().enumerate() {
         let logits = logits_of(i, batch)?.detach();
@@ -67,6 +79,10 @@ pub fn evaluate(
         }
         tokens += n;
     }
+    let mut sums = [nll, kl, agree, tokens as f64];
+    world.sum(&mut sums)?;
+    let [nll, kl, agree, tokens] = sums;
+    let tokens = tokens as usize;
     let denom = tokens.max(1) as f64;
     let val_loss = nll / denom;
     Ok(EvalResult {

@@ -12,7 +12,7 @@ use super::{Collective, World};
 /// How this process was started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Launch {
-    /// Alone (no launcher, or a launcher of one rank).
+    /// Alone (no launcher).
     Single,
     /// By an MPI launcher, which MPI itself joins.
     Mpi {
@@ -60,7 +60,7 @@ impl Launch {
         };
         for (size, rank, launcher) in MPI_LAUNCHERS {
             if let (Some(ranks), Some(rank)) = (number(size)?, number(rank)?) {
-                return Ok(Launch::Mpi { ranks, rank, launcher }.or_single());
+                return Ok(Launch::Mpi { ranks, rank, launcher });
             }
         }
         let (Some(ranks), Some(rank)) = (number("WORLD_SIZE")?, number("RANK")?) else {
@@ -82,8 +82,7 @@ impl Launch {
             rank,
             local_rank,
             master,
-        }
-        .or_single())
+        })
     }
 
     /// The launch of this process's environment.
@@ -104,14 +103,6 @@ impl Launch {
         match self {
             Launch::Single => 1,
             Launch::Mpi { ranks, .. } | Launch::Torchrun { ranks, .. } => *ranks,
-        }
-    }
-
-    fn or_single(self) -> Launch {
-        if self.ranks() <= 1 {
-            Launch::Single
-        } else {
-            self
         }
     }
 
@@ -161,7 +152,7 @@ impl Backend {
     pub fn describe(self) -> String {
         let (name, built) = match self {
             Backend::Mpi => ("mpi", cfg!(feature = "mpi")),
-            Backend::Nccl => ("nccl", false),
+            Backend::Nccl => ("nccl", cfg!(feature = "nccl")),
         };
         match built {
             true => name.to_string(),
@@ -170,19 +161,21 @@ impl Backend {
     }
 }
 
-/// The world this process joins, by the launcher in its environment and `[parallel]`; a
-/// process of a world of several ranks stops with exit code 1 when the launcher ends the job
-/// (another rank failed).
+/// The world this process joins, by the launcher in its environment and `[parallel]`: one
+/// process without a launcher, or with a launcher of one rank unless `parallel.backend` names
+/// a backend (a world of one, to try the backend). A process of a world of several ranks stops
+/// with exit code 1 when the launcher ends the job (another rank failed).
 pub fn join(spec: &ParallelSection) -> Result<World> {
     let launch = Launch::from_env()?;
-    if launch == Launch::Single {
+    let named = matches!(spec.backend, ParallelBackend::Mpi | ParallelBackend::Nccl);
+    if launch == Launch::Single || (launch.ranks() <= 1 && !named) {
         return Ok(World::single());
     }
     let backend = Backend::choose(&launch, spec)?;
     share_the_cores(&launch);
     let comm: Arc<dyn Collective> = match backend {
         Backend::Mpi => mpi_world()?,
-        Backend::Nccl => Err(not_built("nccl", "CUDA and NCCL"))?,
+        Backend::Nccl => nccl_world(&launch)?,
     };
     if comm.size() != launch.ranks() {
         return Err(Error::Runtime(format!(
@@ -206,6 +199,38 @@ fn mpi_world() -> Result<Arc<dyn Collective>> {
     Err(not_built("mpi", "Open MPI or MPICH (`libopenmpi-dev`)"))
 }
 
+#[cfg(feature = "nccl")]
+fn nccl_world(launch: &Launch) -> Result<Arc<dyn Collective>> {
+    use_the_local_gpu(launch);
+    Ok(Arc::new(super::nccl::NcclCollective::init(launch)?))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_world(_launch: &Launch) -> Result<Arc<dyn Collective>> {
+    Err(not_built("nccl", "CUDA and NCCL"))
+}
+
+/// Each rank of a node computes on its own GPU: `CUDA_VISIBLE_DEVICES` narrowed to the
+/// `LOCAL_RANK`-th of the devices it lists (of all, when unset), before CUDA starts, so that
+/// `run.device = "cuda"` is that GPU.
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+fn use_the_local_gpu(launch: &Launch) {
+    let Launch::Torchrun { local_rank, .. } = launch else {
+        return;
+    };
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let gpu = match visible
+        .as_deref()
+        .map(|v| v.split(',').map(str::trim).collect::<Vec<_>>())
+    {
+        Some(list) if list.len() > 1 => list[local_rank % list.len()].to_string(),
+        Some(_) => return,
+        None => local_rank.to_string(),
+    };
+    tracing::info!("rank {} uses GPU {gpu} (CUDA_VISIBLE_DEVICES)", launch.rank());
+    std::env::set_var("CUDA_VISIBLE_DEVICES", gpu);
+}
+
 fn not_built(feature: &str, needs: &str) -> Error {
     Error::input(
         "this launch",
@@ -224,22 +249,42 @@ fn local_ranks(var: &dyn Fn(&str) -> Option<String>) -> Option<usize> {
         .find_map(|k| var(k).and_then(|v| v.trim().parse().ok()))
 }
 
-/// Unless `RAYON_NUM_THREADS` says otherwise, the ranks of one node share its cores: each
-/// computes on `cores / local ranks` threads (the kernels' pool and candle's matmuls read the
-/// variable), instead of every rank starting a thread per core.
+/// Unless `RAYON_NUM_THREADS` says otherwise, the ranks of one node share its cores: a rank the
+/// launcher bound to some cores (Open MPI binds each of a few ranks to one core) computes on
+/// those; an unbound one on `cores / local ranks` threads. The kernels' pool and candle's
+/// matmuls read the variable.
 fn share_the_cores(launch: &Launch) {
     let var = |k: &str| std::env::var(k).ok();
     let (None, Some(local)) = (var("RAYON_NUM_THREADS"), local_ranks(&var)) else {
         return;
     };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / local.max(1)).max(1);
+    let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match online_cpus() {
+        Some(online) if usable < online => usable,
+        _ => (usable / local.max(1)).max(1),
+    };
     tracing::info!(
-        "{}, {local} on this node of {cores} cores: {threads} thread(s) per rank",
+        "{}, {local} on this node; this rank may use {usable} core(s): {threads} thread(s)",
         launch.describe()
     );
     // Set before any thread reads the environment: the pools start later.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+}
+
+/// The machine's online CPUs (`/sys/devices/system/cpu/online`, e.g. `0-3,8-11`).
+fn online_cpus() -> Option<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    count_cpu_list(&text)
+}
+
+fn count_cpu_list(text: &str) -> Option<usize> {
+    text.trim().split(',').try_fold(0, |n, part| {
+        let count = match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().ok()?.checked_sub(a.parse::<usize>().ok()?)? + 1,
+            None => part.parse::<usize>().map(|_| 1).ok()?,
+        };
+        Some(n + count)
+    })
 }
 
 /// A thread that turns the launcher's SIGTERM (sent to every rank when one fails) into exit
@@ -308,6 +353,14 @@ mod tests {
             detect(&[("OMPI_COMM_WORLD_SIZE", "1"), ("OMPI_COMM_WORLD_RANK", "0")]).expect("1"),
             Launch::Single
         );
+    }
+
+    #[test]
+    fn cpu_lists_are_counted() {
+        assert_eq!(count_cpu_list("0-1\n"), Some(2));
+        assert_eq!(count_cpu_list("0-3,8-11,15"), Some(9));
+        assert_eq!(count_cpu_list("x"), None);
+        assert_eq!(count_cpu_list("3-1"), None);
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub mod launch;
 pub(crate) mod local;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -5,7 +5,8 @@ use candle_core::{Tensor, Var};
 use retort_core::{Batch, Result, Student, TapSet};
 
 use crate::artifacts::report::EvalResult;
-use crate::engine::evaluate::evaluate;
+use crate::engine::evaluate::evaluate_in;
+use crate::engine::parallel::World;
 
 use super::ema::Ema;
 
@@ -15,17 +16,26 @@ pub(super) struct PhaseEval<'a> {
     val_teacher: Option<&'a [Tensor]>,
     every: usize,
     total: usize,
+    world: &'a World,
 }
 
 impl<'a> PhaseEval<'a> {
-    /// Evaluations on `val` every `every` steps of a phase of `total` steps (0: none during
-    /// the phase); `val_teacher` gives agreement and KL.
-    pub fn new(val: &'a [Batch], val_teacher: Option<&'a [Tensor]>, every: usize, total: usize) -> Self {
+    /// Evaluations on `val` (this rank's share of the validation batches of `world`) every
+    /// `every` steps of a phase of `total` steps (0: none during the phase); `val_teacher`
+    /// gives agreement and KL.
+    pub fn new(
+        val: &'a [Batch],
+        val_teacher: Option<&'a [Tensor]>,
+        every: usize,
+        total: usize,
+        world: &'a World,
+    ) -> Self {
         PhaseEval {
             val,
             val_teacher,
             every,
             total,
+            world,
         }
     }
 
@@ -37,10 +47,11 @@ impl<'a> PhaseEval<'a> {
 
     /// The student's current weights.
     pub fn current(&self, student: &dyn Student) -> Result<EvalResult> {
-        evaluate(
+        evaluate_in(
             &|_, b| Ok(student.forward(b, &TapSet::none())?.logits),
             self.val,
             self.val_teacher,
+            self.world,
         )
     }
 

@@ -62,7 +62,7 @@ pub struct Phase<'a> {
     pub train: &'a TrainSection,
     /// Seed of the batch sequence.
     pub batch_seed: u64,
-    /// Validation batches for periodic evaluation.
+    /// Validation batches for periodic evaluation (this rank's share in a data-parallel run).
     pub val: &'a [Batch],
     /// The teacher's logits on `val` (one tensor per batch), for agreement and KL in evaluations.
     pub val_teacher: Option<&'a [Tensor]>,

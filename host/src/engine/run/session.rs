@@ -16,7 +16,7 @@ use crate::artifacts::run_dir::RunDir;
 use crate::assemble::config::ConfigOrigin;
 use crate::assemble::{PhaseSetup, Pipeline};
 use crate::engine::batching::val_batches;
-use crate::engine::evaluate::{evaluate, teacher_eval_logits};
+use crate::engine::evaluate::{evaluate_in, teacher_eval_logits};
 use crate::engine::generation_eval::GenerationEval;
 use crate::engine::parallel::World;
 use crate::engine::phase::{train_phase, CheckpointPolicy, Phase, PhaseState};
@@ -87,6 +87,8 @@ impl<'p, 'r> Session<'p, 'r> {
             seq_len,
             &pipeline.device,
         )?;
+        // Each rank evaluates every `world.size()`-th validation batch; the sums are reduced.
+        let val: Vec<Batch> = val.into_iter().skip(world.rank()).step_by(world.size()).collect();
         let path = match &opts.resume {
             Some(path) => path.clone(),
             None => opts
@@ -157,7 +159,7 @@ impl<'p, 'r> Session<'p, 'r> {
             .iter()
             .map(|b| teacher_eval_logits(model.as_ref(), b))
             .collect::<Result<_>>()?;
-        let eval = evaluate(&|i, _| Ok(val_logits[i].clone()), &self.val, None)?;
+        let eval = evaluate_in(&|i, _| Ok(val_logits[i].clone()), &self.val, None, self.world)?;
         tracing::info!("teacher val loss {:.4}", eval.val_loss);
         let generation = self.generations("teacher", SampleModel::Teacher(model.as_ref()), model.as_ref())?;
         Ok(TeacherOutcome {
@@ -204,10 +206,11 @@ impl<'p, 'r> Session<'p, 'r> {
                 (model, stats)
             }
         };
-        let eval = evaluate(
+        let eval = evaluate_in(
             &|_, b| Ok(model.forward(b, &TapSet::none())?.logits),
             &self.val,
             Some(&teacher.val_logits),
+            self.world,
         )?;
         let generation = self.generations(label, SampleModel::Student(model.as_ref()), teacher.model.as_ref())?;
         Ok(StudentOutcome {
