@@ -91,24 +91,11 @@ fn weights(path: &Path) -> HashMap<String, Tensor> {
 fn relative_difference(a: &Path, b: &Path) -> f64 {
     let (a, b) = (weights(a), weights(b));
     assert_eq!(a.len(), b.len());
+    let squares = |t: &Tensor| t.sqr()?.sum_all()?.to_scalar::<f64>();
     let (mut diff, mut norm) = (0.0, 0.0);
     for (name, x) in &a {
-        let y = &b[name];
-        diff += (x - y)
-            .expect("sub")
-            .sqr()
-            .expect("sqr")
-            .sum_all()
-            .expect("sum")
-            .to_scalar::<f64>()
-            .expect("s");
-        norm += x
-            .sqr()
-            .expect("sqr")
-            .sum_all()
-            .expect("sum")
-            .to_scalar::<f64>()
-            .expect("s");
+        diff += squares(&(x - &b[name]).expect("sub")).expect("sum");
+        norm += squares(x).expect("sum");
     }
     (diff / norm).sqrt()
 }

@@ -142,7 +142,18 @@ impl RunDir {
                 ),
             ));
         }
-        Ok(RunDir {
+        Ok(RunDir::of_mark(path, mark, lock))
+    }
+
+    /// The run in `path` for a process that only reads it (the ranks but 0 of a data-parallel
+    /// run, which read what rank 0 resumes; `--resume` finding the run's config): its mark
+    /// read, not locked, not verified, never written through.
+    pub fn read(path: &Path) -> Result<Self> {
+        Ok(RunDir::of_mark(path, read_mark(path)?, None))
+    }
+
+    fn of_mark(path: &Path, mark: RunMark, lock: Option<File>) -> Self {
+        RunDir {
             path: path.to_path_buf(),
             run_id: mark.run_id,
             models_recorded: mark.model_files.is_some(),
@@ -151,24 +162,7 @@ impl RunDir {
                 model_files: mark.model_files.unwrap_or_default(),
             },
             _lock: Arc::new(lock),
-        })
-    }
-
-    /// The run in `path` for a process that only reads it (the ranks but 0 of a data-parallel
-    /// run, which read what rank 0 resumes; `--resume` finding the run's config): its mark
-    /// read, not locked, not verified, never written through.
-    pub fn read(path: &Path) -> Result<Self> {
-        let mark = read_mark(path)?;
-        Ok(RunDir {
-            path: path.to_path_buf(),
-            run_id: mark.run_id,
-            models_recorded: mark.model_files.is_some(),
-            inputs: RunInputs {
-                data: mark.data_fingerprint,
-                model_files: mark.model_files.unwrap_or_default(),
-            },
-            _lock: Arc::new(None),
-        })
+        }
     }
 
     /// Refuses to resume on inputs other than the run started with (an edited corpus, another

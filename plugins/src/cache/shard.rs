@@ -272,7 +272,8 @@ impl Shard {
         let mut prev = 0u64;
         for w in 0..=spec.windows as usize {
             let o = u64_at(&map, offsets_at + 8 * w);
-            if o < prev || frames_at as u64 + o > (n - 16) as u64 {
+            let end = (frames_at as u64).checked_add(o);
+            if o < prev || end.is_none_or(|end| end > (n - 16) as u64) {
                 return Err(corrupt(format!("frame offset {w} is out of order or out of the file")));
             }
             prev = o;

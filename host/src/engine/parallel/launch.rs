@@ -201,8 +201,18 @@ fn mpi_world() -> Result<Arc<dyn Collective>> {
 
 #[cfg(feature = "nccl")]
 fn nccl_world(launch: &Launch) -> Result<Arc<dyn Collective>> {
+    let Launch::Torchrun {
+        ranks, rank, master, ..
+    } = launch
+    else {
+        return Err(Error::config(
+            "parallel.backend",
+            "is \"nccl\", which bootstraps from torchrun-style variables (RANK, WORLD_SIZE, \
+             LOCAL_RANK, MASTER_ADDR, MASTER_PORT): launch with those, or use \"mpi\"",
+        ));
+    };
     use_the_local_gpu(launch);
-    Ok(Arc::new(super::nccl::NcclCollective::init(launch)?))
+    Ok(Arc::new(super::nccl::NcclCollective::init(*rank, *ranks, master)?))
 }
 
 #[cfg(not(feature = "nccl"))]
@@ -349,10 +359,10 @@ mod tests {
                 master: "n0:29500".into()
             }
         );
-        assert_eq!(
-            detect(&[("OMPI_COMM_WORLD_SIZE", "1"), ("OMPI_COMM_WORLD_RANK", "0")]).expect("1"),
-            Launch::Single
-        );
+        // One rank is a launch too (`join` makes it a single process unless a backend is named).
+        let one = detect(&[("OMPI_COMM_WORLD_SIZE", "1"), ("OMPI_COMM_WORLD_RANK", "0")]).expect("1");
+        assert_eq!(one.ranks(), 1);
+        assert_ne!(one, Launch::Single);
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub(crate) mod local;
 mod mpi;
 #[cfg(feature = "nccl")]
 mod nccl;
+#[cfg(any(feature = "mpi", feature = "nccl", test))]
+mod owner;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

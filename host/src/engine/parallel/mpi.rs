@@ -1,19 +1,18 @@
 //! The MPI backend (feature `mpi`, through the `mpi` crate over the system's Open MPI or
-//! MPICH). MPI's handles may not cross threads, so one thread owns MPI: it initialises it
-//! (`MPI_THREAD_FUNNELED`), runs every collective the other threads send it, and finalises it
-//! when the world is dropped.
+//! MPICH). MPI's handles may not cross threads, so one thread owns MPI ([`Owner`]): it
+//! initialises it (`MPI_THREAD_FUNNELED`), runs every collective the other threads send it,
+//! and finalises it when the world is dropped.
 
-use std::sync::mpsc::{channel, Sender};
-use std::sync::Mutex;
-use std::thread::JoinHandle;
+use std::sync::mpsc::Sender;
 
 use candle_core::{Device, Tensor};
 use mpi::collective::SystemOperation;
-use mpi::environment::Threading;
+use mpi::environment::{Threading, Universe};
 use mpi::traits::{Communicator, CommunicatorCollectives};
 
 use retort_core::{Error, Result};
 
+use super::owner::Owner;
 use super::Collective;
 
 /// One request to the MPI thread, with where its answer goes.
@@ -29,53 +28,25 @@ enum Call {
 pub struct MpiCollective {
     rank: usize,
     size: usize,
-    calls: Mutex<Option<Sender<Call>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    owner: Owner<Call>,
 }
 
 impl MpiCollective {
     /// Initialises MPI on its own thread.
     pub fn init() -> Result<Self> {
-        let (calls, inbox) = channel::<Call>();
-        let (ready, started) = channel::<Option<(usize, usize)>>();
-        let thread = std::thread::Builder::new()
-            .name("mpi".into())
-            .spawn(move || {
-                let Some((universe, _)) = mpi::initialize_with_threading(Threading::Funneled) else {
-                    let _ = ready.send(None);
-                    return;
-                };
+        let (owner, opened) = Owner::start(
+            "mpi",
+            || {
+                let (universe, _) = mpi::initialize_with_threading(Threading::Funneled)
+                    .ok_or("MPI_Init_thread failed (or MPI was initialised already)")?;
                 let world = universe.world();
-                let _ = ready.send(Some((world.rank() as usize, world.size() as usize)));
-                for call in inbox {
-                    serve(&world, call);
-                }
-            })
-            .map_err(|e| Error::failed("starting the MPI thread", e))?;
-        let Ok(Some((rank, size))) = started.recv() else {
-            return Err(Error::Runtime(
-                "MPI could not be initialised (MPI_Init_thread failed)".into(),
-            ));
-        };
-        Ok(MpiCollective {
-            rank,
-            size,
-            calls: Mutex::new(Some(calls)),
-            thread: Mutex::new(Some(thread)),
-        })
-    }
-
-    /// Sends `call` (made with the answer's sender) and waits for the answer.
-    fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> Call) -> Result<T> {
-        let (tx, rx) = channel();
-        let sent = match self.calls.lock().ok().and_then(|c| c.clone()) {
-            Some(calls) => calls.send(make(tx)).is_ok(),
-            None => false,
-        };
-        match sent.then(|| rx.recv().ok()).flatten() {
-            Some(answer) => Ok(answer),
-            None => Err(Error::Runtime("the MPI thread has stopped".into())),
-        }
+                let ranks = (world.rank() as usize, world.size() as usize);
+                Ok((universe, ranks))
+            },
+            |universe: &Universe, call| serve(&universe.world(), call),
+        )?;
+        let (rank, size) = opened.map_err(|e| Error::Runtime(format!("MPI could not be initialised: {e}")))?;
+        Ok(MpiCollective { rank, size, owner })
     }
 }
 
@@ -117,39 +88,25 @@ impl Collective for MpiCollective {
     fn all_reduce_sum(&self, flat: &Tensor) -> Result<Tensor> {
         let mine = flat.to_vec1::<f32>()?;
         let n = mine.len();
-        let sum = self.ask(|tx| Call::SumF32(mine, tx))?;
+        let sum = self.owner.ask(|tx| Call::SumF32(mine, tx))?;
         let on_host = Tensor::from_vec(sum, n, &Device::Cpu)?;
         Ok(on_host.to_device(flat.device())?)
     }
     fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<()> {
-        let sum = self.ask(|tx| Call::SumF64(values.to_vec(), tx))?;
+        let sum = self.owner.ask(|tx| Call::SumF64(values.to_vec(), tx))?;
         values.copy_from_slice(&sum);
         Ok(())
     }
     fn all_gather_u64(&self, value: u64) -> Result<Vec<u64>> {
-        self.ask(|tx| Call::GatherU64(value, tx))
+        self.owner.ask(|tx| Call::GatherU64(value, tx))
     }
     fn barrier(&self) -> Result<()> {
-        self.ask(Call::Barrier)
+        self.owner.ask(Call::Barrier)
     }
     fn abort(&self, code: i32) -> ! {
-        if let Some(calls) = self.calls.lock().ok().and_then(|c| c.clone()) {
-            let _ = calls.send(Call::Abort(code));
-        }
+        self.owner.send(Call::Abort(code));
         // MPI_Abort ends this process; should the MPI thread be gone, end it here.
         std::thread::sleep(std::time::Duration::from_secs(30));
         std::process::exit(code)
-    }
-}
-
-impl Drop for MpiCollective {
-    /// Finalises MPI: the MPI thread's inbox closes, it leaves its loop and drops the universe.
-    fn drop(&mut self) {
-        if let Ok(mut calls) = self.calls.lock() {
-            calls.take();
-        }
-        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
-            let _ = t.join();
-        }
     }
 }

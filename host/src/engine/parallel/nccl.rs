@@ -2,11 +2,11 @@
 //! bindings. The ranks meet through NCCL's own bootstrap: with `NCCL_COMM_ID` set (by default
 //! to the torchrun-style `MASTER_ADDR:MASTER_PORT`), every rank's `ncclGetUniqueId` returns
 //! the same id and rank 0 serves the bootstrap at that address. A communicator's handle may not
-//! cross threads, so one thread owns it and runs the collectives the others send it.
+//! cross threads, so one thread owns it ([`Owner`]) and runs the collectives the others send
+//! it.
 
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaStream};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
@@ -16,7 +16,7 @@ use candle_core::{Storage, Tensor};
 
 use retort_core::{Error, Result};
 
-use super::launch::Launch;
+use super::owner::Owner;
 use super::Collective;
 
 /// One request to the NCCL thread, with where its answer goes.
@@ -30,72 +30,24 @@ enum Call {
 pub struct NcclCollective {
     rank: usize,
     size: usize,
-    calls: Mutex<Option<Sender<Call>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    owner: Owner<Call>,
 }
 
 impl NcclCollective {
-    /// Joins the ranks of a torchrun-style `launch` on this process's GPU (ordinal 0 of the
-    /// devices it sees: `join` narrowed `CUDA_VISIBLE_DEVICES` to `LOCAL_RANK`'s).
-    pub fn init(launch: &Launch) -> Result<Self> {
-        let Launch::Torchrun {
-            ranks, rank, master, ..
-        } = launch.clone()
-        else {
-            return Err(Error::config(
-                "parallel.backend",
-                "is \"nccl\", which bootstraps from torchrun-style variables (RANK, WORLD_SIZE, \
-                 LOCAL_RANK, MASTER_ADDR, MASTER_PORT): launch with those, or use \"mpi\"",
-            ));
-        };
+    /// Joins as `rank` of `ranks` on this process's GPU (ordinal 0 of the devices it sees:
+    /// `join` narrowed `CUDA_VISIBLE_DEVICES` to `LOCAL_RANK`'s), bootstrapping at `master`
+    /// (`host:port`) unless `NCCL_COMM_ID` says where.
+    pub fn init(rank: usize, ranks: usize, master: &str) -> Result<Self> {
         if std::env::var_os("NCCL_COMM_ID").is_none() && !master.is_empty() {
-            std::env::set_var("NCCL_COMM_ID", &master);
+            std::env::set_var("NCCL_COMM_ID", master);
         }
-        let (calls, inbox) = channel::<Call>();
-        let (ready, started) = channel::<std::result::Result<(), String>>();
-        let thread = std::thread::Builder::new()
-            .name("nccl".into())
-            .spawn(move || {
-                let comm = match communicator(rank, ranks) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = ready.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready.send(Ok(()));
-                for call in inbox {
-                    serve(&comm, call);
-                }
-            })
-            .map_err(|e| Error::failed("starting the NCCL thread", e))?;
-        match started.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(Error::Runtime(format!(
-                    "NCCL could not join rank {rank} of {ranks}: {e}"
-                )))
-            }
-            Err(_) => return Err(Error::Runtime("the NCCL thread stopped while starting".into())),
-        }
+        let (owner, opened) = Owner::start("nccl", move || Ok((communicator(rank, ranks)?, ())), serve)?;
+        opened.map_err(|e| Error::Runtime(format!("NCCL could not join rank {rank} of {ranks}: {e}")))?;
         Ok(NcclCollective {
             rank,
             size: ranks,
-            calls: Mutex::new(Some(calls)),
-            thread: Mutex::new(Some(thread)),
+            owner,
         })
-    }
-
-    fn ask<T>(&self, make: impl FnOnce(Sender<Result<T>>) -> Call) -> Result<T> {
-        let (tx, rx) = channel();
-        let sent = match self.calls.lock().ok().and_then(|c| c.clone()) {
-            Some(calls) => calls.send(make(tx)).is_ok(),
-            None => false,
-        };
-        match sent.then(|| rx.recv().ok()).flatten() {
-            Some(answer) => answer,
-            None => Err(Error::Runtime("the NCCL thread has stopped".into())),
-        }
     }
 }
 
@@ -180,15 +132,15 @@ impl Collective for NcclCollective {
     }
     fn all_reduce_sum(&self, flat: &Tensor) -> Result<Tensor> {
         let flat = flat.clone();
-        self.ask(|tx| Call::SumF32(flat, tx))
+        self.owner.ask(|tx| Call::SumF32(flat, tx))?
     }
     fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<()> {
-        let sum = self.ask(|tx| Call::SumF64(values.to_vec(), tx))?;
+        let sum = self.owner.ask(|tx| Call::SumF64(values.to_vec(), tx))??;
         values.copy_from_slice(&sum);
         Ok(())
     }
     fn all_gather_u64(&self, value: u64) -> Result<Vec<u64>> {
-        self.ask(|tx| Call::GatherU64(value, tx))
+        self.owner.ask(|tx| Call::GatherU64(value, tx))?
     }
     fn barrier(&self) -> Result<()> {
         self.all_reduce_sum_f64(&mut [0.0])
@@ -197,16 +149,5 @@ impl Collective for NcclCollective {
     /// SLURM step) terminates the rest, which exit 1 on its SIGTERM.
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
-    }
-}
-
-impl Drop for NcclCollective {
-    fn drop(&mut self) {
-        if let Ok(mut calls) = self.calls.lock() {
-            calls.take();
-        }
-        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
-            let _ = t.join();
-        }
     }
 }
