@@ -14,7 +14,7 @@ if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1 ||
   [[ $(id -u) -ne 0 ]] && sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-    openmpi-bin libopenmpi-dev libclang-dev pkg-config >/dev/null
+    openmpi-bin libopenmpi-dev libclang-dev clang pkg-config >/dev/null
 fi
 mpirun --version | head -1
 
