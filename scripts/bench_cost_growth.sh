@@ -13,8 +13,9 @@
 #   width:    a 4-block student from scratch of width 288, 576, 1152 (heads of 64, grouped
 #             keys/values 3:1, SwiGLU 8/3 wide, tied embeddings) at 4 x 256;
 #   vocab:    the 576-wide student from scratch with its vocabulary padded to 49,152 (the
-#             tokenizer's), 98,304 and 196,608 rows at 4 x 256 (the padded rows are never
-#             targets; they cost the student's head and softmax what real rows do).
+#             tokenizer's), 98,304 and 196,608 rows at 4 x 256: the pipeline narrows a padded
+#             head to the tokenizer's rows, so this is the cost of carrying the padded rows
+#             (embedding gradient, AdamW), not of a larger softmax (docs/performance.md).
 #
 # Usage: scripts/bench_cost_growth.sh [STEPS=4] [SWEEPS="sequence width vocab"]
 # Needs models/ (scripts/fetch_smollm2.sh) and ../shared/data/tinyshakespeare.txt. Not in CI.
