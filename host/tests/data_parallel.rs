@@ -311,3 +311,45 @@ fn on_policy_steps_sample_on_every_rank_and_keep_the_ranks_identical() {
         assert_eq!(m["on_policy"]["completion_len"].as_f64(), Some(5.0), "{m}");
     }
 }
+
+/// Four ranks (2 windows each) through two stages with an EMA, early stopping and evaluations
+/// sharded unevenly (5 validation batches over 4 ranks) train and evaluate what one process
+/// does.
+#[test]
+fn four_ranks_through_stages_ema_and_early_stopping_match_one_process() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = CONFIG
+        .replace("steps = 6\nbatch_size = 4\ngrad_accum = 2\n", "steps = 12\nbatch_size = 8\n")
+        .replace("checkpoint_every = 2\n", "checkpoint_every = 3\nema_decay = 0.9\neval_every = 2\nearly_stopping = { metric = \"val_loss\", patience = 2 }\n[[stages]]\nname = \"a\"\nsteps = 6\n[[stages]]\nname = \"b\"\nsteps = 6\nlr = 1e-3\n")
+        .replace("batches = 1\n", "batches = 5\n");
+    std::fs::write(tmp.path().join("rich.toml"), config).expect("config");
+    let one = retort(&["run", "rich.toml", "--out", "one", "--quiet"], tmp.path());
+    assert_eq!(one.status.code(), Some(0), "{}", stderr(&one));
+    assert_ok(
+        &mpirun(4, &["run", "rich.toml", "--out", "four", "--quiet"], tmp.path()),
+        "4 ranks",
+    );
+    let (one, four) = (tmp.path().join("one"), tmp.path().join("four"));
+    assert_same_training(&one, &four, &["teacher", "student", "baseline"]);
+    let evals = |run: &Path| -> Vec<(u64, f64)> {
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["event"] == "eval")
+            .map(|m| {
+                (
+                    m["step"].as_u64().expect("step"),
+                    m["val_loss"].as_f64().expect("val loss"),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (evals(&one), evals(&four));
+    assert!(!a.is_empty() && a.len() == b.len(), "evaluations: {a:?} vs {b:?}");
+    for ((s, x), (t, y)) in a.iter().zip(&b) {
+        assert!(
+            s == t && (x - y).abs() <= 1e-6 * x.abs(),
+            "eval at {s}: {x} vs {t}: {y}"
+        );
+    }
+}
