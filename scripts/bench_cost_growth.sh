@@ -30,15 +30,7 @@ bin=target/release/retort
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
-step_ms() {
-    python3 - "$1" "$2" <<'PY'
-import json, statistics, sys
-recs = [json.loads(l) for l in open(sys.argv[1])]
-t = [r["elapsed_s"] for r in recs if r.get("event") == "train" and r.get("phase") == sys.argv[2]]
-d = [b - a for a, b in zip(t, t[1:])]
-print(f"{statistics.median(d) * 1e3:.0f}" if d else "nan")
-PY
-}
+step_ms() { python3 scripts/step_ms.py "$1" "$2"; }
 
 # run NAME BATCH SEQ [--set ...]: prints "KD_ms CE_ms"
 run() {
@@ -86,29 +78,24 @@ print(path + f'.w{w}v{vocab or "tok"}.toml')
 PY
 }
 
-if [[ " $sweeps " == *" width "* ]]; then
-    echo "| student width | KD ms/step | KD tokens/s | CE ms/step | CE tokens/s |"
+# sweep KIND TOKENS ARG...: a from-scratch student per ARG ("WIDTH" or "WIDTH:VOCAB") at 4 x 256.
+sweep() {
+    local kind=$1
+    shift
+    echo "| student $kind | KD ms/step | KD tokens/s | CE ms/step | CE tokens/s |"
     echo "|---|---:|---:|---:|---:|"
-    base="$out/config.toml"
-    cp "$base" "$out/base.toml"
-    for w in 288 576 1152; do
-        cp "$(scratch_student "$w")" "$base"
-        read -r kd ce < <(run "width-$w" 4 256)
-        echo "| $w | $kd | $(tokens_per_s 1024 "$kd") | $ce | $(tokens_per_s 1024 "$ce") |"
-        cp "$out/base.toml" "$base"
+    cp "$out/config.toml" "$out/base.toml"
+    for arg in "$@"; do
+        local w=${arg%%:*} v=""
+        [[ $arg == *:* ]] && v=${arg#*:}
+        cp "$(scratch_student "$w" "$v")" "$out/config.toml"
+        read -r kd ce < <(run "$kind-$arg" 4 256)
+        echo "| ${v:-$w} | $kd | $(tokens_per_s 1024 "$kd") | $ce | $(tokens_per_s 1024 "$ce") |"
+        cp "$out/base.toml" "$out/config.toml"
     done
     echo
-fi
+}
 
-if [[ " $sweeps " == *" vocab "* ]]; then
-    echo "| student vocabulary rows | KD ms/step | KD tokens/s | CE ms/step | CE tokens/s |"
-    echo "|---|---:|---:|---:|---:|"
-    base="$out/config.toml"
-    cp "$base" "$out/base.toml"
-    for v in 49152 98304 196608; do
-        cp "$(scratch_student 576 "$v")" "$base"
-        read -r kd ce < <(run "vocab-$v" 4 256)
-        echo "| $v | $kd | $(tokens_per_s 1024 "$kd") | $ce | $(tokens_per_s 1024 "$ce") |"
-        cp "$out/base.toml" "$base"
-    done
-fi
+[[ " $sweeps " == *" width "* ]] && sweep width 288 576 1152
+[[ " $sweeps " == *" vocab "* ]] && sweep "vocabulary rows" 576:49152 576:98304 576:196608
+exit 0

@@ -32,15 +32,7 @@ out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
 # Median ms/step of phase $2 in metrics file $1 (steps after the phase's first).
-step_ms() {
-    python3 - "$1" "$2" <<'PY'
-import json, statistics, sys
-recs = [json.loads(l) for l in open(sys.argv[1])]
-t = [r["elapsed_s"] for r in recs if r.get("event") == "train" and r.get("phase") == sys.argv[2]]
-d = [b - a for a, b in zip(t, t[1:])]
-print(f"{statistics.median(d) * 1e3:.1f}" if d else "nan")
-PY
-}
+step_ms() { python3 scripts/step_ms.py "$1" "$2"; }
 
 for shape in $shapes; do
     b="${shape%x*}"
