@@ -66,7 +66,11 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod divergence;
+#[cfg(all(test, feature = "cuda-emulate"))]
+pub(crate) mod emulated;
 pub mod gelu;
+#[cfg(any(feature = "cuda", feature = "cuda-emulate"))]
+pub(crate) mod grid;
 pub mod layer_norm;
 pub mod lm_head;
 pub mod rms_norm;

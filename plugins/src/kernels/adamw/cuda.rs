@@ -7,9 +7,8 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{bail, DType, Result, Tensor};
 
 use super::AdamWStep;
-use crate::kernels::cuda::{
-    address_table, group_config, kernel, launch, output, update_group_in_place, ADAMW, MAX_GROUP,
-};
+use crate::kernels::cuda::{address_table, config, kernel, launch, output, update_group_in_place, ADAMW, MAX_GROUP};
+use crate::kernels::grid::Grid;
 
 /// Blocks per tensor of the sum of squares (at most; fewer for small tensors).
 const SUM_BLOCKS: usize = 64;
@@ -73,7 +72,7 @@ pub(super) fn sum_squares(xs: &[&Tensor]) -> Result<Vec<f64>> {
 fn sum_squares_launch<T: CudaDType + DeviceRepr>(func: &str, xs: &[&Tensor]) -> Result<Vec<f64>> {
     let (table, dev) = address_table::<T>(func, &[xs.to_vec()])?;
     let longest = xs.iter().map(|x| x.elem_count()).max().unwrap_or(0);
-    let cfg = group_config(xs.len(), longest, SUM_BLOCKS);
+    let cfg = config(Grid::group(xs.len(), longest, SUM_BLOCKS));
     let blocks = cfg.grid_dim.0 as usize;
     let count = xs.len() as u32;
     let table = dev.clone_htod(&table)?;

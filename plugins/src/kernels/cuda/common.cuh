@@ -2,10 +2,14 @@
 // dtype), warp and block reductions in a fixed order (deterministic: no atomics), and the
 // online (single-sweep) log-sum-exp state.
 #pragma once
+#ifdef RETORT_EMULATE
+#include "emulate.h"  // the same kernels on the CPU, for tests (feature `cuda-emulate`)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
 #include <stdint.h>
+#endif
 
 namespace retort {
 
@@ -158,13 +162,29 @@ template <typename A> __device__ __forceinline__ A online_lse(const Online<A>& o
 
 }  // namespace retort
 
+// A kernel's entry in the emulation's registry (by name, for the Rust side's launch); nothing on
+// the GPU. Kernel names are unique across all `.cu` files.
+#ifdef RETORT_EMULATE
+#define RETORT_REGISTER(NAME) RETORT_EMULATE_REGISTER(NAME)
+#else
+#define RETORT_REGISTER(NAME)
+#endif
+
+// Dynamic shared memory (the launch's `shared_mem_bytes`) as an array `NAME` of `TYPE`.
+#ifdef RETORT_EMULATE
+#define RETORT_DYNAMIC_SHARED(TYPE, NAME) TYPE* NAME = static_cast<TYPE*>(::retort_emu::dynamic_shared())
+#else
+#define RETORT_DYNAMIC_SHARED(TYPE, NAME) extern __shared__ TYPE NAME[]
+#endif
+
 // Instantiates the extern "C" kernels `NAME_f32`, `_f64`, `_f16`, `_bf16` of the device template
 // `NAME<T>`: `PARAMS` is the parameter list (it may name the element type `T`), `ARGS` the
 // call's argument list.
-#define RETORT_INSTANCE(NAME, SUFFIX, TYPE, PARAMS, ARGS)          \
-  namespace retort_##SUFFIX {                                      \
-  typedef TYPE T;                                                  \
+#define RETORT_INSTANCE(NAME, SUFFIX, TYPE, PARAMS, ARGS)             \
+  namespace retort_##SUFFIX {                                         \
+  typedef TYPE T;                                                     \
   extern "C" __global__ void NAME##_##SUFFIX PARAMS { NAME<T> ARGS; } \
+  RETORT_REGISTER(NAME##_##SUFFIX)                                    \
   }
 #define RETORT_FOR_DTYPES(NAME, PARAMS, ARGS)                \
   RETORT_INSTANCE(NAME, f32, float, PARAMS, ARGS)            \

@@ -16,7 +16,9 @@ use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConf
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{bail, DType, Layout, Result};
 
-pub(crate) use raw::{address_table, group_config, launch, output, update_group_in_place, MAX_GROUP};
+use super::grid::{int, Grid};
+
+pub(crate) use raw::{address_table, launch, output, update_group_in_place, MAX_GROUP};
 
 /// The generated `pub const NAME: &str` PTX of every `.cu` file of the kernels.
 #[allow(missing_docs)]
@@ -85,26 +87,23 @@ pub(crate) fn kernel(base: &str, dtype: DType) -> Result<String> {
     Ok(format!("{base}_{suffix}"))
 }
 
-/// One block per row of `width` elements: 128 threads for narrow rows, up to 512 for wide ones.
+/// One block per row of `width` elements ([`Grid::rows`]).
 pub(crate) fn rows_config(rows: usize, width: usize) -> Result<LaunchConfig> {
-    let Ok(blocks) = u32::try_from(rows) else {
-        bail!("{rows} rows exceed one CUDA grid")
-    };
-    let threads = match width {
-        w if w >= 16_384 => 512,
-        w if w >= 2_048 => 256,
-        _ => 128,
-    };
-    Ok(LaunchConfig {
-        grid_dim: (blocks.max(1), 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    })
+    Ok(config(Grid::rows(rows, width)?))
+}
+
+/// `grid` as cudarc's launch configuration.
+pub(crate) fn config(grid: Grid) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid.blocks,
+        block_dim: grid.threads,
+        shared_mem_bytes: grid.shared_bytes,
+    }
 }
 
 /// The row width as the kernels' `int`.
 pub(crate) fn width(v: usize) -> Result<i32> {
-    i32::try_from(v).or_else(|_| bail!("a row of {v} elements exceeds the CUDA kernels' limit"))
+    int(v)
 }
 
 /// The contiguous elements of operand `what` as a view of its storage.

@@ -3,11 +3,12 @@
 //! device-address tables of the group kernels).
 #![allow(unsafe_code)]
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{bail, Result, Storage, Tensor};
 
 use super::Module;
+use crate::kernels::grid::Grid;
 
 /// A device buffer of `n` elements for a kernel that writes every one of them.
 pub(crate) fn output<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
@@ -25,6 +26,9 @@ pub(crate) fn output<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSl
 /// the rows x width the kernel reads or writes for the sizes passed with it.
 macro_rules! launch {
     ($dev:expr, $module:expr, $func:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        let cfg: candle_core::cuda_backend::cudarc::driver::LaunchConfig = $cfg;
+        // An empty grid (no rows) launches nothing: CUDA refuses it, and there is nothing to do.
+        if cfg.grid_dim.0 != 0 && cfg.grid_dim.1 != 0 && cfg.grid_dim.2 != 0 {
         let module: $crate::kernels::cuda::Module = $module;
         let func = $dev.get_or_load_custom_func(&$func, module.name, module.ptx)?;
         let mut builder = func.builder();
@@ -32,8 +36,9 @@ macro_rules! launch {
         // SAFETY: the caller's contract above: the arguments match the kernel's signature and
         // the buffers cover what it touches for the sizes given.
         #[allow(unsafe_code)]
-        let launched = unsafe { builder.launch($cfg) };
+        let launched = unsafe { builder.launch(cfg) };
         candle_core::cuda_backend::WrapErr::w(launched)?;
+        }
     }};
 }
 pub(crate) use launch;
@@ -64,7 +69,7 @@ pub(crate) fn update_group_in_place<T: CudaDType + DeviceRepr>(
             bail!("{kernel}: the parameters, their gradients and their moments must be separate buffers")
         }
         let longest = chunk.iter().map(|q| q[0].elem_count()).max().unwrap_or(0);
-        let cfg = group_config(chunk.len(), longest, 65_535);
+        let cfg = super::config(Grid::group(chunk.len(), longest, 65_535));
         let count = chunk.len() as u32;
         let table = dev.clone_htod(&table)?;
         // The kernel writes through the handles of the ws, ms and vs although only read locks
@@ -86,16 +91,6 @@ pub(crate) fn update_group_in_place<T: CudaDType + DeviceRepr>(
 
 /// Tensors per launch of a group kernel: one grid row (`blockIdx.y`) each.
 pub(crate) const MAX_GROUP: usize = 65_535;
-
-/// The grid of a group kernel: `count` rows of up to `max_blocks` blocks of 256 threads, as
-/// many as the longest tensor (`longest` elements) fills.
-pub(crate) fn group_config(count: usize, longest: usize, max_blocks: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (longest.div_ceil(256).clamp(1, max_blocks) as u32, count as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 /// The table of a group kernel, `table[k * count + t]`: the device address of operand `k` of
 /// tensor `t` (`operands[k][t]`: contiguous CUDA tensors of `T` from their start), then the
