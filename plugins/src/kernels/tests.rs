@@ -45,7 +45,10 @@ fn the_raw_code_stays_in_cpu_raw() {
         raw.display()
     );
     let mut found = Vec::new();
-    for file in files.iter().filter(|f| !f.starts_with(&raw) && **f != cuda_raw && **f != emulated_raw) {
+    for file in files
+        .iter()
+        .filter(|f| !f.starts_with(&raw) && **f != cuda_raw && **f != emulated_raw)
+    {
         let text = std::fs::read_to_string(file).expect("read source");
         for (i, line) in text.lines().enumerate() {
             if line.contains(&needle) {

@@ -6,21 +6,9 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{bail, Layout, Result, Shape};
 
-use super::{Divergence, DivergenceBwd, DivergenceFwd, COLS};
+use super::{DivergenceBwd, DivergenceFwd, COLS};
 use crate::kernels::cpu::rows::{rows_width, with_last};
 use crate::kernels::cuda::{by_float_dtype, kernel, launch, output, rows_config, view, width, DIVERGENCE};
-
-/// The kernels' `kind` code and parameter (beta or alpha) of `kind`.
-fn code(kind: Divergence) -> (i32, f64) {
-    match kind {
-        Divergence::Forward => (0, 0.0),
-        Divergence::Reverse => (1, 0.0),
-        Divergence::Jsd(beta) => (2, beta),
-        Divergence::SkewForward(alpha) => (3, alpha),
-        Divergence::SkewReverse(alpha) => (4, alpha),
-        Divergence::Tvd => (5, 0.0),
-    }
-}
 
 /// The forward on student (`s1`) and teacher (`s2`) logits of one shape and dtype.
 pub(super) fn fwd(
@@ -56,7 +44,7 @@ fn fwd_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(
     let zs = view::<T>(s1, l1, "student logits")?;
     let zt = view::<T>(s2, l2, "teacher logits")?;
     let out = output::<A>(dev, rows * COLS)?;
-    let (kind, param) = code(op.kind);
+    let (kind, param) = op.kind.kernel_code();
     let (v_arg, inv_t) = (width(v)?, op.inv_t);
     let func = kernel("divergence_fwd", s1.dtype())?;
     launch!(
@@ -93,7 +81,7 @@ fn bwd_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(
     let zt = view::<T>(s2, l2, "teacher logits")?;
     let stats = view::<A>(s3, l3, "saved row statistics")?;
     let grad = output::<T>(dev, rows * v)?;
-    let (kind, param) = code(op.kind);
+    let (kind, param) = op.kind.kernel_code();
     let (v_arg, inv_t) = (width(v)?, op.inv_t);
     let func = kernel("divergence_bwd", s1.dtype())?;
     launch!(

@@ -36,6 +36,8 @@ mod cpu;
 mod cpu_avx512;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(all(test, feature = "cuda-emulate"))]
+mod cuda_emulated;
 mod terms;
 #[cfg(test)]
 mod tests;
@@ -77,6 +79,21 @@ impl Divergence {
             Divergence::SkewReverse(a) if a <= 0.0 => Divergence::Reverse,
             k => k,
         })
+    }
+}
+
+impl Divergence {
+    /// The CUDA kernels' `kind` code and parameter (beta or alpha) of a canonical kind.
+    #[cfg(any(feature = "cuda", feature = "cuda-emulate"))]
+    pub(crate) fn kernel_code(self) -> (i32, f64) {
+        match self {
+            Divergence::Forward => (0, 0.0),
+            Divergence::Reverse => (1, 0.0),
+            Divergence::Jsd(beta) => (2, beta),
+            Divergence::SkewForward(alpha) => (3, alpha),
+            Divergence::SkewReverse(alpha) => (4, alpha),
+            Divergence::Tvd => (5, 0.0),
+        }
     }
 }
 

@@ -6,7 +6,10 @@
 //! check: the `cuda.rs` glue (views, allocation), timing, and the GPU's own math library (the
 //! emulation uses the host's libm).
 
+mod autograd;
 mod raw;
+
+pub(crate) use autograd::{row_weights, value_and_grad};
 
 use std::ffi::c_void;
 
@@ -63,12 +66,15 @@ pub(crate) fn launch(name: &str, grid: &Grid, args: &[Arg]) {
 pub(crate) trait Element: Copy + Default + Send + Sync + 'static {
     /// The kernel-name suffix (`f32`, `f64`, `f16`, `bf16`).
     const SUFFIX: &'static str;
+    /// The type of the kernels' row statistics for this storage: f64 for f64, else f32.
+    type Acc: Element;
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
 }
 
 impl Element for f32 {
     const SUFFIX: &'static str = "f32";
+    type Acc = f32;
     fn from_f64(x: f64) -> Self {
         x as f32
     }
@@ -79,6 +85,7 @@ impl Element for f32 {
 
 impl Element for f64 {
     const SUFFIX: &'static str = "f64";
+    type Acc = f64;
     fn from_f64(x: f64) -> Self {
         x
     }
@@ -89,6 +96,7 @@ impl Element for f64 {
 
 impl Element for f16 {
     const SUFFIX: &'static str = "f16";
+    type Acc = f32;
     fn from_f64(x: f64) -> Self {
         f16::from_f64(x)
     }
@@ -99,6 +107,7 @@ impl Element for f16 {
 
 impl Element for bf16 {
     const SUFFIX: &'static str = "bf16";
+    type Acc = f32;
     fn from_f64(x: f64) -> Self {
         bf16::from_f64(x)
     }
