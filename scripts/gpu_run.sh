@@ -9,6 +9,9 @@
 #   4. the SmolLM2-shaped KD step (teacher 30 blocks, 4-block student, batch 8 x 256, f32) with
 #      retort on cuda, then with transformers + PyTorch eager on the same GPU: tokens/s, peak
 #      memory, and their ratio;
+#   4a. the same KD step in bf16 at batch 8 x 512 (student.dtype = "bf16": bf16 compute, f32
+#      master weights; teacher.precision = "bf16"), and transformers + PyTorch at 8 x 512 both in
+#      pure bf16 and under autocast (f32 master weights, as retort);
 #   4b. the NCCL backend smoke-tested as a world of one rank on the quickstart (its val
 #      losses against the plain cuda run's);
 #   5. the loss region fused with the LM head and not (`lm_head_memory`, bf16, 0.7 kl + 0.3 ce)
@@ -98,9 +101,23 @@ echo "retort exit ${PIPESTATUS[0]}"
 kill "$mem_pid" 2>/dev/null
 echo "retort peak GPU memory used (MiB, whole device): $(sort -n /tmp/retort-mem.txt | tail -1)"
 
+say "retort KD step on cuda in bf16 (mixed precision student, bf16 teacher; batch 8 x 512)"
+rm -rf /tmp/kd-cuda-bf16
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >/tmp/retort-mem-bf16.txt &
+mem_pid=$!
+timeout 240 "$bin" run scripts/gpu/smollm2_kd.toml --quiet --out /tmp/kd-cuda-bf16 \
+  --set data.path=gpu/tinyshakespeare.txt --set data.tokenizer.path=gpu/smollm2/tokenizer.json \
+  --set teacher.checkpoint=/tmp/retort-smollm2 --set 'student.dtype="bf16"' --set 'teacher.precision="bf16"' \
+  --set train.seq_len=512 --set run.name=smollm2_kd_cuda_bf16 2>&1 | tail -40
+echo "retort bf16 exit ${PIPESTATUS[0]}"
+kill "$mem_pid" 2>/dev/null
+echo "retort bf16 peak GPU memory used (MiB, whole device): $(sort -n /tmp/retort-mem-bf16.txt | tail -1)"
+
 say "transformers + PyTorch eager, same shapes, same GPU"
 timeout 150 "$PY" scripts/gpu/torch_kd_smollm2.py --teacher /tmp/retort-smollm2 --steps 20 --dtype f32 | tee "$OUT/torch_f32.json"
 timeout 100 "$PY" scripts/gpu/torch_kd_smollm2.py --teacher /tmp/retort-smollm2 --steps 20 --dtype bf16 | tee "$OUT/torch_bf16.json"
+timeout 120 "$PY" scripts/gpu/torch_kd_smollm2.py --teacher /tmp/retort-smollm2 --steps 20 --dtype bf16 --seq 512 | tee "$OUT/torch_bf16_512.json"
+timeout 120 "$PY" scripts/gpu/torch_kd_smollm2.py --teacher /tmp/retort-smollm2 --steps 20 --dtype amp --seq 512 | tee "$OUT/torch_amp_512.json"
 
 say "fused LM-head loss on cuda, bf16 (N x H x V)"
 lmh=/tmp/retort-bin/lm_head_memory

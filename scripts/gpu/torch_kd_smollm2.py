@@ -42,7 +42,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    # bf16: every weight and the optimizer in bf16; amp: f32 weights and optimizer, the
+    # forward under torch.autocast(bf16) (mixed precision, as retort's student.dtype = "bf16").
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "amp"])
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -52,6 +54,7 @@ def main():
         print(json.dumps({"saved": a.save_teacher}))
         return
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.dtype == "amp")
     dev = torch.device(a.device)
     teacher = (LlamaForCausalLM.from_pretrained(a.teacher, torch_dtype=dtype) if a.teacher
                else LlamaForCausalLM(LlamaConfig(**SMOLLM2)).to(dtype)).to(dev).eval()
@@ -65,9 +68,10 @@ def main():
         x, y = d[:, :-1], d[:, 1:]
         torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             zt = teacher(x).logits.float()
-        zs = student(x).logits.float()
+        with autocast:
+            zs = student(x).logits.float()
         kl = F.kl_div(F.log_softmax(zs / T, -1).reshape(-1, V), F.log_softmax(zt / T, -1).reshape(-1, V),
                       log_target=True, reduction="batchmean")
         ce = F.cross_entropy(zs.reshape(-1, V), y.reshape(-1))

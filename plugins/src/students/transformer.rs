@@ -20,7 +20,9 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Student>> {
     if matches!(cfg.dtype, candle_core::DType::BF16 | candle_core::DType::F16) {
         return Err(params.error(
             "dtype",
-            "a student trains f32 (or f64) master weights; bf16/f16 is for frozen teachers (`teacher.precision`)",
+            "the `transformer` student trains f32 (or f64) master weights and computes in them; mixed precision \
+             (bf16 compute) is built for the `llama` student on CUDA; bf16/f16 is for frozen teachers \
+             (`teacher.precision`)",
         ));
     }
     Ok(Box::new(match checkpoint {

@@ -34,7 +34,12 @@ impl WeightGrad {
             WeightGrad::F32(acc, _) => add_in_place(acc, g, h),
             WeightGrad::F64(acc, _) => add_in_place(acc, g, h),
             WeightGrad::Tensor(acc) => {
+                // Half-precision chunks (mixed precision) are summed in f32.
                 let p = product(&g.t()?, h)?;
+                let p = match p.dtype() {
+                    DType::BF16 | DType::F16 => p.to_dtype(DType::F32)?,
+                    _ => p,
+                };
                 *acc = Some(match acc.take() {
                     Some(a) => (a + p)?,
                     None => p,
@@ -49,7 +54,7 @@ impl WeightGrad {
         match self {
             WeightGrad::F32(v, d) => Tensor::from_vec(v, d, device),
             WeightGrad::F64(v, d) => Tensor::from_vec(v, d, device),
-            WeightGrad::Tensor(Some(t)) => Ok(t),
+            WeightGrad::Tensor(Some(t)) => t.to_dtype(dtype),
             WeightGrad::Tensor(None) => Tensor::zeros(dims, dtype, device),
         }
     }

@@ -74,8 +74,11 @@ pub fn save_hf(model: &Llama, dir: &Path) -> Result<()> {
     let temp = fsutil::temp_path(&file);
     candle_core::safetensors::save(&map, &temp)?;
     fsutil::commit_temp(&temp, &file)?;
-    let json = serde_json::to_vec_pretty(&model.config().to_hf_json())
-        .map_err(|e| Error::failed("serialising config.json", e))?;
+    // The dtype of the tensors written (mixed precision keeps f32 master weights).
+    let mut config = model.config().clone();
+    config.dtype = model.precision().1;
+    let json =
+        serde_json::to_vec_pretty(&config.to_hf_json()).map_err(|e| Error::failed("serialising config.json", e))?;
     fsutil::write_atomic(&dir.join("config.json"), &json)?;
     let gen = serde_json::json!({"_from_model_config": true, "do_sample": false});
     let gen = serde_json::to_vec_pretty(&gen).map_err(|e| Error::failed("serialising generation_config.json", e))?;

@@ -3,6 +3,7 @@
 //! on the CPU through the block kernels of `kernels::cpu::quant`, any other format or device
 //! through candle's `QMatMul`).
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -78,13 +79,25 @@ impl Linear {
 
     /// The same layer cut off from autograd.
     pub fn detached(&self) -> Self {
-        Linear {
+        match self.map_dense::<Infallible>(&mut |t| Ok(t.detach())) {
+            Ok(layer) => layer,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The same layer with `f` applied to its dense tensors (weight and bias); quantized
+    /// weights are shared as they are.
+    pub fn map_dense<E>(
+        &self,
+        f: &mut dyn FnMut(&Tensor) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Self, E> {
+        Ok(Linear {
             weight: match &self.weight {
-                Weight::Dense(w) => Weight::Dense(w.detach()),
+                Weight::Dense(w) => Weight::Dense(f(w)?),
                 Weight::Blocks(q) => Weight::Blocks(q.clone()),
                 Weight::Quantized(q) => Weight::Quantized(q.clone()),
             },
-            bias: self.bias.as_ref().map(Tensor::detach),
-        }
+            bias: self.bias.as_ref().map(|b| f(b)).transpose()?,
+        })
     }
 }

@@ -13,10 +13,11 @@
 //! Face directories), `gguf.rs` and `source.rs`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, TensorId, Var, D};
 
 use retort_core::{Error, Outputs, Result, TapSet, LM_HEAD_TAP};
 
@@ -162,23 +163,35 @@ impl Mlp {
         }
     }
 
-    fn detached(&self) -> Self {
-        match self {
+    /// The same MLP with `f` applied to its dense tensors.
+    fn map_dense<E>(
+        &self,
+        f: &mut dyn FnMut(&Tensor) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Self, E> {
+        Ok(match self {
             Mlp::Dense { gate, up, down } => Mlp::Dense {
-                gate: gate.detached(),
-                up: up.detached(),
-                down: down.detached(),
+                gate: gate.map_dense(f)?,
+                up: up.map_dense(f)?,
+                down: down.map_dense(f)?,
             },
             Mlp::Moe { router, experts, top_k } => Mlp::Moe {
-                router: router.detached(),
+                router: router.map_dense(f)?,
                 experts: experts
                     .iter()
-                    .map(|(a, b, c)| (a.detached(), b.detached(), c.detached()))
-                    .collect(),
+                    .map(|(a, b, c)| Ok((a.map_dense(f)?, b.map_dense(f)?, c.map_dense(f)?)))
+                    .collect::<std::result::Result<_, E>>()?,
                 top_k: *top_k,
             },
-        }
+        })
     }
+}
+
+/// The dense tensors of a model (see [`Llama::map_dense`]).
+struct Parts {
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    head: Linear,
 }
 
 struct Layer {
@@ -208,6 +221,10 @@ pub struct Llama {
     pub(super) tokenizer_id: Option<String>,
     /// Frozen: use candle's fused RMSNorm/softmax/RoPE kernels (no backward, not needed).
     fused: bool,
+    /// Mixed precision: the dtype the forward pass computes in when it differs from the
+    /// weights' (a trainable model asked for bf16 keeps f32 master weights, see
+    /// [`Llama::from_parts`]).
+    compute: Option<DType>,
 }
 
 impl Llama {
@@ -229,6 +246,13 @@ impl Llama {
             Some(Part::Quantized(q)) if cfg.tie_embeddings => Some(q.clone()),
             _ => None,
         };
+        // Mixed precision: a trainable model asked for half precision keeps f32 master weights
+        // (what the optimizer updates) and computes in half precision.
+        let stored = if trainable && matches!(cfg.dtype, DType::BF16 | DType::F16) {
+            DType::F32
+        } else {
+            cfg.dtype
+        };
         for (name, shape, _) in param_specs(&cfg) {
             let part = parts
                 .remove(&name)
@@ -247,7 +271,7 @@ impl Llama {
                     quant.insert(name, q);
                 }
                 part => {
-                    let t = part.dense(device, cfg.dtype)?;
+                    let t = part.dense(device, stored)?;
                     if trainable {
                         let var = Var::from_tensor(&t)?;
                         dense.insert(name.clone(), var.as_tensor().clone());
@@ -349,6 +373,7 @@ impl Llama {
             source: source.to_string(),
             tokenizer_id: None,
             fused: false,
+            compute: (stored != cfg.dtype).then_some(cfg.dtype),
             cfg,
         })
     }
@@ -378,18 +403,83 @@ impl Llama {
     pub fn frozen(mut self) -> Self {
         self.vars.clear();
         self.fused = true;
-        self.embed = self.embed.detach();
-        self.norm = self.norm.detach();
-        self.head = self.head.detached();
-        for l in &mut self.layers {
-            l.input_norm = l.input_norm.detach();
-            l.post_norm = l.post_norm.detach();
-            for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
-                *lin = lin.detached();
-            }
-            l.mlp = l.mlp.detached();
+        match self.map_dense::<Infallible>(&mut |t| Ok(t.detach())) {
+            Ok(parts) => self.with_parts(parts),
+            Err(never) => match never {},
         }
+    }
+
+    /// The model's dense tensors (embedding, norms, linear layers) with `f` applied to each;
+    /// a tensor used twice (a tied head) is mapped once.
+    fn map_dense<E>(
+        &self,
+        f: &mut dyn FnMut(&Tensor) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Parts, E> {
+        let mut seen: HashMap<TensorId, Tensor> = HashMap::new();
+        let mut once = |t: &Tensor| -> std::result::Result<Tensor, E> {
+            if let Some(m) = seen.get(&t.id()) {
+                return Ok(m.clone());
+            }
+            let m = f(t)?;
+            seen.insert(t.id(), m.clone());
+            Ok(m)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    input_norm: once(&l.input_norm)?,
+                    q: l.q.map_dense(&mut once)?,
+                    k: l.k.map_dense(&mut once)?,
+                    v: l.v.map_dense(&mut once)?,
+                    o: l.o.map_dense(&mut once)?,
+                    post_norm: once(&l.post_norm)?,
+                    mlp: l.mlp.map_dense(&mut once)?,
+                })
+            })
+            .collect::<std::result::Result<_, E>>()?;
+        Ok(Parts {
+            embed: once(&self.embed)?,
+            layers,
+            norm: once(&self.norm)?,
+            head: self.head.map_dense(&mut once)?,
+        })
+    }
+
+    /// The model with its tensors replaced by `parts`.
+    fn with_parts(mut self, parts: Parts) -> Self {
+        self.embed = parts.embed;
+        self.layers = parts.layers;
+        self.norm = parts.norm;
+        self.head = parts.head;
         self
+    }
+
+    /// The model computing in `dtype`: every dense tensor cast (a differentiable cast, so the
+    /// gradients reach the master weights in their own dtype), no variables of its own.
+    fn computing_in(&self, dtype: DType) -> Result<Self> {
+        let parts = self.map_dense(&mut |t| t.to_dtype(dtype))?;
+        Ok(Llama {
+            cfg: self.cfg.clone(),
+            vars: Vec::new(),
+            embed: parts.embed,
+            layers: parts.layers,
+            norm: parts.norm,
+            head: parts.head,
+            rope: self.rope.clone(),
+            n_params: self.n_params,
+            source: self.source.clone(),
+            tokenizer_id: self.tokenizer_id.clone(),
+            fused: self.fused,
+            compute: None,
+        })
+    }
+
+    /// The dtype the forward pass computes in, and the dtype the weights are kept in (the
+    /// master weights of mixed precision when they differ).
+    pub fn precision(&self) -> (DType, DType) {
+        (self.compute.unwrap_or(self.embed.dtype()), self.embed.dtype())
     }
 
     fn attention(
@@ -486,6 +576,9 @@ impl Llama {
     }
 
     fn forward_inner(&self, ids: &Tensor, taps: &TapSet, mut cache: Option<&mut KvCache>) -> Result<Outputs> {
+        if let Some(dtype) = self.compute {
+            return self.computing_in(dtype)?.forward_inner(ids, taps, cache);
+        }
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.pos);
         if offset + t > self.rope.context() {
@@ -578,7 +671,7 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::llama::test_support::{batch, max_diff, tiny};
+    use crate::models::llama::test_support::{batch, max_diff, tiny, tiny_cfg};
     use crate::testing::mean_cross_entropy as cross_entropy;
     use retort_core::{Batch, Model};
 
@@ -663,20 +756,56 @@ mod tests {
         assert!(m.available_taps().contains(&"router_logits.1".to_string()));
     }
 
+    /// The gradient of the f32 cross-entropy of `m`'s logits, per variable, as f64 values.
+    fn ce_gradients(m: &Llama) -> Vec<Vec<f64>> {
+        let out = m.forward(&batch(4), &TapSet::none()).expect("fwd");
+        let logits = out.logits.to_dtype(DType::F32).expect("f32");
+        let l = cross_entropy(&logits, &batch(4).targets, None, 0.0).expect("ce");
+        let grads = l.backward().expect("bwd");
+        m.vars
+            .iter()
+            .map(|(n, v)| {
+                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{n}: no gradient"));
+                assert_eq!(g.dtype(), v.dtype(), "{n}: gradient dtype");
+                g.to_dtype(DType::F64)
+                    .and_then(|g| g.flatten_all())
+                    .and_then(|g| g.to_vec1())
+                    .expect("grad")
+            })
+            .collect()
+    }
+
     #[test]
-    fn bf16_parameters_train() {
-        let m = tiny(serde_json::json!({"dtype": "bf16"}));
+    fn bf16_mixed_precision_computes_in_bf16_and_trains_f32_master_weights() {
+        let (mixed, full) = (tiny(serde_json::json!({"dtype": "bf16"})), tiny(serde_json::json!({})));
+        assert_eq!(mixed.precision(), (DType::BF16, DType::F32));
+        assert_eq!(full.precision(), (DType::F32, DType::F32));
+        assert!(mixed.vars.iter().all(|(_, v)| v.dtype() == DType::F32));
+        assert!(
+            mixed.describe().contains("bf16 compute, f32 master weights"),
+            "{}",
+            mixed.describe()
+        );
+        let out = mixed.forward(&batch(4), &TapSet::none()).expect("fwd");
+        assert_eq!(out.logits.dtype(), DType::BF16);
+        // The same master weights (one seed): the bf16 gradients follow the f32 ones to bf16's
+        // rounding, and every variable, tied head included, gets one in f32.
+        let (gm, gf) = (ce_gradients(&mixed), ce_gradients(&full));
+        for (((name, _), a), b) in mixed.vars.iter().zip(&gm).zip(&gf) {
+            let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-6);
+            let err = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
+            assert!(err < 0.1, "{name}: bf16 gradient off by {err:.3} of its scale");
+        }
+    }
+
+    #[test]
+    fn a_frozen_bf16_model_keeps_bf16_weights() {
+        let cfg = tiny_cfg(serde_json::json!({"dtype": "bf16"}));
+        let parts = super::super::init::init_parts(&cfg, 7, &Device::Cpu).expect("parts");
+        let m = Llama::from_parts(cfg, parts, false, &Device::Cpu, "test").expect("frozen");
+        assert_eq!(m.precision(), (DType::BF16, DType::BF16));
         let out = m.forward(&batch(4), &TapSet::none()).expect("fwd");
         assert_eq!(out.logits.dtype(), DType::BF16);
-        let l = cross_entropy(
-            &out.logits.to_dtype(DType::F32).expect("f32"),
-            &batch(4).targets,
-            None,
-            0.0,
-        )
-        .expect("ce");
-        let grads = l.backward().expect("bwd");
-        assert!(m.vars.iter().all(|(_, v)| grads.get(v.as_tensor()).is_some()));
     }
 
     #[test]

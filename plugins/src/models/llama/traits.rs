@@ -48,8 +48,14 @@ impl Model for Llama {
         } else {
             String::new()
         };
+        let (compute, stored) = self.precision();
+        let precision = if compute == stored {
+            format!("{compute:?}").to_lowercase()
+        } else {
+            format!("{compute:?} compute, {stored:?} master weights").to_lowercase()
+        };
         format!(
-            "llama {}L/{}d/{}h/{}kv mlp {}{moe} ctx {} vocab {} ({} params, {})",
+            "llama {}L/{}d/{}h/{}kv mlp {}{moe} ctx {} vocab {} ({} params, {precision}, {})",
             c.n_layer,
             c.n_embd,
             c.n_head,
