@@ -6,6 +6,7 @@
 #   1. where the binary's libraries come from (`ldd`), the GPU (`nvidia-smi`);
 #   2. `retort selftest --device cuda`: every fused op against its composite;
 #   3. the quickstart on cuda and on the CPU, side by side: val losses must agree within 1e-3;
+#   2b. the attention cases again as JSON: the fused attention's TFLOP/s at [2, 16, 2048, 64];
 #   4. the SmolLM2-shaped KD step (teacher 30 blocks, 4-block student, batch 8 x 256, f32) with
 #      retort on cuda, then with transformers + PyTorch eager on the same GPU: tokens/s, peak
 #      memory, and their ratio;
@@ -68,6 +69,10 @@ timeout 240 "$bin" selftest --device cuda | tee "$OUT/selftest.txt"
 selftest_rc=${PIPESTATUS[0]}
 echo "selftest exit code $selftest_rc"
 ((quick)) && exit "$selftest_rc"
+
+say "attention forward + backward, machine-readable (T = 2048, d = 64: TFLOP/s in the summary)"
+timeout 120 "$bin" selftest --device cuda --filter attention --json >"$OUT/attention.json"
+echo "attention selftest exit $?"
 
 say "quickstart on cuda and on the CPU (side by side)"
 rm -rf /tmp/qs-cuda /tmp/qs-cpu
@@ -183,6 +188,27 @@ r = [v for v in tps.values() if isinstance(v, (int, float))]
 t = summary["torch_f32"].get("tokens_per_s")
 if r and t:
     summary["retort_over_torch_f32"] = round(max(r) / t, 3)
+kd16 = dict(leaves(load("/tmp/kd-cuda-bf16/report.json")))
+tps16 = [v for k, v in kd16.items() if k.endswith("tokens_per_s") and isinstance(v, (int, float))]
+summary["retort_kd_bf16_512_tokens_per_s"] = max(tps16) if tps16 else None
+for peer in ("bf16_512", "amp_512"):
+    try:
+        summary[f"torch_{peer}"] = json.loads(open(f"{out}/torch_{peer}.json").read().strip().splitlines()[-1])
+        if tps16:
+            summary[f"retort_bf16_over_torch_{peer}"] = round(max(tps16) / summary[f"torch_{peer}"]["tokens_per_s"], 3)
+    except Exception as e:
+        summary[f"torch_{peer}"] = {"error": str(e)}
+# Causal attention FLOPs: forward 2 B H T^2 d (QK^T and PV over half the square), backward 2.5x.
+try:
+    for c in json.load(open(f"{out}/attention.json"))["cases"]:
+        timing = c.get("timing") or {}
+        if c.get("shape") == [2, 16, 2048, 64] and timing.get("fused_ms"):
+            b, h, t_, d = c["shape"]
+            flops = 3.5 * 2 * b * h * t_ * t_ * d
+            key = f"attention_{c.get('variant', '')}_{c.get('dtype')}_tflops".replace(" ", "_").replace(",", "")
+            summary[key] = round(flops / (timing["fused_ms"] * 1e-3) / 1e12, 1)
+except Exception as e:
+    summary["attention_tflops"] = {"error": str(e)}
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
 print(json.dumps(summary, indent=1))
 PYEOF

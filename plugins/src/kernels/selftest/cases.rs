@@ -223,7 +223,8 @@ const ROW_DEVICE_SHAPES: &[&[usize]] = &[&[8192, 4096]];
 /// Attention shapes `[B, H, T, d]`.
 const ATTENTION_SHAPES: &[&[usize]] = &[&[2, 2, 16, 8], &[1, 3, 33, 16]];
 /// More attention shapes off the CPU.
-const ATTENTION_DEVICE_SHAPES: &[&[usize]] = &[&[4, 16, 1024, 64]];
+/// `[2, 16, 2048, 64]`: the GPU check's TFLOP/s figure (scripts/gpu_run.sh).
+const ATTENTION_DEVICE_SHAPES: &[&[usize]] = &[&[4, 16, 1024, 64], &[2, 16, 2048, 64]];
 
 /// The defaults of an op of one output, the first input's shape the case's, row-wise.
 pub fn op(
