@@ -2,19 +2,22 @@
 # The GPU check, run on a GPU machine from the repository root after scripts/gpu_pack.sh made
 # gpu/ here (the machine needs no Rust toolchain and no network; Python with PyTorch and
 # transformers, and NVIDIA's CUDA 13 libraries as Python packages or system libraries).
-# Under 8 minutes on an H100/H200:
+# About 10 minutes on an H100/H200 (--quick: the selftest alone):
 #   1. where the binary's libraries come from (`ldd`), the GPU (`nvidia-smi`);
-#   2. `retort selftest --device cuda`: every fused op against its composite;
+#   2. `retort selftest --device cuda`: every fused op against its composite; then the
+#      attention cases again as JSON: the fused attention's TFLOP/s at [2, 16, 2048, 64];
 #   3. the quickstart on cuda and on the CPU, side by side: val losses must agree within 1e-3;
-#   2b. the attention cases again as JSON: the fused attention's TFLOP/s at [2, 16, 2048, 64];
-#   4. the SmolLM2-shaped KD step (teacher 30 blocks, 4-block student, batch 8 x 256, f32) with
-#      retort on cuda, then with transformers + PyTorch eager on the same GPU: tokens/s, peak
-#      memory, and their ratio;
-#   4a. the same KD step in bf16 at batch 8 x 512 (student.dtype = "bf16": bf16 compute, f32
-#      master weights; teacher.precision = "bf16"), and transformers + PyTorch at 8 x 512 both in
-#      pure bf16 and under autocast (f32 master weights, as retort);
-#   4b. the NCCL backend smoke-tested as a world of one rank on the quickstart (its val
-#      losses against the plain cuda run's);
+#      then the quickstart on cuda killed (SIGKILL) after a student checkpoint and resumed: its
+#      exports compared byte for byte with the uninterrupted cuda run's; then the NCCL backend
+#      smoke-tested as a world of one rank on the quickstart (its val losses against the plain
+#      cuda run's);
+#   4. a llama of SmolLM2-135M's shapes (random weights, SmolLM2's tokenizer): `retort generate`
+#      with the KV cache on cuda and on the CPU; the KD step (teacher 30 blocks, 4-block
+#      student, batch 8 x 256, f32) with retort on cuda; the same KD step in bf16 at 8 x 512
+#      (student.dtype = "bf16": bf16 compute, f32 master weights; teacher.precision = "bf16");
+#      then transformers + PyTorch eager on the same GPU: f32 at 8 x 256, bf16 at 8 x 256 and
+#      8 x 512, and autocast (f32 master weights, as retort) at 8 x 512: tokens/s, peak memory,
+#      and the ratios;
 #   5. the loss region fused with the LM head and not (`lm_head_memory`, bf16, 0.7 kl + 0.3 ce)
 #      at N = 8192, H = 4096, V = 128256 and at N = 1024: time, and the device's peak memory
 #      (nvidia-smi) over what it held before.
@@ -83,6 +86,26 @@ echo "cuda exit ${PIPESTATUS[0]}"
 wait "$cpu_pid"
 cat "$OUT/quickstart_cpu.txt"
 
+say "kill and resume on cuda: the quickstart killed (SIGKILL) after a student checkpoint, resumed, exports compared byte for byte with the uninterrupted cuda run"
+rm -rf /tmp/qs-kill
+timeout 200 "$bin" run --quiet --out /tmp/qs-kill --set run.device=cuda >/dev/null 2>&1 &
+kill_pid=$!
+for _ in $(seq 1 1800); do
+  compgen -G "/tmp/qs-kill/checkpoints/student/step-*" >/dev/null && break
+  sleep 0.1
+done
+kill -9 "$kill_pid" 2>/dev/null; wait "$kill_pid" 2>/dev/null
+echo "killed with checkpoints: $(ls /tmp/qs-kill/checkpoints/student 2>/dev/null | tr '\n' ' ')"
+timeout 200 "$bin" run --resume /tmp/qs-kill --quiet 2>&1 | tail -5
+echo "resume exit ${PIPESTATUS[0]}"
+for phase in teacher student baseline; do
+  if cmp "/tmp/qs-cuda/$phase/model.safetensors" "/tmp/qs-kill/$phase/model.safetensors"; then
+    echo "kill-resume $phase: identical" | tee -a "$OUT/kill_resume.txt"
+  else
+    echo "kill-resume $phase: DIFFERENT" | tee -a "$OUT/kill_resume.txt"
+  fi
+done
+
 say "NCCL smoke test: the quickstart on cuda as a world of one NCCL rank (parameter check every step)"
 rm -rf /tmp/qs-nccl
 WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 \
@@ -94,6 +117,12 @@ say "SmolLM2-shaped teacher (random weights) for both sides"
 rm -rf /tmp/retort-smollm2
 timeout 120 "$PY" scripts/gpu/torch_kd_smollm2.py --save-teacher /tmp/retort-smollm2 &&
   cp gpu/smollm2/tokenizer.json /tmp/retort-smollm2/
+
+say "generate with the KV cache on cuda and on the CPU (the SmolLM2-shaped llama, greedy, 32 tokens)"
+for d in cuda cpu; do
+  timeout 90 "$bin" generate --model /tmp/retort-smollm2 --prompt "ROMEO:" --max-tokens 32 --ignore-eos \
+    --device "$d" 2>&1 | tee "$OUT/generate_$d.txt"
+done
 
 say "retort KD step on cuda (batch 8 x 256, f32)"
 rm -rf /tmp/kd-cuda
@@ -163,6 +192,10 @@ def leaves(x, path=""):
     else:
         yield path, x
 summary = {}
+try:
+    summary["kill_resume"] = open(f"{out}/kill_resume.txt").read().split("\n")[:3]
+except Exception as e:
+    summary["kill_resume"] = {"error": str(e)}
 qs = {d: dict(leaves(load(f"/tmp/qs-{d}/report.json"))) for d in ("cuda", "cpu")}
 try:
     nccl = dict(leaves(load("/tmp/qs-nccl/report.json")))
