@@ -15,10 +15,10 @@
 
 use std::collections::HashMap;
 
-use candle_core::DType;
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, Params, Result, Student, Tokenizer};
 
+use super::check_precision;
 use crate::models::llama::checkpoint::load_hf;
 use crate::models::llama::model::Part;
 use crate::models::llama::{Llama, LlamaConfig, LlamaParams, Source};
@@ -141,31 +141,6 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Student>> {
     Ok(Box::new(model))
 }
 
-/// Mixed precision (`dtype = "bf16"`: bf16 compute, f32 master weights) runs on CUDA, where the
-/// fused kernels and cuBLAS compute in bf16; elsewhere it is refused, as is f16 (it needs loss
-/// scaling, which the training loop does not do).
-fn check_precision((compute, stored): (DType, DType), params: &Params, device: &candle_core::Device) -> Result<()> {
-    if compute == stored {
-        return Ok(());
-    }
-    if compute == DType::F16 {
-        return Err(params.error(
-            "dtype",
-            "f16 training needs loss scaling, which retort does not do yet: use \"bf16\" (mixed precision: bf16 \
-             compute, f32 master weights) or \"f32\"",
-        ));
-    }
-    if !device.is_cuda() {
-        return Err(params.error(
-            "dtype",
-            "\"bf16\" trains in mixed precision (bf16 compute, f32 master weights) on CUDA devices; on the CPU \
-             candle widens bf16 matrix products to f32 and the fused kernels run f32/f64 only, so it would be \
-             slower and less precise than \"f32\": use \"f32\" here (run.device = \"cuda\" for bf16)",
-        ));
-    }
-    Ok(())
-}
-
 inventory::submit! {
     Factory::<dyn Student> {
         kind: "llama",
@@ -183,20 +158,5 @@ mod tests {
         assert_eq!(spread_layers(2, 30), vec![0, 29]);
         assert_eq!(spread_layers(1, 30), vec![29]);
         assert_eq!(spread_layers(3, 3), vec![0, 1, 2]);
-    }
-
-    #[test]
-    fn half_precision_students_are_refused_where_mixed_precision_does_not_run() {
-        let params = Params::new("student", serde_json::Map::new());
-        let cpu = candle_core::Device::Cpu;
-        assert!(check_precision((DType::F32, DType::F32), &params, &cpu).is_ok());
-        assert!(check_precision((DType::BF16, DType::BF16), &params, &cpu).is_ok());
-        let bf16 = check_precision((DType::BF16, DType::F32), &params, &cpu).expect_err("bf16 on the CPU");
-        let f16 = check_precision((DType::F16, DType::F32), &params, &cpu).expect_err("f16");
-        for (err, says) in [(bf16, "CUDA"), (f16, "loss scaling")] {
-            let text = err.to_string();
-            assert!(text.contains("student.dtype") && text.contains(says), "{text}");
-            assert_eq!(err.exit_code(), 2);
-        }
     }
 }

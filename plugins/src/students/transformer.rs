@@ -10,25 +10,26 @@
 //! context = 64
 //! ```
 
+use candle_core::DType;
 use retort_core::registry::Factory;
 use retort_core::{BuildContext, Params, Result, Student};
 
+use super::check_precision;
 use crate::models::transformer::{Transformer, TransformerConfig, TransformerParams};
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Student>> {
-    let (cfg, checkpoint) = TransformerConfig::resolve(params, ctx.vocab_size)?;
-    if matches!(cfg.dtype, candle_core::DType::BF16 | candle_core::DType::F16) {
-        return Err(params.error(
-            "dtype",
-            "the `transformer` student trains f32 (or f64) master weights and computes in them; mixed precision \
-             (bf16 compute) is built for the `llama` student on CUDA; bf16/f16 is for frozen teachers \
-             (`teacher.precision`)",
-        ));
+    let (mut cfg, checkpoint) = TransformerConfig::resolve(params, ctx.vocab_size)?;
+    // Mixed precision: `dtype = "bf16"` keeps f32 master weights and computes in bf16.
+    let compute = cfg.dtype;
+    if matches!(compute, DType::BF16 | DType::F16) {
+        check_precision((compute, DType::F32), params, &ctx.device)?;
+        cfg.dtype = DType::F32;
     }
-    Ok(Box::new(match checkpoint {
+    let model = match checkpoint {
         Some(dir) => Transformer::load(cfg, &dir, &ctx.device)?,
         None => Transformer::init(cfg, ctx.seed, &ctx.device)?,
-    }))
+    };
+    Ok(Box::new(model.computing_in(compute)))
 }
 
 inventory::submit! {

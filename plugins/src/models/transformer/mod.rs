@@ -12,6 +12,7 @@ mod decode;
 pub use decode::TransformerDecoder;
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -290,6 +291,9 @@ pub struct Transformer {
     blocks: Vec<Block>,
     ln_f: (Tensor, Tensor),
     mask: Tensor,
+    /// Mixed precision: the dtype the forward pass computes in when it differs from the
+    /// weights' (see [`Transformer::computing_in`]).
+    compute: Option<DType>,
 }
 
 /// `(name, shape, init std)` of every parameter, in checkpoint order; std 0 = zeros, NaN = ones.
@@ -413,6 +417,7 @@ impl Transformer {
             blocks,
             vars,
             mask,
+            compute: None,
             cfg,
         })
     }
@@ -499,6 +504,11 @@ impl Transformer {
 
 impl Model for Transformer {
     fn forward(&self, batch: &Batch, taps: &TapSet) -> Result<Outputs> {
+        if let Some(dtype) = self.compute {
+            let mut cast = self.map_tensors(&mut |t| t.to_dtype(dtype))?;
+            cast.cfg.dtype = dtype;
+            return cast.forward(batch, taps);
+        }
         let ids = &batch.input_ids;
         let (b, t) = ids.dims2()?;
         if t > self.cfg.context {
@@ -558,8 +568,14 @@ impl Model for Transformer {
 
     fn describe(&self) -> String {
         let c = &self.cfg;
+        let (compute, stored) = self.precision();
+        let precision = if compute == stored {
+            format!("{compute:?}").to_lowercase()
+        } else {
+            format!("{compute:?} compute, {stored:?} master weights").to_lowercase()
+        };
         format!(
-            "transformer {}L/{}d/{}h ctx {} vocab {} ({} params)",
+            "transformer {}L/{}d/{}h ctx {} vocab {} ({} params, {precision})",
             c.n_layer,
             c.n_embd,
             c.n_head,
@@ -588,26 +604,62 @@ impl Model for Transformer {
 impl Transformer {
     /// The same model with its weights cut off from autograd (for a frozen teacher: its
     /// forward pass then builds no graph).
-    pub fn frozen(mut self) -> Self {
-        let d = |t: &mut Tensor| *t = t.detach();
-        d(&mut self.wte);
-        d(&mut self.wpe);
-        d(&mut self.ln_f.0);
-        d(&mut self.ln_f.1);
-        for b in &mut self.blocks {
-            for (w, bias) in [
-                &mut b.ln_1,
-                &mut b.c_attn,
-                &mut b.attn_proj,
-                &mut b.ln_2,
-                &mut b.c_fc,
-                &mut b.mlp_proj,
-            ] {
-                d(w);
-                d(bias);
-            }
+    pub fn frozen(self) -> Self {
+        match self.map_tensors::<Infallible>(&mut |t| Ok(t.detach())) {
+            Ok(model) => Transformer {
+                vars: self.vars,
+                compute: self.compute,
+                ..model
+            },
+            Err(never) => match never {},
         }
+    }
+
+    /// Mixed precision: the same model computing its forward pass in `dtype` (bf16) from its
+    /// weights in their own dtype (f32 master weights, what the optimizer updates), through a
+    /// differentiable cast of every weight per forward pass.
+    pub fn computing_in(mut self, dtype: DType) -> Self {
+        self.compute = (dtype != self.cfg.dtype).then_some(dtype);
         self
+    }
+
+    /// The dtype the forward pass computes in, and the dtype the weights are kept in.
+    pub fn precision(&self) -> (DType, DType) {
+        (self.compute.unwrap_or(self.cfg.dtype), self.cfg.dtype)
+    }
+
+    /// The model's tensors with `f` applied to each (the token embedding, also the head, once);
+    /// no variables, computing in the tensors' own dtype.
+    fn map_tensors<E>(
+        &self,
+        f: &mut dyn FnMut(&Tensor) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Self, E> {
+        let mut pair = |p: &(Tensor, Tensor)| -> std::result::Result<(Tensor, Tensor), E> { Ok((f(&p.0)?, f(&p.1)?)) };
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(Block {
+                    ln_1: pair(&b.ln_1)?,
+                    c_attn: pair(&b.c_attn)?,
+                    attn_proj: pair(&b.attn_proj)?,
+                    ln_2: pair(&b.ln_2)?,
+                    c_fc: pair(&b.c_fc)?,
+                    mlp_proj: pair(&b.mlp_proj)?,
+                })
+            })
+            .collect::<std::result::Result<_, E>>()?;
+        let ln_f = pair(&self.ln_f)?;
+        Ok(Transformer {
+            cfg: self.cfg.clone(),
+            vars: Vec::new(),
+            wte: f(&self.wte)?,
+            wpe: f(&self.wpe)?,
+            blocks,
+            ln_f,
+            mask: f(&self.mask)?,
+            compute: None,
+        })
     }
 }
 
@@ -664,6 +716,46 @@ mod tests {
             mask: None,
             source: None,
         }
+    }
+
+    /// The cross-entropy gradient of every variable of `m`, as f64 values.
+    fn ce_gradients(m: &Transformer) -> Vec<Vec<f64>> {
+        let logits = m.forward(&batch(5), &TapSet::none()).expect("fwd").logits;
+        let l = cross_entropy(&logits.to_dtype(DType::F32).expect("f32"), &batch(5).targets, None, 0.0).expect("ce");
+        let grads = l.backward().expect("bwd");
+        m.vars
+            .iter()
+            .map(|(n, v)| {
+                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{n}: no gradient"));
+                assert_eq!(g.dtype(), DType::F32, "{n}");
+                g.to_dtype(DType::F64)
+                    .and_then(|g| g.flatten_all())
+                    .and_then(|g| g.to_vec1())
+                    .expect("grad")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bf16_mixed_precision_computes_in_bf16_and_trains_f32_master_weights() {
+        let full = tiny("f32", "gelu");
+        let mixed = tiny("f32", "gelu").computing_in(DType::BF16);
+        assert_eq!(mixed.precision(), (DType::BF16, DType::F32));
+        assert!(
+            mixed.describe().contains("bf16 compute, f32 master weights"),
+            "{}",
+            mixed.describe()
+        );
+        let logits = mixed.forward(&batch(5), &TapSet::none()).expect("fwd").logits;
+        assert_eq!(logits.dtype(), DType::BF16);
+        for (((name, _), a), b) in mixed.vars.iter().zip(ce_gradients(&mixed)).zip(ce_gradients(&full)) {
+            let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-6);
+            let err = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
+            assert!(err < 0.1, "{name}: bf16 gradient off by {err:.3} of its scale");
+        }
+        // Frozen, it keeps computing in bf16.
+        let frozen = mixed.frozen();
+        assert_eq!(frozen.precision(), (DType::BF16, DType::F32));
     }
 
     #[test]
