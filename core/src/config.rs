@@ -514,6 +514,10 @@ pub struct TrainSection {
     pub early_stopping: Option<EarlyStoppingSpec>,
     /// The logit terms fused with the student's output head (`[train.lm_head]`).
     pub lm_head: LmHeadSpec,
+    /// Scaling of the loss before the backward pass (half-precision gradients):
+    /// `"auto"` (dynamic where the student computes in f16, none otherwise), `"dynamic"`,
+    /// `"none"` or a fixed positive number. Default `"auto"`. See [`crate::loss_scale`].
+    pub loss_scale: crate::loss_scale::LossScale,
 }
 
 /// `[train.lm_head]`: computing the logit terms fused with the student's output head, in chunks
@@ -600,6 +604,7 @@ impl Default for TrainSection {
             ema_decay: None,
             early_stopping: None,
             lm_head: LmHeadSpec::default(),
+            loss_scale: crate::loss_scale::LossScale::Auto,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod decode;
 pub mod error;
 pub mod fsutil;
 pub mod loss;
+pub mod loss_scale;
 pub mod memory;
 pub mod model;
 pub mod observer;

@@ -40,6 +40,12 @@ pub trait Model: Send + Sync {
     fn describe(&self) -> String;
     /// Shape facts.
     fn info(&self) -> ModelInfo;
+    /// The dtype the forward pass computes in: the weights' ([`ModelInfo::dtype`], the
+    /// default) or, under mixed precision, a half-precision dtype the weights are cast to (the
+    /// training loop then scales the loss for f16, `train.loss_scale`).
+    fn compute_dtype(&self) -> DType {
+        self.info().dtype
+    }
     /// Identity of the tokenizer the model was trained with, when its checkpoint carries one
     /// (see [`crate::Tokenizer::identity`]); checked against the data's at assembly.
     fn tokenizer_identity(&self) -> Option<String> {

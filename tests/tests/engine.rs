@@ -279,3 +279,30 @@ fn a_half_precision_teacher_distills_and_a_half_precision_student_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_dynamic_loss_scale_changes_nothing_in_f32_and_is_recorded() {
+    let registry = retort_host::builtin_registry().expect("registry");
+    let (a, b) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let base = ["train.steps=12", "teacher.pretrain.steps=12", "eval.baseline=false"];
+    let scaled: Vec<&str> = base.iter().copied().chain(["train.loss_scale=\"dynamic\""]).collect();
+    let ra = run_with(&registry, a.path(), &tiny_config("plain"), &base).expect("unscaled");
+    let rb = run_with(&registry, b.path(), &tiny_config("plain"), &scaled).expect("scaled");
+    // The loss times 2^16, the gradients divided by it: exact in f32, so the same weights.
+    let (wa, wb) = (weights(a.path()), weights(b.path()));
+    for (name, t) in &wa {
+        assert_eq!(max_abs_diff(t, &wb[name]), 0.0, "{name} differs");
+    }
+    assert_eq!(ra.report.student.val_loss, rb.report.student.val_loss);
+    let scales: Vec<f64> = read_metrics(&b.path().join("run"))
+        .iter()
+        .filter(|m| m["event"] == "train")
+        .filter_map(|m| m["scalars"]["loss_scale"].as_f64())
+        .collect();
+    assert!(
+        !scales.is_empty() && scales.iter().all(|s| *s == 65_536.0),
+        "{scales:?}"
+    );
+    let unscaled = read_metrics(&a.path().join("run"));
+    assert!(unscaled.iter().all(|m| m["scalars"].get("loss_scale").is_none()));
+}

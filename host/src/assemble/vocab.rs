@@ -222,6 +222,9 @@ impl Model for NarrowedStudent {
             ..self.inner.info()
         }
     }
+    fn compute_dtype(&self) -> candle_core::DType {
+        self.inner.compute_dtype()
+    }
     fn tokenizer_identity(&self) -> Option<String> {
         self.inner.tokenizer_identity()
     }

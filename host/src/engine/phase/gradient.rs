@@ -32,6 +32,9 @@ pub(super) enum Gradient {
         what: String,
         /// Its value.
         value: f64,
+        /// Whether it is the gradient (which a loss scale may have overflowed) rather than a
+        /// value of the loss.
+        gradient: bool,
     },
 }
 
@@ -184,7 +187,11 @@ impl<'a> Objective<'a> {
             TermValues::Finite { graph, scalars } => (graph, scalars),
             TermValues::NonFinite { what, value } => {
                 batcher.skip(step.accum - 1);
-                return Ok(Gradient::NonFinite { what, value });
+                return Ok(Gradient::NonFinite {
+                    what,
+                    value,
+                    gradient: false,
+                });
             }
         };
         let weights = match early {
@@ -202,7 +209,11 @@ impl<'a> Objective<'a> {
                 }
                 TermValues::NonFinite { what, value } => {
                     batcher.skip(step.accum - drawn);
-                    return Ok(Gradient::NonFinite { what, value });
+                    return Ok(Gradient::NonFinite {
+                        what,
+                        value,
+                        gradient: false,
+                    });
                 }
             }
         }
@@ -212,11 +223,13 @@ impl<'a> Objective<'a> {
         }
         sum.rollout = rollout;
         sum.grads = self.world.average_gradients(std::mem::take(&mut sum.grads))?;
+        sum.grads = unscaled(std::mem::take(&mut sum.grads), step.loss_scale)?;
         sum.norms = opt.norms(&sum.grads)?;
         if !sum.norms.total.is_finite() {
             return Ok(Gradient::NonFinite {
                 what: "the gradient norm".into(),
                 value: sum.norms.total,
+                gradient: true,
             });
         }
         Ok(Gradient::Finite(sum))
@@ -351,9 +364,15 @@ impl<'a> Objective<'a> {
                 self.label, step.stage
             ))
         })?;
+        let scale = step.loss_scale;
+        let total = if scale == 1.0 { total } else { (total * scale)? };
         let mut grads = total.backward()?;
         if let Some((w, g)) = weight_grad {
-            let g = if step.accum == 1 { g } else { (g / step.accum as f64)? };
+            let g = if step.accum == 1 && scale == 1.0 {
+                g
+            } else {
+                (g * (scale / step.accum as f64))?
+            };
             // A tied head also has the embedding's gradient.
             let g = match grads.remove(&w) {
                 Some(x) => (x + g)?,
@@ -382,6 +401,9 @@ pub(super) struct StepInput<'s> {
     pub stage_step: usize,
     /// See `stage_step`.
     pub stage_lambda: Option<f64>,
+    /// The loss is multiplied by this before the backward pass and the gradients divided by
+    /// it after (1: no scaling; see `loss_scale.rs`).
+    pub loss_scale: f64,
 }
 
 impl StepGradient {
@@ -415,6 +437,17 @@ impl StepGradient {
             *m += v / accum as f64;
         }
     }
+}
+
+/// `grads / scale` (the gradients of the unscaled loss); as they are when `scale` is 1.
+fn unscaled(grads: Vec<Tensor>, scale: f64) -> Result<Vec<Tensor>> {
+    if scale == 1.0 {
+        return Ok(grads);
+    }
+    Ok(grads
+        .iter()
+        .map(|g| g * (1.0 / scale))
+        .collect::<candle_core::Result<_>>()?)
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {

@@ -21,6 +21,7 @@ mod early_stopping;
 mod ema;
 mod evaluation;
 mod gradient;
+mod loss_scale;
 mod run;
 mod skip_guard;
 mod stage_cursor;

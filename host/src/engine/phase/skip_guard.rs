@@ -20,6 +20,13 @@ impl SkipGuard {
         tracing::warn!("phase `{label}` step {step}: {what} is {value}; step skipped (no update)");
     }
 
+    /// Counts a step skipped for an overflow of a dynamic loss scale: in the total, not in
+    /// the run of consecutive skips (the scale was halved, the next step will likely pass).
+    pub fn count_overflow(&mut self, label: &str, step: usize, what: &str) {
+        self.skipped += 1;
+        tracing::info!("phase `{label}` step {step}: {what}; step skipped");
+    }
+
     /// An error when more than `max` steps were skipped in a row.
     pub fn check(&self, label: &str, step: usize, what: &str, value: f64, max: usize) -> Result<()> {
         if self.consecutive > max {

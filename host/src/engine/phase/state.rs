@@ -7,6 +7,8 @@ use crate::artifacts::report::StageStats;
 use crate::artifacts::run_dir::LogMark;
 use crate::engine::rollout::RolloutTotals;
 
+use super::loss_scale::LossScaler;
+
 /// Everything besides tensors that a phase needs to continue exactly where it was.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PhaseState {
@@ -42,6 +44,9 @@ pub struct PhaseState {
     /// Ranks of the data-parallel run that wrote it (1: one process).
     #[serde(default = "one")]
     pub ranks: usize,
+    /// The loss scale and its record, when the phase scales its loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScaler>,
 }
 
 fn one() -> usize {

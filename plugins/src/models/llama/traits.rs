@@ -68,6 +68,10 @@ impl Model for Llama {
         )
     }
 
+    fn compute_dtype(&self) -> candle_core::DType {
+        self.precision().0
+    }
+
     fn info(&self) -> ModelInfo {
         ModelInfo {
             layers: self.cfg.n_layer,

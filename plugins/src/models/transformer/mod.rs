@@ -585,6 +585,10 @@ impl Model for Transformer {
         )
     }
 
+    fn compute_dtype(&self) -> candle_core::DType {
+        self.precision().0
+    }
+
     fn info(&self) -> ModelInfo {
         ModelInfo {
             layers: self.cfg.n_layer,

@@ -27,6 +27,7 @@ use super::early_stopping::EarlyStopping;
 use super::ema::Ema;
 use super::evaluation::PhaseEval;
 use super::gradient::Objective;
+use super::loss_scale::LossScaler;
 use super::skip_guard::SkipGuard;
 use super::stage_cursor::{ActiveStage, StagePlan};
 use super::state::{BestState, PhaseState};
@@ -68,6 +69,8 @@ pub(super) struct PhaseRun<'a> {
     world: &'a World,
     /// Their time in collectives when the phase started.
     comm_at_start: f64,
+    /// The loss scale, when the phase scales its loss (`train.loss_scale`).
+    loss_scale: Option<LossScaler>,
 }
 impl<'a> PhaseRun<'a> {
     /// Sets the phase up, continuing from `phase.resume` when given.
@@ -132,6 +135,7 @@ impl<'a> PhaseRun<'a> {
             started: Instant::now(),
             stopped_early_at: None,
             rollouts: RolloutTotals::default(),
+            loss_scale: LossScaler::new(train.loss_scale, phase.student.compute_dtype()),
         };
         if let Some(ck) = phase.resume {
             run.resume_from(ck, &device)?;
@@ -175,6 +179,9 @@ impl<'a> PhaseRun<'a> {
         };
         self.first_step = ck.state.step;
         self.rollouts = std::mem::take(&mut ck.state.rollouts);
+        if self.loss_scale.is_some() {
+            self.loss_scale = ck.state.loss_scale.or(self.loss_scale);
+        }
         self.resume_early_stopping(ck.state.early.take(), device)?;
         self.resumed_optimizer = Some((ck.take_tensors("optimizer"), ck.state.adam_t));
         tracing::info!(

@@ -57,14 +57,22 @@ impl PhaseRun<'_> {
             index: step.done - 1,
             stage_step: step.done - 1 - self.plan.start(stage.index),
             stage_lambda: def.on_policy_lambda,
+            loss_scale: self.loss_scale.map_or(1.0, |s| s.scale),
         };
         let gradient = self.objective.gradient(&mut self.batcher, &stage.opt, input)?;
         if let Some(s) = self.stages.last_mut() {
             s.steps = step.done - stage.start;
         }
         match gradient {
-            Gradient::NonFinite { what, value } => {
-                self.skip(stage, step, &what, value, rec)?;
+            Gradient::NonFinite { what, value, gradient } => {
+                let scale = self.loss_scale.as_mut().filter(|_| gradient);
+                match scale.map(|s| (s.scale, s.on_overflow(), s.scale)) {
+                    Some((was, true, now)) => {
+                        let what = format!("{what} (overflow at loss scale {was}; now {now})");
+                        self.skip_overflow(stage, step, &what, value, rec)?;
+                    }
+                    _ => self.skip(stage, step, &what, value, rec)?,
+                }
                 Ok(StepOutcome::Skipped)
             }
             Gradient::Finite(g) => Ok(StepOutcome::Applied(self.apply(stage, step, g, lr)?)),
@@ -85,8 +93,32 @@ impl PhaseRun<'_> {
         Ok(())
     }
 
+    /// A step skipped because a dynamic loss scale overflowed the gradient (the scale was
+    /// halved): recorded, but not counted against `train.max_consecutive_skips`.
+    fn skip_overflow(
+        &mut self,
+        stage: &ActiveStage,
+        step: Step,
+        what: &str,
+        value: f64,
+        rec: &mut Recorder,
+    ) -> Result<()> {
+        self.skips.count_overflow(self.label, step.done, what);
+        rec.record(&Event::Skip(SkipRecord {
+            at: self.at(&stage.name, step.done),
+            cause: what.to_string(),
+            value: value.to_string(),
+            skipped_total: self.skips.skipped,
+        }))?;
+        self.bar.set_position(step.done as u64);
+        Ok(())
+    }
+
     fn apply(&mut self, stage: &mut ActiveStage, step: Step, g: StepGradient, lr: f64) -> Result<Applied> {
         self.skips.applied();
+        if let Some(s) = self.loss_scale.as_mut() {
+            s.on_applied();
+        }
         let loss = g.total();
         let StepGradient {
             grads,
@@ -135,6 +167,7 @@ impl PhaseRun<'_> {
             let scalars = t.term.scalars(step.progress).into_iter();
             scalars.map(move |(k, v)| (format!("{}.{k}", t.name), v))
         });
+        let scalars = scalars.chain(self.loss_scale.map(|s| ("loss_scale".to_string(), s.scale)));
         let group_norms = stage
             .groups
             .iter()
@@ -305,6 +338,7 @@ impl PhaseRun<'_> {
             stages: self.stages.clone(),
             rollouts: self.rollouts.clone(),
             ranks: self.world.size(),
+            loss_scale: self.loss_scale,
         };
         let snapshot = Snapshot {
             state: &state,
