@@ -34,12 +34,14 @@
 //! The lse is kept, not recomputed: the forward sets it in the op (`Attention::lse`, a
 //! `Mutex<Option<..>>`; candle calls `bwd` on the same op instance whose forward ran) and the
 //! backward reads it. It costs `4 B H T` bytes; recomputing it would be one more `q k^T` pass
-//! (half the forward's FLOPs, a fifth more on forward + backward). Where it is absent (not
+//! (half the forward's FLOPs, a seventh more on the nominal forward + backward). Where it is absent (not
 //! expected), the backward runs the forward kernel again for it.
 //!
 //! FLOPs (causal, what a timing divides by): forward `4 B H T^2 d / 2` (`q k^T` and `P v`, 2
 //! FLOPs per multiply-add, half the square); backward 2.5 times that (`q k^T` again, `dy v^T`,
-//! `dS k`, `dS^T q`, `P^T dy`: `10 B H T^2 d / 2`). The products here are plain FMAs on
+//! `dS k`, `dS^T q`, `P^T dy`: `10 B H T^2 d / 2`); the deterministic split into a dk/dv and
+//! a dq kernel computes `q k^T` and `dy v^T` in both, 7 products (3.5 times the forward's
+//! work) where an atomic dq would need 5. The products here are plain FMAs on
 //! shared-memory tiles (the emulated tests cannot model tensor cores); tensor-core MMA
 //! (`mma.sync` / wgmma on bf16/f16 tiles with f32 accumulation) is the next step for speed.
 
