@@ -14,10 +14,46 @@
 //! The output is `[B, T, H d]`, the layout the output projection reads. Sequences run in
 //! parallel on the rayon pool; on x86-64 CPUs with AVX-512 the row loops run in a copy of the
 //! code compiled for it (chosen at run time), else in the baseline (SSE2) build.
+//!
+//! # CUDA (feature `cuda`; f32, f64, f16, bf16; head dims `d <= 256`)
+//!
+//! `attention.cu`, FlashAttention-2 style (Dao 2023): no `[T, T]` tensor in memory. The
+//! forward runs one block per (batch, head, 32 query rows): it walks the key/value tiles up to
+//! the diagonal, staged in shared memory, with an online softmax (running max `m` and sum `l`
+//! per row) and `P v` accumulated in registers in f32 (f64 for f64 storage), and writes `y` in
+//! the storage dtype and the per-row `lse = m + ln l` (`[B, H, T]`, f32; f64 for f64).
+//! The backward (deterministic: every gradient element is summed by one thread in a fixed
+//! order, no atomics): `delta_i = dy_i . y_i` (one warp per row); `dk`, `dv` by one block per
+//! (batch, kv head, 16 keys) over all query heads of its group and the query tiles at or after
+//! the diagonal, `P` recomputed from `q`, `k` and `lse`; `dq` by one block per (batch, head,
+//! 32 query rows) over the key tiles up to the diagonal. The kernels are compiled per head-dim
+//! bucket `D` in 32/64/128/256 (`d <= D` at run time); the staged tiles have 32 rows, fewer
+//! where two of them would pass 48 KB of static shared memory (`d > 128` in f32, `d > 64` in
+//! f64).
+//!
+//! The lse is kept, not recomputed: the forward sets it in the op (`Attention::lse`, a
+//! `Mutex<Option<..>>`; candle calls `bwd` on the same op instance whose forward ran) and the
+//! backward reads it. It costs `4 B H T` bytes; recomputing it would be one more `q k^T` pass
+//! (half the forward's FLOPs, a seventh more on the nominal forward + backward). Where it is absent (not
+//! expected), the backward runs the forward kernel again for it.
+//!
+//! FLOPs (causal, what a timing divides by): forward `4 B H T^2 d / 2` (`q k^T` and `P v`, 2
+//! FLOPs per multiply-add, half the square); backward 2.5 times that (`q k^T` again, `dy v^T`,
+//! `dS k`, `dS^T q`, `P^T dy`: `10 B H T^2 d / 2`); the deterministic split into a dk/dv and
+//! a dq kernel computes `q k^T` and `dy v^T` in both, 7 products (3.5 times the forward's
+//! work) where an atomic dq would need 5. The products here are plain FMAs on
+//! shared-memory tiles (the emulated tests cannot model tensor cores); tensor-core MMA
+//! (`mma.sync` / wgmma on bf16/f16 tiles with f32 accumulation) is the next step for speed.
 
 pub mod composite;
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(all(test, feature = "cuda-emulate"))]
+mod cuda_emulated;
 pub mod decode;
+#[cfg(any(feature = "cuda", all(test, feature = "cuda-emulate")))]
+mod plan;
 #[cfg(test)]
 mod tests;
 
@@ -28,12 +64,21 @@ use super::Support;
 /// Where the fused attention runs.
 pub const SUPPORT: Support = Support {
     cpu: &[DType::F32, DType::F64],
-    cuda: &[],
+    cuda: super::CUDA_FLOATS,
 };
 
-/// Whether the fused attention runs on `q`, `k`, `v` (one dtype, one device).
+/// The largest head dim of the CUDA kernels.
+pub const MAX_CUDA_HEAD_DIM: usize = 256;
+
+/// Whether the fused attention runs on `q`, `k`, `v` (one dtype, one device; on CUDA, head
+/// dims up to [`MAX_CUDA_HEAD_DIM`]).
 pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    SUPPORT.admits_together(q, &[k, v])
+    SUPPORT.admits_together(q, &[k, v]) && head_dim_fits(q, q.dims().last().copied().unwrap_or(0))
+}
+
+/// Whether head dim `d` fits the kernels of `x`'s device (any on the CPU).
+fn head_dim_fits(x: &Tensor, d: usize) -> bool {
+    !x.device().is_cuda() || d <= MAX_CUDA_HEAD_DIM
 }
 
 /// Causal attention `softmax(scale q k^T + mask) v` of `q [B, H, T, d]`, `k`, `v` (any strides),
@@ -62,7 +107,9 @@ pub fn causal_attention_packed(
     scale: f64,
     mask: &Tensor,
 ) -> Result<Tensor> {
-    if supports(qkv, qkv, qkv) {
+    let width = qkv.dims().last().copied().unwrap_or(0);
+    let d = width / (heads + 2 * kv_heads).max(1);
+    if supports(qkv, qkv, qkv) && head_dim_fits(qkv, d) {
         return fused_packed(qkv, heads, kv_heads, scale);
     }
     composite::causal_attention_packed(qkv, heads, kv_heads, scale, mask)
@@ -89,7 +136,14 @@ pub fn fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
             x.contiguous()
         }
     };
-    unit(q)?.apply_op3(&unit(k)?, &unit(v)?, Attention { scale })
+    unit(q)?.apply_op3(
+        &unit(k)?,
+        &unit(v)?,
+        Attention {
+            scale,
+            lse: Saved::default(),
+        },
+    )
 }
 
 /// The fused packed attention (see [`causal_attention_packed`]).
@@ -101,12 +155,43 @@ fn fused_packed(qkv: &Tensor, heads: usize, kv_heads: usize, scale: f64) -> Resu
             qkv.dims()
         )
     }
-    qkv.contiguous()?.apply_op1(Packed { heads, kv_heads, scale })
+    qkv.contiguous()?.apply_op1(Packed {
+        heads,
+        kv_heads,
+        scale,
+        lse: Saved::default(),
+    })
+}
+
+/// The forward's per-row log-sum-exp on CUDA (`[B, H, T]`, f32; f64 for f64 inputs).
+#[cfg(feature = "cuda")]
+type Lse = std::sync::Arc<candle_core::CudaStorage>;
+/// Nothing to save without CUDA (no value).
+#[cfg(not(feature = "cuda"))]
+#[derive(Clone)]
+enum Lse {}
+
+/// What the CUDA forward saves for the backward of the same op (empty on the CPU, which
+/// recomputes its rows).
+#[derive(Default)]
+struct Saved(std::sync::Mutex<Option<Lse>>);
+
+impl Saved {
+    /// The saved value, if any.
+    fn get(&self) -> Option<Lse> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn set(&self, lse: candle_core::CudaStorage) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(lse));
+    }
 }
 
 /// The attention on `(q, k, v)`.
 struct Attention {
     scale: f64,
+    lse: Saved,
 }
 
 /// The backward: holds the forward's inputs and takes `(y, dy)`; returns `dq`, `dk`, `dv`
@@ -116,6 +201,8 @@ struct AttentionBwd {
     k: Tensor,
     v: Tensor,
     scale: f64,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lse: Option<Lse>,
 }
 
 /// The packed op: sizes of the heads in the last dim of `qkv`.
@@ -123,6 +210,7 @@ struct Packed {
     heads: usize,
     kv_heads: usize,
     scale: f64,
+    lse: Saved,
 }
 
 /// The packed backward: holds `qkv`, takes `(y, dy)`, returns `d qkv` in `qkv`'s layout.
@@ -131,6 +219,8 @@ struct PackedBwd {
     heads: usize,
     kv_heads: usize,
     scale: f64,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lse: Option<Lse>,
 }
 
 impl CustomOp3 for Attention {
@@ -150,7 +240,20 @@ impl CustomOp3 for Attention {
         cpu::fwd(self.scale, (s1, s2, s3), (l1, l2, l3))
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = cuda::fwd(self.scale, (s1, l1), (s2, l2), (s3, l3))?;
+        self.lse.set(out.lse);
+        Ok((out.y, out.shape))
+    }
 
     fn bwd(
         &self,
@@ -165,6 +268,7 @@ impl CustomOp3 for Attention {
             k: k.detach(),
             v: v.detach(),
             scale: self.scale,
+            lse: self.lse.get(),
         };
         let packed = y.detach().apply_op2_no_bwd(&dy.contiguous()?, &op)?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
@@ -184,7 +288,16 @@ impl CustomOp2 for AttentionBwd {
         cpu::bwd(self, (s1, l1), (s2, l2))
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::bwd(self, self.lse.as_deref(), (s1, l1), (s2, l2))
+    }
 }
 
 impl CustomOp1 for Packed {
@@ -196,7 +309,12 @@ impl CustomOp1 for Packed {
         cpu::packed_fwd(self, s, l)
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = cuda::packed_fwd(self, s, l)?;
+        self.lse.set(out.lse);
+        Ok((out.y, out.shape))
+    }
 
     fn bwd(&self, qkv: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let op = PackedBwd {
@@ -204,6 +322,7 @@ impl CustomOp1 for Packed {
             heads: self.heads,
             kv_heads: self.kv_heads,
             scale: self.scale,
+            lse: self.lse.get(),
         };
         Ok(Some(y.detach().apply_op2_no_bwd(&dy.contiguous()?, &op)?))
     }
@@ -218,5 +337,14 @@ impl CustomOp2 for PackedBwd {
         cpu::packed_bwd(self, (s1, l1), (s2, l2))
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::packed_bwd(self, self.lse.as_deref(), (s1, l1), (s2, l2))
+    }
 }

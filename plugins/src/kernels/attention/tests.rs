@@ -136,3 +136,83 @@ fn dispatch_follows_the_support_table() {
         .expect("composite");
     assert_eq!(y.dims(), &[b, t, heads * d]);
 }
+
+/// On a GPU (skipped where none opens): the CUDA kernels through the ops (views of `qkv` with
+/// their strides, the packed op, the saved lse) against the CPU attention in f64 on the same
+/// rounded inputs, values and gradients, every CUDA dtype.
+#[cfg(feature = "cuda")]
+#[test]
+fn on_the_gpu_matches_the_cpu() {
+    let gpu = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("no CUDA device opens ({e}): the GPU attention check is skipped");
+            return;
+        }
+    };
+    // (b, heads, kv_heads, t, d).
+    for (b, heads, kv, t, d) in [
+        (2, 4, 2, 70, 64),
+        (1, 4, 1, 129, 128),
+        (1, 2, 2, 33, 24),
+        (1, 2, 1, 40, 256),
+    ] {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64((b + heads + t + d) as u64);
+        let width = (heads + 2 * kv) * d;
+        let xs: Vec<f64> = (0..b * t * width).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let cs: Vec<f64> = (0..b * t * heads * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let x0 = Tensor::from_vec(xs, (b, t, width), &Device::Cpu).expect("x");
+        let c0 = Tensor::from_vec(cs, (b, t, heads * d), &Device::Cpu).expect("c");
+        let scale = 1.0 / (d as f64).sqrt();
+        // `packed`: the packed op, else the unpacked one on strided views.
+        let run = |x: &Tensor, packed: bool| -> (Vec<f64>, Vec<f64>) {
+            let x = Var::from_tensor(x).expect("var");
+            let split = |from: usize, n: usize| {
+                x.as_tensor()
+                    .narrow(D::Minus1, from * d, n * d)
+                    .and_then(|z| z.reshape((b, t, n, d)))
+                    .and_then(|z| z.transpose(1, 2))
+                    .expect("view")
+            };
+            let y = if packed {
+                fused_packed(x.as_tensor(), heads, kv, scale).expect("packed")
+            } else {
+                fused(&split(0, heads), &split(heads, kv), &split(heads + kv, kv), scale).expect("fused")
+            };
+            let c = c0.to_device(y.device()).expect("c");
+            let g = (y.to_dtype(DType::F64).expect("f64") * c)
+                .and_then(|l| l.sum_all())
+                .and_then(|l| l.backward())
+                .expect("bwd");
+            (flat(&y), flat(g.get(x.as_tensor()).expect("grad")))
+        };
+        for dtype in [DType::F64, DType::F32, DType::BF16, DType::F16] {
+            let xd = x0.to_dtype(dtype).expect("cast");
+            let on_gpu = xd.to_device(&gpu).expect("to gpu");
+            let tol = match dtype {
+                DType::F64 => 1e-10,
+                DType::F32 => 2e-5,
+                DType::F16 => 5e-3,
+                _ => 3e-2,
+            };
+            for packed in [false, true] {
+                let (ry, rg) = run(&xd.to_dtype(DType::F64).expect("f64"), packed);
+                let (gy, gg) = run(&on_gpu, packed);
+                for (what, got, want) in [("y", &gy, &ry), ("d qkv", &gg, &rg)] {
+                    let big = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+                    let err = got.iter().zip(want.iter()).fold(0f64, |m, (a, r)| {
+                        if a.is_finite() {
+                            m.max((a - r).abs() / big)
+                        } else {
+                            f64::INFINITY
+                        }
+                    });
+                    assert!(
+                        err <= tol,
+                        "{dtype:?} b={b} h={heads}/{kv} t={t} d={d} packed={packed} {what}: error {err:e}"
+                    );
+                }
+            }
+        }
+    }
+}

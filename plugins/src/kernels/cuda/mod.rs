@@ -56,9 +56,15 @@ pub(crate) const ADAMW: Module = Module {
     ptx: ptx::ADAMW,
 };
 
+/// `attention/attention.cu`.
+pub(crate) const ATTENTION: Module = Module {
+    name: "retort-attention",
+    ptx: ptx::ATTENTION,
+};
+
 /// Every module, for the tests.
 #[cfg(test)]
-pub(crate) const MODULES: [Module; 4] = [DIVERGENCE, TOPK_DIVERGENCE, CROSS_ENTROPY, ADAMW];
+pub(crate) const MODULES: [Module; 5] = [DIVERGENCE, TOPK_DIVERGENCE, CROSS_ENTROPY, ADAMW, ATTENTION];
 
 /// `$f::<T, A>(args..)` for the logits' dtype `$dtype`: `T` the element type, `A` the type of
 /// the row statistics (f32, f64 for f64); an error naming `$what` for other dtypes.

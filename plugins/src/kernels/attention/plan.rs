@@ -1,0 +1,188 @@
+//! The launch plan of `attention.cu`, apart from any CUDA crate (what `cuda.rs` launches on a
+//! GPU and what the emulated tests run are one computation): kernel names by head-dim bucket,
+//! the grids, and the strides of the `[B, H, T, d]` operands and gradients.
+
+use candle_core::{bail, Layout, Result};
+
+use super::MAX_CUDA_HEAD_DIM;
+use crate::kernels::grid::{int, Grid};
+
+/// Threads per block of every attention kernel (`THREADS` in `attention.cu`).
+const THREADS: u32 = 128;
+/// Query rows per block of `attn_fwd` and `attn_dq` (`Q_ROWS`).
+const Q_ROWS: usize = 32;
+/// Key rows per block of `attn_dkdv` (`K_ROWS`).
+const K_ROWS: usize = 16;
+/// Rows of `attn_delta` per block (one warp each).
+const DELTA_ROWS: usize = THREADS as usize / 32;
+
+/// The sizes of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sizes {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub t: usize,
+    pub d: usize,
+}
+
+impl Sizes {
+    /// Checks what the kernels assume: `H_kv` divides `H`, `1 <= d <= 256`, sizes in the
+    /// grid's and the kernels' `int` range.
+    pub fn checked(self) -> Result<Self> {
+        let Sizes {
+            batch,
+            heads,
+            kv_heads,
+            t,
+            d,
+        } = self;
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            bail!("causal attention: {kv_heads} key/value heads do not divide {heads} query heads")
+        }
+        if d == 0 || d > MAX_CUDA_HEAD_DIM {
+            bail!("causal attention: head dim {d} is outside the CUDA kernels' 1..={MAX_CUDA_HEAD_DIM}")
+        }
+        if batch > 65_535 || heads > 65_535 {
+            bail!("causal attention: batch {batch} or {heads} heads exceed one CUDA grid")
+        }
+        int(batch * t * heads)?;
+        int(t * heads * d)?;
+        Ok(self)
+    }
+
+    /// The head-dim bucket: the kernels' compile-time width `D >= d`.
+    fn bucket(&self) -> usize {
+        self.d.next_power_of_two().max(32)
+    }
+
+    /// The name (without the dtype suffix) of kernel `base` (`attn_fwd`, `attn_dq`,
+    /// `attn_dkdv`) for this head dim: `attn_fwd_d64`.
+    pub fn kernel(&self, base: &str) -> String {
+        format!("{base}_d{}", self.bucket())
+    }
+
+    /// `attn_fwd` and `attn_dq`: one block per (query tile, head, batch).
+    pub fn query_grid(&self) -> Grid {
+        grid(self.t.div_ceil(Q_ROWS), self.heads, self.batch)
+    }
+
+    /// `attn_dkdv`: one block per (key tile, kv head, batch).
+    pub fn key_grid(&self) -> Grid {
+        grid(self.t.div_ceil(K_ROWS), self.kv_heads, self.batch)
+    }
+
+    /// `attn_delta`: one warp per (batch, token, head) row.
+    pub fn delta_grid(&self) -> Grid {
+        grid(self.rows().div_ceil(DELTA_ROWS), 1, 1)
+    }
+
+    /// Rows of `y`: `B T H`.
+    pub fn rows(&self) -> usize {
+        self.batch * self.t * self.heads
+    }
+
+    /// The `(q, k, v)` views of a contiguous `qkv [B, T, (H + 2 H_kv) d]` from element
+    /// `start`; also the layout of its gradient (from 0).
+    pub fn packed(&self, start: usize) -> [Strides; 3] {
+        let w = (self.heads + 2 * self.kv_heads) * self.d;
+        let at = |col: usize| Strides {
+            offset: start + col * self.d,
+            b: self.t * w,
+            h: self.d,
+            t: w,
+        };
+        [at(0), at(self.heads), at(self.heads + self.kv_heads)]
+    }
+
+    /// The flat `dq [B, H, T, d]`, `dk`, `dv [B, H_kv, T, d]` one after the other.
+    pub fn flat_grads(&self) -> [Strides; 3] {
+        let (t, d) = (self.t, self.d);
+        let nq = self.batch * self.heads * t * d;
+        let nk = self.batch * self.kv_heads * t * d;
+        let dense = |offset: usize, heads: usize| Strides {
+            offset,
+            b: heads * t * d,
+            h: t * d,
+            t: d,
+        };
+        [
+            dense(0, self.heads),
+            dense(nq, self.kv_heads),
+            dense(nq + nk, self.kv_heads),
+        ]
+    }
+}
+
+fn grid(x: usize, y: usize, z: usize) -> Grid {
+    Grid {
+        blocks: (x as u32, y as u32, z as u32),
+        threads: (THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// A strided `[B, H, T, d]` operand: element `(b, h, t, c)` at `offset + b sb + h sh + t st + c`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Strides {
+    pub offset: usize,
+    pub b: usize,
+    pub h: usize,
+    pub t: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl Strides {
+    /// The view of a `[B, H, T, d]` layout whose last stride is 1 (or `d = 1`).
+    pub fn of(l: &Layout, what: &str) -> Result<Self> {
+        let (dims, s) = (l.dims(), l.stride());
+        if dims.len() != 4 || (s[3] != 1 && dims[3] != 1) {
+            bail!("causal attention: {what} {dims:?} (strides {s:?}) is not [B, H, T, d] with unit last stride")
+        }
+        Ok(Strides {
+            offset: l.start_offset(),
+            b: s[0],
+            h: s[1],
+            t: s[2],
+        })
+    }
+
+    /// One past the last element the view reaches for `(batch, heads, t, d)` (0 when empty).
+    pub fn end(&self, batch: usize, heads: usize, t: usize, d: usize) -> usize {
+        if batch * heads * t * d == 0 {
+            return self.offset;
+        }
+        self.offset + (batch - 1) * self.b + (heads - 1) * self.h + (t - 1) * self.t + d
+    }
+
+    /// `(sb, sh, st)` as the kernels' parameters.
+    pub fn args(&self) -> [u64; 3] {
+        [self.b as u64, self.h as u64, self.t as u64]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_and_grids() {
+        let s = Sizes {
+            batch: 2,
+            heads: 4,
+            kv_heads: 2,
+            t: 70,
+            d: 24,
+        };
+        assert_eq!(s.kernel("attn_fwd"), "attn_fwd_d32");
+        assert_eq!(Sizes { d: 64, ..s }.kernel("attn_dq"), "attn_dq_d64");
+        assert_eq!(Sizes { d: 65, ..s }.kernel("attn_dq"), "attn_dq_d128");
+        assert_eq!(Sizes { d: 256, ..s }.kernel("attn_dkdv"), "attn_dkdv_d256");
+        assert!(Sizes { d: 257, ..s }.checked().is_err());
+        assert!(Sizes { kv_heads: 3, ..s }.checked().is_err());
+        assert_eq!(s.query_grid().blocks, (3, 4, 2));
+        assert_eq!(s.key_grid().blocks, (5, 2, 2));
+        assert_eq!(s.delta_grid().blocks, (140, 1, 1));
+        assert!(Sizes { t: 0, ..s }.query_grid().is_empty());
+    }
+}
