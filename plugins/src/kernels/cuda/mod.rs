@@ -56,9 +56,15 @@ pub(crate) const ADAMW: Module = Module {
     ptx: ptx::ADAMW,
 };
 
+/// `rope/rope.cu`.
+pub(crate) const ROPE: Module = Module {
+    name: "retort-rope",
+    ptx: ptx::ROPE,
+};
+
 /// Every module, for the tests.
 #[cfg(test)]
-pub(crate) const MODULES: [Module; 4] = [DIVERGENCE, TOPK_DIVERGENCE, CROSS_ENTROPY, ADAMW];
+pub(crate) const MODULES: [Module; 5] = [DIVERGENCE, TOPK_DIVERGENCE, CROSS_ENTROPY, ADAMW, ROPE];
 
 /// `$f::<T, A>(args..)` for the logits' dtype `$dtype`: `T` the element type, `A` the type of
 /// the row statistics (f32, f64 for f64); an error naming `$what` for other dtypes.

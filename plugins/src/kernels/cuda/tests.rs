@@ -13,11 +13,12 @@ use crate::kernels::{cross_entropy, stats_dtype};
 
 #[test]
 fn every_module_holds_the_kernels_its_rust_side_launches() {
-    let expect: [(&str, &[&str]); 4] = [
+    let expect: [(&str, &[&str]); 5] = [
         ("retort-divergence", &["divergence_fwd", "divergence_bwd"]),
         ("retort-topk-divergence", &["topk_fwd", "topk_bwd"]),
         ("retort-cross-entropy", &["ce_fwd", "ce_bwd"]),
         ("retort-adamw", &["adamw", "sum_squares"]),
+        ("retort-rope", &["rope"]),
     ];
     for (module, (name, kernels)) in MODULES.iter().zip(expect) {
         assert_eq!(module.name, name);
