@@ -1,7 +1,8 @@
 //! Fused kernels as candle `CustomOp`s with a real backward: the logit-distillation losses
 //! ([`divergence`], [`topk_divergence`], [`cross_entropy`]), the transformer's causal
-//! [`attention`], [`softmax`], [`layer_norm`], [`rms_norm`], [`gelu`], [`swiglu`] and the linear
-//! layers' [`bias`] add, and the optimizer's [`adamw`] update.
+//! [`attention`], [`softmax`], [`layer_norm`], [`rms_norm`], [`gelu`], [`swiglu`], the rotary
+//! position embedding [`rope`] and the linear layers' [`bias`] add, and the optimizer's
+//! [`adamw`] update.
 //!
 //! candle composes a KD loss out of a dozen full-size `[tokens, vocab]` temporaries; the kernels
 //! here make one or two passes over each row instead (max / log-sum-exp / divergence, then the
@@ -74,6 +75,7 @@ pub(crate) mod grid;
 pub mod layer_norm;
 pub mod lm_head;
 pub mod rms_norm;
+pub mod rope;
 pub mod selftest;
 pub mod softmax;
 mod support;

@@ -61,10 +61,15 @@ pub(crate) const ATTENTION: Module = Module {
     name: "retort-attention",
     ptx: ptx::ATTENTION,
 };
+/// `rope/rope.cu`.
+pub(crate) const ROPE: Module = Module {
+    name: "retort-rope",
+    ptx: ptx::ROPE,
+};
 
 /// Every module, for the tests.
 #[cfg(test)]
-pub(crate) const MODULES: [Module; 5] = [DIVERGENCE, TOPK_DIVERGENCE, CROSS_ENTROPY, ADAMW, ATTENTION];
+pub(crate) const MODULES: [Module; 6] = [DIVERGENCE, TOPK_DIVERGENCE, CROSS_ENTROPY, ADAMW, ATTENTION, ROPE];
 
 /// `$f::<T, A>(args..)` for the logits' dtype `$dtype`: `T` the element type, `A` the type of
 /// the row statistics (f32, f64 for f64); an error naming `$what` for other dtypes.

@@ -13,7 +13,7 @@ use crate::kernels::{cross_entropy, stats_dtype};
 
 #[test]
 fn every_module_holds_the_kernels_its_rust_side_launches() {
-    let expect: [(&str, &[&str]); 5] = [
+    let expect: [(&str, &[&str]); 6] = [
         ("retort-divergence", &["divergence_fwd", "divergence_bwd"]),
         ("retort-topk-divergence", &["topk_fwd", "topk_bwd"]),
         ("retort-cross-entropy", &["ce_fwd", "ce_bwd"]),
@@ -36,6 +36,7 @@ fn every_module_holds_the_kernels_its_rust_side_launches() {
                 "attn_dkdv_d256",
             ],
         ),
+        ("retort-rope", &["rope"]),
     ];
     for (module, (name, kernels)) in MODULES.iter().zip(expect) {
         assert_eq!(module.name, name);

@@ -18,7 +18,7 @@ use super::SelftestOptions;
 use crate::kernels::adamw::{self, AdamWStep};
 use crate::kernels::divergence::{self, Divergence};
 use crate::kernels::topk_divergence::{self, TopkTail};
-use crate::kernels::{attention, bias, cross_entropy, gelu, layer_norm, rms_norm, softmax, swiglu};
+use crate::kernels::{attention, bias, cross_entropy, gelu, layer_norm, rms_norm, rope, softmax, swiglu};
 
 /// The divergences checked, each at every temperature of [`TEMPERATURES`]; a new kind is one
 /// more entry.
@@ -190,6 +190,8 @@ fn all_ops() -> Vec<Op> {
         rms_norm(),
         gelu(),
         swiglu(),
+        rope(false),
+        rope(true),
         bias(),
         attention(),
         attention_packed(),
@@ -523,6 +525,45 @@ fn swiglu() -> Op {
     Op {
         traffic: 8.0,
         ..op("swiglu", "silu(g) u".into(), inputs, supports, fused, composite)
+    }
+}
+
+/// Inputs of RoPE for `x` `[B, H, T, d]`: `x ~ N(0, 1)` and the tables `cos`, `sin` `[T, d/2]`
+/// of base 10000 for positions `3..3 + T` (an offset, as in cached decoding).
+fn rope_inputs(d: &[usize]) -> Result<Vec<Input>> {
+    let (t, head) = (d.get(2).copied().unwrap_or(1), d.last().copied().unwrap_or(2));
+    let half = head / 2;
+    let angles: Vec<f32> = (0..t * half)
+        .map(|k| ((3 + k / half) as f64 * 10_000f64.powf(-((2 * (k % half)) as f64) / head as f64)) as f32)
+        .collect();
+    let angles = Tensor::from_vec(angles, (t, half), &Device::Cpu)?;
+    Ok(vec![
+        Input::new("x", Role::Grad, normal(d, 0.0, 1.0, 1)?),
+        Input::new("cos", Role::Const, angles.cos()?),
+        Input::new("sin", Role::Const, angles.sin()?),
+    ])
+}
+
+/// `rope::rope` of `x` `[B, H, T, d]` (pairs half-split, or `interleaved`): forward reads `x`,
+/// writes `y`; backward reads `dy`, writes `dx` (the tables are small and get no gradient).
+fn rope(interleaved: bool) -> Op {
+    let supports = |x: &[Tensor]| args::<3>(x).is_ok_and(|[x, c, s]| rope::supports(x, c, s));
+    let fused = one(move |x| args::<3>(x).and_then(|[x, c, s]| rope::rope(x, c, s, interleaved)));
+    let composite = one(move |x| args::<3>(x).and_then(|[x, c, s]| rope::composite::rope(x, c, s, interleaved)));
+    let variant = if interleaved { "interleaved" } else { "half-split" };
+    Op {
+        rowwise: false,
+        traffic: 4.0,
+        shapes: ATTENTION_SHAPES,
+        device_shapes: ATTENTION_DEVICE_SHAPES,
+        ..op(
+            "rope",
+            variant.into(),
+            Box::new(rope_inputs),
+            supports,
+            fused,
+            composite,
+        )
     }
 }
 

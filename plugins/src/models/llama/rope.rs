@@ -1,4 +1,5 @@
-//! Rotary position embeddings (Su et al., 2021, "RoFormer"), written with differentiable ops.
+//! Rotary position embeddings (Su et al., 2021, "RoFormer"): the tables, applied by the fused
+//! differentiable op [`kernels::rope`].
 //!
 //! Frequencies `inv_freq_i = theta^(-2i/d)` for `i < d/2`; position `p` rotates the pair
 //! `(x_a, x_b)` by the angle `p * inv_freq_i`: `(x_a cos - x_b sin, x_a sin + x_b cos)`. Hugging
@@ -6,7 +7,9 @@
 //! stores the q/k rows of GGUF llama weights permuted to match, so a GGUF model must use the
 //! interleaved variant (as candle-transformers' `quantized_llama` does with `rope_i`).
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::kernels;
 
 /// Cos/sin tables for every position up to the context.
 #[derive(Debug, Clone)]
@@ -61,40 +64,45 @@ impl Rope {
         self.apply_at(x, 0)
     }
 
-    /// Rotates `x` `[batch, heads, seq, head_dim]` for positions `offset..offset + seq`.
+    /// Rotates `x` `[batch, heads, seq, head_dim]` for positions `offset..offset + seq`,
+    /// differentiable: [`kernels::rope::rope`], fused where it `supports` the dtype and device,
+    /// else composed of candle ops.
     pub fn apply_at(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (b, h, t, d) = x.dims4()?;
-        let half = d / 2;
-        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
-        if self.interleaved {
-            let pairs = x.reshape((b, h, t, half, 2))?;
-            let x0 = pairs.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
-            let x1 = pairs.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
-            let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-            let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-            Tensor::stack(&[r0, r1], D::Minus1)?.reshape((b, h, t, d))
-        } else {
-            let x0 = x.narrow(D::Minus1, 0, half)?;
-            let x1 = x.narrow(D::Minus1, half, half)?;
-            let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-            let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-            Tensor::cat(&[r0, r1], D::Minus1)
-        }
+        let (cos, sin) = self.tables(x, offset)?;
+        kernels::rope::rope(x, &cos, &sin, self.interleaved)
     }
 
-    /// The same rotation with candle's fused kernels (`rope` / `rope_i`): no backward, for
-    /// frozen models.
+    /// The same rotation for frozen models (no backward needed): the fused op where it runs
+    /// (CPU f32/f64, CUDA), which is [`Rope::apply_at`] with the same arithmetic as candle's
+    /// kernels; elsewhere (half precision on the CPU, Metal) candle's fused `rope` / `rope_i`,
+    /// one pass where `apply_at` would compose a dozen ops.
     pub fn apply_fused(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        let (cos, sin) = self.tables(x, offset)?;
+        if kernels::rope::supports(x, &cos, &sin) {
+            return kernels::rope::rope(x, &cos, &sin, self.interleaved);
+        }
         let x = x.contiguous()?;
         if self.interleaved {
             candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
         } else {
             candle_nn::rotary_emb::rope(&x, &cos, &sin)
         }
+    }
+
+    /// The tables' rows `offset..offset + seq` for `x` `[batch, heads, seq, head_dim]`, in
+    /// `x`'s dtype.
+    fn tables(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor)> {
+        let t = x.dim(2)?;
+        let end = offset.saturating_add(t);
+        if end > self.context() {
+            candle_core::bail!(
+                "RoPE: positions {offset}..{end} exceed the tables' context of {}",
+                self.context()
+            )
+        }
+        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        Ok((cos, sin))
     }
 
     /// The longest sequence the tables cover.
@@ -194,6 +202,38 @@ mod tests {
             .to_scalar::<f64>()
             .expect("s");
         assert!(diff < 1e-12, "{diff}");
+    }
+
+    #[test]
+    fn the_frozen_path_agrees_with_the_differentiable_one_in_every_dtype() {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f64, 48., &dev)
+            .and_then(|t| (t * 0.37)?.sin())
+            .and_then(|t| t.reshape((1, 2, 3, 8)))
+            .expect("x");
+        for (dtype, tol) in [
+            (DType::F64, 1e-12),
+            (DType::F32, 1e-6),
+            (DType::F16, 2e-3),
+            (DType::BF16, 2e-2),
+        ] {
+            for interleaved in [false, true] {
+                let rope = Rope::new(8, 10_000.0, 16, interleaved, dtype, &dev).expect("rope");
+                let xd = x.to_dtype(dtype).expect("cast");
+                let a = rope.apply_at(&xd, 5).expect("apply_at");
+                let b = rope.apply_fused(&xd, 5).expect("apply_fused");
+                assert_eq!((a.dtype(), b.dtype()), (dtype, dtype));
+                let d = (a.to_dtype(DType::F64).expect("a") - b.to_dtype(DType::F64).expect("b"))
+                    .and_then(|d| d.abs())
+                    .and_then(|d| d.max_all())
+                    .and_then(|d| d.to_scalar::<f64>())
+                    .expect("diff");
+                assert!(d <= tol, "{dtype:?} interleaved {interleaved}: {d}");
+            }
+        }
+        let rope = Rope::new(8, 10_000.0, 6, false, DType::F64, &dev).expect("rope");
+        let e = rope.apply_at(&x, 4).expect_err("past the context");
+        assert!(e.to_string().contains("context of 6"), "{e}");
     }
 
     #[test]
