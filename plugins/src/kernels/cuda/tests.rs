@@ -13,11 +13,23 @@ use crate::kernels::{cross_entropy, stats_dtype};
 
 #[test]
 fn every_module_holds_the_kernels_its_rust_side_launches() {
-    let expect: [(&str, &[&str]); 4] = [
+    let expect: [(&str, &[&str]); 10] = [
         ("retort-divergence", &["divergence_fwd", "divergence_bwd"]),
         ("retort-topk-divergence", &["topk_fwd", "topk_bwd"]),
         ("retort-cross-entropy", &["ce_fwd", "ce_bwd"]),
         ("retort-adamw", &["adamw", "sum_squares"]),
+        (
+            "retort-rms-norm",
+            &["rms_fwd", "rms_bwd", "rms_dw_partial", "rms_dw_finish"],
+        ),
+        ("retort-swiglu", &["swiglu_fwd", "swiglu_bwd"]),
+        ("retort-bias", &["bias_fwd", "sum_rows_partial", "sum_rows_finish"]),
+        ("retort-gelu", &["gelu_fwd", "gelu_bwd"]),
+        (
+            "retort-layer-norm",
+            &["ln_fwd", "ln_bwd", "ln_dwb_partial", "ln_dwb_finish"],
+        ),
+        ("retort-softmax", &["softmax_fwd", "softmax_bwd"]),
     ];
     for (module, (name, kernels)) in MODULES.iter().zip(expect) {
         assert_eq!(module.name, name);

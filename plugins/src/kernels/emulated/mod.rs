@@ -10,6 +10,7 @@ mod raw;
 
 use std::ffi::c_void;
 
+use candle_core::{Device, Tensor, Var};
 use half::{bf16, f16};
 
 use super::grid::Grid;
@@ -63,12 +64,16 @@ pub(crate) fn launch(name: &str, grid: &Grid, args: &[Arg]) {
 pub(crate) trait Element: Copy + Default + Send + Sync + 'static {
     /// The kernel-name suffix (`f32`, `f64`, `f16`, `bf16`).
     const SUFFIX: &'static str;
+    /// The kernels' statistics type for this storage (`Acc<T>` of `common.cuh`): f64 for f64,
+    /// else f32.
+    type Stats: Element;
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
 }
 
 impl Element for f32 {
     const SUFFIX: &'static str = "f32";
+    type Stats = f32;
     fn from_f64(x: f64) -> Self {
         x as f32
     }
@@ -79,6 +84,7 @@ impl Element for f32 {
 
 impl Element for f64 {
     const SUFFIX: &'static str = "f64";
+    type Stats = f64;
     fn from_f64(x: f64) -> Self {
         x
     }
@@ -89,6 +95,7 @@ impl Element for f64 {
 
 impl Element for f16 {
     const SUFFIX: &'static str = "f16";
+    type Stats = f32;
     fn from_f64(x: f64) -> Self {
         f16::from_f64(x)
     }
@@ -99,6 +106,7 @@ impl Element for f16 {
 
 impl Element for bf16 {
     const SUFFIX: &'static str = "bf16";
+    type Stats = f32;
     fn from_f64(x: f64) -> Self {
         bf16::from_f64(x)
     }
@@ -146,6 +154,43 @@ pub(crate) fn tolerance<T: Element>() -> f64 {
         "f16" => 4e-3,
         _ => 2e-2,
     }
+}
+
+/// `values` rounded to `T` and widened back: the inputs a kernel in `T` sees, for the reference.
+pub(crate) fn rounded<T: Element>(values: &[f64]) -> Vec<f64> {
+    widen(&buffer::<T>(values))
+}
+
+/// The reference of a kernel's forward and backward, on the CPU in f64: `f(inputs)` and the
+/// gradients `d sum(f(inputs) * gy) / d input` of every input (`(values, shape)` each).
+pub(crate) fn reference(
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    inputs: &[(&[f64], &[usize])],
+    gy: &[f64],
+) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|(v, shape)| Var::from_vec(v.to_vec(), *shape, &Device::Cpu).expect("input"))
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&tensors).expect("reference forward");
+    let g = Tensor::from_vec(gy.to_vec(), y.shape(), &Device::Cpu).expect("gy");
+    let grads = (&y * &g)
+        .and_then(|p| p.sum_all())
+        .and_then(|l| l.backward())
+        .expect("reference backward");
+    let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f64>()).expect("values");
+    let dx = tensors
+        .iter()
+        .map(|t| grads.get(t).map(flat).unwrap_or_else(|| vec![0.0; t.elem_count()]))
+        .collect();
+    (flat(&y), dx)
+}
+
+/// Panics naming `what` where `got` and `want` differ by more than `T`'s [`tolerance`].
+pub(crate) fn assert_close<T: Element>(what: &str, got: &[f64], want: &[f64]) {
+    let e = max_error(got, want);
+    assert!(e <= tolerance::<T>(), "{what} ({}): error {e:e}", T::SUFFIX);
 }
 
 #[cfg(test)]
