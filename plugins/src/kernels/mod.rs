@@ -75,7 +75,7 @@ pub mod divergence;
 #[cfg(all(test, feature = "cuda-emulate"))]
 pub(crate) mod emulated;
 pub mod gelu;
-#[cfg(any(feature = "cuda", feature = "cuda-emulate"))]
+#[cfg(any(feature = "cuda", all(test, feature = "cuda-emulate")))]
 pub(crate) mod grid;
 pub mod layer_norm;
 pub mod lm_head;

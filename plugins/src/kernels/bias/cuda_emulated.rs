@@ -5,7 +5,7 @@
 use half::{bf16, f16};
 
 use crate::kernels::emulated::{assert_close, buffer, launch, noise, reference, rounded, widen, Arg, Element};
-use crate::kernels::grid::{slices, Grid};
+use crate::kernels::grid::{slices, Grid, SLICE_ROWS};
 
 /// `x + b` by the kernel, `x` rows of `b.len()`.
 fn add<T: Element>(xs: &[T], bs: &[T]) -> Vec<T> {
@@ -64,7 +64,13 @@ fn check<T: Element>(rows: usize, n: usize, slice_rows: usize) {
 }
 
 fn check_all<T: Element>() {
-    for (rows, n, slice_rows) in [(37, 300, 8), (3, 2_100, 2), (1, 1, 64), (70, 5, 64), (9, 257, 9)] {
+    for (rows, n, slice_rows) in [
+        (37, 300, 8),
+        (3, 2_100, 2),
+        (1, 1, SLICE_ROWS),
+        (70, 5, SLICE_ROWS),
+        (9, 257, 9),
+    ] {
         check::<T>(rows, n, slice_rows);
     }
 }
@@ -91,7 +97,7 @@ fn the_kernels_match_the_cpu_in_bf16() {
 
 #[test]
 fn no_rows_sum_to_zero() {
-    assert_eq!(widen(&sum_rows::<f32>(&[], 4, 64)), vec![0.0; 4]);
+    assert_eq!(widen(&sum_rows::<f32>(&[], 4, SLICE_ROWS)), vec![0.0; 4]);
 }
 
 /// Pairs `(x, b)` whose f32 sums are not representable in half precision: halfway cases

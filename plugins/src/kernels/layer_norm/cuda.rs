@@ -7,7 +7,9 @@ use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{bail, Layout, Result, Shape};
 
 use crate::kernels::cpu::rows::rows_width;
-use crate::kernels::cuda::{by_float_dtype, kernel, launch, output, rows_config, view, width, ColumnSums, LAYER_NORM};
+use crate::kernels::cuda::{
+    by_element_dtype, by_float_dtype, kernel, launch, output, rows_config, view, width, ColumnSums, LAYER_NORM,
+};
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
@@ -38,11 +40,11 @@ fn sizes(what: &str, st: [Arg; 3], third_like_x: bool) -> Result<(usize, usize)>
 /// The forward on `(x, weight, bias)`.
 pub(super) fn fwd(eps: f64, st: [Arg; 3]) -> Result<(CudaStorage, Shape)> {
     sizes("fused-layer-norm", st, false)?;
-    let out = by_float_dtype!(st[0].0.dtype(), "fused-layer-norm", fwd_typed(eps, st))?;
+    let out = by_element_dtype!(st[0].0.dtype(), "fused-layer-norm", fwd_typed(eps, st))?;
     Ok((out, st[0].1.shape().clone()))
 }
 
-fn fwd_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(eps: f64, st: [Arg; 3]) -> Result<CudaStorage> {
+fn fwd_typed<T: CudaDType + DeviceRepr>(eps: f64, st: [Arg; 3]) -> Result<CudaStorage> {
     let dev = st[0].0.device();
     let (rows, d) = rows_width(st[0].1.shape())?;
     let xs = view::<T>(st[0].0, st[0].1, "x")?;
@@ -95,14 +97,15 @@ fn bwd_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(eps: f64, st:
         sums.partials,
         [&xs, &gys, &stats, &partials, &rows_arg, &d_arg, &sums.slice_rows]
     );
-    let mut dwb = out.slice_mut(rows * d..);
-    launch!(
-        dev,
-        LAYER_NORM,
-        kernel("ln_dwb_finish", dtype)?,
-        sums.finish,
-        [&partials, &mut dwb, &sums.slices, &d_arg]
-    );
-    drop(dwb);
+    {
+        let mut dwb = out.slice_mut(rows * d..);
+        launch!(
+            dev,
+            LAYER_NORM,
+            kernel("ln_dwb_finish", dtype)?,
+            sums.finish,
+            [&partials, &mut dwb, &sums.slices, &d_arg]
+        );
+    }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }

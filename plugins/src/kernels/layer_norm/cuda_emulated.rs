@@ -5,7 +5,7 @@
 use half::{bf16, f16};
 
 use crate::kernels::emulated::{assert_close, buffer, launch, noise, reference, rounded, widen, Arg, Element};
-use crate::kernels::grid::{slices, Grid};
+use crate::kernels::grid::{slices, Grid, SLICE_ROWS};
 
 const EPS: f64 = 1e-5;
 
@@ -85,7 +85,7 @@ fn check<T: Element>(rows: usize, d: usize, slice_rows: usize) {
 fn check_all<T: Element>() {
     // Odd widths, one narrower than a warp, one wide enough for 256 threads; several slices,
     // the last short; width 2 (the smallest with a variance).
-    for (rows, d, slice_rows) in [(13, 300, 4), (5, 2_100, 2), (9, 7, 3), (3, 33, 64), (4, 2, 3)] {
+    for (rows, d, slice_rows) in [(13, 300, 4), (5, 2_100, 2), (9, 7, 3), (3, 33, SLICE_ROWS), (4, 2, 3)] {
         check::<T>(rows, d, slice_rows);
     }
 }
@@ -114,7 +114,7 @@ fn the_kernels_match_the_cpu_in_bf16() {
 fn a_constant_row_normalises_to_the_bias() {
     // Variance 0: `xh = 0`, `y = b`, and `dx` has no `xh` term.
     let (w, b) = (vec![2.0, -1.0, 0.5], vec![0.25, 0.5, -0.75]);
-    let [y, _, dw, db] = kernels::<f32>(&[3.0; 6], &w, &b, &[1.0; 6], 64);
+    let [y, _, dw, db] = kernels::<f32>(&[3.0; 6], &w, &b, &[1.0; 6], SLICE_ROWS);
     assert_eq!(y, [b.clone(), b].concat());
     assert_eq!(dw, vec![0.0; 3]);
     assert_eq!(db, vec![2.0; 3]);

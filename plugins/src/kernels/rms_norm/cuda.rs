@@ -7,7 +7,9 @@ use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{bail, Layout, Result, Shape, Storage, Tensor};
 
 use crate::kernels::cpu::rows::rows_width;
-use crate::kernels::cuda::{by_float_dtype, kernel, launch, output, rows_config, view, width, ColumnSums, RMS_NORM};
+use crate::kernels::cuda::{
+    by_element_dtype, by_float_dtype, kernel, launch, output, rows_config, view, width, ColumnSums, RMS_NORM,
+};
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
@@ -19,7 +21,7 @@ pub(super) fn fwd(
     s2: &CudaStorage,
     l2: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    let out = by_float_dtype!(s1.dtype(), "fused-rms-norm", fwd_typed(eps, (s1, l1), (s2, l2)))?;
+    let out = by_element_dtype!(s1.dtype(), "fused-rms-norm", fwd_typed(eps, (s1, l1), (s2, l2)))?;
     Ok((out, l1.shape().clone()))
 }
 
@@ -38,7 +40,7 @@ fn sizes(x: Arg, w: Arg, what: &str) -> Result<(usize, usize)> {
     Ok((rows, d))
 }
 
-fn fwd_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(eps: f64, x: Arg, w: Arg) -> Result<CudaStorage> {
+fn fwd_typed<T: CudaDType + DeviceRepr>(eps: f64, x: Arg, w: Arg) -> Result<CudaStorage> {
     let dev = x.0.device();
     let (rows, d) = sizes(x, w, "fused-rms-norm")?;
     let xs = view::<T>(x.0, x.1, "x")?;
@@ -120,14 +122,15 @@ fn bwd_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(
         sums.partials,
         [&xs, &gys, &rs, &partials, &rows_arg, &d_arg, &sums.slice_rows]
     );
-    let mut dw = out.slice_mut(rows * d..);
-    launch!(
-        dev,
-        RMS_NORM,
-        kernel("rms_dw_finish", dtype)?,
-        sums.finish,
-        [&partials, &mut dw, &sums.slices, &d_arg]
-    );
-    drop(dw);
+    {
+        let mut dw = out.slice_mut(rows * d..);
+        launch!(
+            dev,
+            RMS_NORM,
+            kernel("rms_dw_finish", dtype)?,
+            sums.finish,
+            [&partials, &mut dw, &sums.slices, &d_arg]
+        );
+    }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }

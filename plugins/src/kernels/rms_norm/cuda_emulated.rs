@@ -5,7 +5,7 @@
 use half::{bf16, f16};
 
 use crate::kernels::emulated::{assert_close, buffer, launch, noise, reference, rounded, widen, Arg, Element};
-use crate::kernels::grid::{slices, Grid};
+use crate::kernels::grid::{slices, Grid, SLICE_ROWS};
 
 const EPS: f64 = 1e-5;
 
@@ -75,7 +75,13 @@ fn check<T: Element>(rows: usize, d: usize, slice_rows: usize) {
 fn check_all<T: Element>() {
     // Odd widths, one narrower than a warp, one wide enough for 256 threads; several slices,
     // the last short; single rows and columns.
-    for (rows, d, slice_rows) in [(13, 300, 4), (5, 2_100, 2), (1, 1, 64), (9, 7, 3), (3, 33, 64)] {
+    for (rows, d, slice_rows) in [
+        (13, 300, 4),
+        (5, 2_100, 2),
+        (1, 1, SLICE_ROWS),
+        (9, 7, 3),
+        (3, 33, SLICE_ROWS),
+    ] {
         check::<T>(rows, d, slice_rows);
     }
 }
@@ -102,6 +108,6 @@ fn the_kernels_match_the_cpu_in_bf16() {
 
 #[test]
 fn no_rows_give_a_zero_weight_gradient() {
-    let [_, _, dw] = kernels::<f32>(&[], &noise(5, 2, 1.0), &[], 5, 64);
+    let [_, _, dw] = kernels::<f32>(&[], &noise(5, 2, 1.0), &[], 5, SLICE_ROWS);
     assert_eq!(dw, vec![0.0; 5]);
 }
