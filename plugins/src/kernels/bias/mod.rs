@@ -3,6 +3,9 @@
 //!
 //! candle's `broadcast_add` backward reduces `gy` over the broadcast rows with a strided
 //! `sum_keepdim`; this reduces contiguous rows instead, on the rayon pool.
+//!
+//! On CUDA (`bias.cu`, f32/f64/f16/bf16, math in f32, f64 for f64): the add one block per row;
+//! the row sums per slice of rows, then the slices summed in order (no atomics).
 
 pub mod composite;
 pub(crate) mod cpu;

@@ -6,6 +6,9 @@
 //! One vectorised pass (the `tanh` of `cpu::fastmath`, or AVX-512 intrinsics for f32) instead
 //! of candle's libm `tanh`, chunks spread over the rayon pool. The backward recomputes `tanh u`
 //! from the input.
+//!
+//! On CUDA (`gelu.cu`, f32/f64/f16/bf16, math in f32, f64 for f64): the same tanh
+//! approximation, element-wise grid-stride kernels.
 
 pub mod composite;
 pub(crate) mod cpu;

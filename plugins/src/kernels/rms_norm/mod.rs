@@ -7,6 +7,9 @@
 //! reduces `dw` per block of rows before summing the blocks. Replaces the six-node composite
 //! (`sqr`, `mean`, `+ eps`, `sqrt`, `div`, `mul`), each of whose gradients candle would
 //! zero-fill and add into.
+//!
+//! On CUDA (`rms_norm.cu`, f32/f64/f16/bf16, math in f32, f64 for f64): one block per row;
+//! `dw` as per-slice column sums, then the slices summed in order (no atomics).
 
 pub mod composite;
 mod cpu;

@@ -4,6 +4,9 @@
 //! positions of `[.., T, T]` scores and row `i` keeps columns `j <= i` only (the others get
 //! probability 0 and no gradient), so no additive `-inf` mask tensor is needed.
 //! Backward from the saved output: `dx_j = y_j (gy_j - sum_k gy_k y_k)`.
+//!
+//! On CUDA (`softmax.cu`, f32/f64/f16/bf16, math in f32, f64 for f64): one block per row, the
+//! causal rows as on the CPU (row `r` keeps its first `r % T + 1` columns).
 
 pub mod composite;
 mod cpu;

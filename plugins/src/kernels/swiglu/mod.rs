@@ -5,6 +5,9 @@
 //! One pass with the vectorised `exp` of `cpu::fastmath` instead of candle's `silu` and `mul`
 //! (two nodes, each with its own zero-filled gradient in candle's backward); chunks spread over
 //! the rayon pool; the backward recomputes `s` from `g`.
+//!
+//! On CUDA (`swiglu.cu`, f32/f64/f16/bf16, math in f32, f64 for f64): element-wise
+//! grid-stride kernels.
 
 pub mod composite;
 mod cpu;
