@@ -33,6 +33,42 @@ impl Grid {
         })
     }
 
+    /// An element-wise grid-stride launch over `n` elements: blocks of 256 threads, one
+    /// element per thread up to [`MAX_ELEMENT_BLOCKS`] blocks (then each thread strides).
+    pub fn elements(n: usize) -> Self {
+        Grid {
+            blocks: (n.div_ceil(256).min(MAX_ELEMENT_BLOCKS) as u32, 1, 1),
+            threads: (256, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+
+    /// The per-slice column sums of `rows` rows of `width` columns (`column_partials` of
+    /// `common.cuh`): 256 columns per block in x, one slice of `slice_rows` rows per block in
+    /// y. No rows or no columns, no blocks.
+    pub fn column_partials(rows: usize, width: usize, slice_rows: usize) -> Result<Self> {
+        let slices = u32::try_from(slices(rows, slice_rows)).or_else(|_| bail!("{rows} rows exceed one CUDA grid"))?;
+        Ok(Grid {
+            blocks: (Self::column_blocks(width)?, slices, 1),
+            threads: (256, 1, 1),
+            shared_bytes: 0,
+        })
+    }
+
+    /// The sum of the slices' partials per column (`column_finish` of `common.cuh`): one
+    /// thread per column, 256 per block.
+    pub fn column_finish(width: usize) -> Result<Self> {
+        Ok(Grid {
+            blocks: (Self::column_blocks(width)?, 1, 1),
+            threads: (256, 1, 1),
+            shared_bytes: 0,
+        })
+    }
+
+    fn column_blocks(width: usize) -> Result<u32> {
+        u32::try_from(width.div_ceil(256)).or_else(|_| bail!("{width} columns exceed one CUDA grid"))
+    }
+
     /// Whether the grid has no block (nothing to launch: CUDA refuses an empty grid).
     pub fn is_empty(&self) -> bool {
         self.blocks.0 == 0 || self.blocks.1 == 0 || self.blocks.2 == 0
@@ -47,6 +83,19 @@ impl Grid {
             shared_bytes: 0,
         }
     }
+}
+
+/// Blocks of an element-wise launch at most (each thread strides beyond).
+pub(crate) const MAX_ELEMENT_BLOCKS: usize = 8_192;
+
+/// Rows per slice of the column sums (weight and bias gradients): each slice's sums are one
+/// row of partials, summed in slice order after. A fixed number, so the order of the sums, and
+/// the result, depends on the shape only.
+pub(crate) const SLICE_ROWS: usize = 64;
+
+/// Slices of `slice_rows` rows covering `rows` rows (the last may be short).
+pub(crate) fn slices(rows: usize, slice_rows: usize) -> usize {
+    rows.div_ceil(slice_rows.max(1))
 }
 
 /// A row width, count or offset as the kernels' `int`.
@@ -64,6 +113,16 @@ mod tests {
         assert_eq!((g.blocks, g.threads), ((4, 3, 1), (256, 1, 1)));
         assert_eq!(Grid::group(2, 10_000_000, 64).blocks, (64, 2, 1));
         assert_eq!(Grid::group(1, 0, 64).blocks, (1, 1, 1));
+    }
+
+    #[test]
+    fn column_sums_have_a_block_row_per_slice() {
+        let g = Grid::column_partials(130, 300, 64).expect("grid");
+        assert_eq!((g.blocks, g.threads), ((2, 3, 1), (256, 1, 1)));
+        assert!(Grid::column_partials(0, 300, 64).is_ok_and(|g| g.is_empty()));
+        assert_eq!(Grid::column_finish(257).map(|g| g.blocks).ok(), Some((2, 1, 1)));
+        assert_eq!(Grid::elements(1 << 30).blocks.0 as usize, MAX_ELEMENT_BLOCKS);
+        assert!(Grid::elements(0).is_empty());
     }
 
     #[test]

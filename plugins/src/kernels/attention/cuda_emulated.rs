@@ -11,23 +11,6 @@ use super::cpu::{packed_attention_bwd, packed_attention_fwd};
 use super::plan::{Sizes, Strides};
 use crate::kernels::emulated::{buffer, launch, max_error, noise, tolerance, widen, Arg, Element};
 
-/// A storage dtype and the dtype of its row statistics (f32; f64 for f64).
-trait Float: Element {
-    type Stats: Element;
-}
-impl Float for f32 {
-    type Stats = f32;
-}
-impl Float for f64 {
-    type Stats = f64;
-}
-impl Float for f16 {
-    type Stats = f32;
-}
-impl Float for bf16 {
-    type Stats = f32;
-}
-
 /// How the operands are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Form {
@@ -75,7 +58,7 @@ fn name<T: Element>(base: &str) -> String {
 
 /// Runs the forward and backward kernels on `sz` laid out as `form` in `T`, and compares
 /// with the CPU attention in f64.
-fn check<T: Float>(sz: Sizes, form: Form) {
+fn check<T: Element>(sz: Sizes, form: Form) {
     let sz = sz.checked().expect("sizes");
     let Sizes {
         batch,
@@ -122,7 +105,7 @@ fn check<T: Float>(sz: Sizes, form: Form) {
     // Forward.
     let rows = sz.rows();
     let nan_t = || T::from_f64(f64::NAN);
-    let nan_a = || T::Stats::from_f64(f64::NAN);
+    let nan_a = || T::Acc::from_f64(f64::NAN);
     let mut y = vec![nan_t(); rows * d];
     let mut lse = vec![nan_a(); rows];
     let mut args = inputs.clone();

@@ -3,9 +3,16 @@
 //!
 //! candle's `broadcast_add` backward reduces `gy` over the broadcast rows with a strided
 //! `sum_keepdim`; this reduces contiguous rows instead, on the rayon pool.
+//!
+//! On CUDA (`bias.cu`, f32/f64/f16/bf16, math in f32, f64 for f64): the add one block per row;
+//! the row sums per slice of rows, then the slices summed in order (no atomics).
 
 pub mod composite;
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(all(test, feature = "cuda-emulate"))]
+mod cuda_emulated;
 #[cfg(test)]
 mod tests;
 
@@ -16,7 +23,7 @@ use super::Support;
 /// Where the fused bias add runs.
 pub const SUPPORT: Support = Support {
     cpu: &[DType::F32, DType::F64],
-    cuda: &[],
+    cuda: super::CUDA_FLOATS,
 };
 
 /// Whether the fused add runs on `x` and `bias`.
@@ -57,7 +64,16 @@ impl CustomOp2 for BiasAdd {
         cpu::fwd(s1, l1, s2, l2)
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::fwd(s1, l1, s2, l2)
+    }
 
     fn bwd(&self, _x: &Tensor, _b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let db = g.contiguous()?.apply_op1_no_bwd(&SumRows)?;
@@ -74,5 +90,8 @@ impl CustomOp1 for SumRows {
         cpu::sum_rows(s, l)
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::sum_rows(s, l)
+    }
 }

@@ -160,6 +160,48 @@ template <typename A> __device__ __forceinline__ A online_lse(const Online<A>& o
   return o.m == neg_inf<A>() ? neg_inf<A>() : o.m + log_(o.s);
 }
 
+
+// ---- sums over rows, per column (deterministic: fixed slices, summed in order) ----
+
+// One block of `blockDim.x` consecutive columns (`blockIdx.x`) of one slice of `slice_rows`
+// rows (`blockIdx.y`): `partials[(slice * K + k) * d + j] = sum_{r in slice} t_k(r, j)`, the
+// rows in ascending order, where `term(r, j, acc)` adds row `r`'s K terms at column `j` to
+// `acc[0..K]`.
+template <int K, typename A, typename Term>
+__device__ __forceinline__ void column_partials(int rows, int d, int slice_rows, A* partials, Term term) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+  const size_t slice = blockIdx.y;
+  const int first = (int)slice * slice_rows;
+  const int last = first + slice_rows < rows ? first + slice_rows : rows;
+  A acc[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) acc[k] = A(0);
+  for (int r = first; r < last; ++r) term(r, j, acc);
+#pragma unroll
+  for (int k = 0; k < K; ++k) partials[(slice * K + k) * (size_t)d + j] = acc[k];
+}
+
+// `out[k * d + j] = sum_s partials[(s * K + k) * d + j]` over `slices` in ascending order (0
+// where there are none), one thread per column.
+template <int K, typename T, typename A>
+__device__ __forceinline__ void column_finish(const A* partials, int slices, int d, T* out) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    A s = A(0);
+    for (int t = 0; t < slices; ++t) s += partials[((size_t)t * K + k) * d + j];
+    out[(size_t)k * d + j] = store<T, A>(s);
+  }
+}
+
+// Visits every element index `i < n` of a grid-stride loop over the whole grid (x).
+template <typename F> __device__ __forceinline__ void each_element(unsigned long long n, F f) {
+  const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
+  for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) f((size_t)i);
+}
+
 }  // namespace retort
 
 // A kernel's entry in the emulation's registry (by name, for the Rust side's launch); nothing on

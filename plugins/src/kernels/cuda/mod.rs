@@ -16,7 +16,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConf
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{bail, DType, Layout, Result};
 
-use super::grid::{int, Grid};
+use super::grid::{int, slices, Grid, SLICE_ROWS};
 
 pub(crate) use raw::{address_table, launch, output, update_group_in_place, MAX_GROUP};
 
@@ -67,9 +67,58 @@ pub(crate) const ROPE: Module = Module {
     ptx: ptx::ROPE,
 };
 
+/// `rms_norm/rms_norm.cu`.
+pub(crate) const RMS_NORM: Module = Module {
+    name: "retort-rms-norm",
+    ptx: ptx::RMS_NORM,
+};
+
+/// `swiglu/swiglu.cu`.
+pub(crate) const SWIGLU: Module = Module {
+    name: "retort-swiglu",
+    ptx: ptx::SWIGLU,
+};
+
+/// `bias/bias.cu`.
+pub(crate) const BIAS: Module = Module {
+    name: "retort-bias",
+    ptx: ptx::BIAS,
+};
+
+/// `gelu/gelu.cu`.
+pub(crate) const GELU: Module = Module {
+    name: "retort-gelu",
+    ptx: ptx::GELU,
+};
+
+/// `layer_norm/layer_norm.cu`.
+pub(crate) const LAYER_NORM: Module = Module {
+    name: "retort-layer-norm",
+    ptx: ptx::LAYER_NORM,
+};
+
+/// `softmax/softmax.cu`.
+pub(crate) const SOFTMAX: Module = Module {
+    name: "retort-softmax",
+    ptx: ptx::SOFTMAX,
+};
+
 /// Every module, for the tests.
 #[cfg(test)]
-pub(crate) const MODULES: [Module; 6] = [DIVERGENCE, TOPK_DIVERGENCE, CROSS_ENTROPY, ADAMW, ATTENTION, ROPE];
+pub(crate) const MODULES: [Module; 12] = [
+    DIVERGENCE,
+    TOPK_DIVERGENCE,
+    CROSS_ENTROPY,
+    ADAMW,
+    ATTENTION,
+    ROPE,
+    RMS_NORM,
+    SWIGLU,
+    BIAS,
+    GELU,
+    LAYER_NORM,
+    SOFTMAX,
+];
 
 /// `$f::<T, A>(args..)` for the logits' dtype `$dtype`: `T` the element type, `A` the type of
 /// the row statistics (f32, f64 for f64); an error naming `$what` for other dtypes.
@@ -86,6 +135,21 @@ macro_rules! by_float_dtype {
 }
 pub(crate) use by_float_dtype;
 
+/// `$f::<T>(args..)` for the element type `T` of `$dtype` (f32, f64, f16, bf16): the kernels
+/// that keep no statistics; an error naming `$what` for other dtypes.
+macro_rules! by_element_dtype {
+    ($dtype:expr, $what:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32>($($arg),*),
+            candle_core::DType::F64 => $f::<f64>($($arg),*),
+            candle_core::DType::F16 => $f::<half::f16>($($arg),*),
+            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            other => candle_core::bail!("{}: no CUDA kernel for {other:?}", $what),
+        }
+    };
+}
+pub(crate) use by_element_dtype;
+
 /// The name of `base`'s instance for `dtype` (`divergence_fwd_bf16`, ...).
 pub(crate) fn kernel(base: &str, dtype: DType) -> Result<String> {
     let suffix = match dtype {
@@ -101,6 +165,44 @@ pub(crate) fn kernel(base: &str, dtype: DType) -> Result<String> {
 /// One block per row of `width` elements ([`Grid::rows`]).
 pub(crate) fn rows_config(rows: usize, width: usize) -> Result<LaunchConfig> {
     Ok(config(Grid::rows(rows, width)?))
+}
+
+/// An element-wise launch over `n` elements ([`Grid::elements`]).
+pub(crate) fn elements_config(n: usize) -> LaunchConfig {
+    config(Grid::elements(n))
+}
+
+/// The two launches of a sum over `rows` rows per column of `width` columns (weight and bias
+/// gradients): the per-slice partials ([`Grid::column_partials`], [`SLICE_ROWS`] rows a
+/// slice), then their sum in slice order ([`Grid::column_finish`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ColumnSums {
+    /// The launch of the partials.
+    pub partials: LaunchConfig,
+    /// The launch of the final sums.
+    pub finish: LaunchConfig,
+    /// Slices (rows of partials).
+    pub slices: i32,
+    /// Rows per slice, as the kernels' `int`.
+    pub slice_rows: i32,
+}
+
+impl ColumnSums {
+    /// The launches for `rows` x `width`.
+    pub fn new(rows: usize, width: usize) -> Result<Self> {
+        Ok(ColumnSums {
+            partials: config(Grid::column_partials(rows, width, SLICE_ROWS)?),
+            finish: config(Grid::column_finish(width)?),
+            slices: int(slices(rows, SLICE_ROWS))?,
+            slice_rows: int(SLICE_ROWS)?,
+        })
+    }
+
+    /// Elements of the partials buffer for `k` sums per column of `width` columns (at least
+    /// one: no zero-sized allocation).
+    pub fn partial_len(&self, k: usize, width: usize) -> usize {
+        (self.slices as usize * k * width).max(1)
+    }
 }
 
 /// `grid` as cudarc's launch configuration.

@@ -13,7 +13,7 @@ use crate::kernels::{cross_entropy, stats_dtype};
 
 #[test]
 fn every_module_holds_the_kernels_its_rust_side_launches() {
-    let expect: [(&str, &[&str]); 6] = [
+    let expect: [(&str, &[&str]); 12] = [
         ("retort-divergence", &["divergence_fwd", "divergence_bwd"]),
         ("retort-topk-divergence", &["topk_fwd", "topk_bwd"]),
         ("retort-cross-entropy", &["ce_fwd", "ce_bwd"]),
@@ -37,6 +37,18 @@ fn every_module_holds_the_kernels_its_rust_side_launches() {
             ],
         ),
         ("retort-rope", &["rope"]),
+        (
+            "retort-rms-norm",
+            &["rms_fwd", "rms_bwd", "rms_dw_partial", "rms_dw_finish"],
+        ),
+        ("retort-swiglu", &["swiglu_fwd", "swiglu_bwd"]),
+        ("retort-bias", &["bias_fwd", "sum_rows_partial", "sum_rows_finish"]),
+        ("retort-gelu", &["gelu_fwd", "gelu_bwd"]),
+        (
+            "retort-layer-norm",
+            &["ln_fwd", "ln_bwd", "ln_dwb_partial", "ln_dwb_finish"],
+        ),
+        ("retort-softmax", &["softmax_fwd", "softmax_bwd"]),
     ];
     for (module, (name, kernels)) in MODULES.iter().zip(expect) {
         assert_eq!(module.name, name);
@@ -314,4 +326,80 @@ fn sums_of_squares_on_the_gpu_match_the_cpu() {
             assert!((a - b).abs() <= 1e-12 * b.abs(), "{dtype:?} tensor {i}: {a} vs {b}");
         }
     }
+}
+
+/// `op(inputs)` and the gradients of `sum(op(inputs) * gy)` w.r.t. every input, as f64.
+fn op_and_grads(op: &dyn Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor], gy: &Tensor) -> Result<Vec<Vec<f64>>> {
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = op(&ts)?;
+    let gy = gy.to_dtype(y.dtype())?.to_device(y.device())?;
+    let grads = (y.to_dtype(DType::F64)? * gy.to_dtype(DType::F64)?)?
+        .sum_all()?
+        .backward()?;
+    let mut out = vec![values(&y)];
+    for t in &ts {
+        out.push(values(grads.get(t).expect("a gradient")));
+    }
+    Ok(out)
+}
+
+/// Checks a row op on the GPU in each dtype against the same op on the CPU in f64 (the fused
+/// CPU op) on the same rounded inputs: its value and the gradients of all its inputs.
+fn check_rows(
+    gpu: &Device,
+    what: &str,
+    op: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    out_dims: &[usize],
+) {
+    let n: usize = out_dims.iter().product();
+    let gy = Tensor::from_vec(noise(n, 9, 1.0), out_dims, &Device::Cpu).expect("gy");
+    for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+        let rounded: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).expect("cast")).collect();
+        let gyd = gy.to_dtype(dtype).expect("cast");
+        let cpu: Vec<Tensor> = rounded.iter().map(|t| t.to_dtype(DType::F64).expect("f64")).collect();
+        let want = op_and_grads(op, &cpu, &gyd).expect("reference");
+        let on: Vec<Tensor> = rounded.iter().map(|t| t.to_device(gpu).expect("to gpu")).collect();
+        let got = op_and_grads(op, &on, &gyd).expect(what);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let e = error(g, w);
+            // The weight and bias gradients sum over rows: a looser bound in half precision.
+            let tol = if i > 1 {
+                4.0 * tolerance(dtype)
+            } else {
+                tolerance(dtype)
+            };
+            assert!(e <= tol, "{what} {dtype:?} output {i}: error {e:e}");
+        }
+    }
+}
+
+#[test]
+fn the_row_ops_on_the_gpu_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, d) = (37, 1_000);
+    let t = |dims: &[usize], seed, scale| {
+        let n = dims.iter().product();
+        Tensor::from_vec(noise(n, seed, scale), dims, &Device::Cpu).expect("t")
+    };
+    let (x, w, b) = (t(&[rows, d], 1, 3.0), t(&[d], 2, 1.5), t(&[d], 3, 1.0));
+    let rms = |v: &[Tensor]| crate::kernels::rms_norm::rms_norm(&v[0], &v[1], 1e-5);
+    check_rows(&gpu, "rms_norm", &rms, &[x.clone(), w.clone()], &[rows, d]);
+    let ln = |v: &[Tensor]| crate::kernels::layer_norm::layer_norm(&v[0], &v[1], &v[2], 1e-5);
+    check_rows(&gpu, "layer_norm", &ln, &[x.clone(), w.clone(), b.clone()], &[rows, d]);
+    let bias = |v: &[Tensor]| crate::kernels::bias::add_bias(&v[0], &v[1]);
+    check_rows(&gpu, "bias", &bias, &[x.clone(), b.clone()], &[rows, d]);
+    let swiglu = |v: &[Tensor]| crate::kernels::swiglu::swiglu(&v[0], &v[1]);
+    check_rows(&gpu, "swiglu", &swiglu, &[x.clone(), t(&[rows, d], 4, 2.0)], &[rows, d]);
+    let gelu = |v: &[Tensor]| crate::kernels::gelu::gelu(&v[0]);
+    check_rows(&gpu, "gelu", &gelu, std::slice::from_ref(&x), &[rows, d]);
+    let softmax = |v: &[Tensor]| crate::kernels::softmax::softmax_last(&v[0]);
+    check_rows(&gpu, "softmax", &softmax, &[x], &[rows, d]);
+    let scores = t(&[2, 3, 40, 40], 5, 4.0);
+    let causal = |v: &[Tensor]| {
+        let mask = crate::kernels::softmax::causal_mask(40, v[0].dtype(), v[0].device())?;
+        crate::kernels::softmax::causal_softmax(&v[0], &mask)
+    };
+    check_rows(&gpu, "causal softmax", &causal, &[scores], &[2, 3, 40, 40]);
 }

@@ -84,7 +84,7 @@ impl Divergence {
 
 impl Divergence {
     /// The CUDA kernels' `kind` code and parameter (beta or alpha) of a canonical kind.
-    #[cfg(any(feature = "cuda", feature = "cuda-emulate"))]
+    #[cfg(any(feature = "cuda", all(test, feature = "cuda-emulate")))]
     pub(crate) fn kernel_code(self) -> (i32, f64) {
         match self {
             Divergence::Forward => (0, 0.0),

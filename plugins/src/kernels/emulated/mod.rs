@@ -13,6 +13,7 @@ pub(crate) use autograd::{row_weights, value_and_grad};
 
 use std::ffi::c_void;
 
+use candle_core::{Device, Tensor, Var};
 use half::{bf16, f16};
 
 use super::grid::Grid;
@@ -25,7 +26,6 @@ pub(crate) enum Arg {
     I32(i32),
     U32(u32),
     U64(u64),
-    F32(f32),
     F64(f64),
 }
 
@@ -47,7 +47,6 @@ impl Arg {
             Arg::I32(v) => (v as *const i32).cast::<c_void>().cast_mut(),
             Arg::U32(v) => (v as *const u32).cast::<c_void>().cast_mut(),
             Arg::U64(v) => (v as *const u64).cast::<c_void>().cast_mut(),
-            Arg::F32(v) => (v as *const f32).cast::<c_void>().cast_mut(),
             Arg::F64(v) => (v as *const f64).cast::<c_void>().cast_mut(),
         }
     }
@@ -155,6 +154,43 @@ pub(crate) fn tolerance<T: Element>() -> f64 {
         "f16" => 4e-3,
         _ => 2e-2,
     }
+}
+
+/// `values` rounded to `T` and widened back: the inputs a kernel in `T` sees, for the reference.
+pub(crate) fn rounded<T: Element>(values: &[f64]) -> Vec<f64> {
+    widen(&buffer::<T>(values))
+}
+
+/// The reference of a kernel's forward and backward, on the CPU in f64: `f(inputs)` and the
+/// gradients `d sum(f(inputs) * gy) / d input` of every input (`(values, shape)` each).
+pub(crate) fn reference(
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    inputs: &[(&[f64], &[usize])],
+    gy: &[f64],
+) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|(v, shape)| Var::from_vec(v.to_vec(), *shape, &Device::Cpu).expect("input"))
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&tensors).expect("reference forward");
+    let g = Tensor::from_vec(gy.to_vec(), y.shape(), &Device::Cpu).expect("gy");
+    let grads = (&y * &g)
+        .and_then(|p| p.sum_all())
+        .and_then(|l| l.backward())
+        .expect("reference backward");
+    let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f64>()).expect("values");
+    let dx = tensors
+        .iter()
+        .map(|t| grads.get(t).map(flat).unwrap_or_else(|| vec![0.0; t.elem_count()]))
+        .collect();
+    (flat(&y), dx)
+}
+
+/// Panics naming `what` where `got` and `want` differ by more than `T`'s [`tolerance`].
+pub(crate) fn assert_close<T: Element>(what: &str, got: &[f64], want: &[f64]) {
+    let e = max_error(got, want);
+    assert!(e <= tolerance::<T>(), "{what} ({}): error {e:e}", T::SUFFIX);
 }
 
 #[cfg(test)]

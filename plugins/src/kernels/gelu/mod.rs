@@ -6,11 +6,18 @@
 //! One vectorised pass (the `tanh` of `cpu::fastmath`, or AVX-512 intrinsics for f32) instead
 //! of candle's libm `tanh`, chunks spread over the rayon pool. The backward recomputes `tanh u`
 //! from the input.
+//!
+//! On CUDA (`gelu.cu`, f32/f64/f16/bf16, math in f32, f64 for f64): the same tanh
+//! approximation, element-wise grid-stride kernels.
 
 pub mod composite;
 pub(crate) mod cpu;
 #[cfg(target_arch = "x86_64")]
 mod cpu_avx512;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(all(test, feature = "cuda-emulate"))]
+mod cuda_emulated;
 #[cfg(test)]
 mod tests;
 
@@ -26,7 +33,7 @@ const A: f64 = 0.044_715;
 /// Where the fused GELU runs.
 pub const SUPPORT: Support = Support {
     cpu: &[DType::F32, DType::F64],
-    cuda: &[],
+    cuda: super::CUDA_FLOATS,
 };
 
 /// Whether the fused GELU runs on `x`.
@@ -60,7 +67,10 @@ impl CustomOp1 for GeluFwd {
         cpu::fwd(s, l)
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::fwd(s, l)
+    }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.detach().apply_op2_no_bwd(&g.contiguous()?, &GeluBwd)?))
@@ -76,5 +86,14 @@ impl CustomOp2 for GeluBwd {
         cpu::bwd(s1, l1, s2, l2)
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::bwd(s1, l1, s2, l2)
+    }
 }

@@ -8,9 +8,16 @@
 //! kernels, see [`crate::kernels::cpu::fastmath::reduce2`]); the backward recomputes the row
 //! statistics from `x` (rows are short) and reduces `dw`, `db` in f64 per block of rows before
 //! summing the blocks. The row loops are compiled for AVX-512 where the CPU has it.
+//!
+//! On CUDA (`layer_norm.cu`, f32/f64/f16/bf16, math in f32, f64 for f64): one block per row;
+//! `dw` and `db` as per-slice column sums, then the slices summed in order (no atomics).
 
 pub mod composite;
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(all(test, feature = "cuda-emulate"))]
+mod cuda_emulated;
 #[cfg(test)]
 mod tests;
 
@@ -21,7 +28,7 @@ use super::Support;
 /// Where the fused LayerNorm runs.
 pub const SUPPORT: Support = Support {
     cpu: &[DType::F32, DType::F64],
-    cuda: &[],
+    cuda: super::CUDA_FLOATS,
 };
 
 /// Whether the fused LayerNorm runs on `x` with `weight` and `bias`.
@@ -77,7 +84,18 @@ impl CustomOp3 for LayerNormOp {
         cpu::fwd(self.eps, [(s1, l1), (s2, l2), (s3, l3)])
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::fwd(self.eps, [(s1, l1), (s2, l2), (s3, l3)])
+    }
 
     fn bwd(
         &self,
@@ -117,5 +135,16 @@ impl CustomOp3 for LayerNormBwd {
         cpu::bwd(self.eps, [(s1, l1), (s2, l2), (s3, l3)])
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::bwd(self.eps, [(s1, l1), (s2, l2), (s3, l3)])
+    }
 }

@@ -7,9 +7,16 @@
 //! reduces `dw` per block of rows before summing the blocks. Replaces the six-node composite
 //! (`sqr`, `mean`, `+ eps`, `sqrt`, `div`, `mul`), each of whose gradients candle would
 //! zero-fill and add into.
+//!
+//! On CUDA (`rms_norm.cu`, f32/f64/f16/bf16, math in f32, f64 for f64): one block per row;
+//! `dw` as per-slice column sums, then the slices summed in order (no atomics).
 
 pub mod composite;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(all(test, feature = "cuda-emulate"))]
+mod cuda_emulated;
 #[cfg(test)]
 mod tests;
 
@@ -20,7 +27,7 @@ use super::Support;
 /// Where the fused RMSNorm runs.
 pub const SUPPORT: Support = Support {
     cpu: &[DType::F32, DType::F64],
-    cuda: &[],
+    cuda: super::CUDA_FLOATS,
 };
 
 /// Whether the fused RMSNorm runs on `x` with `weight`.
@@ -66,7 +73,16 @@ impl CustomOp2 for RmsNormOp {
         cpu::fwd(self.eps, s1, l1, s2, l2)
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::fwd(self.eps, s1, l1, s2, l2)
+    }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let d = x.dim(D::Minus1)?;
@@ -92,5 +108,14 @@ impl CustomOp2 for RmsNormBwd {
         cpu::bwd(self.eps, &self.weight, s1, l1, s2, l2)
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::bwd(self.eps, &self.weight, s1, l1, s2, l2)
+    }
 }

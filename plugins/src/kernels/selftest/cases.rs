@@ -870,8 +870,8 @@ mod tests {
         assert!((s.bias_correction2 - (1.0 - s.beta2.powi(10))).abs() < 1e-15);
     }
 
-    /// Every op folder of `kernels/` (not `cpu/` and `cuda/`, the code of one device, nor this
-    /// one) is a family.
+    /// Every op folder of `kernels/` (not `cpu/` and `cuda/`, the code of one device,
+    /// `emulated/`, the CUDA kernels' CPU emulation for tests, nor this one) is a family.
     #[test]
     fn every_op_folder_is_a_family() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -4,9 +4,16 @@
 //! positions of `[.., T, T]` scores and row `i` keeps columns `j <= i` only (the others get
 //! probability 0 and no gradient), so no additive `-inf` mask tensor is needed.
 //! Backward from the saved output: `dx_j = y_j (gy_j - sum_k gy_k y_k)`.
+//!
+//! On CUDA (`softmax.cu`, f32/f64/f16/bf16, math in f32, f64 for f64): one block per row, the
+//! causal rows as on the CPU (row `r` keeps its first `r % T + 1` columns).
 
 pub mod composite;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(all(test, feature = "cuda-emulate"))]
+mod cuda_emulated;
 #[cfg(test)]
 mod tests;
 
@@ -19,7 +26,7 @@ use super::Support;
 /// Where the fused softmax runs.
 pub const SUPPORT: Support = Support {
     cpu: &[DType::F32, DType::F64],
-    cuda: &[],
+    cuda: super::CUDA_FLOATS,
 };
 
 /// Whether the fused softmax runs on `x`.
@@ -73,7 +80,10 @@ impl CustomOp1 for SoftmaxOp {
         cpu::fwd(self.causal, s, l)
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::fwd(self.causal, s, l)
+    }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(y.detach().apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd)?))
@@ -89,5 +99,14 @@ impl CustomOp2 for SoftmaxBwd {
         cpu::bwd(s1, l1, s2, l2)
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::bwd(s1, l1, s2, l2)
+    }
 }

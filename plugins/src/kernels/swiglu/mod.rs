@@ -5,9 +5,16 @@
 //! One pass with the vectorised `exp` of `cpu::fastmath` instead of candle's `silu` and `mul`
 //! (two nodes, each with its own zero-filled gradient in candle's backward); chunks spread over
 //! the rayon pool; the backward recomputes `s` from `g`.
+//!
+//! On CUDA (`swiglu.cu`, f32/f64/f16/bf16, math in f32, f64 for f64): element-wise
+//! grid-stride kernels.
 
 pub mod composite;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(all(test, feature = "cuda-emulate"))]
+mod cuda_emulated;
 #[cfg(test)]
 mod tests;
 
@@ -18,7 +25,7 @@ use super::Support;
 /// Where the fused SwiGLU runs.
 pub const SUPPORT: Support = Support {
     cpu: &[DType::F32, DType::F64],
-    cuda: &[],
+    cuda: super::CUDA_FLOATS,
 };
 
 /// Whether the fused SwiGLU runs on the gate `g` and the up projection `u`.
@@ -55,7 +62,16 @@ impl CustomOp2 for SwiGlu {
         cpu::fwd(s1, l1, s2, l2)
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::fwd(s1, l1, s2, l2)
+    }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = g.elem_count();
@@ -86,5 +102,16 @@ impl CustomOp3 for SwiGluBwd {
         cpu::bwd([(s1, l1), (s2, l2), (s3, l3)])
     }
 
-    // cuda_fwd: a CUDA implementation goes here, beside cpu_fwd (see the kernels map).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::bwd([(s1, l1), (s2, l2), (s3, l3)])
+    }
 }
