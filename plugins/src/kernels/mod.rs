@@ -49,17 +49,19 @@
 //!
 //! # CUDA (feature `cuda`)
 //!
-//! The loss ops (`divergence`, `topk_divergence`, `cross_entropy`), `adamw` and the row ops
-//! (`rms_norm`, `layer_norm`, `swiglu`, `gelu`, `bias`, `softmax`) have CUDA implementations: in the op's folder, `<op>.cu` (the kernels, compiled to `compute_80` PTX
-//! by `plugins/build.rs`) and `cuda.rs` (the launch: operand views, output buffers, grid), and
-//! in `mod.rs` a `cuda_fwd` beside `cpu_fwd`; `cuda/` holds the PTX modules, the shared
-//! device code (`common.cuh`: conversions, fixed-order reductions, online log-sum-exp) and the
-//! launch itself (`cuda/raw.rs`, the only raw code of the CUDA side). On CUDA, half-precision
-//! logits keep their row statistics in f32 ([`stats_dtype`]). Adding one to another op follows
-//! the same pattern; callers change nothing. The weight and bias gradients (sums over rows)
-//! are per-slice column sums then a second kernel summing the slices in order
-//! (`column_partials` / `column_finish` of `common.cuh`, `grid::SLICE_ROWS` rows a slice):
-//! deterministic, no atomics. `attention` still runs as candle's composed CUDA ops on a GPU.
+//! Every op has a CUDA implementation: the loss ops (`divergence`, `topk_divergence`,
+//! `cross_entropy`), `adamw`, the row ops (`rms_norm`, `layer_norm`, `swiglu`, `gelu`, `bias`,
+//! `softmax`), `rope` and the causal `attention` (FlashAttention-2 style, no `[T, T]` in
+//! memory). In the op's folder, `<op>.cu` (the kernels, compiled to `compute_80` PTX by
+//! `plugins/build.rs`) and `cuda.rs` (the launch: operand views, output buffers, grid), and in
+//! `mod.rs` a `cuda_fwd` beside `cpu_fwd`; `cuda/` holds the PTX modules, the shared device
+//! code (`common.cuh`: conversions, fixed-order reductions, online log-sum-exp, column sums)
+//! and the launch itself (`cuda/raw.rs`, the only raw code of the CUDA side); `grid.rs` the
+//! launch shapes. On CUDA, half-precision inputs keep their row statistics in f32
+//! ([`stats_dtype`]). The weight and bias gradients (sums over rows) are per-slice column sums
+//! then a second kernel summing the slices in order (`column_partials` / `column_finish` of
+//! `common.cuh`, `grid::SLICE_ROWS` rows a slice), and the attention's `dq` has a kernel of its
+//! own beside `dk`/`dv`: deterministic, no atomics anywhere.
 //!
 //! Feature `cuda-emulate` (tests only) compiles the same `.cu` files as C++ for the CPU
 //! (`cuda/emulate.h`, launched through `emulated/`): each op's `cuda_emulated.rs` runs its
