@@ -70,6 +70,7 @@ impl Grid {
     }
 
     /// Whether the grid has no block (nothing to launch: CUDA refuses an empty grid).
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.blocks.0 == 0 || self.blocks.1 == 0 || self.blocks.2 == 0
     }

@@ -97,7 +97,7 @@ impl Linear {
                 Weight::Blocks(q) => Weight::Blocks(q.clone()),
                 Weight::Quantized(q) => Weight::Quantized(q.clone()),
             },
-            bias: self.bias.as_ref().map(|b| f(b)).transpose()?,
+            bias: self.bias.as_ref().map(f).transpose()?,
         })
     }
 }
