@@ -8,7 +8,8 @@
 #      attention cases again as JSON: the fused attention's TFLOP/s at [2, 16, 2048, 64];
 #   3. the quickstart on cuda and on the CPU, side by side: val losses must agree within 1e-3;
 #      then the quickstart on cuda killed (SIGKILL) after a student checkpoint and resumed: its
-#      exports compared byte for byte with the uninterrupted cuda run's; then the NCCL backend
+#      exports compared byte for byte with the uninterrupted cuda run's; a logit cache built
+#      with its teacher on cuda (`retort cache`, then `cache inspect`); then the NCCL backend
 #      smoke-tested as a world of one rank on the quickstart (its val losses against the plain
 #      cuda run's);
 #   4. a llama of SmolLM2-135M's shapes (random weights, SmolLM2's tokenizer): `retort generate`
@@ -105,6 +106,13 @@ for phase in teacher student baseline; do
     echo "kill-resume $phase: DIFFERENT" | tee -a "$OUT/kill_resume.txt"
   fi
 done
+
+say "logit cache built with the quickstart's teacher on cuda (top-16), then inspected"
+rm -rf /tmp/qs-cache
+timeout 120 "$bin" cache --set run.device=cuda --set teacher.checkpoint=/tmp/qs-cuda/teacher \
+  --out /tmp/qs-cache --k 16 2>&1 | tail -3
+echo "cache exit ${PIPESTATUS[0]}"
+timeout 60 "$bin" cache inspect /tmp/qs-cache 2>&1 | head -12 | tee "$OUT/cache_inspect.txt"
 
 say "NCCL smoke test: the quickstart on cuda as a world of one NCCL rank (parameter check every step)"
 rm -rf /tmp/qs-nccl
