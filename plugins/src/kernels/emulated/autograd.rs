@@ -1,25 +1,45 @@
-//! The reference side of the emulated kernels' tests: a CPU op's per-row values and its
-//! gradient, weighted per row, through candle's autograd in f64.
+//! The reference side of the emulated kernels' tests: a CPU op's values and the gradients of
+//! every input, through candle's autograd in f64.
 
 use candle_core::{Device, Result, Tensor, Var};
 
-use crate::kernels::test_util::values;
+/// The reference of a kernel's forward and backward, on the CPU in f64: `f(inputs)` and the
+/// gradients `d sum(f(inputs) * gy) / d input` of every input (`(values, shape)` each).
+pub(crate) fn reference(
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[(&[f64], &[usize])],
+    gy: &[f64],
+) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|(v, shape)| Var::from_vec(v.to_vec(), *shape, &Device::Cpu).expect("input"))
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&tensors).expect("reference forward");
+    let g = Tensor::from_vec(gy.to_vec(), y.shape(), &Device::Cpu).expect("gy");
+    let grads = (&y * &g)
+        .and_then(|p| p.sum_all())
+        .and_then(|l| l.backward())
+        .expect("reference backward");
+    let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f64>()).expect("values");
+    let dx = tensors
+        .iter()
+        .map(|t| grads.get(t).map(flat).unwrap_or_else(|| vec![0.0; t.elem_count()]))
+        .collect();
+    (flat(&y), dx)
+}
 
-/// `(f(z) [rows], d(sum_r w_r f(z)_r)/dz)` of `f` on `z` `[rows, v]` (f64 on the CPU).
+/// `(f(z) [rows], d(sum_r w_r f(z)_r)/dz)` of `f` on `z` `[rows, v]` (f64 on the CPU): the
+/// [`reference`] of a per-row op of one input, weighted per row.
 pub(crate) fn value_and_grad(
     f: &dyn Fn(&Tensor) -> Result<Tensor>,
     z: &[f64],
     rows: usize,
     w: &[f64],
 ) -> (Vec<f64>, Vec<f64>) {
-    let z = Tensor::from_vec(z.to_vec(), (rows, z.len() / rows.max(1)), &Device::Cpu).expect("z");
-    let var = Var::from_tensor(&z).expect("var");
-    let out = f(var.as_tensor()).expect("reference op");
-    let w = Tensor::from_vec(w.to_vec(), rows, &Device::Cpu).expect("w");
-    let loss = (&out * &w).and_then(|x| x.sum_all()).expect("weighted sum");
-    let grads = loss.backward().expect("backward");
-    let g = grads.get(var.as_tensor()).expect("a gradient");
-    (values(&out), values(g))
+    let shape = [rows, z.len() / rows.max(1)];
+    let (values, mut grads) = reference(&|x| f(&x[0]), &[(z, &shape)], w);
+    (values, grads.remove(0))
 }
 
 /// Row weights in `[0.5, 1.5)`, every third row 0 (a masked token).

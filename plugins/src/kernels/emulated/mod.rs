@@ -9,11 +9,10 @@
 mod autograd;
 mod raw;
 
-pub(crate) use autograd::{row_weights, value_and_grad};
+pub(crate) use autograd::{reference, row_weights, value_and_grad};
 
 use std::ffi::c_void;
 
-use candle_core::{Device, Tensor, Var};
 use half::{bf16, f16};
 
 use super::grid::Grid;
@@ -159,32 +158,6 @@ pub(crate) fn tolerance<T: Element>() -> f64 {
 /// `values` rounded to `T` and widened back: the inputs a kernel in `T` sees, for the reference.
 pub(crate) fn rounded<T: Element>(values: &[f64]) -> Vec<f64> {
     widen(&buffer::<T>(values))
-}
-
-/// The reference of a kernel's forward and backward, on the CPU in f64: `f(inputs)` and the
-/// gradients `d sum(f(inputs) * gy) / d input` of every input (`(values, shape)` each).
-pub(crate) fn reference(
-    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
-    inputs: &[(&[f64], &[usize])],
-    gy: &[f64],
-) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let vars: Vec<Var> = inputs
-        .iter()
-        .map(|(v, shape)| Var::from_vec(v.to_vec(), *shape, &Device::Cpu).expect("input"))
-        .collect();
-    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let y = f(&tensors).expect("reference forward");
-    let g = Tensor::from_vec(gy.to_vec(), y.shape(), &Device::Cpu).expect("gy");
-    let grads = (&y * &g)
-        .and_then(|p| p.sum_all())
-        .and_then(|l| l.backward())
-        .expect("reference backward");
-    let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f64>()).expect("values");
-    let dx = tensors
-        .iter()
-        .map(|t| grads.get(t).map(flat).unwrap_or_else(|| vec![0.0; t.elem_count()]))
-        .collect();
-    (flat(&y), dx)
 }
 
 /// Panics naming `what` where `got` and `want` differ by more than `T`'s [`tolerance`].
