@@ -21,6 +21,21 @@ fn weights(dir: &Path) -> std::collections::HashMap<String, Tensor> {
 
 #[test]
 fn gradient_accumulation_matches_the_large_batch() {
+    accumulation_matches_the_large_batch(&tiny_config("accum"));
+}
+
+/// The llama student's linear layers and tied embedding write their gradients into the
+/// optimizer's buffers in place: summed over micro-batches there, on the fused LM-head path
+/// (the default, here in chunks of 24 tokens) and on the full-logits path.
+#[test]
+fn gradient_accumulation_matches_the_large_batch_for_a_llama_student() {
+    let llama = tiny_config("accum-llama").replace("[student]\nkind = \"transformer\"", "[student]\nkind = \"llama\"");
+    assert!(llama.contains("kind = \"llama\""));
+    accumulation_matches_the_large_batch(&llama.replace("[train]\n", "[train]\nlm_head = { chunk_tokens = 24 }\n"));
+    accumulation_matches_the_large_batch(&llama.replace("[train]\n", "[train]\nlm_head = { fused = false }\n"));
+}
+
+fn accumulation_matches_the_large_batch(toml: &str) {
     let registry = retort_host::builtin_registry().expect("registry");
     let (a, b) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
     let common = ["train.steps=12", "teacher.pretrain.steps=12", "eval.baseline=false"];
@@ -34,8 +49,8 @@ fn gradient_accumulation_matches_the_large_batch() {
         .copied()
         .chain(["train.batch_size=4", "train.grad_accum=2"])
         .collect();
-    let ra = run_with(&registry, a.path(), &tiny_config("accum"), &large).expect("large batch");
-    let rb = run_with(&registry, b.path(), &tiny_config("accum"), &micro).expect("micro batches");
+    let ra = run_with(&registry, a.path(), toml, &large).expect("large batch");
+    let rb = run_with(&registry, b.path(), toml, &micro).expect("micro batches");
     assert_eq!(ra.report.train.tokens, rb.report.train.tokens);
     let (wa, wb) = (weights(a.path()), weights(b.path()));
     let mut worst = 0f32;

@@ -5,9 +5,17 @@
 //! `mom = b1 mom + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
 //! `w = w (1 - lr m wd) - lr m (mom / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`.
 //! A group with `m = 0` is frozen: its parameters get no optimizer state and are never written.
+//!
+//! The optimizer also owns the trainable parameters' gradient buffers ([`LeafGrads`]): fused
+//! ops write a parameter's gradient there in place while its collector is active
+//! ([`AdamW::leaf_grads`]), and [`AdamW::finish_grads`] merges them with what candle's
+//! backward left in its gradient store.
+
+use std::sync::Arc;
 
 use candle_core::{backprop::GradStore, Tensor};
 use retort_plugins::kernels::adamw;
+use retort_plugins::kernels::leaf_grads::LeafGrads;
 
 use retort_core::{Error, Result};
 
@@ -40,6 +48,7 @@ pub struct AdamW {
     params: Vec<ParamState>,
     groups: usize,
     t: i32,
+    leaf: Arc<LeafGrads>,
 }
 
 /// Gradient norms of one step.
@@ -58,7 +67,7 @@ impl AdamW {
             .into_iter()
             .filter(|p| p.lr_mult > 0.0)
             .map(|p| {
-                // Two buffers: on a GPU the update writes both moments in place.
+                // Two buffers of their own: the update writes both moments in place.
                 let w = p.var.as_tensor();
                 Ok(ParamState {
                     m: w.zeros_like()?,
@@ -67,11 +76,13 @@ impl AdamW {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let leaf = LeafGrads::new(params.iter().map(|s| s.p.var.as_tensor()));
         Ok(AdamW {
             cfg,
             params,
             groups,
             t: 0,
+            leaf,
         })
     }
 
@@ -93,7 +104,8 @@ impl AdamW {
                 let x = tensors
                     .get(&k)
                     .ok_or_else(|| Error::Runtime(format!("optimizer state lacks `{k}`")))?;
-                Ok(x.to_dtype(dtype)?.to_device(&device)?)
+                // A tensor of its own: the update writes the moments in place.
+                Ok(x.to_dtype(dtype)?.to_device(&device)?.copy()?)
             };
             s.m = get(format!("m.{}", s.p.name))?;
             s.v = get(format!("v.{}", s.p.name))?;
@@ -107,21 +119,47 @@ impl AdamW {
         self.params.iter().map(|s| s.p.name.as_str()).collect()
     }
 
-    /// The gradients of the trainable parameters from `store`, detached (a gradient computed
-    /// from tracked tensors carries the step's graph; keeping it would keep every step's graph
-    /// alive). A parameter without a gradient is an error: the graph does not reach it.
-    pub fn collect_grads(&self, store: &GradStore) -> Result<Vec<Tensor>> {
+    /// The gradient buffers of the trainable parameters: make it the thread's collector
+    /// ([`LeafGrads::collect`]) around a step's backward passes, after [`LeafGrads::clear`].
+    pub fn leaf_grads(&self) -> &Arc<LeafGrads> {
+        &self.leaf
+    }
+
+    /// The gradients of the trainable parameters from `store` alone (`None` where it has
+    /// none), detached (a gradient computed from tracked tensors carries the step's graph;
+    /// keeping it would keep every step's graph alive).
+    pub fn store_grads(&self, store: &GradStore) -> Vec<Option<Tensor>> {
         self.params
             .iter()
-            .map(|s| {
-                store.get(s.p.var.as_tensor()).map(Tensor::detach).ok_or_else(|| {
-                    Error::Runtime(format!(
+            .map(|s| store.get(s.p.var.as_tensor()).map(Tensor::detach))
+            .collect()
+    }
+
+    /// Each parameter's whole gradient: what [`AdamW::store_grads`] gave (`partial`, summed
+    /// over a step's backward passes) plus what its buffer collected, which it takes (a buffer
+    /// is handed out as it is: use the gradients up before the next step's backward). A
+    /// parameter with neither is an error: the graph does not reach it.
+    pub fn finish_grads(&self, partial: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+        self.params
+            .iter()
+            .zip(partial)
+            .map(|(s, from_store)| {
+                let param = s.p.var.as_tensor();
+                match (self.leaf.take(param), from_store) {
+                    (Some(a), Some(b)) => Ok((a + b)?),
+                    (Some(g), None) | (None, Some(g)) => Ok(g),
+                    (None, None) => Err(Error::Runtime(format!(
                         "parameter `{}` received no gradient (is a non-differentiable op on its path?)",
                         s.p.name
-                    ))
-                })
+                    ))),
+                }
             })
             .collect()
+    }
+
+    /// [`AdamW::finish_grads`] of one gradient store.
+    pub fn collect_grads(&self, store: &GradStore) -> Result<Vec<Tensor>> {
+        self.finish_grads(self.store_grads(store))
     }
 
     /// Global and per-group L2 norms of `grads`.

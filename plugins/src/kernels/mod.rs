@@ -81,6 +81,7 @@ pub mod gelu;
 #[cfg(any(feature = "cuda", all(test, feature = "cuda-emulate")))]
 pub(crate) mod grid;
 pub mod layer_norm;
+pub mod leaf_grads;
 pub mod lm_head;
 pub mod rms_norm;
 pub mod rope;

@@ -56,6 +56,20 @@ pub fn linear_opt(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
     y.reshape(out_dims)
 }
 
+/// `x @ w^T + b` with `w` stored `[out, in]` (the Hugging Face `nn.Linear` layout) and `b`
+/// optional: on CPU f32/f64 the fused kernel with the weight as its operand
+/// (`kernels::cpu::linear::linear_t`, whose `dW` goes to the parameter's leaf-gradient buffer
+/// where the engine collects them); elsewhere [`linear_opt`] of `w.t()`.
+pub fn linear_out_in(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let fused = cpu_linear::supports(x, w, b);
+    #[cfg(feature = "blas")]
+    let fused = fused && !blas_matmul::supports(x, &w.t()?);
+    if fused {
+        return cpu_linear::linear_t(x, w, b);
+    }
+    linear_opt(x, &w.t()?, b)
+}
+
 /// `x @ w + b` with `w` stored `[in, out]` (the GPT-2 `Conv1D` layout); see [`linear_opt`].
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     linear_opt(x, w, Some(b))

@@ -170,6 +170,10 @@ impl<'a> Objective<'a> {
     /// none of their values, [`Router::reads_step_outputs`]).
     pub fn gradient(&mut self, batcher: &mut TrainBatcher, opt: &AdamW, step: StepInput) -> Result<Gradient> {
         let started = Instant::now();
+        // The fused ops write the parameters' gradients into the optimizer's buffers.
+        let leaf = opt.leaf_grads();
+        leaf.clear();
+        let _collecting = leaf.collect();
         let mut rollout = self
             .rollout
             .as_ref()
@@ -198,14 +202,15 @@ impl<'a> Objective<'a> {
             Some(w) => w,
             None => self.route(&scalars, step.base_weights, step.progress)?,
         };
-        let grads = self.backward(graph, &weights, opt, &step)?;
-        let mut sum = StepGradient::first(grads, &scalars, weights, step.accum);
+        let mut partial = self.backward(graph, &weights, opt, &step)?;
+        let mut sum = StepGradient::first(&scalars, weights, step.accum);
         for drawn in 2..=step.accum {
             let batch = self.next_batch(batcher, step.index, drawn - 1, rollout.as_mut())?;
             match self.terms_on(&batch, step.progress, Some(&sum.weights), rollout.as_mut())? {
                 TermValues::Finite { graph, scalars } => {
-                    let grads = self.backward(graph, &sum.weights, opt, &step)?;
-                    sum.add(grads, &scalars, step.accum)?;
+                    let more = self.backward(graph, &sum.weights, opt, &step)?;
+                    partial = sum_partial(partial, more)?;
+                    sum.add_values(&scalars, step.accum);
                 }
                 TermValues::NonFinite { what, value } => {
                     batcher.skip(step.accum - drawn);
@@ -222,7 +227,7 @@ impl<'a> Objective<'a> {
             r.sum_over(self.world)?;
         }
         sum.rollout = rollout;
-        sum.grads = self.world.average_gradients(std::mem::take(&mut sum.grads))?;
+        sum.grads = self.world.average_gradients(opt.finish_grads(partial)?)?;
         sum.grads = unscaled(std::mem::take(&mut sum.grads), step.loss_scale)?;
         sum.norms = opt.norms(&sum.grads)?;
         if !sum.norms.total.is_finite() {
@@ -336,7 +341,9 @@ impl<'a> Objective<'a> {
 
     /// The gradients of `sum_i (w_i / accum) * term_i` over the terms with a non-zero weight:
     /// summed over the micro-batches, they are those of the mean over the whole effective batch.
-    fn backward(&self, graph: Graph, weights: &[f64], opt: &AdamW, step: &StepInput) -> Result<Vec<Tensor>> {
+    /// Returns what candle's gradient store holds for each parameter ([`AdamW::store_grads`]);
+    /// the rest is in the optimizer's leaf-gradient buffers.
+    fn backward(&self, graph: Graph, weights: &[f64], opt: &AdamW, step: &StepInput) -> Result<Vec<Option<Tensor>>> {
         let mut total: Option<Tensor> = None;
         let mut weight_grad = None;
         match graph {
@@ -366,21 +373,18 @@ impl<'a> Objective<'a> {
         })?;
         let scale = step.loss_scale;
         let total = if scale == 1.0 { total } else { (total * scale)? };
-        let mut grads = total.backward()?;
+        let grads = total.backward()?;
         if let Some((w, g)) = weight_grad {
             let g = if step.accum == 1 && scale == 1.0 {
                 g
             } else {
                 (g * (scale / step.accum as f64))?
             };
-            // A tied head also has the embedding's gradient.
-            let g = match grads.remove(&w) {
-                Some(x) => (x + g)?,
-                None => g,
-            };
-            grads.insert(&w, g);
+            // Added to whatever else the weight got (a tied head: the embedding's gradient);
+            // a head that is not trained (not held by the optimizer) is left out.
+            opt.leaf_grads().add(&w, g)?;
         }
-        opt.collect_grads(&grads)
+        Ok(opt.store_grads(&grads))
     }
 }
 
@@ -407,10 +411,10 @@ pub(super) struct StepInput<'s> {
 }
 
 impl StepGradient {
-    /// The sums after the first micro-batch.
-    fn first(grads: Vec<Tensor>, scalars: &[f64], weights: Vec<f64>, accum: usize) -> Self {
+    /// The sums after the first micro-batch (the gradients are filled in at the end).
+    fn first(scalars: &[f64], weights: Vec<f64>, accum: usize) -> Self {
         let mut s = StepGradient {
-            grads,
+            grads: Vec::new(),
             norms: GradNorms::default(),
             term_values: vec![0.0; scalars.len()],
             weights,
@@ -420,23 +424,22 @@ impl StepGradient {
         s
     }
 
-    /// Adds a further micro-batch's gradients and values.
-    fn add(&mut self, grads: Vec<Tensor>, scalars: &[f64], accum: usize) -> Result<()> {
-        self.grads = self
-            .grads
-            .iter()
-            .zip(&grads)
-            .map(|(x, y)| x + y)
-            .collect::<candle_core::Result<_>>()?;
-        self.add_values(scalars, accum);
-        Ok(())
-    }
-
     fn add_values(&mut self, scalars: &[f64], accum: usize) {
         for (m, v) in self.term_values.iter_mut().zip(scalars) {
             *m += v / accum as f64;
         }
     }
+}
+
+/// The per-parameter sums of two micro-batches' gradient-store parts.
+fn sum_partial(a: Vec<Option<Tensor>>, b: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+    a.into_iter()
+        .zip(b)
+        .map(|pair| match pair {
+            (Some(x), Some(y)) => Ok(Some((x + y)?)),
+            (x, y) => Ok(x.or(y)),
+        })
+        .collect()
 }
 
 /// `grads / scale` (the gradients of the unscaled loss); as they are when `scale` is 1.

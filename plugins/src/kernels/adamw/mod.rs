@@ -83,9 +83,9 @@ pub fn adamw_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWStep
 }
 
 /// One AdamW step of parameter `w` with gradient `g` and moments `m`, `v` (see the module
-/// doc): on a GPU where [`supports`], one in-place kernel over `w`, `m` and `v` (the moments
-/// must be tensors of their own, sharing no storage); elsewhere [`adamw_update`]'s new tensors
-/// replace them (`w` by [`Var::set`]).
+/// doc): where [`supports`], in place over `w`, `m` and `v` (one kernel on a GPU, one pass on the
+/// CPU; the moments must be tensors of their own, sharing no storage with each other, `w` or
+/// `g`); elsewhere [`adamw_update`]'s new tensors replace them (`w` by [`Var::set`]).
 pub fn adamw_step(w: &Var, g: &Tensor, m: &mut Tensor, v: &mut Tensor, s: AdamWStep) -> Result<()> {
     adamw_group_step(&mut [AdamWSlot { w, g, m, v }], s)
 }
@@ -104,8 +104,8 @@ pub struct AdamWSlot<'a> {
 
 /// One AdamW step of a group of parameters that share the step's scalars (one learning rate,
 /// one decay): on a GPU, where every slot [`supports`] in one dtype, one kernel launch updates
-/// them all in place (the moments must be tensors of their own); elsewhere [`adamw_step`]'s
-/// path per slot.
+/// them all in place (the moments must be tensors of their own); on the CPU each slot that
+/// [`supports`] is updated in place by one pass; elsewhere [`adamw_update`]'s new tensors.
 pub fn adamw_group_step(slots: &mut [AdamWSlot<'_>], s: AdamWStep) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Some(first) = slots.first() {
@@ -118,6 +118,10 @@ pub fn adamw_group_step(slots: &mut [AdamWSlot<'_>], s: AdamWStep) -> Result<()>
         }
     }
     for x in slots.iter_mut() {
+        if x.w.device().is_cpu() && supports(x.w, x.g, x.m, x.v) {
+            cpu::update_in_place(x.w.as_tensor(), x.g, x.m, x.v, s)?;
+            continue;
+        }
         let (w, m, v) = adamw_update(x.w.as_tensor(), x.g, x.m, x.v, s)?;
         x.w.set(&w)?;
         (*x.m, *x.v) = (m, v);

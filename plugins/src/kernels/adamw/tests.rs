@@ -151,3 +151,26 @@ fn a_group_step_is_the_step_of_each_parameter() {
         }
     }
 }
+
+/// On the CPU the group step rewrites the parameter and both moments in place (the tensors the
+/// optimizer holds stay the same tensors), while `adamw_update` leaves its inputs untouched.
+#[test]
+fn the_cpu_step_is_in_place_and_the_update_is_not() {
+    let dev = Device::Cpu;
+    let s = first_step(0.1);
+    let w0 = Tensor::new(&[0.5f32, -1.0, 2.0], &dev).expect("w");
+    let g = Tensor::new(&[0.1f32, 0.2, -0.3], &dev).expect("g");
+    let (m0, v0) = (w0.zeros_like().expect("m"), w0.zeros_like().expect("v"));
+    let (w1, m1, v1) = adamw_update(&w0, &g, &m0, &v0, s).expect("update");
+    assert_eq!(w0.to_vec1::<f32>().expect("w0"), vec![0.5, -1.0, 2.0]);
+    assert_eq!(m0.to_vec1::<f32>().expect("m0"), vec![0.0; 3]);
+    let w = Var::from_tensor(&w0).expect("var");
+    let (mut m, mut v) = (m0.copy().expect("m"), v0.copy().expect("v"));
+    let (m_alias, v_alias) = (m.clone(), v.clone());
+    adamw_step(&w, &g, &mut m, &mut v, s).expect("step");
+    assert_eq!(m.id(), m_alias.id());
+    for (a, b) in [(w.as_tensor(), &w1), (&m_alias, &m1), (&v_alias, &v1)] {
+        assert_eq!(a.to_vec1::<f32>().expect("a"), b.to_vec1::<f32>().expect("b"));
+    }
+    assert!(m1.to_vec1::<f32>().expect("m1").iter().all(|x| *x != 0.0));
+}

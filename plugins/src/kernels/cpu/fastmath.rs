@@ -132,6 +132,8 @@ pub trait Real:
     fn sqrt(self) -> Self;
     /// The slice inside a storage of this dtype.
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    /// The mutable slice inside a storage of this dtype.
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
     /// A storage holding `v`.
     fn storage(v: Vec<Self>) -> CpuStorage;
 }
@@ -166,6 +168,12 @@ impl Real for f32 {
         f32::sqrt(self)
     }
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
         match s {
             CpuStorage::F32(v) => Some(v),
             _ => None,
@@ -206,6 +214,12 @@ impl Real for f64 {
         f64::sqrt(self)
     }
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
         match s {
             CpuStorage::F64(v) => Some(v),
             _ => None,

@@ -9,11 +9,13 @@
 //!   (AVX-512 intrinsics and their run-time dispatch, uninitialised outputs, slice casts, the
 //!   `gemm` crate and BLAS calls), each such block with the reason it is sound;
 //! - CPU-only strategies: [`linear`] (the linear layer on the `gemm` crate, operands' strides
-//!   read in place), [`gpt2_block`] (the whole GPT-2 block as one node), and with the `blas`
+//!   read in place), [`embedding`] (the lookup whose backward scatters into the table's
+//!   gradient in place), [`gpt2_block`] (the whole GPT-2 block as one node), and with the `blas`
 //!   feature `blas_matmul` (matmul through the system BLAS).
 
 #[cfg(feature = "blas")]
 pub mod blas_matmul;
+pub mod embedding;
 pub mod fastmath;
 pub mod few_rows;
 pub mod gpt2_block;

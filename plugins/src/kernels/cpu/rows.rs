@@ -19,6 +19,18 @@ pub fn slice<'a, T: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&
     }
 }
 
+/// The contiguous elements of `l` inside `s` as `T`, writable, or an error naming `what`.
+pub fn slice_mut<'a, T: Real>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [T]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{what}: expected a contiguous tensor")
+    };
+    let dtype = s.dtype();
+    match T::slice_mut(s) {
+        Some(v) => Ok(&mut v[start..end]),
+        None => bail!("{what}: expected {:?}, got {dtype:?}", T::DTYPE),
+    }
+}
+
 /// The contiguous `u32` elements of `l` inside `s`.
 pub fn slice_u32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]> {
     let Some((start, end)) = l.contiguous_offsets() else {

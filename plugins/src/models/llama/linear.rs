@@ -61,7 +61,7 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inp))?;
         let y = match &self.weight {
-            Weight::Dense(w) => return crate::models::nn::linear_opt(x, &w.t()?, self.bias.as_ref()),
+            Weight::Dense(w) => return crate::models::nn::linear_out_in(x, w, self.bias.as_ref()),
             Weight::Blocks(q) => q.forward(&x2)?,
             Weight::Quantized(q) => q.forward(&x2)?,
         };

@@ -579,7 +579,7 @@ impl Llama {
         if let Some(dtype) = self.compute {
             return self.computing_in(dtype)?.forward_inner(ids, taps, cache);
         }
-        let (b, t) = ids.dims2()?;
+        let (_, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.pos);
         if offset + t > self.rope.context() {
             return Err(Error::Incompatible(format!(
@@ -588,8 +588,7 @@ impl Llama {
                 self.rope.context()
             )));
         }
-        let d = self.cfg.n_embd;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))?;
+        let mut x = crate::kernels::cpu::embedding::embedding(&self.embed, ids)?;
         let mut out = BTreeMap::new();
         if taps.wants_hidden(0) {
             out.insert("hidden.0".to_string(), x.clone());

@@ -518,7 +518,7 @@ impl Model for Transformer {
             )));
         }
         let d = self.cfg.n_embd;
-        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))?;
+        let tok = crate::kernels::cpu::embedding::embedding(&self.wte, ids)?;
         let mut x = tok.broadcast_add(&self.wpe.narrow(0, 0, t)?)?;
         let mut out = std::collections::BTreeMap::new();
         if taps.wants_hidden(0) {

@@ -3,6 +3,11 @@
 //!
 //! `dx = dy W^T`, `dW = x^T dy`, `db = sum_rows dy`.
 //!
+//! A weight stored `[out, in]` (the Hugging Face layout) enters the op as it is
+//! ([`linear_t`]: `y = x W^T + b`, `dW = dy^T x`), so that the op's operand is the parameter
+//! itself: its gradient then goes into the parameter's buffer in place where the engine
+//! collects leaf gradients (`kernels::leaf_grads`), and to candle otherwise.
+//!
 //! Every product goes straight to the `gemm` crate (the library candle's own CPU matmul uses,
 //! with its AVX-512 kernels turned on in the workspace) with the operands' strides, so a
 //! transposed weight (`wte.t()` for a tied head, `W^T` in the backward, `x^T` for `dW`) is read
@@ -22,14 +27,14 @@
 mod tests;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Tensor};
 
 use crate::kernels::bias::SumRows;
 use crate::kernels::cpu::fastmath::Real;
 use crate::kernels::cpu::raw::gemm::{gemm_into, Mat};
 use crate::kernels::cpu::raw::output_vec;
-use crate::kernels::cpu::rows::{by_dtype, repeat_rows, with_last};
-use crate::kernels::Support;
+use crate::kernels::cpu::rows::{by_dtype, repeat_rows, slice_mut, with_last};
+use crate::kernels::{leaf_grads, Support};
 
 /// Where the fused linear layer runs: the CPU only.
 pub const SUPPORT: Support = Support {
@@ -50,8 +55,21 @@ pub fn supports(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
 /// contiguous) and `w [in, out]` of any strides, where [`supports`]. The result is a contiguous `[.., out]`: no reshape nodes are added to
 /// the graph, so the backward accumulates no extra full-size gradients.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    apply(x, w, b, Linear { transposed: false })
+}
+
+/// `x @ w^T + b` for `w [out, in]` (any strides), otherwise as [`linear`]: the weight is the
+/// op's operand as it is, so a parameter's gradient can go to its leaf-gradient buffer.
+pub fn linear_t(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    apply(x, w, b, Linear { transposed: true })
+}
+
+fn apply(x: &Tensor, w: &Tensor, b: Option<&Tensor>, op: Linear) -> Result<Tensor> {
     let inp = x.dims().last().copied().unwrap_or(0);
-    let (w_in, out) = w.dims2()?;
+    let (w_in, out) = match (w.dims2()?, op.transposed) {
+        ((o, i), true) => (i, o),
+        (d, false) => d,
+    };
     if x.rank() == 0 || w_in != inp {
         bail!("fused linear: x {:?} @ w [{w_in}, {out}]: inner dims differ", x.dims())
     }
@@ -65,9 +83,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
             if b.dims() != [out] {
                 bail!("fused linear: bias {:?} must be [{out}]", b.dims())
             }
-            x.apply_op3(w, &b.contiguous()?, Linear)
+            x.apply_op3(w, &b.contiguous()?, op)
         }
-        None => x.apply_op2(w, Linear),
+        None => x.apply_op2(w, op),
     }
 }
 
@@ -91,12 +109,25 @@ fn rows_fold(l: &Layout) -> bool {
     true
 }
 
-/// The forward op: `CustomOp3` with a bias, `CustomOp2` without.
-struct Linear;
-/// `dy [rows, out] @ w^T` (args `dy`, `w`).
-struct InputGrad;
-/// `x^T @ dy` (args `x`, `dy`).
-struct WeightGrad;
+/// The forward op: `CustomOp3` with a bias, `CustomOp2` without; `transposed`: the weight
+/// operand is `[out, in]`.
+#[derive(Clone, Copy)]
+struct Linear {
+    transposed: bool,
+}
+/// `dy [rows, out] @ w^T` (args `dy`, `w`; `w` `[out, in]` when `transposed`).
+struct InputGrad {
+    transposed: bool,
+}
+/// `x^T @ dy`, or `dy^T @ x` when `transposed` (args `x`, `dy`).
+struct WeightGrad {
+    transposed: bool,
+}
+/// [`WeightGrad`] written into a leaf-gradient buffer (added onto it when `accumulate`).
+struct WeightGradInto {
+    transposed: bool,
+    accumulate: bool,
+}
 
 /// The `[rows, last dim]` matrix of a tensor in a CPU storage whose leading dims fold into rows
 /// (see [`rows_fold`]); a vector is one row.
@@ -134,13 +165,20 @@ fn product<T: Real>(a: &Mat<T>, b: &Mat<T>, init: Option<&[T]>) -> Vec<T> {
     out
 }
 
+/// The `[in, out]` matrix of the weight operand.
+fn weight_mat<'a, T: Real>(w: (&'a CpuStorage, &Layout), transposed: bool) -> Result<Mat<'a, T>> {
+    let m = mat_of::<T>(w.0, w.1, "w")?;
+    Ok(if transposed { m.t() } else { m })
+}
+
 fn forward<T: Real>(
     x: (&CpuStorage, &Layout),
     w: (&CpuStorage, &Layout),
     b: Option<(&CpuStorage, &Layout)>,
+    transposed: bool,
 ) -> Result<(CpuStorage, Shape)> {
     let xm = mat_of::<T>(x.0, x.1, "x")?;
-    let wm = mat_of::<T>(w.0, w.1, "w")?;
+    let wm = weight_mat::<T>(w, transposed)?;
     if xm.cols() != wm.rows() {
         bail!(
             "fused linear: x [{}, {}] @ w [{}, {}]",
@@ -174,19 +212,26 @@ fn forward<T: Real>(
 }
 
 /// The gradients of `y = x w (+ b)` given `dy`: `(dx, dw)`, each only when that argument is
-/// tracked by autograd (the embedding input of a frozen model is not, for instance).
-fn grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+/// tracked by autograd (the embedding input of a frozen model is not, for instance). A weight
+/// the thread's leaf-gradient collector holds gets its gradient there (`dw` is then `None`).
+fn grads(x: &Tensor, w: &Tensor, dy: &Tensor, transposed: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let dx = if x.track_op() {
-        Some(dy.apply_op2_no_bwd(w, &InputGrad)?)
+        Some(dy.apply_op2_no_bwd(w, &InputGrad { transposed })?)
     } else {
         None
     };
-    let dw = if w.track_op() {
-        Some(x.apply_op2_no_bwd(dy, &WeightGrad)?)
-    } else {
-        None
-    };
-    Ok((dx, dw))
+    if !w.track_op() {
+        return Ok((dx, None));
+    }
+    if let Some(claim) = leaf_grads::claim(w)? {
+        let into = WeightGradInto {
+            transposed,
+            accumulate: claim.accumulate,
+        };
+        claim.buffer.inplace_op3(x, dy, &into)?;
+        return Ok((dx, None));
+    }
+    Ok((dx, Some(x.apply_op2_no_bwd(dy, &WeightGrad { transposed })?)))
 }
 
 impl CustomOp3 for Linear {
@@ -206,8 +251,8 @@ impl CustomOp3 for Linear {
         by_dtype(
             "fused-linear",
             &[s1, s2, s3],
-            || forward::<f32>((s1, l1), (s2, l2), Some((s3, l3))),
-            || forward::<f64>((s1, l1), (s2, l2), Some((s3, l3))),
+            || forward::<f32>((s1, l1), (s2, l2), Some((s3, l3)), self.transposed),
+            || forward::<f64>((s1, l1), (s2, l2), Some((s3, l3)), self.transposed),
         )
     }
 
@@ -219,7 +264,7 @@ impl CustomOp3 for Linear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = grads(x, w, dy)?;
+        let (dx, dw) = grads(x, w, dy, self.transposed)?;
         let db = if b.track_op() {
             Some(dy.contiguous()?.apply_op1_no_bwd(&SumRows)?)
         } else {
@@ -238,19 +283,23 @@ impl CustomOp2 for Linear {
         by_dtype(
             "fused-linear",
             &[s1, s2],
-            || forward::<f32>((s1, l1), (s2, l2), None),
-            || forward::<f64>((s1, l1), (s2, l2), None),
+            || forward::<f32>((s1, l1), (s2, l2), None, self.transposed),
+            || forward::<f64>((s1, l1), (s2, l2), None, self.transposed),
         )
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        grads(x, w, dy)
+        grads(x, w, dy, self.transposed)
     }
 }
 
-fn input_grad<T: Real>(dy: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout)) -> Result<(CpuStorage, Shape)> {
+fn input_grad<T: Real>(
+    dy: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    transposed: bool,
+) -> Result<(CpuStorage, Shape)> {
     let g = mat_of::<T>(dy.0, dy.1, "dy")?;
-    let wt = mat_of::<T>(w.0, w.1, "w")?.t();
+    let wt = weight_mat::<T>(w, transposed)?.t();
     if g.cols() != wt.rows() {
         bail!(
             "fused linear backward: dy has {} columns, w has {}",
@@ -262,14 +311,49 @@ fn input_grad<T: Real>(dy: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout)) ->
     Ok((T::storage(out), with_last(dy.1.shape(), wt.cols())))
 }
 
-fn weight_grad<T: Real>(x: (&CpuStorage, &Layout), dy: (&CpuStorage, &Layout)) -> Result<(CpuStorage, Shape)> {
-    let xt = mat_of::<T>(x.0, x.1, "x")?.t();
+/// The two factors of the weight's gradient: `(x^T, dy)`, or `(dy^T, x)` for an `[out, in]`
+/// weight.
+fn weight_factors<'a, T: Real>(
+    x: (&'a CpuStorage, &Layout),
+    dy: (&'a CpuStorage, &Layout),
+    transposed: bool,
+) -> Result<(Mat<'a, T>, Mat<'a, T>)> {
+    let xm = mat_of::<T>(x.0, x.1, "x")?;
     let g = mat_of::<T>(dy.0, dy.1, "dy")?;
-    if xt.cols() != g.rows() {
-        bail!("fused linear backward: x has {} rows, dy has {}", xt.cols(), g.rows())
+    if xm.rows() != g.rows() {
+        bail!("fused linear backward: x has {} rows, dy has {}", xm.rows(), g.rows())
     }
-    let out = product(&xt, &g, None);
-    Ok((T::storage(out), Shape::from((xt.rows(), g.cols()))))
+    Ok(if transposed { (g.t(), xm) } else { (xm.t(), g) })
+}
+
+fn weight_grad<T: Real>(
+    x: (&CpuStorage, &Layout),
+    dy: (&CpuStorage, &Layout),
+    transposed: bool,
+) -> Result<(CpuStorage, Shape)> {
+    let (a, b) = weight_factors::<T>(x, dy, transposed)?;
+    let out = product(&a, &b, None);
+    Ok((T::storage(out), Shape::from((a.rows(), b.cols()))))
+}
+
+fn weight_grad_into<T: Real>(
+    dst: (&mut CpuStorage, &Layout),
+    x: (&CpuStorage, &Layout),
+    dy: (&CpuStorage, &Layout),
+    op: &WeightGradInto,
+) -> Result<()> {
+    let (a, b) = weight_factors::<T>(x, dy, op.transposed)?;
+    if dst.1.dims() != [a.rows(), b.cols()] {
+        bail!(
+            "fused linear backward: the weight's gradient buffer is {:?}, the gradient [{}, {}]",
+            dst.1.dims(),
+            a.rows(),
+            b.cols()
+        )
+    }
+    let out = slice_mut::<T>(dst.0, dst.1, "weight gradient buffer")?;
+    gemm_into(out, op.accumulate, &a, &b);
+    Ok(())
 }
 
 impl CustomOp2 for InputGrad {
@@ -281,8 +365,8 @@ impl CustomOp2 for InputGrad {
         by_dtype(
             "fused-linear-dx",
             &[s1, s2],
-            || input_grad::<f32>((s1, l1), (s2, l2)),
-            || input_grad::<f64>((s1, l1), (s2, l2)),
+            || input_grad::<f32>((s1, l1), (s2, l2), self.transposed),
+            || input_grad::<f64>((s1, l1), (s2, l2), self.transposed),
         )
     }
 }
@@ -296,8 +380,30 @@ impl CustomOp2 for WeightGrad {
         by_dtype(
             "fused-linear-dw",
             &[s1, s2],
-            || weight_grad::<f32>((s1, l1), (s2, l2)),
-            || weight_grad::<f64>((s1, l1), (s2, l2)),
+            || weight_grad::<f32>((s1, l1), (s2, l2), self.transposed),
+            || weight_grad::<f64>((s1, l1), (s2, l2), self.transposed),
         )
+    }
+}
+
+impl InplaceOp3 for WeightGradInto {
+    fn name(&self) -> &'static str {
+        "fused-linear-dw-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        match s1.dtype() {
+            DType::F32 => weight_grad_into::<f32>((s1, l1), (s2, l2), (s3, l3), self),
+            DType::F64 => weight_grad_into::<f64>((s1, l1), (s2, l2), (s3, l3), self),
+            other => bail!("fused-linear-dw-into: unsupported dtype {other:?}"),
+        }
     }
 }

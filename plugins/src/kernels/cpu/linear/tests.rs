@@ -145,3 +145,58 @@ fn supports_one_dtype_on_the_cpu() {
     let h = |t: &Tensor| t.to_dtype(DType::F16).expect("f16");
     assert!(!supports(&h(&x), &h(&w), None));
 }
+
+/// `linear_t` (weight `[out, in]` as the operand): values and gradients of a weight used twice
+/// against `matmul` of `w.t()`, once with the gradients through candle and twice with a
+/// leaf-gradient collector holding the weight: then candle's store has no gradient for it and
+/// the buffer holds the sum of both uses, overwritten (not added to) at the next step.
+#[test]
+fn an_out_in_weight_gets_its_gradient_in_place_where_collected() {
+    let dev = Device::Cpu;
+    let (rows, inp, out) = (29, 13, 17);
+    let data = |n: usize, f: f64| {
+        Tensor::arange(0f64, n as f64, &dev)
+            .and_then(|t| (t * f)?.sin())
+            .expect("data")
+    };
+    let x1 = Var::from_tensor(&data(rows * inp, 0.31).reshape((rows, inp)).expect("x1")).expect("x1");
+    let x2 = data(5 * inp, 0.17).reshape((5, inp)).expect("x2");
+    let w = Var::from_tensor(&data(out * inp, 0.07).reshape((out, inp)).expect("w")).expect("w");
+    let b = Var::from_tensor(&data(out, 0.5)).expect("b");
+    let (c1, c2) = (
+        data(rows * out, 0.05).reshape((rows, out)).expect("c1"),
+        data(5 * out, 0.09).reshape((5, out)).expect("c2"),
+    );
+    let loss = |fused: bool| {
+        let f = |x: &Tensor, bias: Option<&Tensor>| {
+            if fused {
+                linear_t(x, w.as_tensor(), bias)
+            } else {
+                let y = x.matmul(&w.as_tensor().t()?)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        };
+        let y1 = f(x1.as_tensor(), Some(b.as_tensor())).expect("y1");
+        let y2 = f(&x2, None).expect("y2");
+        ((&y1 * &c1).and_then(|l| l.sum_all()).expect("l1") + (&y2 * &c2).and_then(|l| l.sum_all()).expect("l2"))
+            .expect("loss")
+    };
+    let want = loss(false).backward().expect("reference");
+    let plain = loss(true).backward().expect("fused");
+    for (what, t) in [("x", x1.as_tensor()), ("w", w.as_tensor()), ("b", b.as_tensor())] {
+        let (a, r) = (plain.get(t).expect("fused grad"), want.get(t).expect("reference grad"));
+        assert_close(what, &values(a), &values(r), 1e-12);
+    }
+    let collector = crate::kernels::leaf_grads::LeafGrads::new([w.as_tensor()]);
+    for step in 0..2 {
+        collector.clear();
+        let store = collector.collecting(|| loss(true).backward()).expect("collected");
+        assert!(store.get(w.as_tensor()).is_none(), "step {step}: w's gradient went to candle");
+        assert_close("dx", &values(store.get(x1.as_tensor()).expect("dx")), &values(want.get(x1.as_tensor()).expect("x")), 1e-12);
+        let dw = collector.take(w.as_tensor()).expect("collected dw");
+        assert_close(&format!("step {step} dw"), &values(&dw), &values(want.get(w.as_tensor()).expect("w")), 1e-12);
+    }
+}
