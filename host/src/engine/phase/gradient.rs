@@ -187,7 +187,7 @@ impl<'a> Objective<'a> {
             None => None,
         };
         let batch = self.next_batch(batcher, step.index, 0, rollout.as_mut())?;
-        let (graph, scalars) = match self.terms_on(&batch, step.progress, early.as_deref(), rollout.as_mut())? {
+        let (graph, scalars) = match self.terms_on(&batch, &step, early.as_deref(), rollout.as_mut())? {
             TermValues::Finite { graph, scalars } => (graph, scalars),
             TermValues::NonFinite { what, value } => {
                 batcher.skip(step.accum - 1);
@@ -206,7 +206,7 @@ impl<'a> Objective<'a> {
         let mut sum = StepGradient::first(&scalars, weights, step.accum);
         for drawn in 2..=step.accum {
             let batch = self.next_batch(batcher, step.index, drawn - 1, rollout.as_mut())?;
-            match self.terms_on(&batch, step.progress, Some(&sum.weights), rollout.as_mut())? {
+            match self.terms_on(&batch, &step, Some(&sum.weights), rollout.as_mut())? {
                 TermValues::Finite { graph, scalars } => {
                     let more = self.backward(graph, &sum.weights, opt, &step)?;
                     partial = sum_partial(partial, more)?;
@@ -261,12 +261,13 @@ impl<'a> Objective<'a> {
     }
 
     /// Teacher and student forward on `batch`, the router's token weights, every term (fused
-    /// with the student's head, weighed by `weights`, on the fused path). On an on-policy step
-    /// the teacher's score of the sampled tokens is added to `rollout`.
+    /// with the student's head, weighed by `weights`, on the fused path: the head's `dL/dW`
+    /// then goes into the optimizer's buffer, scaled as `backward` scales the loss). On an
+    /// on-policy step the teacher's score of the sampled tokens is added to `rollout`.
     fn terms_on(
         &mut self,
         batch: &Batch,
-        progress: Progress,
+        step: &StepInput,
         weights: Option<&[f64]>,
         rollout: Option<&mut RolloutTotals>,
     ) -> Result<TermValues> {
@@ -284,7 +285,7 @@ impl<'a> Objective<'a> {
             batch,
             student: &s_out,
             teacher: t_out.as_ref(),
-            progress,
+            progress: step.progress,
             token_weights: None,
         };
         let token_weights = self.router.prepare(&ctx)?.map(|w| w.detach());
@@ -300,7 +301,8 @@ impl<'a> Objective<'a> {
                         weight,
                     })
                     .collect();
-                let loss = fused_loss(&terms, &ctx, chunk, WeightGradient::Returned)?;
+                let scale = step.loss_scale / step.accum as f64;
+                let loss = fused_loss(&terms, &ctx, chunk, WeightGradient::Collected { scale })?;
                 (Graph::Weighted(loss.total, loss.weight_grad), loss.values)
             }
             _ => {

@@ -6,6 +6,7 @@ use retort_core::{Batch, Error, LossTerm, Outputs, Result, StepContext};
 
 use super::inject::Precomputed;
 use super::weight_grad::{product as matmul, WeightGrad};
+use crate::kernels::leaf_grads;
 
 /// One term of the objective with its weight for this step.
 pub struct HeadTerm<'a> {
@@ -16,7 +17,7 @@ pub struct HeadTerm<'a> {
 }
 
 /// Where `dL/dW` goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum WeightGradient {
     /// Into the graph: the loss is attached to the head's weight too, and candle's backward
     /// sums its gradient like any other (zero-filling a `[V, H]` first, then adding).
@@ -26,6 +27,14 @@ pub enum WeightGradient {
     /// Only for a weight that is a variable's tensor; any other (e.g. rows of a padded head,
     /// narrowed) goes [`WeightGradient::InGraph`], so its gradient reaches the variable.
     Returned,
+    /// Into the weight's leaf-gradient buffer, in place, times `scale` (the factor the
+    /// caller's backward multiplies `total` by: the loss scale over the micro-batches), where
+    /// the thread's collector holds the weight and it is a CPU f32/f64 tensor
+    /// (`kernels::leaf_grads`); otherwise as [`WeightGradient::Returned`] (unscaled).
+    Collected {
+        /// The factor applied to `dL/dW`.
+        scale: f64,
+    },
 }
 
 /// What [`fused_loss`] returns.
@@ -66,7 +75,13 @@ pub fn fused_loss(
     let w = weight.detach();
     let tokens = TokenWeights::of(ctx, n, h.dtype())?;
     let rows = Rows::new(ctx, n)?;
-    let mut grad_w = WeightGrad::zeros((vocab, width), w.dtype(), w.device());
+    let collected = match weight_gradient {
+        WeightGradient::Collected { scale } if n > 0 => {
+            leaf_grads::claim(weight)?.and_then(|c| WeightGrad::leaf(c, scale))
+        }
+        _ => None,
+    };
+    let mut grad_w = collected.unwrap_or_else(|| WeightGrad::zeros((vocab, width), w.dtype(), w.device()));
     let mut grad_h = Vec::new();
     let mut sums = vec![0f64; terms.len()];
     let chunk = chunk.max(1);
@@ -100,11 +115,14 @@ pub fn fused_loss(
         .to_dtype(hidden.dtype())?;
     let grad_weight = grad_w
         .finish((vocab, width), w.dtype(), w.device())?
-        .to_dtype(weight.dtype())?;
+        .map(|g| g.to_dtype(weight.dtype()))
+        .transpose()?;
     let value = Tensor::new(total, hidden.device())?.to_dtype(hidden.dtype())?;
-    let (in_graph, weight_grad) = match weight_gradient {
-        WeightGradient::Returned if weight.is_variable() => (None, Some((weight.clone(), grad_weight))),
-        _ => (Some(grad_weight), None),
+    let returned = matches!(weight_gradient, WeightGradient::Returned | WeightGradient::Collected { .. });
+    let (in_graph, weight_grad) = match grad_weight {
+        None => (None, None),
+        Some(g) if returned && weight.is_variable() => (None, Some((weight.clone(), g))),
+        Some(g) => (Some(g), None),
     };
     let total = Precomputed {
         value,

@@ -10,6 +10,7 @@ use retort_core::taps::{LM_HEAD_HIDDEN, LM_HEAD_WEIGHT};
 use retort_core::{Batch, BuildContext, LossTerm, Outputs, Params, Progress, Registry, StepContext};
 
 use super::{chunk_tokens, fused_loss, HeadTerm, WeightGradient};
+use crate::kernels::leaf_grads::LeafGrads;
 
 const B: usize = 2;
 const S: usize = 5;
@@ -158,12 +159,18 @@ fn run(
         token_weights: weighted.then_some(&f.token_weights),
     };
     let mut weight_grad = None;
+    let collector = LeafGrads::new([w.as_tensor()]);
     let (total, values) = match chunk {
         Some((c, mode)) => {
             let ht: Vec<HeadTerm> = terms.iter().map(|(t, w)| HeadTerm { term: *t, weight: *w }).collect();
-            let l = fused_loss(&ht, &ctx, c, mode).expect("fused");
+            let l = collector.collecting(|| fused_loss(&ht, &ctx, c, mode)).expect("fused");
             assert_eq!(l.weight_grad.is_some(), mode == WeightGradient::Returned);
             weight_grad = l.weight_grad;
+            if let WeightGradient::Collected { scale } = mode {
+                // Collected times `scale`: what the backward of `scale * total` gives.
+                let g = collector.take(w.as_tensor()).expect("collected dL/dW");
+                weight_grad = Some((w.as_tensor().clone(), (g / scale).expect("unscaled")));
+            }
             (l.total, l.values)
         }
         None => {
@@ -214,7 +221,11 @@ fn check(terms: &[(&dyn LossTerm, f64)], form: TeacherForm, label: &str) {
         let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
         for weighted in [true, false] {
             let (t0, v0, gh0, gw0) = run(terms, &f, form, weighted, None);
-            let modes = [WeightGradient::InGraph, WeightGradient::Returned];
+            let modes = [
+                WeightGradient::InGraph,
+                WeightGradient::Returned,
+                WeightGradient::Collected { scale: 0.25 },
+            ];
             for (chunk, mode) in [1, 3, 4, B * S, 64].into_iter().zip(modes.iter().cycle()) {
                 let what = format!("{label} {form:?} {dtype:?} weighted={weighted} chunk={chunk} {mode:?}");
                 let (t1, v1, gh1, gw1) = run(terms, &f, form, weighted, Some((chunk, *mode)));

@@ -1,12 +1,14 @@
 //! `dL/dW = sum_c G_c^T h_c`, summed chunk by chunk: in place by the `gemm` crate for CPU
-//! f32/f64 (no `[V, H]` temporary per chunk), by candle's `matmul` and an add elsewhere.
+//! f32/f64 (no `[V, H]` temporary per chunk; straight into the weight's leaf-gradient buffer
+//! where the thread's collector holds the weight), by candle's `matmul` and an add elsewhere.
 
-use candle_core::{DType, Device, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Result, Storage, Tensor};
 
 use crate::kernels::cpu::fastmath::Real;
 use crate::kernels::cpu::linear;
 use crate::kernels::cpu::raw::gemm::{gemm_into, Mat};
-use crate::kernels::cpu::rows::slice;
+use crate::kernels::cpu::rows::{slice, slice_mut};
+use crate::kernels::leaf_grads::Claim;
 
 /// The running sum of `G_c^T h_c`, `[V, H]`.
 pub enum WeightGrad {
@@ -16,6 +18,9 @@ pub enum WeightGrad {
     F64(Vec<f64>, (usize, usize)),
     /// Any other device or dtype: a tensor (none before the first chunk).
     Tensor(Option<Tensor>),
+    /// A CPU f32/f64 leaf-gradient buffer, `scale` times each chunk's product written into it
+    /// (the first one overwriting it unless the claim says to add).
+    Leaf(Claim, f64),
 }
 
 impl WeightGrad {
@@ -28,9 +33,26 @@ impl WeightGrad {
         }
     }
 
+    /// Into a claimed leaf-gradient buffer, each product times `scale`; `None` where the
+    /// buffer is not a CPU f32/f64 tensor (then use [`WeightGrad::zeros`]).
+    pub fn leaf(claim: Claim, scale: f64) -> Option<Self> {
+        let b = &claim.buffer;
+        (b.device().is_cpu() && matches!(b.dtype(), DType::F32 | DType::F64) && b.is_contiguous())
+            .then_some(WeightGrad::Leaf(claim, scale))
+    }
+
     /// Adds `g^T h` for `g [C, V]` and `h [C, H]` (contiguous, of the accumulator's dtype).
     pub fn add(&mut self, g: &Tensor, h: &Tensor) -> Result<()> {
         match self {
+            WeightGrad::Leaf(claim, scale) => {
+                let h = if *scale == 1.0 { h.clone() } else { (h * *scale)? };
+                let op = AddInto {
+                    accumulate: claim.accumulate,
+                };
+                claim.buffer.inplace_op3(&g.contiguous()?, &h.contiguous()?, &op)?;
+                claim.accumulate = true;
+                Ok(())
+            }
             WeightGrad::F32(acc, _) => add_in_place(acc, g, h),
             WeightGrad::F64(acc, _) => add_in_place(acc, g, h),
             WeightGrad::Tensor(acc) => {
@@ -49,14 +71,21 @@ impl WeightGrad {
         }
     }
 
-    /// The sum as a `[V, H]` tensor (zeros when nothing was added) of `dtype` on `device`.
-    pub fn finish(self, dims: (usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
-        match self {
-            WeightGrad::F32(v, d) => Tensor::from_vec(v, d, device),
-            WeightGrad::F64(v, d) => Tensor::from_vec(v, d, device),
-            WeightGrad::Tensor(Some(t)) => t.to_dtype(dtype),
-            WeightGrad::Tensor(None) => Tensor::zeros(dims, dtype, device),
-        }
+    /// The sum as a `[V, H]` tensor (zeros when nothing was added) of `dtype` on `device`;
+    /// `None` when it went into a leaf-gradient buffer.
+    pub fn finish(self, dims: (usize, usize), dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+        Ok(Some(match self {
+            WeightGrad::F32(v, d) => Tensor::from_vec(v, d, device)?,
+            WeightGrad::F64(v, d) => Tensor::from_vec(v, d, device)?,
+            WeightGrad::Tensor(Some(t)) => t.to_dtype(dtype)?,
+            WeightGrad::Tensor(None) => Tensor::zeros(dims, dtype, device)?,
+            WeightGrad::Leaf(claim, _) if !claim.accumulate => {
+                // Claimed, never written: the step's contribution is zero.
+                claim.buffer.inplace_op1(&Zero)?;
+                return Ok(None);
+            }
+            WeightGrad::Leaf(..) => return Ok(None),
+        }))
     }
 }
 
@@ -67,6 +96,75 @@ pub fn product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return linear::linear(a, b, None);
     }
     a.matmul(b)
+}
+
+/// `buffer (+)= g^T h` (args: the buffer, `g`, `h`), adding when `accumulate`.
+struct AddInto {
+    accumulate: bool,
+}
+
+impl InplaceOp3 for AddInto {
+    fn name(&self) -> &'static str {
+        "lm-head-dw-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+        h: &CpuStorage,
+        hl: &Layout,
+    ) -> Result<()> {
+        match dst {
+            CpuStorage::F32(_) => product_into::<f32>((dst, dl), (g, gl), (h, hl), self.accumulate),
+            CpuStorage::F64(_) => product_into::<f64>((dst, dl), (g, gl), (h, hl), self.accumulate),
+            _ => candle_core::bail!("lm_head: the weight's gradient buffer must be f32 or f64"),
+        }
+    }
+}
+
+fn product_into<T: Real>(
+    dst: (&mut CpuStorage, &Layout),
+    g: (&CpuStorage, &Layout),
+    h: (&CpuStorage, &Layout),
+    accumulate: bool,
+) -> Result<()> {
+    let ((c, v), (c2, width)) = (g.1.shape().dims2()?, h.1.shape().dims2()?);
+    if c != c2 || dst.1.shape().elem_count() != v * width {
+        candle_core::bail!(
+            "lm_head: chunk gradient {:?} and input {:?} do not match the buffer {:?}",
+            g.1.dims(),
+            h.1.dims(),
+            dst.1.dims()
+        );
+    }
+    let (gd, hd) = (
+        slice::<T>(g.0, g.1, "lm_head gradient")?,
+        slice::<T>(h.0, h.1, "lm_head input")?,
+    );
+    let acc = slice_mut::<T>(dst.0, dst.1, "lm_head weight gradient")?;
+    gemm_into(acc, accumulate, &Mat::dense(gd, c, v).t(), &Mat::dense(hd, c, width));
+    Ok(())
+}
+
+/// Zeroes a CPU f32/f64 buffer.
+struct Zero;
+
+impl candle_core::InplaceOp1 for Zero {
+    fn name(&self) -> &'static str {
+        "zero"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, l: &Layout) -> Result<()> {
+        match dst {
+            CpuStorage::F32(_) => slice_mut::<f32>(dst, l, "zeroed buffer")?.fill(0.0),
+            CpuStorage::F64(_) => slice_mut::<f64>(dst, l, "zeroed buffer")?.fill(0.0),
+            _ => candle_core::bail!("zero: expected f32 or f64"),
+        }
+        Ok(())
+    }
 }
 
 /// `acc [V, H] += g^T h` by one `gemm` call.
