@@ -1,11 +1,11 @@
 //! The chunk loop of [`fused_loss`].
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 
 use retort_core::{Batch, Error, LossTerm, Outputs, Result, StepContext};
 
 use super::inject::Precomputed;
-use super::weight_grad::{product as matmul, WeightGrad};
+use super::weight_grad::{logits_var, product as matmul, WeightGrad};
 use crate::kernels::leaf_grads;
 
 /// One term of the objective with its weight for this step.
@@ -88,7 +88,7 @@ pub fn fused_loss(
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let hc = h.narrow(0, start, len)?;
-        let zs = Var::from_tensor(&matmul(&hc, &w.t()?)?.reshape((1, len, vocab))?)?;
+        let zs = logits_var(&hc, &w, (1, len, vocab))?;
         let (teacher, batch) = (rows.teacher(start, len)?, rows.batch(start, len)?);
         let student = Outputs::logits_only(zs.as_tensor().clone());
         let cctx = StepContext {

@@ -2,11 +2,12 @@
 //! f32/f64 (no `[V, H]` temporary per chunk; straight into the weight's leaf-gradient buffer
 //! where the thread's collector holds the weight), by candle's `matmul` and an add elsewhere.
 
-use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Result, Storage, Tensor, Var, WithDType};
 
 use crate::kernels::cpu::fastmath::Real;
 use crate::kernels::cpu::linear;
 use crate::kernels::cpu::raw::gemm::{gemm_into, Mat};
+use crate::kernels::cpu::raw::output_vec;
 use crate::kernels::cpu::rows::{slice, slice_mut};
 use crate::kernels::leaf_grads::Claim;
 
@@ -87,6 +88,46 @@ impl WeightGrad {
             WeightGrad::Leaf(..) => return Ok(None),
         }))
     }
+}
+
+/// A chunk's logits `h w^T` (`h [C, H]`, `w [V, H]`) as a fresh variable of shape `dims`: for
+/// CPU f32/f64 the product is written straight into the variable's storage, elsewhere
+/// [`product`] is copied into one.
+pub fn logits_var(h: &Tensor, w: &Tensor, dims: (usize, usize, usize)) -> Result<Var> {
+    if linear::supports(h, w, None) {
+        match h.dtype() {
+            DType::F32 => return logits_var_cpu::<f32>(h, w, dims),
+            DType::F64 => return logits_var_cpu::<f64>(h, w, dims),
+            _ => {}
+        }
+    }
+    Var::from_tensor(&product(h, &w.t()?)?.reshape(dims)?)
+}
+
+fn logits_var_cpu<T: Real + WithDType>(h: &Tensor, w: &Tensor, dims: (usize, usize, usize)) -> Result<Var> {
+    let ((c, width), (v, width2)) = (h.dims2()?, w.dims2()?);
+    if width != width2 || dims.0 * dims.1 != c || dims.2 != v {
+        candle_core::bail!(
+            "lm_head: logits of {:?} and {:?} cannot be {dims:?}",
+            h.dims(),
+            w.dims()
+        );
+    }
+    let (h, w) = (h.contiguous()?, w.contiguous()?);
+    let mut out = output_vec::<T>(c * v);
+    {
+        let (hs, hl) = h.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (Storage::Cpu(hs), Storage::Cpu(ws)) = (&*hs, &*ws) else {
+            candle_core::bail!("lm_head: expected CPU tensors")
+        };
+        let (hd, wd) = (
+            slice::<T>(hs, hl, "lm_head input")?,
+            slice::<T>(ws, wl, "lm_head weight")?,
+        );
+        gemm_into(&mut out, false, &Mat::dense(hd, c, width), &Mat::dense(wd, v, width).t());
+    }
+    Var::from_vec(out, dims, h.device())
 }
 
 /// `a @ b` for matrices: the CPU linear kernel (`gemm`, the operands' strides read in place)
