@@ -10,8 +10,10 @@
 //! for the next ones, and hands candle no gradient for that parameter.
 //!
 //! The engine owns one [`LeafGrads`] for the parameters it trains and makes it the thread's
-//! collector for a step ([`LeafGrads::collecting`]); outside such a scope, or for a tensor it
-//! does not hold, [`claim`] says no and the op returns its gradient to candle as usual.
+//! collector for a step ([`LeafGrads::collect`]); outside such a scope, or for a tensor it does
+//! not hold, [`claim`] says no and the op returns its gradient to candle as usual. An op whose
+//! gradient is a fresh tensor anyway gives it over whole ([`hand_over`]): the fused LM head
+//! collects each chunk's `dL/dlogits` from the loss kernels that way.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -82,6 +84,21 @@ pub fn claim(param: &Tensor) -> Result<Option<Claim>> {
     }
 }
 
+/// Hands `grad`, the gradient an op computed for its argument `arg`, to the thread's
+/// collector when it holds `arg` (returns `None`: the op gives candle nothing for `arg`, so no
+/// zero-filled sum is made for it); returns `Some(grad)` otherwise. For ops whose gradient is a
+/// fresh tensor anyway (a loss kernel's `dL/dlogits`).
+pub fn hand_over(arg: &Tensor, grad: Tensor) -> Result<Option<Tensor>> {
+    let active = ACTIVE.with(|a| a.borrow().clone());
+    match active {
+        Some(grads) if grads.holds(arg) => {
+            grads.add(arg, grad)?;
+            Ok(None)
+        }
+        _ => Ok(Some(grad)),
+    }
+}
+
 impl LeafGrads {
     /// Buffers for `params` (none allocated yet).
     pub fn new<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> Arc<Self> {
@@ -142,7 +159,11 @@ impl LeafGrads {
             return Ok(false);
         };
         if grad.dims() != param.dims() {
-            bail!("leaf gradient of {:?}: got a {:?} contribution", param.dims(), grad.dims())
+            bail!(
+                "leaf gradient of {:?}: got a {:?} contribution",
+                param.dims(),
+                grad.dims()
+            )
         }
         slot.state = match std::mem::replace(&mut slot.state, State::Empty) {
             State::Empty => State::Held(grad),
@@ -158,6 +179,11 @@ impl LeafGrads {
             }
         };
         Ok(true)
+    }
+
+    /// Whether `param` is one of the collector's tensors.
+    pub fn holds(&self, param: &Tensor) -> bool {
+        self.lock().contains_key(&param.id())
     }
 
     fn claim(&self, param: &Tensor) -> Result<Option<Claim>> {
@@ -212,11 +238,13 @@ fn add_into<T: Real>(dst: &mut CpuStorage, dl: &Layout, src: &CpuStorage, sl: &L
     if dst.len() != src.len() {
         bail!("leaf gradient add: {} elements onto {}", src.len(), dst.len())
     }
-    dst.par_chunks_mut(1 << 14).zip(src.par_chunks(1 << 14)).for_each(|(d, s)| {
-        for (d, &s) in d.iter_mut().zip(s) {
-            *d = *d + s;
-        }
-    });
+    dst.par_chunks_mut(1 << 14)
+        .zip(src.par_chunks(1 << 14))
+        .for_each(|(d, s)| {
+            for (d, &s) in d.iter_mut().zip(s) {
+                *d = *d + s;
+            }
+        });
     Ok(())
 }
 
@@ -270,6 +298,19 @@ mod tests {
         assert_eq!(values(&buffer), vec![6.0, 7.0, 8.0], "the same buffer, not a copy");
         assert!(!grads.add(&t(&[1.0]), t(&[1.0])).expect("add"), "not held");
         assert!(grads.add(&p, t(&[1.0])).is_err(), "wrong shape");
+    }
+
+    #[test]
+    fn hand_over_gives_a_held_tensor_to_the_collector_only() {
+        let (p, q) = (t(&[1.0, 2.0]), t(&[3.0]));
+        let grads = LeafGrads::new([&p]);
+        assert!(hand_over(&p, t(&[1.0, 1.0])).expect("no scope").is_some());
+        grads.collecting(|| {
+            assert!(hand_over(&p, t(&[1.0, 1.0])).expect("held").is_none());
+            assert!(hand_over(&p, t(&[0.5, 0.0])).expect("held").is_none());
+            assert!(hand_over(&q, t(&[1.0])).expect("not held").is_some());
+        });
+        assert_eq!(values(&grads.take(&p).expect("sum")), vec![1.5, 1.0]);
     }
 
     #[test]

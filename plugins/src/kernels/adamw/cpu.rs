@@ -28,8 +28,20 @@ pub(super) fn update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWSte
 /// one with any of them either).
 pub(super) fn update_in_place(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWStep) -> Result<()> {
     match w.dtype() {
-        DType::F32 => m.inplace_op1(&FirstMoment::<f32> { w, g, v, s, t: Default::default() }),
-        DType::F64 => m.inplace_op1(&FirstMoment::<f64> { w, g, v, s, t: Default::default() }),
+        DType::F32 => m.inplace_op1(&FirstMoment::<f32> {
+            w,
+            g,
+            v,
+            s,
+            t: Default::default(),
+        }),
+        DType::F64 => m.inplace_op1(&FirstMoment::<f64> {
+            w,
+            g,
+            v,
+            s,
+            t: Default::default(),
+        }),
         other => bail!("fused adamw: unsupported dtype {other:?}"),
     }
 }

@@ -78,7 +78,11 @@ fn lookup<T: Real>(w: (&CpuStorage, &Layout), ids: (&CpuStorage, &Layout)) -> Re
 /// `dst[ids[i]] += dy[i]` for every token in order.
 fn scatter<T: Real>(dst: &mut [T], h: usize, ids: &[u32], dy: &[T]) -> Result<()> {
     if dy.len() != ids.len() * h {
-        bail!("embedding backward: {} gradient values for {} tokens of width {h}", dy.len(), ids.len())
+        bail!(
+            "embedding backward: {} gradient values for {} tokens of width {h}",
+            dy.len(),
+            ids.len()
+        )
     }
     for (&i, row) in ids.iter().zip(dy.chunks_exact(h)) {
         let start = i as usize * h;
@@ -191,7 +195,10 @@ mod tests {
                 let y = if fused {
                     embedding(w.as_tensor(), &ids).expect("fused")
                 } else {
-                    let rows = w.as_tensor().index_select(&ids.flatten_all().expect("f"), 0).expect("sel");
+                    let rows = w
+                        .as_tensor()
+                        .index_select(&ids.flatten_all().expect("f"), 0)
+                        .expect("sel");
                     rows.reshape((2, 3, 5)).expect("reshape")
                 };
                 assert_eq!(y.dims(), &[2, 3, 5]);

@@ -18,7 +18,7 @@ mod tests;
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use super::Support;
+use super::{leaf_grads, Support};
 
 /// Where the fused cross-entropy runs.
 pub const SUPPORT: Support = Support {
@@ -92,7 +92,7 @@ impl CustomOp2 for CeFwd {
         let g = grad.narrow(D::Minus1, 0, 1)?;
         let aux = Tensor::cat(&[&res.detach(), &g], D::Minus1)?.contiguous()?;
         let gz = z.detach().apply_op3_no_bwd(y, &aux, &CeBwd { eps: self.eps })?;
-        Ok((Some(gz), None))
+        Ok((leaf_grads::hand_over(z, gz)?, None))
     }
 }
 

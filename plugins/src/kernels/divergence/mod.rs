@@ -44,7 +44,7 @@ mod tests;
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use super::Support;
+use super::{leaf_grads, Support};
 
 /// Which divergence.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -215,7 +215,7 @@ impl CustomOp2 for DivergenceFwd {
         // Only column 0 (D) of the output is ever read downstream; its gradient is all that
         // matters (the other columns get zeros from `narrow`'s backward).
         let g = grad.narrow(D::Minus1, 0, 1)?;
-        Ok((Some(self.student_grad(zs, zt, res, &g)?), None))
+        Ok((leaf_grads::hand_over(zs, self.student_grad(zs, zt, res, &g)?)?, None))
     }
 }
 

@@ -76,7 +76,9 @@ pub fn fused_loss(
     let tokens = TokenWeights::of(ctx, n, h.dtype())?;
     let rows = Rows::new(ctx, n)?;
     let collected = match weight_gradient {
-        WeightGradient::Collected { scale } if n > 0 => {
+        // Claimed only where the product can be written into the buffer: a claim that went
+        // unused would leave last step's values in it.
+        WeightGradient::Collected { scale } if n > 0 && WeightGrad::writes_into(weight) => {
             leaf_grads::claim(weight)?.and_then(|c| WeightGrad::leaf(c, scale))
         }
         _ => None,
@@ -99,7 +101,7 @@ pub fn fused_loss(
             token_weights: None,
         };
         let g = match chunk_terms(terms, &cctx, &tokens.chunk(start, len)?, &mut sums)? {
-            Some(total) => total.backward()?.remove(zs.as_tensor()),
+            Some(total) => logits_grad(&total, zs.as_tensor())?,
             None => None,
         };
         let g = match g {
@@ -118,7 +120,10 @@ pub fn fused_loss(
         .map(|g| g.to_dtype(weight.dtype()))
         .transpose()?;
     let value = Tensor::new(total, hidden.device())?.to_dtype(hidden.dtype())?;
-    let returned = matches!(weight_gradient, WeightGradient::Returned | WeightGradient::Collected { .. });
+    let returned = matches!(
+        weight_gradient,
+        WeightGradient::Returned | WeightGradient::Collected { .. }
+    );
     let (in_graph, weight_grad) = match grad_weight {
         None => (None, None),
         Some(g) if returned && weight.is_variable() => (None, Some((weight.clone(), g))),
@@ -272,4 +277,16 @@ impl<'a> Rows<'a> {
         }
         Ok(Some(out))
     }
+}
+
+/// `d total / d zs` (`None` when `total` does not depend on `zs`): the loss kernels hand their
+/// gradients of `zs` to a collector holding it (no zero-filled `[C, V]` sum), the rest of the
+/// graph leaves its part in candle's store.
+fn logits_grad(total: &Tensor, zs: &Tensor) -> Result<Option<Tensor>> {
+    let collector = leaf_grads::LeafGrads::new([zs]);
+    let mut store = collector.collecting(|| total.backward())?;
+    Ok(match (collector.take(zs), store.remove(zs)) {
+        (Some(a), Some(b)) => Some((a + b)?),
+        (a, b) => a.or(b),
+    })
 }

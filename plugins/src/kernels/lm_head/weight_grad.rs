@@ -34,12 +34,18 @@ impl WeightGrad {
         }
     }
 
+    /// Whether the products can go into a leaf-gradient buffer shaped like `weight` (one on
+    /// the CPU, f32 or f64).
+    pub fn writes_into(weight: &Tensor) -> bool {
+        weight.device().is_cpu() && matches!(weight.dtype(), DType::F32 | DType::F64)
+    }
+
     /// Into a claimed leaf-gradient buffer, each product times `scale`; `None` where the
-    /// buffer is not a CPU f32/f64 tensor (then use [`WeightGrad::zeros`]).
+    /// buffer is not a contiguous CPU f32/f64 tensor (check [`WeightGrad::writes_into`]
+    /// before claiming).
     pub fn leaf(claim: Claim, scale: f64) -> Option<Self> {
         let b = &claim.buffer;
-        (b.device().is_cpu() && matches!(b.dtype(), DType::F32 | DType::F64) && b.is_contiguous())
-            .then_some(WeightGrad::Leaf(claim, scale))
+        (Self::writes_into(b) && b.is_contiguous()).then_some(WeightGrad::Leaf(claim, scale))
     }
 
     /// Adds `g^T h` for `g [C, V]` and `h [C, H]` (contiguous, of the accumulator's dtype).
@@ -125,7 +131,12 @@ fn logits_var_cpu<T: Real + WithDType>(h: &Tensor, w: &Tensor, dims: (usize, usi
             slice::<T>(hs, hl, "lm_head input")?,
             slice::<T>(ws, wl, "lm_head weight")?,
         );
-        gemm_into(&mut out, false, &Mat::dense(hd, c, width), &Mat::dense(wd, v, width).t());
+        gemm_into(
+            &mut out,
+            false,
+            &Mat::dense(hd, c, width),
+            &Mat::dense(wd, v, width).t(),
+        );
     }
     Var::from_vec(out, dims, h.device())
 }

@@ -29,7 +29,7 @@ mod tests;
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use super::Support;
+use super::{leaf_grads, Support};
 
 /// Tail treatment (the term's `tail`, less `uniform`, which has no fused form).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,7 +146,7 @@ impl CustomOp3 for TopkFwd {
             inv_t: self.inv_t,
         };
         let gz = z.detach().apply_op3_no_bwd(ids, &packed, &op)?;
-        Ok((Some(gz), None, None))
+        Ok((leaf_grads::hand_over(z, gz)?, None, None))
     }
 }
 

@@ -194,9 +194,22 @@ fn an_out_in_weight_gets_its_gradient_in_place_where_collected() {
     for step in 0..2 {
         collector.clear();
         let store = collector.collecting(|| loss(true).backward()).expect("collected");
-        assert!(store.get(w.as_tensor()).is_none(), "step {step}: w's gradient went to candle");
-        assert_close("dx", &values(store.get(x1.as_tensor()).expect("dx")), &values(want.get(x1.as_tensor()).expect("x")), 1e-12);
+        assert!(
+            store.get(w.as_tensor()).is_none(),
+            "step {step}: w's gradient went to candle"
+        );
+        assert_close(
+            "dx",
+            &values(store.get(x1.as_tensor()).expect("dx")),
+            &values(want.get(x1.as_tensor()).expect("x")),
+            1e-12,
+        );
         let dw = collector.take(w.as_tensor()).expect("collected dw");
-        assert_close(&format!("step {step} dw"), &values(&dw), &values(want.get(w.as_tensor()).expect("w")), 1e-12);
+        assert_close(
+            &format!("step {step} dw"),
+            &values(&dw),
+            &values(want.get(w.as_tensor()).expect("w")),
+            1e-12,
+        );
     }
 }
