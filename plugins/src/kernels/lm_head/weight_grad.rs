@@ -53,7 +53,7 @@ impl WeightGrad {
         match self {
             WeightGrad::Leaf(claim, scale) => {
                 let h = if *scale == 1.0 { h.clone() } else { (h * *scale)? };
-                let op = AddInto {
+                let op = ProductInto {
                     accumulate: claim.accumulate,
                 };
                 claim.buffer.inplace_op3(&g.contiguous()?, &h.contiguous()?, &op)?;
@@ -151,11 +151,11 @@ pub fn product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// `buffer (+)= g^T h` (args: the buffer, `g`, `h`), adding when `accumulate`.
-struct AddInto {
+struct ProductInto {
     accumulate: bool,
 }
 
-impl InplaceOp3 for AddInto {
+impl InplaceOp3 for ProductInto {
     fn name(&self) -> &'static str {
         "lm-head-dw-into"
     }
