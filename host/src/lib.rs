@@ -16,25 +16,18 @@
 //!   events, progress, generic checksummed checkpoints, the report and its plots, exported
 //!   models, scaffolded plugin crates.
 //!
+//! Beside them, [`allocator`]: the process allocator (mimalloc) and its treatment of freed
+//! memory, set up by the binary.
+//!
 //! One step of training, as data: batch -> teacher forward (no grad) -> student forward (with
 //! the taps the terms ask for) -> each loss term -> router weights -> `sum_i w_i term_i` ->
 //! backward -> AdamW -> events. See `docs/design.md` for the map with file names.
 
+pub mod allocator;
 pub mod artifacts;
 pub mod assemble;
 pub mod cli;
 pub mod engine;
-
-/// The process allocator of everything linking this crate (the `retort` binary, its examples and
-/// benches): mimalloc keeps freed blocks for reuse instead of returning them to the OS and
-/// faulting them in again on the next step, which glibc's malloc does with the multi-megabyte
-/// activations and gradients of every step (docs/performance.md has the measurements). Its
-/// `override` feature also replaces C `malloc`/`free`, so memory allocated by a dynamically
-/// loaded plugin (built with Rust's default system allocator) and freed here, or the other way
-/// round, goes through the same allocator. Turn it off with `--no-default-features`.
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The registry of every built-in plugin.
 pub fn builtin_registry() -> retort_core::Result<retort_core::Registry> {

@@ -119,25 +119,15 @@ fn logits_var_cpu<T: Real + WithDType>(h: &Tensor, w: &Tensor, dims: (usize, usi
             w.dims()
         );
     }
-    let (h, w) = (h.contiguous()?, w.contiguous()?);
     let mut out = output_vec::<T>(c * v);
-    {
-        let (hs, hl) = h.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (Storage::Cpu(hs), Storage::Cpu(ws)) = (&*hs, &*ws) else {
-            candle_core::bail!("lm_head: expected CPU tensors")
-        };
-        let (hd, wd) = (
-            slice::<T>(hs, hl, "lm_head input")?,
-            slice::<T>(ws, wl, "lm_head weight")?,
-        );
+    on_cpu_slices::<T, _>(h, w, ["lm_head input", "lm_head weight"], |hd, wd| {
         gemm_into(
             &mut out,
             false,
             &Mat::dense(hd, c, width),
             &Mat::dense(wd, v, width).t(),
-        );
-    }
+        )
+    })?;
     Var::from_vec(out, dims, h.device())
 }
 
@@ -197,7 +187,7 @@ fn product_into<T: Real>(
         slice::<T>(h.0, h.1, "lm_head input")?,
     );
     let acc = slice_mut::<T>(dst.0, dst.1, "lm_head weight gradient")?;
-    gemm_into(acc, accumulate, &Mat::dense(gd, c, v).t(), &Mat::dense(hd, c, width));
+    dw_product(acc, accumulate, gd, hd, (c, v, width));
     Ok(())
 }
 
@@ -229,16 +219,23 @@ fn add_in_place<T: Real>(acc: &mut [T], g: &Tensor, h: &Tensor) -> Result<()> {
             h.dims()
         );
     }
-    let (g, h) = (g.contiguous()?, h.contiguous()?);
-    let (gs, gl) = g.storage_and_layout();
-    let (hs, hl) = h.storage_and_layout();
-    let (Storage::Cpu(gs), Storage::Cpu(hs)) = (&*gs, &*hs) else {
+    on_cpu_slices::<T, _>(g, h, ["lm_head gradient", "lm_head input"], |gd, hd| {
+        dw_product(acc, true, gd, hd, (c, v, width))
+    })
+}
+
+/// `acc [V, H] (+)= g^T h` over row-major slices `g [C, V]`, `h [C, H]` (`dims = (C, V, H)`).
+fn dw_product<T: Real>(acc: &mut [T], accumulate: bool, g: &[T], h: &[T], (c, v, width): (usize, usize, usize)) {
+    gemm_into(acc, accumulate, &Mat::dense(g, c, v).t(), &Mat::dense(h, c, width));
+}
+
+/// `f` on the contiguous CPU slices of `a` and `b` (`names`: what each is, for errors).
+fn on_cpu_slices<T: Real, R>(a: &Tensor, b: &Tensor, names: [&str; 2], f: impl FnOnce(&[T], &[T]) -> R) -> Result<R> {
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(sa), Storage::Cpu(sb)) = (&*sa, &*sb) else {
         candle_core::bail!("lm_head: expected CPU tensors")
     };
-    let (gd, hd) = (
-        slice::<T>(gs, gl, "lm_head gradient")?,
-        slice::<T>(hs, hl, "lm_head input")?,
-    );
-    gemm_into(acc, true, &Mat::dense(gd, c, v).t(), &Mat::dense(hd, c, width));
-    Ok(())
+    Ok(f(slice::<T>(sa, la, names[0])?, slice::<T>(sb, lb, names[1])?))
 }

@@ -103,6 +103,19 @@ impl<'a, T: Real> Mat<'a, T> {
         &self.data[start..start + self.rows]
     }
 
+    /// Rows `start..start + len` as a view.
+    ///
+    /// # Panics
+    /// When the range passes the last row.
+    pub fn row_range(&self, start: usize, len: usize) -> Self {
+        assert!(start + len <= self.rows, "Mat::row_range: past the last row");
+        Mat {
+            offset: self.offset + start * self.rs,
+            rows: len,
+            ..*self
+        }
+    }
+
     /// Rows.
     pub fn rows(&self) -> usize {
         self.rows
@@ -142,6 +155,9 @@ pub fn gemm_into_on<T: Real>(dst: &mut [T], accumulate: bool, a: &Mat<T>, b: &Ma
         // A few rows against a transposed weight: dot products, the weight read in place.
         return crate::kernels::cpu::few_rows::few_rows_into(dst, accumulate, a, b);
     }
+    if let Some(rows) = row_block(m, n, threads) {
+        return by_row_blocks(dst, accumulate, a, b, rows);
+    }
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -175,6 +191,37 @@ pub fn gemm_into_on<T: Real>(dst: &mut [T], accumulate: bool, a: &Mat<T>, b: &Ma
     }
 }
 
+/// Output rows at most per block in [`by_row_blocks`] (a block's output and left operand stay
+/// in the core's L2 while `gemm` sweeps them).
+const MAX_BLOCK_ROWS: usize = 1024;
+
+/// Rows per block when a product on `threads` threads is split into row blocks of its output
+/// (`None`: one `gemm` call spreading the work itself).
+///
+/// Measured on two cores (`docs/performance.md`, session 25): `gemm`'s own split ran the LM
+/// head's `dW += G^T h` (`[49152, 256] x [256, 576]`) at 206-218 GFLOP/s and `dh = G W`
+/// (`[256, 49152] x [49152, 576]`) at 225-227, even row blocks (one single-threaded call
+/// each) at 267-288 and 252-261; the linear layers' shapes gained 0-13%. Outputs much wider
+/// than tall (the logits `[256, 49152]`) lost ~10% that way, so they keep `gemm`'s split, as
+/// do products too short to give every thread 64 rows.
+fn row_block(m: usize, n: usize, threads: usize) -> Option<usize> {
+    if threads < 2 || m < 64 * threads || n > 16 * m {
+        return None;
+    }
+    let blocks = m.div_ceil(MAX_BLOCK_ROWS).max(threads).next_multiple_of(threads);
+    Some(m.div_ceil(blocks).next_multiple_of(16))
+}
+
+/// The product by blocks of `rows` output rows, each block one single-threaded `gemm` call on
+/// the rayon pool.
+fn by_row_blocks<T: Real>(dst: &mut [T], accumulate: bool, a: &Mat<T>, b: &Mat<T>, rows: usize) {
+    use rayon::prelude::*;
+    let n = b.cols;
+    dst.par_chunks_mut(rows * n).enumerate().for_each(|(i, block)| {
+        gemm_into_on(block, accumulate, &a.row_range(i * rows, block.len() / n), b, 1);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +240,34 @@ mod tests {
             for j in 0..n {
                 let want: f32 = (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum();
                 assert_eq!(dst[i * n + j], want, "({i}, {j})");
+            }
+        }
+    }
+
+    /// The row-block split (taken for tall products on more than one thread) gives the
+    /// product of one call: overwriting and accumulating, with a transposed (column-major)
+    /// left operand and a row count that does not divide into the blocks.
+    #[test]
+    fn row_blocks_give_the_whole_product() {
+        let (m, k, n) = (2 * MAX_BLOCK_ROWS + 77, 19, 23);
+        let rows = row_block(m, n, 2).expect("a tall product is split");
+        assert!(rows <= MAX_BLOCK_ROWS && m.div_ceil(rows) >= 2);
+        assert_eq!(row_block(256, 49_152, 2), None, "wide outputs keep gemm's split");
+        assert_eq!(row_block(100, 8, 2), None, "fewer than 64 rows per thread");
+        assert_eq!(row_block(m, n, 1), None);
+        let a: Vec<f64> = (0..m * k).map(|i| ((i * 7 % 11) as f64) - 5.0).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| ((i * 5 % 13) as f64) - 6.0).collect();
+        let at = Mat::dense(&a, k, m).t(); // [m, k], column-major
+        let bm = Mat::dense(&b, k, n);
+        let want = |i: usize, j: usize| (0..k).map(|l| a[l * m + i] * b[l * n + j]).sum::<f64>();
+        let mut dst = vec![f64::NAN; m * n];
+        by_row_blocks(&mut dst, false, &at, &bm, rows);
+        let mut acc = vec![1.0; m * n];
+        by_row_blocks(&mut acc, true, &at, &bm, rows);
+        for i in 0..m {
+            for j in 0..n {
+                assert_eq!(dst[i * n + j], want(i, j), "({i}, {j})");
+                assert_eq!(acc[i * n + j], want(i, j) + 1.0, "({i}, {j}) accumulated");
             }
         }
     }
