@@ -63,6 +63,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mode", choices=["kd", "ce"], default="kd")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--teacher-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the frozen teacher's dtype (bfloat16: retort's teacher.precision = \"bf16\"); the student stays float32",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -73,6 +79,7 @@ def main():
     )
     teacher.eval().requires_grad_(False)
     student = student_of(teacher).train()
+    teacher.to(getattr(torch, a.teacher_dtype))
     ids = torch.tensor(tok(open(a.data, encoding="utf-8").read())["input_ids"], dtype=torch.long)
     opt = torch.optim.AdamW(student.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.01)
     times = []
@@ -84,7 +91,7 @@ def main():
         logits = student(input_ids=x).logits
         if a.mode == "kd":
             with torch.no_grad():
-                target = teacher(input_ids=x).logits
+                target = teacher(input_ids=x).logits.float()
             loss = kd_loss(logits, target, y)
         else:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -100,7 +107,7 @@ def main():
     ms = statistics.median(times) * 1e3
     print(
         f"transformers {a.mode} median: {ms:.1f} ms/step, {a.batch * a.seq / ms * 1e3:.0f} tokens/s "
-        f"(batch {a.batch} x {a.seq}, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+        f"(batch {a.batch} x {a.seq}, teacher {a.teacher_dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads)"
     )
 
 

@@ -268,8 +268,10 @@ pub struct TeacherSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pretrain: Option<PretrainSection>,
     /// Precision the frozen teacher computes in: `f32`, `bf16` or `f16` (passed to the kind
-    /// as its `dtype` param when the teacher is loaded; pretraining always uses f32). Default
-    /// (absent): the kind's own default, f32 for the built-ins.
+    /// as its `dtype` param when the teacher is loaded; pretraining always uses f32). A `llama`
+    /// teacher in bf16 on the CPU keeps f32 activations and multiplies its projections in bf16
+    /// (on the AMX tiles where the CPU has them). Default (absent): the kind's own default, f32
+    /// for the built-ins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<Precision>,
     /// The kind's parameters (e.g. `checkpoint = "runs/x/teacher"` or model sizes).

@@ -10,9 +10,11 @@
 //!   `gemm` crate and BLAS calls), each such block with the reason it is sound;
 //! - CPU-only strategies: [`linear`] (the linear layer on the `gemm` crate, operands' strides
 //!   read in place), [`embedding`] (the lookup whose backward scatters into the table's
-//!   gradient in place), [`gpt2_block`] (the whole GPT-2 block as one node), and with the `blas`
+//!   gradient in place), [`gpt2_block`] (the whole GPT-2 block as one node), [`bf16_matmul`] (frozen weights in bf16,
+//!   multiplied on the AMX tiles where the CPU has them), and with the `blas`
 //!   feature `blas_matmul` (matmul through the system BLAS).
 
+pub mod bf16_matmul;
 #[cfg(feature = "blas")]
 pub mod blas_matmul;
 pub mod embedding;

@@ -1,7 +1,8 @@
 //! A linear layer in the Hugging Face layout (`weight` `[out, in]`, optional `bias` `[out]`),
 //! dense (trainable, differentiable) or quantized (a frozen GGUF weight: Q4_0, Q4_1 and Q8_0
 //! on the CPU through the block kernels of `kernels::cpu::quant`, any other format or device
-//! through candle's `QMatMul`).
+//! through candle's `QMatMul`) or packed bf16 (a frozen weight of a bf16 model on the CPU,
+//! `kernels::cpu::bf16_matmul`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor};
 
+use crate::kernels::cpu::bf16_matmul::{Bf16MatMul, Bf16Weight};
 use crate::kernels::cpu::quant::{BlockWeight, QuantMatMul};
 
 /// The weight of a linear layer.
@@ -21,6 +23,9 @@ pub enum Weight {
     Blocks(QuantMatMul),
     /// Any other quantized `[out, in]` GGUF tensor; no gradient flows through it.
     Quantized(QMatMul),
+    /// A frozen `[out, in]` weight in bf16, packed for the CPU's tile products (f32
+    /// activations rounded to bf16, f32 sums; the input gets its gradient).
+    Bf16(Bf16MatMul),
 }
 
 impl Weight {
@@ -31,6 +36,11 @@ impl Weight {
             Some(w) => Weight::Blocks(QuantMatMul(Arc::new(w))),
             None => Weight::Quantized(QMatMul::from_arc(q)?),
         })
+    }
+
+    /// The frozen bf16 weight of a dense `[out, in]` tensor.
+    pub fn bf16(w: &Tensor) -> Result<Self> {
+        Ok(Weight::Bf16(Bf16MatMul(Arc::new(Bf16Weight::from_tensor(w)?))))
     }
 }
 
@@ -64,6 +74,7 @@ impl Linear {
             Weight::Dense(w) => return crate::models::nn::linear_out_in(x, w, self.bias.as_ref()),
             Weight::Blocks(q) => q.forward(&x2)?,
             Weight::Quantized(q) => q.forward(&x2)?,
+            Weight::Bf16(w) => w.forward(&x2)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -85,8 +96,8 @@ impl Linear {
         }
     }
 
-    /// The same layer with `f` applied to its dense tensors (weight and bias); quantized
-    /// weights are shared as they are.
+    /// The same layer with `f` applied to its dense tensors (weight and bias); quantized and
+    /// bf16 weights are shared as they are.
     pub fn map_dense<E>(
         &self,
         f: &mut dyn FnMut(&Tensor) -> std::result::Result<Tensor, E>,
@@ -96,6 +107,7 @@ impl Linear {
                 Weight::Dense(w) => Weight::Dense(f(w)?),
                 Weight::Blocks(q) => Weight::Blocks(q.clone()),
                 Weight::Quantized(q) => Weight::Quantized(q.clone()),
+                Weight::Bf16(w) => Weight::Bf16(w.clone()),
             },
             bias: self.bias.as_ref().map(f).transpose()?,
         })

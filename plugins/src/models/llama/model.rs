@@ -225,6 +225,8 @@ pub struct Llama {
     /// weights' (a trainable model asked for bf16 keeps f32 master weights, see
     /// [`Llama::from_parts`]).
     compute: Option<DType>,
+    /// A frozen bf16 model on the CPU: f32 activations, projections in packed bf16.
+    bf16_products: bool,
 }
 
 impl Llama {
@@ -242,17 +244,22 @@ impl Llama {
         let mut n_params = 0;
         let mut dense: HashMap<String, Tensor> = HashMap::new();
         let mut quant: HashMap<String, Arc<QTensor>> = HashMap::new();
+        // A frozen bf16 model on the CPU keeps f32 activations and its projections packed in
+        // bf16 for the tile products (candle's CPU backend has neither fast bf16 products nor
+        // fast bf16 element-wise ops); the embedding, norms and head stay f32.
+        let bf16_products = !trainable && cfg.dtype == DType::BF16 && device.is_cpu();
         let tied_quant_head = match parts.get("model.embed_tokens.weight") {
-            Some(Part::Quantized(q)) if cfg.tie_embeddings => Some(q.clone()),
+            Some(Part::Quantized(q)) if cfg.tie_embeddings && !bf16_products => Some(q.clone()),
             _ => None,
         };
         // Mixed precision: a trainable model asked for half precision keeps f32 master weights
         // (what the optimizer updates) and computes in half precision.
-        let stored = if trainable && matches!(cfg.dtype, DType::BF16 | DType::F16) {
+        let stored = if bf16_products || (trainable && matches!(cfg.dtype, DType::BF16 | DType::F16)) {
             DType::F32
         } else {
             cfg.dtype
         };
+        let mut packed: HashMap<String, Weight> = HashMap::new();
         for (name, shape, _) in param_specs(&cfg) {
             let part = parts
                 .remove(&name)
@@ -266,7 +273,11 @@ impl Llama {
             n_params += shape.iter().product::<usize>();
             let is_matmul =
                 name.ends_with("proj.weight") || name.contains("block_sparse_moe") || name == "lm_head.weight";
+            let router = name.contains("block_sparse_moe.gate.");
             match part {
+                part if bf16_products && is_matmul && !router && name != "lm_head.weight" => {
+                    packed.insert(name, Weight::bf16(&part.dense(device, DType::F32)?)?);
+                }
                 Part::Quantized(q) if !trainable && is_matmul => {
                     quant.insert(name, q);
                 }
@@ -292,6 +303,12 @@ impl Llama {
                 ),
                 None => None,
             };
+            if let Some(weight) = packed.get(w) {
+                return Ok(Linear {
+                    weight: weight.clone(),
+                    bias,
+                });
+            }
             let weight = match (dense.get(w), quant.get(w)) {
                 (Some(t), _) => Weight::Dense(t.clone()),
                 (None, Some(q)) => Weight::quantized(q.clone())?,
@@ -373,7 +390,8 @@ impl Llama {
             source: source.to_string(),
             tokenizer_id: None,
             fused: false,
-            compute: (stored != cfg.dtype).then_some(cfg.dtype),
+            compute: (stored != cfg.dtype && !bf16_products).then_some(cfg.dtype),
+            bf16_products,
             cfg,
         })
     }
@@ -473,6 +491,7 @@ impl Llama {
             tokenizer_id: self.tokenizer_id.clone(),
             fused: self.fused,
             compute: None,
+            bf16_products: self.bf16_products,
         })
     }
 
@@ -480,6 +499,11 @@ impl Llama {
     /// master weights of mixed precision when they differ).
     pub fn precision(&self) -> (DType, DType) {
         (self.compute.unwrap_or(self.embed.dtype()), self.embed.dtype())
+    }
+
+    /// Whether the projections are packed bf16 weights (a frozen bf16 model on the CPU).
+    pub fn bf16_products(&self) -> bool {
+        self.bf16_products
     }
 
     fn attention(
@@ -798,13 +822,41 @@ mod tests {
     }
 
     #[test]
-    fn a_frozen_bf16_model_keeps_bf16_weights() {
-        let cfg = tiny_cfg(serde_json::json!({"dtype": "bf16"}));
+    fn a_frozen_bf16_model_on_the_cpu_multiplies_in_bf16_with_f32_activations() {
+        let cfg = tiny_cfg(serde_json::json!({"dtype": "bf16", "n_experts": 2, "n_experts_used": 1}));
         let parts = super::super::init::init_parts(&cfg, 7, &Device::Cpu).expect("parts");
+        let full_cfg = LlamaConfig {
+            dtype: DType::F32,
+            ..cfg.clone()
+        };
+        let full = Llama::from_parts(full_cfg, parts.clone(), false, &Device::Cpu, "test").expect("f32");
         let m = Llama::from_parts(cfg, parts, false, &Device::Cpu, "test").expect("frozen");
-        assert_eq!(m.precision(), (DType::BF16, DType::BF16));
-        let out = m.forward(&batch(4), &TapSet::none()).expect("fwd");
-        assert_eq!(out.logits.dtype(), DType::BF16);
+        assert!(m.bf16_products() && !full.bf16_products());
+        assert_eq!(m.precision(), (DType::F32, DType::F32));
+        assert!(m.describe().contains("f32, bf16 products"), "{}", m.describe());
+        let layer = &m.layers[0];
+        assert!(matches!(layer.q.weight, Weight::Bf16(_)) && matches!(layer.o.weight, Weight::Bf16(_)));
+        assert!(
+            matches!(m.head.weight, Weight::Dense(_)),
+            "the head stays f32 for the fused LM head"
+        );
+        let Mlp::Moe { router, experts, .. } = &layer.mlp else {
+            panic!("moe")
+        };
+        assert!(matches!(router.weight, Weight::Dense(_)), "the router stays f32");
+        assert!(matches!(experts[0].0.weight, Weight::Bf16(_)));
+        let logits = |m: &Llama| -> Vec<f32> {
+            let out = m.forward(&batch(4), &TapSet::none()).expect("fwd");
+            assert_eq!(out.logits.dtype(), DType::F32);
+            out.logits.flatten_all().and_then(|t| t.to_vec1()).expect("logits")
+        };
+        let (got, want) = (logits(&m), logits(&full));
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let worst = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+        assert!(
+            worst > 0.0 && worst < 2e-2 * scale,
+            "bf16 products off by {worst} (logits up to {scale})"
+        );
     }
 
     #[test]

@@ -49,7 +49,9 @@ impl Model for Llama {
             String::new()
         };
         let (compute, stored) = self.precision();
-        let precision = if compute == stored {
+        let precision = if self.bf16_products() {
+            "f32, bf16 products".to_string()
+        } else if compute == stored {
             format!("{compute:?}").to_lowercase()
         } else {
             format!("{compute:?} compute, {stored:?} master weights").to_lowercase()

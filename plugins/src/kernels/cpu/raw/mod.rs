@@ -5,6 +5,8 @@
 //!   [`avx512_dispatch!`], the one way the kernels enter code compiled for AVX-512;
 //! - [`output_vec`], the uninitialised output vector, and [`as_f32`] / [`as_f32_mut`], the
 //!   `&[T] -> &[f32]` casts of the f32-only fast paths;
+//! - [`amx`]: the Intel AMX tile products of packed bf16 weights (inline assembly) and the
+//!   check that the CPU and the kernel allow them;
 //! - [`gemm`]: the `gemm` crate's raw-pointer product over checked strided views;
 //! - `blas` (feature `blas`): the CBLAS declarations of the system BLAS.
 //!
@@ -14,6 +16,8 @@
 //! `kernels/tests.rs` reads the sources to make sure).
 #![allow(unsafe_code)]
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 #[cfg(feature = "blas")]
