@@ -10,9 +10,10 @@ use figment::value::{Dict, Value};
 use retort_core::{Error, Result};
 
 /// Environment variables with the `RETORT_` prefix that are not config keys: retort's own
-/// (`RETORT_LOG`, `RETORT_PLUGIN_PATH`) and those the scripts in `scripts/` read, which a user
+/// (`RETORT_LOG`, `RETORT_PLUGIN_PATH`, `RETORT_AMX`) and those the scripts in `scripts/` read, which a user
 /// may have exported.
 const NON_CONFIG_ENV: &[&str] = &[
+    "amx",
     "log",
     "plugin_path",
     "cuda_prefix",
@@ -259,6 +260,7 @@ mod tests {
             assert_eq!(EnvOverride::new(var, "/some/path"), None, "{var} is read by a script");
         }
         assert_eq!(EnvOverride::new("RETORT_LOG", "debug"), None);
+        assert_eq!(EnvOverride::new("RETORT_AMX", "0"), None);
         assert_eq!(EnvOverride::new("RETORT_PLUGIN_PATH", "x"), None);
         assert_eq!(EnvOverride::new("RETORT_A____B", "x"), None);
         assert_eq!(EnvOverride::new("HOME", "x"), None);

@@ -66,6 +66,23 @@ impl Bf16Weight {
     /// When `w` does not hold `n * k` values.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "bf16 weight: shape");
+        Self::pack_with(n, k, |i| to_bf16_bits(w[i]))
+    }
+
+    /// Packs a `[n, k]` tensor: bf16 as it is, any other float dtype read as f32 and rounded.
+    pub fn from_tensor(w: &Tensor) -> Result<Self> {
+        let (n, k) = w.dims2()?;
+        let flat = w.flatten_all()?;
+        if w.dtype() == DType::BF16 {
+            let values = flat.to_vec1::<half::bf16>()?;
+            return Ok(Self::pack_with(n, k, |i| values[i].to_bits()));
+        }
+        let values = flat.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok(Self::pack(&values, n, k))
+    }
+
+    /// Packs the weight whose element `i` (row-major `[n, k]`) has the bf16 bits `bits(i)`.
+    fn pack_with(n: usize, k: usize, bits: impl Fn(usize) -> u16 + Sync) -> Self {
         let (n_pad, k_pad) = (n.div_ceil(COL_BLOCK) * COL_BLOCK, k.div_ceil(TILE_K) * TILE_K);
         let k_tiles = k_pad / TILE_K;
         let mut tiles = vec![0u16; n_pad * k_pad];
@@ -76,7 +93,7 @@ impl Bf16Weight {
                 for (i, v) in panel.iter_mut().enumerate() {
                     let (col, input) = tile_position(col_tile, i);
                     if col < n && input < k {
-                        *v = to_bf16_bits(w[col * k + input]);
+                        *v = bits(col * k + input);
                     }
                 }
             });
@@ -87,13 +104,6 @@ impl Bf16Weight {
             k_pad,
             tiles,
         }
-    }
-
-    /// Packs a `[n, k]` tensor of any float dtype (read as f32).
-    pub fn from_tensor(w: &Tensor) -> Result<Self> {
-        let (n, k) = w.dims2()?;
-        let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Self::pack(&values, n, k))
     }
 
     /// `(n, k)`: output and input features.
@@ -324,6 +334,15 @@ mod tests {
         let packed = Bf16Weight::pack(&w, n, k);
         assert_eq!((packed.n_pad, packed.k_pad), (64, 64));
         assert_eq!(packed.widen().iter().map(|&v| v as f64).collect::<Vec<_>>(), round(&w));
+    }
+
+    #[test]
+    fn a_bf16_tensor_is_packed_as_it_is() -> Result<()> {
+        let (n, k) = (20, 33);
+        let w = Tensor::from_vec(values(n * k, 8), (n, k), &Device::Cpu)?;
+        let from_bf16 = Bf16Weight::from_tensor(&w.to_dtype(DType::BF16)?)?;
+        assert_eq!(from_bf16.tiles, Bf16Weight::from_tensor(&w)?.tiles);
+        Ok(())
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! The chunk loop of [`fused_loss`].
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 
 use retort_core::{Batch, Error, LossTerm, Outputs, Result, StepContext};
 
 use super::inject::Precomputed;
 use super::weight_grad::{logits_var, product as matmul, WeightGrad};
+use crate::kernels::cpu::bf16_matmul::{Bf16MatMul, Bf16Weight};
 use crate::kernels::leaf_grads;
 
 /// One term of the objective with its weight for this step.
@@ -217,12 +220,46 @@ impl TokenWeights {
     }
 }
 
+/// The teacher's head as the chunks multiply by it: `(hidden [N, H_t], weight [V, H_t])`.
+enum TeacherHead {
+    /// The weight as it was handed.
+    Dense(Tensor, Tensor),
+    /// A bf16 weight on the CPU (a bf16 teacher), packed once per step for the bf16 tile
+    /// products (`kernels::cpu::bf16_matmul`); the hidden rows read as f32.
+    Bf16(Tensor, Bf16MatMul),
+}
+
+impl TeacherHead {
+    fn new(h: Tensor, w: &Tensor) -> Result<Self> {
+        Ok(if w.dtype() == DType::BF16 && w.device().is_cpu() {
+            let packed = Bf16MatMul(Arc::new(Bf16Weight::from_tensor(w)?));
+            TeacherHead::Bf16(h.to_dtype(DType::F32)?, packed)
+        } else {
+            TeacherHead::Dense(h, w.clone())
+        })
+    }
+
+    /// The logits `[1, len, V]` of rows `start..start + len`.
+    fn logits(&self, start: usize, len: usize) -> Result<Tensor> {
+        Ok(match self {
+            TeacherHead::Dense(h, w) => {
+                let z = matmul(&h.narrow(0, start, len)?, &w.t()?)?;
+                z.reshape((1, len, w.dim(0)?))?
+            }
+            TeacherHead::Bf16(h, w) => {
+                let z = w.forward(&h.narrow(0, start, len)?)?;
+                z.reshape((1, len, w.0.dims().0))?
+            }
+        })
+    }
+}
+
 /// The step's per-token tensors flattened to rows, cut into chunks.
 struct Rows<'a> {
     ctx: &'a StepContext<'a>,
     n: usize,
-    /// The teacher's head `(hidden [N, H_t], weight [V, H_t])`, when it handed it.
-    teacher_head: Option<(Tensor, Tensor)>,
+    /// The teacher's head, when it handed it.
+    teacher_head: Option<TeacherHead>,
 }
 
 impl<'a> Rows<'a> {
@@ -230,7 +267,7 @@ impl<'a> Rows<'a> {
         let teacher_head = match ctx.teacher.and_then(Outputs::lm_head) {
             Some((h, w)) => {
                 let ht = h.dim(2)?;
-                Some((h.reshape((n, ht))?, w.clone()))
+                Some(TeacherHead::new(h.reshape((n, ht))?, w)?)
             }
             None => None,
         };
@@ -263,10 +300,7 @@ impl<'a> Rows<'a> {
             return Ok(None);
         };
         let logits = match &self.teacher_head {
-            Some((h, w)) => {
-                let z = matmul(&h.narrow(0, start, len)?, &w.t()?)?;
-                z.reshape((1, len, w.dim(0)?))?
-            }
+            Some(head) => head.logits(start, len)?,
             None => self.cut(&t.logits, start, len)?,
         };
         let mut out = Outputs::logits_only(logits);

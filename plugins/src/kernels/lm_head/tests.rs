@@ -89,10 +89,8 @@ fn fixture(dtype: DType) -> Fixture {
 }
 
 fn teacher_outputs(f: &Fixture, form: TeacherForm) -> Outputs {
-    let zt = f
-        .teacher_hidden
-        .broadcast_matmul(&f.teacher_weight.t().expect("t"))
-        .expect("zt");
+    let weight = f.teacher_weight.to_dtype(f.teacher_hidden.dtype()).expect("weight");
+    let zt = f.teacher_hidden.broadcast_matmul(&weight.t().expect("t")).expect("zt");
     let (ids, lp) = retort_core::model::dense_topk(&zt, K).expect("topk");
     let mut out = match form {
         TeacherForm::Dense => Outputs::logits_only(zt),
@@ -298,6 +296,32 @@ fn a_teacher_with_only_its_top_k_matches_the_unfused_path() {
         TeacherForm::Sparse,
         "sparse",
     );
+}
+
+/// A teacher handing its head in bf16 (a bf16 llama teacher on the CPU): the chunks multiply by
+/// the packed weight, with the hidden rows rounded to bf16, which is the f32 path on the
+/// rounded values up to the order of the sums.
+#[test]
+fn a_bf16_teacher_head_is_the_head_of_its_rounded_values() {
+    let round = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .expect("round")
+    };
+    let mut bf16 = fixture(DType::F32);
+    bf16.teacher_weight = bf16.teacher_weight.to_dtype(DType::BF16).expect("bf16");
+    let mut rounded = fixture(DType::F32);
+    rounded.teacher_hidden = round(&rounded.teacher_hidden);
+    rounded.teacher_weight = round(&rounded.teacher_weight);
+    let kl = term("kl", serde_json::json!({"temperature": 2.0}), false);
+    let terms = [(kl.as_ref(), 1.0)];
+    let mode = Some((3, WeightGradient::InGraph));
+    let got = run(&terms, &bf16, TeacherForm::Head, true, mode);
+    let want = run(&terms, &rounded, TeacherForm::Head, true, mode);
+    assert!(got.0 > 0.0);
+    assert_close("value", &[got.0], &[want.0], 1e-5);
+    assert_close("dL/dh", &got.2, &want.2, 1e-5);
+    assert_close("dL/dW", &got.3, &want.3, 1e-5);
 }
 
 #[test]

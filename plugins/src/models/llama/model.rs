@@ -227,6 +227,8 @@ pub struct Llama {
     compute: Option<DType>,
     /// A frozen bf16 model on the CPU: f32 activations, projections in packed bf16.
     bf16_products: bool,
+    /// The head's weight in bf16, what such a model hands the fused LM-head losses.
+    head_bf16: Option<Tensor>,
 }
 
 impl Llama {
@@ -383,7 +385,6 @@ impl Llama {
             norm: get("model.norm.weight")?,
             embed,
             layers,
-            head,
             rope,
             vars,
             n_params,
@@ -392,6 +393,11 @@ impl Llama {
             fused: false,
             compute: (stored != cfg.dtype && !bf16_products).then_some(cfg.dtype),
             bf16_products,
+            head_bf16: match (&head.weight, bf16_products) {
+                (Weight::Dense(w), true) => Some(w.to_dtype(DType::BF16)?),
+                _ => None,
+            },
+            head,
             cfg,
         })
     }
@@ -492,6 +498,7 @@ impl Llama {
             fused: self.fused,
             compute: None,
             bf16_products: self.bf16_products,
+            head_bf16: self.head_bf16.clone(),
         })
     }
 
@@ -650,7 +657,10 @@ impl Llama {
         }
         let x = rms_norm(&x, &self.norm)?;
         if let Some(w) = self.dense_head().filter(|_| taps.contains(LM_HEAD_TAP)) {
-            return Ok(lm_head_outputs(x, w.clone(), out)?);
+            // A bf16 model hands its head in bf16: the fused LM-head loss multiplies by it on
+            // the tile products too.
+            let w = self.head_bf16.clone().unwrap_or_else(|| w.clone());
+            return Ok(lm_head_outputs(x, w, out)?);
         }
         let logits = self.head.forward(&x)?;
         if let Some(c) = cache {
@@ -856,6 +866,14 @@ mod tests {
         assert!(
             worst > 0.0 && worst < 2e-2 * scale,
             "bf16 products off by {worst} (logits up to {scale})"
+        );
+        let taps: TapSet = [retort_core::LM_HEAD_TAP].into_iter().collect();
+        let out = m.forward(&batch(4), &taps).expect("fwd with the head");
+        let (hidden, weight) = out.lm_head().expect("the lm_head taps");
+        assert_eq!(
+            (hidden.dtype(), weight.dtype()),
+            (DType::F32, DType::BF16),
+            "the head handed in bf16"
         );
     }
 

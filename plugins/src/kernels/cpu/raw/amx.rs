@@ -22,10 +22,13 @@ pub const BLOCK_COLS: usize = 32;
 /// Inputs (bf16 elements) per tile step.
 pub const K_STEP: usize = 32;
 
-/// Whether the CPU has AMX-TILE and AMX-BF16 and the kernel lets this process use the tiles.
+/// Whether the CPU has AMX-TILE and AMX-BF16 and the kernel lets this process use the tiles,
+/// unless the environment variable `RETORT_AMX` is `0` (to time or check the other way).
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| cpu_has_amx_bf16() && tile_data_permitted())
+    *AVAILABLE.get_or_init(|| {
+        std::env::var("RETORT_AMX").map_or(true, |v| v != "0") && cpu_has_amx_bf16() && tile_data_permitted()
+    })
 }
 
 fn cpu_has_amx_bf16() -> bool {
