@@ -111,11 +111,6 @@ impl Bf16Weight {
         (self.n, self.k)
     }
 
-    /// Bytes the packed weight holds.
-    pub fn bytes(&self) -> usize {
-        self.tiles.len() * 2
-    }
-
     /// The weight as row-major `[n, k]` f32 (its bf16 values, exactly).
     pub fn widen(&self) -> Vec<f32> {
         let k_tiles = self.k_pad / TILE_K;
