@@ -17,6 +17,9 @@
 #   TEACHER=bf16             the teacher in bf16 on both sides (retort: teacher.precision =
 #                            "bf16", bf16 products on the AMX tiles where the CPU has them;
 #                            transformers: the teacher cast to torch.bfloat16); the student f32
+#   STUDENT=bf16             the student in bf16 mixed precision on both sides (retort:
+#                            student.dtype = "bf16", f32 master weights with bf16 products on
+#                            the AMX tiles; transformers: its forward under CPU autocast bf16)
 # Needs models/ (scripts/fetch_smollm2.sh) and ../shared/data/tinyshakespeare.txt. Not in CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +32,12 @@ case "$teacher" in
     f32) retort_teacher=(); peer_teacher=float32 ;;
     bf16) retort_teacher=(--set 'teacher.precision="bf16"'); peer_teacher=bfloat16 ;;
     *) echo "TEACHER must be f32 or bf16, not $teacher" >&2; exit 2 ;;
+esac
+student="${STUDENT:-f32}"
+case "$student" in
+    f32) retort_student=(); peer_student=float32 ;;
+    bf16) retort_student=(--set 'student.dtype="bf16"'); peer_student=bfloat16 ;;
+    *) echo "STUDENT must be f32 or bf16, not $student" >&2; exit 2 ;;
 esac
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 data=../shared/data/tinyshakespeare.txt
@@ -51,7 +60,7 @@ for shape in $shapes; do
         target/release/retort run examples/configs/smollm2_distill.toml --out "$dir" \
             --set train.batch_size="$b" --set train.seq_len="$s" --set train.steps="$((steps + 1))" \
             --set train.log_every=1 --set train.eval_every=0 --set eval.batches=1 \
-            --set eval.baseline=true "${retort_teacher[@]}" >"$dir.log" 2>&1 || { echo "retort failed: $dir.log" >&2; cat "$dir.log" >&2; exit 1; }
+            --set eval.baseline=true "${retort_teacher[@]}" "${retort_student[@]}" >"$dir.log" 2>&1 || { echo "retort failed: $dir.log" >&2; cat "$dir.log" >&2; exit 1; }
         kd=$(step_ms "$dir/metrics.jsonl" student)
         ce=$(step_ms "$dir/metrics.jsonl" baseline)
         echo "$shape round $r: retort KD $kd ms/step, CE $ce ms/step"
@@ -60,7 +69,7 @@ for shape in $shapes; do
         if $peer; then
             for mode in kd ce; do
                 ms=$("$py" scripts/transformers_kd_step.py --gguf "$model" --data "$data" --batch "$b" \
-                    --seq "$s" --steps "$steps" --mode "$mode" --teacher-dtype "$peer_teacher" 2>/dev/null |
+                    --seq "$s" --steps "$steps" --mode "$mode" --teacher-dtype "$peer_teacher" --student-dtype "$peer_student" 2>/dev/null |
                     sed -n 's/^transformers .* median: \([0-9.]*\) ms.*/\1/p')
                 echo "$shape round $r: transformers ${mode^^} $ms ms/step"
                 echo "transformers $mode $shape $ms" >>"$out/all"

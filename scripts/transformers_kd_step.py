@@ -9,6 +9,9 @@ gradients clipped to norm 1).
              0.7 T^2 KL(teacher || student at T = 2) + 0.3 CE on the student, backward, AdamW
   --mode ce: the student alone on hard labels (retort's `baseline` phase)
 
+--teacher-dtype bfloat16 casts the teacher; --student-dtype bfloat16 runs the student's forward
+under CPU autocast (bf16 matrix products, float32 master weights; the loss in float32).
+
 Prints the median milliseconds per step after `--warmup` steps (the step: forward, backward,
 clipping and the optimizer; drawing the batch is not timed).
 
@@ -69,6 +72,13 @@ def main():
         default="float32",
         help="the frozen teacher's dtype (bfloat16: retort's teacher.precision = \"bf16\"); the student stays float32",
     )
+    ap.add_argument(
+        "--student-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: the student's forward under torch.autocast(\"cpu\", bfloat16), float32 weights, "
+        "the loss on its logits in float32 (retort's student.dtype = \"bf16\")",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -88,7 +98,9 @@ def main():
         window = torch.stack([ids[s : s + a.seq + 1] for s in starts.tolist()])
         x, y = window[:, :-1], window[:, 1:]
         t0 = time.perf_counter()
-        logits = student(input_ids=x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.student_dtype == "bfloat16"):
+            logits = student(input_ids=x).logits
+        logits = logits.float()
         if a.mode == "kd":
             with torch.no_grad():
                 target = teacher(input_ids=x).logits.float()
@@ -107,7 +119,7 @@ def main():
     ms = statistics.median(times) * 1e3
     print(
         f"transformers {a.mode} median: {ms:.1f} ms/step, {a.batch * a.seq / ms * 1e3:.0f} tokens/s "
-        f"(batch {a.batch} x {a.seq}, teacher {a.teacher_dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+        f"(batch {a.batch} x {a.seq}, teacher {a.teacher_dtype}, student {a.student_dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads)"
     )
 
 

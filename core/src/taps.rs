@@ -24,6 +24,11 @@ pub const LM_HEAD_TAP: &str = "lm_head";
 pub const LM_HEAD_HIDDEN: &str = "lm_head.hidden";
 /// The head's weight, `[vocab, width]`, under the [`LM_HEAD_TAP`] request.
 pub const LM_HEAD_WEIGHT: &str = "lm_head.weight";
+/// Present (a rank-0 tensor, its value unused) beside [`LM_HEAD_WEIGHT`] when the model
+/// multiplies its head in bf16 products (an f32 weight; both factors of every product rounded
+/// to bf16, the sums f32: a bf16 mixed-precision student on the CPU), so that the fused losses
+/// multiply it the same way.
+pub const LM_HEAD_BF16_PRODUCTS: &str = "lm_head.bf16_products";
 
 /// The tap name requesting a teacher's top-`k` distribution.
 pub fn topk_tap(k: usize) -> String {
@@ -119,6 +124,12 @@ impl Outputs {
     /// forward pass was asked for [`LM_HEAD_TAP`].
     pub fn lm_head(&self) -> Option<(&Tensor, &Tensor)> {
         Some((self.taps.get(LM_HEAD_HIDDEN)?, self.taps.get(LM_HEAD_WEIGHT)?))
+    }
+
+    /// Whether the head handed under [`LM_HEAD_TAP`] multiplies in bf16 products (see
+    /// [`LM_HEAD_BF16_PRODUCTS`]).
+    pub fn lm_head_bf16_products(&self) -> bool {
+        self.taps.contains_key(LM_HEAD_BF16_PRODUCTS)
     }
 
     /// The same outputs cut off from the autograd graph (for frozen teachers).

@@ -634,3 +634,61 @@ fn data_parallel_launches_are_checked_and_refused_clearly() {
     assert_user_error(&o, &["parallel.backend", "mpirun (Open MPI) started 2 ranks"]);
     assert!(!d.path().join("r").exists(), "nothing written");
 }
+
+/// `student.dtype = "bf16"` on the CPU: a llama student trains with f32 master weights and
+/// bf16 products where the CPU has AMX tiles (the report says so), and is refused with the
+/// reason where it has none (or `RETORT_AMX=0`); f16 and a bf16 `transformer` student are
+/// refused on the CPU.
+#[test]
+fn a_bf16_student_on_the_cpu_runs_on_amx_tiles_and_is_refused_elsewhere() {
+    let d = setup(GGUF_TEACHER, Some(&"the theme of the thing. ".repeat(40)));
+    retort_plugins::testing::write_tiny_gguf(
+        &d.path().join("tiny.gguf"),
+        262,
+        candle_core::quantized::GgmlDType::F32,
+        1,
+    )
+    .expect("gguf");
+    let bf16 = ["run", "c.toml", "--quiet", "--set", "student.dtype=\"bf16\""];
+    let o = retort_env(
+        &[&bf16[..], &["--out", "off"]].concat(),
+        d.path(),
+        &[("RETORT_AMX", "0")],
+    );
+    assert_user_error(&o, &["student.dtype", "AMX", "RETORT_AMX=0"]);
+    let o = retort(&[&bf16[..], &["--out", "on"]].concat(), d.path());
+    if retort_plugins::kernels::cpu::bf16_matmul::tiles_available() {
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let report = std::fs::read_to_string(d.path().join("on/report.json")).expect("report");
+        assert!(report.contains("f32 master weights, bf16 products"), "{report}");
+    } else {
+        assert_user_error(&o, &["student.dtype", "AMX"]);
+    }
+    let o = retort(
+        &[
+            "run",
+            "c.toml",
+            "--quiet",
+            "--out",
+            "f16",
+            "--set",
+            "student.dtype=\"f16\"",
+        ],
+        d.path(),
+    );
+    assert_user_error(&o, &["student.dtype", "CUDA devices only"]);
+    let t = setup(TINY, Some(&corpus()));
+    let o = retort(
+        &[
+            "run",
+            "c.toml",
+            "--quiet",
+            "--out",
+            "t",
+            "--set",
+            "student.dtype=\"bf16\"",
+        ],
+        t.path(),
+    );
+    assert_user_error(&o, &["student.dtype", "only for llama students"]);
+}

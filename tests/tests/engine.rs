@@ -290,7 +290,7 @@ fn a_half_precision_teacher_distills_and_a_half_precision_student_is_refused() {
     .expect("refused");
     assert_eq!(err.exit_code(), 2);
     assert!(
-        err.to_string().contains("student.dtype") && err.to_string().contains("master weights"),
+        err.to_string().contains("student.dtype") && err.to_string().contains("only for llama students"),
         "{err}"
     );
 }

@@ -137,7 +137,7 @@ pub fn build_llama(params: &Params, ctx: &BuildContext) -> Result<Llama> {
 
 fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Student>> {
     let model = build_llama(params, ctx)?;
-    check_precision(model.precision(), params, &ctx.device)?;
+    check_precision(model.config().dtype, true, params, &ctx.device)?;
     Ok(Box::new(model))
 }
 

@@ -22,7 +22,7 @@ fn build(params: &Params, ctx: &BuildContext) -> Result<Box<dyn Student>> {
     // Mixed precision: `dtype = "bf16"` keeps f32 master weights and computes in bf16.
     let compute = cfg.dtype;
     if matches!(compute, DType::BF16 | DType::F16) {
-        check_precision((compute, DType::F32), params, &ctx.device)?;
+        check_precision(compute, false, params, &ctx.device)?;
         cfg.dtype = DType::F32;
     }
     let model = match checkpoint {

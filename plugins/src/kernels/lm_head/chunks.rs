@@ -7,7 +7,8 @@ use candle_core::{DType, Tensor};
 use retort_core::{Batch, Error, LossTerm, Outputs, Result, StepContext};
 
 use super::inject::Precomputed;
-use super::weight_grad::{logits_var, product as matmul, WeightGrad};
+use super::student_head::StudentHead;
+use super::weight_grad::{product as matmul, WeightGrad};
 use crate::kernels::cpu::bf16_matmul::{Bf16MatMul, Bf16Weight};
 use crate::kernels::leaf_grads;
 
@@ -76,6 +77,7 @@ pub fn fused_loss(
     let (n, vocab) = (b * s, weight.dim(0)?);
     let h = hidden.detach().reshape((n, width))?;
     let w = weight.detach();
+    let head = StudentHead::new(&w, ctx.student.lm_head_bf16_products())?;
     let tokens = TokenWeights::of(ctx, n, h.dtype())?;
     let rows = Rows::new(ctx, n)?;
     let collected = match weight_gradient {
@@ -93,7 +95,7 @@ pub fn fused_loss(
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let hc = h.narrow(0, start, len)?;
-        let zs = logits_var(&hc, &w, (1, len, vocab))?;
+        let zs = head.logits(&hc, (1, len, vocab))?;
         let (teacher, batch) = (rows.teacher(start, len)?, rows.batch(start, len)?);
         let student = Outputs::logits_only(zs.as_tensor().clone());
         let cctx = StepContext {
@@ -111,8 +113,8 @@ pub fn fused_loss(
             Some(g) => g.reshape((len, vocab))?.to_dtype(w.dtype())?,
             None => Tensor::zeros((len, vocab), w.dtype(), w.device())?,
         };
-        grad_h.push(matmul(&g, &w)?);
-        grad_w.add(&g, &hc)?;
+        grad_h.push(head.input_grad(&g)?);
+        grad_w.add(&g, &hc, head.products())?;
     }
     let total: f64 = terms.iter().zip(&sums).map(|(t, v)| t.weight * v).sum();
     let grad_hidden = Tensor::cat(&grad_h, 0)?

@@ -26,6 +26,7 @@
 
 mod chunks;
 mod inject;
+mod student_head;
 mod weight_grad;
 
 pub use chunks::{fused_loss, HeadLoss, HeadTerm, WeightGradient};

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use retort_core::registry::Factory;
-use retort_core::taps::{LM_HEAD_HIDDEN, LM_HEAD_WEIGHT};
+use retort_core::taps::{LM_HEAD_BF16_PRODUCTS, LM_HEAD_HIDDEN, LM_HEAD_WEIGHT};
 use retort_core::{Batch, BuildContext, LossTerm, Outputs, Params, Progress, Registry, StepContext};
 
 use super::{chunk_tokens, fused_loss, HeadTerm, WeightGradient};
@@ -57,6 +57,8 @@ struct Fixture {
     mask: Tensor,
     token_weights: Tensor,
     targets: Tensor,
+    /// The student's head multiplies in bf16 products (`lm_head.bf16_products`).
+    student_bf16: bool,
 }
 
 fn fixture(dtype: DType) -> Fixture {
@@ -85,6 +87,7 @@ fn fixture(dtype: DType) -> Fixture {
         mask,
         token_weights,
         targets,
+        student_bf16: false,
     }
 }
 
@@ -132,8 +135,18 @@ fn run(
             let mut o = Outputs::logits_only(Tensor::zeros((B, S, 0), f.hidden.dtype(), &Device::Cpu).expect("z"));
             o.taps.insert(LM_HEAD_HIDDEN.into(), h.as_tensor().clone());
             o.taps.insert(LM_HEAD_WEIGHT.into(), w.as_tensor().clone());
+            if f.student_bf16 {
+                o.taps.insert(
+                    LM_HEAD_BF16_PRODUCTS.into(),
+                    Tensor::new(0f32, &Device::Cpu).expect("marker"),
+                );
+            }
             o
         }
+        // The unfused bf16 head: the linear layer in bf16 products, forward and backward.
+        None if f.student_bf16 => Outputs::logits_only(
+            crate::kernels::cpu::linear::linear_t_bf16(h.as_tensor(), w.as_tensor(), None).expect("z"),
+        ),
         None => Outputs::logits_only(
             h.as_tensor()
                 .broadcast_matmul(&w.as_tensor().t().expect("t"))
@@ -322,6 +335,39 @@ fn a_bf16_teacher_head_is_the_head_of_its_rounded_values() {
     assert_close("value", &[got.0], &[want.0], 1e-5);
     assert_close("dL/dh", &got.2, &want.2, 1e-5);
     assert_close("dL/dW", &got.3, &want.3, 1e-5);
+}
+
+/// A bf16 student's head (`lm_head.bf16_products`): the chunks' `h W^T`, `G W` and `G^T h`
+/// in bf16 products equal the unfused head in the bf16 linear layer (every gradient mode, several
+/// chunk sizes), and differ from the f32 products by more than the tolerance.
+#[test]
+fn a_bf16_student_head_matches_the_bf16_linear_layer() {
+    let mut f = fixture(DType::F32);
+    f.student_bf16 = true;
+    let kl = term("kl", serde_json::json!({"temperature": 2.0}), false);
+    let ce = term("ce", serde_json::json!({}), false);
+    let terms = [(kl.as_ref(), 0.7), (ce.as_ref(), 0.3)];
+    let want = run(&terms, &f, TeacherForm::Head, true, None);
+    let modes = [
+        WeightGradient::InGraph,
+        WeightGradient::Returned,
+        WeightGradient::Collected { scale: 0.25 },
+    ];
+    for (chunk, mode) in [1, 3, B * S].into_iter().zip(modes) {
+        let got = run(&terms, &f, TeacherForm::Head, true, Some((chunk, mode)));
+        let what = format!("chunk {chunk} {mode:?}");
+        assert_close(&format!("{what} value"), &[got.0], &[want.0], 1e-5);
+        assert_close(&format!("{what} dL/dh"), &got.2, &want.2, 1e-5);
+        assert_close(&format!("{what} dL/dW"), &got.3, &want.3, 1e-5);
+    }
+    f.student_bf16 = false;
+    let f32 = run(&terms, &f, TeacherForm::Head, true, Some((3, WeightGradient::InGraph)));
+    let scale = want.2.iter().fold(0f64, |m, x| m.max(x.abs()));
+    let apart = want.2.iter().zip(&f32.2).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        apart > 1e-4 * scale,
+        "the bf16 head's dL/dh is the f32 one's ({apart} of {scale})"
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Result, Storage, Tensor, Var, WithDType};
 
 use crate::kernels::cpu::fastmath::Real;
-use crate::kernels::cpu::linear;
+use crate::kernels::cpu::linear::{self, multiply, Products};
 use crate::kernels::cpu::raw::gemm::{gemm_into, Mat};
 use crate::kernels::cpu::raw::output_vec;
 use crate::kernels::cpu::rows::{slice, slice_mut};
@@ -48,20 +48,25 @@ impl WeightGrad {
         (Self::writes_into(b) && b.is_contiguous()).then_some(WeightGrad::Leaf(claim, scale))
     }
 
-    /// Adds `g^T h` for `g [C, V]` and `h [C, H]` (contiguous, of the accumulator's dtype).
-    pub fn add(&mut self, g: &Tensor, h: &Tensor) -> Result<()> {
+    /// Adds `g^T h` for `g [C, V]` and `h [C, H]` (contiguous, of the accumulator's dtype),
+    /// multiplied as `products` says (bf16 products: CPU f32 only).
+    pub fn add(&mut self, g: &Tensor, h: &Tensor, products: Products) -> Result<()> {
         match self {
             WeightGrad::Leaf(claim, scale) => {
                 let h = if *scale == 1.0 { h.clone() } else { (h * *scale)? };
                 let op = ProductInto {
                     accumulate: claim.accumulate,
+                    products,
                 };
                 claim.buffer.inplace_op3(&g.contiguous()?, &h.contiguous()?, &op)?;
                 claim.accumulate = true;
                 Ok(())
             }
-            WeightGrad::F32(acc, _) => add_in_place(acc, g, h),
-            WeightGrad::F64(acc, _) => add_in_place(acc, g, h),
+            WeightGrad::F32(acc, _) => add_in_place(acc, g, h, products),
+            WeightGrad::F64(acc, _) => add_in_place(acc, g, h, products),
+            WeightGrad::Tensor(_) if products == Products::Bf16 => {
+                candle_core::bail!("lm_head: bf16 products of the weight's gradient need CPU f32 tensors")
+            }
             WeightGrad::Tensor(acc) => {
                 // Half-precision chunks (mixed precision) are summed in f32.
                 let p = product(&g.t()?, h)?;
@@ -143,6 +148,7 @@ pub fn product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `buffer (+)= g^T h` (args: the buffer, `g`, `h`), adding when `accumulate`.
 struct ProductInto {
     accumulate: bool,
+    products: Products,
 }
 
 impl InplaceOp3 for ProductInto {
@@ -160,8 +166,8 @@ impl InplaceOp3 for ProductInto {
         hl: &Layout,
     ) -> Result<()> {
         match dst {
-            CpuStorage::F32(_) => product_into::<f32>((dst, dl), (g, gl), (h, hl), self.accumulate),
-            CpuStorage::F64(_) => product_into::<f64>((dst, dl), (g, gl), (h, hl), self.accumulate),
+            CpuStorage::F32(_) => product_into::<f32>((dst, dl), (g, gl), (h, hl), self),
+            CpuStorage::F64(_) => product_into::<f64>((dst, dl), (g, gl), (h, hl), self),
             _ => candle_core::bail!("lm_head: the weight's gradient buffer must be f32 or f64"),
         }
     }
@@ -171,7 +177,7 @@ fn product_into<T: Real>(
     dst: (&mut CpuStorage, &Layout),
     g: (&CpuStorage, &Layout),
     h: (&CpuStorage, &Layout),
-    accumulate: bool,
+    op: &ProductInto,
 ) -> Result<()> {
     let ((c, v), (c2, width)) = (g.1.shape().dims2()?, h.1.shape().dims2()?);
     if c != c2 || dst.1.shape().elem_count() != v * width {
@@ -187,8 +193,7 @@ fn product_into<T: Real>(
         slice::<T>(h.0, h.1, "lm_head input")?,
     );
     let acc = slice_mut::<T>(dst.0, dst.1, "lm_head weight gradient")?;
-    dw_product(acc, accumulate, gd, hd, (c, v, width));
-    Ok(())
+    dw_product(acc, op.accumulate, gd, hd, (c, v, width), op.products)
 }
 
 /// Zeroes a CPU f32/f64 buffer.
@@ -210,7 +215,7 @@ impl candle_core::InplaceOp1 for Zero {
 }
 
 /// `acc [V, H] += g^T h` by one `gemm` call.
-fn add_in_place<T: Real>(acc: &mut [T], g: &Tensor, h: &Tensor) -> Result<()> {
+fn add_in_place<T: Real>(acc: &mut [T], g: &Tensor, h: &Tensor, products: Products) -> Result<()> {
     let ((c, v), (c2, width)) = (g.dims2()?, h.dims2()?);
     if c != c2 || acc.len() != v * width {
         candle_core::bail!(
@@ -220,13 +225,26 @@ fn add_in_place<T: Real>(acc: &mut [T], g: &Tensor, h: &Tensor) -> Result<()> {
         );
     }
     on_cpu_slices::<T, _>(g, h, ["lm_head gradient", "lm_head input"], |gd, hd| {
-        dw_product(acc, true, gd, hd, (c, v, width))
-    })
+        dw_product(acc, true, gd, hd, (c, v, width), products)
+    })?
 }
 
 /// `acc [V, H] (+)= g^T h` over row-major slices `g [C, V]`, `h [C, H]` (`dims = (C, V, H)`).
-fn dw_product<T: Real>(acc: &mut [T], accumulate: bool, g: &[T], h: &[T], (c, v, width): (usize, usize, usize)) {
-    gemm_into(acc, accumulate, &Mat::dense(g, c, v).t(), &Mat::dense(h, c, width));
+fn dw_product<T: Real>(
+    acc: &mut [T],
+    accumulate: bool,
+    g: &[T],
+    h: &[T],
+    (c, v, width): (usize, usize, usize),
+    products: Products,
+) -> Result<()> {
+    multiply(
+        acc,
+        accumulate,
+        &Mat::dense(g, c, v).t(),
+        &Mat::dense(h, c, width),
+        products,
+    )
 }
 
 /// `f` on the contiguous CPU slices of `a` and `b` (`names`: what each is, for errors).

@@ -2,7 +2,8 @@
 //! dense (trainable, differentiable) or quantized (a frozen GGUF weight: Q4_0, Q4_1 and Q8_0
 //! on the CPU through the block kernels of `kernels::cpu::quant`, any other format or device
 //! through candle's `QMatMul`) or packed bf16 (a frozen weight of a bf16 model on the CPU,
-//! `kernels::cpu::bf16_matmul`).
+//! `kernels::cpu::bf16_matmul`), or dense with bf16 products (a bf16 mixed-precision student on
+//! the CPU: f32 weights, both factors of every product rounded to bf16, `kernels::cpu::linear`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,6 +27,9 @@ pub enum Weight {
     /// A frozen `[out, in]` weight in bf16, packed for the CPU's tile products (f32
     /// activations rounded to bf16, f32 sums; the input gets its gradient).
     Bf16(Bf16MatMul),
+    /// A dense `[out, in]` f32 tensor (a trainable one) whose products, forward and backward,
+    /// round both factors to bf16 and sum in f32 (`kernels::cpu::linear::linear_t_bf16`).
+    DenseBf16(Tensor),
 }
 
 impl Weight {
@@ -72,6 +76,7 @@ impl Linear {
         let x2 = x.reshape((rows, inp))?;
         let y = match &self.weight {
             Weight::Dense(w) => return crate::models::nn::linear_out_in(x, w, self.bias.as_ref()),
+            Weight::DenseBf16(w) => return crate::kernels::cpu::linear::linear_t_bf16(x, w, self.bias.as_ref()),
             Weight::Blocks(q) => q.forward(&x2)?,
             Weight::Quantized(q) => q.forward(&x2)?,
             Weight::Bf16(w) => w.forward(&x2)?,
@@ -105,6 +110,7 @@ impl Linear {
         Ok(Linear {
             weight: match &self.weight {
                 Weight::Dense(w) => Weight::Dense(f(w)?),
+                Weight::DenseBf16(w) => Weight::DenseBf16(f(w)?),
                 Weight::Blocks(q) => Weight::Blocks(q.clone()),
                 Weight::Quantized(q) => Weight::Quantized(q.clone()),
                 Weight::Bf16(w) => Weight::Bf16(w.clone()),

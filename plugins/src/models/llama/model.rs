@@ -19,6 +19,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, TensorId, Var, D};
 
+use retort_core::taps::LM_HEAD_BF16_PRODUCTS;
 use retort_core::{Error, Outputs, Result, TapSet, LM_HEAD_TAP};
 
 use super::config::LlamaConfig;
@@ -225,7 +226,8 @@ pub struct Llama {
     /// weights' (a trainable model asked for bf16 keeps f32 master weights, see
     /// [`Llama::from_parts`]).
     compute: Option<DType>,
-    /// A frozen bf16 model on the CPU: f32 activations, projections in packed bf16.
+    /// A bf16 model on the CPU: f32 activations, the projections multiplied in bf16 (frozen:
+    /// packed bf16 weights; trainable: f32 master weights rounded in each product).
     bf16_products: bool,
     /// The head's weight in bf16, what such a model hands the fused LM-head losses.
     head_bf16: Option<Tensor>,
@@ -250,6 +252,10 @@ impl Llama {
         // bf16 for the tile products (candle's CPU backend has neither fast bf16 products nor
         // fast bf16 element-wise ops); the embedding, norms and head stay f32.
         let bf16_products = !trainable && cfg.dtype == DType::BF16 && device.is_cpu();
+        // A bf16 student on the CPU (mixed precision) keeps f32 master weights and activations;
+        // every product of its linear layers (the head's too, not the MoE router's) rounds both
+        // factors to bf16 and sums in f32, forward and backward.
+        let bf16_trainable = trainable && cfg.dtype == DType::BF16 && device.is_cpu();
         let tied_quant_head = match parts.get("model.embed_tokens.weight") {
             Some(Part::Quantized(q)) if cfg.tie_embeddings && !bf16_products => Some(q.clone()),
             _ => None,
@@ -312,6 +318,7 @@ impl Llama {
                 });
             }
             let weight = match (dense.get(w), quant.get(w)) {
+                (Some(t), _) if bf16_trainable && !w.contains("block_sparse_moe.gate.") => Weight::DenseBf16(t.clone()),
                 (Some(t), _) => Weight::Dense(t.clone()),
                 (None, Some(q)) => Weight::quantized(q.clone())?,
                 (None, None) => return Err(Error::Runtime(format!("missing tensor {w}"))),
@@ -368,6 +375,10 @@ impl Llama {
                     weight: Weight::quantized(q)?,
                     bias: None,
                 },
+                None if bf16_trainable => Linear {
+                    weight: Weight::DenseBf16(embed.clone()),
+                    bias: None,
+                },
                 None => Linear::dense(embed.clone(), None),
             }
         } else {
@@ -391,8 +402,8 @@ impl Llama {
             source: source.to_string(),
             tokenizer_id: None,
             fused: false,
-            compute: (stored != cfg.dtype && !bf16_products).then_some(cfg.dtype),
-            bf16_products,
+            compute: (stored != cfg.dtype && !bf16_products && !bf16_trainable).then_some(cfg.dtype),
+            bf16_products: bf16_products || bf16_trainable,
             head_bf16: match (&head.weight, bf16_products) {
                 (Weight::Dense(w), true) => Some(w.to_dtype(DType::BF16)?),
                 _ => None,
@@ -508,7 +519,8 @@ impl Llama {
         (self.compute.unwrap_or(self.embed.dtype()), self.embed.dtype())
     }
 
-    /// Whether the projections are packed bf16 weights (a frozen bf16 model on the CPU).
+    /// Whether the projections multiply in bf16 products (a bf16 model on the CPU: frozen,
+    /// packed bf16 weights; trainable, f32 master weights).
     pub fn bf16_products(&self) -> bool {
         self.bf16_products
     }
@@ -579,7 +591,7 @@ impl Llama {
     /// [`LM_HEAD_TAP`] request hands out); `None` for a quantized head.
     pub fn dense_head(&self) -> Option<&Tensor> {
         match (&self.head.weight, &self.head.bias) {
-            (Weight::Dense(w), None) => Some(w),
+            (Weight::Dense(w) | Weight::DenseBf16(w), None) => Some(w),
             _ => None,
         }
     }
@@ -660,6 +672,13 @@ impl Llama {
             // A bf16 model hands its head in bf16: the fused LM-head loss multiplies by it on
             // the tile products too.
             let w = self.head_bf16.clone().unwrap_or_else(|| w.clone());
+            if matches!(self.head.weight, Weight::DenseBf16(_)) {
+                // A bf16 student's head: f32, multiplied in bf16 products by the fused loss.
+                out.insert(
+                    LM_HEAD_BF16_PRODUCTS.to_string(),
+                    Tensor::zeros((), DType::F32, x.device())?,
+                );
+            }
             return Ok(lm_head_outputs(x, w, out)?);
         }
         let logits = self.head.forward(&x)?;
@@ -808,27 +827,78 @@ mod tests {
             .collect()
     }
 
+    /// The gradients of `mixed` follow those of `full` (the same master weights) to half
+    /// precision's rounding, and every variable, tied head included, gets one in f32.
+    fn assert_gradients_follow(mixed: &Llama, full: &Llama, what: &str) {
+        let (gm, gf) = (ce_gradients(mixed), ce_gradients(full));
+        for (((name, _), a), b) in mixed.vars.iter().zip(&gm).zip(&gf) {
+            let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-6);
+            let err = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
+            assert!(err < 0.1, "{name}: {what} gradient off by {err:.3} of its scale");
+        }
+    }
+
+    /// Half-precision compute with f32 master weights, the CUDA way (the weights cast in the
+    /// forward pass); f16 shows it on the CPU, where bf16 goes the way of the next test.
     #[test]
-    fn bf16_mixed_precision_computes_in_bf16_and_trains_f32_master_weights() {
-        let (mixed, full) = (tiny(serde_json::json!({"dtype": "bf16"})), tiny(serde_json::json!({})));
-        assert_eq!(mixed.precision(), (DType::BF16, DType::F32));
+    fn half_mixed_precision_computes_in_half_and_trains_f32_master_weights() {
+        let (mixed, full) = (tiny(serde_json::json!({"dtype": "f16"})), tiny(serde_json::json!({})));
+        assert_eq!(mixed.precision(), (DType::F16, DType::F32));
         assert_eq!(full.precision(), (DType::F32, DType::F32));
         assert!(mixed.vars.iter().all(|(_, v)| v.dtype() == DType::F32));
         assert!(
-            mixed.describe().contains("bf16 compute, f32 master weights"),
+            mixed.describe().contains("f16 compute, f32 master weights"),
             "{}",
             mixed.describe()
         );
         let out = mixed.forward(&batch(4), &TapSet::none()).expect("fwd");
-        assert_eq!(out.logits.dtype(), DType::BF16);
-        // The same master weights (one seed): the bf16 gradients follow the f32 ones to bf16's
-        // rounding, and every variable, tied head included, gets one in f32.
-        let (gm, gf) = (ce_gradients(&mixed), ce_gradients(&full));
-        for (((name, _), a), b) in mixed.vars.iter().zip(&gm).zip(&gf) {
-            let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-6);
-            let err = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
-            assert!(err < 0.1, "{name}: bf16 gradient off by {err:.3} of its scale");
-        }
+        assert_eq!(out.logits.dtype(), DType::F16);
+        assert_gradients_follow(&mixed, &full, "f16");
+    }
+
+    /// A bf16 student on the CPU: f32 master weights and activations, every linear layer (the
+    /// tied head too, not the MoE router) in bf16 products; its head handed to the fused losses
+    /// as the f32 variable with the bf16-products marker.
+    #[test]
+    fn a_bf16_student_on_the_cpu_trains_f32_weights_through_bf16_products() {
+        let moe = serde_json::json!({"dtype": "bf16", "n_experts": 2, "n_experts_used": 1});
+        let (mixed, full) = (
+            tiny(moe.clone()),
+            tiny(serde_json::json!({"n_experts": 2, "n_experts_used": 1})),
+        );
+        assert!(mixed.bf16_products() && !full.bf16_products());
+        assert_eq!(mixed.precision(), (DType::F32, DType::F32));
+        assert!(mixed.vars.iter().all(|(_, v)| v.dtype() == DType::F32));
+        assert!(
+            mixed.describe().contains("f32 master weights, bf16 products"),
+            "{}",
+            mixed.describe()
+        );
+        let layer = &mixed.layers[0];
+        assert!(matches!(layer.q.weight, Weight::DenseBf16(_)) && matches!(mixed.head.weight, Weight::DenseBf16(_)));
+        let Mlp::Moe { router, experts, .. } = &layer.mlp else {
+            panic!("moe")
+        };
+        assert!(matches!(router.weight, Weight::Dense(_)), "the router stays f32");
+        assert!(matches!(experts[0].0.weight, Weight::DenseBf16(_)));
+        let logits = |m: &Llama| -> Vec<f32> {
+            let out = m.forward(&batch(4), &TapSet::none()).expect("fwd");
+            assert_eq!(out.logits.dtype(), DType::F32);
+            out.logits.flatten_all().and_then(|t| t.to_vec1()).expect("logits")
+        };
+        let (got, want) = (logits(&mixed), logits(&full));
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let worst = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+        assert!(
+            worst > 0.0 && worst < 2e-2 * scale,
+            "bf16 products off by {worst} (logits up to {scale})"
+        );
+        assert_gradients_follow(&mixed, &full, "bf16 products");
+        let taps: TapSet = [retort_core::LM_HEAD_TAP].into_iter().collect();
+        let out = mixed.forward(&batch(4), &taps).expect("fwd with the head");
+        let (_, weight) = out.lm_head().expect("the lm_head taps");
+        assert!(weight.is_variable() && weight.dtype() == DType::F32 && out.lm_head_bf16_products());
+        assert!(!full.forward(&batch(4), &taps).expect("f32").lm_head_bf16_products());
     }
 
     #[test]

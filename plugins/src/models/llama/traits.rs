@@ -49,7 +49,9 @@ impl Model for Llama {
             String::new()
         };
         let (compute, stored) = self.precision();
-        let precision = if self.bf16_products() {
+        let precision = if self.bf16_products() && !self.vars.is_empty() {
+            "f32 master weights, bf16 products".to_string()
+        } else if self.bf16_products() {
             "f32, bf16 products".to_string()
         } else if compute == stored {
             format!("{compute:?}").to_lowercase()

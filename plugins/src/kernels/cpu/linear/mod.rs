@@ -19,6 +19,11 @@
 //!
 //! Outputs that the product overwrites entirely are not initialised first.
 //!
+//! With [`Products::Bf16`] ([`linear_t_bf16`], f32 only) every product of the forward and the
+//! backward rounds both factors to bf16 and sums in f32 (`kernels::cpu::bf16_matmul`: the AMX
+//! tiles where the CPU has them): the matrix products of a bf16 mixed-precision student on the
+//! CPU, whose weights, activations and gradients stay f32.
+//!
 //! CPU only by design (a GPU library multiplies its own way): models choose it where
 //! [`supports`] says yes (`models::nn::linear_opt`) and compose `matmul` and the bias add
 //! elsewhere.
@@ -30,9 +35,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Tensor};
 
 use crate::kernels::bias::SumRows;
+use crate::kernels::cpu::bf16_matmul::bf16_gemm_into;
 use crate::kernels::cpu::fastmath::Real;
 use crate::kernels::cpu::raw::gemm::{gemm_into, Mat};
-use crate::kernels::cpu::raw::output_vec;
+use crate::kernels::cpu::raw::{as_f32_mut, output_vec};
 use crate::kernels::cpu::rows::{by_dtype, repeat_rows, slice_mut, with_last};
 use crate::kernels::{leaf_grads, Support};
 
@@ -55,13 +61,41 @@ pub fn supports(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
 /// contiguous) and `w [in, out]` of any strides, where [`supports`]. The result is a contiguous `[.., out]`: no reshape nodes are added to
 /// the graph, so the backward accumulates no extra full-size gradients.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    apply(x, w, b, Linear { transposed: false })
+    apply(x, w, b, Linear::new(false, Products::Native))
 }
 
 /// `x @ w^T + b` for `w [out, in]` (any strides), otherwise as [`linear`]: the weight is the
 /// op's operand as it is, so a parameter's gradient can go to its leaf-gradient buffer.
 pub fn linear_t(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    apply(x, w, b, Linear { transposed: true })
+    apply(x, w, b, Linear::new(true, Products::Native))
+}
+
+/// [`linear_t`] with [`Products::Bf16`] for f32 `x`, `w` (and `b`); any other dtype is an
+/// error.
+pub fn linear_t_bf16(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    apply(x, w, b, Linear::new(true, Products::Bf16))
+}
+
+/// How the op's matrix products multiply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Products {
+    /// In the operands' dtype (f32 or f64).
+    Native,
+    /// f32 operands rounded to bf16, products exact, sums in f32
+    /// (`kernels::cpu::bf16_matmul`).
+    Bf16,
+}
+
+/// `dst [m, n] (+)= a b` as `products` says (bf16 products: f32 operands only, else an error).
+pub fn multiply<T: Real>(dst: &mut [T], accumulate: bool, a: &Mat<T>, b: &Mat<T>, products: Products) -> Result<()> {
+    match products {
+        Products::Native => gemm_into(dst, accumulate, a, b),
+        Products::Bf16 => match (as_f32_mut(dst), a.as_f32(), b.as_f32()) {
+            (Some(dst), Some(a), Some(b)) => bf16_gemm_into(dst, accumulate, &a, &b),
+            _ => bail!("fused linear: bf16 products take f32 operands, got {:?}", T::DTYPE),
+        },
+    }
+    Ok(())
 }
 
 fn apply(x: &Tensor, w: &Tensor, b: Option<&Tensor>, op: Linear) -> Result<Tensor> {
@@ -114,18 +148,22 @@ fn rows_fold(l: &Layout) -> bool {
 #[derive(Clone, Copy)]
 struct Linear {
     transposed: bool,
+    products: Products,
 }
+
+impl Linear {
+    fn new(transposed: bool, products: Products) -> Self {
+        Linear { transposed, products }
+    }
+}
+
 /// `dy [rows, out] @ w^T` (args `dy`, `w`; `w` `[out, in]` when `transposed`).
-struct InputGrad {
-    transposed: bool,
-}
+struct InputGrad(Linear);
 /// `x^T @ dy`, or `dy^T @ x` when `transposed` (args `x`, `dy`).
-struct WeightGrad {
-    transposed: bool,
-}
+struct WeightGrad(Linear);
 /// [`WeightGrad`] written into a leaf-gradient buffer (added onto it when `accumulate`).
 struct WeightGradInto {
-    transposed: bool,
+    op: Linear,
     accumulate: bool,
 }
 
@@ -154,15 +192,15 @@ fn mat_of<'a, T: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Mat<
 
 /// `a @ b` into a fresh row-major vector, first filled with `init` rows when given (the
 /// product is accumulated onto them) and left uninitialised otherwise.
-fn product<T: Real>(a: &Mat<T>, b: &Mat<T>, init: Option<&[T]>) -> Vec<T> {
+fn product<T: Real>(a: &Mat<T>, b: &Mat<T>, init: Option<&[T]>, products: Products) -> Result<Vec<T>> {
     let (m, n) = (a.rows(), b.cols());
     // With a bias the product accumulates onto its rows; without, it overwrites every element.
     let mut out = match init {
         Some(row) => repeat_rows(None, row, m),
         None => output_vec(m * n),
     };
-    gemm_into(&mut out, init.is_some(), a, b);
-    out
+    multiply(&mut out, init.is_some(), a, b, products)?;
+    Ok(out)
 }
 
 /// The `[in, out]` matrix of the weight operand.
@@ -175,10 +213,10 @@ fn forward<T: Real>(
     x: (&CpuStorage, &Layout),
     w: (&CpuStorage, &Layout),
     b: Option<(&CpuStorage, &Layout)>,
-    transposed: bool,
+    op: Linear,
 ) -> Result<(CpuStorage, Shape)> {
     let xm = mat_of::<T>(x.0, x.1, "x")?;
-    let wm = weight_mat::<T>(w, transposed)?;
+    let wm = weight_mat::<T>(w, op.transposed)?;
     if xm.cols() != wm.rows() {
         bail!(
             "fused linear: x [{}, {}] @ w [{}, {}]",
@@ -207,16 +245,16 @@ fn forward<T: Real>(
         }
         None => None,
     };
-    let out = product(&xm, &wm, bias);
+    let out = product(&xm, &wm, bias, op.products)?;
     Ok((T::storage(out), with_last(x.1.shape(), wm.cols())))
 }
 
 /// The gradients of `y = x w (+ b)` given `dy`: `(dx, dw)`, each only when that argument is
 /// tracked by autograd (the embedding input of a frozen model is not, for instance). A weight
 /// the thread's leaf-gradient collector holds gets its gradient there (`dw` is then `None`).
-fn grads(x: &Tensor, w: &Tensor, dy: &Tensor, transposed: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
+fn grads(x: &Tensor, w: &Tensor, dy: &Tensor, op: Linear) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let dx = if x.track_op() {
-        Some(dy.apply_op2_no_bwd(w, &InputGrad { transposed })?)
+        Some(dy.apply_op2_no_bwd(w, &InputGrad(op))?)
     } else {
         None
     };
@@ -225,13 +263,13 @@ fn grads(x: &Tensor, w: &Tensor, dy: &Tensor, transposed: bool) -> Result<(Optio
     }
     if let Some(claim) = leaf_grads::claim(w)? {
         let into = WeightGradInto {
-            transposed,
+            op,
             accumulate: claim.accumulate,
         };
         claim.buffer.inplace_op3(x, dy, &into)?;
         return Ok((dx, None));
     }
-    Ok((dx, Some(x.apply_op2_no_bwd(dy, &WeightGrad { transposed })?)))
+    Ok((dx, Some(x.apply_op2_no_bwd(dy, &WeightGrad(op))?)))
 }
 
 impl CustomOp3 for Linear {
@@ -251,8 +289,8 @@ impl CustomOp3 for Linear {
         by_dtype(
             "fused-linear",
             &[s1, s2, s3],
-            || forward::<f32>((s1, l1), (s2, l2), Some((s3, l3)), self.transposed),
-            || forward::<f64>((s1, l1), (s2, l2), Some((s3, l3)), self.transposed),
+            || forward::<f32>((s1, l1), (s2, l2), Some((s3, l3)), *self),
+            || forward::<f64>((s1, l1), (s2, l2), Some((s3, l3)), *self),
         )
     }
 
@@ -264,7 +302,7 @@ impl CustomOp3 for Linear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = grads(x, w, dy, self.transposed)?;
+        let (dx, dw) = grads(x, w, dy, *self)?;
         let db = if b.track_op() {
             Some(dy.contiguous()?.apply_op1_no_bwd(&SumRows)?)
         } else {
@@ -283,23 +321,23 @@ impl CustomOp2 for Linear {
         by_dtype(
             "fused-linear",
             &[s1, s2],
-            || forward::<f32>((s1, l1), (s2, l2), None, self.transposed),
-            || forward::<f64>((s1, l1), (s2, l2), None, self.transposed),
+            || forward::<f32>((s1, l1), (s2, l2), None, *self),
+            || forward::<f64>((s1, l1), (s2, l2), None, *self),
         )
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        grads(x, w, dy, self.transposed)
+        grads(x, w, dy, *self)
     }
 }
 
 fn input_grad<T: Real>(
     dy: (&CpuStorage, &Layout),
     w: (&CpuStorage, &Layout),
-    transposed: bool,
+    op: Linear,
 ) -> Result<(CpuStorage, Shape)> {
     let g = mat_of::<T>(dy.0, dy.1, "dy")?;
-    let wt = weight_mat::<T>(w, transposed)?.t();
+    let wt = weight_mat::<T>(w, op.transposed)?.t();
     if g.cols() != wt.rows() {
         bail!(
             "fused linear backward: dy has {} columns, w has {}",
@@ -307,7 +345,7 @@ fn input_grad<T: Real>(
             wt.rows()
         )
     }
-    let out = product(&g, &wt, None);
+    let out = product(&g, &wt, None, op.products)?;
     Ok((T::storage(out), with_last(dy.1.shape(), wt.cols())))
 }
 
@@ -329,10 +367,10 @@ fn weight_factors<'a, T: Real>(
 fn weight_grad<T: Real>(
     x: (&CpuStorage, &Layout),
     dy: (&CpuStorage, &Layout),
-    transposed: bool,
+    op: Linear,
 ) -> Result<(CpuStorage, Shape)> {
-    let (a, b) = weight_factors::<T>(x, dy, transposed)?;
-    let out = product(&a, &b, None);
+    let (a, b) = weight_factors::<T>(x, dy, op.transposed)?;
+    let out = product(&a, &b, None, op.products)?;
     Ok((T::storage(out), Shape::from((a.rows(), b.cols()))))
 }
 
@@ -342,7 +380,7 @@ fn weight_grad_into<T: Real>(
     dy: (&CpuStorage, &Layout),
     op: &WeightGradInto,
 ) -> Result<()> {
-    let (a, b) = weight_factors::<T>(x, dy, op.transposed)?;
+    let (a, b) = weight_factors::<T>(x, dy, op.op.transposed)?;
     if dst.1.dims() != [a.rows(), b.cols()] {
         bail!(
             "fused linear backward: the weight's gradient buffer is {:?}, the gradient [{}, {}]",
@@ -352,8 +390,7 @@ fn weight_grad_into<T: Real>(
         )
     }
     let out = slice_mut::<T>(dst.0, dst.1, "weight gradient buffer")?;
-    gemm_into(out, op.accumulate, &a, &b);
-    Ok(())
+    multiply(out, op.accumulate, &a, &b, op.op.products)
 }
 
 impl CustomOp2 for InputGrad {
@@ -365,8 +402,8 @@ impl CustomOp2 for InputGrad {
         by_dtype(
             "fused-linear-dx",
             &[s1, s2],
-            || input_grad::<f32>((s1, l1), (s2, l2), self.transposed),
-            || input_grad::<f64>((s1, l1), (s2, l2), self.transposed),
+            || input_grad::<f32>((s1, l1), (s2, l2), self.0),
+            || input_grad::<f64>((s1, l1), (s2, l2), self.0),
         )
     }
 }
@@ -380,8 +417,8 @@ impl CustomOp2 for WeightGrad {
         by_dtype(
             "fused-linear-dw",
             &[s1, s2],
-            || weight_grad::<f32>((s1, l1), (s2, l2), self.transposed),
-            || weight_grad::<f64>((s1, l1), (s2, l2), self.transposed),
+            || weight_grad::<f32>((s1, l1), (s2, l2), self.0),
+            || weight_grad::<f64>((s1, l1), (s2, l2), self.0),
         )
     }
 }

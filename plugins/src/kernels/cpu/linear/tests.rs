@@ -213,3 +213,76 @@ fn an_out_in_weight_gets_its_gradient_in_place_where_collected() {
         );
     }
 }
+
+/// `t` rounded to bf16, as f64.
+fn rounded(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::BF16)
+        .and_then(|t| t.to_dtype(DType::F64))
+        .expect("round")
+}
+
+/// bf16 products: the value and every gradient equal the f64 products of the bf16-rounded
+/// factors (`y = b(x) b(W)^T + b`, `dx = b(dy) b(W)`, `dW = b(dy)^T b(x)`, `db = sum dy`), with
+/// the gradients through candle and into a collected leaf buffer; shapes on and off the tile
+/// blocks (32), a strided input.
+#[test]
+fn bf16_products_are_the_products_of_the_rounded_factors() {
+    let dev = Device::Cpu;
+    let data = |n: usize, f: f64| {
+        Tensor::arange(0f64, n as f64, &dev)
+            .and_then(|t| (t * f)?.sin())
+            .and_then(|t| t.to_dtype(DType::F32))
+            .expect("data")
+    };
+    for (rows, inp, out) in [(70, 45, 40), (64, 64, 96)] {
+        let xv = Var::from_tensor(&data(rows * (inp + 2), 0.31).reshape((rows, inp + 2)).expect("x")).expect("x");
+        let x = xv.as_tensor().narrow(1, 2, inp).expect("narrow");
+        let w = Var::from_tensor(&data(out * inp, 0.07).reshape((out, inp)).expect("w")).expect("w");
+        let b = Var::from_tensor(&data(out, 0.5)).expect("b");
+        let c = data(rows * out, 0.05).reshape((rows, out)).expect("c");
+        let loss = || {
+            let y = linear_t_bf16(&x, w.as_tensor(), Some(b.as_tensor())).expect("y");
+            let l = (&y * &c).and_then(|l| l.sum_all()).expect("loss");
+            (y, l)
+        };
+        let (x64, w64, c64) = (rounded(&x), rounded(w.as_tensor()), rounded(&c));
+        let b64 = b.as_tensor().to_dtype(DType::F64).expect("b");
+        let want_y = x64
+            .matmul(&w64.t().expect("t"))
+            .and_then(|y| y.broadcast_add(&b64))
+            .expect("y");
+        let want_dx = c64.matmul(&w64).expect("dx");
+        let want_dw = c64.t().and_then(|c| c.matmul(&x64)).expect("dw");
+        let want_db = c.to_dtype(DType::F64).and_then(|c| c.sum(0)).expect("db");
+        let (y, l) = loss();
+        assert_close("y", &values(&y), &values(&want_y), 1e-6);
+        let g = l.backward().expect("backward");
+        let dx = g.get(xv.as_tensor()).expect("dx").narrow(1, 2, inp).expect("dx");
+        assert_close("dx", &values(&dx), &values(&want_dx), 1e-6);
+        assert_close(
+            "dw",
+            &values(g.get(w.as_tensor()).expect("dw")),
+            &values(&want_dw),
+            1e-6,
+        );
+        assert_close(
+            "db",
+            &values(g.get(b.as_tensor()).expect("db")),
+            &values(&want_db),
+            1e-6,
+        );
+        let collector = crate::kernels::leaf_grads::LeafGrads::new([w.as_tensor()]);
+        let store = collector.collecting(|| loss().1.backward()).expect("collected");
+        assert!(store.get(w.as_tensor()).is_none(), "w's gradient went to candle");
+        let dw = collector.take(w.as_tensor()).expect("collected dw");
+        assert_close("collected dw", &values(&dw), &values(&want_dw), 1e-6);
+    }
+}
+
+#[test]
+fn bf16_products_refuse_f64() {
+    let x = Tensor::zeros((3, 4), DType::F64, &Device::Cpu).expect("x");
+    let w = Tensor::zeros((5, 4), DType::F64, &Device::Cpu).expect("w");
+    let err = linear_t_bf16(&x, &w, None).expect_err("f64").to_string();
+    assert!(err.contains("bf16 products take f32"), "{err}");
+}

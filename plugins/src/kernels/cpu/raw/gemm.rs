@@ -103,6 +103,27 @@ impl<'a, T: Real> Mat<'a, T> {
         &self.data[start..start + self.rows]
     }
 
+    /// Element `(i, j)`.
+    ///
+    /// # Panics
+    /// When `(i, j)` is out of range.
+    pub fn at(&self, i: usize, j: usize) -> T {
+        assert!(i < self.rows && j < self.cols, "Mat::at: ({i}, {j}) out of range");
+        self.data[self.offset + i * self.rs + j * self.cs]
+    }
+
+    /// The same view as `Mat<f32>` when `T` is `f32`.
+    pub fn as_f32(&self) -> Option<Mat<'a, f32>> {
+        Some(Mat {
+            data: super::as_f32(self.data)?,
+            offset: self.offset,
+            rows: self.rows,
+            cols: self.cols,
+            rs: self.rs,
+            cs: self.cs,
+        })
+    }
+
     /// Rows `start..start + len` as a view.
     ///
     /// # Panics
