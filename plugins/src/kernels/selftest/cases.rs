@@ -198,6 +198,8 @@ fn all_ops() -> Vec<Op> {
         adamw(),
         adamw_group(),
         sum_squares(),
+        linear(),
+        linear_bf16(),
         super::head::lm_head_loss(),
     ]);
     ops
@@ -595,6 +597,76 @@ fn bias() -> Op {
     }
 }
 
+/// Shapes `[.., in]` of the linear layer's input.
+const LINEAR_SHAPES: &[&[usize]] = &[&[64, 96], &[3, 37, 45]];
+/// Output features of the linear cases (not a multiple of the tile blocks).
+const LINEAR_OUT: usize = 40;
+
+/// `x [.., in]`, `w [LINEAR_OUT, in]` (scaled by `1 / sqrt(in)`) and `b [LINEAR_OUT]`.
+fn linear_inputs(d: &[usize]) -> Result<Vec<Input>> {
+    let inp = d.last().copied().unwrap_or(1);
+    Ok(vec![
+        Input::new("x", Role::Grad, normal(d, 0.0, 1.0, 1)?),
+        Input::new(
+            "w",
+            Role::Grad,
+            normal(&[LINEAR_OUT, inp], 0.0, 1.0 / (inp as f32).sqrt(), 2)?,
+        ),
+        Input::new("b", Role::Grad, normal(&[LINEAR_OUT], 0.0, 1.0, 3)?),
+    ])
+}
+
+/// The linear layer of the kernels in `cpu/linear` (CPU only: elsewhere `matmul` and the
+/// bias op run, which the cases above and cuBLAS cover).
+fn linear_op(variant: &str, supports: fn(&[Tensor]) -> bool, fused: OpFn, composite: OpFn) -> Op {
+    Op {
+        rowwise: false,
+        traffic: 4.0,
+        shapes: LINEAR_SHAPES,
+        device_shapes: &[],
+        ..op(
+            "linear",
+            variant.into(),
+            Box::new(linear_inputs),
+            supports,
+            fused,
+            composite,
+        )
+    }
+}
+
+/// `models::nn::linear_out_in`: the fused CPU layer (`kernels::cpu::linear`) where it runs.
+fn linear() -> Op {
+    let supports =
+        |x: &[Tensor]| args::<3>(x).is_ok_and(|[x, w, b]| crate::kernels::cpu::linear::supports(x, w, Some(b)));
+    let fused = one(|x| {
+        let [x, w, b] = args::<3>(x)?;
+        crate::models::nn::linear_out_in(x, w, Some(b))
+    });
+    let composite = one(|x| {
+        let [x, w, b] = args::<3>(x)?;
+        x.broadcast_matmul(&w.t()?)?.broadcast_add(b)
+    });
+    linear_op("x W^T + b", supports, fused, composite)
+}
+
+/// `kernels::cpu::linear::linear_t_bf16` (CPU f32): against the products of the rounded
+/// factors in f64 (`selftest::rounding`).
+fn linear_bf16() -> Op {
+    let supports = |x: &[Tensor]| x.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    let fused = one(|x| {
+        let [x, w, b] = args::<3>(x)?;
+        crate::kernels::cpu::linear::linear_t_bf16(x, w, Some(b))
+    });
+    let composite = one(|x| {
+        use super::rounding::{round_gradient, round_values};
+        let [x, w, b] = args::<3>(x)?;
+        let y = round_values(x)?.broadcast_matmul(&round_values(w)?.t()?)?;
+        round_gradient(&y)?.broadcast_add(b)
+    });
+    linear_op("bf16 products", supports, fused, composite)
+}
+
 /// `1 / sqrt(d)` of attention inputs `[B, H, T, d]`.
 fn attention_scale(dims: &[usize]) -> f64 {
     1.0 / (dims.last().copied().unwrap_or(1).max(1) as f64).sqrt()
@@ -884,6 +956,9 @@ mod tests {
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .filter(|n| !["cpu", "cuda", "emulated", "selftest"].contains(&n.as_str()))
             .collect();
+        // The CPU-only fused linear layer (`kernels/cpu/linear`) is a family too.
+        assert!(root.join("cpu").join("linear").is_dir());
+        folders.push("linear".into());
         folders.sort();
         let mut names = op_names();
         names.sort();

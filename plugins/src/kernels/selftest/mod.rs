@@ -30,6 +30,7 @@ mod eval;
 mod head;
 mod inputs;
 mod report;
+mod rounding;
 mod timing;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
