@@ -145,6 +145,28 @@ fn killed_on_policy_runs_resume_to_identical_weights_and_metrics() {
     killed_run_resumes_identically(&config, &["teacher", "student", "offpolicy", "baseline"]);
 }
 
+/// A llama student in bf16 on the CPU (f32 master weights, bf16 products on the AMX tiles):
+/// its products reduce in a fixed order, so a killed run resumes to the same weights. Where the
+/// CPU has no AMX the mode is refused, and this test checks that instead.
+#[test]
+fn killed_bf16_student_runs_resume_to_identical_weights_and_metrics() {
+    let student = "[student]\nkind = \"transformer\"\nn_layer = 1\nn_embd = 16\n";
+    assert!(CONFIG.contains(student));
+    let config = CONFIG.replace(
+        student,
+        "[student]\nkind = \"llama\"\ndtype = \"bf16\"\nn_layer = 1\nn_embd = 32\n",
+    );
+    if !retort_plugins::kernels::cpu::bf16_matmul::tiles_available() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        std::fs::write(tmp.path().join("c.toml"), &config).expect("config");
+        let o = retort(&["run", "c.toml", "--out", "r", "--quiet"], tmp.path());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.code() == Some(2) && err.contains("AMX"), "{err}");
+        return;
+    }
+    killed_run_resumes_identically(&config, &["teacher", "student", "baseline"]);
+}
+
 /// Runs `config` whole, and again killed in the student phase and in the baseline phase and
 /// resumed each time: the weights of every phase and the metrics must be identical.
 fn killed_run_resumes_identically(config: &str, phases: &[&str]) {
