@@ -134,6 +134,44 @@ impl Bf16Weight {
         packed
     }
 
+    /// Both packings of a row-major `[n, k]` weight `w` in one pass over it: `(for x W^T, for
+    /// g W)`, i.e. `pack_mat(w^T)` and `pack_mat(w)` (the fused LM-head loss's head, whose
+    /// `h W^T` and `G W` both multiply in bf16).
+    pub fn pack_both(w: &[f32], n: usize, k: usize) -> (Self, Self) {
+        assert_eq!(w.len(), n * k, "bf16 weight: shape");
+        let (mut fwd, mut bwd) = (Self::zeroed(n, k, false), Self::zeroed(k, n, true));
+        // Block `r`: rows 32 r.. of `w`, which are column tiles 2 r, 2 r + 1 of `fwd` and input
+        // tile `r` of `bwd`.
+        let fwd_block = (2 * fwd.k_pad / TILE_K * TILE_ELEMS).max(1);
+        let bwd_block = (bwd.n_pad / TILE_COLS * TILE_ELEMS).max(1);
+        fwd.tiles
+            .par_chunks_mut(fwd_block)
+            .zip(bwd.tiles.par_chunks_mut(bwd_block))
+            .enumerate()
+            .for_each_init(Vec::new, |bits: &mut Vec<u16>, (r, (fwd_panels, bwd_tiles))| {
+                for row in (r * ROW_BLOCK..((r + 1) * ROW_BLOCK).min(n)).filter(|_| k > 0) {
+                    bits.clear();
+                    bits.extend(w[row * k..(row + 1) * k].iter().map(|&v| to_bf16_bits(v)));
+                    let in_block = row % ROW_BLOCK;
+                    let panel = &mut fwd_panels[(in_block / TILE_COLS) * (fwd_block / 2)..];
+                    let column = 2 * (in_block % TILE_COLS);
+                    for (p, pair) in bits.chunks(2).enumerate() {
+                        let at = pair_offset(2 * p) + column;
+                        panel[at] = pair[0];
+                        panel[at + 1] = pair.get(1).copied().unwrap_or(0);
+                    }
+                    let at = pair_offset(in_block);
+                    for (j, tile) in bwd_tiles.chunks_exact_mut(TILE_ELEMS).enumerate() {
+                        let cols = (j * TILE_COLS).min(k)..((j + 1) * TILE_COLS).min(k);
+                        for (d, &b) in tile[at..].iter_mut().step_by(2).zip(&bits[cols]) {
+                            *d = b;
+                        }
+                    }
+                }
+            });
+        (fwd, bwd)
+    }
+
     /// All zeros, for a `[n, k]` weight.
     fn zeroed(n: usize, k: usize, by_inputs: bool) -> Self {
         let (n_pad, k_pad) = (n.div_ceil(COL_BLOCK) * COL_BLOCK, k.div_ceil(TILE_K) * TILE_K);
@@ -577,6 +615,22 @@ mod tests {
             let mut out = init.clone();
             bf16_gemm_into(&mut out, true, &a, &b);
             assert_close(&out, &want, "bf16_gemm_into");
+        }
+    }
+
+    #[test]
+    fn packing_both_ways_at_once_is_packing_each_way() {
+        for (n, k) in [(70, 45), (64, 96), (3, 1), (33, 32)] {
+            let w = values(n * k, 9);
+            let (fwd, bwd) = Bf16Weight::pack_both(&w, n, k);
+            let wm = Mat::dense(&w, n, k);
+            let (want_fwd, want_bwd) = (Bf16Weight::pack_mat(&wm.t()), Bf16Weight::pack_mat(&wm));
+            assert_eq!(fwd.tiles, want_fwd.tiles, "{n} x {k}: x W^T");
+            assert_eq!(
+                (bwd.tiles == want_bwd.tiles, bwd.by_inputs),
+                (true, true),
+                "{n} x {k}: g W"
+            );
         }
     }
 

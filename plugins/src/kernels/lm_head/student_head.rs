@@ -43,11 +43,8 @@ impl StudentHead {
         let Storage::Cpu(s) = &*storage else {
             return Err(Error::Runtime("lm_head weight: expected a CPU tensor".into()));
         };
-        let wm = Mat::dense(slice::<f32>(s, layout, "lm_head weight")?, v, h);
-        Ok(StudentHead::Bf16 {
-            rows: Bf16Weight::pack_mat(&wm.t()),
-            cols: Bf16Weight::pack_mat(&wm),
-        })
+        let (rows, cols) = Bf16Weight::pack_both(slice::<f32>(s, layout, "lm_head weight")?, v, h);
+        Ok(StudentHead::Bf16 { rows, cols })
     }
 
     /// How the weight's gradient `G^T h` is to multiply.
