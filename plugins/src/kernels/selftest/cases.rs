@@ -106,6 +106,10 @@ pub struct Op {
     pub device_shapes: &'static [&'static [usize]],
     /// Also at [`LARGE`] (off the CPU, or with `--large`), f32 and bf16.
     pub large: bool,
+    /// Only on the CPU (a CPU kernel with no counterpart elsewhere).
+    pub cpu_only: bool,
+    /// Only these of the device's dtypes (empty: all of them).
+    pub dtypes: &'static [DType],
 }
 
 /// An op at one shape and the dtypes to run it in (one set of inputs for all of them).
@@ -137,13 +141,21 @@ pub fn plan(device: &Device, opts: &SelftestOptions) -> Vec<Group> {
     let on_device = !device.is_cpu();
     let mut groups = Vec::new();
     for op in all_ops().into_iter().filter(|op| opts.matches(op.name)) {
+        if op.cpu_only && on_device {
+            continue;
+        }
         let op = Rc::new(op);
         let extra = if on_device { op.device_shapes } else { &[] };
+        let op_dtypes: Vec<DType> = dtypes
+            .iter()
+            .copied()
+            .filter(|d| op.dtypes.is_empty() || op.dtypes.contains(d))
+            .collect();
         for dims in op.shapes.iter().chain(extra) {
             groups.push(Group {
                 op: op.clone(),
                 dims: dims.to_vec(),
-                dtypes: dtypes.clone(),
+                dtypes: op_dtypes.clone(),
                 large: false,
             });
         }
@@ -254,6 +266,8 @@ pub fn op(
         shapes: ROW_SHAPES,
         device_shapes: ROW_DEVICE_SHAPES,
         large: false,
+        cpu_only: false,
+        dtypes: &[],
     }
 }
 
@@ -616,14 +630,15 @@ fn linear_inputs(d: &[usize]) -> Result<Vec<Input>> {
     ])
 }
 
-/// The linear layer of the kernels in `cpu/linear` (CPU only: elsewhere `matmul` and the
-/// bias op run, which the cases above and cuBLAS cover).
+/// The linear layer of the kernels in `cpu/linear` (CPU only: elsewhere models compose
+/// `matmul` and the bias op, which the cases above and cuBLAS cover).
 fn linear_op(variant: &str, supports: fn(&[Tensor]) -> bool, fused: OpFn, composite: OpFn) -> Op {
     Op {
         rowwise: false,
         traffic: 4.0,
         shapes: LINEAR_SHAPES,
         device_shapes: &[],
+        cpu_only: true,
         ..op(
             "linear",
             variant.into(),
@@ -635,13 +650,14 @@ fn linear_op(variant: &str, supports: fn(&[Tensor]) -> bool, fused: OpFn, compos
     }
 }
 
-/// `models::nn::linear_out_in`: the fused CPU layer (`kernels::cpu::linear`) where it runs.
+/// `kernels::cpu::linear::linear_t`, the fused CPU layer the models' `nn::linear_out_in`
+/// dispatches to where it runs.
 fn linear() -> Op {
     let supports =
         |x: &[Tensor]| args::<3>(x).is_ok_and(|[x, w, b]| crate::kernels::cpu::linear::supports(x, w, Some(b)));
     let fused = one(|x| {
         let [x, w, b] = args::<3>(x)?;
-        crate::models::nn::linear_out_in(x, w, Some(b))
+        crate::kernels::cpu::linear::linear_t(x, w, Some(b))
     });
     let composite = one(|x| {
         let [x, w, b] = args::<3>(x)?;
@@ -664,7 +680,10 @@ fn linear_bf16() -> Op {
         let y = round_values(x)?.broadcast_matmul(&round_values(w)?.t()?)?;
         round_gradient(&y)?.broadcast_add(b)
     });
-    linear_op("bf16 products", supports, fused, composite)
+    Op {
+        dtypes: &[DType::F32],
+        ..linear_op("bf16 products", supports, fused, composite)
+    }
 }
 
 /// `1 / sqrt(d)` of attention inputs `[B, H, T, d]`.
@@ -969,7 +988,13 @@ mod tests {
     #[test]
     fn the_cpu_plan_runs_f32_and_f64_and_the_large_cases_only_when_asked() {
         let plain = plan(&Device::Cpu, &SelftestOptions::default());
-        assert!(plain.iter().all(|g| g.dtypes == [DType::F32, DType::F64] && !g.large));
+        assert!(plain.iter().all(|g| !g.large));
+        assert!(plain
+            .iter()
+            .all(|g| g.dtypes == [DType::F32, DType::F64] || g.op.variant == "bf16 products"));
+        assert!(plain
+            .iter()
+            .any(|g| g.op.variant == "bf16 products" && g.dtypes == [DType::F32]));
         let large = plan(
             &Device::Cpu,
             &SelftestOptions {
