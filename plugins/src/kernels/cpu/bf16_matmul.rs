@@ -1,16 +1,19 @@
-//! A frozen weight kept in bf16 and multiplied in bf16 with f32 sums on the CPU: the matrix
-//! products of a teacher asked for `precision = "bf16"` (half the memory of f32 weights).
+//! Matrix products in bf16 with f32 sums on the CPU: a frozen weight kept in bf16 (the
+//! projections of a teacher asked for `precision = "bf16"`, half the memory of f32 weights) and
+//! the products of f32 operands rounded per call ([`bf16_gemm_into`]: the linear layers of a
+//! bf16 student, `kernels::cpu::linear`'s `Products::Bf16`, and its head in the fused LM-head
+//! loss).
 //!
-//! `y = bf16(x) W^T`, every product of a bf16 activation and a bf16 weight exact in f32 and the
-//! sums in f32 (what PyTorch's bf16 autocast and oneDNN do). On CPUs with Intel AMX (Sapphire
-//! Rapids and later) the products run on the tile unit ([`raw::amx`], `TDPBF16PS`, ~4-8x the f32
-//! FMA rate of the AVX-512 units); the weight is packed once into the tiles' layout. Elsewhere
-//! the same values are multiplied by `gemm` in f32 (the packed weight widened per call: the
-//! speed of an f32 weight, the memory of a bf16 one). Both ways give the same products up to
-//! the order of the f32 sums.
+//! `y = bf16(x) W^T`, every product of two bf16 values exact in f32 and the sums in f32 (what
+//! PyTorch's bf16 autocast and oneDNN do). On CPUs with Intel AMX (Sapphire Rapids and later)
+//! the products run on the tile unit ([`super::raw::amx`], `TDPBF16PS`, ~4-8x the f32 FMA rate of the
+//! AVX-512 units) with the right operand packed into the tiles' layout ([`Bf16Weight`]: once for
+//! a frozen weight, per call otherwise). Elsewhere the same values are multiplied by `gemm` in
+//! f32 (the packed weight widened per call). Both ways give the same products up to the order of
+//! the f32 sums.
 //!
-//! [`Bf16MatMul`] is the candle op; its backward (`dx = dy W`, the weight gets no gradient) runs
-//! in f32 through `gemm` on the widened weight.
+//! [`Bf16MatMul`] is the candle op of a frozen weight; its backward (`dx = dy W`, the weight gets
+//! no gradient) runs in f32 through `gemm` on the widened weight.
 
 use std::sync::Arc;
 
