@@ -5,11 +5,11 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
-use candle_core::{bail, Layout, Result, Shape, Storage};
+use candle_core::{bail, DType, Layout, Result, Shape, Storage};
 
 use super::plan::{Sizes, Strides};
 use super::{AttentionBwd, Packed, PackedBwd};
-use crate::kernels::cuda::{by_float_dtype, config, kernel, launch, output, view, ATTENTION};
+use crate::kernels::cuda::{by_float_dtype, config, kernel, launch, output, view, ATTENTION, ATTENTION_MMA};
 use crate::kernels::grid::int;
 
 /// A storage and its layout.
@@ -146,16 +146,17 @@ fn launch_fwd<T: DeviceRepr, A>(
     ops: &[CudaView<'_, T>; 3],
     y: &CudaSlice<T>,
     lse: &CudaSlice<A>,
-    dtype: candle_core::DType,
+    dtype: DType,
 ) -> Result<()> {
     let [h, hk, t, d] = ints(sz)?;
     let (qs, ks, vs) = (x[0].1.args(), x[1].1.args(), x[2].1.args());
-    let func = kernel(&sz.kernel("attn_fwd"), dtype)?;
+    let plan = sz.forward(matches!(dtype, DType::BF16 | DType::F16));
+    let module = if plan.tensor_cores { ATTENTION_MMA } else { ATTENTION };
     launch!(
         dev,
-        ATTENTION,
-        func,
-        config(sz.query_grid()),
+        module,
+        kernel(&plan.name, dtype)?,
+        config(plan.grid),
         [
             &ops[0], &ops[1], &ops[2], y, lse, &h, &hk, &t, &d, &scale, &qs[0], &qs[1], &qs[2], &ks[0], &ks[1], &ks[2],
             &vs[0], &vs[1], &vs[2]

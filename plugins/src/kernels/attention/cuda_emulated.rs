@@ -57,8 +57,18 @@ fn name<T: Element>(base: &str) -> String {
 }
 
 /// Runs the forward and backward kernels on `sz` laid out as `form` in `T`, and compares
-/// with the CPU attention in f64.
+/// with the CPU attention in f64; the forward is the one `cuda.rs` picks (on tensor cores for
+/// half storage and head dims up to 128).
 fn check<T: Element>(sz: Sizes, form: Form) {
+    check_forward::<T>(sz, form, is_half::<T>());
+}
+
+fn is_half<T: Element>() -> bool {
+    matches!(T::SUFFIX, "f16" | "bf16")
+}
+
+/// [`check`] with the forward on tensor cores (where `cuda.rs` would use them) or not.
+fn check_forward<T: Element>(sz: Sizes, form: Form, tensor_cores: bool) {
     let sz = sz.checked().expect("sizes");
     let Sizes {
         batch,
@@ -73,7 +83,7 @@ fn check<T: Element>(sz: Sizes, form: Form) {
     let qkv = round(noise(batch * t * w, seed, 2.0));
     let dy = round(noise(batch * t * heads * d, seed + 1, 1.0));
     let scale = 1.0 / (d as f64).sqrt();
-    let what = format!("{} {sz:?} {form:?}", T::SUFFIX);
+    let what = format!("{} {sz:?} {form:?} tensor cores {tensor_cores}", T::SUFFIX);
 
     // The operands as the kernels see them: (buffer, strides from the buffer's start).
     let packed: Vec<T> = buffer(&qkv);
@@ -112,7 +122,8 @@ fn check<T: Element>(sz: Sizes, form: Form) {
     args.extend([Arg::output(&mut y), Arg::output(&mut lse)]);
     args.extend(sizes(sz, scale));
     args.extend(&all_strides);
-    launch(&name::<T>(&sz.kernel("attn_fwd")), &sz.query_grid(), &args);
+    let forward = sz.forward(tensor_cores);
+    launch(&name::<T>(&forward.name), &forward.grid, &args);
     let want = packed_attention_fwd(&qkv, batch, t, heads, kv_heads, scale);
     let ey = max_error(&widen(&y), &want);
     assert!(ey <= tolerance::<T>(), "{what}: y error {ey:e}");
@@ -221,4 +232,22 @@ fn wide_heads_match_the_cpu() {
     check::<f64>(sz(1, 2, 1, 20, 200), Form::Packed);
     check::<f32>(sz(1, 2, 2, 37, 100), Form::Dense);
     check::<bf16>(sz(1, 2, 1, 37, 256), Form::Views);
+}
+
+#[test]
+fn the_tensor_core_forward_matches_the_cpu() {
+    // Several query blocks and key tiles (t = 130: the last ones partial), grouped heads, each
+    // bucket (d = 24 pads to 32), rows copied 8 values at a time (aligned views) and one by one
+    // (the dense operands start 3 elements in).
+    check::<bf16>(sz(1, 4, 2, 130, 64), Form::Packed);
+    check::<f16>(sz(2, 2, 1, 130, 64), Form::Dense);
+    check::<bf16>(sz(1, 2, 2, 70, 128), Form::Views);
+    check::<f16>(sz(1, 4, 1, 65, 24), Form::Views);
+    check::<bf16>(sz(1, 2, 1, 1, 32), Form::Dense);
+}
+
+#[test]
+fn the_fma_forward_still_serves_half_storage() {
+    check_forward::<bf16>(sz(1, 4, 2, 37, 64), Form::Views, false);
+    check_forward::<f16>(sz(1, 2, 1, 37, 24), Form::Packed, false);
 }

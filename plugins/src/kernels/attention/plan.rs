@@ -15,6 +15,21 @@ const Q_ROWS: usize = 32;
 const K_ROWS: usize = 16;
 /// Rows of `attn_delta` per block (one warp each).
 const DELTA_ROWS: usize = THREADS as usize / 32;
+/// Query rows per block of the tensor-core forward `attn_fwd_mma` (`BM` in `attention_mma.cu`).
+const MMA_Q_ROWS: usize = 64;
+/// The widest head-dim bucket of the tensor-core forward.
+const MMA_MAX_BUCKET: usize = 128;
+
+/// Which forward kernel runs: `attention.cu`'s FMA one or `attention_mma.cu`'s tensor-core one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Forward {
+    /// The kernel's name without the dtype suffix (`attn_fwd_d64`, `attn_fwd_mma_d64`).
+    pub name: String,
+    /// Its grid.
+    pub grid: Grid,
+    /// Whether it is the tensor-core kernel (module `attention_mma.cu`).
+    pub tensor_cores: bool,
+}
 
 /// The sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +75,23 @@ impl Sizes {
     /// `attn_dkdv`) for this head dim: `attn_fwd_d64`.
     pub fn kernel(&self, base: &str) -> String {
         format!("{base}_d{}", self.bucket())
+    }
+
+    /// The forward for storage of 16-bit floats (`half`: bf16, f16) or not: on tensor cores
+    /// where the storage is half and the head dim is at most 128, else the FMA kernel.
+    pub fn forward(&self, half: bool) -> Forward {
+        if half && self.bucket() <= MMA_MAX_BUCKET {
+            return Forward {
+                name: self.kernel("attn_fwd_mma"),
+                grid: grid(self.t.div_ceil(MMA_Q_ROWS), self.heads, self.batch),
+                tensor_cores: true,
+            };
+        }
+        Forward {
+            name: self.kernel("attn_fwd"),
+            grid: self.query_grid(),
+            tensor_cores: false,
+        }
     }
 
     /// `attn_fwd` and `attn_dq`: one block per (query tile, head, batch).
@@ -184,5 +216,28 @@ mod tests {
         assert_eq!(s.key_grid().blocks, (5, 2, 2));
         assert_eq!(s.delta_grid().blocks, (140, 1, 1));
         assert!(Sizes { t: 0, ..s }.query_grid().is_empty());
+    }
+
+    #[test]
+    fn half_storage_runs_the_forward_on_tensor_cores_up_to_head_dim_128() {
+        let s = Sizes {
+            batch: 2,
+            heads: 4,
+            kv_heads: 2,
+            t: 130,
+            d: 64,
+        };
+        let mma = s.forward(true);
+        assert_eq!((mma.name.as_str(), mma.tensor_cores), ("attn_fwd_mma_d64", true));
+        assert_eq!(mma.grid.blocks, (3, 4, 2));
+        assert_eq!(Sizes { d: 24, ..s }.forward(true).name, "attn_fwd_mma_d32");
+        assert_eq!(Sizes { d: 128, ..s }.forward(true).name, "attn_fwd_mma_d128");
+        let wide = Sizes { d: 200, ..s }.forward(true);
+        assert_eq!((wide.name.as_str(), wide.tensor_cores), ("attn_fwd_d256", false));
+        let f32_fwd = s.forward(false);
+        assert_eq!(
+            (f32_fwd.name, f32_fwd.grid),
+            ("attn_fwd_d64".to_string(), s.query_grid())
+        );
     }
 }

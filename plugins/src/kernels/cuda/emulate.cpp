@@ -4,6 +4,7 @@
 // by name that `retort_emu_launch` (the Rust side's entry) looks up.
 #include "emulate.h"
 
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -18,15 +19,19 @@ dim3 block_dim, grid_dim;
 
 namespace {
 
+// The most bytes a lane hands in to `warp_exchange`.
+constexpr std::size_t EXCHANGE_BYTES = 64;
+
 // What the threads of the running block share.
 struct Block {
   std::unique_ptr<std::barrier<>> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<uint64_t> slots;
+  std::vector<unsigned char> exchange;  // EXCHANGE_BYTES per thread
   std::vector<std::max_align_t> shared;
 
   Block(unsigned threads, std::size_t shared_bytes)
-      : slots(threads), shared((shared_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t)) {
+      : slots(threads), exchange(threads * EXCHANGE_BYTES), shared((shared_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t)) {
     reset(threads);
   }
 
@@ -77,6 +82,17 @@ void warp_slot_write(uint64_t bits) { running->slots[flat] = bits; }
 uint64_t warp_slot_read(unsigned lane) {
   const std::size_t i = (flat & ~31u) + (lane & 31u);
   return i < running->slots.size() ? running->slots[i] : 0;
+}
+void warp_exchange(const void* mine, void* all, std::size_t bytes) {
+  if (bytes > EXCHANGE_BYTES) std::abort();
+  const unsigned first = flat & ~31u;
+  const std::size_t lanes = running->slots.size() - first < 32 ? running->slots.size() - first : 32;
+  std::memcpy(&running->exchange[flat * EXCHANGE_BYTES], mine, bytes);
+  sync_warp();
+  auto* out = static_cast<unsigned char*>(all);
+  std::memset(out, 0, 32 * bytes);
+  for (std::size_t l = 0; l < lanes; ++l) std::memcpy(out + l * bytes, &running->exchange[(first + l) * EXCHANGE_BYTES], bytes);
+  sync_warp();
 }
 void* dynamic_shared() { return running->shared.data(); }
 

@@ -29,6 +29,7 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
 
 struct dim3 {
@@ -48,6 +49,9 @@ void warp_slot_write(uint64_t bits);
 // The block's dynamic shared memory (`shared_mem_bytes` of the launch, 16-byte aligned).
 void* dynamic_shared();
 uint64_t warp_slot_read(unsigned lane);
+// Every lane of the calling warp hands in `bytes` (at most 64) from `mine` and gets all 32
+// lanes' in `all` (lane-major); a warp-collective call, as `mma.sync` is.
+void warp_exchange(const void* mine, void* all, std::size_t bytes);
 
 template <typename T> T shfl(T v, unsigned src_lane) {
   static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
@@ -155,6 +159,9 @@ inline __half __float2half_rn(float f) {
   if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // may carry into the exponent
   return __half{(uint16_t)(sign | h)};
 }
+
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
 
 inline float __bfloat162float(__nv_bfloat16 h) {
   const uint32_t b = (uint32_t)h.bits << 16;

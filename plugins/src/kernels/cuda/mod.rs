@@ -61,6 +61,11 @@ pub(crate) const ATTENTION: Module = Module {
     name: "retort-attention",
     ptx: ptx::ATTENTION,
 };
+/// `attention/attention_mma.cu`: the tensor-core forward.
+pub(crate) const ATTENTION_MMA: Module = Module {
+    name: "retort-attention-mma",
+    ptx: ptx::ATTENTION_MMA,
+};
 /// `rope/rope.cu`.
 pub(crate) const ROPE: Module = Module {
     name: "retort-rope",
@@ -105,12 +110,13 @@ pub(crate) const SOFTMAX: Module = Module {
 
 /// Every module, for the tests.
 #[cfg(test)]
-pub(crate) const MODULES: [Module; 12] = [
+pub(crate) const MODULES: [Module; 13] = [
     DIVERGENCE,
     TOPK_DIVERGENCE,
     CROSS_ENTROPY,
     ADAMW,
     ATTENTION,
+    ATTENTION_MMA,
     ROPE,
     RMS_NORM,
     SWIGLU,
