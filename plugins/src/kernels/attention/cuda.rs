@@ -9,7 +9,9 @@ use candle_core::{bail, DType, Layout, Result, Shape, Storage};
 
 use super::plan::{Sizes, Strides};
 use super::{AttentionBwd, Packed, PackedBwd};
-use crate::kernels::cuda::{by_float_dtype, config, kernel, launch, output, view, ATTENTION, ATTENTION_MMA};
+use crate::kernels::cuda::{
+    by_float_dtype, config, kernel, launch, output, view, ATTENTION, ATTENTION_MMA, ATTENTION_MMA_BWD,
+};
 use crate::kernels::grid::int;
 
 /// A storage and its layout.
@@ -287,11 +289,17 @@ fn bwd_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(
     let [dq, dk, dv] = grads;
     let (dqs, dks, dvs) = (dq.args(), dk.args(), dv.args());
     let offsets = [dq.offset as u64, dk.offset as u64, dv.offset as u64];
+    let plan = sz.backward(matches!(dtype, DType::BF16 | DType::F16));
+    let module = if plan.tensor_cores {
+        ATTENTION_MMA_BWD
+    } else {
+        ATTENTION
+    };
     launch!(
         dev,
-        ATTENTION,
-        kernel(&sz.kernel("attn_dq"), dtype)?,
-        config(sz.query_grid()),
+        module,
+        kernel(&plan.dq.0, dtype)?,
+        config(plan.dq.1),
         [
             &ops[0],
             &ops[1],
@@ -322,9 +330,9 @@ fn bwd_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(
     );
     launch!(
         dev,
-        ATTENTION,
-        kernel(&sz.kernel("attn_dkdv"), dtype)?,
-        config(sz.key_grid()),
+        module,
+        kernel(&plan.dkdv.0, dtype)?,
+        config(plan.dkdv.1),
         [
             &ops[0],
             &ops[1],

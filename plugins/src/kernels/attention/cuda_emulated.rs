@@ -57,8 +57,8 @@ fn name<T: Element>(base: &str) -> String {
 }
 
 /// Runs the forward and backward kernels on `sz` laid out as `form` in `T`, and compares
-/// with the CPU attention in f64; the forward is the one `cuda.rs` picks (on tensor cores for
-/// half storage and head dims up to 128).
+/// with the CPU attention in f64; the kernels are the ones `cuda.rs` picks (on tensor cores for
+/// half storage: the forward for head dims up to 128, the backward up to 64).
 fn check<T: Element>(sz: Sizes, form: Form) {
     check_forward::<T>(sz, form, is_half::<T>());
 }
@@ -67,7 +67,7 @@ fn is_half<T: Element>() -> bool {
     matches!(T::SUFFIX, "f16" | "bf16")
 }
 
-/// [`check`] with the forward on tensor cores (where `cuda.rs` would use them) or not.
+/// [`check`] with the kernels on tensor cores (where `cuda.rs` would use them) or not.
 fn check_forward<T: Element>(sz: Sizes, form: Form, tensor_cores: bool) {
     let sz = sz.checked().expect("sizes");
     let Sizes {
@@ -168,13 +168,14 @@ fn check_forward<T: Element>(sz: Sizes, form: Form, tensor_cores: bool) {
     let mut args = common(&mut grad);
     args.push(Arg::U64(grads[0].offset as u64));
     args.extend(strides(&grads[0]));
-    launch(&name::<T>(&sz.kernel("attn_dq")), &sz.query_grid(), &args);
+    let backward = sz.backward(tensor_cores);
+    launch(&name::<T>(&backward.dq.0), &backward.dq.1, &args);
     let mut args = common(&mut grad);
     for g in &grads[1..] {
         args.push(Arg::U64(g.offset as u64));
         args.extend(strides(g));
     }
-    launch(&name::<T>(&sz.kernel("attn_dkdv")), &sz.key_grid(), &args);
+    launch(&name::<T>(&backward.dkdv.0), &backward.dkdv.1, &args);
 
     let want = packed_attention_bwd(&qkv, &widen(&y), &dy, batch, t, heads, kv_heads, scale);
     let want = if form == Form::Packed {
@@ -235,7 +236,7 @@ fn wide_heads_match_the_cpu() {
 }
 
 #[test]
-fn the_tensor_core_forward_matches_the_cpu() {
+fn the_tensor_core_kernels_match_the_cpu() {
     // Several query blocks and key tiles (t = 130: the last ones partial), grouped heads, each
     // bucket (d = 24 pads to 32), rows copied 8 values at a time (aligned views) and one by one
     // (the dense operands start 3 elements in).
@@ -247,7 +248,7 @@ fn the_tensor_core_forward_matches_the_cpu() {
 }
 
 #[test]
-fn the_fma_forward_still_serves_half_storage() {
+fn the_fma_kernels_still_serve_half_storage() {
     check_forward::<bf16>(sz(1, 4, 2, 37, 64), Form::Views, false);
     check_forward::<f16>(sz(1, 2, 1, 37, 24), Form::Packed, false);
 }

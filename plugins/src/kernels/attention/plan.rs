@@ -19,6 +19,20 @@ const DELTA_ROWS: usize = THREADS as usize / 32;
 const MMA_Q_ROWS: usize = 64;
 /// The widest head-dim bucket of the tensor-core forward.
 const MMA_MAX_BUCKET: usize = 128;
+/// The widest head-dim bucket of the tensor-core backward (its dK/dV kernel keeps four
+/// `16 x d` f32 tiles per warp in registers).
+const MMA_BWD_MAX_BUCKET: usize = 64;
+
+/// The backward's two gradient kernels (`attn_delta` runs before either way).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Backward {
+    /// `dq`'s kernel (without the dtype suffix) and grid.
+    pub dq: (String, Grid),
+    /// `dk` and `dv`'s kernel and grid.
+    pub dkdv: (String, Grid),
+    /// Whether they are the tensor-core kernels (module `attention_mma_bwd.cu`).
+    pub tensor_cores: bool,
+}
 
 /// Which forward kernel runs: `attention.cu`'s FMA one or `attention_mma.cu`'s tensor-core one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +104,24 @@ impl Sizes {
         Forward {
             name: self.kernel("attn_fwd"),
             grid: self.query_grid(),
+            tensor_cores: false,
+        }
+    }
+
+    /// The backward for half storage or not: on tensor cores where the storage is half and the
+    /// head dim is at most 64 (one block per 64 query rows or 64 keys), else the FMA kernels.
+    pub fn backward(&self, half: bool) -> Backward {
+        if half && self.bucket() <= MMA_BWD_MAX_BUCKET {
+            let tiles = self.t.div_ceil(MMA_Q_ROWS);
+            return Backward {
+                dq: (self.kernel("attn_dq_mma"), grid(tiles, self.heads, self.batch)),
+                dkdv: (self.kernel("attn_dkdv_mma"), grid(tiles, self.kv_heads, self.batch)),
+                tensor_cores: true,
+            };
+        }
+        Backward {
+            dq: (self.kernel("attn_dq"), self.query_grid()),
+            dkdv: (self.kernel("attn_dkdv"), self.key_grid()),
             tensor_cores: false,
         }
     }
@@ -239,5 +271,27 @@ mod tests {
             (f32_fwd.name, f32_fwd.grid),
             ("attn_fwd_d64".to_string(), s.query_grid())
         );
+    }
+
+    #[test]
+    fn half_storage_runs_the_backward_on_tensor_cores_up_to_head_dim_64() {
+        let s = Sizes {
+            batch: 2,
+            heads: 4,
+            kv_heads: 2,
+            t: 130,
+            d: 64,
+        };
+        let mma = s.backward(true);
+        assert!(mma.tensor_cores);
+        assert_eq!(mma.dq.0, "attn_dq_mma_d64");
+        assert_eq!(mma.dq.1.blocks, (3, 4, 2));
+        assert_eq!(mma.dkdv.0, "attn_dkdv_mma_d64");
+        assert_eq!(mma.dkdv.1.blocks, (3, 2, 2));
+        assert_eq!(Sizes { d: 20, ..s }.backward(true).dkdv.0, "attn_dkdv_mma_d32");
+        let wide = Sizes { d: 65, ..s }.backward(true);
+        assert!(!wide.tensor_cores);
+        assert_eq!(wide.dq, ("attn_dq_d128".to_string(), s.query_grid()));
+        assert_eq!(s.backward(false).dkdv, ("attn_dkdv_d64".to_string(), s.key_grid()));
     }
 }

@@ -36,6 +36,11 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
 
+struct float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+
 namespace retort_emu {
 
 // The calling thread's place in the launch.

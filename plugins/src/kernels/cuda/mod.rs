@@ -66,6 +66,11 @@ pub(crate) const ATTENTION_MMA: Module = Module {
     name: "retort-attention-mma",
     ptx: ptx::ATTENTION_MMA,
 };
+/// `attention/attention_mma_bwd.cu`: the tensor-core backward.
+pub(crate) const ATTENTION_MMA_BWD: Module = Module {
+    name: "retort-attention-mma-bwd",
+    ptx: ptx::ATTENTION_MMA_BWD,
+};
 /// `rope/rope.cu`.
 pub(crate) const ROPE: Module = Module {
     name: "retort-rope",
@@ -110,13 +115,14 @@ pub(crate) const SOFTMAX: Module = Module {
 
 /// Every module, for the tests.
 #[cfg(test)]
-pub(crate) const MODULES: [Module; 13] = [
+pub(crate) const MODULES: [Module; 14] = [
     DIVERGENCE,
     TOPK_DIVERGENCE,
     CROSS_ENTROPY,
     ADAMW,
     ATTENTION,
     ATTENTION_MMA,
+    ATTENTION_MMA_BWD,
     ROPE,
     RMS_NORM,
     SWIGLU,
