@@ -120,11 +120,11 @@ __device__ void fwd(const H* q, const H* k, const H* v, H* y, float* lse, int he
   w.l[0] = w.l[1] = 0.0f;
   __syncthreads();  // every warp has its Q before the first K tile overwrites it
   const float scale2 = (float)scale * LOG2E;
-  const bool kvec = aligned8(kh, kst, d);
+  const bool kvec = aligned8(kh, kst, d), vvec = aligned8(vh, vst, d);
   const int end = t < i0 + TILE ? t : i0 + TILE;  // keys 0 .. end - 1 reach some row of the block
   for (int j0 = 0; j0 < end; j0 += TILE) {
     stage_rows<H, D>(ks, kh, kst, j0, t, d, kvec);
-    stage_transposed<H, D>(vt, vh, vst, j0, t, d);
+    stage_transposed<H, D>(vt, vh, vst, j0, t, d, vvec);
     __syncthreads();
     if (row_lo < t && j0 <= row_lo + 15) {  // the same for the whole warp
       float s[TILE / 8][4];

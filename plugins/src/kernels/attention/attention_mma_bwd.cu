@@ -96,7 +96,7 @@ __device__ void dq(const H* q, const H* k, const H* v, const H* dy, const float*
   for (int j0 = 0; j0 < end; j0 += TILE) {
     stage_rows<H, D>(sm.ks, kh, kst, j0, t, d, kvec);
     stage_rows<H, D>(sm.vs, vh, vst, j0, t, d, vvec);
-    stage_transposed<H, D>(sm.kt, kh, kst, j0, t, d);
+    stage_transposed<H, D>(sm.kt, kh, kst, j0, t, d, kvec);
     __syncthreads();
     if (row_lo < t && j0 <= row_lo + 15) {  // the same for the whole warp
       float s[TILE / 8][4], dp[TILE / 8][4];
@@ -153,8 +153,8 @@ __device__ void dkdv(const H* q, const H* k, const H* v, const H* dy, const floa
     for (int i0 = j0; i0 < t; i0 += TILE) {
       stage_rows<H, D>(sm.qs, qh, qst, i0, t, d, qvec);
       stage_rows<H, D>(sm.dys, dyh, hd, i0, t, d, dyvec);
-      stage_transposed<H, D>(sm.qt, qh, qst, i0, t, d);
-      stage_transposed<H, D>(sm.dyt, dyh, hd, i0, t, d);
+      stage_transposed<H, D>(sm.qt, qh, qst, i0, t, d, qvec);
+      stage_transposed<H, D>(sm.dyt, dyh, hd, i0, t, d, dyvec);
       if (threadIdx.x < TILE) {
         const int i = i0 + threadIdx.x;
         sm.stats[threadIdx.x] = i < t ? make_float2(lse[stat0 + i] * LOG2E, delta[stat0 + i]) : make_float2(0.0f, 0.0f);

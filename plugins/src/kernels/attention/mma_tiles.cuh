@@ -46,16 +46,28 @@ __device__ __forceinline__ void stage_rows(H* tile, const H* head, u64 st, int r
 }
 
 // Rows `row0 .. row0 + TILE - 1` of a head transposed into `xt [D][TILE + PAD]`
-// (`xt[c][j] = x[row0 + j][c]`), two rows per word, zero past `t` and `d`.
+// (`xt[c][j] = x[row0 + j][c]`), two rows per word, zero past `t` and `d`; where `vec`, each
+// thread reads 8 values of both rows at a time.
 template <typename H, int D>
-__device__ __forceinline__ void stage_transposed(H* xt, const H* head, u64 st, int row0, int t, int d) {
+__device__ __forceinline__ void stage_transposed(H* xt, const H* head, u64 st, int row0, int t, int d, bool vec) {
   constexpr int LD = TILE + PAD;
-  const H zero = store<H, float>(0.0f);
-  for (int e = threadIdx.x; e < (TILE / 2) * D; e += THREADS) {
-    const int j = 2 * (e / D), c = e % D, row = row0 + j;
-    const H lo = row < t && c < d ? head[(u64)row * st + c] : zero;
-    const H hi = row + 1 < t && c < d ? head[(u64)(row + 1) * st + c] : zero;
-    put_word(xt + c * LD + j, half_bits(lo) | (half_bits(hi) << 16));
+  if (vec) {
+    for (int e = threadIdx.x; e < (TILE / 2) * (D / 8); e += THREADS) {
+      const int j = 2 * (e / (D / 8)), c = e % (D / 8) * 8, row = row0 + j;
+      __align__(16) H lo[8], hi[8];
+      copy8(lo, row < t && c < d ? head + (u64)row * st + c : nullptr);
+      copy8(hi, row + 1 < t && c < d ? head + (u64)(row + 1) * st + c : nullptr);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) put_word(xt + (c + i) * LD + j, half_bits(lo[i]) | (half_bits(hi[i]) << 16));
+    }
+  } else {
+    const H zero = store<H, float>(0.0f);
+    for (int e = threadIdx.x; e < (TILE / 2) * D; e += THREADS) {
+      const int j = 2 * (e / D), c = e % D, row = row0 + j;
+      const H lo = row < t && c < d ? head[(u64)row * st + c] : zero;
+      const H hi = row + 1 < t && c < d ? head[(u64)(row + 1) * st + c] : zero;
+      put_word(xt + c * LD + j, half_bits(lo) | (half_bits(hi) << 16));
+    }
   }
 }
 
