@@ -31,6 +31,12 @@
 //! where two of them would pass 48 KB of static shared memory (`d > 128` in f32, `d > 64` in
 //! f64).
 //!
+//! For bf16 and f16 storage the same loops run on tensor cores (`attention_mma.cu`, forward for
+//! `d <= 128`; `attention_mma_bwd.cu`, `dq` and `dk`/`dv` for `d <= 64`): `mma.sync.m16n8k16`
+//! with f32 accumulators on 64-row tiles, 16 rows a warp, `P` and `dS` rounded to the storage
+//! type for their products; `plan::Sizes::forward` and `plan::Sizes::backward` pick the
+//! kernels (docs/gpu.md).
+//!
 //! The lse is kept, not recomputed: the forward sets it in the op (`Attention::lse`, a
 //! `Mutex<Option<..>>`; candle calls `bwd` on the same op instance whose forward ran) and the
 //! backward reads it. It costs `4 B H T` bytes; recomputing it would be one more `q k^T` pass
@@ -41,9 +47,9 @@
 //! FLOPs per multiply-add, half the square); backward 2.5 times that (`q k^T` again, `dy v^T`,
 //! `dS k`, `dS^T q`, `P^T dy`: `10 B H T^2 d / 2`); the deterministic split into a dk/dv and
 //! a dq kernel computes `q k^T` and `dy v^T` in both, 7 products (3.5 times the forward's
-//! work) where an atomic dq would need 5. The products here are plain FMAs on
-//! shared-memory tiles (the emulated tests cannot model tensor cores); tensor-core MMA
-//! (`mma.sync` / wgmma on bf16/f16 tiles with f32 accumulation) is the next step for speed.
+//! work) where an atomic dq would need 5. The products are plain FMAs on shared-memory tiles
+//! in f32/f64 and `mma.sync` tensor-core products in bf16/f16 (the emulated tests compute
+//! them from the warp's fragments by the PTX ISA's layout); Hopper's `wgmma` is not used.
 
 pub mod composite;
 pub(crate) mod cpu;
