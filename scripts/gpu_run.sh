@@ -5,7 +5,8 @@
 # About 10 minutes on an H100/H200 (--quick: the selftest alone):
 #   1. where the binary's libraries come from (`ldd`), the GPU (`nvidia-smi`);
 #   2. `retort selftest --device cuda`: every fused op against its composite; then the
-#      attention cases again as JSON: the fused attention's TFLOP/s at [2, 16, 2048, 64];
+#      attention cases again as JSON: the fused attention's TFLOP/s at [2, 16, 2048, 64], bf16
+#      and f16 on tensor cores and again on the FMA kernels (RETORT_TENSOR_CORES=0);
 #   3. the quickstart on cuda and on the CPU, side by side: val losses must agree within 1e-3;
 #      then the quickstart on cuda killed (SIGKILL) after a student checkpoint and resumed: its
 #      exports compared byte for byte with the uninterrupted cuda run's; a logit cache built
@@ -77,6 +78,9 @@ echo "selftest exit code $selftest_rc"
 say "attention forward + backward, machine-readable (T = 2048, d = 64: TFLOP/s in the summary)"
 timeout 120 "$bin" selftest --device cuda --filter attention --json >"$OUT/attention.json"
 echo "attention selftest exit $?"
+say "the same with bf16/f16 on the FMA kernels (RETORT_TENSOR_CORES=0): the tensor cores' gain side by side"
+RETORT_TENSOR_CORES=0 timeout 120 "$bin" selftest --device cuda --filter attention --json >"$OUT/attention_fma.json"
+echo "attention selftest (FMA) exit $?"
 
 say "quickstart on cuda and on the CPU (side by side)"
 rm -rf /tmp/qs-cuda /tmp/qs-cpu
@@ -240,16 +244,17 @@ for peer in ("bf16_512", "amp_512"):
     except Exception as e:
         summary[f"torch_{peer}"] = {"error": str(e)}
 # Causal attention FLOPs: forward 2 B H T^2 d (QK^T and PV over half the square), backward 2.5x.
-try:
-    for c in json.load(open(f"{out}/attention.json"))["cases"]:
-        timing = c.get("timing") or {}
-        if c.get("shape") == [2, 16, 2048, 64] and timing.get("fused_ms"):
-            b, h, t_, d = c["shape"]
-            flops = 3.5 * 2 * b * h * t_ * t_ * d
-            key = f"attention_{c.get('variant', '')}_{c.get('dtype')}_tflops".replace(" ", "_").replace(",", "")
-            summary[key] = round(flops / (timing["fused_ms"] * 1e-3) / 1e12, 1)
-except Exception as e:
-    summary["attention_tflops"] = {"error": str(e)}
+for file, tail in (("attention.json", ""), ("attention_fma.json", "_fma")):
+    try:
+        for c in json.load(open(f"{out}/{file}"))["cases"]:
+            timing = c.get("timing") or {}
+            if c.get("shape") == [2, 16, 2048, 64] and timing.get("fused_ms"):
+                b, h, t_, d = c["shape"]
+                flops = 3.5 * 2 * b * h * t_ * t_ * d
+                key = f"attention_{c.get('variant', '')}_{c.get('dtype')}{tail}_tflops".replace(" ", "_").replace(",", "")
+                summary[key] = round(flops / (timing["fused_ms"] * 1e-3) / 1e12, 1)
+    except Exception as e:
+        summary[f"attention{tail}_tflops"] = {"error": str(e)}
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
 print(json.dumps(summary, indent=1))
 PYEOF

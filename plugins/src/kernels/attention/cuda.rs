@@ -14,6 +14,15 @@ use crate::kernels::cuda::{
 };
 use crate::kernels::grid::int;
 
+/// Whether bf16/f16 attention runs on the tensor-core kernels: yes unless the environment
+/// variable `RETORT_TENSOR_CORES` is `0` (then the FMA kernels, to time or check one against
+/// the other on a GPU). Read once.
+fn tensor_cores(dtype: DType) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("RETORT_TENSOR_CORES").map_or(true, |v| v != "0"));
+    on && matches!(dtype, DType::BF16 | DType::F16)
+}
+
 /// A storage and its layout.
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
@@ -152,7 +161,7 @@ fn launch_fwd<T: DeviceRepr, A>(
 ) -> Result<()> {
     let [h, hk, t, d] = ints(sz)?;
     let (qs, ks, vs) = (x[0].1.args(), x[1].1.args(), x[2].1.args());
-    let plan = sz.forward(matches!(dtype, DType::BF16 | DType::F16));
+    let plan = sz.forward(tensor_cores(dtype));
     let module = if plan.tensor_cores { ATTENTION_MMA } else { ATTENTION };
     launch!(
         dev,
@@ -289,7 +298,7 @@ fn bwd_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(
     let [dq, dk, dv] = grads;
     let (dqs, dks, dvs) = (dq.args(), dk.args(), dv.args());
     let offsets = [dq.offset as u64, dk.offset as u64, dv.offset as u64];
-    let plan = sz.backward(matches!(dtype, DType::BF16 | DType::F16));
+    let plan = sz.backward(tensor_cores(dtype));
     let module = if plan.tensor_cores {
         ATTENTION_MMA_BWD
     } else {

@@ -91,10 +91,10 @@ impl Sizes {
         format!("{base}_d{}", self.bucket())
     }
 
-    /// The forward for storage of 16-bit floats (`half`: bf16, f16) or not: on tensor cores
-    /// where the storage is half and the head dim is at most 128, else the FMA kernel.
-    pub fn forward(&self, half: bool) -> Forward {
-        if half && self.bucket() <= MMA_MAX_BUCKET {
+    /// The forward, on tensor cores where `tensor_cores` (bf16/f16 storage, not turned off)
+    /// and the head dim is at most 128, else the FMA kernel.
+    pub fn forward(&self, tensor_cores: bool) -> Forward {
+        if tensor_cores && self.bucket() <= MMA_MAX_BUCKET {
             return Forward {
                 name: self.kernel("attn_fwd_mma"),
                 grid: grid(self.t.div_ceil(MMA_Q_ROWS), self.heads, self.batch),
@@ -108,10 +108,10 @@ impl Sizes {
         }
     }
 
-    /// The backward for half storage or not: on tensor cores where the storage is half and the
-    /// head dim is at most 64 (one block per 64 query rows or 64 keys), else the FMA kernels.
-    pub fn backward(&self, half: bool) -> Backward {
-        if half && self.bucket() <= MMA_BWD_MAX_BUCKET {
+    /// The backward, on tensor cores where `tensor_cores` and the head dim is at most 64 (one
+    /// block per 64 query rows or 64 keys), else the FMA kernels.
+    pub fn backward(&self, tensor_cores: bool) -> Backward {
+        if tensor_cores && self.bucket() <= MMA_BWD_MAX_BUCKET {
             let tiles = self.t.div_ceil(MMA_Q_ROWS);
             return Backward {
                 dq: (self.kernel("attn_dq_mma"), grid(tiles, self.heads, self.batch)),
