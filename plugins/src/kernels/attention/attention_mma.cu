@@ -6,11 +6,11 @@
 //
 // One block of 4 warps per (64 query rows, head, batch); warp `w` owns query rows
 // `16 w .. 16 w + 15` of the block (mma_tiles.cuh). The block stages its Q tile once (the warps
-// keep their rows as A fragments in registers), then for each tile of 64 keys up to the
-// diagonal: K row-major and V transposed (`V^T [dim][key]`, so both products read their B
-// fragments as words along k) in shared memory, rows padded by 8 values so that a warp's
-// fragment loads hit 32 distinct banks. Per tile each warp computes `S = Q K^T` (16 x 64), masks keys after the row (and past
-// `t`), folds the tile into its rows' running max `m` and sum `l` (base-2 units: `exp2` of the
+// keep their rows as A fragments in registers), then the tiles of 64 keys up to the diagonal,
+// K and V row-major in shared memory (`ldmatrix` reads V transposed for `P V`), by `cp.async`
+// in a two-stage pipeline where two stages fit (`d <= 64`): the next tile's copies overlap
+// this one's products. Per tile each warp computes `S = Q K^T` (16 x 64), masks keys after the
+// row (and past `t`), folds the tile into its rows' running max `m` and sum `l` (base-2 units: `exp2` of the
 // scores times `scale log2 e`), rescales `O` and adds `P V`; a warp whose rows all precede the
 // tile skips it. Each lane holds rows `g` and `g + 8` of the warp (lane `l`, `g = l / 4`); a
 // row's max and sum are combined over its 4 lanes by shuffles. Writes `y [B, T, H d]` and
@@ -103,8 +103,8 @@ __device__ __forceinline__ void finish(const Rows<D>& w, H* y, float* lse, int b
 template <typename H, int D>
 __device__ void fwd(const H* q, const H* k, const H* v, H* y, float* lse, int heads, int kv_heads, int t, int d,
                     double scale, u64 qsb, u64 qsh, u64 qst, u64 ksb, u64 ksh, u64 kst, u64 vsb, u64 vsh, u64 vst) {
-  __shared__ __align__(16) H ks[TILE * (D + PAD)];  // the Q tile first
-  __shared__ __align__(16) H vt[D * (TILE + PAD)];
+  constexpr int S = Stages<H, D, 2>::count, LD = D + PAD;
+  __shared__ __align__(16) H kv[S][2][TILE * LD];  // [stage][K, V]; the Q tile first
   const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * TILE;
   const int g = h / (heads / kv_heads);
   const int row_lo = i0 + 16 * (threadIdx.x >> 5);
@@ -112,9 +112,11 @@ __device__ void fwd(const H* q, const H* k, const H* v, H* y, float* lse, int he
   const H* kh = k + (u64)b * ksb + (u64)g * ksh;
   const H* vh = v + (u64)b * vsb + (u64)g * vsh;
   Rows<D> w;
-  stage_rows<H, D>(ks, qh, qst, i0, t, d, aligned8(qh, qst, d));
+  stage<H, D>(kv[0][0], qh, qst, i0, t, d, aligned8(qh, qst, d));
+  cp_async_commit();
+  cp_async_wait(0);
   __syncthreads();
-  own_fragments<H, D>(w.q, ks);
+  own_fragments<H, D>(w.q, kv[0][0]);
   zero(w.o);
   w.m[0] = w.m[1] = -INFINITY;
   w.l[0] = w.l[1] = 0.0f;
@@ -122,18 +124,20 @@ __device__ void fwd(const H* q, const H* k, const H* v, H* y, float* lse, int he
   const float scale2 = (float)scale * LOG2E;
   const bool kvec = aligned8(kh, kst, d), vvec = aligned8(vh, vst, d);
   const int end = t < i0 + TILE ? t : i0 + TILE;  // keys 0 .. end - 1 reach some row of the block
-  for (int j0 = 0; j0 < end; j0 += TILE) {
-    stage_rows<H, D>(ks, kh, kst, j0, t, d, kvec);
-    stage_transposed<H, D>(vt, vh, vst, j0, t, d, vvec);
-    __syncthreads();
-    if (row_lo < t && j0 <= row_lo + 15) {  // the same for the whole warp
-      float s[TILE / 8][4];
-      product_nt<H, D>(s, w.q, ks);
-      online_softmax<D>(s, w, row_lo, j0, t, scale2);
-      product_nn<H, D>(w.o, s, vt);
-    }
-    __syncthreads();
-  }
+  pipelined<S>(
+      (end + TILE - 1) / TILE,
+      [&](int tile, int st) {
+        stage<H, D>(kv[st][0], kh, kst, tile * TILE, t, d, kvec);
+        stage<H, D>(kv[st][1], vh, vst, tile * TILE, t, d, vvec);
+      },
+      [&](int tile, int st) {
+        const int j0 = tile * TILE;
+        if (row_lo >= t || j0 > row_lo + 15) return;  // the same for the whole warp
+        float s[TILE / 8][4];
+        product_nt<H, D>(s, w.q, kv[st][0]);
+        online_softmax<D>(s, w, row_lo, j0, t, scale2);
+        product_nn<H, D>(w.o, s, kv[st][1]);
+      });
   finish<H, D>(w, y, lse, b, h, heads, row_lo, t, d);
 }
 

@@ -3,32 +3,24 @@
 // attention.cu's backward, on `mma.sync.m16n8k16` (mma.cuh, mma_tiles.cuh): f32 accumulators,
 // `P` and `dS` rounded to the storage type for the products that reduce over them. The
 // probabilities are recomputed from `q`, `k` and the forward's `lse`; `delta = dy . y` comes
-// from attention.cu's `attn_delta`.
+// from attention.cu's `attn_delta`. Tiles are staged row-major by `cp.async` in a two-stage
+// pipeline (`ldmatrix` reads them transposed where a product reduces over their rows).
 //
 // - attn_dq_mma:   one block of 4 warps per (64 query rows, head, batch), 16 rows a warp, their
-//                  Q and dY rows as A fragments; per key tile up to the diagonal (K, V
-//                  row-major and K transposed in shared memory): `S = Q K^T`, `dP = dY V^T`,
-//                  `dS = P (dP - delta)`, `dQ += dS K`.
+//                  Q and dY rows as A fragments; per key tile up to the diagonal (K and V):
+//                  `S = Q K^T`, `dP = dY V^T`, `dS = P (dP - delta)`, `dQ += dS K`.
 // - attn_dkdv_mma: one block per (64 keys, kv head, batch), 16 keys a warp, their K and V rows
 //                  as A fragments; per query head of the group and query tile at or after the
-//                  diagonal (Q, dY row-major and transposed, and the rows' lse and delta):
-//                  `S^T = K Q^T`, `dP^T = V dY^T`, `dV += P^T dY`, `dK += dS^T Q`.
+//                  diagonal (Q, dY, and the rows' lse and delta): `S^T = K Q^T`,
+//                  `dP^T = V dY^T`, `dV += P^T dY`, `dK += dS^T Q`.
 // Every gradient element is summed by one lane in a fixed order: deterministic, no atomics.
 #include "mma_tiles.cuh"
 
 namespace attention_mma {
 
-// The staged tiles of the dq kernel: the Q and dY tiles first (in `ks`, `vs`), then per step the
-// key tile's K and V row-major and K transposed.
-template <typename H, int D> struct DqTiles {
-  H ks[TILE * (D + PAD)];
-  H vs[TILE * (D + PAD)];
-  H kt[D * (TILE + PAD)];
-};
-
 // `dS = P (dP - delta)` in place of `dp`, with `P = exp2(s scale2 - lse2)` of the scores `s`
 // where the key is live (`key <= query < t`), else 0; `lse2` and `delta` per (query) row of the
-// accumulators (`rows`) or column (`!rows`), read by `stat(row or column)`.
+// accumulators (`ROWS`) or column (`!ROWS`), read by `stat(row or column)`.
 template <bool ROWS, typename Stat, typename Live>
 __device__ __forceinline__ void softmax_grad(float (&p)[TILE / 8][4], float (&dp)[TILE / 8][4], int lo, int col0,
                                              float scale2, Live live, Stat stat) {
@@ -60,28 +52,38 @@ __device__ __forceinline__ void write_rows(const float (&x)[D / 8][4], H* out, u
   }
 }
 
+// Stages the block's own rows of two operands (`a`, `b` of head bases `ah`, `bh`, row pitches
+// `as`, `bs`) into `ta`, `tb` and loads the warp's A fragments of both; the tiles are free again
+// on return.
+template <typename H, int D>
+__device__ __forceinline__ void own_rows(uint32_t (&fa)[D / 16][4], uint32_t (&fb)[D / 16][4], H* ta, H* tb,
+                                         const H* ah, u64 as, const H* bh, u64 bs, int row0, int t, int d) {
+  stage<H, D>(ta, ah, as, row0, t, d, aligned8(ah, as, d));
+  stage<H, D>(tb, bh, bs, row0, t, d, aligned8(bh, bs, d));
+  cp_async_commit();
+  cp_async_wait(0);
+  __syncthreads();
+  own_fragments<H, D>(fa, ta);
+  own_fragments<H, D>(fb, tb);
+  __syncthreads();
+}
+
 template <typename H, int D>
 __device__ void dq(const H* q, const H* k, const H* v, const H* dy, const float* lse, const float* delta, H* grad,
                    int heads, int kv_heads, int t, int d, double scale, u64 qsb, u64 qsh, u64 qst, u64 ksb, u64 ksh,
                    u64 kst, u64 vsb, u64 vsh, u64 vst, u64 dq_off, u64 dqsb, u64 dqsh, u64 dqst) {
-  __shared__ __align__(16) DqTiles<H, D> sm;
+  constexpr int S = Stages<H, D, 2>::count, LD = D + PAD;
+  __shared__ __align__(16) H kv[S][2][TILE * LD];  // [stage][K, V]; the Q and dY tiles first
   const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * TILE;
   const int g = h / (heads / kv_heads);
   const int row_lo = i0 + 16 * (threadIdx.x >> 5);
   const u64 hd = (u64)heads * d;
-  const H* qh = q + (u64)b * qsb + (u64)h * qsh;
-  const H* dyh = dy + (u64)b * t * hd + (u64)h * d;
   const H* kh = k + (u64)b * ksb + (u64)g * ksh;
   const H* vh = v + (u64)b * vsb + (u64)g * vsh;
-  stage_rows<H, D>(sm.ks, qh, qst, i0, t, d, aligned8(qh, qst, d));
-  stage_rows<H, D>(sm.vs, dyh, hd, i0, t, d, aligned8(dyh, hd, d));
-  __syncthreads();
   uint32_t qf[D / 16][4], dyf[D / 16][4];
-  own_fragments<H, D>(qf, sm.ks);
-  own_fragments<H, D>(dyf, sm.vs);
-  __syncthreads();
-  // The lane's two rows' (lse2, delta).
-  float2 stats[2];
+  own_rows<H, D>(qf, dyf, kv[0][0], kv[0][1], q + (u64)b * qsb + (u64)h * qsh, qst, dy + (u64)b * t * hd + (u64)h * d,
+                 hd, i0, t, d);
+  float2 stats[2];  // the lane's two rows' (lse2, delta)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row_lo + ((threadIdx.x & 31) >> 2) + 8 * r;
@@ -93,86 +95,76 @@ __device__ void dq(const H* q, const H* k, const H* v, const H* dy, const float*
   float acc[D / 8][4];
   zero(acc);
   const int end = t < i0 + TILE ? t : i0 + TILE;
-  for (int j0 = 0; j0 < end; j0 += TILE) {
-    stage_rows<H, D>(sm.ks, kh, kst, j0, t, d, kvec);
-    stage_rows<H, D>(sm.vs, vh, vst, j0, t, d, vvec);
-    stage_transposed<H, D>(sm.kt, kh, kst, j0, t, d, kvec);
-    __syncthreads();
-    if (row_lo < t && j0 <= row_lo + 15) {  // the same for the whole warp
-      float s[TILE / 8][4], dp[TILE / 8][4];
-      product_nt<H, D>(s, qf, sm.ks);
-      product_nt<H, D>(dp, dyf, sm.vs);
-      softmax_grad<true>(
-          s, dp, row_lo, j0, scale2, [&](Spot at) { return at.col <= at.row && at.col < t; },
-          [&](int row) { return stats[(row - row_lo) >> 3 & 1]; });
-      product_nn<H, D>(acc, dp, sm.kt);
-    }
-    __syncthreads();
-  }
+  pipelined<S>(
+      (end + TILE - 1) / TILE,
+      [&](int tile, int st) {
+        stage<H, D>(kv[st][0], kh, kst, tile * TILE, t, d, kvec);
+        stage<H, D>(kv[st][1], vh, vst, tile * TILE, t, d, vvec);
+      },
+      [&](int tile, int st) {
+        const int j0 = tile * TILE;
+        if (row_lo >= t || j0 > row_lo + 15) return;  // the same for the whole warp
+        float s[TILE / 8][4], dp[TILE / 8][4];
+        product_nt<H, D>(s, qf, kv[st][0]);
+        product_nt<H, D>(dp, dyf, kv[st][1]);
+        softmax_grad<true>(
+            s, dp, row_lo, j0, scale2, [&](Spot at) { return at.col <= at.row && at.col < t; },
+            [&](int row) { return stats[(row - row_lo) >> 3 & 1]; });
+        product_nn<H, D>(acc, dp, kv[st][0]);
+      });
   write_rows<H, D>(acc, grad + dq_off + (u64)b * dqsb + (u64)h * dqsh, dqst, row_lo, t, d, (float)scale);
 }
-
-// The staged tiles of the dK/dV kernel: the block's K and V first (in `qs`, `dys`), then per
-// step a query tile's Q and dY row-major and transposed, and its rows' lse (base 2) and delta.
-template <typename H, int D> struct DkdvTiles {
-  H qs[TILE * (D + PAD)];
-  H dys[TILE * (D + PAD)];
-  H qt[D * (TILE + PAD)];
-  H dyt[D * (TILE + PAD)];
-  float2 stats[TILE];
-};
 
 template <typename H, int D>
 __device__ void dkdv(const H* q, const H* k, const H* v, const H* dy, const float* lse, const float* delta, H* grad,
                      int heads, int kv_heads, int t, int d, double scale, u64 qsb, u64 qsh, u64 qst, u64 ksb, u64 ksh,
                      u64 kst, u64 vsb, u64 vsh, u64 vst, u64 dk_off, u64 dksb, u64 dksh, u64 dkst, u64 dv_off,
                      u64 dvsb, u64 dvsh, u64 dvst) {
-  __shared__ __align__(16) DkdvTiles<H, D> sm;
+  constexpr int S = Stages<H, D, 2>::count, LD = D + PAD;
+  __shared__ __align__(16) H qdy[S][2][TILE * LD];  // [stage][Q, dY]; the K and V tiles first
+  __shared__ float2 stats[S][TILE];                 // the staged query rows' (lse2, delta)
   const int b = blockIdx.z, g = blockIdx.y, j0 = blockIdx.x * TILE;
   const int rep = heads / kv_heads;
   const int key_lo = j0 + 16 * (threadIdx.x >> 5);
   const u64 hd = (u64)heads * d;
-  const H* kh = k + (u64)b * ksb + (u64)g * ksh;
-  const H* vh = v + (u64)b * vsb + (u64)g * vsh;
-  stage_rows<H, D>(sm.qs, kh, kst, j0, t, d, aligned8(kh, kst, d));
-  stage_rows<H, D>(sm.dys, vh, vst, j0, t, d, aligned8(vh, vst, d));
-  __syncthreads();
   uint32_t kf[D / 16][4], vf[D / 16][4];
-  own_fragments<H, D>(kf, sm.qs);
-  own_fragments<H, D>(vf, sm.dys);
-  __syncthreads();
+  own_rows<H, D>(kf, vf, qdy[0][0], qdy[0][1], k + (u64)b * ksb + (u64)g * ksh, kst, v + (u64)b * vsb + (u64)g * vsh,
+                 vst, j0, t, d);
   const float scale2 = (float)scale * LOG2E;
   float dk[D / 8][4], dv[D / 8][4];
   zero(dk);
   zero(dv);
-  for (int h = g * rep; h < (g + 1) * rep; ++h) {
-    const H* qh = q + (u64)b * qsb + (u64)h * qsh;
-    const H* dyh = dy + (u64)b * t * hd + (u64)h * d;
-    const u64 stat0 = ((u64)b * heads + h) * t;
-    const bool qvec = aligned8(qh, qst, d), dyvec = aligned8(dyh, hd, d);
-    for (int i0 = j0; i0 < t; i0 += TILE) {
-      stage_rows<H, D>(sm.qs, qh, qst, i0, t, d, qvec);
-      stage_rows<H, D>(sm.dys, dyh, hd, i0, t, d, dyvec);
-      stage_transposed<H, D>(sm.qt, qh, qst, i0, t, d, qvec);
-      stage_transposed<H, D>(sm.dyt, dyh, hd, i0, t, d, dyvec);
-      if (threadIdx.x < TILE) {
-        const int i = i0 + threadIdx.x;
-        sm.stats[threadIdx.x] = i < t ? make_float2(lse[stat0 + i] * LOG2E, delta[stat0 + i]) : make_float2(0.0f, 0.0f);
-      }
-      __syncthreads();
-      if (key_lo < t && key_lo <= i0 + TILE - 1) {  // the same for the whole warp
+  // Tile set `i`: query head `g rep + i / per_head`, query rows from `j0 + (i % per_head) TILE`
+  // (the tiles at or after the diagonal).
+  const int per_head = (t - j0 + TILE - 1) / TILE;
+  auto head_of = [&](int i) { return g * rep + i / per_head; };
+  auto row0_of = [&](int i) { return j0 + i % per_head * TILE; };
+  pipelined<S>(
+      rep * per_head,
+      [&](int i, int st) {
+        const int h = head_of(i), i0 = row0_of(i);
+        const H* qh = q + (u64)b * qsb + (u64)h * qsh;
+        const H* dyh = dy + (u64)b * t * hd + (u64)h * d;
+        stage<H, D>(qdy[st][0], qh, qst, i0, t, d, aligned8(qh, qst, d));
+        stage<H, D>(qdy[st][1], dyh, hd, i0, t, d, aligned8(dyh, hd, d));
+        if (threadIdx.x < TILE) {
+          const int row = i0 + threadIdx.x;
+          const u64 at = ((u64)b * heads + h) * t + row;
+          stats[st][threadIdx.x] = row < t ? make_float2(lse[at] * LOG2E, delta[at]) : make_float2(0.0f, 0.0f);
+        }
+      },
+      [&](int i, int st) {
+        const int i0 = row0_of(i);
+        if (key_lo >= t) return;  // the same for the whole warp (every query tile reaches its keys)
         float p[TILE / 8][4], ds[TILE / 8][4];
-        product_nt<H, D>(p, kf, sm.qs);
-        product_nt<H, D>(ds, vf, sm.dys);
+        product_nt<H, D>(p, kf, qdy[st][0]);
+        product_nt<H, D>(ds, vf, qdy[st][1]);
         softmax_grad<false>(
             p, ds, key_lo, i0, scale2, [&](Spot at) { return at.col >= at.row && at.col < t; },
-            [&](int col) { return sm.stats[col - i0]; });
-        product_nn<H, D>(dv, p, sm.dyt);
-        product_nn<H, D>(dk, ds, sm.qt);
-      }
-      __syncthreads();
-    }
-  }
+            [&](int col) { return stats[st][col - i0]; });
+        product_nn<H, D>(dv, p, qdy[st][1]);
+        product_nn<H, D>(dk, ds, qdy[st][0]);
+      });
   write_rows<H, D>(dk, grad + dk_off + (u64)b * dksb + (u64)g * dksh, dkst, key_lo, t, d, (float)scale);
   write_rows<H, D>(dv, grad + dv_off + (u64)b * dvsb + (u64)g * dvsh, dvst, key_lo, t, d, 1.0f);
 }

@@ -5,6 +5,7 @@
 #include "emulate.h"
 
 #include <cstdlib>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -48,6 +49,15 @@ struct Block {
 
 Block* running = nullptr;
 thread_local unsigned flat = 0;
+
+// The calling thread's `cp.async` copies: started (the open group) and committed groups.
+struct AsyncCopy {
+  void* to;
+  const void* from;
+  std::size_t bytes;
+};
+thread_local std::vector<AsyncCopy> started;
+thread_local std::deque<std::vector<AsyncCopy>> committed;
 
 std::map<std::string, Launcher>& registry() {
   static std::map<std::string, Launcher> kernels;
@@ -94,6 +104,20 @@ void warp_exchange(const void* mine, void* all, std::size_t bytes) {
   for (std::size_t l = 0; l < lanes; ++l) std::memcpy(out + l * bytes, &running->exchange[(first + l) * EXCHANGE_BYTES], bytes);
   sync_warp();
 }
+void async_copy(void* to, const void* from, std::size_t bytes) { started.push_back(AsyncCopy{to, from, bytes}); }
+void async_commit() {
+  committed.push_back(std::move(started));
+  started.clear();
+}
+void async_wait(int pending) {
+  while (committed.size() > (std::size_t)(pending < 0 ? 0 : pending)) {
+    for (const AsyncCopy& c : committed.front()) {
+      if (c.from) std::memcpy(c.to, c.from, c.bytes);
+      else std::memset(c.to, 0, c.bytes);
+    }
+    committed.pop_front();
+  }
+}
 void* dynamic_shared() { return running->shared.data(); }
 
 void run(dim3 grid, dim3 block, std::size_t shared_bytes, void (*body)(void*), void* ctx) {
@@ -121,6 +145,8 @@ void run(dim3 grid, dim3 block, std::size_t shared_bytes, void (*body)(void*), v
       thread_idx = coords(t, block);
       while (current < blocks) {
         block_idx = coords(current, grid);
+        started.clear();
+        committed.clear();
         body(ctx);
         // Returned: no longer counted by the block's barriers (as an exited CUDA thread).
         running->warps[t / 32]->arrive_and_drop();

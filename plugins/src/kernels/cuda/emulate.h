@@ -57,6 +57,13 @@ uint64_t warp_slot_read(unsigned lane);
 // Every lane of the calling warp hands in `bytes` (at most 64) from `mine` and gets all 32
 // lanes' in `all` (lane-major); a warp-collective call, as `mma.sync` is.
 void warp_exchange(const void* mine, void* all, std::size_t bytes);
+// `cp.async` on the CPU: a started copy of `bytes` (zeros where `from` is null) joins the
+// calling thread's open group; a commit closes it; a wait performs and retires the oldest
+// committed groups until at most `pending` remain (the copies land at the wait, the latest a
+// GPU may deliver them).
+void async_copy(void* to, const void* from, std::size_t bytes);
+void async_commit();
+void async_wait(int pending);
 
 template <typename T> T shfl(T v, unsigned src_lane) {
   static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");

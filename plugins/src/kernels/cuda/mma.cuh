@@ -1,8 +1,10 @@
 // Warp-level tensor-core products: `mma.sync.aligned.m16n8k16` on bf16 or f16 operands with f32
-// accumulators (sm_80 and later), the register fragments they read, and 16-bit pairs packed in
-// 32-bit words. On the CPU emulation (`RETORT_EMULATE`) the product is computed from the 32
-// lanes' fragments, exchanged through the warp, by the layout the PTX ISA documents; so a kernel
-// that fills its fragments from the wrong elements fails its emulated test.
+// accumulators (sm_80 and later), the register fragments they read (loaded from shared memory
+// by `ldmatrix`), 16-bit pairs packed in 32-bit words, and `cp.async` copies into shared
+// memory. On the CPU emulation (`RETORT_EMULATE`) the product and the loads are computed from
+// the 32 lanes' fragments and addresses, exchanged through the warp, by the layouts the PTX ISA
+// documents; so a kernel that fills its fragments from the wrong elements fails its emulated
+// test.
 //
 // Fragments of one 16 x 8 x 16 product `D = A B + D` (PTX ISA, "Matrix Fragments for
 // mma.m16n8k16 with floating point type"), with lane `l`, `g = l / 4`, `q = l % 4`; a word holds
@@ -26,55 +28,94 @@ template <typename H> __device__ __forceinline__ uint32_t pack_pair(float lo, fl
   return half_bits(store<H, float>(lo)) | (half_bits(store<H, float>(hi)) << 16);
 }
 
-// The word at `p` (4-byte aligned) of a shared-memory tile of 16-bit values, and its store.
-template <typename H> __device__ __forceinline__ uint32_t word_at(const H* p) {
-#ifdef RETORT_EMULATE
-  uint32_t w;
-  std::memcpy(&w, p, 4);
-  return w;
-#else
-  return *reinterpret_cast<const uint32_t*>(p);
-#endif
-}
-template <typename H> __device__ __forceinline__ void put_word(H* p, uint32_t w) {
-#ifdef RETORT_EMULATE
-  std::memcpy(p, &w, 4);
-#else
-  *reinterpret_cast<uint32_t*>(p) = w;
-#endif
-}
+// ---- shared-memory fragment loads: ldmatrix ----
+//
+// `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16` loads four 8 x 8 matrices of 16-bit values
+// from shared memory: lanes 8i .. 8i + 7 give the addresses of matrix i's 8 rows (16 bytes
+// each, 16-byte aligned) and register i of lane `l` receives matrix i's (row g, columns 2q,
+// 2q + 1), or with `.trans` its (rows 2q, 2q + 1, column g): the fragment of the transposed
+// matrix.
 
-// Copies 8 16-bit values (16 bytes, both addresses 16-byte aligned), or writes 8 zeros.
-template <typename H> __device__ __forceinline__ void copy8(H* to, const H* from) {
 #ifdef RETORT_EMULATE
-  if (from) std::memcpy(to, from, 16);
-  else std::memset(to, 0, 16);
-#else
-  *reinterpret_cast<uint4*>(to) = from ? *reinterpret_cast<const uint4*>(from) : make_uint4(0, 0, 0, 0);
-#endif
+template <bool TRANS, typename H> inline void ldmatrix_x4(uint32_t (&r)[4], const H* row) {
+  const H* all[32];
+  retort_emu::warp_exchange(&row, all, sizeof row);
+  const int lane = retort_emu::lane_id(), g = lane >> 2, q = lane & 3;
+  for (int m = 0; m < 4; ++m) {
+    const H lo = TRANS ? all[8 * m + 2 * q][g] : all[8 * m + g][2 * q];
+    const H hi = TRANS ? all[8 * m + 2 * q + 1][g] : all[8 * m + g][2 * q + 1];
+    r[m] = half_bits(lo) | (half_bits(hi) << 16);
+  }
 }
+#else
+template <bool TRANS, typename H> __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const H* row) {
+  const unsigned at = (unsigned)__cvta_generic_to_shared(row);
+  if (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+  }
+}
+#endif
 
-// The A fragment of rows `r0..r0+15`, columns `k0..k0+15` of a row-major tile with row pitch
-// `ld` (in values).
+// The A fragment of rows `r0 .. r0 + 15`, columns `k0 .. k0 + 15` of a row-major tile of row
+// pitch `ld` (values; rows 16-byte aligned, `k0` a multiple of 8).
 template <typename H>
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const H* tile, int ld, int r0, int k0) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  const H* p = tile + (r0 + g) * ld + k0 + 2 * q;
-  a[0] = word_at(p);
-  a[1] = word_at(p + 8 * ld);
-  a[2] = word_at(p + 8);
-  a[3] = word_at(p + 8 * ld + 8);
+__device__ __forceinline__ void fragment_a(uint32_t (&a)[4], const H* tile, int ld, int r0, int k0) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4<false>(a, tile + (r0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * ld + k0 + 8 * (lane >> 4));
 }
 
-// The B fragment of `n0..n0+7` by `k0..k0+15` from a tile stored row-major by n (each row one
-// n, its k contiguous: `K [key][dim]` for `q k^T`, `V^T [dim][key]` for `P v`).
+// The B fragments of the n-tiles `n0 ..` and `n0 + 8 ..` (`b[0..1]`, `b[2..3]`) over
+// `k0 .. k0 + 15`, from a tile stored by n (row `n`, its k contiguous: `K [key][dim]` in
+// `q k^T`).
 template <typename H>
-__device__ __forceinline__ void load_b(uint32_t (&b)[2], const H* tile, int ld, int n0, int k0) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  const H* p = tile + (n0 + g) * ld + k0 + 2 * q;
-  b[0] = word_at(p);
-  b[1] = word_at(p + 8);
+__device__ __forceinline__ void fragments_b(uint32_t (&b)[4], const H* tile, int ld, int n0, int k0) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4<false>(b, tile + (n0 + (lane & 7) + 8 * (lane >> 4)) * ld + k0 + 8 * ((lane >> 3) & 1));
 }
+
+// The same from a tile stored by k (row `k`, its n contiguous: `V [key][dim]` in `P v`),
+// transposed on the load.
+template <typename H>
+__device__ __forceinline__ void fragments_b_trans(uint32_t (&b)[4], const H* tile, int ld, int k0, int n0) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4<true>(b, tile + (k0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * ld + n0 + 8 * (lane >> 4));
+}
+
+// ---- asynchronous copies to shared memory: cp.async ----
+//
+// `cp_async16` starts a 16-byte copy from global to shared memory (zeros where `!valid`: then
+// nothing is read, `from` need only be a global address), `cp_async_commit` closes the thread's
+// group of started copies, and `cp_async_wait(n)` waits until at most `n` (0 or 1) of its
+// committed groups are pending. A copy is visible to the other threads after the issuing
+// thread's wait and a barrier. The emulation performs a group's copies at the wait that
+// retires it, so a tile read before its wait reads stale values there too.
+
+#ifdef RETORT_EMULATE
+template <typename H> inline void cp_async16(H* to, const H* from, bool valid) {
+  retort_emu::async_copy(to, valid ? from : nullptr, 16);
+}
+inline void cp_async_commit() { retort_emu::async_commit(); }
+inline void cp_async_wait(int pending) { retort_emu::async_wait(pending); }
+#else
+template <typename H> __device__ __forceinline__ void cp_async16(H* to, const H* from, bool valid) {
+  const unsigned at = (unsigned)__cvta_generic_to_shared(to);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(at), "l"(from), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait(int pending) {
+  if (pending >= 1) {
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  } else {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  }
+}
+#endif
 
 #ifdef RETORT_EMULATE
 template <typename H> inline float half_value(uint32_t bits) {
