@@ -10,9 +10,9 @@
 // K and V row-major in shared memory (`ldmatrix` reads V transposed for `P V`), by `cp.async`
 // in a two-stage pipeline where two stages fit (`d <= 64`): the next tile's copies overlap
 // this one's products. Per tile each warp computes `S = Q K^T` (16 x 64), masks keys after the
-// row (and past `t`), folds the tile into its rows' running max `m` and sum `l` (base-2 units: `exp2` of the
-// scores times `scale log2 e`), rescales `O` and adds `P V`; a warp whose rows all precede the
-// tile skips it. Each lane holds rows `g` and `g + 8` of the warp (lane `l`, `g = l / 4`); a
+// row (and past `t`), folds the tile into its rows' running max `m` and sum `l` (base-2 units:
+// `exp2` of the scores times `scale log2 e`), rescales `O` and adds `P V`; a warp whose rows
+// all precede the tile skips it. Each lane holds rows `g` and `g + 8` of the warp (lane `l`, `g = l / 4`); a
 // row's max and sum are combined over its 4 lanes by shuffles. Writes `y [B, T, H d]` and
 // `lse [B, H, T]` (f32, natural log) as attention.cu's `attn_fwd` does, so the backward reads
 // either. Deterministic: no atomics, a fixed order of every sum.
