@@ -134,9 +134,9 @@ __device__ void fwd(const H* q, const H* k, const H* v, H* y, float* lse, int he
         const int j0 = tile * TILE;
         if (row_lo >= t || j0 > row_lo + 15) return;  // the same for the whole warp
         float s[TILE / 8][4];
-        product_nt<H, D>(s, w.q, kv[st][0]);
+        product_nt<H, D, TILE>(s, w.q, kv[st][0]);
         online_softmax<D>(s, w, row_lo, j0, t, scale2);
-        product_nn<H, D>(w.o, s, kv[st][1]);
+        product_nn<H, D, TILE>(w.o, s, kv[st][1]);
       });
   finish<H, D>(w, y, lse, b, h, heads, row_lo, t, d);
 }

@@ -58,7 +58,7 @@ fn name<T: Element>(base: &str) -> String {
 
 /// Runs the forward and backward kernels on `sz` laid out as `form` in `T`, and compares
 /// with the CPU attention in f64; the kernels are the ones `cuda.rs` picks (on tensor cores for
-/// half storage: the forward for head dims up to 128, the backward up to 64).
+/// half storage and head dims up to 128).
 fn check<T: Element>(sz: Sizes, form: Form) {
     check_forward::<T>(sz, form, is_half::<T>());
 }
@@ -245,6 +245,9 @@ fn the_tensor_core_kernels_match_the_cpu() {
     check::<bf16>(sz(1, 2, 2, 70, 128), Form::Views);
     check::<f16>(sz(1, 4, 1, 65, 24), Form::Views);
     check::<bf16>(sz(1, 2, 1, 1, 32), Form::Dense);
+    // d = 128: the backward's staged tiles have 32 rows.
+    check::<f16>(sz(1, 2, 1, 130, 128), Form::Packed);
+    check::<bf16>(sz(1, 2, 2, 45, 96), Form::Dense);
 }
 
 #[test]

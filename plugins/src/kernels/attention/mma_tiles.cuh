@@ -16,7 +16,7 @@ typedef unsigned long long u64;
 
 constexpr int WARPS = 4;
 constexpr int THREADS = 32 * WARPS;
-// Rows of a staged tile, and a block's own rows (16 per warp).
+// A block's own rows (16 per warp), and the rows of a staged tile unless a kernel says `N`.
 constexpr int TILE = 16 * WARPS;
 // Values after each staged row (rows stay 16-byte aligned).
 constexpr int PAD = 8;
@@ -28,20 +28,20 @@ template <typename H> __device__ __forceinline__ bool aligned8(const H* head, u6
   return d % 8 == 0 && st % 8 == 0 && ((u64)(uintptr_t)head & 15) == 0;
 }
 
-// Starts staging rows `row0 .. row0 + TILE - 1` of a head (row pitch `st`) into
-// `tile [TILE][D + PAD]`, zero past `t` and `d`: where `vec` ([`aligned8`]) by `cp.async`, 16
+// Starts staging rows `row0 .. row0 + N - 1` of a head (row pitch `st`) into
+// `tile [N][D + PAD]`, zero past `t` and `d`: where `vec` ([`aligned8`]) by `cp.async`, 16
 // bytes a copy, which the caller commits and waits for; else by plain stores.
-template <typename H, int D>
+template <typename H, int D, int N = TILE>
 __device__ __forceinline__ void stage(H* tile, const H* head, u64 st, int row0, int t, int d, bool vec) {
   constexpr int LD = D + PAD;
   if (vec) {
-    for (int e = threadIdx.x; e < TILE * (D / 8); e += THREADS) {
+    for (int e = threadIdx.x; e < N * (D / 8); e += THREADS) {
       const int r = e / (D / 8), c = e % (D / 8) * 8, row = row0 + r;
       const bool live = row < t && c < d;
       cp_async16(tile + r * LD + c, live ? head + (u64)row * st + c : head, live);
     }
   } else {
-    for (int e = threadIdx.x; e < TILE * D; e += THREADS) {
+    for (int e = threadIdx.x; e < N * D; e += THREADS) {
       const int r = e / D, c = e % D, row = row0 + r;
       tile[r * LD + c] = row < t && c < d ? head[(u64)row * st + c] : store<H, float>(0.0f);
     }
@@ -57,13 +57,13 @@ __device__ __forceinline__ void own_fragments(uint32_t (&a)[D / 16][4], const H*
 }
 
 // `s[n] = A X[8n .. 8n + 7]^T`, reduced over the head dim: the warp's rows (A fragments `a`)
-// against the rows of a staged tile `x` (f32).
-template <typename H, int D>
-__device__ __forceinline__ void product_nt(float (&s)[TILE / 8][4], const uint32_t (&a)[D / 16][4], const H* x) {
+// against the `N` rows of a staged tile `x` (f32).
+template <typename H, int D, int N>
+__device__ __forceinline__ void product_nt(float (&s)[N / 8][4], const uint32_t (&a)[D / 16][4], const H* x) {
 #pragma unroll
-  for (int n = 0; n < TILE / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+  for (int n = 0; n < N / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
-  for (int np = 0; np < TILE / 16; ++np) {
+  for (int np = 0; np < N / 16; ++np) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t b[4];
@@ -75,13 +75,13 @@ __device__ __forceinline__ void product_nt(float (&s)[TILE / 8][4], const uint32
   }
 }
 
-// `o += P X`, reduced over the tile's rows: `p` (16 x TILE in the accumulators' layout, which
+// `o += P X`, reduced over the tile's `N` rows: `p` (16 x N in the accumulators' layout, which
 // is the A fragment's: column tiles 2kk and 2kk + 1 are step kk's 16 values) rounded to `H`,
 // against the staged tile `x` read transposed.
-template <typename H, int D>
-__device__ __forceinline__ void product_nn(float (&o)[D / 8][4], const float (&p)[TILE / 8][4], const H* x) {
+template <typename H, int D, int N>
+__device__ __forceinline__ void product_nn(float (&o)[D / 8][4], const float (&p)[N / 8][4], const H* x) {
 #pragma unroll
-  for (int kk = 0; kk < TILE / 16; ++kk) {
+  for (int kk = 0; kk < N / 16; ++kk) {
     const uint32_t a[4] = {
         pack_pair<H>(p[2 * kk][0], p[2 * kk][1]), pack_pair<H>(p[2 * kk][2], p[2 * kk][3]),
         pack_pair<H>(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack_pair<H>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
@@ -96,11 +96,11 @@ __device__ __forceinline__ void product_nn(float (&o)[D / 8][4], const float (&p
   }
 }
 
-// Stages of a software pipeline whose tile set (`tiles` staged tiles of head dim `D`, e.g. K
-// and V) is `tiles * TILE * (D + PAD)` values: two (the next set's copies overlap this one's
-// products) where both fit in 48 KB of static shared memory, else one.
-template <typename H, int D, int TILES> struct Stages {
-  static constexpr int set_bytes = TILES * TILE * (D + PAD) * (int)sizeof(H);
+// Stages of a software pipeline whose tile set (`TILES` staged tiles of `N` rows of head dim
+// `D`, e.g. K and V) is `TILES * N * (D + PAD)` values: two (the next set's copies overlap this
+// one's products) where both fit in 48 KB of static shared memory, else one.
+template <typename H, int D, int TILES, int N = TILE> struct Stages {
+  static constexpr int set_bytes = TILES * N * (D + PAD) * (int)sizeof(H);
   static constexpr int count = 2 * set_bytes + 1024 <= 49152 ? 2 : 1;
 };
 

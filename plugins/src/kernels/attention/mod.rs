@@ -31,10 +31,10 @@
 //! where two of them would pass 48 KB of static shared memory (`d > 128` in f32, `d > 64` in
 //! f64).
 //!
-//! For bf16 and f16 storage the same loops run on tensor cores (`attention_mma.cu`, forward for
-//! `d <= 128`; `attention_mma_bwd.cu`, `dq` and `dk`/`dv` for `d <= 64`): `mma.sync.m16n8k16`
-//! with f32 accumulators on 64-row tiles, 16 rows a warp, `P` and `dS` rounded to the storage
-//! type for their products; `plan::Sizes::forward` and `plan::Sizes::backward` pick the
+//! For bf16 and f16 storage and `d <= 128` the same loops run on tensor cores
+//! (`attention_mma.cu`, the forward; `attention_mma_bwd.cu`, `dq` and `dk`/`dv`):
+//! `mma.sync.m16n8k16` with f32 accumulators, 64 rows a block, 16 a warp, `P` and `dS` rounded
+//! to the storage type for their products; `plan::Sizes::forward` and `plan::Sizes::backward` pick the
 //! kernels (docs/gpu.md).
 //!
 //! The lse is kept, not recomputed: the forward sets it in the op (`Attention::lse`, a

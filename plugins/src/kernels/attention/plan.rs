@@ -19,9 +19,9 @@ const DELTA_ROWS: usize = THREADS as usize / 32;
 const MMA_Q_ROWS: usize = 64;
 /// The widest head-dim bucket of the tensor-core forward.
 const MMA_MAX_BUCKET: usize = 128;
-/// The widest head-dim bucket of the tensor-core backward (its dK/dV kernel keeps four
-/// `16 x d` f32 tiles per warp in registers).
-const MMA_BWD_MAX_BUCKET: usize = 64;
+/// The widest head-dim bucket of the tensor-core backward (its dK/dV kernel keeps two `16 x d`
+/// f32 accumulators and two `16 x d` operands per warp in registers).
+const MMA_BWD_MAX_BUCKET: usize = 128;
 
 /// The backward's two gradient kernels (`attn_delta` runs before either way).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +108,7 @@ impl Sizes {
         }
     }
 
-    /// The backward, on tensor cores where `tensor_cores` and the head dim is at most 64 (one
+    /// The backward, on tensor cores where `tensor_cores` and the head dim is at most 128 (one
     /// block per 64 query rows or 64 keys), else the FMA kernels.
     pub fn backward(&self, tensor_cores: bool) -> Backward {
         if tensor_cores && self.bucket() <= MMA_BWD_MAX_BUCKET {
@@ -274,7 +274,7 @@ mod tests {
     }
 
     #[test]
-    fn half_storage_runs_the_backward_on_tensor_cores_up_to_head_dim_64() {
+    fn half_storage_runs_the_backward_on_tensor_cores_up_to_head_dim_128() {
         let s = Sizes {
             batch: 2,
             heads: 4,
@@ -289,9 +289,10 @@ mod tests {
         assert_eq!(mma.dkdv.0, "attn_dkdv_mma_d64");
         assert_eq!(mma.dkdv.1.blocks, (3, 2, 2));
         assert_eq!(Sizes { d: 20, ..s }.backward(true).dkdv.0, "attn_dkdv_mma_d32");
-        let wide = Sizes { d: 65, ..s }.backward(true);
+        assert_eq!(Sizes { d: 65, ..s }.backward(true).dq.0, "attn_dq_mma_d128");
+        let wide = Sizes { d: 129, ..s }.backward(true);
         assert!(!wide.tensor_cores);
-        assert_eq!(wide.dq, ("attn_dq_d128".to_string(), s.query_grid()));
+        assert_eq!(wide.dq, ("attn_dq_d256".to_string(), s.query_grid()));
         assert_eq!(s.backward(false).dkdv, ("attn_dkdv_d64".to_string(), s.key_grid()));
     }
 }
