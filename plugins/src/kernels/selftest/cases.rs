@@ -238,9 +238,16 @@ const ROW_SHAPES: &[&[usize]] = &[&[32, 256], &[3, 5, 100]];
 const ROW_DEVICE_SHAPES: &[&[usize]] = &[&[8192, 4096]];
 /// Attention shapes `[B, H, T, d]`.
 const ATTENTION_SHAPES: &[&[usize]] = &[&[2, 2, 16, 8], &[1, 3, 33, 16]];
-/// More attention shapes off the CPU.
+/// More attention shapes off the CPU: the tensor-core kernels' head-dim buckets with partial
+/// tiles, rows copied 16 bytes at a time (`d` a multiple of 8) and not (`d = 36`).
 /// `[2, 16, 2048, 64]`: the GPU check's TFLOP/s figure (scripts/gpu_run.sh).
-const ATTENTION_DEVICE_SHAPES: &[&[usize]] = &[&[4, 16, 1024, 64], &[2, 16, 2048, 64]];
+const ATTENTION_DEVICE_SHAPES: &[&[usize]] = &[
+    &[2, 4, 300, 128],
+    &[1, 6, 200, 96],
+    &[1, 4, 100, 36],
+    &[4, 16, 1024, 64],
+    &[2, 16, 2048, 64],
+];
 
 /// The defaults of an op of one output, the first input's shape the case's, row-wise.
 pub fn op(
