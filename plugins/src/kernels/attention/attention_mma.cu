@@ -16,6 +16,7 @@
 // row's max and sum are combined over its 4 lanes by shuffles. Writes `y [B, T, H d]` and
 // `lse [B, H, T]` (f32, natural log) as attention.cu's `attn_fwd` does, so the backward reads
 // either. Deterministic: no atomics, a fixed order of every sum.
+#include "kernel_params.cuh"
 #include "mma_tiles.cuh"
 
 namespace attention_mma {
@@ -144,18 +145,12 @@ __device__ void fwd(const H* q, const H* k, const H* v, H* y, float* lse, int he
 }  // namespace attention_mma
 
 using namespace retort;
-using attention_mma::u64;
-
-#define MMA_FWD_PARAMS                                                                                         \
-  (const T* q, const T* k, const T* v, T* y, float* lse, int heads, int kv_heads, int t, int d, double scale, \
-   u64 qsb, u64 qsh, u64 qst, u64 ksb, u64 ksh, u64 kst, u64 vsb, u64 vsh, u64 vst)
-#define MMA_FWD_ARGS (q, k, v, y, lse, heads, kv_heads, t, d, scale, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst)
 
 // attn_fwd_mma_dD_f16 and _bf16 for head-dim bucket D.
-#define MMA_FWD_FOR_DIM(D)                                                                                         \
-  template <typename T> __device__ void attn_fwd_mma_d##D MMA_FWD_PARAMS { attention_mma::fwd<T, D> MMA_FWD_ARGS; } \
-  RETORT_INSTANCE(attn_fwd_mma_d##D, f16, __half, MMA_FWD_PARAMS, MMA_FWD_ARGS)                                   \
-  RETORT_INSTANCE(attn_fwd_mma_d##D, bf16, __nv_bfloat16, MMA_FWD_PARAMS, MMA_FWD_ARGS)
+#define MMA_FWD_FOR_DIM(D)                                                                                            \
+  template <typename T> __device__ void attn_fwd_mma_d##D ATTN_FWD_PARAMS { attention_mma::fwd<T, D> ATTN_FWD_ARGS; } \
+  RETORT_INSTANCE(attn_fwd_mma_d##D, f16, __half, ATTN_FWD_PARAMS, ATTN_FWD_ARGS)                                     \
+  RETORT_INSTANCE(attn_fwd_mma_d##D, bf16, __nv_bfloat16, ATTN_FWD_PARAMS, ATTN_FWD_ARGS)
 
 MMA_FWD_FOR_DIM(32)
 MMA_FWD_FOR_DIM(64)

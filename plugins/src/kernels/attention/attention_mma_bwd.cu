@@ -15,6 +15,7 @@
 //                  diagonal (Q, dY, and the rows' lse and delta): `S^T = K Q^T`,
 //                  `dP^T = V dY^T`, `dV += P^T dY`, `dK += dS^T Q`.
 // Every gradient element is summed by one lane in a fixed order: deterministic, no atomics.
+#include "kernel_params.cuh"
 #include "mma_tiles.cuh"
 
 namespace attention_mma {
@@ -183,33 +184,17 @@ __device__ void dkdv(const H* q, const H* k, const H* v, const H* dy, const floa
 }  // namespace attention_mma
 
 using namespace retort;
-using attention_mma::u64;
-
-#define MMA_DQ_PARAMS                                                                                              \
-  (const T* q, const T* k, const T* v, const T* dy, const float* lse, const float* delta, T* grad, int heads,     \
-   int kv_heads, int t, int d, double scale, u64 qsb, u64 qsh, u64 qst, u64 ksb, u64 ksh, u64 kst, u64 vsb,       \
-   u64 vsh, u64 vst, u64 dq_off, u64 dqsb, u64 dqsh, u64 dqst)
-#define MMA_DQ_ARGS                                                                                           \
-  (q, k, v, dy, lse, delta, grad, heads, kv_heads, t, d, scale, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst, \
-   dq_off, dqsb, dqsh, dqst)
-#define MMA_DKDV_PARAMS                                                                                            \
-  (const T* q, const T* k, const T* v, const T* dy, const float* lse, const float* delta, T* grad, int heads,     \
-   int kv_heads, int t, int d, double scale, u64 qsb, u64 qsh, u64 qst, u64 ksb, u64 ksh, u64 kst, u64 vsb,       \
-   u64 vsh, u64 vst, u64 dk_off, u64 dksb, u64 dksh, u64 dkst, u64 dv_off, u64 dvsb, u64 dvsh, u64 dvst)
-#define MMA_DKDV_ARGS                                                                                         \
-  (q, k, v, dy, lse, delta, grad, heads, kv_heads, t, d, scale, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst, \
-   dk_off, dksb, dksh, dkst, dv_off, dvsb, dvsh, dvst)
 
 // attn_dq_mma_dD_{f16,bf16} and attn_dkdv_mma_dD_{f16,bf16} for head-dim bucket D.
-#define MMA_BWD_FOR_DIM(D)                                                                                       \
-  template <typename T> __device__ void attn_dq_mma_d##D MMA_DQ_PARAMS { attention_mma::dq<T, D> MMA_DQ_ARGS; } \
-  template <typename T> __device__ void attn_dkdv_mma_d##D MMA_DKDV_PARAMS {                                    \
-    attention_mma::dkdv<T, D> MMA_DKDV_ARGS;                                                                     \
-  }                                                                                                              \
-  RETORT_INSTANCE(attn_dq_mma_d##D, f16, __half, MMA_DQ_PARAMS, MMA_DQ_ARGS)                                     \
-  RETORT_INSTANCE(attn_dq_mma_d##D, bf16, __nv_bfloat16, MMA_DQ_PARAMS, MMA_DQ_ARGS)                             \
-  RETORT_INSTANCE(attn_dkdv_mma_d##D, f16, __half, MMA_DKDV_PARAMS, MMA_DKDV_ARGS)                               \
-  RETORT_INSTANCE(attn_dkdv_mma_d##D, bf16, __nv_bfloat16, MMA_DKDV_PARAMS, MMA_DKDV_ARGS)
+#define MMA_BWD_FOR_DIM(D)                                                                                        \
+  template <typename T> __device__ void attn_dq_mma_d##D ATTN_DQ_PARAMS { attention_mma::dq<T, D> ATTN_DQ_ARGS; } \
+  template <typename T> __device__ void attn_dkdv_mma_d##D ATTN_DKDV_PARAMS {                                     \
+    attention_mma::dkdv<T, D> ATTN_DKDV_ARGS;                                                                     \
+  }                                                                                                               \
+  RETORT_INSTANCE(attn_dq_mma_d##D, f16, __half, ATTN_DQ_PARAMS, ATTN_DQ_ARGS)                                    \
+  RETORT_INSTANCE(attn_dq_mma_d##D, bf16, __nv_bfloat16, ATTN_DQ_PARAMS, ATTN_DQ_ARGS)                            \
+  RETORT_INSTANCE(attn_dkdv_mma_d##D, f16, __half, ATTN_DKDV_PARAMS, ATTN_DKDV_ARGS)                              \
+  RETORT_INSTANCE(attn_dkdv_mma_d##D, bf16, __nv_bfloat16, ATTN_DKDV_PARAMS, ATTN_DKDV_ARGS)
 
 MMA_BWD_FOR_DIM(32)
 MMA_BWD_FOR_DIM(64)

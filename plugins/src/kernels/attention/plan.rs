@@ -250,15 +250,20 @@ mod tests {
         assert!(Sizes { t: 0, ..s }.query_grid().is_empty());
     }
 
-    #[test]
-    fn half_storage_runs_the_forward_on_tensor_cores_up_to_head_dim_128() {
-        let s = Sizes {
+    /// Batch 2, 4 query heads on 2 key/value heads, `t = 130` (three 64-row tiles), `d = 64`.
+    fn two_blocks_of_grouped_heads() -> Sizes {
+        Sizes {
             batch: 2,
             heads: 4,
             kv_heads: 2,
             t: 130,
             d: 64,
-        };
+        }
+    }
+
+    #[test]
+    fn half_storage_runs_the_forward_on_tensor_cores_up_to_head_dim_128() {
+        let s = two_blocks_of_grouped_heads();
         let mma = s.forward(true);
         assert_eq!((mma.name.as_str(), mma.tensor_cores), ("attn_fwd_mma_d64", true));
         assert_eq!(mma.grid.blocks, (3, 4, 2));
@@ -275,13 +280,7 @@ mod tests {
 
     #[test]
     fn half_storage_runs_the_backward_on_tensor_cores_up_to_head_dim_128() {
-        let s = Sizes {
-            batch: 2,
-            heads: 4,
-            kv_heads: 2,
-            t: 130,
-            d: 64,
-        };
+        let s = two_blocks_of_grouped_heads();
         let mma = s.backward(true);
         assert!(mma.tensor_cores);
         assert_eq!(mma.dq.0, "attn_dq_mma_d64");
