@@ -10,10 +10,11 @@ use figment::value::{Dict, Value};
 use retort_core::{Error, Result};
 
 /// Environment variables with the `RETORT_` prefix that are not config keys: retort's own
-/// (`RETORT_LOG`, `RETORT_PLUGIN_PATH`, `RETORT_AMX`) and those the scripts in `scripts/` read, which a user
-/// may have exported.
+/// (`RETORT_LOG`, `RETORT_PLUGIN_PATH`, `RETORT_AMX`, `RETORT_TENSOR_CORES`) and those the
+/// scripts in `scripts/` read, which a user may have exported.
 const NON_CONFIG_ENV: &[&str] = &[
     "amx",
+    "tensor_cores",
     "log",
     "plugin_path",
     "cuda_prefix",
@@ -261,6 +262,7 @@ mod tests {
         }
         assert_eq!(EnvOverride::new("RETORT_LOG", "debug"), None);
         assert_eq!(EnvOverride::new("RETORT_AMX", "0"), None);
+        assert_eq!(EnvOverride::new("RETORT_TENSOR_CORES", "0"), None);
         assert_eq!(EnvOverride::new("RETORT_PLUGIN_PATH", "x"), None);
         assert_eq!(EnvOverride::new("RETORT_A____B", "x"), None);
         assert_eq!(EnvOverride::new("HOME", "x"), None);
