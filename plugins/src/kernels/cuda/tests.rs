@@ -13,7 +13,7 @@ use crate::kernels::{cross_entropy, stats_dtype};
 
 #[test]
 fn every_module_holds_the_kernels_its_rust_side_launches() {
-    let expect: [(&str, &[&str]); 12] = [
+    let expect: [(&str, &[&str]); 14] = [
         ("retort-divergence", &["divergence_fwd", "divergence_bwd"]),
         ("retort-topk-divergence", &["topk_fwd", "topk_bwd"]),
         ("retort-cross-entropy", &["ce_fwd", "ce_bwd"]),
@@ -36,6 +36,21 @@ fn every_module_holds_the_kernels_its_rust_side_launches() {
                 "attn_dkdv_d256",
             ],
         ),
+        (
+            "retort-attention-mma",
+            &["attn_fwd_mma_d32", "attn_fwd_mma_d64", "attn_fwd_mma_d128"],
+        ),
+        (
+            "retort-attention-mma-bwd",
+            &[
+                "attn_dq_mma_d32",
+                "attn_dq_mma_d64",
+                "attn_dq_mma_d128",
+                "attn_dkdv_mma_d32",
+                "attn_dkdv_mma_d64",
+                "attn_dkdv_mma_d128",
+            ],
+        ),
         ("retort-rope", &["rope"]),
         (
             "retort-rms-norm",
@@ -50,12 +65,15 @@ fn every_module_holds_the_kernels_its_rust_side_launches() {
         ),
         ("retort-softmax", &["softmax_fwd", "softmax_bwd"]),
     ];
+    assert_eq!(MODULES.len(), expect.len());
     for (module, (name, kernels)) in MODULES.iter().zip(expect) {
         assert_eq!(module.name, name);
         assert!(module.ptx.contains(".target sm_80"), "{name}: not compute_80 PTX");
         for k in kernels {
             let dtypes: &[&str] = if *k == "adamw" {
                 &["f32", "f64"]
+            } else if k.contains("_mma_") {
+                &["f16", "bf16"] // tensor cores: half storage only
             } else {
                 &["f32", "f64", "f16", "bf16"]
             };
